@@ -1,0 +1,25 @@
+from detectron2.config import CfgNode as CN
+
+
+def add_htc_config(cfg: CN) -> None:
+    """Add the Hybrid Task Cascade keys to a Detectron2 config (in place).
+
+    ``MODEL.HTC`` holds the paper's switches; the semantic branch reuses ``MODEL.SEM_SEG_HEAD``
+    (``COMMON_STRIDE`` picks the fusion level, 8 = P3) and adds ``NUM_CONVS``/``EMBED_DIM``.
+    """
+    cfg.MODEL.HTC = CN()
+    # Stage t's mask head learns on the boxes stage t just refined (re-assigned, re-sampled).
+    cfg.MODEL.HTC.INTERLEAVED = True
+    # Stage t's mask head adds a 1x1 conv of the earlier heads' 14x14 features.
+    cfg.MODEL.HTC.MASK_INFO_FLOW = True
+    # Whether the model has the semantic segmentation branch at all.
+    cfg.MODEL.HTC.SEMANTIC_ON = True
+    # Which RoI features the semantic feature is summed into: any subset of ("bbox", "mask").
+    cfg.MODEL.HTC.SEMANTIC_FUSION = ["bbox", "mask"]
+    # Weight of stage t's box and mask losses (one entry per cascade stage).
+    cfg.MODEL.HTC.STAGE_LOSS_WEIGHTS = [1.0, 0.5, 0.25]
+    # Test-time masks: "mean" of all stages' sigmoid masks (reference 2.x), or "last" stage only.
+    cfg.MODEL.HTC.MASK_MERGE = "mean"
+
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CONVS = 4
+    cfg.MODEL.SEM_SEG_HEAD.EMBED_DIM = 256

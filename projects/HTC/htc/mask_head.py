@@ -1,0 +1,71 @@
+from typing import Optional, Tuple
+
+import fvcore.nn.weight_init as weight_init
+import torch
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ShapeSpec
+from detectron2.modeling.roi_heads import ROI_MASK_HEAD_REGISTRY, MaskRCNNConvUpsampleHead
+from torch.nn import functional as F
+
+
+@ROI_MASK_HEAD_REGISTRY.register()
+class HTCMaskHead(MaskRCNNConvUpsampleHead):
+    """One stage's mask head of HTC: Mask R-CNN's conv + deconv head with mask information flow.
+
+    With ``with_res_conv``, the 14x14 feature of the previous stage's head (taken before its
+    deconv) goes through a 1x1 conv + ReLU (``res_conv``) and is summed into the RoI features
+    before this head's convs. Stage 0 has no ``res_conv``.
+    """
+
+    @configurable
+    def __init__(self, input_shape: ShapeSpec, *, with_res_conv: bool = False, **kwargs):
+        super().__init__(input_shape, **kwargs)
+        self.res_conv: Optional[Conv2d] = None
+        if with_res_conv:
+            dim = self.mask_fcn1.out_channels
+            self.res_conv = Conv2d(dim, input_shape.channels, kernel_size=1, activation=F.relu)
+            weight_init.c2_msra_fill(self.res_conv)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape, with_res_conv: bool = False):
+        ret = super().from_config(cfg, input_shape)
+        ret["with_res_conv"] = with_res_conv
+        return ret
+
+    def layers(self, x: torch.Tensor) -> torch.Tensor:
+        """The parent iterates over all children; ``res_conv`` is not one of its layers."""
+        return self.predict(self.conv_features(x))
+
+    def conv_features(
+        self, x: torch.Tensor, res_feat: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """
+        Args:
+            x: (R, C, 14, 14) RoI features.
+            res_feat: (R, D, 14, 14) feature of the previous stage's head, or None.
+
+        Returns:
+            (R, D, 14, 14) output of the convs (before the deconv).
+        """
+        if res_feat is not None:
+            if self.res_conv is None:
+                raise ValueError("this HTCMaskHead has no res_conv: it cannot take a res_feat")
+            x = x + self.res_conv(res_feat)
+        for conv in self.conv_norm_relus:
+            x = conv(x)
+        return x
+
+    def predict(self, feat: torch.Tensor) -> torch.Tensor:
+        """(R, D, 14, 14) conv feature -> (R, num_classes, 28, 28) mask logits."""
+        return self.predictor(self.deconv_relu(self.deconv(feat)))
+
+    def forward(  # the parent computes losses itself; in HTC the ROI heads chain the stages
+        self, x: torch.Tensor, res_feat: Optional[torch.Tensor] = None, with_logits: bool = True
+    ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        """
+        Returns:
+            mask logits (R, num_classes, 28, 28), or None when ``with_logits`` is False, and the
+            (R, D, 14, 14) feature that the next stage's head receives as ``res_feat``.
+        """
+        feat = self.conv_features(x, res_feat)
+        return (self.predict(feat) if with_logits else None), feat

@@ -1,0 +1,124 @@
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_sem_seg_head
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import ImageList, Instances
+from detectron2.utils.events import get_event_storage
+
+from .roi_heads import SEMANTIC_FEATURE
+from .semantic_head import FusedSemanticHead
+
+
+@META_ARCH_REGISTRY.register()
+class HybridTaskCascade(GeneralizedRCNN):
+    """Hybrid Task Cascade: a :class:`GeneralizedRCNN` whose semantic branch runs once per batch
+    on the FPN features. Its feature reaches the ROI heads as ``features[SEMANTIC_FEATURE]``;
+    its loss is learned from the inputs' ``sem_seg``. At inference each output has
+    ``instances`` and, with the semantic branch, ``sem_seg`` (K, H, W) class scores.
+    """
+
+    @configurable
+    def __init__(self, *, semantic_head: Optional[FusedSemanticHead] = None, **kwargs):
+        """
+        Args:
+            semantic_head: the semantic segmentation branch, or None for HTC without it.
+            kwargs: arguments of :class:`GeneralizedRCNN`.
+        """
+        super().__init__(**kwargs)
+        if self.proposal_generator is None:
+            raise ValueError("HybridTaskCascade needs an RPN (MODEL.PROPOSAL_GENERATOR.NAME)")
+        self.semantic_head = semantic_head
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        if cfg.MODEL.HTC.SEMANTIC_ON:
+            ret["semantic_head"] = build_sem_seg_head(cfg, ret["backbone"].output_shape())
+        return ret
+
+    def _features(
+        self, images: ImageList
+    ) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
+        """Backbone features plus, with the semantic branch, its feature under
+        ``SEMANTIC_FEATURE``; also returns the semantic logits (N, K, H/s, W/s) or None."""
+        features = self.backbone(images.tensor)
+        if self.semantic_head is None:
+            return features, None
+        logits, features[SEMANTIC_FEATURE] = self.semantic_head(features)
+        return features, logits
+
+    def forward(self, batched_inputs: List[dict]):
+        """Training: the parent's losses plus ``loss_sem_seg``; the parent cannot hand the
+        semantic feature to the ROI heads."""
+        if not self.training:
+            return self.inference(batched_inputs)
+        if "instances" not in batched_inputs[0]:
+            raise ValueError("HybridTaskCascade trains on inputs with 'instances'")
+        images = self.preprocess_image(batched_inputs)
+        features, semantic_logits = self._features(images)
+        losses = {}
+        if semantic_logits is not None:
+            targets = self._semantic_targets(batched_inputs, images)
+            losses.update(self.semantic_head.losses(semantic_logits, targets))
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
+        _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
+        if self.vis_period > 0 and get_event_storage().iter % self.vis_period == 0:
+            self.visualize_training(batched_inputs, proposals)
+        losses.update(proposal_losses)
+        losses.update(detector_losses)
+        return losses
+
+    def _semantic_targets(self, batched_inputs: List[dict], images: ImageList) -> torch.Tensor:
+        """(N, H, W) int64 labels padded with the ignore value to the padded image size."""
+        if "sem_seg" not in batched_inputs[0]:
+            raise ValueError(
+                "HTC's semantic branch needs per-pixel labels: the inputs have no 'sem_seg'. Give "
+                "the dataset 'sem_seg_file_name', derive labels from the instances (see README), "
+                "or turn the branch off with MODEL.HTC.SEMANTIC_ON False"
+            )
+        height, width = images.tensor.shape[-2:]
+        targets = torch.full(
+            (len(batched_inputs), height, width),
+            self.semantic_head.ignore_value,
+            dtype=torch.long,
+            device=self.device,
+        )
+        for i, (x, size) in enumerate(zip(batched_inputs, images.image_sizes)):
+            sem_seg = x["sem_seg"]
+            if tuple(sem_seg.shape) != tuple(size):
+                raise ValueError(
+                    f"sem_seg of {x.get('file_name', f'input {i}')} has shape "
+                    f"{tuple(sem_seg.shape)}, its image {tuple(size)}"
+                )
+            targets[i, : size[0], : size[1]] = sem_seg.to(self.device)
+        return targets
+
+    def inference(
+        self,
+        batched_inputs: List[dict],
+        detected_instances: Optional[List[Instances]] = None,
+        do_postprocess: bool = True,
+    ):
+        """As the parent's (TTA calls it with ``detected_instances``), with the semantic feature
+        handed to the ROI heads and ``sem_seg`` added to the post-processed outputs."""
+        assert not self.training
+        images = self.preprocess_image(batched_inputs)
+        features, semantic_logits = self._features(images)
+        if detected_instances is None:
+            proposals, _ = self.proposal_generator(images, features, None)
+            results, _ = self.roi_heads(images, features, proposals, None)
+        else:
+            detected_instances = [x.to(self.device) for x in detected_instances]
+            results = self.roi_heads.forward_with_given_boxes(features, detected_instances)
+        if not do_postprocess:
+            return results
+        outputs = GeneralizedRCNN._postprocess(results, batched_inputs, images.image_sizes)
+        if semantic_logits is not None:
+            scores = self.semantic_head.upsample_logits(semantic_logits)
+            for out, score, x, size in zip(outputs, scores, batched_inputs, images.image_sizes):
+                height, width = x.get("height", size[0]), x.get("width", size[1])
+                out["sem_seg"] = sem_seg_postprocess(score, size, height, width)
+        return outputs

@@ -1,0 +1,314 @@
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec, cat
+from detectron2.modeling import ROI_HEADS_REGISTRY
+from detectron2.modeling.poolers import ROIPooler
+from detectron2.modeling.roi_heads import CascadeROIHeads, select_foreground_proposals
+from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
+from detectron2.modeling.roi_heads.mask_head import mask_rcnn_loss
+from detectron2.structures import Boxes, Instances, pairwise_iou
+from detectron2.utils.events import get_event_storage
+from torch import nn
+from torch.nn import functional as F
+
+from .mask_head import HTCMaskHead
+
+# Key of the semantic feature (N, C, H/s, W/s) in the feature dict handed to the ROI heads.
+SEMANTIC_FEATURE = "htc_semantic"
+FUSION_TARGETS = ("bbox", "mask")
+MASK_MERGE_RULES = ("mean", "last")
+
+
+@ROI_HEADS_REGISTRY.register()
+class HybridTaskCascadeROIHeads(CascadeROIHeads):
+    """The cascade of HTC: box stages with interleaved mask stages, mask information flow and
+    semantic feature fusion (Chen et al., CVPR 2019; reference: MMDetection's HTC 2.x).
+
+    Training, for each stage t (the next stage starts from stage t's refined boxes):
+      1. RoIs are assigned with stage t's IoU matcher and sampled (GT boxes added);
+      2. the box head learns on them; their boxes are refined by stage t's regression;
+      3. interleaved: the refined boxes are assigned and sampled again with stage t's matcher
+         and stage t's mask head learns on their foreground (else on the RoIs of step 1);
+      4. box and mask losses are multiplied by the stage's loss weight.
+    Inference: the stages' class logits are averaged before one softmax, boxes come from the last
+    stage, and the masks of all stages' heads on the final boxes are merged.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        stage_loss_weights: Sequence[float],
+        interleaved: bool = True,
+        mask_info_flow: bool = True,
+        semantic_pooler: Optional[ROIPooler] = None,
+        semantic_fusion: Sequence[str] = (),
+        mask_merge: str = "mean",
+        **kwargs,
+    ):
+        """
+        Args:
+            stage_loss_weights: weight of each stage's box and mask losses.
+            interleaved: train stage t's mask head on stage t's refined boxes.
+            mask_info_flow: feed each mask head the previous head's 14x14 feature.
+            semantic_pooler: pools the semantic feature for each RoI (at the mask resolution).
+            semantic_fusion: where to sum the pooled semantic feature: "bbox" and/or "mask".
+            mask_merge: "mean" of the stages' sigmoid masks at test time, or "last" stage only.
+            kwargs: arguments of :class:`CascadeROIHeads`.
+        """
+        super().__init__(**kwargs)
+        self.stage_loss_weights = [float(w) for w in stage_loss_weights]
+        self.interleaved = interleaved
+        self.mask_info_flow = mask_info_flow
+        self.semantic_pooler = semantic_pooler
+        self.semantic_fusion = tuple(semantic_fusion)
+        self.mask_merge = mask_merge
+        self._validate()
+
+    def _validate(self) -> None:
+        n = self.num_cascade_stages
+        if len(self.stage_loss_weights) != n:
+            raise ValueError(
+                f"MODEL.HTC.STAGE_LOSS_WEIGHTS has {len(self.stage_loss_weights)} entries but the "
+                f"cascade has {n} stages (MODEL.ROI_BOX_CASCADE_HEAD.IOUS)"
+            )
+        if self.mask_on and len(self.mask_head) != n:
+            raise ValueError(f"HTC needs one mask head per stage: got {len(self.mask_head)} for {n}")
+        unknown = set(self.semantic_fusion) - set(FUSION_TARGETS)
+        if unknown:
+            raise ValueError(f"MODEL.HTC.SEMANTIC_FUSION: unknown {sorted(unknown)}, use {FUSION_TARGETS}")
+        if self.semantic_fusion and self.semantic_pooler is None:
+            raise ValueError(
+                "MODEL.HTC.SEMANTIC_FUSION needs the semantic branch (MODEL.HTC.SEMANTIC_ON True); "
+                "set MODEL.HTC.SEMANTIC_FUSION [] for a model without it"
+            )
+        if self.mask_merge not in MASK_MERGE_RULES:
+            raise ValueError(f"MODEL.HTC.MASK_MERGE={self.mask_merge!r}: use one of {MASK_MERGE_RULES}")
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        ret = super().from_config(cfg, input_shape)
+        htc = cfg.MODEL.HTC
+        ret.update(
+            stage_loss_weights=htc.STAGE_LOSS_WEIGHTS,
+            interleaved=htc.INTERLEAVED,
+            mask_info_flow=htc.MASK_INFO_FLOW,
+            semantic_fusion=htc.SEMANTIC_FUSION,
+            mask_merge=htc.MASK_MERGE,
+        )
+        if htc.SEMANTIC_ON:
+            ret["semantic_pooler"] = cls._init_semantic_pooler(cfg, input_shape)
+        return ret
+
+    @classmethod
+    def _init_semantic_pooler(cls, cfg, input_shape: Dict[str, ShapeSpec]) -> ROIPooler:
+        """RoIAlign on the semantic feature (stride SEM_SEG_HEAD.COMMON_STRIDE) at the mask
+        resolution; the box branch average-pools the result down to its own resolution."""
+        channels = {input_shape[f].channels for f in cfg.MODEL.ROI_HEADS.IN_FEATURES}
+        if channels != {cfg.MODEL.SEM_SEG_HEAD.EMBED_DIM}:
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.EMBED_DIM={cfg.MODEL.SEM_SEG_HEAD.EMBED_DIM} must equal the "
+                f"channels of the RoI features {sorted(channels)} it is summed into"
+            )
+        return ROIPooler(
+            output_size=cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION,
+            scales=(1.0 / cfg.MODEL.SEM_SEG_HEAD.COMMON_STRIDE,),
+            sampling_ratio=0,
+            pooler_type=cfg.MODEL.ROI_MASK_HEAD.POOLER_TYPE,
+        )
+
+    @classmethod
+    def _init_mask_head(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        """One mask head per stage (the parent builds one); only stages > 0 get a res conv."""
+        ret = super()._init_mask_head(cfg, input_shape)
+        if not ret:
+            return ret
+        first = ret["mask_head"]
+        if not isinstance(first, HTCMaskHead):
+            raise ValueError(
+                f"MODEL.ROI_MASK_HEAD.NAME={cfg.MODEL.ROI_MASK_HEAD.NAME!r}: HTC needs HTCMaskHead"
+            )
+        resolution = cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION
+        channels = input_shape[cfg.MODEL.ROI_HEADS.IN_FEATURES[0]].channels
+        shape = ShapeSpec(channels=channels, height=resolution, width=resolution)
+        later = [
+            HTCMaskHead(cfg, shape, with_res_conv=cfg.MODEL.HTC.MASK_INFO_FLOW)
+            for _ in cfg.MODEL.ROI_BOX_CASCADE_HEAD.IOUS[1:]
+        ]
+        ret["mask_head"] = nn.ModuleList([first, *later])
+        return ret
+
+    def forward(self, images, features, proposals, targets=None):
+        """Same contract as the parent; training runs the interleaved cascade of the class doc."""
+        del images
+        if self.training:
+            return proposals, self._forward_train(features, proposals, targets)
+        pred_instances = self._forward_box(features, proposals)
+        return self.forward_with_given_boxes(features, pred_instances), {}
+
+    def _forward_train(
+        self,
+        features: Dict[str, torch.Tensor],
+        proposals: List[Instances],
+        targets: List[Instances],
+    ) -> Dict[str, torch.Tensor]:
+        losses = {}
+        storage = get_event_storage()
+        for stage in range(self.num_cascade_stages):
+            with storage.name_scope(f"stage{stage}"):
+                rois = self._label_and_sample(proposals, targets, stage)
+                predictions = self._run_stage(features, rois, stage)
+                stage_losses = self.box_predictor[stage].losses(predictions, rois)
+            proposals = self._refine(predictions, rois, stage)
+            if self.mask_on:
+                if self.interleaved:
+                    with storage.name_scope(f"stage{stage}/mask"):
+                        rois = self._label_and_sample(proposals, targets, stage)
+                stage_losses.update(self._forward_mask(features, rois, stage))
+            weight = self.stage_loss_weights[stage]
+            losses.update({f"{k}_stage{stage}": v * weight for k, v in stage_losses.items()})
+        return losses
+
+    @torch.no_grad()
+    def _label_and_sample(
+        self, proposals: List[Instances], targets: List[Instances], stage: int
+    ) -> List[Instances]:
+        """Assign ``proposals`` (+ the GT boxes) to ``targets`` with stage ``stage``'s matcher and
+        sample ``batch_size_per_image`` RoIs at ``positive_fraction``, as the reference does at
+        every stage (the parent's ``label_and_sample_proposals`` knows only the stage-0 matcher).
+
+        Returns:
+            per image, the sampled RoIs with ``proposal_boxes``, ``gt_classes``, ``from_gt``
+            (True for RoIs that are GT boxes) and the matched ``gt_*`` fields of the targets.
+        """
+        sampled, num_fg, num_bg = [], [], []
+        for props, target in zip(proposals, targets):
+            boxes = props.proposal_boxes
+            if self.proposal_append_gt:
+                boxes = Boxes.cat([boxes, target.gt_boxes])
+            iou = pairwise_iou(target.gt_boxes, boxes)
+            matched_idxs, matched_labels = self.proposal_matchers[stage](iou)
+            idxs, gt_classes = self._sample_proposals(matched_idxs, matched_labels, target.gt_classes)
+            rois = Instances(props.image_size, proposal_boxes=boxes[idxs], gt_classes=gt_classes)
+            rois.from_gt = idxs >= len(props)
+            if len(target) > 0:
+                for name, value in target.get_fields().items():
+                    if name.startswith("gt_") and not rois.has(name):
+                        rois.set(name, value[matched_idxs[idxs]])
+            sampled.append(rois)
+            num_bg.append((gt_classes == self.num_classes).sum().item())
+            num_fg.append(len(rois) - num_bg[-1])
+        storage = get_event_storage()
+        storage.put_scalar("roi_head/num_fg_samples", sum(num_fg) / len(sampled))
+        storage.put_scalar("roi_head/num_bg_samples", sum(num_bg) / len(sampled))
+        return sampled
+
+    @torch.no_grad()
+    def _refine(
+        self, predictions: Tuple[torch.Tensor, torch.Tensor], rois: List[Instances], stage: int
+    ) -> List[Instances]:
+        """Stage ``stage``'s refined boxes of the sampled RoIs that are not GT boxes."""
+        boxes = self.box_predictor[stage].predict_boxes(predictions, rois)
+        boxes = [b[~r.from_gt] for b, r in zip(boxes, rois)]
+        return self._create_proposals_from_boxes(boxes, [r.image_size for r in rois])
+
+    def _semantic_rois(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]) -> torch.Tensor:
+        """(R, C, M, M) RoIAlign of the semantic feature, M = the mask pooler resolution."""
+        return self.semantic_pooler([features[SEMANTIC_FEATURE]], boxes)
+
+    def _run_stage(
+        self, features: Dict[str, torch.Tensor], proposals: List[Instances], stage: int
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Box head of stage ``stage``: (R, K+1) class logits and (R, 4) deltas.
+
+        Unlike the parent, this takes the feature dict (for the semantic feature), sums the
+        semantic RoI feature (average-pooled to the box resolution) into the box RoI features,
+        and does not scale the gradient by 1/num_stages (HTC weights the stage losses instead).
+        """
+        boxes = [x.proposal_boxes for x in proposals]
+        x = self.box_pooler([features[f] for f in self.box_in_features], boxes)
+        if "bbox" in self.semantic_fusion:
+            x = x + F.adaptive_avg_pool2d(self._semantic_rois(features, boxes), x.shape[-2:])
+        return self.box_predictor[stage](self.box_head[stage](x))
+
+    def _forward_box(
+        self, features: Dict[str, torch.Tensor], proposals: List[Instances], targets=None
+    ) -> List[Instances]:
+        """Inference of the box cascade. The parent averages the stages' softmax
+        probabilities; the reference averages their logits and applies one softmax."""
+        assert not self.training, "training runs through _forward_train"
+        image_sizes = [x.image_size for x in proposals]
+        stage_logits = []
+        for stage in range(self.num_cascade_stages):
+            if stage > 0:
+                proposals = self._create_proposals_from_boxes(boxes, image_sizes)
+            predictions = self._run_stage(features, proposals, stage)
+            stage_logits.append(predictions[0])
+            boxes = self.box_predictor[stage].predict_boxes(predictions, proposals)
+        scores = F.softmax(sum(stage_logits) / len(stage_logits), dim=-1)
+        scores = scores.split([len(p) for p in proposals])
+        last = self.box_predictor[-1]
+        instances, _ = fast_rcnn_inference(
+            boxes,
+            scores,
+            image_sizes,
+            last.test_score_thresh,
+            last.test_nms_thresh,
+            last.test_topk_per_image,
+        )
+        return instances
+
+    def _forward_mask(
+        self,
+        features: Dict[str, torch.Tensor],
+        instances: List[Instances],
+        stage: Optional[int] = None,
+    ) -> Union[Dict[str, torch.Tensor], List[Instances]]:
+        """Training: stage ``stage``'s mask loss on the foreground RoIs of ``instances``.
+        Inference: every stage's head on the detected boxes; ``pred_masks`` (R, 1, M, M) is the
+        mean of their sigmoid masks ("mean") or the last one ("last"). The parent has one head.
+        """
+        if not self.mask_on:
+            return {} if self.training else instances
+        if self.training:
+            instances, _ = select_foreground_proposals(instances, self.num_classes)
+            boxes = [x.proposal_boxes for x in instances]
+            (logits,) = self._run_mask_heads(features, boxes, stage, keep_all=False)
+            return {"loss_mask": mask_rcnn_loss(logits, instances, self.mask_head[stage].vis_period)}
+        boxes = [x.pred_boxes for x in instances]
+        keep_all = self.mask_merge == "mean"
+        stage_logits = self._run_mask_heads(features, boxes, self.num_cascade_stages - 1, keep_all)
+        probs = torch.stack([x.sigmoid() for x in stage_logits]).mean(dim=0)
+        classes = cat([x.pred_classes for x in instances])
+        if probs.shape[1] == 1:  # class-agnostic masks
+            classes = torch.zeros_like(classes)
+        probs = probs[torch.arange(len(classes), device=probs.device), classes][:, None]
+        for x, p in zip(instances, probs.split([len(x) for x in instances])):
+            x.pred_masks = p
+        return instances
+
+    def _run_mask_heads(
+        self,
+        features: Dict[str, torch.Tensor],
+        boxes: List[Boxes],
+        last_stage: int,
+        keep_all: bool,
+    ) -> List[torch.Tensor]:
+        """Mask heads 0..``last_stage`` on the same RoIs: with mask information flow each head
+        receives the previous head's 14x14 feature (earlier heads run convs only unless
+        ``keep_all``). Returns the (R, K, 2M, 2M) logits of the last head, or of every head.
+        """
+        x = self.mask_pooler([features[f] for f in self.mask_in_features], boxes)
+        if "mask" in self.semantic_fusion:
+            x = x + self._semantic_rois(features, boxes)
+        first = 0 if (self.mask_info_flow or keep_all) else last_stage
+        logits, res_feat = [], None
+        for stage in range(first, last_stage + 1):
+            with_logits = keep_all or stage == last_stage
+            stage_logits, feat = self.mask_head[stage](x, res_feat, with_logits=with_logits)
+            res_feat = feat if self.mask_info_flow else None
+            if with_logits:
+                logits.append(stage_logits)
+        return logits

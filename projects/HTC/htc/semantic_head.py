@@ -1,0 +1,129 @@
+from typing import Dict, Tuple
+
+import fvcore.nn.weight_init as weight_init
+import torch
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ShapeSpec
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+from torch import nn
+from torch.nn import functional as F
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class FusedSemanticHead(nn.Module):
+    """HTC's semantic segmentation branch.
+
+    All FPN levels are resized to the fusion level (P3, stride 8) with bilinear
+    ``align_corners=True``, each through a 1x1 lateral conv + ReLU, and summed; then
+    ``num_convs`` 3x3 convs + ReLU. Two 1x1 convs read the result: ``conv_logits`` gives the
+    per-pixel class logits, ``conv_embedding`` (+ ReLU) the semantic feature that is RoI-pooled
+    and summed into the box and mask RoI features.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        fusion_feature: str,
+        num_classes: int,
+        conv_dim: int = 256,
+        num_convs: int = 4,
+        embed_dim: int = 256,
+        loss_weight: float = 0.2,
+        ignore_value: int = 255,
+    ):
+        """
+        Args:
+            input_shape: the FPN features to fuse, by name, in the order of their levels.
+            fusion_feature: the feature whose resolution the branch works at (e.g. "p3").
+            num_classes: number of semantic classes of the logits (183 for COCO-Stuff).
+            loss_weight: weight of the cross-entropy loss.
+            ignore_value: label of pixels without a semantic label (and of padding).
+        """
+        super().__init__()
+        self.in_features = list(input_shape.keys())
+        if fusion_feature not in self.in_features:
+            raise ValueError(
+                f"FusedSemanticHead: fusion feature {fusion_feature!r} is not among its inputs "
+                f"{self.in_features}"
+            )
+        self.fusion_feature = fusion_feature
+        self.common_stride = input_shape[fusion_feature].stride
+        self.loss_weight = loss_weight
+        self.ignore_value = ignore_value
+        self.lateral_convs = nn.ModuleList(
+            Conv2d(s.channels, conv_dim, kernel_size=1, activation=F.relu)
+            for s in input_shape.values()
+        )
+        self.convs = nn.ModuleList(
+            Conv2d(conv_dim, conv_dim, kernel_size=3, padding=1, activation=F.relu)
+            for _ in range(num_convs)
+        )
+        self.conv_embedding = Conv2d(conv_dim, embed_dim, kernel_size=1, activation=F.relu)
+        self.conv_logits = Conv2d(conv_dim, num_classes, kernel_size=1)
+        for layer in [*self.lateral_convs, *self.convs, self.conv_embedding, self.conv_logits]:
+            weight_init.c2_msra_fill(layer)  # Kaiming (fan_out), as the reference's ConvModules
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        head = cfg.MODEL.SEM_SEG_HEAD
+        shapes = {f: input_shape[f] for f in head.IN_FEATURES}
+        fusion = [f for f, s in shapes.items() if s.stride == head.COMMON_STRIDE]
+        if len(fusion) != 1:
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.COMMON_STRIDE={head.COMMON_STRIDE} must be the stride of "
+                f"exactly one of MODEL.SEM_SEG_HEAD.IN_FEATURES "
+                f"{ {f: s.stride for f, s in shapes.items()} }"
+            )
+        return {
+            "input_shape": shapes,
+            "fusion_feature": fusion[0],
+            "num_classes": head.NUM_CLASSES,
+            "conv_dim": head.CONVS_DIM,
+            "num_convs": head.NUM_CONVS,
+            "embed_dim": head.EMBED_DIM,
+            "loss_weight": head.LOSS_WEIGHT,
+            "ignore_value": head.IGNORE_VALUE,
+        }
+
+    def forward(self, features: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            features: FPN features by name, each (N, C, Hi, Wi).
+
+        Returns:
+            logits (N, num_classes, H, W) and semantic feature (N, embed_dim, H, W), where
+            (H, W) is the size of the fusion feature (stride ``common_stride``).
+        """
+        size = features[self.fusion_feature].shape[-2:]
+        x = None
+        for name, lateral in zip(self.in_features, self.lateral_convs):
+            feat = features[name]
+            if name != self.fusion_feature:
+                feat = F.interpolate(feat, size=size, mode="bilinear", align_corners=True)
+            x = lateral(feat) if x is None else x + lateral(feat)
+        for conv in self.convs:
+            x = conv(x)
+        return self.conv_logits(x), self.conv_embedding(x)
+
+    def losses(self, logits: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            logits: (N, K, H, W) at stride ``common_stride``.
+            targets: (N, H * stride, W * stride) int64 labels, ``ignore_value`` where unlabeled
+                or padded.
+
+        The labels are taken at stride ``common_stride`` (nearest), and the cross-entropy is
+        averaged over all pixels, ignored ones included (they add 0), as the reference does.
+        """
+        targets = F.interpolate(targets[:, None].float(), size=logits.shape[-2:], mode="nearest")
+        targets = targets[:, 0].long()
+        loss = F.cross_entropy(logits, targets, ignore_index=self.ignore_value, reduction="sum")
+        return {"loss_sem_seg": loss / targets.numel() * self.loss_weight}
+
+    def upsample_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, K, H, W) logits at stride ``common_stride`` -> (N, K, H * s, W * s)."""
+        return F.interpolate(
+            logits, scale_factor=self.common_stride, mode="bilinear", align_corners=False
+        )
