@@ -63,7 +63,9 @@ def deform_conv_forward(
     kW, kH, dW, dH, padW, padH, dilationW, dilationH, group, deformable_group, im2col_step,
 ):  # fmt: skip
     with torch.no_grad():
-        out = _deform(input, weight, offset, None, None, (dH, dW), (padH, padW), (dilationH, dilationW))
+        out = _deform(
+            input, weight, offset, None, None, (dH, dW), (padH, padW), (dilationH, dilationW)
+        )
     output.resize_as_(out).copy_(out)
 
 
@@ -73,7 +75,9 @@ def deform_conv_backward_input(
 ):  # fmt: skip
     with torch.enable_grad():
         x, off = _leaf(input), _leaf(offset)
-        out = _deform(x, weight.detach(), off, None, None, (dH, dW), (padH, padW), (dilationH, dilationW))
+        out = _deform(
+            x, weight.detach(), off, None, None, (dH, dW), (padH, padW), (dilationH, dilationW)
+        )
         grad_x, grad_off = _grads(out, (x, off), gradOutput)
     gradInput.copy_(grad_x)
     gradOffset.copy_(grad_off)
@@ -86,7 +90,16 @@ def deform_conv_backward_filter(
     with torch.enable_grad():
         # the output is linear in the weight: its gradient does not depend on the weight's value
         w = _leaf(torch.zeros_like(gradWeight))
-        out = _deform(input.detach(), w, offset.detach(), None, None, (dH, dW), (padH, padW), (dilationH, dilationW))
+        out = _deform(
+            input.detach(),
+            w,
+            offset.detach(),
+            None,
+            None,
+            (dH, dW),
+            (padH, padW),
+            (dilationH, dilationW),
+        )
         (grad_w,) = _grads(out, (w,), gradOutput)
     gradWeight.add_(grad_w, alpha=scale)
 
@@ -129,15 +142,17 @@ def modulated_deform_conv_backward(
 
 # --- not available without the compiled extension ----------------------------------------------
 
+_COCOEVAL = "use COCOEvaluator(..., use_fast_impl=False): the same AP through pycocotools"
+_ROTATED = "rotated boxes are not used by HTC; build Detectron2 from source for them"
 _ALTERNATIVES = {
-    "COCOevalEvaluateImages": "use COCOEvaluator(..., use_fast_impl=False): the same AP through pycocotools",
-    "COCOevalAccumulate": "use COCOEvaluator(..., use_fast_impl=False): the same AP through pycocotools",
-    "InstanceAnnotation": "use COCOEvaluator(..., use_fast_impl=False): the same AP through pycocotools",
-    "ImageEvaluation": "use COCOEvaluator(..., use_fast_impl=False): the same AP through pycocotools",
-    "box_iou_rotated": "rotated boxes are not used by HTC; build Detectron2 from source for them",
-    "nms_rotated": "rotated boxes are not used by HTC; build Detectron2 from source for them",
-    "roi_align_rotated_forward": "rotated RoIAlign is not used by HTC; build Detectron2 from source",
-    "roi_align_rotated_backward": "rotated RoIAlign is not used by HTC; build Detectron2 from source",
+    "COCOevalEvaluateImages": _COCOEVAL,
+    "COCOevalAccumulate": _COCOEVAL,
+    "InstanceAnnotation": _COCOEVAL,
+    "ImageEvaluation": _COCOEVAL,
+    "box_iou_rotated": _ROTATED,
+    "nms_rotated": _ROTATED,
+    "roi_align_rotated_forward": _ROTATED,
+    "roi_align_rotated_backward": _ROTATED,
 }
 
 

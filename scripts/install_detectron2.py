@@ -55,7 +55,8 @@ def fetch_sdist(dest: Path) -> Path:
 
     ``pip download`` cannot be used: newer pip refuses the sdist's metadata (a direct-URL extra).
     """
-    request = urllib.request.Request(INDEX, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    accept = {"Accept": "application/vnd.pypi.simple.v1+json"}
+    request = urllib.request.Request(INDEX, headers=accept)
     with urllib.request.urlopen(request, timeout=120) as response:
         files = json.load(response)["files"]
     entry = next((f for f in files if f["filename"] == SDIST), None)
@@ -114,7 +115,7 @@ def main() -> int:
         print(f"compiled Detectron2: {compiled}" if compiled else "no compiled Detectron2")
         return 0 if compiled else 1
     if compiled:
-        print(f"[detectron2] using the compiled Detectron2 at {pkg} ({compiled.name}); installing nothing")
+        print(f"[detectron2] using the compiled Detectron2 at {compiled}; installing nothing")
         return 0
     if pkg and stand_in_is_current(pkg):
         print(f"[detectron2] v0.6 with the pure-Python _C already installed at {pkg}")

@@ -75,17 +75,21 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
                 f"cascade has {n} stages (MODEL.ROI_BOX_CASCADE_HEAD.IOUS)"
             )
         if self.mask_on and len(self.mask_head) != n:
-            raise ValueError(f"HTC needs one mask head per stage: got {len(self.mask_head)} for {n}")
+            raise ValueError(f"HTC needs a mask head per stage: {len(self.mask_head)} for {n}")
         unknown = set(self.semantic_fusion) - set(FUSION_TARGETS)
         if unknown:
-            raise ValueError(f"MODEL.HTC.SEMANTIC_FUSION: unknown {sorted(unknown)}, use {FUSION_TARGETS}")
+            raise ValueError(
+                f"MODEL.HTC.SEMANTIC_FUSION: unknown {sorted(unknown)}, use {FUSION_TARGETS}"
+            )
         if self.semantic_fusion and self.semantic_pooler is None:
             raise ValueError(
                 "MODEL.HTC.SEMANTIC_FUSION needs the semantic branch (MODEL.HTC.SEMANTIC_ON True); "
                 "set MODEL.HTC.SEMANTIC_FUSION [] for a model without it"
             )
         if self.mask_merge not in MASK_MERGE_RULES:
-            raise ValueError(f"MODEL.HTC.MASK_MERGE={self.mask_merge!r}: use one of {MASK_MERGE_RULES}")
+            raise ValueError(
+                f"MODEL.HTC.MASK_MERGE={self.mask_merge!r}: use one of {MASK_MERGE_RULES}"
+            )
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -106,6 +110,12 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
     def _init_semantic_pooler(cls, cfg, input_shape: Dict[str, ShapeSpec]) -> ROIPooler:
         """RoIAlign on the semantic feature (stride SEM_SEG_HEAD.COMMON_STRIDE) at the mask
         resolution; the box branch average-pools the result down to its own resolution."""
+        stride = cfg.MODEL.SEM_SEG_HEAD.COMMON_STRIDE
+        if stride not in {s.stride for s in input_shape.values()}:
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.COMMON_STRIDE={stride} is not the stride of a backbone "
+                f"feature { {f: s.stride for f, s in input_shape.items()} }"
+            )
         channels = {input_shape[f].channels for f in cfg.MODEL.ROI_HEADS.IN_FEATURES}
         if channels != {cfg.MODEL.SEM_SEG_HEAD.EMBED_DIM}:
             raise ValueError(
@@ -114,7 +124,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             )
         return ROIPooler(
             output_size=cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION,
-            scales=(1.0 / cfg.MODEL.SEM_SEG_HEAD.COMMON_STRIDE,),
+            scales=(1.0 / stride,),
             sampling_ratio=0,
             pooler_type=cfg.MODEL.ROI_MASK_HEAD.POOLER_TYPE,
         )
@@ -190,7 +200,9 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
                 boxes = Boxes.cat([boxes, target.gt_boxes])
             iou = pairwise_iou(target.gt_boxes, boxes)
             matched_idxs, matched_labels = self.proposal_matchers[stage](iou)
-            idxs, gt_classes = self._sample_proposals(matched_idxs, matched_labels, target.gt_classes)
+            idxs, gt_classes = self._sample_proposals(
+                matched_idxs, matched_labels, target.gt_classes
+            )
             rois = Instances(props.image_size, proposal_boxes=boxes[idxs], gt_classes=gt_classes)
             rois.from_gt = idxs >= len(props)
             if len(target) > 0:
@@ -242,11 +254,11 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         image_sizes = [x.image_size for x in proposals]
         stage_logits = []
         for stage in range(self.num_cascade_stages):
-            if stage > 0:
-                proposals = self._create_proposals_from_boxes(boxes, image_sizes)
             predictions = self._run_stage(features, proposals, stage)
             stage_logits.append(predictions[0])
             boxes = self.box_predictor[stage].predict_boxes(predictions, proposals)
+            if stage < self.num_cascade_stages - 1:
+                proposals = self._create_proposals_from_boxes(boxes, image_sizes)
         scores = F.softmax(sum(stage_logits) / len(stage_logits), dim=-1)
         scores = scores.split([len(p) for p in proposals])
         last = self.box_predictor[-1]
@@ -276,7 +288,8 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             instances, _ = select_foreground_proposals(instances, self.num_classes)
             boxes = [x.proposal_boxes for x in instances]
             (logits,) = self._run_mask_heads(features, boxes, stage, keep_all=False)
-            return {"loss_mask": mask_rcnn_loss(logits, instances, self.mask_head[stage].vis_period)}
+            vis_period = self.mask_head[stage].vis_period
+            return {"loss_mask": mask_rcnn_loss(logits, instances, vis_period)}
         boxes = [x.pred_boxes for x in instances]
         keep_all = self.mask_merge == "mean"
         stage_logits = self._run_mask_heads(features, boxes, self.num_cascade_stages - 1, keep_all)

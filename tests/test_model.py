@@ -1,0 +1,247 @@
+"""Behaviour of the HTC modules: each test fails if the mechanism it names is removed."""
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+from torch.nn import functional as F
+
+from conftest import CONFIGS, load_cfg, make_batch, tiny_cfg
+from htc import SEMANTIC_FEATURE
+
+STAGES = range(3)
+
+
+def train_losses(model, batch, seed=0):
+    model.train()
+    torch.manual_seed(seed)
+    with EventStorage():
+        return model(batch)
+
+
+def test_loss_keys_and_finite():
+    model = build_model(tiny_cfg())
+    losses = train_losses(model, make_batch())
+    expected = {"loss_sem_seg", "loss_rpn_cls", "loss_rpn_loc"}
+    for t in STAGES:
+        expected |= {f"loss_cls_stage{t}", f"loss_box_reg_stage{t}", f"loss_mask_stage{t}"}
+    assert set(losses) == expected
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_stage_weights_scale_box_and_mask_losses():
+    cfg = tiny_cfg()
+    model = build_model(cfg)
+    base = train_losses(model, make_batch())
+    model.roi_heads.stage_loss_weights = [2.0, 3.0, 4.0]
+    scaled = train_losses(model, make_batch())
+    for t, w_old, w_new in zip(STAGES, [1.0, 0.5, 0.25], [2.0, 3.0, 4.0]):
+        for name in ("loss_cls", "loss_box_reg", "loss_mask"):
+            key = f"{name}_stage{t}"
+            assert scaled[key].item() == pytest.approx(base[key].item() * w_new / w_old, rel=1e-5)
+    assert scaled["loss_sem_seg"].item() == pytest.approx(base["loss_sem_seg"].item(), rel=1e-6)
+
+
+def _record_rois(model, batch):
+    """Per stage: the boxes the box head saw and the boxes the mask loss saw."""
+    heads = model.roi_heads
+    box_rois, mask_rois = {}, {}
+    run_stage, forward_mask = heads._run_stage, heads._forward_mask
+
+    def spy_stage(features, proposals, stage):
+        box_rois[stage] = torch.cat([p.proposal_boxes.tensor for p in proposals])
+        return run_stage(features, proposals, stage)
+
+    def spy_mask(features, instances, stage=None):
+        mask_rois[stage] = torch.cat([p.proposal_boxes.tensor for p in instances])
+        return forward_mask(features, instances, stage)
+
+    heads._run_stage, heads._forward_mask = spy_stage, spy_mask
+    train_losses(model, batch)
+    return box_rois, mask_rois
+
+
+def _rows_in(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    return (rows[:, None, :] == table[None, :, :]).all(-1).any(-1)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_interleaving_changes_mask_rois(interleaved):
+    model = build_model(tiny_cfg(interleaved=interleaved))
+    box_rois, mask_rois = _record_rois(model, make_batch())
+    for t in STAGES:
+        inside = _rows_in(mask_rois[t], box_rois[t])
+        if interleaved:  # refined boxes of stage t, re-sampled (only re-added GT boxes coincide)
+            assert inside.float().mean() < 0.5
+        else:
+            assert inside.all() and len(mask_rois[t]) == len(box_rois[t])
+
+
+@pytest.mark.parametrize("info_flow", [True, False])
+def test_stage2_mask_loss_reaches_earlier_mask_heads_only_with_info_flow(info_flow):
+    model = build_model(tiny_cfg(mask_info_flow=info_flow))
+    losses = train_losses(model, make_batch())
+    losses["loss_mask_stage2"].backward()
+    for t in STAGES:
+        grad = model.roi_heads.mask_head[t].mask_fcn1.weight.grad
+        reached = grad is not None and grad.abs().sum() > 0
+        assert reached == (t == 2 or info_flow), t
+    assert (model.roi_heads.mask_head[2].res_conv is not None) == info_flow
+    assert model.roi_heads.mask_head[0].res_conv is None
+
+
+def _stage_outputs(model, features, boxes):
+    heads = model.roi_heads
+    proposals = [Instances((96, 96), proposal_boxes=Boxes(boxes))]
+    box_out = torch.cat([torch.cat(heads._run_stage(features, proposals, t), 1) for t in STAGES])
+    mask_out = torch.cat(heads._run_mask_heads(features, [Boxes(boxes)], 2, keep_all=True))
+    return box_out, mask_out
+
+
+@pytest.mark.parametrize(
+    "fusion", [("bbox", "mask"), ("bbox",), ("mask",), ()], ids=lambda f: "+".join(f) or "none"
+)
+def test_zeroing_semantic_feature_changes_outputs_only_where_fused(fusion):
+    model = build_model(tiny_cfg(semantic_fusion=list(fusion))).eval()
+    batch = make_batch(num_images=1)
+    boxes = torch.tensor([[5.0, 5.0, 60.0, 70.0], [30.0, 10.0, 90.0, 50.0]])
+    with torch.no_grad():
+        images = model.preprocess_image(batch)
+        features, _ = model._features(images)
+        box_a, mask_a = _stage_outputs(model, features, boxes)
+        features[SEMANTIC_FEATURE] = torch.zeros_like(features[SEMANTIC_FEATURE])
+        box_b, mask_b = _stage_outputs(model, features, boxes)
+    assert (not torch.equal(box_a, box_b)) == ("bbox" in fusion)
+    assert (not torch.equal(mask_a, mask_b)) == ("mask" in fusion)
+
+
+def test_inference_averages_stage_logits_then_softmax():
+    cfg = tiny_cfg()
+    model = build_model(cfg).eval()
+    heads = model.roi_heads
+    for predictor in heads.box_predictor:  # logits of O(1), where the two rules differ
+        torch.nn.init.normal_(predictor.cls_score.weight, std=0.5)
+    boxes = torch.tensor([[5.0, 5.0, 60.0, 70.0], [30.0, 10.0, 90.0, 50.0], [0, 0, 95, 95]])
+    with torch.no_grad():
+        features, _ = model._features(model.preprocess_image(make_batch(num_images=1)))
+        proposals = [Instances((96, 96), proposal_boxes=Boxes(boxes))]
+        got = heads._forward_box(features, proposals)[0]
+        # by hand: run the stages, refining the boxes, then softmax of the mean logits
+        logits, props = [], proposals
+        for t in STAGES:
+            scores, deltas = heads._run_stage(features, props, t)
+            logits.append(scores)
+            refined = heads.box_predictor[t].box2box_transform.apply_deltas(
+                deltas, props[0].proposal_boxes.tensor
+            )
+            props = [Instances((96, 96), proposal_boxes=Boxes(refined).clone())]
+            props[0].proposal_boxes.clip((96, 96))
+        probs = F.softmax(sum(logits) / 3, dim=-1)
+        last = heads.box_predictor[-1]
+        want, _ = fast_rcnn_inference(
+            [refined], [probs], [(96, 96)], last.test_score_thresh, last.test_nms_thresh, 100
+        )
+        mean_of_probs = sum(F.softmax(x, dim=-1) for x in logits) / 3
+    torch.testing.assert_close(got.scores, want[0].scores)
+    torch.testing.assert_close(got.pred_boxes.tensor, want[0].pred_boxes.tensor)
+    assert not torch.allclose(probs, mean_of_probs, atol=1e-2)  # the rule matters here
+
+
+@pytest.mark.parametrize("with_gt", [True, False], ids=["positives", "no-positives"])
+def test_every_parameter_gets_a_gradient(with_gt):
+    model = build_model(tiny_cfg())
+    losses = train_losses(model, make_batch(with_gt=with_gt))
+    sum(losses.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    if with_gt:
+        trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        assert [n for n, p in trained if p.grad.abs().sum() == 0] == []
+
+
+def test_inference_output_format():
+    model = build_model(tiny_cfg()).eval()
+    batch = make_batch(num_images=2)
+    batch[1]["height"], batch[1]["width"] = 192, 144  # outputs at the requested resolution
+    with torch.no_grad():
+        outputs = model(batch)
+    for out, x in zip(outputs, batch):
+        assert set(out) == {"instances", "sem_seg"}
+        inst = out["instances"]
+        assert inst.image_size == (x["height"], x["width"])
+        assert inst.pred_masks.shape == (len(inst), x["height"], x["width"])
+        assert inst.pred_masks.dtype == torch.bool
+        assert out["sem_seg"].shape == (5, x["height"], x["width"])
+        assert {"pred_boxes", "scores", "pred_classes", "pred_masks"} <= set(inst.get_fields())
+
+
+def test_without_semantic_branch():
+    model = build_model(tiny_cfg(semantic_on=False, semantic_fusion=[])).eval()
+    assert model.semantic_head is None
+    with torch.no_grad():
+        outputs = model(make_batch(num_images=1))
+    assert set(outputs[0]) == {"instances"}
+    losses = train_losses(model, make_batch())
+    assert "loss_sem_seg" not in losses and "loss_mask_stage2" in losses
+
+
+def test_mask_merge_last_uses_only_last_stage():
+    model = build_model(tiny_cfg()).eval()
+    boxes = Boxes(torch.tensor([[5.0, 5.0, 60.0, 70.0]]))
+    with torch.no_grad():
+        features, _ = model._features(model.preprocess_image(make_batch(num_images=1)))
+        all_logits = model.roi_heads._run_mask_heads(features, [boxes], 2, keep_all=True)
+        merged = {}
+        for rule in ("mean", "last"):
+            model.roi_heads.mask_merge = rule
+            inst = Instances((96, 96), pred_boxes=boxes, pred_classes=torch.tensor([1]))
+            merged[rule] = model.roi_heads._forward_mask(features, [inst])[0].pred_masks
+    sig = [x.sigmoid()[:, 1:2] for x in all_logits]
+    torch.testing.assert_close(merged["mean"], sum(sig) / 3)
+    torch.testing.assert_close(merged["last"], sig[2])
+
+
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["MODEL.HTC.STAGE_LOSS_WEIGHTS", [1.0, 0.5]], "STAGE_LOSS_WEIGHTS"),
+        (["MODEL.HTC.SEMANTIC_ON", False], "SEMANTIC_FUSION"),
+        (["MODEL.HTC.SEMANTIC_FUSION", ["box"]], "unknown"),
+        (["MODEL.HTC.MASK_MERGE", "max"], "MASK_MERGE"),
+        (["MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead"], "HTCMaskHead"),
+        (["MODEL.SEM_SEG_HEAD.COMMON_STRIDE", 6], "COMMON_STRIDE"),
+        (["MODEL.SEM_SEG_HEAD.EMBED_DIM", 16], "EMBED_DIM"),
+    ],
+)
+def test_config_errors_are_clear(opts, message):
+    cfg = tiny_cfg()
+    cfg.merge_from_list(opts)
+    with pytest.raises(ValueError, match=message):
+        build_model(cfg)
+
+
+SHIPPED = sorted(p.relative_to(CONFIGS) for p in CONFIGS.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED, ids=str)
+def test_shipped_config_builds(name):
+    cfg = load_cfg(CONFIGS / name)
+    model = build_model(cfg)
+    assert type(model).__name__ == "HybridTaskCascade"
+    assert len(model.roi_heads.mask_head) == 3
+
+
+def _reference_parameter_count(model) -> int:
+    """Learnable parameters as the reference counts them: its BN affine parameters are
+    parameters, our FrozenBN keeps them as buffers."""
+    frozen_affine = sum(
+        b.numel() for n, b in model.named_buffers() if n.endswith((".weight", ".bias"))
+    )
+    return sum(p.numel() for p in model.parameters()) + frozen_affine
+
+
+def test_r50_parameter_count_matches_reference():
+    model = build_model(load_cfg(CONFIGS / "htc_R_50_FPN_1x.yaml"))
+    assert _reference_parameter_count(model) == 80_258_293
