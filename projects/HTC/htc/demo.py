@@ -1,0 +1,89 @@
+"""Run a trained HTC on image files or folders and save visualisations.
+
+    python -m htc.demo --config-file configs/demo/htc_R_18_FPN_demo.yaml \\
+        --input img.png more_images/ --output vis/ \\
+        --opts MODEL.WEIGHTS output/htc_demo/model_final.pth
+"""
+
+import argparse
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+import numpy as np
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.engine import DefaultPredictor
+from detectron2.utils.visualizer import ColorMode, Visualizer
+from PIL import Image
+
+from .config import add_htc_config
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def load_predictor_cfg(config_file: str, opts: Optional[List[str]] = None):
+    cfg = get_cfg()
+    add_htc_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(opts or [])
+    if not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return cfg
+
+
+def image_files(inputs: Iterable[str]) -> List[Path]:
+    """The image files named by ``inputs`` (files, or folders searched non-recursively)."""
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"input not found: {item}")
+    if not files:
+        raise FileNotFoundError(f"no images in {list(inputs)}")
+    return files
+
+
+def draw_prediction(image_rgb: np.ndarray, outputs: dict, metadata) -> np.ndarray:
+    """Instances drawn over the image, and next to it the predicted semantic map if any."""
+    instances = outputs["instances"].to("cpu")
+    panels = [
+        Visualizer(image_rgb, metadata, instance_mode=ColorMode.IMAGE)
+        .draw_instance_predictions(instances[instances.scores > 0.5])
+        .get_image()
+    ]
+    if "sem_seg" in outputs:
+        labels = outputs["sem_seg"].argmax(dim=0).to("cpu")
+        panels.append(Visualizer(image_rgb, metadata).draw_sem_seg(labels, alpha=0.6).get_image())
+    return np.concatenate(panels, axis=1)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="HTC inference on images")
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--input", nargs="+", required=True, help="image files or folders")
+    parser.add_argument("--output", required=True, help="folder for the visualisations")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE pairs")
+    args = parser.parse_args(argv)
+
+    cfg = load_predictor_cfg(args.config_file, args.opts)
+    predictor = DefaultPredictor(cfg)
+    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in image_files(args.input):
+        image_bgr = read_image(str(path), format="BGR")
+        outputs = predictor(image_bgr)
+        picture = draw_prediction(image_bgr[:, :, ::-1], outputs, metadata)
+        target = out_dir / f"{path.stem}.png"
+        Image.fromarray(picture).save(target)
+        print(f"{path}: {len(outputs['instances'])} instances -> {target}")
+
+
+if __name__ == "__main__":
+    main()

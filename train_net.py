@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Train and evaluate Hybrid Task Cascade with Detectron2's DefaultTrainer.
+
+python train_net.py --config-file configs/htc_R_50_FPN_1x.yaml --num-gpus 8
+python train_net.py --config-file configs/htc_R_50_FPN_1x.yaml --eval-only MODEL.WEIGHTS m.pth
+"""
+
+import os
+from typing import List
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator
+
+from htc import HTCDatasetMapper, add_htc_config
+
+
+def _fast_coco_eval_available() -> bool:
+    """Detectron2's C++ COCOeval exists only with a compiled ``detectron2._C``."""
+    import detectron2._C as C
+
+    return not getattr(C, "STAND_IN", False)
+
+
+class Trainer(DefaultTrainer):
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=HTCDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        mapper = HTCDatasetMapper(cfg, is_train=False, dataset_names=[dataset_name])
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """COCO bbox + segm AP, plus the semantic branch's mIoU where the dataset has labels."""
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        evaluators: List = [
+            COCOEvaluator(
+                dataset_name, output_dir=output_folder, use_fast_impl=_fast_coco_eval_available()
+            )
+        ]
+        meta = MetadataCatalog.get(dataset_name)
+        if cfg.MODEL.HTC.SEMANTIC_ON and meta.get("sem_seg_root"):
+            evaluators.append(SemSegEvaluator(dataset_name, output_dir=output_folder))
+        return DatasetEvaluators(evaluators)
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_htc_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        return Trainer.test(cfg, model)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def invoke_main() -> None:
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()
