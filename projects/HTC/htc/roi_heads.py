@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .mask_head import HTCMaskHead
+from .roi_align import use_sparse_grad
 
 # Key of the semantic feature (N, C, H/s, W/s) in the feature dict handed to the ROI heads.
 SEMANTIC_FEATURE = "htc_semantic"
@@ -66,6 +67,9 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         self.semantic_fusion = tuple(semantic_fusion)
         self.mask_merge = mask_merge
         self._validate()
+        for pooler in (self.box_pooler, getattr(self, "mask_pooler", None), semantic_pooler):
+            if pooler is not None:
+                use_sparse_grad(pooler)  # torchvision's CPU RoIAlign backward is the hot spot
 
     def _validate(self) -> None:
         n = self.num_cascade_stages
