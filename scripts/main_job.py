@@ -1,7 +1,7 @@
 """The README's main job: generate the demo data, train the small HTC with train_net.py,
 evaluate it, and write pictures (predictions next to the ground truth, training curves).
 
-    .venv/bin/python scripts/main_job.py [--output output/htc_demo] [KEY VALUE ...]
+    .venv/bin/python scripts/main_job.py [--config-file CFG] [--output DIR] [KEY VALUE ...]
 """
 
 import argparse
@@ -30,9 +30,9 @@ CONFIG = ROOT / "configs/demo/htc_R_18_FPN_demo.yaml"
 NUM_PICTURES = 6
 
 
-def train(output: Path, opts: list) -> None:
+def train(config: Path, output: Path, opts: list) -> None:
     cmd = [
-        sys.executable, str(ROOT / "train_net.py"), "--config-file", str(CONFIG), "--resume",
+        sys.executable, str(ROOT / "train_net.py"), "--config-file", str(config), "--resume",
         "OUTPUT_DIR", str(output), "MODEL.DEVICE", "cpu", *opts,
     ]  # fmt: skip
     print("[main job]", " ".join(cmd), flush=True)
@@ -79,9 +79,9 @@ def draw_ground_truth(record: dict, metadata) -> np.ndarray:
     return np.concatenate([image, instances, semantic], axis=1)
 
 
-def draw_pictures(output: Path) -> list:
+def draw_pictures(config: Path, output: Path) -> list:
     cfg = load_predictor_cfg(
-        str(CONFIG), ["MODEL.WEIGHTS", str(output / "model_final.pth"), "OUTPUT_DIR", str(output)]
+        str(config), ["MODEL.WEIGHTS", str(output / "model_final.pth"), "OUTPUT_DIR", str(output)]
     )
     predictor = DefaultPredictor(cfg)
     dataset = cfg.DATASETS.TEST[0]
@@ -101,18 +101,20 @@ def draw_pictures(output: Path) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default=str(ROOT / "output/htc_demo"))
+    parser.add_argument("--config-file", default=str(CONFIG))
+    parser.add_argument("--output", help="default: the config's OUTPUT_DIR")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args()
-    output = Path(args.output)
+    config = Path(args.config_file)
+    output = Path(args.output or load_predictor_cfg(str(config)).OUTPUT_DIR)
     start = time.time()
 
     ensure_demo_data()
-    train(output, args.opts)
+    train(config, output, args.opts)
     metrics = read_metrics(output)
     results = final_results(metrics)
     plot_curves(metrics, output / "training_curves.png")
-    pictures = draw_pictures(output)
+    pictures = draw_pictures(config, output)
 
     print(f"\n[main job] done in {time.time() - start:.0f} s")
     print("  each picture: image | GT instances | GT semantic | pred instances | pred semantic")

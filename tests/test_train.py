@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from conftest import ROOT
 from htc.demo_data import VERSION, generate_split
@@ -60,6 +61,24 @@ def test_train_eval_only_and_resume(workspace, tmp_path):
     )  # fmt: skip
     for task in ["bbox", "segm", "sem_seg"]:
         assert f"copypaste: Task: {task}" in log
+
+    # the README's htc.demo command on the trained checkpoint
+    vis = tmp_path / "vis"
+    demo = subprocess.run(
+        [
+            sys.executable, "-m", "htc.demo", "--config-file", str(CONFIG),
+            "--input", str(workspace / "htc_demo" / "val"), "--output", str(vis),
+            "--opts", "MODEL.WEIGHTS", str(output / "model_final.pth"),
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+        ],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, DETECTRON2_DATASETS=str(workspace)),
+    )  # fmt: skip
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    pictures = sorted(vis.glob("*.png"))
+    assert [p.name for p in pictures] == ["00001.png", "00002.png", "00003.png"]
+    width, height = Image.open(pictures[0]).size
+    assert (width, height) == (2 * 256, 256)  # instances | semantic map
 
     log = run_train_net(
         workspace, "--resume", *SMALL, "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", str(output)

@@ -1,0 +1,193 @@
+"""Convert an MMDetection 2.x/3.x HTC checkpoint into a Detectron2 checkpoint of this project.
+
+    python -m htc.convert_mmdet INPUT.pth OUTPUT.pth [--config configs/htc_R_50_FPN_1x.yaml]
+
+Only names change (no tensor is permuted): the anchor, delta and class layouts already agree.
+With ``--config`` the result is checked against the model that config builds: every tensor must
+find its place with the same shape and every model tensor must be given, else nothing is written.
+"""
+
+import argparse
+import re
+import sys
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+
+def _res(m: re.Match) -> str:
+    """mmdet ``layer{L}.{b}`` -> Detectron2 ``res{L+1}.{b}``."""
+    return f"backbone.bottom_up.res{int(m[1]) + 1}.{m[2]}"
+
+
+# (mmdet key pattern, Detectron2 key); the first match wins
+RULES: List[Tuple[str, Callable[[re.Match], str]]] = [
+    (r"^backbone\.conv1\.weight$", lambda m: "backbone.bottom_up.stem.conv1.weight"),
+    (r"^backbone\.bn1\.(.+)$", lambda m: f"backbone.bottom_up.stem.conv1.norm.{m[1]}"),
+    (r"^backbone\.layer(\d)\.(\d+)\.downsample\.0\.(.+)$", lambda m: f"{_res(m)}.shortcut.{m[3]}"),
+    (
+        r"^backbone\.layer(\d)\.(\d+)\.downsample\.1\.(.+)$",
+        lambda m: f"{_res(m)}.shortcut.norm.{m[3]}",
+    ),
+    (
+        r"^backbone\.layer(\d)\.(\d+)\.conv2\.conv_offset\.(.+)$",
+        lambda m: f"{_res(m)}.conv2_offset.{m[3]}",
+    ),
+    (r"^backbone\.layer(\d)\.(\d+)\.conv(\d)\.(.+)$", lambda m: f"{_res(m)}.conv{m[3]}.{m[4]}"),
+    (r"^backbone\.layer(\d)\.(\d+)\.bn(\d)\.(.+)$", lambda m: f"{_res(m)}.conv{m[3]}.norm.{m[4]}"),
+    (
+        r"^neck\.lateral_convs\.(\d)\.conv\.(.+)$",
+        lambda m: f"backbone.fpn_lateral{int(m[1]) + 2}.{m[2]}",
+    ),
+    (
+        r"^neck\.fpn_convs\.(\d)\.conv\.(.+)$",
+        lambda m: f"backbone.fpn_output{int(m[1]) + 2}.{m[2]}",
+    ),
+    (r"^rpn_head\.rpn_conv\.(.+)$", lambda m: f"proposal_generator.rpn_head.conv.{m[1]}"),
+    (
+        r"^rpn_head\.rpn_cls\.(.+)$",
+        lambda m: f"proposal_generator.rpn_head.objectness_logits.{m[1]}",
+    ),
+    (r"^rpn_head\.rpn_reg\.(.+)$", lambda m: f"proposal_generator.rpn_head.anchor_deltas.{m[1]}"),
+    (
+        r"^roi_head\.bbox_head\.(\d)\.shared_fcs\.(\d)\.(.+)$",
+        lambda m: f"roi_heads.box_head.{m[1]}.fc{int(m[2]) + 1}.{m[3]}",
+    ),
+    (
+        r"^roi_head\.bbox_head\.(\d)\.fc_cls\.(.+)$",
+        lambda m: f"roi_heads.box_predictor.{m[1]}.cls_score.{m[2]}",
+    ),
+    (
+        r"^roi_head\.bbox_head\.(\d)\.fc_reg\.(.+)$",
+        lambda m: f"roi_heads.box_predictor.{m[1]}.bbox_pred.{m[2]}",
+    ),
+    (
+        r"^roi_head\.mask_head\.(\d)\.convs\.(\d)\.conv\.(.+)$",
+        lambda m: f"roi_heads.mask_head.{m[1]}.mask_fcn{int(m[2]) + 1}.{m[3]}",
+    ),
+    (
+        r"^roi_head\.mask_head\.(\d)\.upsample\.(.+)$",
+        lambda m: f"roi_heads.mask_head.{m[1]}.deconv.{m[2]}",
+    ),
+    (
+        r"^roi_head\.mask_head\.(\d)\.conv_logits\.(.+)$",
+        lambda m: f"roi_heads.mask_head.{m[1]}.predictor.{m[2]}",
+    ),
+    (
+        r"^roi_head\.mask_head\.(\d)\.conv_res\.conv\.(.+)$",
+        lambda m: f"roi_heads.mask_head.{m[1]}.res_conv.{m[2]}",
+    ),
+    (
+        r"^roi_head\.semantic_head\.(lateral_convs|convs)\.(\d)\.conv\.(.+)$",
+        lambda m: f"semantic_head.{m[1]}.{m[2]}.{m[3]}",
+    ),
+    (
+        r"^roi_head\.semantic_head\.(conv_embedding)\.conv\.(.+)$",
+        lambda m: f"semantic_head.{m[1]}.{m[2]}",
+    ),
+    (r"^roi_head\.semantic_head\.(conv_logits)\.(.+)$", lambda m: f"semantic_head.{m[1]}.{m[2]}"),
+]
+LEGACY_1X = re.compile(r"^(bbox_head|mask_head|semantic_head)\.")
+
+
+class ConversionError(ValueError):
+    pass
+
+
+def rename(key: str) -> Optional[str]:
+    """The Detectron2 name of an mmdet key, or None if no rule applies."""
+    for pattern, target in RULES:
+        match = re.match(pattern, key)
+        if match is not None:
+            return target(match)
+    return None
+
+
+def load_mmdet_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """The ``state_dict`` of an mmcv checkpoint, loaded with ``weights_only=True``."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not state:
+        raise ConversionError(f"{path}: no state_dict of tensors found")
+    if any(LEGACY_1X.match(k) for k in state):
+        raise ConversionError(
+            f"{path} is an MMDetection 1.x (2019) HTC checkpoint: its weights follow the legacy "
+            "conventions (81-way masks with background first, +1 box sizes, unaligned RoIAlign) "
+            "and are not supported; use the v2.0 (2020) checkpoints of the model zoo"
+        )
+    return state
+
+
+def convert(state: Dict[str, torch.Tensor]) -> Tuple["OrderedDict[str, torch.Tensor]", List]:
+    """Rename every tensor; ``num_batches_tracked`` is dropped. Returns the new state dict and
+    the table rows (mmdet name, Detectron2 name, shape). Raises if a tensor has no rule."""
+    converted, rows, unmapped = OrderedDict(), [], []
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        new = rename(key)
+        if new is None:
+            unmapped.append(key)
+            continue
+        converted[new] = value
+        rows.append((key, new, tuple(value.shape)))
+    if unmapped:
+        raise ConversionError(f"{len(unmapped)} tensors have no Detectron2 name: {unmapped[:20]}")
+    return converted, rows
+
+
+def check_against_model(converted: Dict[str, torch.Tensor], config_file: str) -> None:
+    """Refuse unless ``converted`` fills the model of ``config_file`` exactly."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from .config import add_htc_config
+
+    cfg = get_cfg()
+    add_htc_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.MODEL.DEVICE = "cpu"
+    expected = build_model(cfg).state_dict()
+    missing = [k for k in expected if k not in converted]
+    unexpected = [k for k in converted if k not in expected]
+    shapes = [
+        f"{k}: {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in converted.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing for the model: {missing[:20]}")
+    if unexpected:
+        problems.append(f"not in the model: {unexpected[:20]}")
+    if shapes:
+        problems.append(f"shape mismatches: {shapes[:20]}")
+    if problems:
+        raise ConversionError(f"does not fit {config_file}: " + "; ".join(problems))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("input", help="MMDetection HTC checkpoint (.pth)")
+    parser.add_argument("output", help="Detectron2 checkpoint to write (.pth)")
+    parser.add_argument("--config", help="our config the checkpoint must fit")
+    args = parser.parse_args(argv)
+    try:
+        converted, rows = convert(load_mmdet_state_dict(args.input))
+        if args.config:
+            check_against_model(converted, args.config)
+    except (ConversionError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    width = max(len(r[0]) for r in rows)
+    for old, new, shape in rows:
+        print(f"{old:<{width}}  ->  {new}  {list(shape)}")
+    print(f"{len(rows)} tensors mapped")
+    torch.save({"model": converted, "__author__": "htc-detectron2 convert_mmdet"}, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

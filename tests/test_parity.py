@@ -1,0 +1,161 @@
+"""Numerical parity with the reference: MMDetection 3.3's HTC, recorded by
+dev/parity/make_fixture.py on a narrow R-50 HTC (3 thing / 5 semantic classes) with random
+weights, converted with htc.convert_mmdet and run here on the same image."""
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances, pairwise_iou
+from detectron2.utils.events import EventStorage
+
+from conftest import CONFIGS, ROOT, load_cfg
+from htc import SEMANTIC_FEATURE
+from htc.convert_mmdet import convert
+
+FIXTURE = ROOT / "tests/fixtures/htc_parity_small.pth"
+TOL = dict(rtol=0, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return torch.load(FIXTURE, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def model(ref):
+    cfg = load_cfg(CONFIGS / "htc_R_50_FPN_1x.yaml")
+    cfg.merge_from_list(
+        [
+            "MODEL.RESNETS.STEM_OUT_CHANNELS", 16, "MODEL.RESNETS.RES2_OUT_CHANNELS", 32,
+            "MODEL.RESNETS.WIDTH_PER_GROUP", 8, "MODEL.FPN.OUT_CHANNELS", 32,
+            "MODEL.ROI_HEADS.NUM_CLASSES", 3, "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
+            "MODEL.ROI_MASK_HEAD.CONV_DIM", 32, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 5,
+            "MODEL.SEM_SEG_HEAD.CONVS_DIM", 32, "MODEL.SEM_SEG_HEAD.EMBED_DIM", 32,
+        ]
+    )  # fmt: skip
+    model = build_model(cfg).eval()
+    converted, _ = convert(ref["state_dict"])
+    incompatible = model.load_state_dict(converted, strict=True)
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    return model
+
+
+@pytest.fixture(scope="module")
+def features(model, ref):
+    image = ref["image_rgb"]
+    batch = [{"image": image, "height": image.shape[1], "width": image.shape[2]}]
+    with torch.no_grad():
+        images = model.preprocess_image(batch)
+        feats, logits = model._features(images)
+    return images, feats, logits, batch
+
+
+def test_fpn_and_semantic_branch(ref, features):
+    _, feats, logits, _ = features
+    for name, want in zip(["p2", "p3", "p4", "p5", "p6"], ref["fpn"]):
+        torch.testing.assert_close(feats[name], want, rtol=0, atol=1e-4 * want.abs().max())
+    torch.testing.assert_close(logits, ref["semantic_logits"], **TOL)
+    torch.testing.assert_close(feats[SEMANTIC_FEATURE], ref["semantic_feat"], **TOL)
+
+
+def test_rpn_proposals_as_sets(model, ref, features):
+    images, feats, _, _ = features
+    with torch.no_grad():
+        proposals, _ = model.proposal_generator(images, feats, None)
+    ours = proposals[0].proposal_boxes
+    assert len(ours) == len(ref["rpn_boxes"])
+    best = pairwise_iou(Boxes(ref["rpn_boxes"]), ours).max(dim=1).values
+    assert (best > 0.9999).float().mean() > 0.99  # ties may reorder the last few
+
+
+def test_stage_logits_and_deltas_on_fixed_proposals(model, ref, features):
+    images, feats, _, _ = features
+    heads = model.roi_heads
+    size = images.image_sizes[0]
+    proposals = [Instances(size, proposal_boxes=Boxes(ref["stage_rois"][0]))]
+    with torch.no_grad():
+        for stage in range(3):
+            torch.testing.assert_close(
+                proposals[0].proposal_boxes.tensor, ref["stage_rois"][stage], **TOL
+            )
+            cls, deltas = heads._run_stage(feats, proposals, stage)
+            torch.testing.assert_close(cls, ref["stage_cls"][stage], **TOL)
+            torch.testing.assert_close(deltas, ref["stage_deltas"][stage], **TOL)
+            boxes = heads.box_predictor[stage].predict_boxes((cls, deltas), proposals)
+            proposals = heads._create_proposals_from_boxes(boxes, [size])
+
+
+def _detections_on_reference_proposals(model, ref, features):
+    images, feats, _, _ = features
+    proposals = [Instances(images.image_sizes[0], proposal_boxes=Boxes(ref["rpn_boxes"]))]
+    with torch.no_grad():
+        return model.roi_heads._forward_box(feats, proposals)[0]
+
+
+def test_final_detections(model, ref, features):
+    det = _detections_on_reference_proposals(model, ref, features)
+    assert len(det) == len(ref["det_boxes"]) == 100
+    order, ref_order = (
+        det.scores.argsort(descending=True),
+        ref["det_scores"].argsort(descending=True),
+    )
+    torch.testing.assert_close(det.scores[order], ref["det_scores"][ref_order], **TOL)
+    torch.testing.assert_close(det.pred_boxes.tensor[order], ref["det_boxes"][ref_order], **TOL)
+    assert torch.equal(det.pred_classes[order], ref["det_labels"][ref_order])
+
+
+def test_stage_mask_probabilities(model, ref, features):
+    _, feats, _, _ = features
+    n = len(ref["stage_mask_logits"][0])
+    boxes = Boxes(ref["det_boxes"][:n])
+    with torch.no_grad():
+        ours = model.roi_heads._run_mask_heads(feats, [boxes], 2, keep_all=True)
+    for got, want in zip(ours, ref["stage_mask_logits"]):
+        torch.testing.assert_close(got.sigmoid(), want.sigmoid(), **TOL)
+
+
+def test_mask_rules_2x_mean_and_3x_last(model, ref, features):
+    """Ours ("mean", the 2.x rule) is the mean of the stages' sigmoids; "last" reproduces what
+    MMDetection 3.x outputs (its last-stage-only masks, issue #10210)."""
+    _, feats, _, batch = features
+    n = len(ref["det_masks_mmdet3"])
+    inst = Instances(
+        batch[0]["image"].shape[1:],
+        pred_boxes=Boxes(ref["det_boxes"][:n]),
+        pred_classes=ref["det_labels"][:n],
+        scores=ref["det_scores"][:n],
+    )
+    heads = model.roi_heads
+    want_mean = torch.stack([x[:n].sigmoid() for x in ref["stage_mask_logits"]]).mean(0)
+    want_mean = want_mean[torch.arange(n), ref["det_labels"][:n]][:, None]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            heads._forward_mask(feats, [inst])[0].pred_masks, want_mean, **TOL
+        )
+        heads.mask_merge = "last"
+        try:
+            masks = model.inference(batch, [inst])[0]["instances"].pred_masks
+        finally:
+            heads.mask_merge = "mean"
+    agree = (masks == ref["det_masks_mmdet3"]).float().mean()
+    assert agree > 0.9999
+
+
+def test_semantic_loss(model, ref, features):
+    images, _, logits, _ = features
+    batch = [{"sem_seg": ref["semantic_labels"].long()}]
+    targets = model._semantic_targets(batch, images)
+    loss = model.semantic_head.losses(logits, targets)["loss_sem_seg"]
+    torch.testing.assert_close(loss, ref["loss_semantic_seg"], rtol=1e-5, atol=1e-6)
+
+
+def test_full_pipeline_matches_as_sets(model, ref, features):
+    """Our own RPN + cascade on the image: the same detections as the reference up to the
+    proposal order of exact score ties."""
+    _, _, _, batch = features
+    with torch.no_grad(), EventStorage():
+        det = model(batch)[0]["instances"]
+    iou = pairwise_iou(det.pred_boxes, Boxes(ref["det_boxes"]))
+    same_class = det.pred_classes[:, None] == ref["det_labels"][None]
+    matched = ((iou > 0.999) & same_class).any(dim=1).float().mean()
+    assert matched > 0.95
