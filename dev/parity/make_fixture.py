@@ -1,6 +1,7 @@
 """Dev only (run in .venv-mmdet): record MMDetection 3.3's HTC on one image for the parity test.
 
-    .venv-mmdet/bin/python dev/parity/make_fixture.py --size small --out tests/fixtures/htc_parity_small.pth
+    .venv-mmdet/bin/python dev/parity/make_fixture.py --size small \\
+        --out tests/fixtures/htc_parity_small.pth
     .venv-mmdet/bin/python dev/parity/make_fixture.py --size r50 --out /tmp/htc_parity_r50.pth
 
 Builds the reference HTC (configs/htc/htc_r50_fpn_1x_coco.py; "small" narrows every width and
@@ -15,14 +16,13 @@ for a given label map.
 import argparse
 import math
 
+import mmdet
 import torch
 from mmdet.registry import MODELS
 from mmdet.structures import DetDataSample
 from mmdet.utils import register_all_modules
 from mmengine.config import Config
 from mmengine.structures import PixelData
-
-import mmdet
 
 MASK_DETECTIONS = 30
 SMALL = dict(stem=16, base=8, fpn=32, fc=64, mask=32, sem=32, classes=3, sem_classes=5)
@@ -46,7 +46,13 @@ def narrow(cfg, s):
 
 
 # predictor layers scaled down so class logits are O(5) and box deltas O(1) (not saturated)
-PREDICTOR_SCALE = {"fc_cls": 1 / 8, "rpn_cls": 1 / 8, "conv_logits": 1 / 8, "fc_reg": 1 / 40, "rpn_reg": 1 / 40}
+PREDICTOR_SCALE = {
+    "fc_cls": 1 / 8,
+    "rpn_cls": 1 / 8,
+    "conv_logits": 1 / 8,
+    "fc_reg": 1 / 40,
+    "rpn_reg": 1 / 40,
+}
 
 
 @torch.no_grad()
@@ -72,7 +78,9 @@ def randomize(model, seed):
 @torch.no_grad()
 def calibrate_bn(model, inputs):
     """BN running statistics from one pass over ``inputs`` (so activations stay O(1))."""
-    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    bns = [
+        m for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    ]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average: the stats of this one batch
@@ -89,7 +97,10 @@ def make_image(height, width, seed):
     yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
     image = torch.stack([yy * 200 / height, xx * 200 / width, (yy + xx) * 100 / (height + width)])
     for _ in range(5):
-        cy, cx = torch.randint(0, height, (1,), generator=g), torch.randint(0, width, (1,), generator=g)
+        cy, cx = (
+            torch.randint(0, height, (1,), generator=g),
+            torch.randint(0, width, (1,), generator=g),
+        )
         r = torch.randint(10, max(12, height // 4), (1,), generator=g)
         color = torch.randint(0, 255, (3, 1), generator=g).float()
         inside = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2

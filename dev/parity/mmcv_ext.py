@@ -6,8 +6,10 @@ import torch
 import torchvision
 
 
-def roi_align_forward(input, rois, output, argmax_y, argmax_x, aligned_height, aligned_width,
-                      spatial_scale, sampling_ratio, pool_mode, aligned):  # fmt: skip
+def roi_align_forward(
+    input, rois, output, argmax_y, argmax_x,
+    aligned_height, aligned_width, spatial_scale, sampling_ratio, pool_mode, aligned,
+):  # fmt: skip
     assert pool_mode == 1, "only pool_mode='avg'"
     out = torchvision.ops.roi_align(
         input, rois, (aligned_height, aligned_width), spatial_scale, sampling_ratio, aligned
@@ -15,8 +17,10 @@ def roi_align_forward(input, rois, output, argmax_y, argmax_x, aligned_height, a
     output.copy_(out)
 
 
-def roi_align_backward(grad_output, rois, argmax_y, argmax_x, grad_input, aligned_height,
-                       aligned_width, spatial_scale, sampling_ratio, pool_mode, aligned):  # fmt: skip
+def roi_align_backward(
+    grad_output, rois, argmax_y, argmax_x, grad_input,
+    aligned_height, aligned_width, spatial_scale, sampling_ratio, pool_mode, aligned,
+):  # fmt: skip
     assert pool_mode == 1, "only pool_mode='avg'"
     n, c, h, w = grad_input.shape
     grad = torch.ops.torchvision._roi_align_backward(

@@ -8,6 +8,7 @@ find its place with the same shape and every model tensor must be given, else no
 """
 
 import argparse
+import pickle
 import re
 import sys
 from collections import OrderedDict
@@ -106,7 +107,14 @@ def rename(key: str) -> Optional[str]:
 
 def load_mmdet_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """The ``state_dict`` of an mmcv checkpoint, loaded with ``weights_only=True``."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ConversionError(
+            f"{path}: refusing to unpickle objects other than tensors and plain containers "
+            f"(weights_only=True): {str(e).splitlines()[0]}. A checkpoint with training state can "
+            "be reduced to its weights with MMDetection's tools/model_converters/publish_model.py"
+        ) from e
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not state:
         raise ConversionError(f"{path}: no state_dict of tensors found")

@@ -1,0 +1,112 @@
+"""Dev only (run in the project's .venv): max abs differences between our HTC and a fixture of
+MMDetection's HTC made by make_fixture.py (small or full R-50).
+
+    .venv/bin/python dev/parity/report.py tests/fixtures/htc_parity_small.pth
+    .venv/bin/python dev/parity/report.py /tmp/htc_parity_r50.pth
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances, pairwise_iou
+
+from htc import SEMANTIC_FEATURE, add_htc_config
+from htc.convert_mmdet import convert
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = [
+    "MODEL.RESNETS.STEM_OUT_CHANNELS", 16, "MODEL.RESNETS.RES2_OUT_CHANNELS", 32,
+    "MODEL.RESNETS.WIDTH_PER_GROUP", 8, "MODEL.FPN.OUT_CHANNELS", 32,
+    "MODEL.ROI_HEADS.NUM_CLASSES", 3, "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
+    "MODEL.ROI_MASK_HEAD.CONV_DIM", 32, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 5,
+    "MODEL.SEM_SEG_HEAD.CONVS_DIM", 32, "MODEL.SEM_SEG_HEAD.EMBED_DIM", 32,
+]  # fmt: skip
+
+
+def build(ref):
+    cfg = get_cfg()
+    add_htc_config(cfg)
+    cfg.merge_from_file(str(ROOT / "configs/htc_R_50_FPN_1x.yaml"))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
+    if ref["config"] == "small":
+        cfg.merge_from_list(SMALL)
+    model = build_model(cfg).eval()
+    model.load_state_dict(convert(ref["state_dict"])[0], strict=True)
+    return model
+
+
+def diff(a, b) -> float:
+    return (a - b).abs().max().item() if a.numel() else 0.0
+
+
+@torch.no_grad()
+def report(path: str) -> None:
+    ref = torch.load(path, map_location="cpu", weights_only=True)
+    model = build(ref)
+    image = ref["image_rgb"]
+    batch = [{"image": image, "height": image.shape[1], "width": image.shape[2]}]
+    images = model.preprocess_image(batch)
+    feats, logits = model._features(images)
+    heads, size = model.roi_heads, images.image_sizes[0]
+    rows = [(f"FPN {k} (max |value| {v.abs().max():.1f})", diff(feats[k], v))
+            for k, v in zip(["p2", "p3", "p4", "p5", "p6"], ref["fpn"])]  # fmt: skip
+    rows.append(("semantic logits", diff(logits, ref["semantic_logits"])))
+    rows.append(("semantic feature", diff(feats[SEMANTIC_FEATURE], ref["semantic_feat"])))
+
+    proposals, _ = model.proposal_generator(images, feats, None)
+    best = pairwise_iou(Boxes(ref["rpn_boxes"]), proposals[0].proposal_boxes).max(dim=1).values
+    rows.append(
+        ("RPN proposals: fraction with an IoU>0.9999 twin", (best > 0.9999).float().mean().item())
+    )
+
+    props = [Instances(size, proposal_boxes=Boxes(ref["stage_rois"][0]))]
+    for stage in range(3):
+        rows.append(
+            (
+                f"stage {stage} input RoIs",
+                diff(props[0].proposal_boxes.tensor, ref["stage_rois"][stage]),
+            )
+        )
+        cls, deltas = heads._run_stage(feats, props, stage)
+        rows.append((f"stage {stage} class logits", diff(cls, ref["stage_cls"][stage])))
+        rows.append((f"stage {stage} box deltas", diff(deltas, ref["stage_deltas"][stage])))
+        props = heads._create_proposals_from_boxes(
+            heads.box_predictor[stage].predict_boxes((cls, deltas), props), [size]
+        )
+
+    det = heads._forward_box(feats, [Instances(size, proposal_boxes=Boxes(ref["rpn_boxes"]))])[0]
+    o, r = det.scores.argsort(descending=True), ref["det_scores"].argsort(descending=True)
+    same = len(det) == len(r) and torch.equal(det.pred_classes[o], ref["det_labels"][r])
+    rows.append(
+        (
+            f"detections ({len(det)} vs {len(r)}, same classes: {same}): scores",
+            diff(det.scores[o], ref["det_scores"][r]),
+        )
+    )
+    rows.append(("detections: boxes", diff(det.pred_boxes.tensor[o], ref["det_boxes"][r])))
+    n = len(ref["stage_mask_logits"][0])
+    ours = heads._run_mask_heads(feats, [Boxes(ref["det_boxes"][:n])], 2, keep_all=True)
+    for stage, (got, want) in enumerate(zip(ours, ref["stage_mask_logits"])):
+        rows.append(
+            (
+                f"stage {stage} mask probabilities ({n} detections)",
+                diff(got.sigmoid(), want.sigmoid()),
+            )
+        )
+    targets = model._semantic_targets([{"sem_seg": ref["semantic_labels"].long()}], images)
+    loss = model.semantic_head.losses(logits, targets)["loss_sem_seg"]
+    rows.append(("semantic loss", diff(loss, ref["loss_semantic_seg"])))
+
+    print(f"| {Path(path).name} ({ref['config']}, image {tuple(image.shape[1:])}) | max abs diff |")
+    print("|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value:.3g} |")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("fixture")
+    report(parser.parse_args().fixture)

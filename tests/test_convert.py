@@ -1,0 +1,114 @@
+"""htc.convert_mmdet: every official HTC checkpoint layout maps onto our configs exactly, and
+bad input is refused with a clear message."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from conftest import CONFIGS, ROOT
+from htc.convert_mmdet import check_against_model, convert, main
+
+KEYS = json.loads((ROOT / "tests/fixtures/mmdet_htc_keys.json").read_text())
+PAIRS = {
+    "htc_r50_fpn_1x_coco": "htc_R_50_FPN_1x.yaml",
+    "htc-without-semantic_r50_fpn_1x_coco": "htc_without_semantic_R_50_FPN_1x.yaml",
+    "htc_r101_fpn_20e_coco": "htc_R_101_FPN_20e.yaml",
+    "htc_x101-32x4d_fpn_16xb1-20e_coco": "htc_X_101_32x4d_FPN_20e.yaml",
+    "htc_x101-64x4d-dconv-c3-c5_fpn_ms-400-1400-16xb1-20e_coco": (
+        "htc_X_101_64x4d_dconv_c3-c5_FPN_ms_400-1400_20e.yaml"
+    ),
+}
+
+
+def state_of(name):
+    return {k: torch.zeros(shape) for k, shape in KEYS[name].items()}
+
+
+@pytest.mark.parametrize("mmdet_name", sorted(PAIRS))
+def test_reference_layouts_fit_our_configs(mmdet_name):
+    converted, rows = convert(state_of(mmdet_name))
+    dropped = [k for k in KEYS[mmdet_name] if k.endswith("num_batches_tracked")]
+    assert len(rows) == len(KEYS[mmdet_name]) - len(dropped)
+    check_against_model(converted, str(CONFIGS / PAIRS[mmdet_name]))
+
+
+def test_r50_reference_has_426_entries():
+    assert len(KEYS["htc_r50_fpn_1x_coco"]) == 426
+
+
+def _save(tmp_path, state, name="in.pth", wrap=True):
+    path = tmp_path / name
+    torch.save({"meta": {"mmdet_version": "2.0", "CLASSES": ("a", "b")}, "state_dict": state}
+               if wrap else state, path)  # fmt: skip
+    return path
+
+
+def test_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
+    src = _save(tmp_path, state_of("htc-without-semantic_r50_fpn_1x_coco"))
+    out = tmp_path / "out.pth"
+    config = str(CONFIGS / "htc_without_semantic_R_50_FPN_1x.yaml")
+    assert main([str(src), str(out), "--config", config]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(
+        r"neck\.lateral_convs\.0\.conv\.weight +->  backbone\.fpn_lateral2\.weight", printed
+    )
+    assert "roi_head.mask_head.2.conv_res.conv.weight" in printed and "tensors mapped" in printed
+    checkpoint = torch.load(out, weights_only=True)
+    assert "roi_heads.mask_head.2.res_conv.weight" in checkpoint["model"]
+
+
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        ({"bbox_head.0.fc_cls.weight": torch.zeros(81, 4)}, "1.x"),
+        ({"roi_head.bbox_head.0.fc_cls.weight": torch.zeros(81, 4), "foo.bar": torch.zeros(1)},
+         "no Detectron2 name.*foo.bar"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_bad_checkpoints(tmp_path, capsys, state, message):
+    out = tmp_path / "out.pth"
+    assert main([str(_save(tmp_path, state)), str(out)]) == 1
+    assert re.search(message, capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_cli_refuses_shape_mismatch_and_missing(tmp_path, capsys):
+    state = state_of("htc_r50_fpn_1x_coco")
+    state["roi_head.bbox_head.0.fc_cls.weight"] = torch.zeros(11, 1024)  # 10 classes
+    del state["roi_head.semantic_head.conv_logits.bias"]
+    out = tmp_path / "out.pth"
+    assert (
+        main(
+            [
+                str(_save(tmp_path, state)),
+                str(out),
+                "--config",
+                str(CONFIGS / "htc_R_50_FPN_1x.yaml"),
+            ]
+        )
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert "box_predictor.0.cls_score.weight: (11, 1024) vs model (81, 1024)" in err
+    assert "missing for the model: ['semantic_head.conv_logits.bias']" in err
+    assert not out.exists()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_cli_loads_safely(tmp_path, capsys):
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"a": torch.zeros(1)}, "meta": _Evil()}, path)
+    assert main([str(path), str(tmp_path / "out.pth")]) == 1
+    captured = capsys.readouterr()
+    assert "weights_only" in captured.err and "unpickled!" not in captured.out
+
+
+def test_cli_missing_input(tmp_path, capsys):
+    assert main([str(tmp_path / "nope.pth"), str(tmp_path / "out.pth")]) == 1
+    assert "nope.pth" in capsys.readouterr().err
