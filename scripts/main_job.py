@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args()
     config = Path(args.config_file)
-    output = Path(args.output or load_predictor_cfg(str(config)).OUTPUT_DIR)
+    output = Path(args.output or load_predictor_cfg(str(config)).OUTPUT_DIR).resolve()
     start = time.time()
 
     ensure_demo_data()

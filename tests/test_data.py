@@ -9,7 +9,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from PIL import Image
 
-from conftest import tiny_cfg
+from conftest import CONFIGS, tiny_cfg
 from htc import HTCDatasetMapper, register_htc_instances
 from htc.data import load_htc_json
 from htc.demo_data import SEMANTIC_CLASSES, THING_CLASSES, generate_split, make_scene
@@ -147,3 +147,12 @@ def test_demo_json_is_coco(tiny_dataset):
     data = json.loads((tiny_dataset / "train.json").read_text())
     assert {c["name"] for c in data["categories"]} == set(THING_CLASSES)
     assert all(a["area"] > 0 and a["iscrowd"] == 0 for a in data["annotations"])
+
+
+def test_multiscale_config_draws_short_side_in_400_1400_long_side_1600():
+    cfg = tiny_cfg()
+    cfg.merge_from_file(str(CONFIGS / "htc_X_101_64x4d_dconv_c3-c5_FPN_ms_400-1400_20e.yaml"))
+    mapper = HTCDatasetMapper(cfg, is_train=True)
+    (resize,) = [a for a in mapper.augmentations.augs if isinstance(a, T.ResizeShortestEdge)]
+    assert resize.is_range and tuple(resize.short_edge_length) == (400, 1400)
+    assert resize.max_size == 1600
