@@ -44,23 +44,25 @@ def test_demo_scene_labels_agree_with_instances():
         assert obj["category_id"] < len(THING_CLASSES)
 
 
-def _mapper(cfg, flip: bool, size: int):
+def _mapper(flip: bool, size: int):
+    """The mapper of the demo's 6 semantic classes with a fixed resize and flip."""
+    cfg = tiny_cfg()
+    cfg.INPUT.MASK_FORMAT = "bitmask"
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 6
     augs = [T.ResizeShortestEdge(size, size), T.RandomFlip(prob=1.0 if flip else 0.0)]
     return HTCDatasetMapper(cfg, is_train=True, augmentations=augs)
 
 
+def _records(root):
+    return load_htc_json(
+        str(root / "train.json"), str(root / "train"), "t", str(root / "train_sem")
+    )
+
+
 @pytest.mark.parametrize("flip, size", [(False, 256), (True, 256), (True, 160), (False, 400)])
 def test_mapper_keeps_image_masks_and_semantic_aligned(tiny_dataset, flip, size):
-    cfg = tiny_cfg()
-    cfg.INPUT.MASK_FORMAT = "bitmask"
-    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 6
-    records = load_htc_json(
-        str(tiny_dataset / "train.json"),
-        str(tiny_dataset / "train"),
-        "t",
-        str(tiny_dataset / "train_sem"),
-    )
-    out = _mapper(cfg, flip, size)(records[0])
+    records = _records(tiny_dataset)
+    out = _mapper(flip, size)(records[0])
     image, sem, inst = out["image"], out["sem_seg"], out["instances"]
     assert image.shape[-2:] == sem.shape == (size, size)
     original = np.asarray(Image.open(records[0]["sem_seg_file_name"]))
@@ -80,16 +82,8 @@ def test_mapper_keeps_image_masks_and_semantic_aligned(tiny_dataset, flip, size)
 
 
 def test_mapper_rejects_bad_semantic_maps(tiny_dataset, tmp_path):
-    cfg = tiny_cfg()
-    cfg.INPUT.MASK_FORMAT = "bitmask"
-    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 6
-    records = load_htc_json(
-        str(tiny_dataset / "train.json"),
-        str(tiny_dataset / "train"),
-        "t",
-        str(tiny_dataset / "train_sem"),
-    )
-    mapper = _mapper(cfg, False, 256)
+    records = _records(tiny_dataset)
+    mapper = _mapper(False, 256)
     bad_size = tmp_path / "small.png"
     Image.fromarray(np.zeros((100, 120), np.uint8)).save(bad_size)
     with pytest.raises(ValueError, match="small.png"):

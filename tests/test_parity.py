@@ -8,7 +8,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 
-from conftest import CONFIGS, ROOT, load_cfg
+from conftest import ROOT, load_cfg
 from htc import SEMANTIC_FEATURE
 from htc.convert_mmdet import convert
 
@@ -23,16 +23,7 @@ def ref():
 
 @pytest.fixture(scope="module")
 def model(ref):
-    cfg = load_cfg(CONFIGS / "htc_R_50_FPN_1x.yaml")
-    cfg.merge_from_list(
-        [
-            "MODEL.RESNETS.STEM_OUT_CHANNELS", 16, "MODEL.RESNETS.RES2_OUT_CHANNELS", 32,
-            "MODEL.RESNETS.WIDTH_PER_GROUP", 8, "MODEL.FPN.OUT_CHANNELS", 32,
-            "MODEL.ROI_HEADS.NUM_CLASSES", 3, "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
-            "MODEL.ROI_MASK_HEAD.CONV_DIM", 32, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 5,
-            "MODEL.SEM_SEG_HEAD.CONVS_DIM", 32, "MODEL.SEM_SEG_HEAD.EMBED_DIM", 32,
-        ]
-    )  # fmt: skip
+    cfg = load_cfg(ROOT / "tests/fixtures/htc_parity_small.yaml")
     model = build_model(cfg).eval()
     converted, _ = convert(ref["state_dict"])
     incompatible = model.load_state_dict(converted, strict=True)

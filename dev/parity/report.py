@@ -17,22 +17,17 @@ from htc import SEMANTIC_FEATURE, add_htc_config
 from htc.convert_mmdet import convert
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = [
-    "MODEL.RESNETS.STEM_OUT_CHANNELS", 16, "MODEL.RESNETS.RES2_OUT_CHANNELS", 32,
-    "MODEL.RESNETS.WIDTH_PER_GROUP", 8, "MODEL.FPN.OUT_CHANNELS", 32,
-    "MODEL.ROI_HEADS.NUM_CLASSES", 3, "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
-    "MODEL.ROI_MASK_HEAD.CONV_DIM", 32, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 5,
-    "MODEL.SEM_SEG_HEAD.CONVS_DIM", 32, "MODEL.SEM_SEG_HEAD.EMBED_DIM", 32,
-]  # fmt: skip
+CONFIGS = {
+    "small": ROOT / "tests/fixtures/htc_parity_small.yaml",
+    "r50": ROOT / "configs/htc_R_50_FPN_1x.yaml",
+}
 
 
 def build(ref):
     cfg = get_cfg()
     add_htc_config(cfg)
-    cfg.merge_from_file(str(ROOT / "configs/htc_R_50_FPN_1x.yaml"))
+    cfg.merge_from_file(str(CONFIGS[ref["config"]]))
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
-    if ref["config"] == "small":
-        cfg.merge_from_list(SMALL)
     model = build_model(cfg).eval()
     model.load_state_dict(convert(ref["state_dict"])[0], strict=True)
     return model
