@@ -49,6 +49,8 @@ class Trainer(DefaultTrainer):
         ]
         meta = MetadataCatalog.get(dataset_name)
         if cfg.MODEL.HTC.SEMANTIC_ON and meta.get("sem_seg_root"):
+            if not meta.get("stuff_classes"):  # SemSegEvaluator reads the class names
+                meta.stuff_classes = [str(i) for i in range(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)]
             evaluators.append(SemSegEvaluator(dataset_name, output_dir=output_folder))
         return DatasetEvaluators(evaluators)
 

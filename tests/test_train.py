@@ -85,3 +85,29 @@ def test_train_eval_only_and_resume(workspace, tmp_path):
     )
     assert "Starting training from iteration 4" in log
     assert max(_iterations(output)) == 5
+
+
+def test_custom_dataset_entry_script_of_the_readme(workspace, tmp_path):
+    """The README's my_train.py pattern: register a COCO-format dataset, then train_net."""
+    demo = workspace / "htc_demo"
+    script = tmp_path / "my_train.py"
+    script.write_text(
+        "import train_net\n"
+        "from htc import register_htc_instances\n\n"
+        f"register_htc_instances('mine_train', '{demo}/train.json', '{demo}/train', "
+        f"sem_seg_root='{demo}/train_sem')\n"
+        f"register_htc_instances('mine_val', '{demo}/val.json', '{demo}/val', "
+        f"sem_seg_root='{demo}/val_sem')\n\n"
+        "if __name__ == '__main__':\n"
+        "    train_net.invoke_main()\n"
+    )
+    cmd = [
+        sys.executable, str(script), "--config-file", str(CONFIG), *SMALL,
+        "DATASETS.TRAIN", "('mine_train',)", "DATASETS.TEST", "('mine_val',)",
+        "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(tmp_path / "out"),
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "Loaded 6 images in COCO format" in log and "copypaste: Task: segm" in log
