@@ -113,6 +113,9 @@ def test_derived_semantic_labels(tiny_dataset):
         assert (sem[mask] == cls).all()
         painted |= mask
     assert (sem[~painted] == 3).all()
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 6
+    with pytest.raises(ValueError, match="NUM_CLASSES to 4"):
+        HTCDatasetMapper(cfg, is_train=True, augmentations=[])
 
 
 def test_missing_files_are_named(tmp_path, tiny_dataset):

@@ -136,6 +136,12 @@ class HTCDatasetMapper(DatasetMapper):
         if len(derive) > 1:
             raise ValueError(f"datasets {names} mix derived and file semantic labels")
         ret["derive_semantic"] = derive.pop() if derive else False
+        things, semantic = cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        if ret["derive_semantic"] and semantic != things + 1:
+            raise ValueError(
+                f"derived semantic labels are the {things} thing classes + background: set "
+                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES to {things + 1} (it is {semantic})"
+            )
         if cfg.MODEL.HTC.SEMANTIC_ON:
             ret["num_semantic_classes"] = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
         return ret
@@ -163,7 +169,8 @@ class HTCDatasetMapper(DatasetMapper):
             )
 
     def _derived_semantic(self, out: dict) -> torch.Tensor:
-        """(H, W) labels: the class of the topmost instance mask, else background (= K)."""
+        """(H, W) labels: the class of the last instance (annotation order) covering a pixel,
+        else background (= K, the last semantic class)."""
         height, width = out["image"].shape[-2:]
         sem = torch.full((height, width), self.num_semantic_classes - 1, dtype=torch.long)
         instances = out.get("instances")
