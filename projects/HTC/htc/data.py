@@ -24,7 +24,7 @@ _EXIF_ORIENTATION = 0x0112
 COCO_STUFF_CLASSES = 183  # stuffthingmaps labels 0..181 (+1 of head-room), 255 = unlabeled
 
 
-def _datasets_root() -> Path:
+def datasets_root() -> Path:
     return Path(os.environ.get("DETECTRON2_DATASETS", "datasets"))
 
 
@@ -93,7 +93,7 @@ def register_coco_htc(root: Optional[Path] = None) -> None:
     """``coco_2017_{train,val}_htc``: COCO 2017 + COCO-Stuff stuffthingmaps (the reference's
     layout: coco/{train2017,val2017}, coco/annotations/instances_*2017.json,
     coco/stuffthingmaps/{train2017,val2017})."""
-    coco = (root or _datasets_root()) / "coco"
+    coco = (root or datasets_root()) / "coco"
     for split in ("train", "val"):
         register_htc_instances(
             f"coco_2017_{split}_htc",

@@ -16,7 +16,7 @@ import pycocotools.mask as mask_util
 from PIL import Image
 from tqdm import tqdm
 
-from .data import _datasets_root, load_htc_json, register_with_loader
+from .data import datasets_root, load_htc_json, register_with_loader
 
 THING_CLASSES = ["disc", "square", "triangle"]
 STUFF_CLASSES = ["sky", "grass", "water"]
@@ -80,7 +80,7 @@ def make_scene(
     occupied = np.zeros((size, size), dtype=bool)
     for _ in range(rng.integers(2, 6)):
         cls = int(rng.integers(0, len(THING_CLASSES)))
-        for _ in range(10):  # mild occlusion: at most a quarter of the new object overlaps
+        for _ in range(10):  # mild occlusion: up to 10 draws for one overlapping <= 1/4
             mask = _shape_mask(rng, cls, size)
             if (mask & occupied).sum() <= 0.25 * mask.sum():
                 break
@@ -132,7 +132,7 @@ def generate_split(root: Path, split: str, num_images: int, seed: int) -> None:
 
 
 def demo_root() -> Path:
-    return _datasets_root() / "htc_demo"
+    return datasets_root() / "htc_demo"
 
 
 def ensure_demo_data(root: Path = None) -> Path:
