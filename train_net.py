@@ -19,6 +19,7 @@ from detectron2.engine import DefaultTrainer, default_argument_parser, default_s
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator
 
 from htc import HTCDatasetMapper, add_htc_config
+from htc.checkpoint import make_atomic
 
 
 def _fast_coco_eval_available() -> bool:
@@ -29,6 +30,10 @@ def _fast_coco_eval_available() -> bool:
 
 
 class Trainer(DefaultTrainer):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        make_atomic(self.checkpointer)  # a kill during a save keeps the previous checkpoint
+
     @classmethod
     def build_train_loader(cls, cfg):
         return build_detection_train_loader(cfg, mapper=HTCDatasetMapper(cfg, is_train=True))

@@ -1,5 +1,9 @@
 """Shared helpers: a tiny HTC (same architecture, small widths) and synthetic batches."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +12,7 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.structures import BitMasks, Boxes, Instances
 
 from htc import add_htc_config
+from htc.demo_data import VERSION, generate_split
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -89,3 +94,44 @@ def make_batch(num_images: int = 2, size: int = 96, with_gt: bool = True, seed: 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# --- train_net.py runs on a small copy of the demo dataset ---------------------------------------
+
+DEMO_CONFIG = CONFIGS / "demo/htc_R_18_FPN_demo.yaml"
+SMALL = [
+    "MODEL.DEVICE", "cpu", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.CHECKPOINT_PERIOD", "2",
+    "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0",
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",  # an untrained model still predicts something
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory):
+    """A demo dataset of 6 train / 3 val images under its own DETECTRON2_DATASETS."""
+    datasets = tmp_path_factory.mktemp("datasets")
+    root = datasets / "htc_demo"
+    generate_split(root, "train", 6, seed=0)
+    generate_split(root, "val", 3, seed=1)
+    (root / "VERSION").write_text(VERSION)
+    return datasets
+
+
+def train_net_command(*args) -> list:
+    return [sys.executable, str(ROOT / "train_net.py"), "--config-file", str(DEMO_CONFIG), *args]
+
+
+def run_train_net(workspace, *args) -> str:
+    env = dict(os.environ, DETECTRON2_DATASETS=str(workspace))
+    result = subprocess.run(
+        train_net_command(*args), capture_output=True, text=True, env=env, timeout=900
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def training_iterations(output) -> list:
+    """Iterations of the training entries of ``output``/metrics.json."""
+    with open(output / "metrics.json") as f:
+        entries = [json.loads(line) for line in f if line.strip()]
+    return [e["iteration"] for e in entries if "total_loss" in e]

@@ -1,48 +1,13 @@
 """train_net.py end to end on a small copy of the demo dataset: train, --eval-only, --resume."""
 
-import json
 import os
 import subprocess
 import sys
 
-import pytest
 from PIL import Image
 
-from conftest import ROOT
-from htc.demo_data import VERSION, generate_split
-
-CONFIG = ROOT / "configs/demo/htc_R_18_FPN_demo.yaml"
-SMALL = [
-    "MODEL.DEVICE", "cpu", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.CHECKPOINT_PERIOD", "2",
-    "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0",
-    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",  # an untrained model still predicts something
-]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A demo dataset of 6 train / 3 val images under its own DETECTRON2_DATASETS."""
-    datasets = tmp_path_factory.mktemp("datasets")
-    root = datasets / "htc_demo"
-    generate_split(root, "train", 6, seed=0)
-    generate_split(root, "val", 3, seed=1)
-    (root / "VERSION").write_text(VERSION)
-    return datasets
-
-
-def run_train_net(workspace, *args):
-    env = dict(os.environ, DETECTRON2_DATASETS=str(workspace))
-    cmd = [sys.executable, str(ROOT / "train_net.py"), "--config-file", str(CONFIG), *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
-
-
-def _iterations(output):
-    """Iterations of the training entries of metrics.json."""
-    with open(output / "metrics.json") as f:
-        entries = [json.loads(line) for line in f if line.strip()]
-    return [e["iteration"] for e in entries if "total_loss" in e]
+from conftest import DEMO_CONFIG as CONFIG
+from conftest import ROOT, SMALL, run_train_net, training_iterations
 
 
 def test_train_eval_only_and_resume(workspace, tmp_path):
@@ -53,7 +18,7 @@ def test_train_eval_only_and_resume(workspace, tmp_path):
     assert list(output.glob("events.out.tfevents.*"))
     for task in ["bbox", "segm", "sem_seg"]:
         assert f"copypaste: Task: {task}" in log
-    assert max(_iterations(output)) == 3
+    assert max(training_iterations(output)) == 3
 
     log = run_train_net(
         workspace, "--eval-only", *SMALL, "MODEL.WEIGHTS", str(output / "model_final.pth"),
@@ -84,7 +49,7 @@ def test_train_eval_only_and_resume(workspace, tmp_path):
         workspace, "--resume", *SMALL, "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", str(output)
     )
     assert "Starting training from iteration 4" in log
-    assert max(_iterations(output)) == 5
+    assert max(training_iterations(output)) == 5
 
 
 def test_custom_dataset_entry_script_of_the_readme(workspace, tmp_path):
