@@ -20,6 +20,7 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvalua
 
 from htc import HTCDatasetMapper, add_htc_config
 from htc.checkpoint import make_atomic
+from htc.data import check_dataset
 
 
 def _fast_coco_eval_available() -> bool:
@@ -36,12 +37,17 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=HTCDatasetMapper(cfg, is_train=True))
+        loader = build_detection_train_loader(cfg, mapper=HTCDatasetMapper(cfg, is_train=True))
+        for name in cfg.DATASETS.TRAIN:
+            check_dataset(cfg, name, is_train=True)
+        return loader
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         mapper = HTCDatasetMapper(cfg, is_train=False, dataset_names=[dataset_name])
-        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+        loader = build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+        check_dataset(cfg, dataset_name, is_train=False)
+        return loader
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import CONFIGS, tiny_cfg
 from htc import HTCDatasetMapper, register_htc_instances
-from htc.data import load_htc_json
+from htc.data import check_dataset, load_htc_json
 from htc.demo_data import SEMANTIC_CLASSES, THING_CLASSES, generate_split, make_scene
 
 
@@ -153,3 +153,15 @@ def test_multiscale_config_draws_short_side_in_400_1400_long_side_1600():
     (resize,) = [a for a in mapper.augmentations.augs if isinstance(a, T.ResizeShortestEdge)]
     assert resize.is_range and tuple(resize.short_edge_length) == (400, 1400)
     assert resize.max_size == 1600
+
+
+def test_semantic_branch_without_semantic_labels_is_refused(tiny_dataset):
+    register_htc_instances(
+        "test_no_sem", str(tiny_dataset / "train.json"), str(tiny_dataset / "train")
+    )
+    cfg = tiny_cfg()
+    with pytest.raises(ValueError, match="'test_no_sem' has none.*SEMANTIC_ON False"):
+        check_dataset(cfg, "test_no_sem", is_train=True)
+    check_dataset(cfg, "test_no_sem", is_train=False)  # inference needs no labels
+    cfg.MODEL.HTC.SEMANTIC_ON = False
+    check_dataset(cfg, "test_no_sem", is_train=True)

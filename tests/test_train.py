@@ -7,7 +7,7 @@ import sys
 from PIL import Image
 
 from conftest import DEMO_CONFIG as CONFIG
-from conftest import ROOT, SMALL, run_train_net, training_iterations
+from conftest import ROOT, SMALL, run_train_net, train_net_command, training_iterations
 
 
 def test_train_eval_only_and_resume(workspace, tmp_path):
@@ -76,3 +76,21 @@ def test_custom_dataset_entry_script_of_the_readme(workspace, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
     assert "Loaded 6 images in COCO format" in log and "copypaste: Task: segm" in log
+
+
+def test_num_classes_that_do_not_fit_the_dataset_are_refused(workspace, tmp_path):
+    env = dict(os.environ, DETECTRON2_DATASETS=str(workspace))
+    cmd = train_net_command(
+        *SMALL,
+        "MODEL.ROI_HEADS.NUM_CLASSES",
+        "5",
+        "SOLVER.MAX_ITER",
+        "1",
+        "OUTPUT_DIR",
+        str(tmp_path),
+    )
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode != 0
+    assert (
+        "'htc_demo_train' has 3 thing classes but MODEL.ROI_HEADS.NUM_CLASSES is 5" in result.stderr
+    )

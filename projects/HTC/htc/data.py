@@ -104,6 +104,25 @@ def register_coco_htc(root: Optional[Path] = None) -> None:
         )
 
 
+def check_dataset(cfg, name: str, is_train: bool) -> None:
+    """Refuse a config that does not fit dataset ``name`` (call after the dataset was loaded,
+    which sets its ``thing_classes``): class count, and semantic labels for training."""
+    meta = MetadataCatalog.get(name)
+    things = meta.get("thing_classes")
+    if things is not None and len(things) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+        raise ValueError(
+            f"dataset {name!r} has {len(things)} thing classes but MODEL.ROI_HEADS.NUM_CLASSES "
+            f"is {cfg.MODEL.ROI_HEADS.NUM_CLASSES}"
+        )
+    has_labels = meta.get("sem_seg_root") or meta.get("derive_semantic")
+    if is_train and cfg.MODEL.HTC.SEMANTIC_ON and not has_labels:
+        raise ValueError(
+            f"MODEL.HTC.SEMANTIC_ON trains on semantic labels, and dataset {name!r} has none: "
+            "register it with sem_seg_root or derive_semantic=True (htc.register_htc_instances), "
+            "or set MODEL.HTC.SEMANTIC_ON False and MODEL.HTC.SEMANTIC_FUSION []"
+        )
+
+
 class HTCDatasetMapper(DatasetMapper):
     """:class:`DatasetMapper` for HTC. The parent loads ``sem_seg`` and applies the image's
     geometric transforms to it; this mapper also checks it against the image (same size, labels
