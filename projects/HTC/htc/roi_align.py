@@ -94,15 +94,13 @@ def interpolation_matrix(
         cols.append(col.expand(shape).reshape(-1))
         vals.append(val.expand(shape).reshape(-1))
     size = (num * height * width, rois.shape[0] * pooled_h * pooled_w)
-    if not rows:
-        return torch.sparse_coo_tensor(
-            torch.zeros(2, 0, dtype=torch.long, device=rois.device),
-            rois.new_zeros(0),
-            size,
-        )
-    return torch.sparse_coo_tensor(
-        torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals), size
-    )
+    if rows:
+        indices, values = torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals)
+    else:
+        indices = torch.zeros(2, 0, dtype=torch.long, device=rois.device)
+        values = rois.new_zeros(0)
+    # indices are in range by construction (clamped taps, RoI-major columns)
+    return torch.sparse_coo_tensor(indices, values, size, check_invariants=False)
 
 
 class _ROIAlignSparseGrad(torch.autograd.Function):
