@@ -71,7 +71,9 @@ def test_custom_dataset_entry_script_of_the_readme(workspace, tmp_path):
         "DATASETS.TRAIN", "('mine_train',)", "DATASETS.TEST", "('mine_val',)",
         "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(tmp_path / "out"),
     ]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
