@@ -5,7 +5,7 @@ weights, converted with htc.convert_mmdet and run here on the same image."""
 import pytest
 import torch
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances, pairwise_iou
+from detectron2.structures import BitMasks, Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 
 from conftest import ROOT, load_cfg
@@ -150,3 +150,37 @@ def test_full_pipeline_matches_as_sets(model, ref, features):
     same_class = det.pred_classes[:, None] == ref["det_labels"][None]
     matched = ((iou > 0.999) & same_class).any(dim=1).float().mean()
     assert matched > 0.95
+
+
+def test_training_losses_with_every_roi_sampled(model, ref, features):
+    """One training step of the ROI heads on the reference's fixed proposals and GT, with every
+    RoI used (PseudoSampler there, no subsampling here): the sampling randomness is the only
+    part of the training losses this does not cover."""
+    images, feats, _, _ = features
+    heads, size = model.roi_heads, images.image_sizes[0]
+    target = Instances(
+        size,
+        gt_boxes=Boxes(ref["train_gt_boxes"]),
+        gt_classes=ref["train_gt_labels"],
+        gt_masks=BitMasks(ref["train_gt_masks"]),
+    )
+    proposals = [Instances(size, proposal_boxes=Boxes(ref["train_proposals"]))]
+    saved = heads.batch_size_per_image, heads.positive_fraction, heads.proposal_append_gt
+    heads.batch_size_per_image, heads.positive_fraction, heads.proposal_append_gt = (
+        10**6,
+        1.0,
+        False,
+    )
+    heads.train()
+    try:
+        with EventStorage():
+            _, losses = heads(images, feats, proposals, [target])
+    finally:
+        heads.batch_size_per_image, heads.positive_fraction, heads.proposal_append_gt = saved
+        heads.eval()
+    names = {"loss_cls": "loss_cls", "loss_bbox": "loss_box_reg", "loss_mask": "loss_mask"}
+    for stage in range(3):
+        for theirs, ours in names.items():
+            want = ref["train_losses"][f"s{stage}.{theirs}"].reshape(())
+            assert want > 0  # every stage has positives
+            torch.testing.assert_close(losses[f"{ours}_stage{stage}"], want, rtol=1e-4, atol=1e-6)

@@ -109,6 +109,43 @@ def make_image(height, width, seed):
     return image.clamp(0, 255).to(torch.uint8)
 
 
+def random_instances(height, width, num, seed):
+    """``num`` GT boxes with rectangular-ish masks (ellipses) and labels 0..2."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(num, 2, generator=g) * torch.tensor([width * 0.7, height * 0.7])
+    wh = torch.rand(num, 2, generator=g) * torch.tensor([width * 0.3, height * 0.3]) + 12
+    boxes = torch.cat([xy, xy + wh], dim=1).round()
+    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    masks = []
+    for x0, y0, x1, y1 in boxes.tolist():
+        cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+        masks.append(((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1)
+    labels = torch.randint(0, 3, (num,), generator=g)
+    return boxes, labels, torch.stack(masks)
+
+
+def training_step(model, x, samples, args, proposals):
+    """The ROI heads' losses on fixed proposals (250 RPN boxes + 10 jittered copies of each GT
+    box, so that every stage has positives), every RoI sampled (PseudoSampler)."""
+    from mmdet.structures.mask import BitmapMasks
+    from mmengine.structures import InstanceData
+
+    boxes, labels, masks = random_instances(args.height, args.width, 5, seed=3)
+    gt = InstanceData(bboxes=boxes, labels=labels)
+    gt.masks = BitmapMasks(masks.numpy().astype("uint8"), args.height, args.width)
+    samples[0].gt_instances = gt
+    g = torch.Generator().manual_seed(4)
+    near = boxes.repeat_interleave(10, dim=0)
+    size = (near[:, 2:] - near[:, :2]).repeat(1, 2)
+    near = near + torch.randn(near.shape, generator=g) * 0.03 * size
+    fixed = torch.cat([proposals[:250], near]).clone()
+    rpn = InstanceData(bboxes=fixed.clone(), scores=torch.ones(len(fixed)))
+    losses = model.roi_head.loss(x, [rpn], samples)
+    losses = {k: v for k, v in losses.items() if "loss" in k}
+    return {"train_gt_boxes": boxes, "train_gt_labels": labels, "train_gt_masks": masks,
+            "train_proposals": fixed, "train_losses": losses}  # fmt: skip
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", choices=["small", "r50"], default="small")
@@ -120,6 +157,9 @@ def main():
     register_all_modules()
     cfg = Config.fromfile(f"{mmdet.__path__[0]}/.mim/configs/htc/htc_r50_fpn_1x_coco.py")
     cfg.model.backbone.init_cfg = None
+    for rcnn in cfg.model.train_cfg.rcnn:  # deterministic training step: every RoI is used
+        rcnn.sampler = dict(type="PseudoSampler")
+        rcnn.assigner.match_low_quality = False
     if args.size == "small":
         narrow(cfg, SMALL)
     model = MODELS.build(cfg.model)
@@ -186,6 +226,7 @@ def main():
         assert padded.shape[-2:] == inputs.shape[-2:]  # padded with 255 to the batch shape
         out["semantic_labels"] = labels.to(torch.uint8)
         out["loss_semantic_seg"] = roi_head.semantic_head.loss(sem_logits, padded)
+        out.update(training_step(model, x, train_data["data_samples"], args, out["rpn_boxes"]))
     torch.save(out, args.out)
     print(f"saved {args.out}: {len(out['det_boxes'])} detections, mmdet {mmdet.__version__}")
 

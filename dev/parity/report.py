@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances, pairwise_iou
+from detectron2.structures import BitMasks, Boxes, Instances, pairwise_iou
+from detectron2.utils.events import EventStorage
 
 from htc import SEMANTIC_FEATURE, add_htc_config
 from htc.convert_mmdet import convert
@@ -35,6 +36,31 @@ def build(ref):
 
 def diff(a, b) -> float:
     return (a - b).abs().max().item() if a.numel() else 0.0
+
+
+def training_losses(model, ref, images, feats):
+    """ROI-head losses of one step on the fixture's proposals, every RoI sampled (as its
+    PseudoSampler)."""
+    heads, size = model.roi_heads, images.image_sizes[0]
+    target = Instances(size, gt_boxes=Boxes(ref["train_gt_boxes"]))
+    target.gt_classes, target.gt_masks = ref["train_gt_labels"], BitMasks(ref["train_gt_masks"])
+    heads.batch_size_per_image, heads.positive_fraction, heads.proposal_append_gt = (
+        10**6,
+        1.0,
+        False,
+    )
+    heads.train()
+    with EventStorage():
+        _, losses = heads(
+            images, feats, [Instances(size, proposal_boxes=Boxes(ref["train_proposals"]))], [target]
+        )
+    heads.eval()
+    names = {"loss_cls": "loss_cls", "loss_bbox": "loss_box_reg", "loss_mask": "loss_mask"}
+    return [
+        (f"training: stage {t} {ours} ({ref['train_losses'][f's{t}.{theirs}'].item():.4f})",
+         diff(losses[f"{ours}_stage{t}"], ref["train_losses"][f"s{t}.{theirs}"].reshape(())))
+        for t in range(3) for theirs, ours in names.items()
+    ]  # fmt: skip
 
 
 @torch.no_grad()
@@ -94,6 +120,8 @@ def report(path: str) -> None:
     targets = model._semantic_targets([{"sem_seg": ref["semantic_labels"].long()}], images)
     loss = model.semantic_head.losses(logits, targets)["loss_sem_seg"]
     rows.append(("semantic loss", diff(loss, ref["loss_semantic_seg"])))
+
+    rows += training_losses(model, ref, images, feats)
 
     print(f"| {Path(path).name} ({ref['config']}, image {tuple(image.shape[1:])}) | max abs diff |")
     print("|---|---|")
