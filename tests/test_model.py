@@ -210,6 +210,7 @@ def test_mask_merge_last_uses_only_last_stage():
         (["MODEL.HTC.SEMANTIC_ON", False], "SEMANTIC_FUSION"),
         (["MODEL.HTC.SEMANTIC_FUSION", ["box"]], "unknown"),
         (["MODEL.HTC.MASK_MERGE", "max"], "MASK_MERGE"),
+        (["MODEL.HTC.TEST_NMS", "soft"], "TEST_NMS"),
         (["MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead"], "HTCMaskHead"),
         (["MODEL.SEM_SEG_HEAD.COMMON_STRIDE", 6], "COMMON_STRIDE"),
         (["MODEL.SEM_SEG_HEAD.EMBED_DIM", 16], "EMBED_DIM"),

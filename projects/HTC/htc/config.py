@@ -20,6 +20,10 @@ def add_htc_config(cfg: CN) -> None:
     cfg.MODEL.HTC.STAGE_LOSS_WEIGHTS = [1.0, 0.5, 0.25]
     # Test-time masks: "mean" of all stages' sigmoid masks (reference 2.x), or "last" stage only.
     cfg.MODEL.HTC.MASK_MERGE = "mean"
+    # Final detections: class-wise "nms", or Soft-NMS "soft_linear" / "soft_gaussian" (IoU
+    # threshold ROI_HEADS.NMS_THRESH_TEST, minimum score ROI_HEADS.SCORE_THRESH_TEST).
+    cfg.MODEL.HTC.TEST_NMS = "nms"
+    cfg.MODEL.HTC.SOFT_NMS_SIGMA = 0.5
 
     cfg.MODEL.SEM_SEG_HEAD.NUM_CONVS = 4
     cfg.MODEL.SEM_SEG_HEAD.EMBED_DIM = 256

@@ -15,11 +15,13 @@ from torch.nn import functional as F
 
 from .mask_head import HTCMaskHead
 from .roi_align import use_sparse_grad
+from .soft_nms import soft_nms_inference
 
 # Key of the semantic feature (N, C, H/s, W/s) in the feature dict handed to the ROI heads.
 SEMANTIC_FEATURE = "htc_semantic"
 FUSION_TARGETS = ("bbox", "mask")
 MASK_MERGE_RULES = ("mean", "last")
+TEST_NMS = ("nms", "soft_linear", "soft_gaussian")
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -47,6 +49,8 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         semantic_pooler: Optional[ROIPooler] = None,
         semantic_fusion: Sequence[str] = (),
         mask_merge: str = "mean",
+        test_nms: str = "nms",
+        soft_nms_sigma: float = 0.5,
         **kwargs,
     ):
         """
@@ -57,6 +61,8 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             semantic_pooler: pools the semantic feature for each RoI (at the mask resolution).
             semantic_fusion: where to sum the pooled semantic feature: "bbox" and/or "mask".
             mask_merge: "mean" of the stages' sigmoid masks at test time, or "last" stage only.
+            test_nms: "nms", or Soft-NMS "soft_linear" / "soft_gaussian" for the detections.
+            soft_nms_sigma: sigma of the gaussian Soft-NMS.
             kwargs: arguments of :class:`CascadeROIHeads`.
         """
         super().__init__(**kwargs)
@@ -66,6 +72,8 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         self.semantic_pooler = semantic_pooler
         self.semantic_fusion = tuple(semantic_fusion)
         self.mask_merge = mask_merge
+        self.test_nms = test_nms
+        self.soft_nms_sigma = soft_nms_sigma
         self._validate()
         for pooler in (self.box_pooler, getattr(self, "mask_pooler", None), semantic_pooler):
             if pooler is not None:
@@ -90,6 +98,8 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
                 "MODEL.HTC.SEMANTIC_FUSION needs the semantic branch (MODEL.HTC.SEMANTIC_ON True); "
                 "set MODEL.HTC.SEMANTIC_FUSION [] for a model without it"
             )
+        if self.test_nms not in TEST_NMS:
+            raise ValueError(f"MODEL.HTC.TEST_NMS={self.test_nms!r}: use one of {TEST_NMS}")
         if self.mask_merge not in MASK_MERGE_RULES:
             raise ValueError(
                 f"MODEL.HTC.MASK_MERGE={self.mask_merge!r}: use one of {MASK_MERGE_RULES}"
@@ -105,6 +115,8 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             mask_info_flow=htc.MASK_INFO_FLOW,
             semantic_fusion=htc.SEMANTIC_FUSION,
             mask_merge=htc.MASK_MERGE,
+            test_nms=htc.TEST_NMS,
+            soft_nms_sigma=htc.SOFT_NMS_SIGMA,
         )
         if htc.SEMANTIC_ON:
             ret["semantic_pooler"] = cls._init_semantic_pooler(cfg, input_shape)
@@ -266,15 +278,13 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         scores = F.softmax(sum(stage_logits) / len(stage_logits), dim=-1)
         scores = scores.split([len(p) for p in proposals])
         last = self.box_predictor[-1]
-        instances, _ = fast_rcnn_inference(
-            boxes,
-            scores,
-            image_sizes,
-            last.test_score_thresh,
-            last.test_nms_thresh,
-            last.test_topk_per_image,
+        thresholds = (last.test_score_thresh, last.test_nms_thresh, last.test_topk_per_image)
+        if self.test_nms == "nms":
+            return fast_rcnn_inference(boxes, scores, image_sizes, *thresholds)[0]
+        method = self.test_nms[len("soft_") :]
+        return soft_nms_inference(
+            boxes, scores, image_sizes, *thresholds, method=method, sigma=self.soft_nms_sigma
         )
-        return instances
 
     def _forward_mask(
         self,

@@ -1,0 +1,84 @@
+"""Soft-NMS (Bodla et al., 2017) for the final detections, as mmcv's ``soft_nms``: instead of
+removing the boxes that overlap a kept box, their scores are decayed (linear: by 1 - IoU when
+IoU > threshold; gaussian: by exp(-IoU^2 / sigma)), and boxes whose score falls under a
+minimum are dropped."""
+
+from typing import List, Tuple
+
+import torch
+from detectron2.structures import Boxes, Instances, pairwise_iou
+
+METHODS = ("linear", "gaussian")
+
+
+def soft_nms(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    method: str,
+    iou_threshold: float,
+    sigma: float,
+    min_score: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Args:
+        boxes: (N, 4) XYXY; scores: (N,).
+
+    Returns:
+        indices of the kept boxes in the order they were picked, and their decayed scores.
+    """
+    if method not in METHODS:
+        raise ValueError(f"Soft-NMS method {method!r}: use one of {METHODS}")
+    scores = scores.clone()
+    alive = torch.arange(len(boxes), device=boxes.device)
+    keep, kept_scores = [], []
+    while len(alive):
+        best = int(scores[alive].argmax())
+        pick = alive[best]
+        keep.append(pick)
+        kept_scores.append(scores[pick])
+        alive = torch.cat([alive[:best], alive[best + 1 :]])
+        iou = pairwise_iou(Boxes(boxes[pick][None]), Boxes(boxes[alive]))[0]
+        if method == "linear":
+            decay = torch.where(iou > iou_threshold, 1 - iou, torch.ones_like(iou))
+        else:
+            decay = torch.exp(-(iou * iou) / sigma)
+        scores[alive] *= decay
+        alive = alive[scores[alive] >= min_score]
+    if not keep:
+        return alive, scores[:0]
+    return torch.stack(keep), torch.stack(kept_scores)
+
+
+def soft_nms_inference(
+    boxes: List[torch.Tensor],
+    scores: List[torch.Tensor],
+    image_sizes: List[Tuple[int, int]],
+    score_thresh: float,
+    iou_threshold: float,
+    topk: int,
+    method: str,
+    sigma: float,
+) -> List[Instances]:
+    """Per image, like Detectron2's ``fast_rcnn_inference`` with class-wise Soft-NMS in place
+    of NMS. ``boxes`` are (R, 4) class-agnostic, ``scores`` (R, K+1) with background last.
+    The loop picks one box at a time: cost grows with the square of the candidates above
+    ``score_thresh`` (a test-time option, as in the paper's extensions)."""
+    results = []
+    for image_boxes, image_scores, size in zip(boxes, scores, image_sizes):
+        image_boxes = Boxes(image_boxes.clone())
+        image_boxes.clip(size)
+        fg = image_scores[:, :-1]
+        rows, classes = (fg > score_thresh).nonzero(as_tuple=True)
+        candidates, candidate_scores = image_boxes.tensor[rows], fg[rows, classes]
+        # boxes of different classes never overlap after this shift: one Soft-NMS for all
+        shift = classes[:, None].to(candidates) * (max(size) + 1)
+        keep, kept_scores = soft_nms(
+            candidates + shift, candidate_scores, method, iou_threshold, sigma, score_thresh
+        )
+        keep, kept_scores = keep[:topk], kept_scores[:topk]
+        result = Instances(size)
+        result.pred_boxes = Boxes(candidates[keep])
+        result.scores = kept_scores
+        result.pred_classes = classes[keep]
+        results.append(result)
+    return results

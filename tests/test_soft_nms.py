@@ -1,0 +1,60 @@
+"""Soft-NMS against a hand computation, and as HTC's test-time option."""
+
+import math
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+
+from conftest import make_batch, tiny_cfg
+from htc.soft_nms import soft_nms
+
+BOXES = torch.tensor([[0.0, 0, 10, 10], [1, 0, 11, 10], [20, 20, 30, 30], [0, 0, 10, 9]])
+SCORES = torch.tensor([0.9, 0.8, 0.7, 0.05])
+# IoU(A, B) = 90 / 110, IoU(A, D) = 90 / 100, IoU(B, D) = 81 / 109; C overlaps nothing
+IOU_AB, IOU_AD, IOU_BD = 90 / 110, 0.9, 81 / 109
+
+
+def test_linear_by_hand():
+    keep, scores = soft_nms(BOXES, SCORES, "linear", iou_threshold=0.5, sigma=0.5, min_score=0.01)
+    b = 0.8 * (1 - IOU_AB)  # 0.1455: decayed by A, then picked after C
+    assert 0.05 * (1 - IOU_AD) < 0.01  # D falls under min_score once A is kept: dropped
+    assert keep.tolist() == [0, 2, 1]
+    torch.testing.assert_close(scores, torch.tensor([0.9, 0.7, b]))
+
+
+def test_gaussian_by_hand():
+    keep, scores = soft_nms(
+        BOXES, SCORES, "gaussian", iou_threshold=0.5, sigma=0.5, min_score=0.001
+    )
+    b = 0.8 * math.exp(-(IOU_AB**2) / 0.5)
+    d = 0.05 * math.exp(-(IOU_AD**2) / 0.5) * math.exp(-(IOU_BD**2) / 0.5)
+    assert keep.tolist() == [0, 2, 1, 3]
+    torch.testing.assert_close(scores, torch.tensor([0.9, 0.7, b, d]))
+
+
+def test_linear_keeps_scores_below_the_threshold():
+    keep, scores = soft_nms(BOXES, SCORES, "linear", iou_threshold=0.95, sigma=0.5, min_score=0.0)
+    assert keep.tolist() == [0, 1, 2, 3]
+    torch.testing.assert_close(scores, SCORES)
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="Soft-NMS method"):
+        soft_nms(BOXES, SCORES, "hard", 0.5, 0.5, 0.0)
+
+
+@pytest.mark.parametrize("method", ["soft_linear", "soft_gaussian"])
+def test_htc_test_option(method):
+    model = build_model(tiny_cfg()).eval()
+    for predictor in model.roi_heads.box_predictor:  # confident, varied scores
+        torch.nn.init.normal_(predictor.cls_score.weight, std=0.5)
+    batch = make_batch(num_images=1)
+    with torch.no_grad():
+        hard = model(batch)[0]["instances"]
+        model.roi_heads.test_nms = method
+        soft = model(batch)[0]["instances"]
+    assert len(soft) >= len(hard) > 0
+    assert torch.all(soft.scores[:-1] >= soft.scores[1:])
+    torch.testing.assert_close(soft.scores[0], hard.scores[0])  # the top box is never decayed
+    assert soft.pred_masks.shape[0] == len(soft)
