@@ -7,6 +7,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
+from .deform_conv import use_torchvision_deform_conv
 from .roi_heads import SEMANTIC_FEATURE
 from .semantic_head import FusedSemanticHead
 
@@ -34,6 +35,7 @@ class HybridTaskCascade(GeneralizedRCNN):
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
+        use_torchvision_deform_conv(ret["backbone"])  # DCN that trains on CPU and CUDA alike
         if cfg.MODEL.HTC.SEMANTIC_ON:
             ret["semantic_head"] = build_sem_seg_head(cfg, ret["backbone"].output_shape())
         return ret
