@@ -6,6 +6,7 @@ python train_net.py --config-file configs/htc_R_50_FPN_1x.yaml --eval-only MODEL
 """
 
 import os
+from collections import OrderedDict
 from typing import List
 
 from detectron2.checkpoint import DetectionCheckpointer
@@ -15,12 +16,19 @@ from detectron2.data import (
     build_detection_test_loader,
     build_detection_train_loader,
 )
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import (
+    DefaultTrainer,
+    default_argument_parser,
+    default_setup,
+    hooks,
+    launch,
+)
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator
 
 from htc import HTCDatasetMapper, add_htc_config
 from htc.checkpoint import make_atomic
 from htc.data import check_dataset
+from htc.tta import HybridTaskCascadeWithTTA
 
 
 def _fast_coco_eval_available() -> bool:
@@ -65,6 +73,20 @@ class Trainer(DefaultTrainer):
             evaluators.append(SemSegEvaluator(dataset_name, output_dir=output_folder))
         return DatasetEvaluators(evaluators)
 
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """COCO AP with HTC's test-time augmentation (TEST.AUG.MIN_SIZES, MAX_SIZE, FLIP)."""
+        evaluators = [
+            COCOEvaluator(
+                name,
+                output_dir=os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name),
+                use_fast_impl=_fast_coco_eval_available(),
+            )
+            for name in cfg.DATASETS.TEST
+        ]
+        results = cls.test(cfg, HybridTaskCascadeWithTTA(cfg, model), evaluators)
+        return OrderedDict((f"{k}_TTA", v) for k, v in results.items())
+
 
 def setup(args):
     cfg = get_cfg()
@@ -83,9 +105,16 @@ def main(args):
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
-        return Trainer.test(cfg, model)
+        results = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            results.update(Trainer.test_with_TTA(cfg, model))
+        return results
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
+    if cfg.TEST.AUG.ENABLED:
+        trainer.register_hooks(
+            [hooks.EvalHook(0, lambda: trainer.test_with_TTA(cfg, trainer.model))]
+        )
     return trainer.train()
 
 

@@ -22,10 +22,13 @@ def test_train_eval_only_and_resume(workspace, tmp_path):
 
     log = run_train_net(
         workspace, "--eval-only", *SMALL, "MODEL.WEIGHTS", str(output / "model_final.pth"),
-        "OUTPUT_DIR", str(tmp_path / "eval"),
+        "OUTPUT_DIR", str(tmp_path / "eval"), "TEST.AUG.ENABLED", "True",
+        "TEST.AUG.MIN_SIZES", "(128, 160)", "TEST.AUG.MAX_SIZE", "400",
     )  # fmt: skip
     for task in ["bbox", "segm", "sem_seg"]:
         assert f"copypaste: Task: {task}" in log
+    assert log.count("copypaste: Task: segm") == 2  # plain and with test-time augmentation
+    assert (tmp_path / "eval/inference_TTA/htc_demo_val/coco_instances_results.json").is_file()
 
     # the README's htc.demo command on the trained checkpoint
     vis = tmp_path / "vis"

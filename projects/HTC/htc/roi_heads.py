@@ -261,11 +261,12 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             x = x + F.adaptive_avg_pool2d(self._semantic_rois(features, boxes), x.shape[-2:])
         return self.box_predictor[stage](self.box_head[stage](x))
 
-    def _forward_box(
-        self, features: Dict[str, torch.Tensor], proposals: List[Instances], targets=None
-    ) -> List[Instances]:
-        """Inference of the box cascade. The parent averages the stages' softmax
-        probabilities; the reference averages their logits and applies one softmax."""
+    def cascade_boxes_and_scores(
+        self, features: Dict[str, torch.Tensor], proposals: List[Instances]
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Inference of the box cascade before NMS: per image, the last stage's (R, 4) boxes and
+        (R, K+1) class probabilities, a softmax of the stages' averaged logits (the parent
+        averages the stages' probabilities)."""
         assert not self.training, "training runs through _forward_train"
         image_sizes = [x.image_size for x in proposals]
         stage_logits = []
@@ -276,7 +277,15 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             if stage < self.num_cascade_stages - 1:
                 proposals = self._create_proposals_from_boxes(boxes, image_sizes)
         scores = F.softmax(sum(stage_logits) / len(stage_logits), dim=-1)
-        scores = scores.split([len(p) for p in proposals])
+        return list(boxes), list(scores.split([len(p) for p in proposals]))
+
+    def final_detections(
+        self,
+        boxes: List[torch.Tensor],
+        scores: List[torch.Tensor],
+        image_sizes: List[Tuple[int, int]],
+    ) -> List[Instances]:
+        """Score threshold, class-wise NMS (or Soft-NMS) and top-k of the last box predictor."""
         last = self.box_predictor[-1]
         thresholds = (last.test_score_thresh, last.test_nms_thresh, last.test_topk_per_image)
         if self.test_nms == "nms":
@@ -285,6 +294,13 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         return soft_nms_inference(
             boxes, scores, image_sizes, *thresholds, method=method, sigma=self.soft_nms_sigma
         )
+
+    def _forward_box(
+        self, features: Dict[str, torch.Tensor], proposals: List[Instances], targets=None
+    ) -> List[Instances]:
+        """Inference of the boxes (training runs through ``_forward_train``)."""
+        boxes, scores = self.cascade_boxes_and_scores(features, proposals)
+        return self.final_detections(boxes, scores, [x.image_size for x in proposals])
 
     def _forward_mask(
         self,
@@ -305,16 +321,23 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             vis_period = self.mask_head[stage].vis_period
             return {"loss_mask": mask_rcnn_loss(logits, instances, vis_period)}
         boxes = [x.pred_boxes for x in instances]
-        keep_all = self.mask_merge == "mean"
-        stage_logits = self._run_mask_heads(features, boxes, self.num_cascade_stages - 1, keep_all)
-        probs = torch.stack([x.sigmoid() for x in stage_logits]).mean(dim=0)
         classes = cat([x.pred_classes for x in instances])
-        if probs.shape[1] == 1:  # class-agnostic masks
-            classes = torch.zeros_like(classes)
-        probs = probs[torch.arange(len(classes), device=probs.device), classes][:, None]
+        probs = torch.stack(self.stage_mask_probabilities(features, boxes, classes)).mean(dim=0)
         for x, p in zip(instances, probs.split([len(x) for x in instances])):
             x.pred_masks = p
         return instances
+
+    def stage_mask_probabilities(
+        self, features: Dict[str, torch.Tensor], boxes: List[Boxes], classes: torch.Tensor
+    ) -> List[torch.Tensor]:
+        """(R, 1, 2M, 2M) sigmoid masks of ``classes`` on ``boxes``: of every stage ("mean") or
+        of the last ("last")."""
+        keep_all = self.mask_merge == "mean"
+        stage_logits = self._run_mask_heads(features, boxes, self.num_cascade_stages - 1, keep_all)
+        if stage_logits[0].shape[1] == 1:  # class-agnostic masks
+            classes = torch.zeros_like(classes)
+        rows = torch.arange(len(classes), device=classes.device)
+        return [x[rows, classes][:, None].sigmoid() for x in stage_logits]
 
     def _run_mask_heads(
         self,
