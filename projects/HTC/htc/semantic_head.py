@@ -3,7 +3,7 @@ from typing import Dict, Tuple
 import fvcore.nn.weight_init as weight_init
 import torch
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 from torch.nn import functional as F
@@ -32,6 +32,7 @@ class FusedSemanticHead(nn.Module):
         embed_dim: int = 256,
         loss_weight: float = 0.2,
         ignore_value: int = 255,
+        norm: str = "",
     ):
         """
         Args:
@@ -40,6 +41,8 @@ class FusedSemanticHead(nn.Module):
             num_classes: number of semantic classes of the logits (183 for COCO-Stuff).
             loss_weight: weight of the cross-entropy loss.
             ignore_value: label of pixels without a semantic label (and of padding).
+            norm: normalization after each conv but the logits ("" = none, as the reference;
+                "GN", "SyncBN", ...: see :func:`detectron2.layers.get_norm`).
         """
         super().__init__()
         self.in_features = list(input_shape.keys())
@@ -52,15 +55,18 @@ class FusedSemanticHead(nn.Module):
         self.common_stride = input_shape[fusion_feature].stride
         self.loss_weight = loss_weight
         self.ignore_value = ignore_value
+
+        def conv(c_in, c_out, k):
+            return Conv2d(
+                c_in, c_out, kernel_size=k, padding=k // 2, bias=not norm,
+                norm=get_norm(norm, c_out), activation=F.relu,
+            )  # fmt: skip
+
         self.lateral_convs = nn.ModuleList(
-            Conv2d(s.channels, conv_dim, kernel_size=1, activation=F.relu)
-            for s in input_shape.values()
+            conv(s.channels, conv_dim, 1) for s in input_shape.values()
         )
-        self.convs = nn.ModuleList(
-            Conv2d(conv_dim, conv_dim, kernel_size=3, padding=1, activation=F.relu)
-            for _ in range(num_convs)
-        )
-        self.conv_embedding = Conv2d(conv_dim, embed_dim, kernel_size=1, activation=F.relu)
+        self.convs = nn.ModuleList(conv(conv_dim, conv_dim, 3) for _ in range(num_convs))
+        self.conv_embedding = conv(conv_dim, embed_dim, 1)
         self.conv_logits = Conv2d(conv_dim, num_classes, kernel_size=1)
         for layer in [*self.lateral_convs, *self.convs, self.conv_embedding, self.conv_logits]:
             weight_init.c2_msra_fill(layer)  # Kaiming (fan_out), as the reference's ConvModules
@@ -85,6 +91,7 @@ class FusedSemanticHead(nn.Module):
             "embed_dim": head.EMBED_DIM,
             "loss_weight": head.LOSS_WEIGHT,
             "ignore_value": head.IGNORE_VALUE,
+            "norm": head.NORM,
         }
 
     def forward(self, features: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
