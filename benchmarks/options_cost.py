@@ -1,20 +1,18 @@
 """What each extension option costs on CPU: train step and inference time of HTC R-50-FPN with
 the option, as a ratio to the plain model, measured side by side in one run.
 
-    .venv/bin/python benchmarks/options_cost.py [--size 320] [--repeats 2]
+    .venv/bin/python benchmarks/options_cost.py [--size 320] [--repeats 3]
 
 Random weights with BN (GN/SyncBN rows replace it), 2 images, torch threads fixed, the
 semantic branch on. TTA and Soft-NMS change inference only.
 """
 
-import argparse
 import time
 from pathlib import Path
 
 import torch
 from detectron2.modeling import build_model
-from detectron2.utils.events import EventStorage
-from step_time import batch, htc_cfg, median_time
+from step_time import arguments, batch, htc_cfg, median_time, train_step
 
 from htc.tta import HybridTaskCascadeWithTTA
 
@@ -49,30 +47,19 @@ def measure(name, opts, args):
     inputs = batch(args.images, args.size, True)
     predictor = HybridTaskCascadeWithTTA(cfg, model) if name.startswith("TTA") else model
 
-    def train_step():
-        model.train()
-        with EventStorage():
-            losses = model(inputs)
-        model.zero_grad()
-        sum(losses.values()).backward()
-
     def inference():
         model.eval()
         with torch.no_grad():
             predictor([{k: x[k] for k in ("image", "height", "width")} for x in inputs])
 
-    train = None if name in INFERENCE_ONLY else median_time(train_step, args.repeats)
+    train = None
+    if name not in INFERENCE_ONLY:
+        train = median_time(lambda: train_step(model, inputs), args.repeats)
     return train, median_time(inference, args.repeats)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=320)
-    parser.add_argument("--images", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = arguments(__doc__.splitlines()[0])
     start = time.time()
     rows = {name: measure(name, opts, args) for name, opts in OPTIONS.items()}
     base_train, base_infer = rows["plain (BN)"]

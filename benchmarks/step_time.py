@@ -70,6 +70,26 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def train_step(model, inputs) -> None:
+    """One forward and backward pass in training mode."""
+    model.train()
+    with EventStorage():
+        losses = model(inputs)
+    model.zero_grad()
+    sum(losses.values()).backward()
+
+
+def arguments(description: str):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--size", type=int, default=320)
+    parser.add_argument("--images", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
+
+
 def measure(cfg, args, with_sem: bool, sparse_grad: bool = False) -> dict:
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
@@ -83,13 +103,6 @@ def measure(cfg, args, with_sem: bool, sparse_grad: bool = False) -> dict:
     inputs = batch(args.images, args.size, with_sem)
     detections = []
 
-    def train_step():
-        model.train()
-        with EventStorage():
-            losses = model(inputs)
-        model.zero_grad()
-        sum(losses.values()).backward()
-
     def inference():
         model.eval()
         with torch.no_grad():
@@ -98,20 +111,14 @@ def measure(cfg, args, with_sem: bool, sparse_grad: bool = False) -> dict:
     frozen = sum(b.numel() for n, b in model.named_buffers() if n.endswith((".weight", ".bias")))
     return {
         "params": sum(p.numel() for p in model.parameters()) + frozen,
-        "train": median_time(train_step, args.repeats),
+        "train": median_time(lambda: train_step(model, inputs), args.repeats),
         "infer": median_time(inference, args.repeats),
         "detections": detections[-1],
     }
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=320)
-    parser.add_argument("--images", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = arguments(__doc__.splitlines()[0])
     rows = {
         "Cascade Mask R-CNN R50-FPN (Detectron2)": measure(cascade_cfg(), args, False),
         "Cascade Mask R-CNN R50-FPN + our RoIAlign backward": measure(
