@@ -9,7 +9,6 @@ import os
 from collections import OrderedDict
 from typing import List
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import (
     MetadataCatalog,
@@ -21,13 +20,13 @@ from detectron2.engine import (
     default_argument_parser,
     default_setup,
     hooks,
-    launch,
 )
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator
 
 from htc import HTCDatasetMapper, add_htc_config
-from htc.checkpoint import make_atomic
+from htc.checkpoint import HTCCheckpointer
 from htc.data import check_dataset
+from htc.distributed import cpu_capable_ddp, launch
 from htc.tta import HybridTaskCascadeWithTTA
 
 
@@ -40,8 +39,19 @@ def _fast_coco_eval_available() -> bool:
 
 class Trainer(DefaultTrainer):
     def __init__(self, cfg):
-        super().__init__(cfg)
-        make_atomic(self.checkpointer)  # a kill during a save keeps the previous checkpoint
+        with cpu_capable_ddp():  # the parent gives DDP CUDA device ids even for a CPU model
+            super().__init__(cfg)
+
+    def build_hooks(self):
+        """The parent's hooks around an :class:`HTCCheckpointer` (atomic writes, shape checks):
+        the parent's ``__init__`` creates its checkpointer just before calling this."""
+        self.checkpointer = HTCCheckpointer(
+            self.checkpointer.model,
+            self.cfg.OUTPUT_DIR,
+            skip_mismatched=self.cfg.MODEL.HTC.SKIP_MISMATCHED_WEIGHTS,
+            **self.checkpointer.checkpointables,
+        )
+        return super().build_hooks()
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -102,9 +112,9 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        HTCCheckpointer(
+            model, cfg.OUTPUT_DIR, skip_mismatched=cfg.MODEL.HTC.SKIP_MISMATCHED_WEIGHTS
+        ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         if cfg.TEST.AUG.ENABLED:
             results.update(Trainer.test_with_TTA(cfg, model))

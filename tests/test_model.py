@@ -207,6 +207,7 @@ def test_mask_merge_last_uses_only_last_stage():
     "opts, message",
     [
         (["MODEL.HTC.STAGE_LOSS_WEIGHTS", [1.0, 0.5]], "STAGE_LOSS_WEIGHTS"),
+        (["MODEL.ROI_BOX_CASCADE_HEAD.IOUS", [0.5, 0.6]], "2 IOUS but 3 BBOX_REG_WEIGHTS"),
         (["MODEL.HTC.SEMANTIC_ON", False], "SEMANTIC_FUSION"),
         (["MODEL.HTC.SEMANTIC_FUSION", ["box"]], "unknown"),
         (["MODEL.HTC.MASK_MERGE", "max"], "MASK_MERGE"),

@@ -1,4 +1,4 @@
-"""Atomic checkpoint writes for Detectron2's checkpointers.
+"""Checkpoints that are never half-written and never silently half-loaded.
 
 fvcore's ``Checkpointer.save`` writes ``model_XXXX.pth`` in place and then ``last_checkpoint``:
 a kill during the write leaves a truncated file, and a kill while ``last_checkpoint`` is being
@@ -9,6 +9,8 @@ for writing appear under its name only once completely written (temporary file, 
 import contextlib
 import os
 from typing import Any, Iterator
+
+from detectron2.checkpoint import DetectionCheckpointer
 
 
 @contextlib.contextmanager
@@ -41,8 +43,34 @@ class AtomicWrites:
         return self._base.open(path, mode, **kwargs)
 
 
-def make_atomic(checkpointer):
-    """Make ``checkpointer`` (fvcore/Detectron2) write its files atomically; returns it."""
-    if not isinstance(checkpointer.path_manager, AtomicWrites):
-        checkpointer.path_manager = AtomicWrites(checkpointer.path_manager)
-    return checkpointer
+class HTCCheckpointer(DetectionCheckpointer):
+    """A :class:`DetectionCheckpointer` that writes atomically and refuses weights whose shapes
+    do not fit the model (the parent skips them with a warning, which silently leaves e.g. a
+    class-count mismatch at random initialization) unless ``skip_mismatched`` is set for
+    fine-tuning. Missing and unexpected keys are logged by the parent as before."""
+
+    def __init__(self, model, save_dir: str = "", *, skip_mismatched: bool = False, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.skip_mismatched = skip_mismatched
+        self.path_manager = AtomicWrites(self.path_manager)
+
+    def _load_model(self, checkpoint: Any):
+        if not checkpoint.get("matching_heuristics", False):  # those names are matched later
+            names = {key.removeprefix("module.") for key in checkpoint["model"]}
+            if not names & self.model.state_dict().keys():
+                raise ValueError(
+                    "the checkpoint holds none of this model's parameters: is it a checkpoint "
+                    "of another model? (MMDetection's: python -m htc.convert_mmdet IN OUT)"
+                )
+        incompatible = super()._load_model(checkpoint)
+        if incompatible.incorrect_shapes and not self.skip_mismatched:
+            shapes = "\n".join(
+                f"  {key}: checkpoint {tuple(theirs)}, model {tuple(ours)}"
+                for key, theirs, ours in incompatible.incorrect_shapes
+            )
+            raise ValueError(
+                f"{len(incompatible.incorrect_shapes)} parameters of the checkpoint do not fit "
+                f"the model's shapes:\n{shapes}\nSet MODEL.HTC.SKIP_MISMATCHED_WEIGHTS True to "
+                "leave them at their initialization (fine-tuning on other classes)"
+            )
+        return incompatible

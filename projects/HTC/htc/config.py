@@ -24,6 +24,9 @@ def add_htc_config(cfg: CN) -> None:
     # threshold ROI_HEADS.NMS_THRESH_TEST, minimum score ROI_HEADS.SCORE_THRESH_TEST).
     cfg.MODEL.HTC.TEST_NMS = "nms"
     cfg.MODEL.HTC.SOFT_NMS_SIGMA = 0.5
+    # Loading MODEL.WEIGHTS refuses parameters whose shape differs from the model's; True skips
+    # them (left at their initialization), e.g. to fine-tune on another number of classes.
+    cfg.MODEL.HTC.SKIP_MISMATCHED_WEIGHTS = False
 
     cfg.MODEL.SEM_SEG_HEAD.NUM_CONVS = 4
     cfg.MODEL.SEM_SEG_HEAD.EMBED_DIM = 256

@@ -1,3 +1,4 @@
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -71,6 +72,7 @@ class HybridTaskCascade(GeneralizedRCNN):
             self.visualize_training(batched_inputs, proposals)
         losses.update(proposal_losses)
         losses.update(detector_losses)
+        _check_finite(losses)
         return losses
 
     def _semantic_targets(self, batched_inputs: List[dict], images: ImageList) -> torch.Tensor:
@@ -124,3 +126,16 @@ class HybridTaskCascade(GeneralizedRCNN):
                 height, width = x.get("height", size[0]), x.get("width", size[1])
                 out["sem_seg"] = sem_seg_postprocess(score, size, height, width)
         return outputs
+
+
+def _check_finite(losses: Dict[str, torch.Tensor]) -> None:
+    """Stop before the optimizer step on a non-finite loss, naming it and the iteration (one
+    device sync, as Detectron2's metric logging already does every step)."""
+    values = torch.stack([v.detach().float() for v in losses.values()]).tolist()
+    bad = {k: v for k, v in zip(losses, values) if not math.isfinite(v)}
+    if bad:
+        try:
+            where = f"at iteration {get_event_storage().iter}"
+        except AssertionError:  # no EventStorage: called outside a trainer
+            where = "outside a training loop"
+        raise FloatingPointError(f"non-finite loss {bad} {where}; all: {dict(zip(losses, values))}")

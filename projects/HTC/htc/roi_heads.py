@@ -107,6 +107,12 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        cascade = cfg.MODEL.ROI_BOX_CASCADE_HEAD
+        if len(cascade.IOUS) != len(cascade.BBOX_REG_WEIGHTS):  # the parent only asserts
+            raise ValueError(
+                f"MODEL.ROI_BOX_CASCADE_HEAD: {len(cascade.IOUS)} IOUS but "
+                f"{len(cascade.BBOX_REG_WEIGHTS)} BBOX_REG_WEIGHTS; give one per stage"
+            )
         ret = super().from_config(cfg, input_shape)
         htc = cfg.MODEL.HTC
         ret.update(

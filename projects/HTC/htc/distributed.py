@@ -1,0 +1,100 @@
+"""Multi-process training on CPU (gloo) as on CUDA (NCCL), with any Detectron2 version.
+
+Detectron2 v0.6's ``launch`` asserts CUDA, and every version's ``create_ddp_model`` hands torch's
+DistributedDataParallel ``device_ids=[local_rank]``, which torch refuses for a CPU model. With
+CUDA, :func:`launch` is Detectron2's; without, it starts the same processes on gloo.
+"""
+
+import contextlib
+import socket
+from typing import Callable, Iterator
+
+import detectron2.engine.defaults as d2_defaults
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from detectron2.engine import launch as d2_launch
+from detectron2.engine.launch import DEFAULT_TIMEOUT
+from detectron2.utils import comm
+
+
+def launch(
+    main_func: Callable,
+    num_processes_per_machine: int,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    dist_url: str = "auto",
+    args: tuple = (),
+) -> None:
+    """Detectron2's ``launch`` (one process per GPU); on a machine without CUDA, one gloo
+    process per ``num_processes_per_machine`` with the same ranks and local process group."""
+    world_size = num_machines * num_processes_per_machine
+    if torch.cuda.is_available() or world_size == 1:
+        d2_launch(main_func, num_processes_per_machine, num_machines, machine_rank, dist_url, args)
+        return
+    if dist_url == "auto":
+        if num_machines != 1:
+            raise ValueError("--dist-url auto works on one machine; give tcp://HOST:PORT")
+        dist_url = f"tcp://127.0.0.1:{_free_port()}"
+    mp.spawn(
+        _cpu_worker,
+        nprocs=num_processes_per_machine,
+        args=(main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args),
+        daemon=False,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _cpu_worker(
+    local_rank: int,
+    main_func: Callable,
+    world_size: int,
+    per_machine: int,
+    machine_rank: int,
+    dist_url: str,
+    args: tuple,
+) -> None:
+    rank = machine_rank * per_machine + local_rank
+    dist.init_process_group(
+        "gloo", init_method=dist_url, world_size=world_size, rank=rank, timeout=DEFAULT_TIMEOUT
+    )
+    _set_local_process_group(world_size, per_machine, machine_rank)
+    comm.synchronize()
+    main_func(*args)
+
+
+def _set_local_process_group(world_size: int, per_machine: int, machine_rank: int) -> None:
+    """The group of this machine's processes, which ``comm.get_local_rank`` reads."""
+    if hasattr(comm, "create_local_process_group"):  # Detectron2 after v0.6
+        comm.create_local_process_group(per_machine)
+        return
+    for machine in range(world_size // per_machine):
+        group = dist.new_group(list(range(machine * per_machine, (machine + 1) * per_machine)))
+        if machine == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
+
+
+def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
+    """Detectron2's ``create_ddp_model``, giving a CPU model no ``device_ids``."""
+    if next(model.parameters()).device.type == "cpu":
+        kwargs.setdefault("device_ids", None)
+    return _d2_create_ddp_model(model, **kwargs)
+
+
+_d2_create_ddp_model = d2_defaults.create_ddp_model
+
+
+@contextlib.contextmanager
+def cpu_capable_ddp() -> Iterator[None]:
+    """Within the block, ``DefaultTrainer.__init__`` wraps CPU models in DDP correctly (it calls
+    the ``create_ddp_model`` of its own module)."""
+    d2_defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model = _d2_create_ddp_model
