@@ -20,7 +20,7 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from htc import add_htc_config
-from htc.roi_align import use_sparse_grad
+from htc.roi_align import use_fast_roi_align
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,8 +98,8 @@ def measure(cfg, args, with_sem: bool, sparse_grad: bool = False) -> dict:
     torch.manual_seed(0)
     model = build_model(cfg)
     if sparse_grad:
-        use_sparse_grad(model.roi_heads.box_pooler)
-        use_sparse_grad(model.roi_heads.mask_pooler)
+        use_fast_roi_align(model.roi_heads.box_pooler)
+        use_fast_roi_align(model.roi_heads.mask_pooler)
     inputs = batch(args.images, args.size, with_sem)
     detections = []
 

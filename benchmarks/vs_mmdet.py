@@ -1,5 +1,6 @@
 """Our HTC vs MMDetection 3.3's HTC: inference latency on the same weights and image (a parity
-fixture), both measured in this run (MMDetection in the dev venv, see dev/parity/).
+fixture), measured in turns in this run (MMDetection in a process of the dev venv, see
+dev/parity/, answering one inference per request), medians after a warm-up.
 
     bash dev/parity/setup_mmdet_env.sh   # once
     .venv-mmdet/bin/python dev/parity/make_fixture.py --size r50 --height 480 --width 640 \\
@@ -21,39 +22,63 @@ sys.path.insert(0, str(ROOT / "dev/parity"))
 from report import build  # noqa: E402
 
 
-def ours(fixture: str, repeats: int):
-    ref = torch.load(fixture, map_location="cpu", weights_only=True)
-    model = build(ref)
-    image = ref["image_rgb"]
-    batch = [{"image": image, "height": image.shape[1], "width": image.shape[2]}]
-    times = []
+class Theirs:
+    """MMDetection's HTC in its venv, one timed inference per call."""
+
+    def __init__(self, fixture: str, threads: int):
+        self.process = subprocess.Popen(
+            [str(ROOT / ".venv-mmdet/bin/python"), str(ROOT / "dev/parity/time_mmdet.py"),
+             fixture, "--threads", str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT / "dev/parity",
+        )  # fmt: skip
+        if self.process.stdout.readline().strip() != "ready":
+            raise RuntimeError("MMDetection's timing process did not start")
+
+    def __call__(self):
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        seconds, detections = self.process.stdout.readline().split()
+        return float(seconds), int(detections)
+
+
+def ours(model, batch, semantic_output: bool):
+    model.semantic_output = semantic_output
     with torch.no_grad():
-        for i in range(repeats + 1):
-            start = time.perf_counter()
-            out = model(batch)
-            if i:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times), len(out[0]["instances"])
+        start = time.perf_counter()
+        out = model(batch)
+        return time.perf_counter() - start, len(out[0]["instances"])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("fixture")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    theirs = subprocess.run(
-        [str(ROOT / ".venv-mmdet/bin/python"), str(ROOT / "dev/parity/time_mmdet.py"), args.fixture,
-         "--repeats", str(args.repeats), "--threads", str(args.threads)],
-        capture_output=True, text=True, check=True, cwd=ROOT / "dev/parity",
-    ).stdout.split()  # fmt: skip
-    t_theirs, n_theirs = float(theirs[0]), int(theirs[1])
-    t_ours, n_ours = ours(args.fixture, args.repeats)
+    ref = torch.load(args.fixture, map_location="cpu", weights_only=True)
+    model = build(ref)
+    image = ref["image_rgb"]
+    batch = [{"image": image, "height": image.shape[1], "width": image.shape[2]}]
+    runs = {
+        "MMDetection 3.3 HTC (instances)": Theirs(args.fixture, args.threads),
+        "htc-detectron2 (instances + sem_seg)": lambda: ours(model, batch, True),
+        "htc-detectron2 (instances only, SEMANTIC_OUTPUT False)": lambda: ours(model, batch, False),
+    }
+    times, detections = {name: [] for name in runs}, {}
+    for i in range(args.repeats + 1):
+        for name, run in runs.items():
+            seconds, detections[name] = run()
+            if i:  # the first round warms up
+                times[name].append(seconds)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    theirs = next(iter(medians.values()))
+    print(f"{image.shape[1]}x{image.shape[2]}, {args.threads} threads, median of {args.repeats}")
     print("| implementation | inference (s) | detections | MMDetection / ours |")
     print("|---|---|---|---|")
-    print(f"| MMDetection 3.3 HTC | {t_theirs:.3f} | {n_theirs} | |")
-    print(f"| htc-detectron2 | {t_ours:.3f} | {n_ours} | {t_theirs / t_ours:.2f}x |")
+    for name, seconds in medians.items():
+        ratio = "" if seconds == theirs else f"{theirs / seconds:.2f}x"
+        print(f"| {name} | {seconds:.3f} | {detections[name]} | {ratio} |")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from detectron2.modeling import build_model
+from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
@@ -175,6 +176,21 @@ def test_inference_output_format():
         assert inst.pred_masks.dtype == torch.bool
         assert out["sem_seg"].shape == (5, x["height"], x["width"])
         assert {"pred_boxes", "scores", "pred_classes", "pred_masks"} <= set(inst.get_fields())
+
+
+def test_semantic_output_is_detectron2s_postprocess_and_can_be_skipped():
+    model = build_model(tiny_cfg()).eval()
+    batch = make_batch(num_images=1, size=90)  # padded to 96: the crop matters
+    with torch.no_grad():
+        out = model(batch)[0]
+        images = model.preprocess_image(batch)
+        _, logits = model._features(images)
+        scores = model.semantic_head.upsample_logits(logits)[0]
+        model.semantic_output = False
+        without = model(batch)[0]
+    assert torch.equal(out["sem_seg"], sem_seg_postprocess(scores, (90, 90), 90, 90))
+    assert set(without) == {"instances"}
+    assert torch.equal(without["instances"].pred_masks, out["instances"].pred_masks)
 
 
 def test_without_semantic_branch():

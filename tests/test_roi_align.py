@@ -1,12 +1,14 @@
-"""The sparse-matrix RoIAlign backward equals torchvision's, and HTC's poolers use it."""
+"""The parallel RoIAlign forward and the sparse-matrix backward equal torchvision's, and HTC's
+poolers use them."""
 
 import pytest
 import torch
 from detectron2.modeling import build_model
+from torch.nn import functional as F
 from torchvision.ops import roi_align
 
 from conftest import tiny_cfg
-from htc.roi_align import ROIAlignSparseGrad, _ROIAlignSparseGrad
+from htc.roi_align import CHUNK, FastROIAlign, _ROIAlignSparseGrad
 
 
 def _case(seed, scale, num_rois=40):
@@ -39,14 +41,39 @@ def test_backward_equals_torchvision(aligned, sampling_ratio, scale, output_size
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_module_falls_back_without_grad():
-    module = ROIAlignSparseGrad((7, 7), 0.25, 0, True)
-    x, rois = _case(seed=3, scale=0.25)
-    with torch.no_grad():
-        torch.testing.assert_close(module(x, rois), roi_align(x, rois, (7, 7), 0.25, 0, True))
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_parallel_forward_is_bit_identical(threads):
+    module = FastROIAlign((14, 14), 0.25, 0, True)
+    x, rois = _case(seed=3, scale=0.25, num_rois=3 * CHUNK + 5)
+    x, rois = x.float(), rois.float()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            ours, pooled = module(x, rois), module.pooled(x, rois, (7, 7))
+            odd = module.pooled(x, rois, (5, 3))
+    finally:
+        torch.set_num_threads(before)
+    want = roi_align(x, rois, (14, 14), 0.25, 0, True)
+    assert torch.equal(ours, want)
+    assert torch.equal(pooled, F.adaptive_avg_pool2d(want, (7, 7)))
+    assert torch.equal(odd, F.adaptive_avg_pool2d(want, (5, 3)))
 
 
-def test_htc_poolers_use_sparse_grad():
+def test_htc_poolers_use_fast_roi_align():
     heads = build_model(tiny_cfg()).roi_heads
     for pooler in (heads.box_pooler, heads.mask_pooler, heads.semantic_pooler):
-        assert all(type(m) is ROIAlignSparseGrad for m in pooler.level_poolers)
+        assert all(type(m) is FastROIAlign for m in pooler.level_poolers)
+
+
+def test_pooled_gradient_equals_pooling_after_roi_align():
+    module = FastROIAlign((14, 14), 0.125, 0, True)
+    x, rois = _case(seed=5, scale=0.125, num_rois=CHUNK + 9)
+    leaf, ref_leaf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = module.pooled(leaf, rois, (7, 7))
+    want = F.adaptive_avg_pool2d(roi_align(ref_leaf, rois, (14, 14), 0.125, 0, True), (7, 7))
+    assert torch.equal(ours.detach(), want.detach())
+    grad = torch.randn_like(ours)
+    (got,) = torch.autograd.grad(ours, leaf, grad)
+    (expected,) = torch.autograd.grad(want, ref_leaf, grad)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -1,11 +1,13 @@
-"""Dev only (run in .venv-mmdet): MMDetection 3.3's HTC inference time on a parity fixture's
-weights and image (median of N after a warm-up, torch threads fixed). Prints seconds.
+"""Dev only (run in .venv-mmdet): MMDetection 3.3's HTC inference on a parity fixture's weights
+and image, timed on request (torch threads fixed), for benchmarks/vs_mmdet.py to interleave with
+ours. Prints "ready", then for every line read from stdin runs one inference and prints
+"<seconds> <detections>".
 
-    .venv-mmdet/bin/python dev/parity/time_mmdet.py FIXTURE [--repeats 5] [--threads 2]
+    .venv-mmdet/bin/python dev/parity/time_mmdet.py FIXTURE [--threads 2]
 """
 
 import argparse
-import statistics
+import sys
 import time
 
 import mmdet
@@ -20,7 +22,6 @@ from mmengine.config import Config
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("fixture")
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -37,14 +38,12 @@ def main():
     h, w = rgb.shape[1:]
     meta = dict(img_shape=(h, w), ori_shape=(h, w), scale_factor=(1.0, 1.0))
     data = {"inputs": [rgb.flip(0)], "data_samples": [DetDataSample(metainfo=meta)]}
-    times = []
+    print("ready", flush=True)
     with torch.no_grad():
-        for i in range(args.repeats + 1):
+        for _ in sys.stdin:
             start = time.perf_counter()
             out = model.test_step(data)
-            if i:
-                times.append(time.perf_counter() - start)
-    print(f"{statistics.median(times):.4f} {len(out[0].pred_instances)}")
+            print(f"{time.perf_counter() - start:.4f} {len(out[0].pred_instances)}", flush=True)
 
 
 if __name__ == "__main__":

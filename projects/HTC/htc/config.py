@@ -24,6 +24,9 @@ def add_htc_config(cfg: CN) -> None:
     # threshold ROI_HEADS.NMS_THRESH_TEST, minimum score ROI_HEADS.SCORE_THRESH_TEST).
     cfg.MODEL.HTC.TEST_NMS = "nms"
     cfg.MODEL.HTC.SOFT_NMS_SIGMA = 0.5
+    # Inference outputs "sem_seg", the (K, H, W) semantic scores at the output resolution (what
+    # SemSegEvaluator reads); False skips that upsampling when only instances are wanted.
+    cfg.MODEL.HTC.SEMANTIC_OUTPUT = True
     # Loading MODEL.WEIGHTS refuses parameters whose shape differs from the model's; True skips
     # them (left at their initialization), e.g. to fine-tune on another number of classes.
     cfg.MODEL.HTC.SKIP_MISMATCHED_WEIGHTS = False

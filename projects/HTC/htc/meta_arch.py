@@ -22,20 +22,29 @@ class HybridTaskCascade(GeneralizedRCNN):
     """
 
     @configurable
-    def __init__(self, *, semantic_head: Optional[FusedSemanticHead] = None, **kwargs):
+    def __init__(
+        self,
+        *,
+        semantic_head: Optional[FusedSemanticHead] = None,
+        semantic_output: bool = True,
+        **kwargs,
+    ):
         """
         Args:
             semantic_head: the semantic segmentation branch, or None for HTC without it.
+            semantic_output: with the branch, whether inference outputs ``sem_seg``.
             kwargs: arguments of :class:`GeneralizedRCNN`.
         """
         super().__init__(**kwargs)
         if self.proposal_generator is None:
             raise ValueError("HybridTaskCascade needs an RPN (MODEL.PROPOSAL_GENERATOR.NAME)")
         self.semantic_head = semantic_head
+        self.semantic_output = semantic_output
 
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
+        ret["semantic_output"] = cfg.MODEL.HTC.SEMANTIC_OUTPUT
         use_torchvision_deform_conv(ret["backbone"])  # DCN that trains on CPU and CUDA alike
         if cfg.MODEL.HTC.SEMANTIC_ON:
             ret["semantic_head"] = build_sem_seg_head(cfg, ret["backbone"].output_shape())
@@ -120,12 +129,21 @@ class HybridTaskCascade(GeneralizedRCNN):
         if not do_postprocess:
             return results
         outputs = GeneralizedRCNN._postprocess(results, batched_inputs, images.image_sizes)
-        if semantic_logits is not None:
+        if semantic_logits is not None and self.semantic_output:
             scores = self.semantic_head.upsample_logits(semantic_logits)
             for out, score, x, size in zip(outputs, scores, batched_inputs, images.image_sizes):
                 height, width = x.get("height", size[0]), x.get("width", size[1])
-                out["sem_seg"] = sem_seg_postprocess(score, size, height, width)
+                out["sem_seg"] = _resize_to_output(score, size, height, width)
         return outputs
+
+
+def _resize_to_output(scores: torch.Tensor, size: Tuple[int, int], height: int, width: int):
+    """(K, H, W) scores of the padded input -> (K, height, width) of the output; at the input's
+    own size the crop alone (``sem_seg_postprocess`` would interpolate to the same size, an
+    identity that costs a pass over K x H x W floats)."""
+    if (height, width) == tuple(size):
+        return scores[:, :height, :width]
+    return sem_seg_postprocess(scores, size, height, width)
 
 
 def _check_finite(losses: Dict[str, torch.Tensor]) -> None:

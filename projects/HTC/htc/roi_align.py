@@ -1,21 +1,28 @@
-"""RoIAlign whose CPU backward is a sparse matrix product.
+"""RoIAlign for CPU: torchvision's results, in parallel, with a sparse-matrix backward.
 
-torchvision's CPU ``roi_align`` backward recomputes the bilinear weights for every channel in a
-single thread: in an HTC training step on CPU it took more than half of the step (30 RoIAlign
-backward calls over the box, mask and semantic poolers). The forward is unchanged (torchvision);
-the backward builds the same interpolation weights once, vectorised, as a sparse
-(N*H*W, R*Sh*Sw) matrix and multiplies the output gradient by it. On CUDA, torchvision's own
-kernels are used.
+torchvision's CPU ``roi_align`` runs in one thread, forward and backward, and its backward
+recomputes the bilinear weights for every channel: in an HTC training step on CPU the backward
+took more than half of the step (30 calls over the box, mask and semantic poolers). Here the
+forward is torchvision's kernel run on chunks of RoIs by a thread pool (each RoI is computed
+independently, so the output is bit-identical), and the backward builds the same interpolation
+weights once, vectorised, as a sparse (N*H*W, R*Sh*Sw) matrix and multiplies the output
+gradient by it. On CUDA, torchvision's own kernels are used.
 """
 
-from typing import Tuple
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, List, Tuple
 
 import torch
 from detectron2.layers import ROIAlign
 from detectron2.modeling.poolers import ROIPooler
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 from torchvision.ops import roi_align
+
+CHUNK = 64  # RoIs per task: a 14x14 output of 256 channels stays within a few MB
 
 
 def _axis_samples(
@@ -103,50 +110,109 @@ def interpolation_matrix(
     return torch.sparse_coo_tensor(indices, values, size, check_invariants=False)
 
 
+@functools.cache
+def _executor(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="roi_align")
+
+
+os.register_at_fork(after_in_child=_executor.cache_clear)  # a forked child has no pool threads
+
+
+def in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
+    """``fn(rois)`` computed as ``cat([fn(chunk) ...])`` over chunks of :data:`CHUNK` RoIs, on
+    ``torch.get_num_threads()`` threads (torchvision's kernels release the GIL). A tracer
+    records only its own thread, so under ``torch.jit`` tracing it runs in one."""
+    chunks: List[torch.Tensor] = list(rois.split(CHUNK))
+    threads = min(torch.get_num_threads(), len(chunks))
+    if threads <= 1 or torch.jit.is_tracing():
+        return fn(rois)
+    return torch.cat(list(_executor(threads).map(fn, chunks)))
+
+
+def parallel_roi_align(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    output_size: Tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+    pool: int = 1,
+) -> torch.Tensor:
+    """torchvision's CPU ``roi_align``, bit for bit, on all threads; with ``pool`` > 1 followed
+    by ``avg_pool2d(pool)`` chunk by chunk (the full-size RoI features never exist at once)."""
+
+    def run(part: torch.Tensor) -> torch.Tensor:
+        out = roi_align(input, part, output_size, spatial_scale, sampling_ratio, aligned)
+        return F.avg_pool2d(out, pool) if pool > 1 else out
+
+    return in_chunks(run, rois)
+
+
 class _ROIAlignSparseGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    def forward(ctx, input, rois, output_size, spatial_scale, sampling_ratio, aligned, pool=1):
         ctx.save_for_backward(rois)
         ctx.config = (tuple(input.shape), output_size, spatial_scale, sampling_ratio, aligned)
-        return roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+        ctx.pool = pool
+        args = (output_size, spatial_scale, sampling_ratio, aligned, pool)
+        return parallel_roi_align(input, rois, *args)
 
     @staticmethod
     def backward(ctx, grad_output):
         (rois,) = ctx.saved_tensors
         shape, output_size, spatial_scale, sampling_ratio, aligned = ctx.config
         num, channels, height, width = shape
+        if ctx.pool > 1:  # avg_pool2d's gradient: 1/pool^2 to every input of each window
+            k = ctx.pool
+            grad_output = grad_output.repeat_interleave(k, 2).repeat_interleave(k, 3) / k**2
         matrix = interpolation_matrix(
             rois, shape, output_size, spatial_scale, sampling_ratio, aligned
         )
         grad = grad_output.permute(0, 2, 3, 1).reshape(-1, channels)
         grad = torch.sparse.mm(matrix, grad.to(matrix.dtype))
         grad = grad.view(num, height, width, channels).permute(0, 3, 1, 2).contiguous()
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
-class ROIAlignSparseGrad(ROIAlign):
-    """:class:`detectron2.layers.ROIAlign` with the sparse-matrix backward on CPU."""
+class FastROIAlign(ROIAlign):
+    """:class:`detectron2.layers.ROIAlign` with the parallel forward and the sparse-matrix
+    backward on CPU."""
+
+    def _arguments(self) -> tuple:
+        return (_pair(self.output_size), self.spatial_scale, self.sampling_ratio, self.aligned)
 
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        if input.is_cuda or not torch.is_grad_enabled() or not input.requires_grad:
+        if input.is_cuda:
             return super().forward(input, rois)
         assert rois.dim() == 2 and rois.size(1) == 5
-        return _ROIAlignSparseGrad.apply(
-            input,
-            rois.to(dtype=input.dtype),
-            _pair(self.output_size),
-            self.spatial_scale,
-            self.sampling_ratio,
-            self.aligned,
-        )
+        rois = rois.to(dtype=input.dtype)
+        if torch.is_grad_enabled() and input.requires_grad:
+            return _ROIAlignSparseGrad.apply(input, rois, *self._arguments())
+        return parallel_roi_align(input, rois, *self._arguments())
+
+    def pooled(
+        self, input: torch.Tensor, rois: torch.Tensor, size: Tuple[int, int]
+    ) -> torch.Tensor:
+        """``adaptive_avg_pool2d(self(input, rois), size)``. On CPU, when ``size`` divides the
+        output size by an integer k, the pooling (an exact kxk average) is done chunk by
+        chunk, so the full-size RoI features are neither materialized nor kept for backward."""
+        pooled_h, pooled_w = _pair(self.output_size)
+        k = pooled_h // size[0]
+        if input.is_cuda or (pooled_h, pooled_w) != (size[0] * k, size[1] * k):
+            return F.adaptive_avg_pool2d(self(input, rois), size)
+        rois = rois.to(dtype=input.dtype)
+        if torch.is_grad_enabled() and input.requires_grad:
+            return _ROIAlignSparseGrad.apply(input, rois, *self._arguments(), k)
+        return parallel_roi_align(input, rois, *self._arguments(), pool=k)
 
 
-def use_sparse_grad(pooler: ROIPooler) -> ROIPooler:
-    """Give ``pooler``'s RoIAlign levels the sparse-matrix CPU backward (in place)."""
+def use_fast_roi_align(pooler: ROIPooler) -> ROIPooler:
+    """Give ``pooler``'s RoIAlign levels the parallel CPU forward and sparse-matrix CPU
+    backward (in place)."""
     levels = []
     for level in pooler.level_poolers:
         if type(level) is ROIAlign:
-            level = ROIAlignSparseGrad(
+            level = FastROIAlign(
                 level.output_size, level.spatial_scale, level.sampling_ratio, level.aligned
             )
         levels.append(level)

@@ -4,7 +4,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling import ROI_HEADS_REGISTRY
-from detectron2.modeling.poolers import ROIPooler
+from detectron2.modeling.poolers import ROIPooler, convert_boxes_to_pooler_format
 from detectron2.modeling.roi_heads import CascadeROIHeads, select_foreground_proposals
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 from detectron2.modeling.roi_heads.mask_head import mask_rcnn_loss
@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .mask_head import HTCMaskHead
-from .roi_align import use_sparse_grad
+from .roi_align import FastROIAlign, use_fast_roi_align
 from .soft_nms import soft_nms_inference
 
 # Key of the semantic feature (N, C, H/s, W/s) in the feature dict handed to the ROI heads.
@@ -77,7 +77,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         self._validate()
         for pooler in (self.box_pooler, getattr(self, "mask_pooler", None), semantic_pooler):
             if pooler is not None:
-                use_sparse_grad(pooler)  # torchvision's CPU RoIAlign backward is the hot spot
+                use_fast_roi_align(pooler)  # torchvision's CPU RoIAlign is one thread
 
     def _validate(self) -> None:
         n = self.num_cascade_stages
@@ -252,6 +252,16 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         """(R, C, M, M) RoIAlign of the semantic feature, M = the mask pooler resolution."""
         return self.semantic_pooler([features[SEMANTIC_FEATURE]], boxes)
 
+    def _semantic_box_rois(
+        self, features: Dict[str, torch.Tensor], boxes: List[Boxes], size: Tuple[int, int]
+    ) -> torch.Tensor:
+        """(R, C, *size): the semantic RoI feature at the mask resolution average-pooled to the
+        box resolution, as the reference computes it."""
+        level = self.semantic_pooler.level_poolers[0]
+        if not isinstance(level, FastROIAlign):
+            return F.adaptive_avg_pool2d(self._semantic_rois(features, boxes), size)
+        return level.pooled(features[SEMANTIC_FEATURE], convert_boxes_to_pooler_format(boxes), size)
+
     def _run_stage(
         self, features: Dict[str, torch.Tensor], proposals: List[Instances], stage: int
     ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -264,7 +274,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         boxes = [x.proposal_boxes for x in proposals]
         x = self.box_pooler([features[f] for f in self.box_in_features], boxes)
         if "bbox" in self.semantic_fusion:
-            x = x + F.adaptive_avg_pool2d(self._semantic_rois(features, boxes), x.shape[-2:])
+            x = x + self._semantic_box_rois(features, boxes, x.shape[-2:])
         return self.box_predictor[stage](self.box_head[stage](x))
 
     def cascade_boxes_and_scores(
