@@ -61,11 +61,14 @@ def interpolation_matrix(
     spatial_scale: float,
     sampling_ratio: int,
     aligned: bool,
+    pool: int = 1,
 ) -> torch.Tensor:
     """The sparse (N*H*W, R*Sh*Sw) matrix ``M`` with ``roi_align(x) = M^T x`` per channel
-    (x laid out as (N*H*W, C)), following torchvision's CPU kernel."""
+    (x laid out as (N*H*W, C)), following torchvision's CPU kernel; with ``pool`` = k, the
+    (N*H*W, R*(Sh/k)*(Sw/k)) matrix of ``avg_pool2d(roi_align(x), k)``."""
     num, _, height, width = input_shape
     pooled_h, pooled_w = output_size
+    out_h, out_w = pooled_h // pool, pooled_w // pool
     offset = 0.5 if aligned else 0.0
     start_w, start_h = rois[:, 1] * spatial_scale - offset, rois[:, 2] * spatial_scale - offset
     roi_w = rois[:, 3] * spatial_scale - offset - start_w
@@ -91,16 +94,16 @@ def interpolation_matrix(
         base = rois[idx, 0].long() * (height * width)
         row = base[:, None, None, None, None, None, None] + ys * width + xs
         col = (
-            idx[:, None, None] * (pooled_h * pooled_w)
-            + torch.arange(pooled_h, device=rois.device)[None, :, None] * pooled_w
-            + torch.arange(pooled_w, device=rois.device)[None, None, :]
+            idx[:, None, None] * (out_h * out_w)
+            + (torch.arange(pooled_h, device=rois.device) // pool)[None, :, None] * out_w
+            + (torch.arange(pooled_w, device=rois.device) // pool)[None, None, :]
         )[..., None, None, None, None]
-        val = wy * wx / (gh * gw)
+        val = wy * wx / (gh * gw * pool * pool)
         shape = torch.broadcast_shapes(row.shape, col.shape, val.shape)
         rows.append(row.expand(shape).reshape(-1))
         cols.append(col.expand(shape).reshape(-1))
         vals.append(val.expand(shape).reshape(-1))
-    size = (num * height * width, rois.shape[0] * pooled_h * pooled_w)
+    size = (num * height * width, rois.shape[0] * out_h * out_w)
     if rows:
         indices, values = torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals)
     else:
@@ -162,11 +165,8 @@ class _ROIAlignSparseGrad(torch.autograd.Function):
         (rois,) = ctx.saved_tensors
         shape, output_size, spatial_scale, sampling_ratio, aligned = ctx.config
         num, channels, height, width = shape
-        if ctx.pool > 1:  # avg_pool2d's gradient: 1/pool^2 to every input of each window
-            k = ctx.pool
-            grad_output = grad_output.repeat_interleave(k, 2).repeat_interleave(k, 3) / k**2
         matrix = interpolation_matrix(
-            rois, shape, output_size, spatial_scale, sampling_ratio, aligned
+            rois, shape, output_size, spatial_scale, sampling_ratio, aligned, ctx.pool
         )
         grad = grad_output.permute(0, 2, 3, 1).reshape(-1, channels)
         grad = torch.sparse.mm(matrix, grad.to(matrix.dtype))
