@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import torch
+from common import arguments, batch, htc_cfg, median_time, train_step
 from detectron2.modeling import build_model
-from step_time import arguments, batch, htc_cfg, median_time, train_step
 
 from htc.tta import HybridTaskCascadeWithTTA
 

@@ -2,16 +2,17 @@
 
     .venv/bin/python benchmarks/speed.py [--device cpu|cuda] [--threads 2] [--repeats 5]
 
-Every measurement runs in a fresh subprocess (so peak memory is its own), the two models
-alternately, in one run of this script. Both models have random weights with BN and their box
-regression layers (RPN and every stage) zeroed: proposals are anchors of every level and the
-stages keep them, so both models do RoI work on the same kind of boxes; the score threshold is
-0.001 and TEST.DETECTIONS_PER_IMAGE fixes the number of detections (100 unless stated), so the
-mask heads do full work. Latency is the median of ``--repeats`` runs after a warm-up.
+Per input size, one process times the models in turns (a drift of the machine's speed hits all
+alike); peak memory is measured in a fresh process per model. Both models have random weights
+with BN and their box regression layers (RPN and every stage) zeroed: proposals are anchors of
+every level and the stages keep them, so both do RoI work on the same kind of boxes; the score
+threshold is 0.001 and TEST.DETECTIONS_PER_IMAGE fixes the number of detections (100 unless
+stated), so the mask heads do full work. Latency is the median of ``--repeats`` runs after a
+warm-up.
 
 FLOPs are fvcore's ``FlopCountAnalysis`` of the inference (one multiply-add counts as one flop;
 RoIAlign, NMS and element-wise ops are not counted). A component's time comes from forward
-hooks (perf_counter, CUDA-synchronised on GPU) in separate runs. The dense-conv row is this
+hooks (perf_counter, CUDA-synchronised on GPU) in separate runs. The dense-conv figure is this
 machine's throughput on a 3x3 conv of 256 channels at stride 8 of the same input.
 """
 
@@ -28,10 +29,9 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
+from common import batch, cascade_cfg, htc_cfg, train_step
 from detectron2.modeling import build_model
-from step_time import batch, cascade_cfg, htc_cfg, train_step
 
-ROOT = Path(__file__).resolve().parent
 VARIANTS = {
     "cascade": "Cascade Mask R-CNN R50-FPN (Detectron2)",
     "htc": "HTC R50-FPN (htc_R_50_FPN_1x)",

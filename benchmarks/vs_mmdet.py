@@ -76,8 +76,8 @@ def main():
     print(f"{image.shape[1]}x{image.shape[2]}, {args.threads} threads, median of {args.repeats}")
     print("| implementation | inference (s) | detections | MMDetection / ours |")
     print("|---|---|---|---|")
-    for name, seconds in medians.items():
-        ratio = "" if seconds == theirs else f"{theirs / seconds:.2f}x"
+    for i, (name, seconds) in enumerate(medians.items()):
+        ratio = f"{theirs / seconds:.2f}x" if i else ""
         print(f"| {name} | {seconds:.3f} | {detections[name]} | {ratio} |")
 
 

@@ -4,10 +4,19 @@ import os
 import subprocess
 import sys
 
+import torch
+from detectron2.modeling import build_model
 from PIL import Image
 
 from conftest import DEMO_CONFIG as CONFIG
-from conftest import ROOT, SMALL, run_train_net, train_net_command, training_iterations
+from conftest import (
+    ROOT,
+    SMALL,
+    load_cfg,
+    run_train_net,
+    train_net_command,
+    training_iterations,
+)
 
 
 def test_train_eval_only_and_resume(workspace, tmp_path):
@@ -99,3 +108,22 @@ def test_num_classes_that_do_not_fit_the_dataset_are_refused(workspace, tmp_path
     assert (
         "'htc_demo_train' has 3 thing classes but MODEL.ROI_HEADS.NUM_CLASSES is 5" in result.stderr
     )
+
+
+def test_weights_that_do_not_fit_are_refused_unless_skipping_is_asked(workspace, tmp_path):
+    cfg = load_cfg(CONFIG)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 5
+    weights = tmp_path / "five_classes.pth"
+    torch.save({"model": build_model(cfg).state_dict()}, weights)
+    env = dict(os.environ, DETECTRON2_DATASETS=str(workspace))
+    opts = [*SMALL, "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(tmp_path), "MODEL.WEIGHTS", weights]
+    result = subprocess.run(
+        train_net_command(*map(str, opts)), capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode != 0
+    assert "12 parameters of the checkpoint do not fit the model's shapes" in result.stderr
+    assert "roi_heads.box_predictor.0.cls_score.weight: checkpoint (6, 128), model (4, 128)" in (
+        result.stderr
+    )
+    run_train_net(workspace, *map(str, opts), "MODEL.HTC.SKIP_MISMATCHED_WEIGHTS", "True")
+    assert training_iterations(tmp_path) == [0]

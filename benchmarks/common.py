@@ -1,11 +1,5 @@
-"""HTC R-50-FPN vs Detectron2's Cascade Mask R-CNN R-50-FPN, measured side by side in one run:
-parameter counts, train-step time (forward + backward) and inference time on CPU.
-
-    .venv/bin/python benchmarks/step_time.py [--size 320] [--images 2] [--repeats 3]
-
-Random weights with BN (FrozenBN explodes with random weights); both models see the same
-synthetic images and boxes; torch threads fixed. Prints a markdown table.
-"""
+"""Helpers shared by the benchmarks: the two models' configs, synthetic training batches, timing
+and the training step."""
 
 import argparse
 import statistics
@@ -15,12 +9,10 @@ from pathlib import Path
 import torch
 from detectron2 import model_zoo
 from detectron2.config import get_cfg
-from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from htc import add_htc_config
-from htc.roi_align import use_fast_roi_align
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,54 +80,3 @@ def arguments(description: str):
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     return args
-
-
-def measure(cfg, args, with_sem: bool, sparse_grad: bool = False) -> dict:
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.RESNETS.NORM = "BN"
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.001  # HTC's; both then keep 100 detections
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    if sparse_grad:
-        use_fast_roi_align(model.roi_heads.box_pooler)
-        use_fast_roi_align(model.roi_heads.mask_pooler)
-    inputs = batch(args.images, args.size, with_sem)
-    detections = []
-
-    def inference():
-        model.eval()
-        with torch.no_grad():
-            detections.append(sum(len(x["instances"]) for x in model(inputs)))
-
-    frozen = sum(b.numel() for n, b in model.named_buffers() if n.endswith((".weight", ".bias")))
-    return {
-        "params": sum(p.numel() for p in model.parameters()) + frozen,
-        "train": median_time(lambda: train_step(model, inputs), args.repeats),
-        "infer": median_time(inference, args.repeats),
-        "detections": detections[-1],
-    }
-
-
-def main():
-    args = arguments(__doc__.splitlines()[0])
-    rows = {
-        "Cascade Mask R-CNN R50-FPN (Detectron2)": measure(cascade_cfg(), args, False),
-        "Cascade Mask R-CNN R50-FPN + our RoIAlign backward": measure(
-            cascade_cfg(), args, False, sparse_grad=True
-        ),
-        "HTC R50-FPN (htc_R_50_FPN_1x)": measure(htc_cfg("htc_R_50_FPN_1x.yaml"), args, True),
-    }
-    base = next(iter(rows.values()))
-    print(f"{args.images} images {args.size}px, {args.threads} threads, median of {args.repeats}")
-    print("| model | parameters | train step (s) | ratio | inference (s) | ratio | detections |")
-    print("|---|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        print(
-            f"| {name} | {r['params']:,} | {r['train']:.2f} | {r['train'] / base['train']:.2f} "
-            f"| {r['infer']:.2f} | {r['infer'] / base['infer']:.2f} | {r['detections']} |"
-        )
-
-
-if __name__ == "__main__":
-    main()
