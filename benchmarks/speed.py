@@ -123,10 +123,10 @@ def component_of(name: str) -> str:
     return ""
 
 
-def hook_components(model, device: str, spent: Dict[str, float]) -> None:
+def hook_components(model, device: str, spent: Dict[str, float]) -> Callable[[], None]:
     """Add each component's forward time to ``spent`` (modules by hooks, the semantic box
-    pooling, which is a method, by wrapping it)."""
-    starts = {}
+    pooling, which is a method, by wrapping it); returns the function that removes them."""
+    starts, handles = {}, []
 
     def before(name):
         def hook(*_):
@@ -145,9 +145,15 @@ def hook_components(model, device: str, spent: Dict[str, float]) -> None:
     for name, module in model.named_modules():
         component = outermost_component(name)
         if component:
-            module.register_forward_pre_hook(before(name))
-            module.register_forward_hook(after(name, component))
+            handles.append(module.register_forward_pre_hook(before(name)))
+            handles.append(module.register_forward_hook(after(name, component)))
     heads = model.roi_heads
+
+    def remove():
+        for handle in handles:
+            handle.remove()
+        heads.__dict__.pop("_semantic_box_rois", None)
+
     if hasattr(heads, "_semantic_box_rois"):
         method, name = heads._semantic_box_rois, "roi_heads._semantic_box_rois"
 
@@ -158,6 +164,7 @@ def hook_components(model, device: str, spent: Dict[str, float]) -> None:
             return out
 
         heads._semantic_box_rois = wrapped
+    return remove
 
 
 class _Flat(torch.nn.Module):
@@ -234,14 +241,15 @@ def inference_job(job: dict) -> dict:
     result = {"times": alternate({n: infer(n) for n in models}, repeats, device)}
     result["detections"] = dict(detections)
     spent = {name: defaultdict(float) for name in models}
-    for name, model in models.items():
-        hook_components(model, device, spent[name])
+    unhook = [hook_components(model, device, spent[name]) for name, model in models.items()]
     runs = defaultdict(list)
     for _ in range(repeats):
         for name in models:
             spent[name].clear()
             total = timed(infer(name), 1, device)[0]
             runs[name].append(dict(spent[name], total=total))
+    for remove in unhook:
+        remove()
     result["components"] = {
         name: {k: statistics.median(r.get(k, 0.0) for r in rs) for k in set().union(*rs)}
         for name, rs in runs.items()
@@ -317,11 +325,6 @@ def dense_conv_gflops(height: int, width: int, device: str, repeats: int) -> flo
         conv(x)
         seconds = statistics.median(timed(lambda: conv(x), repeats, device))
     return 256 * 256 * 9 * x.shape[2] * x.shape[3] / seconds / 1e9
-
-
-def size_of(text: str):
-    height, width = (int(v) for v in text.split("x"))
-    return height, width
 
 
 def main():
