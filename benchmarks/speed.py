@@ -256,8 +256,7 @@ def inference_job(job: dict) -> dict:
     }
     with torch.no_grad():
         result["flops"] = {
-            name: flops_by_component(variant(name, device).eval(), inputs[0]["image"])
-            for name in models
+            name: flops_by_component(model, inputs[0]["image"]) for name, model in models.items()
         }
     scaling = {}
     for count in job["detections"]:

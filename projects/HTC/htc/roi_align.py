@@ -185,10 +185,7 @@ class FastROIAlign(ROIAlign):
         if input.is_cuda:
             return super().forward(input, rois)
         assert rois.dim() == 2 and rois.size(1) == 5
-        rois = rois.to(dtype=input.dtype)
-        if torch.is_grad_enabled() and input.requires_grad:
-            return _ROIAlignSparseGrad.apply(input, rois, *self._arguments())
-        return parallel_roi_align(input, rois, *self._arguments())
+        return self._on_cpu(input, rois, pool=1)
 
     def pooled(
         self, input: torch.Tensor, rois: torch.Tensor, size: Tuple[int, int]
@@ -200,10 +197,15 @@ class FastROIAlign(ROIAlign):
         k = pooled_h // size[0]
         if input.is_cuda or (pooled_h, pooled_w) != (size[0] * k, size[1] * k):
             return F.adaptive_avg_pool2d(self(input, rois), size)
+        return self._on_cpu(input, rois, pool=k)
+
+    def _on_cpu(self, input: torch.Tensor, rois: torch.Tensor, pool: int) -> torch.Tensor:
+        """The parallel forward (then ``avg_pool2d(pool)``), with the sparse backward when a
+        gradient is wanted."""
         rois = rois.to(dtype=input.dtype)
         if torch.is_grad_enabled() and input.requires_grad:
-            return _ROIAlignSparseGrad.apply(input, rois, *self._arguments(), k)
-        return parallel_roi_align(input, rois, *self._arguments(), pool=k)
+            return _ROIAlignSparseGrad.apply(input, rois, *self._arguments(), pool)
+        return parallel_roi_align(input, rois, *self._arguments(), pool)
 
 
 def use_fast_roi_align(pooler: ROIPooler) -> ROIPooler:
