@@ -1,10 +1,17 @@
-# The two entry points of README.md. Both set up .venv first (idempotent, fast when done).
-PY := .venv/bin/python
+# The two entry points of README.md. Both set up the venv first (idempotent, fast when done).
+#   PYTHON=python3.12     the interpreter to build the venv on (Python 3.10-3.13)
+#   DETECTRON2=0.6        Detectron2 v0.6 instead of the newest (its own venv, Python 3.10-3.11)
+#   DETECTRON2_SOURCE=X   where the newest Detectron2 comes from (git URL, archive, folder, wheel)
+PYTHON ?= python3
+DETECTRON2 ?= main
+VENV ?= $(if $(filter 0.6,$(DETECTRON2)),.venv-detectron2-0.6,.venv)
+PY := $(VENV)/bin/python
+export DETECTRON2 DETECTRON2_SOURCE VENV
 
 .PHONY: setup demo test
 
 setup:
-	bash scripts/setup.sh
+	bash scripts/setup.sh $(PYTHON)
 
 demo: setup
 	$(PY) scripts/main_job.py

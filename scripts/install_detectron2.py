@@ -2,11 +2,18 @@
 
 * A Detectron2 whose ``_C`` is a compiled extension (a user's own source build, e.g. for CUDA)
   is used as it is: nothing is installed over it.
-* Otherwise Detectron2 v0.6 is installed from the ``pb1-detectron2==0.6`` sdist (the official
-  v0.6 Python sources without ``layers/csrc``), with no extension built, its model-zoo configs
-  kept, and ``scripts/detectron2_C.py`` installed as ``detectron2/_C.py``.
+* ``--version main`` (the default): Detectron2's newest sources. From ``--source`` when given (a
+  git URL, a source archive, a source folder or a wheel), else from GitHub's main branch, else,
+  where GitHub cannot be reached, from the newest Detectron2 sources on PyPI (``sal-detectron2``
+  0.7.2, Detectron2's main branch of 2024-11 redistributed as a Python 3.10 wheel).
+* ``--version 0.6``: Detectron2 v0.6 from the ``pb1-detectron2==0.6`` sdist (the official v0.6
+  Python sources without ``layers/csrc``).
 
-Usage: python scripts/install_detectron2.py [--check] [--constraints FILE]
+Whatever the source, no C++ extension is compiled: ``scripts/detectron2_C.py`` is installed as
+``detectron2/_C.py``. Where it came from is written to ``<prefix>/detectron2-source.txt``.
+
+Usage: python scripts/install_detectron2.py [--check] [--version {main,0.6}] [--source LOCATION]
+                                            [--constraints FILE]
 ``--check`` exits 0 if a compiled Detectron2 is importable, 1 otherwise, and installs nothing.
 """
 
@@ -14,19 +21,87 @@ import argparse
 import hashlib
 import importlib.machinery
 import json
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import urllib.request
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-SDIST = "pb1-detectron2-0.6.tar.gz"
-SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
-INDEX = "https://pypi.org/simple/pb1-detectron2/"
 STAND_IN = Path(__file__).resolve().parent / "detectron2_C.py"
+GITHUB = "https://github.com/facebookresearch/detectron2.git"
+GIT_TIMEOUT_S = 300
+RECORD = Path(sys.prefix) / "detectron2-source.txt"
+
+
+@dataclass(frozen=True)
+class PyPIFile:
+    """One pinned file of a PyPI project, found through the simple index's JSON API (``pip
+    download`` cannot fetch either: pb1's metadata has a direct-URL extra that newer pip refuses,
+    and sal's wheel is tagged for CPython 3.10 only)."""
+
+    project: str
+    filename: str
+    sha256: str
+
+    def fetch(self, dest: Path) -> Path:
+        index = f"https://pypi.org/simple/{self.project}/"
+        accept = {"Accept": "application/vnd.pypi.simple.v1+json"}
+        with urllib.request.urlopen(
+            urllib.request.Request(index, headers=accept), timeout=120
+        ) as r:
+            files = json.load(r)["files"]
+        entry = next((f for f in files if f["filename"] == self.filename), None)
+        if entry is None:
+            raise SystemExit(f"{self.filename} is not listed at {index}")
+        path = dest / self.filename
+        with urllib.request.urlopen(entry["url"], timeout=600) as response:
+            path.write_bytes(response.read())
+        digest = sha256(path)
+        if digest != self.sha256:
+            raise SystemExit(
+                f"{self.filename}: sha256 {digest} differs from the pinned {self.sha256}"
+            )
+        return path
+
+
+V06_SDIST = PyPIFile(
+    "pb1-detectron2",
+    "pb1-detectron2-0.6.tar.gz",
+    "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29",
+)
+PYPI_MAIN_WHEEL = PyPIFile(
+    "sal-detectron2",
+    "sal_detectron2-0.7.2-cp310-none-any.whl",
+    "491af0c7f79bdb2d178e46f6cb16a97c4ac968d45c41ea3f6b6435d59bbee561",
+)
+
+# Detectron2's own install_requires (main branch), for trees that come without a setup.py.
+REQUIREMENTS = [
+    "Pillow>=7.1", "matplotlib", "pycocotools>=2.0.2", "termcolor>=1.1", "yacs>=0.1.8",
+    "tabulate", "cloudpickle", "tqdm>4.29.0", "tensorboard", "fvcore>=0.1.5,<0.1.6",
+    "iopath>=0.1.7,<0.1.10", "omegaconf>=2.1,<2.4", "hydra-core>=1.1", "black", "packaging",
+]  # fmt: skip
+
+SETUP_FOR_PACKAGE = """from setuptools import find_packages, setup
+
+setup(
+    name="detectron2",
+    version={version!r},
+    packages=find_packages(include=["detectron2", "detectron2.*"]),
+    package_data={{"detectron2.model_zoo": ["configs/**/*.yaml", "configs/**/*.py"]}},
+    install_requires={requirements!r},
+)
+"""
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def find_detectron2_dir() -> Optional[Path]:
@@ -50,64 +125,136 @@ def stand_in_is_current(pkg: Path) -> bool:
     return installed.is_file() and installed.read_bytes() == STAND_IN.read_bytes()
 
 
-def fetch_sdist(dest: Path) -> Path:
-    """Download the sdist from PyPI's simple index (JSON API) and verify its sha256.
-
-    ``pip download`` cannot be used: newer pip refuses the sdist's metadata (a direct-URL extra).
-    """
-    accept = {"Accept": "application/vnd.pypi.simple.v1+json"}
-    request = urllib.request.Request(INDEX, headers=accept)
-    with urllib.request.urlopen(request, timeout=120) as response:
-        files = json.load(response)["files"]
-    entry = next((f for f in files if f["filename"] == SDIST), None)
-    if entry is None:
-        raise SystemExit(f"{SDIST} is not listed at {INDEX}")
-    path = dest / SDIST
-    with urllib.request.urlopen(entry["url"], timeout=600) as response:
-        path.write_bytes(response.read())
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != SDIST_SHA256:
-        raise SystemExit(f"{SDIST}: sha256 {digest} differs from the pinned {SDIST_SHA256}")
-    return path
+# --- getting a source tree ------------------------------------------------------------------------
 
 
-def prepare_tree(sdist: Path, work: Path) -> Path:
-    """Unpack and adapt the sdist: no extension, configs kept, our _C, no top-level ``tools``."""
-    with tarfile.open(sdist) as tar:
-        tar.extractall(work, filter="data")
-    tree = work / "pb1-detectron2-0.6"
+def source_root(folder: Path) -> Path:
+    """The folder at or one level below ``folder`` that holds the ``detectron2`` package."""
+    for candidate in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
+        if (candidate / "detectron2" / "__init__.py").is_file():
+            return candidate
+    raise SystemExit(f"{folder}: no detectron2/__init__.py in it or one folder below")
+
+
+def clone(url: str, work: Path) -> tuple[Path, str]:
+    """``git clone --depth 1`` of ``url`` (``git+`` prefix and ``@ref`` suffix allowed)."""
+    url = url.removeprefix("git+")
+    match = re.fullmatch(r"(.+?\.git|[^@]+)(?:@([\w./-]+))?", url)
+    url, ref = (match.group(1), match.group(2)) if match else (url, None)
+    dest = work / "detectron2-git"
+    cmd = [
+        "git",
+        "clone",
+        "-q",
+        "--depth",
+        "1",
+        *(["--branch", ref] if ref else []),
+        url,
+        str(dest),
+    ]
+    subprocess.run(cmd, check=True, timeout=GIT_TIMEOUT_S, capture_output=True, text=True)
+    commit = subprocess.run(
+        ["git", "-C", str(dest), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    return dest, f"{url}{'@' + ref if ref else ''} commit {commit}"
+
+
+def unpack(archive: Path, work: Path) -> tuple[Path, str]:
+    """A ``.tar.gz``/``.tgz``/``.tar``/``.zip`` source archive, or a wheel."""
+    dest = work / "detectron2-unpacked"
+    what = f"{archive.name} (sha256 {sha256(archive)[:16]}…)"
+    if archive.suffix in (".zip", ".whl"):
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(dest)
+    else:
+        with tarfile.open(archive) as tar:
+            commit = tar.pax_headers.get("comment", "")  # git archive writes the commit here
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12: refuse unsafe members
+                tar.extractall(dest, filter="data")
+            else:
+                tar.extractall(dest)
+        if re.fullmatch(r"[0-9a-f]{40}", commit):
+            what += f", git archive of commit {commit}"
+    return source_root(dest), what
+
+
+def obtain(source: str, work: Path) -> tuple[Path, str]:
+    """A writable source tree from ``source`` and a line saying what it is."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        tree = work / "detectron2-copy"
+        ignore = shutil.ignore_patterns(".git", "build", "*.so", "__pycache__")
+        shutil.copytree(source_root(path.resolve()), tree, ignore=ignore)
+        return tree, f"folder {path.resolve()}"
+    if path.is_file():
+        return unpack(path.resolve(), work)
+    if re.match(r"(git\+)?(https?|ssh|git|file)://", source) or source.endswith(".git"):
+        return clone(source, work)
+    raise SystemExit(f"--source {source!r}: no such file or folder, and not a git URL")
+
+
+def obtain_main(work: Path) -> tuple[Path, str]:
+    """GitHub's main branch, else the newest Detectron2 sources on PyPI."""
+    try:
+        return clone(GITHUB, work)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
+        reason = (getattr(e, "stderr", None) or str(e)).strip().splitlines()[-1]
+        print(f"[detectron2] {GITHUB} cannot be cloned ({reason}); taking the newest Detectron2 "
+              f"sources on PyPI instead: {PYPI_MAIN_WHEEL.filename}")  # fmt: skip
+        tree, what = unpack(PYPI_MAIN_WHEEL.fetch(work), work)
+        return tree, f"PyPI {what}"
+
+
+# --- making it installable without a compiler ----------------------------------------------
+
+
+def prepare_tree(tree: Path) -> None:
+    """No extension built, model-zoo configs kept, our ``_C``, no top-level ``tools`` package."""
     setup_py = tree / "setup.py"
-    text = setup_py.read_text()
-    for old, new in [
-        ("ext_modules=get_extensions(),", "ext_modules=[],"),
-        ('"panopticapi @ https://github.com/cocodataset/panopticapi/archive/master.zip",', ""),
-    ]:
-        if old not in text:
-            raise SystemExit(f"unexpected {setup_py}: cannot find {old!r}")
-        text = text.replace(old, new)
-    setup_py.write_text(text)
-    zoo = tree / "detectron2" / "model_zoo" / "configs"
-    if zoo.is_dir() and not (tree / "configs").exists():
-        shutil.move(str(zoo), str(tree / "configs"))
+    if setup_py.is_file():
+        text = setup_py.read_text()
+        patched = text.replace("ext_modules=get_extensions(),", "ext_modules=[],")
+        patched = re.sub(r'\s*"panopticapi @ https://[^"]+",', "", patched)
+        if "ext_modules=[]" not in patched:
+            raise SystemExit(f"unexpected {setup_py}: cannot find ext_modules=get_extensions()")
+        setup_py.write_text(patched)
+        zoo = tree / "detectron2" / "model_zoo" / "configs"
+        if zoo.is_dir() and not (tree / "configs").exists():  # v0.6's setup.py copies from here
+            shutil.move(str(zoo), str(tree / "configs"))
+    else:  # a wheel's package alone: its configs already lie in model_zoo/configs
+        version = re.search(
+            r'__version__ = "([^"]+)"', (tree / "detectron2" / "__init__.py").read_text()
+        ).group(1)
+        setup_py.write_text(SETUP_FOR_PACKAGE.format(version=version, requirements=REQUIREMENTS))
+        for metadata in tree.glob("*.dist-info"):
+            shutil.rmtree(metadata)
+    for compiled in (tree / "detectron2").glob("_C*.so"):
+        compiled.unlink()
     shutil.copyfile(STAND_IN, tree / "detectron2" / "_C.py")
     (tree / "tools" / "__init__.py").unlink(missing_ok=True)
-    return tree
 
 
-def install(constraints: Optional[str]) -> None:
-    with tempfile.TemporaryDirectory(prefix="htc-d2-") as tmp:
-        tree = prepare_tree(fetch_sdist(Path(tmp)), Path(tmp))
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation"]
-        if constraints:
-            cmd += ["-c", constraints]
-        subprocess.run(cmd + [str(tree)], check=True)
+def install(tree: Path, constraints: Optional[str]) -> None:
+    prepare_tree(tree)
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation"]
+    if constraints:
+        cmd += ["-c", constraints]
+    subprocess.run(cmd + [str(tree)], check=True)
+
+
+def requested(version: str, source: Optional[str]) -> str:
+    return f"{version} from {source}" if source else version
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only report a compiled Detectron2")
+    parser.add_argument("--version", choices=["main", "0.6"], default="main")
+    parser.add_argument("--source", help="git URL, source archive, source folder or wheel (main)")
     parser.add_argument("--constraints", help="pip constraints file")
     args = parser.parse_args()
+    if args.source and args.version != "main":
+        parser.error("--source gives Detectron2's newest sources: use it with --version main")
 
     pkg = find_detectron2_dir()
     compiled = compiled_extension(pkg) if pkg else None
@@ -117,11 +264,24 @@ def main() -> int:
     if compiled:
         print(f"[detectron2] using the compiled Detectron2 at {compiled}; installing nothing")
         return 0
-    if pkg and stand_in_is_current(pkg):
-        print(f"[detectron2] v0.6 with the pure-Python _C already installed at {pkg}")
-        return 0
-    print("[detectron2] installing v0.6 from the pb1-detectron2 sdist with the pure-Python _C")
-    install(args.constraints)
+    want = requested(args.version, args.source)
+    if pkg and stand_in_is_current(pkg) and RECORD.is_file():
+        asked, _, installed = RECORD.read_text().partition("\n")
+        if asked == want:
+            print(f"[detectron2] already installed at {pkg}: {installed.strip()}")
+            return 0
+    with tempfile.TemporaryDirectory(prefix="htc-d2-") as tmp:
+        work = Path(tmp)
+        if args.version == "0.6":
+            tree, what = unpack(V06_SDIST.fetch(work), work)
+            what = f"v0.6, PyPI {what}"
+        elif args.source:
+            tree, what = obtain(args.source, work)
+        else:
+            tree, what = obtain_main(work)
+        print(f"[detectron2] installing {what} with the pure-Python _C")
+        install(tree, args.constraints)
+    RECORD.write_text(f"{want}\n{what}\n")
     return 0
 
 

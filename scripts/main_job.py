@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.engine import DefaultPredictor  # noqa: E402
@@ -31,9 +32,10 @@ NUM_PICTURES = 6
 
 
 def train(config: Path, output: Path, opts: list) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     cmd = [
         sys.executable, str(ROOT / "train_net.py"), "--config-file", str(config), "--resume",
-        "OUTPUT_DIR", str(output), "MODEL.DEVICE", "cpu", *opts,
+        "OUTPUT_DIR", str(output), "MODEL.DEVICE", device, *opts,
     ]  # fmt: skip
     print("[main job]", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)

@@ -1,15 +1,49 @@
 #!/usr/bin/env bash
-# One entry point that makes .venv: torch, Detectron2 (existing compiled one, or v0.6 with our
-# pure-Python _C), the project (editable) and its test tools. Idempotent; needs only the package
-# registries. Usage: bash scripts/setup.sh [PYTHON]
+# One entry point that makes the venv: torch, Detectron2 (an existing compiled one, else the newest
+# sources or v0.6, with our pure-Python _C), the project (editable) and its test tools.
+# Idempotent; needs only the package registries (and GitHub, where reachable).
+#   bash scripts/setup.sh [PYTHON]          PYTHON: the interpreter to build on (default python3)
+# Environment:
+#   DETECTRON2=main|0.6   main (default): Detectron2's newest sources, Python 3.10-3.13, venv .venv
+#                         0.6: Detectron2 v0.6 of 2021-11, Python 3.10-3.11, venv .venv-detectron2-0.6
+#   DETECTRON2_SOURCE=X   where main comes from: a git URL, a source archive or folder, or a wheel
+#                         (default: GitHub's main branch, else the newest Detectron2 on PyPI)
+#   VENV=DIR              the venv to make (default: by DETECTRON2, as above)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
 python="${1:-${PYTHON:-python3}}"
-venv="$root/.venv"
-pip_c=(-c "$root/constraints.txt")
+detectron2="${DETECTRON2:-main}"
+source="${DETECTRON2_SOURCE:-}"
+if [ -e "$source" ]; then source="$(realpath "$source")"; fi  # a path given from the caller's folder
+venv="${VENV:+$(realpath -m "$VENV")}"
+cd "$root"
+case "$detectron2" in
+  main) constraints="$root/constraints.txt"; supported="3.10 3.11 3.12 3.13"; default_venv=.venv ;;
+  0.6) constraints="$root/constraints-detectron2-0.6.txt"; supported="3.10 3.11"
+       default_venv=.venv-detectron2-0.6 ;;
+  *) echo "[setup] DETECTRON2=$detectron2: use main (the default) or 0.6" >&2; exit 2 ;;
+esac
+if [ "$detectron2" = 0.6 ] && [ -n "$source" ]; then
+  echo "[setup] DETECTRON2_SOURCE gives Detectron2's newest sources; unset it for DETECTRON2=0.6" >&2
+  exit 2
+fi
+[ -n "${VENV:-}" ] || venv="$root/$default_venv"
 start=$SECONDS
 
+if ! version="$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)"; then
+  echo "[setup] cannot run the interpreter '$python': give one as bash scripts/setup.sh PYTHON" >&2
+  exit 2
+fi
+if [[ " $supported " != *" $version "* ]]; then
+  echo "[setup] $python is Python $version; DETECTRON2=$detectron2 runs on Python $supported" >&2
+  exit 2
+fi
+
+venv_version="$("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)"
+if [ -n "$venv_version" ] && [ "$venv_version" != "$version" ]; then
+  echo "[setup] $venv is Python $venv_version; making it anew for Python $version"
+  rm -rf "$venv"
+fi
 if [ ! -x "$venv/bin/python" ]; then
   # A compiled Detectron2 in the base interpreter (a user's own CUDA build) is used as it is.
   if "$python" "$root/scripts/install_detectron2.py" --check >/dev/null 2>&1; then
@@ -21,20 +55,25 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py="$venv/bin/python"
 stamp="$venv/.htc-setup-stamp"
-want="$(cat constraints.txt setup.cfg pyproject.toml scripts/setup.sh scripts/install_detectron2.py scripts/detectron2_C.py | sha256sum | cut -d' ' -f1)"
+want="$( (echo "$version $detectron2 $source"
+          cat "$constraints" setup.cfg pyproject.toml scripts/setup.sh scripts/install_detectron2.py \
+              scripts/detectron2_C.py) | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c "import htc, detectron2.engine" 2>/dev/null; then
-  echo "[setup] .venv is up to date ($((SECONDS - start)) s)"
+  echo "[setup] $venv is up to date ($((SECONDS - start)) s)"
   exit 0
 fi
 
+pip_c=(-c "$constraints")
 "$py" -m pip install -q "${pip_c[@]}" pip
 if ! "$py" -c "import torch" 2>/dev/null; then
   "$py" -m pip install -q "${pip_c[@]}" torch torchvision
 fi
 "$py" -m pip install -q "${pip_c[@]}" numpy Pillow setuptools opencv-python-headless pycocotools \
   matplotlib fvcore iopath black omegaconf hydra-core tqdm tensorboard pytest ruff
-"$py" "$root/scripts/install_detectron2.py" --constraints "$root/constraints.txt"
+"$py" "$root/scripts/install_detectron2.py" --constraints "$constraints" --version "$detectron2" \
+  ${source:+--source "$source"}
 "$py" -m pip install -q "${pip_c[@]}" --no-build-isolation --no-deps -e "$root"
 "$py" -m pip check
 echo "$want" > "$stamp"
-echo "[setup] .venv ready in $((SECONDS - start)) s: $(du -sh "$venv" | cut -f1)"
+echo "[setup] $venv ready in $((SECONDS - start)) s: $(du -sh "$venv" | cut -f1), Python $version," \
+  "Detectron2 $(sed -n 2p "$venv/detectron2-source.txt" 2>/dev/null || echo "(compiled, from $python)")"

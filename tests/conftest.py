@@ -117,12 +117,19 @@ def workspace(tmp_path_factory):
     return datasets
 
 
+def child_env(*first_on_path: Path, **overrides: str) -> dict:
+    """Our environment for a child process, with ``first_on_path`` and the repository root put
+    before our own PYTHONPATH (the child must import what this process imports)."""
+    path = [str(p) for p in (*first_on_path, ROOT)] + [os.environ.get("PYTHONPATH", "")]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p), **overrides)
+
+
 def train_net_command(*args) -> list:
     return [sys.executable, str(ROOT / "train_net.py"), "--config-file", str(DEMO_CONFIG), *args]
 
 
 def run_train_net(workspace, *args) -> str:
-    env = dict(os.environ, DETECTRON2_DATASETS=str(workspace))
+    env = child_env(DETECTRON2_DATASETS=str(workspace))
     result = subprocess.run(
         train_net_command(*args), capture_output=True, text=True, env=env, timeout=900
     )

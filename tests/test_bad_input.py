@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from detectron2.engine import SimpleTrainer
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from PIL import Image
@@ -229,11 +230,19 @@ def test_missing_and_unexpected_keys_are_reported(tmp_path, caplog):
 # --- non-finite losses ------------------------------------------------------------------------
 
 
-def test_non_finite_loss_names_the_loss_and_the_iteration():
+def test_non_finite_loss_stops_the_trainer_before_the_optimizer_step():
+    """Detectron2's own trainer check (v0.6 and later alike) names the loss and the iteration."""
     model = _model()
     model.train()
     head = model.roi_heads.mask_head[1].predictor
     head.register_forward_hook(lambda module, inputs, output: output * float("nan"))
-    with EventStorage(start_iter=17):
-        with pytest.raises(FloatingPointError, match=r"'loss_mask_stage1': nan.* at iteration 17"):
-            model(make_batch())
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = SimpleTrainer(model, [make_batch()] * 20, optimizer)
+    trainer.iter = trainer.start_iter = 17
+    with EventStorage(start_iter=17) as trainer.storage:
+        with pytest.raises(
+            FloatingPointError, match=r"(?s)iteration=17.*'loss_mask_stage1': (np.float64\()?nan"
+        ):
+            trainer.run_step()
+    assert all(torch.equal(before[k], v) for k, v in model.named_parameters())

@@ -1,6 +1,5 @@
 """Nothing lost: atomic checkpoint writes, and a training run killed with SIGKILL resumes."""
 
-import os
 import random
 import signal
 import subprocess
@@ -9,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import SMALL, train_net_command, training_iterations
+from conftest import SMALL, child_env, train_net_command, training_iterations
 from htc.checkpoint import atomic_open
 
 
@@ -29,7 +28,7 @@ def test_interrupted_write_keeps_the_previous_file(tmp_path):
 
 def test_sigkill_at_a_random_point_then_resume(workspace, tmp_path):
     output = tmp_path / "out"
-    env = dict(os.environ, DETECTRON2_DATASETS=str(workspace))
+    env = child_env(DETECTRON2_DATASETS=str(workspace))
     opts = [
         *SMALL,
         "SOLVER.MAX_ITER",

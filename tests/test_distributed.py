@@ -1,13 +1,12 @@
 """Distributed data parallel training with 2 CPU processes (gloo)."""
 
 import json
-import os
 import subprocess
 import sys
 
 import torch
 
-from conftest import DEMO_CONFIG, ROOT, SMALL
+from conftest import DEMO_CONFIG, ROOT, SMALL, child_env
 from htc.demo_data import generate_split
 
 
@@ -28,7 +27,7 @@ def test_two_processes_train_to_identical_weights_using_every_parameter(tmp_path
         "MODEL.RESNETS.NORM", "naiveSyncBN",  # batch statistics shared, so buffers agree too
         "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100", "OUTPUT_DIR", str(out),
     ]  # fmt: skip
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
+    env = child_env(CUDA_VISIBLE_DEVICES="")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 

@@ -2,7 +2,6 @@
 
 import importlib.util
 import multiprocessing as mp
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -196,44 +195,3 @@ def test_unsupported_entry_points_raise_named_error(name, hint):
 def test_build_information():
     assert C.has_cuda() is False
     assert "stand-in" in C.get_compiler_version() and "stand-in" in C.get_cuda_version()
-
-
-def _installer(*args, pythonpath=None):
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = str(pythonpath)
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts/install_detectron2.py"), *args],
-        capture_output=True, text=True, env=env, timeout=60,
-    )  # fmt: skip
-
-
-def _snapshot(folder: Path):
-    return sorted((str(p.relative_to(folder)), p.stat().st_mtime_ns) for p in folder.rglob("*"))
-
-
-def test_setup_leaves_a_compiled_detectron2_alone(tmp_path):
-    pkg = tmp_path / "detectron2"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    (pkg / f"_C{suffix}").write_bytes(b"\x7fELF fake compiled extension")
-    before = _snapshot(tmp_path)
-
-    check = _installer("--check", pythonpath=tmp_path)
-    assert check.returncode == 0 and f"_C{suffix}" in check.stdout
-    run = _installer(pythonpath=tmp_path)
-    assert run.returncode == 0, run.stderr
-    assert "using the compiled Detectron2" in run.stdout and "installing nothing" in run.stdout
-    assert _snapshot(tmp_path) == before
-
-
-def test_setup_recognises_its_own_stand_in():
-    check = _installer("--check")
-    import detectron2._C as installed
-
-    compiled = not installed.__file__.endswith(".py")
-    assert (check.returncode == 0) == compiled
-    if not compiled:
-        run = _installer()
-        assert run.returncode == 0 and "already installed" in run.stdout

@@ -13,7 +13,13 @@ from htc import SEMANTIC_FEATURE
 from htc.convert_mmdet import convert
 
 FIXTURE = ROOT / "tests/fixtures/htc_parity_small.pth"
-TOL = dict(rtol=0, atol=1e-4)
+
+
+def assert_near(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal up to float32 rounding, which another BLAS or CPU does differently: 1e-4 absolute
+    plus 1e-5 of the largest magnitude compared (the semantic feature reaches ~70)."""
+    atol = 1e-4 + 1e-5 * float(want.abs().max()) if want.numel() else 0.0
+    torch.testing.assert_close(got, want, rtol=0, atol=atol)
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +50,9 @@ def features(model, ref):
 def test_fpn_and_semantic_branch(ref, features):
     _, feats, logits, _ = features
     for name, want in zip(["p2", "p3", "p4", "p5", "p6"], ref["fpn"]):
-        torch.testing.assert_close(feats[name], want, rtol=0, atol=1e-4 * want.abs().max())
-    torch.testing.assert_close(logits, ref["semantic_logits"], **TOL)
-    torch.testing.assert_close(feats[SEMANTIC_FEATURE], ref["semantic_feat"], **TOL)
+        assert_near(feats[name], want)
+    assert_near(logits, ref["semantic_logits"])
+    assert_near(feats[SEMANTIC_FEATURE], ref["semantic_feat"])
 
 
 def test_rpn_proposals_as_sets(model, ref, features):
@@ -66,12 +72,10 @@ def test_stage_logits_and_deltas_on_fixed_proposals(model, ref, features):
     proposals = [Instances(size, proposal_boxes=Boxes(ref["stage_rois"][0]))]
     with torch.no_grad():
         for stage in range(3):
-            torch.testing.assert_close(
-                proposals[0].proposal_boxes.tensor, ref["stage_rois"][stage], **TOL
-            )
+            assert_near(proposals[0].proposal_boxes.tensor, ref["stage_rois"][stage])
             cls, deltas = heads._run_stage(feats, proposals, stage)
-            torch.testing.assert_close(cls, ref["stage_cls"][stage], **TOL)
-            torch.testing.assert_close(deltas, ref["stage_deltas"][stage], **TOL)
+            assert_near(cls, ref["stage_cls"][stage])
+            assert_near(deltas, ref["stage_deltas"][stage])
             boxes = heads.box_predictor[stage].predict_boxes((cls, deltas), proposals)
             proposals = heads._create_proposals_from_boxes(boxes, [size])
 
@@ -90,8 +94,8 @@ def test_final_detections(model, ref, features):
         det.scores.argsort(descending=True),
         ref["det_scores"].argsort(descending=True),
     )
-    torch.testing.assert_close(det.scores[order], ref["det_scores"][ref_order], **TOL)
-    torch.testing.assert_close(det.pred_boxes.tensor[order], ref["det_boxes"][ref_order], **TOL)
+    assert_near(det.scores[order], ref["det_scores"][ref_order])
+    assert_near(det.pred_boxes.tensor[order], ref["det_boxes"][ref_order])
     assert torch.equal(det.pred_classes[order], ref["det_labels"][ref_order])
 
 
@@ -102,7 +106,7 @@ def test_stage_mask_probabilities(model, ref, features):
     with torch.no_grad():
         ours = model.roi_heads._run_mask_heads(feats, [boxes], 2, keep_all=True)
     for got, want in zip(ours, ref["stage_mask_logits"]):
-        torch.testing.assert_close(got.sigmoid(), want.sigmoid(), **TOL)
+        assert_near(got.sigmoid(), want.sigmoid())
 
 
 def test_mask_rules_2x_mean_and_3x_last(model, ref, features):
@@ -120,9 +124,7 @@ def test_mask_rules_2x_mean_and_3x_last(model, ref, features):
     want_mean = torch.stack([x[:n].sigmoid() for x in ref["stage_mask_logits"]]).mean(0)
     want_mean = want_mean[torch.arange(n), ref["det_labels"][:n]][:, None]
     with torch.no_grad():
-        torch.testing.assert_close(
-            heads._forward_mask(feats, [inst])[0].pred_masks, want_mean, **TOL
-        )
+        assert_near(heads._forward_mask(feats, [inst])[0].pred_masks, want_mean)
         heads.mask_merge = "last"
         try:
             masks = model.inference(batch, [inst])[0]["instances"].pred_masks

@@ -1,6 +1,5 @@
 """train_net.py end to end on a small copy of the demo dataset: train, --eval-only, --resume."""
 
-import os
 import subprocess
 import sys
 
@@ -10,8 +9,8 @@ from PIL import Image
 
 from conftest import DEMO_CONFIG as CONFIG
 from conftest import (
-    ROOT,
     SMALL,
+    child_env,
     load_cfg,
     run_train_net,
     train_net_command,
@@ -49,7 +48,7 @@ def test_train_eval_only_and_resume(workspace, tmp_path):
             "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
         ],
         capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, DETECTRON2_DATASETS=str(workspace)),
+        env=child_env(DETECTRON2_DATASETS=str(workspace)),
     )  # fmt: skip
     assert demo.returncode == 0, demo.stderr[-2000:]
     pictures = sorted(vis.glob("*.png"))
@@ -83,9 +82,7 @@ def test_custom_dataset_entry_script_of_the_readme(workspace, tmp_path):
         "DATASETS.TRAIN", "('mine_train',)", "DATASETS.TEST", "('mine_val',)",
         "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(tmp_path / "out"),
     ]  # fmt: skip
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
+    env = child_env()
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
@@ -93,7 +90,7 @@ def test_custom_dataset_entry_script_of_the_readme(workspace, tmp_path):
 
 
 def test_num_classes_that_do_not_fit_the_dataset_are_refused(workspace, tmp_path):
-    env = dict(os.environ, DETECTRON2_DATASETS=str(workspace))
+    env = child_env(DETECTRON2_DATASETS=str(workspace))
     cmd = train_net_command(
         *SMALL,
         "MODEL.ROI_HEADS.NUM_CLASSES",
@@ -115,7 +112,7 @@ def test_weights_that_do_not_fit_are_refused_unless_skipping_is_asked(workspace,
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 5
     weights = tmp_path / "five_classes.pth"
     torch.save({"model": build_model(cfg).state_dict()}, weights)
-    env = dict(os.environ, DETECTRON2_DATASETS=str(workspace))
+    env = child_env(DETECTRON2_DATASETS=str(workspace))
     opts = [*SMALL, "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(tmp_path), "MODEL.WEIGHTS", weights]
     result = subprocess.run(
         train_net_command(*map(str, opts)), capture_output=True, text=True, env=env, timeout=600

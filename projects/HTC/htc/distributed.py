@@ -1,11 +1,13 @@
 """Multi-process training on CPU (gloo) as on CUDA (NCCL), with any Detectron2 version.
 
-Detectron2 v0.6's ``launch`` asserts CUDA, and every version's ``create_ddp_model`` hands torch's
-DistributedDataParallel ``device_ids=[local_rank]``, which torch refuses for a CPU model. With
-CUDA, :func:`launch` is Detectron2's; without, it starts the same processes on gloo.
+Every version's ``create_ddp_model`` hands torch's DistributedDataParallel
+``device_ids=[local_rank]``, which torch refuses for a CPU model: :func:`cpu_capable_ddp`.
+Detectron2 v0.6's ``launch`` asserts CUDA, where later versions fall back to gloo themselves: on
+v0.6 without CUDA, :func:`launch` starts the same processes on gloo; otherwise it is Detectron2's.
 """
 
 import contextlib
+import inspect
 import socket
 from typing import Callable, Iterator
 
@@ -14,8 +16,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.engine import launch as d2_launch
-from detectron2.engine.launch import DEFAULT_TIMEOUT
+from detectron2.engine.launch import DEFAULT_TIMEOUT, _distributed_worker
 from detectron2.utils import comm
+
+# Detectron2 after v0.6 picks the gloo backend in its worker when CUDA is absent.
+D2_LAUNCHES_ON_CPU = "GLOO" in inspect.getsource(_distributed_worker).upper()
 
 
 def launch(
@@ -26,10 +31,10 @@ def launch(
     dist_url: str = "auto",
     args: tuple = (),
 ) -> None:
-    """Detectron2's ``launch`` (one process per GPU); on a machine without CUDA, one gloo
-    process per ``num_processes_per_machine`` with the same ranks and local process group."""
+    """Detectron2's ``launch``; with Detectron2 v0.6 on a machine without CUDA, one gloo process
+    per ``num_processes_per_machine`` with the same ranks and local process group."""
     world_size = num_machines * num_processes_per_machine
-    if torch.cuda.is_available() or world_size == 1:
+    if D2_LAUNCHES_ON_CPU or torch.cuda.is_available() or world_size == 1:
         d2_launch(main_func, num_processes_per_machine, num_machines, machine_rank, dist_url, args)
         return
     if dist_url == "auto":
@@ -69,10 +74,7 @@ def _cpu_worker(
 
 
 def _set_local_process_group(world_size: int, per_machine: int, machine_rank: int) -> None:
-    """The group of this machine's processes, which ``comm.get_local_rank`` reads."""
-    if hasattr(comm, "create_local_process_group"):  # Detectron2 after v0.6
-        comm.create_local_process_group(per_machine)
-        return
+    """The group of this machine's processes, which v0.6's ``comm.get_local_rank`` reads."""
     for machine in range(world_size // per_machine):
         group = dist.new_group(list(range(machine * per_machine, (machine + 1) * per_machine)))
         if machine == machine_rank:

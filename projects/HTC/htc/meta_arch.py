@@ -1,4 +1,3 @@
-import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -81,7 +80,6 @@ class HybridTaskCascade(GeneralizedRCNN):
             self.visualize_training(batched_inputs, proposals)
         losses.update(proposal_losses)
         losses.update(detector_losses)
-        _check_finite(losses)
         return losses
 
     def _semantic_targets(self, batched_inputs: List[dict], images: ImageList) -> torch.Tensor:
@@ -144,16 +142,3 @@ def _resize_to_output(scores: torch.Tensor, size: Tuple[int, int], height: int, 
     if (height, width) == tuple(size):
         return scores[:, :height, :width]
     return sem_seg_postprocess(scores, size, height, width)
-
-
-def _check_finite(losses: Dict[str, torch.Tensor]) -> None:
-    """Stop before the optimizer step on a non-finite loss, naming it and the iteration (one
-    device sync, as Detectron2's metric logging already does every step)."""
-    values = torch.stack([v.detach().float() for v in losses.values()]).tolist()
-    bad = {k: v for k, v in zip(losses, values) if not math.isfinite(v)}
-    if bad:
-        try:
-            where = f"at iteration {get_event_storage().iter}"
-        except AssertionError:  # no EventStorage: called outside a trainer
-            where = "outside a training loop"
-        raise FloatingPointError(f"non-finite loss {bad} {where}; all: {dict(zip(losses, values))}")

@@ -1,0 +1,167 @@
+"""scripts/install_detectron2.py: which Detectron2 it installs from which source, and how it makes
+any of them installable without a compiler."""
+
+import importlib.machinery
+import importlib.util
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, child_env
+
+SCRIPT = ROOT / "scripts/install_detectron2.py"
+
+
+def _load_installer():
+    spec = importlib.util.spec_from_file_location("install_detectron2", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+inst = _load_installer()
+SO = f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+UPSTREAM_SETUP = """from setuptools import setup
+setup(
+    name="detectron2",
+    ext_modules=get_extensions(),
+    install_requires=[
+        "panopticapi @ https://github.com/cocodataset/panopticapi/archive/master.zip",
+        "yacs",
+    ],
+)
+"""
+
+
+def _installer(*args, pythonpath=None):
+    env = child_env(pythonpath) if pythonpath else None
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=60
+    )
+
+
+def _package(root: Path, version: str = "0.6") -> Path:
+    pkg = root / "detectron2"
+    (pkg / "model_zoo" / "configs" / "COCO").mkdir(parents=True)
+    (pkg / "__init__.py").write_text(f'__version__ = "{version}"\n')
+    (pkg / "model_zoo" / "__init__.py").write_text("")
+    (pkg / "model_zoo" / "configs" / "COCO" / "m.yaml").write_text("MODEL: {}\n")
+    (pkg / SO).write_bytes(b"\x7fELF compiled for another Python")
+    (root / "tools").mkdir()
+    (root / "tools" / "__init__.py").write_text("")
+    return pkg
+
+
+def _snapshot(folder: Path):
+    return sorted((str(p.relative_to(folder)), p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
+def test_source_tree_builds_no_extension_and_gets_our_C(tmp_path):
+    pkg = _package(tmp_path)
+    (tmp_path / "setup.py").write_text(UPSTREAM_SETUP)
+    inst.prepare_tree(tmp_path)
+    setup_py = (tmp_path / "setup.py").read_text()
+    assert "ext_modules=[]," in setup_py and "get_extensions" not in setup_py
+    assert "panopticapi" not in setup_py and '"yacs"' in setup_py
+    assert (pkg / "_C.py").read_bytes() == inst.STAND_IN.read_bytes()
+    assert not (pkg / SO).exists() and not (tmp_path / "tools" / "__init__.py").exists()
+    # v0.6's setup.py installs the model-zoo configs from the tree's root
+    assert (tmp_path / "configs" / "COCO" / "m.yaml").is_file()
+
+
+def test_unexpected_setup_py_is_refused(tmp_path):
+    _package(tmp_path)
+    (tmp_path / "setup.py").write_text("from setuptools import setup\nsetup(name='x')\n")
+    with pytest.raises(SystemExit, match="cannot find ext_modules=get_extensions"):
+        inst.prepare_tree(tmp_path)
+
+
+def test_a_wheel_of_detectron2_installs_with_its_configs(tmp_path):
+    """The PyPI route unpacks a wheel built for another Python: its package alone, given a
+    setup.py of ours; pip installs it with the model-zoo configs and our _C."""
+    tree = tmp_path / "tree"
+    _package(tree, version="0.7.2")
+    (tree / "sal_detectron2-0.7.2.dist-info").mkdir()
+    inst.prepare_tree(tree)
+    assert not list(tree.glob("*.dist-info"))
+    target = tmp_path / "site"
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*cmd, "--target", str(target), str(tree)], check=True, timeout=300)
+    installed = target / "detectron2"
+    assert (installed / "_C.py").read_bytes() == inst.STAND_IN.read_bytes()
+    assert (installed / "model_zoo" / "configs" / "COCO" / "m.yaml").is_file()
+    assert not (target / "tools").exists() and not (installed / SO).exists()
+    assert list(target.glob("detectron2-0.7.2.dist-info"))
+
+
+def test_git_archive_names_its_commit(tmp_path):
+    src = tmp_path / "src"
+    _package(src / "detectron2-repo")
+    archive = tmp_path / "detectron2-abc.tar.gz"
+    commit = "02b5c4e295e990042a714712c21dc79b731e8833"
+    with tarfile.open(archive, "w:gz", pax_headers={"comment": commit}) as tar:
+        tar.add(src / "detectron2-repo", arcname="detectron2-repo")
+    tree, what = inst.obtain(str(archive), tmp_path / "work")
+    assert tree.name == "detectron2-repo" and (tree / "detectron2" / "__init__.py").is_file()
+    assert archive.name in what and f"git archive of commit {commit}" in what
+
+
+def test_source_folder_is_copied_not_changed(tmp_path):
+    src = tmp_path / "checkout"
+    _package(src)
+    (src / "setup.py").write_text(UPSTREAM_SETUP)
+    before = _snapshot(src)
+    tree, what = inst.obtain(str(src), tmp_path / "work")
+    inst.prepare_tree(tree)
+    assert _snapshot(src) == before and str(src) in what
+
+
+def test_bad_sources_are_named(tmp_path):
+    with pytest.raises(SystemExit, match="no such file or folder, and not a git URL"):
+        inst.obtain(str(tmp_path / "missing.tar.gz"), tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="no detectron2/__init__.py"):
+        inst.obtain(str(empty), tmp_path / "work")
+    with pytest.raises(subprocess.CalledProcessError):
+        inst.clone(f"file://{tmp_path}/nothing.git", tmp_path)
+    not_a_tar = tmp_path / "x.tar.gz"
+    not_a_tar.write_bytes(b"garbage")
+    with pytest.raises(tarfile.ReadError):
+        inst.obtain(str(not_a_tar), tmp_path / "work2")
+
+
+def test_setup_leaves_a_compiled_detectron2_alone(tmp_path):
+    pkg = tmp_path / "detectron2"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / SO).write_bytes(b"\x7fELF fake compiled extension")
+    before = _snapshot(tmp_path)
+
+    check = _installer("--check", pythonpath=tmp_path)
+    assert check.returncode == 0 and SO in check.stdout
+    run = _installer(pythonpath=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "using the compiled Detectron2" in run.stdout and "installing nothing" in run.stdout
+    assert _snapshot(tmp_path) == before
+
+
+def _args_of_this_venv() -> list:
+    asked = (Path(sys.prefix) / "detectron2-source.txt").read_text().splitlines()[0]
+    if asked == "0.6":
+        return ["--version", "0.6"]
+    return ["--source", asked.removeprefix("main from ")] if asked.startswith("main from ") else []
+
+
+def test_setup_recognises_what_it_installed():
+    check = _installer("--check")
+    import detectron2._C as installed
+
+    compiled = not installed.__file__.endswith(".py")
+    assert (check.returncode == 0) == compiled
+    if not compiled:
+        run = _installer(*_args_of_this_venv())
+        assert run.returncode == 0 and "already installed" in run.stdout, run.stdout + run.stderr
