@@ -25,9 +25,12 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvalua
 
 from htc import HTCDatasetMapper, add_htc_config
 from htc.checkpoint import HTCCheckpointer
-from htc.data import check_dataset
+from htc.data import register_builtin
 from htc.distributed import cpu_capable_ddp, launch
 from htc.tta import HybridTaskCascadeWithTTA
+
+# The datasets the shipped configs name; every process registers them (DDP workers import this).
+register_builtin()
 
 
 def _fast_coco_eval_available() -> bool:
@@ -35,6 +38,35 @@ def _fast_coco_eval_available() -> bool:
     import detectron2._C as C
 
     return not getattr(C, "STAND_IN", False)
+
+
+def check_dataset(cfg, name: str, is_train: bool) -> None:
+    """Refuse a config that does not fit dataset ``name`` (call after the dataset was loaded,
+    which sets its ``thing_classes``): class count, and semantic labels for training."""
+    meta = MetadataCatalog.get(name)
+    ignore = meta.get("ignore_label")
+    if (
+        cfg.MODEL.HTC.SEMANTIC_ON
+        and ignore is not None
+        and ignore != cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
+    ):
+        raise ValueError(
+            f"dataset {name!r} marks unlabeled pixels {ignore} (its ignore_label) but "
+            f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE is {cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE}"
+        )
+    things = meta.get("thing_classes")
+    if things is not None and len(things) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+        raise ValueError(
+            f"dataset {name!r} has {len(things)} thing classes but MODEL.ROI_HEADS.NUM_CLASSES "
+            f"is {cfg.MODEL.ROI_HEADS.NUM_CLASSES}"
+        )
+    has_labels = meta.get("sem_seg_root") or meta.get("derive_semantic")
+    if is_train and cfg.MODEL.HTC.SEMANTIC_ON and not has_labels:
+        raise ValueError(
+            f"MODEL.HTC.SEMANTIC_ON trains on semantic labels, and dataset {name!r} has none: "
+            "register it with sem_seg_root or derive_semantic=True (htc.register_htc_instances), "
+            "or set MODEL.HTC.SEMANTIC_ON False and MODEL.HTC.SEMANTIC_FUSION []"
+        )
 
 
 class Trainer(DefaultTrainer):

@@ -1,4 +1,4 @@
-"""RoIAlign backward on CPU: torchvision's kernel vs htc.roi_align's sparse-matrix backward,
+"""RoIAlign backward on CPU: torchvision's kernel vs htc.layers.roi_align's sparse-matrix backward,
 side by side in one run (same inputs, torch threads fixed), with the max gradient difference.
 
     .venv/bin/python benchmarks/roi_align_backward.py
@@ -10,7 +10,7 @@ import time
 import torch
 from torchvision.ops import roi_align
 
-from htc.roi_align import _ROIAlignSparseGrad
+from htc.layers.roi_align import _ROIAlignSparseGrad
 
 # (images, channels, feature H, W, stride, RoIs, output): demo training, COCO-size training
 CASES = [

@@ -1,7 +1,9 @@
 """Shared helpers: a tiny HTC (same architecture, small widths) and synthetic batches."""
 
+import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +12,11 @@ import pytest
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.utils.events import EventStorage
 
-from htc import add_htc_config
-from htc.demo_data import VERSION, generate_split
+from htc import HTCDatasetMapper, add_htc_config
+from htc.data import load_htc_json
+from htc.data.demo_data import VERSION, generate_split
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -142,3 +146,56 @@ def training_iterations(output) -> list:
     with open(output / "metrics.json") as f:
         entries = [json.loads(line) for line in f if line.strip()]
     return [e["iteration"] for e in entries if "total_loss" in e]
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clean")
+    generate_split(root, "train", num_images=3, seed=3)
+    return root
+
+
+@pytest.fixture
+def dataset(clean, tmp_path):
+    """A copy of the clean dataset and its json (a dict) to break before loading."""
+    root = tmp_path / "data"
+    shutil.copytree(clean, root)
+    return root, json.loads((root / "train.json").read_text())
+
+
+def load(root, coco=None):
+    if coco is not None:
+        (root / "train.json").write_text(json.dumps(coco))
+    return load_htc_json(
+        str(root / "train.json"), str(root / "train"), "bad", str(root / "train_sem")
+    )
+
+
+def map_all(records):
+    cfg = tiny_cfg()
+    cfg.INPUT.MASK_FORMAT = "bitmask"
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 6
+    mapper = HTCDatasetMapper(cfg, is_train=True, augmentations=[])
+    return [mapper(copy.deepcopy(r)) for r in records]
+
+
+def first_image(root):
+    return root / "train" / "00001.png"
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:400])
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    generate_split(root, "train", num_images=4, seed=3)
+    return root
+
+
+def train_losses(model, batch, seed=0):
+    model.train()
+    torch.manual_seed(seed)
+    with EventStorage():
+        return model(batch)

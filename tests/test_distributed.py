@@ -7,7 +7,7 @@ import sys
 import torch
 
 from conftest import DEMO_CONFIG, ROOT, SMALL, child_env
-from htc.demo_data import generate_split
+from htc.data.demo_data import generate_split
 
 
 def test_two_processes_train_to_identical_weights_using_every_parameter(tmp_path):

@@ -58,3 +58,22 @@ def test_htc_test_option(method):
     assert torch.all(soft.scores[:-1] >= soft.scores[1:])
     torch.testing.assert_close(soft.scores[0], hard.scores[0])  # the top box is never decayed
     assert soft.pred_masks.shape[0] == len(soft)
+
+
+@pytest.mark.parametrize("method", ["linear", "gaussian"])
+def test_stopping_after_k_picks_gives_the_top_k_of_the_full_loop(method):
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(300, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + 20 + torch.rand(300, 2, generator=g) * 60], dim=1)
+    scores = torch.rand(300, generator=g)
+    full = soft_nms(boxes, scores, method, 0.3, 0.5, min_score=0.0)
+    top = soft_nms(boxes, scores, method, 0.3, 0.5, min_score=0.0, max_picks=25)
+    assert torch.equal(top[0], full[0][:25]) and torch.equal(top[1], full[1][:25])
+    assert torch.all(full[1][:-1] >= full[1][1:])
+
+
+def test_min_score_is_its_own_key():
+    cfg = tiny_cfg()
+    cfg.MODEL.HTC.SOFT_NMS_MIN_SCORE = 0.2
+    heads = build_model(cfg).roi_heads
+    assert heads.soft_nms_min_score == 0.2 != heads.box_predictor[-1].test_score_thresh

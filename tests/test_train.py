@@ -3,8 +3,11 @@
 import subprocess
 import sys
 
+import pytest
 import torch
+from detectron2.engine import SimpleTrainer
 from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
 from PIL import Image
 
 from conftest import DEMO_CONFIG as CONFIG
@@ -12,10 +15,14 @@ from conftest import (
     SMALL,
     child_env,
     load_cfg,
+    make_batch,
     run_train_net,
+    tiny_cfg,
     train_net_command,
     training_iterations,
 )
+from htc import register_htc_instances
+from train_net import check_dataset
 
 
 def test_train_eval_only_and_resume(workspace, tmp_path):
@@ -124,3 +131,45 @@ def test_weights_that_do_not_fit_are_refused_unless_skipping_is_asked(workspace,
     )
     run_train_net(workspace, *map(str, opts), "MODEL.HTC.SKIP_MISMATCHED_WEIGHTS", "True")
     assert training_iterations(tmp_path) == [0]
+
+
+def test_non_finite_loss_stops_the_trainer_before_the_optimizer_step():
+    """Detectron2's own trainer check (v0.6 and later alike) names the loss and the iteration."""
+    model = build_model(tiny_cfg())
+    model.train()
+    head = model.roi_heads.mask_head[1].predictor
+    head.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = SimpleTrainer(model, [make_batch()] * 20, optimizer)
+    trainer.iter = trainer.start_iter = 17
+    with EventStorage(start_iter=17) as trainer.storage:
+        with pytest.raises(
+            FloatingPointError, match=r"(?s)iteration=17.*'loss_mask_stage1': (np.float64\()?nan"
+        ):
+            trainer.run_step()
+    assert all(torch.equal(before[k], v) for k, v in model.named_parameters())
+
+
+def test_semantic_branch_without_semantic_labels_is_refused(tiny_dataset):
+    register_htc_instances(
+        "test_no_sem", str(tiny_dataset / "train.json"), str(tiny_dataset / "train")
+    )
+    cfg = tiny_cfg()
+    with pytest.raises(ValueError, match="'test_no_sem' has none.*SEMANTIC_ON False"):
+        check_dataset(cfg, "test_no_sem", is_train=True)
+    check_dataset(cfg, "test_no_sem", is_train=False)  # inference needs no labels
+    cfg.MODEL.HTC.SEMANTIC_ON = False
+    check_dataset(cfg, "test_no_sem", is_train=True)
+
+
+def test_ignore_value_that_is_not_the_datasets_is_refused(tiny_dataset):
+    register_htc_instances(
+        "test_ignore", str(tiny_dataset / "train.json"), str(tiny_dataset / "train"),
+        sem_seg_root=str(tiny_dataset / "train_sem"),
+    )  # fmt: skip
+    cfg = tiny_cfg()
+    check_dataset(cfg, "test_ignore", is_train=True)
+    cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 0
+    with pytest.raises(ValueError, match="'test_ignore' marks unlabeled pixels 255.*IGNORE_VALUE"):
+        check_dataset(cfg, "test_ignore", is_train=True)

@@ -1,8 +1,8 @@
-"""Hybrid Task Cascade (HTC) for Detectron2."""
+"""Hybrid Task Cascade (HTC) for Detectron2. Importing it registers the model's parts in
+Detectron2's registries; datasets are registered by the entry points (``htc.data``)."""
 
 from .config import add_htc_config
-from .data import HTCDatasetMapper, register_coco_htc, register_htc_instances
-from .demo_data import register_demo
+from .data import HTCDatasetMapper, register_builtin, register_htc_instances
 from .mask_head import HTCMaskHead
 from .meta_arch import HybridTaskCascade
 from .roi_heads import SEMANTIC_FEATURE, HybridTaskCascadeROIHeads
@@ -10,6 +10,7 @@ from .semantic_head import FusedSemanticHead
 
 __all__ = [
     "HTCDatasetMapper",
+    "register_builtin",
     "register_htc_instances",
     "add_htc_config",
     "FusedSemanticHead",
@@ -18,6 +19,3 @@ __all__ = [
     "HybridTaskCascadeROIHeads",
     "SEMANTIC_FEATURE",
 ]
-
-register_coco_htc()
-register_demo()

@@ -24,12 +24,20 @@ def add_htc_config(cfg: CN) -> None:
     # threshold ROI_HEADS.NMS_THRESH_TEST, minimum score ROI_HEADS.SCORE_THRESH_TEST).
     cfg.MODEL.HTC.TEST_NMS = "nms"
     cfg.MODEL.HTC.SOFT_NMS_SIGMA = 0.5
+    # Soft-NMS drops boxes whose decayed score falls under this (the reference's min_score); the
+    # candidates already passed ROI_HEADS.SCORE_THRESH_TEST.
+    cfg.MODEL.HTC.SOFT_NMS_MIN_SCORE = 0.001
     # Inference outputs "sem_seg", the (K, H, W) semantic scores at the output resolution (what
     # SemSegEvaluator reads); False skips that upsampling when only instances are wanted.
     cfg.MODEL.HTC.SEMANTIC_OUTPUT = True
     # Loading MODEL.WEIGHTS refuses parameters whose shape differs from the model's; True skips
     # them (left at their initialization), e.g. to fine-tune on another number of classes.
     cfg.MODEL.HTC.SKIP_MISMATCHED_WEIGHTS = False
+    # Kernels (htc/layers): "fast" RoIAlign (parallel CPU forward, sparse-matrix CPU backward,
+    # same results) or "detectron2"'s; "torchvision" deformable convs (train on CPU and CUDA) or
+    # "detectron2"'s (CUDA only).
+    cfg.MODEL.HTC.ROI_ALIGN = "fast"
+    cfg.MODEL.HTC.DEFORM_CONV = "torchvision"
 
     cfg.MODEL.SEM_SEG_HEAD.NUM_CONVS = 4
     cfg.MODEL.SEM_SEG_HEAD.EMBED_DIM = 256

@@ -19,6 +19,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
 
 from .config import add_htc_config
+from .data import register_builtin
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -71,6 +72,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE pairs")
     args = parser.parse_args(argv)
 
+    register_builtin()  # the class names of the configs' datasets
     cfg = load_predictor_cfg(args.config_file, args.opts)
     predictor = DefaultPredictor(cfg)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")

@@ -10,7 +10,8 @@ from torch.nn import functional as F
 
 @ROI_MASK_HEAD_REGISTRY.register()
 class HTCMaskHead(MaskRCNNConvUpsampleHead):
-    """One stage's mask head of HTC: Mask R-CNN's conv + deconv head with mask information flow.
+    """One stage's mask head of HTC: Mask R-CNN's conv + deconv head with mask information flow
+    (:meth:`chain`).
 
     With ``with_res_conv``, the 14x14 feature of the previous stage's head (taken before its
     deconv) goes through a 1x1 conv + ReLU (``res_conv``) and is summed into the RoI features
@@ -59,12 +60,19 @@ class HTCMaskHead(MaskRCNNConvUpsampleHead):
         """(R, D, 14, 14) conv feature -> (R, num_classes, 28, 28) mask logits."""
         return self.predictor(self.deconv_relu(self.deconv(feat)))
 
-    def forward(  # the parent computes losses itself; in HTC the ROI heads chain the stages
-        self, x: torch.Tensor, res_feat: Optional[torch.Tensor] = None, with_logits: bool = True
+    def chain(
+        self, x: torch.Tensor, res_feat: Optional[torch.Tensor], with_logits: bool = True
     ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
-        """
+        """This stage's head within the cascade (``forward`` keeps the parent's contract: one
+        head alone, its loss or its masks).
+
+        Args:
+            x: (R, C, 14, 14) RoI features.
+            res_feat: (R, D, 14, 14) feature of the previous stage's head, or None.
+            with_logits: False when only the feature for the next stage is wanted.
+
         Returns:
-            mask logits (R, num_classes, 28, 28), or None when ``with_logits`` is False, and the
+            mask logits (R, num_classes, 28, 28), or None without ``with_logits``, and the
             (R, D, 14, 14) feature that the next stage's head receives as ``res_feat``.
         """
         feat = self.conv_features(x, res_feat)

@@ -7,7 +7,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
-from .deform_conv import use_torchvision_deform_conv
+from .layers import DEFORM_CONV_KERNELS
 from .roi_heads import SEMANTIC_FEATURE
 from .semantic_head import FusedSemanticHead
 
@@ -44,7 +44,12 @@ class HybridTaskCascade(GeneralizedRCNN):
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
         ret["semantic_output"] = cfg.MODEL.HTC.SEMANTIC_OUTPUT
-        use_torchvision_deform_conv(ret["backbone"])  # DCN that trains on CPU and CUDA alike
+        kernels = cfg.MODEL.HTC.DEFORM_CONV
+        if kernels not in DEFORM_CONV_KERNELS:
+            raise ValueError(
+                f"MODEL.HTC.DEFORM_CONV={kernels!r}: use one of {sorted(DEFORM_CONV_KERNELS)}"
+            )
+        DEFORM_CONV_KERNELS[kernels](ret["backbone"])
         if cfg.MODEL.HTC.SEMANTIC_ON:
             ret["semantic_head"] = build_sem_seg_head(cfg, ret["backbone"].output_shape())
         return ret

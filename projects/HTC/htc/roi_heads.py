@@ -4,8 +4,12 @@ import torch
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling import ROI_HEADS_REGISTRY
-from detectron2.modeling.poolers import ROIPooler, convert_boxes_to_pooler_format
-from detectron2.modeling.roi_heads import CascadeROIHeads, select_foreground_proposals
+from detectron2.modeling.poolers import ROIPooler
+from detectron2.modeling.roi_heads import (
+    ROI_MASK_HEAD_REGISTRY,
+    CascadeROIHeads,
+    select_foreground_proposals,
+)
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 from detectron2.modeling.roi_heads.mask_head import mask_rcnn_loss
 from detectron2.structures import Boxes, Instances, pairwise_iou
@@ -13,8 +17,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 from torch.nn import functional as F
 
-from .mask_head import HTCMaskHead
-from .roi_align import FastROIAlign, use_fast_roi_align
+from .poolers import HTCROIPooler
 from .soft_nms import soft_nms_inference
 
 # Key of the semantic feature (N, C, H/s, W/s) in the feature dict handed to the ROI heads.
@@ -46,11 +49,12 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         stage_loss_weights: Sequence[float],
         interleaved: bool = True,
         mask_info_flow: bool = True,
-        semantic_pooler: Optional[ROIPooler] = None,
+        semantic_pooler: Optional[HTCROIPooler] = None,
         semantic_fusion: Sequence[str] = (),
         mask_merge: str = "mean",
         test_nms: str = "nms",
         soft_nms_sigma: float = 0.5,
+        soft_nms_min_score: float = 0.001,
         **kwargs,
     ):
         """
@@ -63,6 +67,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             mask_merge: "mean" of the stages' sigmoid masks at test time, or "last" stage only.
             test_nms: "nms", or Soft-NMS "soft_linear" / "soft_gaussian" for the detections.
             soft_nms_sigma: sigma of the gaussian Soft-NMS.
+            soft_nms_min_score: Soft-NMS drops boxes whose decayed score falls under this.
             kwargs: arguments of :class:`CascadeROIHeads`.
         """
         super().__init__(**kwargs)
@@ -74,10 +79,8 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         self.mask_merge = mask_merge
         self.test_nms = test_nms
         self.soft_nms_sigma = soft_nms_sigma
+        self.soft_nms_min_score = soft_nms_min_score
         self._validate()
-        for pooler in (self.box_pooler, getattr(self, "mask_pooler", None), semantic_pooler):
-            if pooler is not None:
-                use_fast_roi_align(pooler)  # torchvision's CPU RoIAlign is one thread
 
     def _validate(self) -> None:
         n = self.num_cascade_stages
@@ -123,9 +126,13 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             mask_merge=htc.MASK_MERGE,
             test_nms=htc.TEST_NMS,
             soft_nms_sigma=htc.SOFT_NMS_SIGMA,
+            soft_nms_min_score=htc.SOFT_NMS_MIN_SCORE,
         )
         if htc.SEMANTIC_ON:
             ret["semantic_pooler"] = cls._init_semantic_pooler(cfg, input_shape)
+        for key in ("box_pooler", "mask_pooler", "semantic_pooler"):
+            if ret.get(key) is not None:
+                ret[key] = HTCROIPooler.from_pooler(ret[key], htc.ROI_ALIGN)
         return ret
 
     @classmethod
@@ -153,20 +160,24 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
 
     @classmethod
     def _init_mask_head(cls, cfg, input_shape: Dict[str, ShapeSpec]):
-        """One mask head per stage (the parent builds one); only stages > 0 get a res conv."""
+        """One mask head per stage, each built from ROI_MASK_HEAD.NAME (the parent builds one);
+        the heads after the first take the previous head's feature (mask information flow)."""
         ret = super()._init_mask_head(cfg, input_shape)
         if not ret:
             return ret
         first = ret["mask_head"]
-        if not isinstance(first, HTCMaskHead):
+        if not callable(getattr(first, "chain", None)):
             raise ValueError(
-                f"MODEL.ROI_MASK_HEAD.NAME={cfg.MODEL.ROI_MASK_HEAD.NAME!r}: HTC needs HTCMaskHead"
+                f"MODEL.ROI_MASK_HEAD.NAME={cfg.MODEL.ROI_MASK_HEAD.NAME!r} cannot pass features "
+                "from stage to stage: HTC needs a head with chain(x, res_feat, with_logits), "
+                "such as HTCMaskHead"
             )
         resolution = cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION
         channels = input_shape[cfg.MODEL.ROI_HEADS.IN_FEATURES[0]].channels
         shape = ShapeSpec(channels=channels, height=resolution, width=resolution)
+        head = ROI_MASK_HEAD_REGISTRY.get(cfg.MODEL.ROI_MASK_HEAD.NAME)
         later = [
-            HTCMaskHead(cfg, shape, with_res_conv=cfg.MODEL.HTC.MASK_INFO_FLOW)
+            head(cfg, shape, with_res_conv=cfg.MODEL.HTC.MASK_INFO_FLOW)
             for _ in cfg.MODEL.ROI_BOX_CASCADE_HEAD.IOUS[1:]
         ]
         ret["mask_head"] = nn.ModuleList([first, *later])
@@ -193,7 +204,8 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
                 rois = self._label_and_sample(proposals, targets, stage)
                 predictions = self._run_stage(features, rois, stage)
                 stage_losses = self.box_predictor[stage].losses(predictions, rois)
-            proposals = self._refine(predictions, rois, stage)
+            if stage + 1 < self.num_cascade_stages or (self.mask_on and self.interleaved):
+                proposals = self._refine(predictions, rois, stage)
             if self.mask_on:
                 if self.interleaved:
                     with storage.name_scope(f"stage{stage}/mask"):
@@ -257,10 +269,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
     ) -> torch.Tensor:
         """(R, C, *size): the semantic RoI feature at the mask resolution average-pooled to the
         box resolution, as the reference computes it."""
-        level = self.semantic_pooler.level_poolers[0]
-        if not isinstance(level, FastROIAlign):
-            return F.adaptive_avg_pool2d(self._semantic_rois(features, boxes), size)
-        return level.pooled(features[SEMANTIC_FEATURE], convert_boxes_to_pooler_format(boxes), size)
+        return self.semantic_pooler.pooled([features[SEMANTIC_FEATURE]], boxes, size)
 
     def _run_stage(
         self, features: Dict[str, torch.Tensor], proposals: List[Instances], stage: int
@@ -308,8 +317,9 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             return fast_rcnn_inference(boxes, scores, image_sizes, *thresholds)[0]
         method = self.test_nms[len("soft_") :]
         return soft_nms_inference(
-            boxes, scores, image_sizes, *thresholds, method=method, sigma=self.soft_nms_sigma
-        )
+            boxes, scores, image_sizes, *thresholds, method=method, sigma=self.soft_nms_sigma,
+            min_score=self.soft_nms_min_score,
+        )  # fmt: skip
 
     def _forward_box(
         self, features: Dict[str, torch.Tensor], proposals: List[Instances], targets=None
@@ -373,7 +383,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         logits, res_feat = [], None
         for stage in range(first, last_stage + 1):
             with_logits = keep_all or stage == last_stage
-            stage_logits, feat = self.mask_head[stage](x, res_feat, with_logits=with_logits)
+            stage_logits, feat = self.mask_head[stage].chain(x, res_feat, with_logits)
             res_feat = feat if self.mask_info_flow else None
             if with_logits:
                 logits.append(stage_logits)

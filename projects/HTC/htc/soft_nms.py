@@ -3,7 +3,7 @@ removing the boxes that overlap a kept box, their scores are decayed (linear: by
 IoU > threshold; gaussian: by exp(-IoU^2 / sigma)), and boxes whose score falls under a
 minimum are dropped."""
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from detectron2.structures import Boxes, Instances, pairwise_iou
@@ -18,20 +18,24 @@ def soft_nms(
     iou_threshold: float,
     sigma: float,
     min_score: float,
+    max_picks: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     Args:
         boxes: (N, 4) XYXY; scores: (N,).
+        max_picks: stop after this many picks. Exact for the top ``max_picks``: each pick is
+            the highest score left and scores only decay, so later picks score no higher.
 
     Returns:
-        indices of the kept boxes in the order they were picked, and their decayed scores.
+        indices of the kept boxes in the order they were picked (scores non-increasing), and
+        their decayed scores.
     """
     if method not in METHODS:
         raise ValueError(f"Soft-NMS method {method!r}: use one of {METHODS}")
     scores = scores.clone()
     alive = torch.arange(len(boxes), device=boxes.device)
     keep, kept_scores = [], []
-    while len(alive):
+    while len(alive) and (max_picks is None or len(keep) < max_picks):
         best = int(scores[alive].argmax())
         pick = alive[best]
         keep.append(pick)
@@ -58,11 +62,13 @@ def soft_nms_inference(
     topk: int,
     method: str,
     sigma: float,
+    min_score: float,
 ) -> List[Instances]:
     """Per image, like Detectron2's ``fast_rcnn_inference`` with class-wise Soft-NMS in place
-    of NMS. ``boxes`` are (R, 4) class-agnostic, ``scores`` (R, K+1) with background last.
-    The loop picks one box at a time: cost grows with the square of the candidates above
-    ``score_thresh`` (a test-time option, as in the paper's extensions)."""
+    of NMS. ``boxes`` are (R, 4) class-agnostic, ``scores`` (R, K+1) with background last;
+    candidates score above ``score_thresh``, Soft-NMS drops those decayed under ``min_score``.
+    The loop picks one box at a time, ``topk`` at most: its cost is bounded by ``topk`` times
+    the candidates (a test-time option, as in the paper's extensions)."""
     results = []
     for image_boxes, image_scores, size in zip(boxes, scores, image_sizes):
         image_boxes = Boxes(image_boxes.clone())
@@ -73,9 +79,9 @@ def soft_nms_inference(
         # boxes of different classes never overlap after this shift: one Soft-NMS for all
         shift = classes[:, None].to(candidates) * (max(size) + 1)
         keep, kept_scores = soft_nms(
-            candidates + shift, candidate_scores, method, iou_threshold, sigma, score_thresh
-        )
-        keep, kept_scores = keep[:topk], kept_scores[:topk]
+            candidates + shift, candidate_scores, method, iou_threshold, sigma, min_score,
+            max_picks=topk if topk >= 0 else None,
+        )  # fmt: skip
         result = Instances(size)
         result.pred_boxes = Boxes(candidates[keep])
         result.scores = kept_scores

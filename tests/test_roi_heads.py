@@ -1,25 +1,17 @@
-"""Behaviour of the HTC modules: each test fails if the mechanism it names is removed."""
+"""htc.roi_heads: the interleaved cascade, mask information flow, semantic fusion, and HTC's
+test-time rules."""
 
 import pytest
 import torch
 from detectron2.modeling import build_model
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 from detectron2.structures import Boxes, Instances
-from detectron2.utils.events import EventStorage
 from torch.nn import functional as F
 
-from conftest import CONFIGS, load_cfg, make_batch, tiny_cfg
+from conftest import make_batch, tiny_cfg, train_losses
 from htc import SEMANTIC_FEATURE
 
 STAGES = range(3)
-
-
-def train_losses(model, batch, seed=0):
-    model.train()
-    torch.manual_seed(seed)
-    with EventStorage():
-        return model(batch)
 
 
 def test_loss_keys_and_finite():
@@ -150,59 +142,6 @@ def test_inference_averages_stage_logits_then_softmax():
     assert not torch.allclose(probs, mean_of_probs, atol=1e-2)  # the rule matters here
 
 
-@pytest.mark.parametrize("with_gt", [True, False], ids=["positives", "no-positives"])
-def test_every_parameter_gets_a_gradient(with_gt):
-    model = build_model(tiny_cfg())
-    losses = train_losses(model, make_batch(with_gt=with_gt))
-    sum(losses.values()).backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    assert missing == []
-    if with_gt:
-        trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        assert [n for n, p in trained if p.grad.abs().sum() == 0] == []
-
-
-def test_inference_output_format():
-    model = build_model(tiny_cfg()).eval()
-    batch = make_batch(num_images=2)
-    batch[1]["height"], batch[1]["width"] = 192, 144  # outputs at the requested resolution
-    with torch.no_grad():
-        outputs = model(batch)
-    for out, x in zip(outputs, batch):
-        assert set(out) == {"instances", "sem_seg"}
-        inst = out["instances"]
-        assert inst.image_size == (x["height"], x["width"])
-        assert inst.pred_masks.shape == (len(inst), x["height"], x["width"])
-        assert inst.pred_masks.dtype == torch.bool
-        assert out["sem_seg"].shape == (5, x["height"], x["width"])
-        assert {"pred_boxes", "scores", "pred_classes", "pred_masks"} <= set(inst.get_fields())
-
-
-def test_semantic_output_is_detectron2s_postprocess_and_can_be_skipped():
-    model = build_model(tiny_cfg()).eval()
-    batch = make_batch(num_images=1, size=90)  # padded to 96: the crop matters
-    with torch.no_grad():
-        out = model(batch)[0]
-        images = model.preprocess_image(batch)
-        _, logits = model._features(images)
-        scores = model.semantic_head.upsample_logits(logits)[0]
-        model.semantic_output = False
-        without = model(batch)[0]
-    assert torch.equal(out["sem_seg"], sem_seg_postprocess(scores, (90, 90), 90, 90))
-    assert set(without) == {"instances"}
-    assert torch.equal(without["instances"].pred_masks, out["instances"].pred_masks)
-
-
-def test_without_semantic_branch():
-    model = build_model(tiny_cfg(semantic_on=False, semantic_fusion=[])).eval()
-    assert model.semantic_head is None
-    with torch.no_grad():
-        outputs = model(make_batch(num_images=1))
-    assert set(outputs[0]) == {"instances"}
-    losses = train_losses(model, make_batch())
-    assert "loss_sem_seg" not in losses and "loss_mask_stage2" in losses
-
-
 def test_mask_merge_last_uses_only_last_stage():
     model = build_model(tiny_cfg()).eval()
     boxes = Boxes(torch.tensor([[5.0, 5.0, 60.0, 70.0]]))
@@ -220,46 +159,17 @@ def test_mask_merge_last_uses_only_last_stage():
 
 
 @pytest.mark.parametrize(
-    "opts, message",
-    [
-        (["MODEL.HTC.STAGE_LOSS_WEIGHTS", [1.0, 0.5]], "STAGE_LOSS_WEIGHTS"),
-        (["MODEL.ROI_BOX_CASCADE_HEAD.IOUS", [0.5, 0.6]], "2 IOUS but 3 BBOX_REG_WEIGHTS"),
-        (["MODEL.HTC.SEMANTIC_ON", False], "SEMANTIC_FUSION"),
-        (["MODEL.HTC.SEMANTIC_FUSION", ["box"]], "unknown"),
-        (["MODEL.HTC.MASK_MERGE", "max"], "MASK_MERGE"),
-        (["MODEL.HTC.TEST_NMS", "soft"], "TEST_NMS"),
-        (["MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead"], "HTCMaskHead"),
-        (["MODEL.SEM_SEG_HEAD.COMMON_STRIDE", 6], "COMMON_STRIDE"),
-        (["MODEL.SEM_SEG_HEAD.EMBED_DIM", 16], "EMBED_DIM"),
-    ],
+    "interleaved, mask_on, calls", [(True, True, 3), (False, True, 2), (True, False, 2)]
 )
-def test_config_errors_are_clear(opts, message):
-    cfg = tiny_cfg()
-    cfg.merge_from_list(opts)
-    with pytest.raises(ValueError, match=message):
-        build_model(cfg)
-
-
-SHIPPED = sorted(p.relative_to(CONFIGS) for p in CONFIGS.rglob("*.yaml"))
-
-
-@pytest.mark.parametrize("name", SHIPPED, ids=str)
-def test_shipped_config_builds(name):
-    cfg = load_cfg(CONFIGS / name)
+def test_boxes_are_refined_only_where_a_later_step_uses_them(interleaved, mask_on, calls):
+    """The last stage's refined boxes serve only its interleaved mask head."""
+    cfg = tiny_cfg(INTERLEAVED=interleaved)
+    cfg.MODEL.MASK_ON = mask_on
     model = build_model(cfg)
-    assert type(model).__name__ == "HybridTaskCascade"
-    assert len(model.roi_heads.mask_head) == 3
-
-
-def _reference_parameter_count(model) -> int:
-    """Learnable parameters as the reference counts them: its BN affine parameters are
-    parameters, our FrozenBN keeps them as buffers."""
-    frozen_affine = sum(
-        b.numel() for n, b in model.named_buffers() if n.endswith((".weight", ".bias"))
+    heads, stages = model.roi_heads, []
+    refine = heads._refine
+    heads._refine = lambda predictions, rois, stage: (
+        stages.append(stage) or refine(predictions, rois, stage)
     )
-    return sum(p.numel() for p in model.parameters()) + frozen_affine
-
-
-def test_r50_parameter_count_matches_reference():
-    model = build_model(load_cfg(CONFIGS / "htc_R_50_FPN_1x.yaml"))
-    assert _reference_parameter_count(model) == 80_258_293
+    train_losses(model, make_batch())
+    assert stages == list(range(calls))

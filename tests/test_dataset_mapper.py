@@ -1,47 +1,59 @@
-"""Datasets, the mapper and the demo generator."""
-
-import json
+"""htc.data.dataset_mapper: images, masks and semantic maps stay aligned through the transforms;
+bad image and label files are named when they are read."""
 
 import numpy as np
 import pytest
 import torch
-from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from PIL import Image
 
-from conftest import CONFIGS, tiny_cfg
+from conftest import CONFIGS, first_image, load, map_all, tiny_cfg, truncate
 from htc import HTCDatasetMapper, register_htc_instances
-from htc.data import check_dataset, load_htc_json
-from htc.demo_data import SEMANTIC_CLASSES, THING_CLASSES, generate_split, make_scene
+from htc.data import load_htc_json
 
 
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    generate_split(root, "train", num_images=4, seed=3)
-    return root
+@pytest.mark.parametrize(
+    "damage, error, message",
+    [
+        (lambda p: p.unlink(), FileNotFoundError, r"train.json: 1 images not found, e.g. .*00001"),
+        (lambda p: p.write_bytes(b"no image"), OSError, r"cannot read .*00001.png.*identify"),
+        (lambda p: p.write_bytes(b""), OSError, r"cannot read .*00001.png"),
+        (truncate, OSError, r"cannot read .*00001.png.*truncated"),
+    ],
+    ids=["missing", "not-an-image", "empty-file", "truncated"],
+)
+def test_bad_image_files_are_named(dataset, damage, error, message):
+    root, _ = dataset
+    damage(first_image(root))
+    with pytest.raises(error, match=message):
+        map_all(load(root))
 
 
-def test_demo_generator_is_deterministic(tmp_path):
-    a = make_scene(np.random.default_rng(7))
-    b = make_scene(np.random.default_rng(7))
-    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-    assert [o["category_id"] for o in a[2]] == [o["category_id"] for o in b[2]]
-    assert all(np.array_equal(x["mask"], y["mask"]) for x, y in zip(a[2], b[2]))
-    generate_split(tmp_path / "one", "val", 3, seed=1)
-    generate_split(tmp_path / "two", "val", 3, seed=1)
-    for name in ["val.json", "val/00001.png", "val_sem/00003.png"]:
-        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+def test_crowd_annotations_stay_out_of_the_targets(dataset):
+    root, coco = dataset
+    ours = [a for a in coco["annotations"] if a["image_id"] == 1]
+    ours[0]["iscrowd"] = 1
+    ours[0]["bbox"] = [0, 0, 0.5, 0.5]  # crowd boxes are not checked for size
+    records = load(root, coco)
+    assert len(records[0]["annotations"]) == len(ours)
+    assert len(map_all(records)[0]["instances"]) == len(ours) - 1
 
 
-def test_demo_scene_labels_agree_with_instances():
-    image, semantic, objects = make_scene(np.random.default_rng(11))
-    assert image.shape == (256, 256, 3) and semantic.shape == (256, 256)
-    assert set(np.unique(semantic)) <= set(range(len(SEMANTIC_CLASSES)))
-    assert set(np.unique(semantic)) & {3, 4, 5}  # some stuff
-    for obj in objects:  # every visible object pixel carries its class in the semantic map
-        assert (semantic[obj["mask"]] == obj["category_id"]).all()
-        assert obj["category_id"] < len(THING_CLASSES)
+def test_images_without_annotations_map_to_empty_targets(dataset):
+    root, coco = dataset
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] != 1]
+    out = map_all(load(root, coco))[0]
+    assert len(out["instances"]) == 0 and out["sem_seg"].shape == (256, 256)
+
+
+def test_bad_semantic_maps_are_named(dataset):
+    root, _ = dataset
+    Image.fromarray(np.zeros((100, 120), np.uint8)).save(root / "train_sem" / "00001.png")
+    with pytest.raises(ValueError, match=r"00001.png: semantic map of size \(100, 120\)"):
+        map_all(load(root))
+    Image.fromarray(np.full((256, 256), 7, np.uint8)).save(root / "train_sem" / "00001.png")
+    with pytest.raises(ValueError, match=r"00001.png: semantic labels \[7\] outside \[0, 6\)"):
+        map_all(load(root))
 
 
 def _mapper(flip: bool, size: int):
@@ -118,34 +130,6 @@ def test_derived_semantic_labels(tiny_dataset):
         HTCDatasetMapper(cfg, is_train=True, augmentations=[])
 
 
-def test_missing_files_are_named(tmp_path, tiny_dataset):
-    with pytest.raises(FileNotFoundError, match="annotation file.*nope.json"):
-        load_htc_json(str(tmp_path / "nope.json"), str(tmp_path), "x")
-    with pytest.raises(FileNotFoundError, match="semantic map folder"):
-        load_htc_json(
-            str(tiny_dataset / "train.json"), str(tiny_dataset / "train"), "x", str(tmp_path / "no")
-        )
-    partial = tmp_path / "sem"
-    partial.mkdir()
-    with pytest.raises(FileNotFoundError, match="semantic map of .*00001.png"):
-        load_htc_json(
-            str(tiny_dataset / "train.json"), str(tiny_dataset / "train"), "x", str(partial)
-        )
-
-
-def test_coco_htc_is_registered_with_its_layout():
-    meta = MetadataCatalog.get("coco_2017_val_htc")
-    assert meta.json_file.endswith("coco/annotations/instances_val2017.json")
-    assert meta.sem_seg_root.endswith("coco/stuffthingmaps/val2017")
-    assert len(meta.stuff_classes) == 183 and meta.evaluator_type == "coco"
-
-
-def test_demo_json_is_coco(tiny_dataset):
-    data = json.loads((tiny_dataset / "train.json").read_text())
-    assert {c["name"] for c in data["categories"]} == set(THING_CLASSES)
-    assert all(a["area"] > 0 and a["iscrowd"] == 0 for a in data["annotations"])
-
-
 def test_multiscale_config_draws_short_side_in_400_1400_long_side_1600():
     cfg = tiny_cfg()
     cfg.merge_from_file(str(CONFIGS / "htc_X_101_64x4d_dconv_c3-c5_FPN_ms_400-1400_20e.yaml"))
@@ -155,13 +139,20 @@ def test_multiscale_config_draws_short_side_in_400_1400_long_side_1600():
     assert resize.max_size == 1600
 
 
-def test_semantic_branch_without_semantic_labels_is_refused(tiny_dataset):
-    register_htc_instances(
-        "test_no_sem", str(tiny_dataset / "train.json"), str(tiny_dataset / "train")
-    )
+def test_labels_are_checked_against_the_configured_ignore_value(tiny_dataset, tmp_path):
+    """One source of truth: SEM_SEG_HEAD.IGNORE_VALUE, which the loss and the padding use."""
     cfg = tiny_cfg()
-    with pytest.raises(ValueError, match="'test_no_sem' has none.*SEMANTIC_ON False"):
-        check_dataset(cfg, "test_no_sem", is_train=True)
-    check_dataset(cfg, "test_no_sem", is_train=False)  # inference needs no labels
-    cfg.MODEL.HTC.SEMANTIC_ON = False
-    check_dataset(cfg, "test_no_sem", is_train=True)
+    cfg.INPUT.MASK_FORMAT = "bitmask"
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 6
+    cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 254
+    mapper = HTCDatasetMapper(cfg, is_train=True, augmentations=[])
+    record = _records(tiny_dataset)[0]
+    labels = np.array(Image.open(record["sem_seg_file_name"]))
+    for value, accepted in [(254, True), (255, False)]:
+        path = tmp_path / f"ignore{value}.png"
+        Image.fromarray(np.where(labels == 0, value, labels).astype(np.uint8)).save(path)
+        if accepted:
+            assert (mapper(dict(record, sem_seg_file_name=str(path)))["sem_seg"] == 254).any()
+        else:
+            with pytest.raises(ValueError, match=r"\[255\].*not 254 .*IGNORE_VALUE"):
+                mapper(dict(record, sem_seg_file_name=str(path)))

@@ -1,14 +1,13 @@
-"""The parallel RoIAlign forward and the sparse-matrix backward equal torchvision's, and HTC's
-poolers use them."""
+"""htc.layers.roi_align: the parallel RoIAlign forward and the sparse-matrix backward equal
+torchvision's; the kernels route by device and keep the caller's grad mode in their threads."""
 
 import pytest
 import torch
-from detectron2.modeling import build_model
 from torch.nn import functional as F
 from torchvision.ops import roi_align
 
-from conftest import tiny_cfg
-from htc.roi_align import CHUNK, FastROIAlign, _ROIAlignSparseGrad
+import htc.layers.roi_align as kernels
+from htc.layers.roi_align import CHUNK, FastROIAlign, ROIAlign, _ROIAlignSparseGrad, in_chunks
 
 
 def _case(seed, scale, num_rois=40):
@@ -60,12 +59,6 @@ def test_parallel_forward_is_bit_identical(threads):
     assert torch.equal(odd, F.adaptive_avg_pool2d(want, (5, 3)))
 
 
-def test_htc_poolers_use_fast_roi_align():
-    heads = build_model(tiny_cfg()).roi_heads
-    for pooler in (heads.box_pooler, heads.mask_pooler, heads.semantic_pooler):
-        assert all(type(m) is FastROIAlign for m in pooler.level_poolers)
-
-
 def test_pooled_gradient_equals_pooling_after_roi_align():
     module = FastROIAlign((14, 14), 0.125, 0, True)
     x, rois = _case(seed=5, scale=0.125, num_rois=CHUNK + 9)
@@ -77,3 +70,42 @@ def test_pooled_gradient_equals_pooling_after_roi_align():
     (got,) = torch.autograd.grad(ours, leaf, grad)
     (expected,) = torch.autograd.grad(want, ref_leaf, grad)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("grad_mode", [True, False])
+def test_pool_threads_run_in_the_callers_grad_mode(grad_mode):
+    """Grad mode is per thread: without passing it on, the pool's threads would record graphs
+    inside the sparse backward's forward."""
+    rois = torch.zeros(3 * CHUNK, 5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.set_grad_enabled(grad_mode):
+            modes = in_chunks(lambda part: torch.full((1,), torch.is_grad_enabled()), rois)
+    finally:
+        torch.set_num_threads(before)
+    assert modes.tolist() == [grad_mode] * 3
+
+
+def test_sparse_backward_forward_records_no_graph_in_threads():
+    x, rois = _case(seed=1, scale=0.25, num_rois=2 * CHUNK)
+    out = FastROIAlign((14, 14), 0.25, 0, True).pooled(x.requires_grad_(), rois, (7, 7))
+    assert type(out.grad_fn).__name__ == "_ROIAlignSparseGradBackward"
+    assert out.grad_fn.next_functions[0][0] is not None  # the input leaf, no inner graph
+
+
+def test_devices_other_than_cpu_take_detectron2s_kernel(monkeypatch):
+    """Routing is by device type: a "meta" tensor (as MPS or XPU ones) never takes the CPU path."""
+    monkeypatch.setattr(kernels, "parallel_roi_align", lambda *a: pytest.fail("CPU path taken"))
+    module = FastROIAlign((14, 14), 0.25, 0, True)
+    x, rois = _case(seed=2, scale=0.25, num_rois=10)
+    x, rois = x.float().to("meta"), rois.float().to("meta")
+    assert module(x, rois).shape == (10, 5, 14, 14)
+    assert module.pooled(x, rois, (7, 7)).shape == (10, 5, 7, 7)
+
+
+def test_detectron2_kernel_pools_after_roi_align():
+    x, rois = _case(seed=4, scale=0.5, num_rois=12)
+    module = ROIAlign((14, 14), 0.5, 0, True)
+    want = F.adaptive_avg_pool2d(roi_align(x, rois, (14, 14), 0.5, 0, True), (7, 7))
+    assert torch.equal(module.pooled(x, rois, (7, 7)), want)

@@ -7,7 +7,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from conftest import make_batch, tiny_cfg
-from htc.deform_conv import (
+from htc.layers.deform_conv import (
     TorchvisionDeformConv,
     TorchvisionModulatedDeformConv,
     use_torchvision_deform_conv,

@@ -1,23 +1,22 @@
-"""RoIAlign for CPU: torchvision's results, in parallel, with a sparse-matrix backward.
+"""RoIAlign kernels that also answer "pooled to a smaller size", chosen by MODEL.HTC.ROI_ALIGN.
 
-torchvision's CPU ``roi_align`` runs in one thread, forward and backward, and its backward
-recomputes the bilinear weights for every channel: in an HTC training step on CPU the backward
-took more than half of the step (30 calls over the box, mask and semantic poolers). Here the
-forward is torchvision's kernel run on chunks of RoIs by a thread pool (each RoI is computed
-independently, so the output is bit-identical), and the backward builds the same interpolation
-weights once, vectorised, as a sparse (N*H*W, R*Sh*Sw) matrix and multiplies the output
-gradient by it. On CUDA, torchvision's own kernels are used.
+* :class:`ROIAlign` ("detectron2"): Detectron2's RoIAlign; ``pooled`` average-pools its output.
+* :class:`FastROIAlign` ("fast", the default): the same results on CPU, faster. torchvision's CPU
+  ``roi_align`` runs in one thread, forward and backward, and its backward recomputes the
+  bilinear weights for every channel: in an HTC training step on CPU the backward took more than
+  half of the step. Here the forward is torchvision's kernel run on chunks of RoIs by a thread
+  pool (each RoI is computed independently, so the output is bit-identical), and the backward
+  builds the same interpolation weights once, vectorised, as a sparse (N*H*W, R*Sh*Sw) matrix and
+  multiplies the output gradient by it. On other devices it is :class:`ROIAlign`.
 """
 
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, List, Tuple
+from typing import Callable, Dict, List, Tuple, Type
 
 import torch
-from detectron2.layers import ROIAlign
-from detectron2.modeling.poolers import ROIPooler
-from torch import nn
+from detectron2 import layers as d2_layers
 from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 from torchvision.ops import roi_align
@@ -129,7 +128,13 @@ def in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], rois: torch.Tensor) ->
     threads = min(torch.get_num_threads(), len(chunks))
     if threads <= 1 or torch.jit.is_tracing():
         return fn(rois)
-    return torch.cat(list(_executor(threads).map(fn, chunks)))
+    grad_mode = torch.is_grad_enabled()  # per thread: the pool's threads start with it on
+
+    def run(chunk: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(grad_mode):
+            return fn(chunk)
+
+    return torch.cat(list(_executor(threads).map(run, chunks)))
 
 
 def parallel_roi_align(
@@ -174,15 +179,29 @@ class _ROIAlignSparseGrad(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+class ROIAlign(d2_layers.ROIAlign):
+    """Detectron2's RoIAlign, which also answers :meth:`pooled`."""
+
+    def pooled(
+        self, input: torch.Tensor, rois: torch.Tensor, size: Tuple[int, int]
+    ) -> torch.Tensor:
+        """(R, C, *size): ``adaptive_avg_pool2d(self(input, rois), size)``."""
+        return F.adaptive_avg_pool2d(self(input, rois), size)
+
+    @classmethod
+    def like(cls, other: d2_layers.ROIAlign) -> "ROIAlign":
+        """This kernel with the geometry of ``other``."""
+        return cls(other.output_size, other.spatial_scale, other.sampling_ratio, other.aligned)
+
+
 class FastROIAlign(ROIAlign):
-    """:class:`detectron2.layers.ROIAlign` with the parallel forward and the sparse-matrix
-    backward on CPU."""
+    """:class:`ROIAlign` with the parallel forward and the sparse-matrix backward on CPU."""
 
     def _arguments(self) -> tuple:
         return (_pair(self.output_size), self.spatial_scale, self.sampling_ratio, self.aligned)
 
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        if input.is_cuda:
+        if input.device.type != "cpu":
             return super().forward(input, rois)
         assert rois.dim() == 2 and rois.size(1) == 5
         return self._on_cpu(input, rois, pool=1)
@@ -190,13 +209,13 @@ class FastROIAlign(ROIAlign):
     def pooled(
         self, input: torch.Tensor, rois: torch.Tensor, size: Tuple[int, int]
     ) -> torch.Tensor:
-        """``adaptive_avg_pool2d(self(input, rois), size)``. On CPU, when ``size`` divides the
-        output size by an integer k, the pooling (an exact kxk average) is done chunk by
-        chunk, so the full-size RoI features are neither materialized nor kept for backward."""
+        """On CPU, when ``size`` divides the output size by an integer k, the pooling (an exact
+        kxk average) is done chunk by chunk, so the full-size RoI features are neither
+        materialized nor kept for backward."""
         pooled_h, pooled_w = _pair(self.output_size)
         k = pooled_h // size[0]
-        if input.is_cuda or (pooled_h, pooled_w) != (size[0] * k, size[1] * k):
-            return F.adaptive_avg_pool2d(self(input, rois), size)
+        if input.device.type != "cpu" or (pooled_h, pooled_w) != (size[0] * k, size[1] * k):
+            return super().pooled(input, rois, size)
         return self._on_cpu(input, rois, pool=k)
 
     def _on_cpu(self, input: torch.Tensor, rois: torch.Tensor, pool: int) -> torch.Tensor:
@@ -208,15 +227,5 @@ class FastROIAlign(ROIAlign):
         return parallel_roi_align(input, rois, *self._arguments(), pool)
 
 
-def use_fast_roi_align(pooler: ROIPooler) -> ROIPooler:
-    """Give ``pooler``'s RoIAlign levels the parallel CPU forward and sparse-matrix CPU
-    backward (in place)."""
-    levels = []
-    for level in pooler.level_poolers:
-        if type(level) is ROIAlign:
-            level = FastROIAlign(
-                level.output_size, level.spatial_scale, level.sampling_ratio, level.aligned
-            )
-        levels.append(level)
-    pooler.level_poolers = nn.ModuleList(levels)
-    return pooler
+# MODEL.HTC.ROI_ALIGN -> kernel
+ROI_ALIGN_KERNELS: Dict[str, Type[ROIAlign]] = {"detectron2": ROIAlign, "fast": FastROIAlign}

@@ -6,6 +6,8 @@ backward and the whole v2 raise NotImplementedError. The subclasses here keep th
 which runs forward and backward on CPU and CUDA alike.
 """
 
+from typing import Callable, Dict
+
 import torch
 from detectron2.layers import DeformConv, ModulatedDeformConv
 from torch import nn
@@ -55,3 +57,10 @@ def use_torchvision_deform_conv(model: nn.Module) -> nn.Module:
         if replacement is not None:
             module.__class__ = replacement  # a subclass that only changes forward()
     return model
+
+
+# MODEL.HTC.DEFORM_CONV -> what is done to the built backbone
+DEFORM_CONV_KERNELS: Dict[str, Callable[[nn.Module], nn.Module]] = {
+    "torchvision": use_torchvision_deform_conv,
+    "detectron2": lambda model: model,
+}

@@ -13,10 +13,12 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_util
+from detectron2.utils import comm
 from PIL import Image
 from tqdm import tqdm
 
-from .data import datasets_root, load_htc_json, register_with_loader
+from .coco import load_htc_json
+from .register import datasets_root, register_with_loader
 
 THING_CLASSES = ["disc", "square", "triangle"]
 STUFF_CLASSES = ["sky", "grass", "water"]
@@ -153,7 +155,8 @@ def ensure_demo_data(root: Path = None) -> Path:
 
 
 def register_demo(root: Path = None) -> None:
-    """``htc_demo_{train,val}``; the data is generated on first use."""
+    """``htc_demo_{train,val}``; the data is generated on first use, by the first process of
+    each machine while the others wait for it."""
     base = Path(root or demo_root())
     for split in SPLITS:
         name = f"htc_demo_{split}"
@@ -164,7 +167,9 @@ def register_demo(root: Path = None) -> None:
         )
 
         def loader(name=name, files=files):
-            ensure_demo_data(base)
+            if comm.get_local_rank() == 0:
+                ensure_demo_data(base)
+            comm.synchronize()
             return load_htc_json(dataset_name=name, **files)
 
         register_with_loader(

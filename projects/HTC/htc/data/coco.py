@@ -1,0 +1,103 @@
+"""Loading and checking COCO-format instance annotations for HTC (Detectron2's loader, with the
+files and annotations checked where they are read)."""
+
+import json
+import logging
+import math
+import os
+from collections import Counter
+from pathlib import Path
+from typing import List, Optional
+
+from detectron2.data.datasets import load_coco_json
+
+logger = logging.getLogger(__name__)
+
+
+def load_htc_json(
+    json_file: str,
+    image_root: str,
+    dataset_name: str,
+    sem_seg_root: Optional[str] = None,
+) -> List[dict]:
+    """COCO json records (Detectron2's format) with ``sem_seg_file_name`` when ``sem_seg_root``
+    is given, checked by :func:`check_annotations`. Raises ``FileNotFoundError`` naming the
+    first missing file or folder and ``ValueError`` naming a malformed json file."""
+    _require(Path(json_file), f"{dataset_name}: annotation file")
+    _require(Path(image_root), f"{dataset_name}: image folder")
+    try:
+        records = load_coco_json(json_file, image_root, dataset_name, extra_annotation_keys=["id"])
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{json_file}: malformed COCO instances file: {e}") from e
+    missing = [r["file_name"] for r in records if not os.path.isfile(r["file_name"])]
+    if missing:
+        raise FileNotFoundError(f"{json_file}: {len(missing)} images not found, e.g. {missing[0]}")
+    records = check_annotations(records, json_file)
+    if sem_seg_root is not None:
+        root = _require(Path(sem_seg_root), f"{dataset_name}: semantic map folder")
+        for record in records:
+            path = root / (Path(record["file_name"]).stem + ".png")
+            record["sem_seg_file_name"] = str(
+                _require(path, f"semantic map of {record['file_name']}")
+            )
+    return records
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def _invalid_box(bbox) -> bool:
+    return (
+        not isinstance(bbox, (list, tuple))
+        or len(bbox) != 4
+        or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)
+    )
+
+
+def _ignored_reason(obj: dict, height: int, width: int) -> Optional[str]:
+    """Why the reference ignores annotation ``obj`` (XYWH box), or None to keep it."""
+    x, y, w, h = obj["bbox"]
+    if w < 1 or h < 1:
+        return "box narrower or lower than 1 pixel"
+    if min(x + w, width) <= max(x, 0) or min(y + h, height) <= max(y, 0):
+        return "box outside the image"
+    if not obj.get("segmentation"):
+        return "no valid segmentation"
+    return None
+
+
+def check_annotations(records: List[dict], json_file: str) -> List[dict]:
+    """Refuse boxes that are not 4 finite numbers; drop the annotations the reference ignores
+    (boxes under 1 pixel or outside the image, no valid polygon or RLE; Detectron2's loader has
+    already dropped polygons of fewer than 3 points) and name them in one warning. Crowd
+    annotations are kept: the mapper leaves them out of the training targets."""
+    ignored: Counter = Counter()
+    example = None
+    for record in records:
+        kept = []
+        for obj in record["annotations"]:
+            if _invalid_box(obj.get("bbox")):
+                raise ValueError(
+                    f"{json_file}: annotation {obj.get('id')} of {record['file_name']} has bbox "
+                    f"{obj.get('bbox')!r}: expected 4 finite numbers (x, y, width, height)"
+                )
+            size = (record["height"], record["width"])
+            reason = None if obj.get("iscrowd") else _ignored_reason(obj, *size)
+            if reason is None:
+                kept.append(obj)
+                continue
+            ignored[reason] += 1
+            example = example or f"annotation {obj.get('id')} of {record['file_name']}: {reason}"
+        record["annotations"] = kept
+    total = sum(len(r["annotations"]) for r in records) + sum(ignored.values())
+    if total and not any(obj.get("segmentation") for r in records for obj in r["annotations"]):
+        raise ValueError(f"{json_file}: no annotation has a segmentation; HTC learns masks")
+    if ignored:
+        logger.warning(
+            f"{json_file}: ignored {sum(ignored.values())} of {total} annotations as the "
+            f"reference does ({dict(ignored)}), e.g. {example}"
+        )
+    return records

@@ -1,0 +1,26 @@
+"""HTC's kernels, apart from the model as Detectron2 keeps its own in ``detectron2/layers``.
+
+Each is chosen by one config key (``add_htc_config``), applied where the model is built:
+* ``MODEL.HTC.ROI_ALIGN``: "fast" (:class:`FastROIAlign`) or "detectron2" (:class:`ROIAlign`),
+  for every pooler of the ROI heads (:class:`htc.poolers.HTCROIPooler`);
+* ``MODEL.HTC.DEFORM_CONV``: "torchvision" (:func:`use_torchvision_deform_conv`, trains on CPU and
+  CUDA) or "detectron2" (its own kernels, CUDA only), for the backbone's deformable convs.
+"""
+
+from .deform_conv import (
+    DEFORM_CONV_KERNELS,
+    TorchvisionDeformConv,
+    TorchvisionModulatedDeformConv,
+    use_torchvision_deform_conv,
+)
+from .roi_align import ROI_ALIGN_KERNELS, FastROIAlign, ROIAlign
+
+__all__ = [
+    "DEFORM_CONV_KERNELS",
+    "FastROIAlign",
+    "ROIAlign",
+    "ROI_ALIGN_KERNELS",
+    "TorchvisionDeformConv",
+    "TorchvisionModulatedDeformConv",
+    "use_torchvision_deform_conv",
+]

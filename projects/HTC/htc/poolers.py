@@ -1,0 +1,44 @@
+"""Detectron2's ROIPooler with a chosen RoIAlign kernel, answering "pooled to a smaller size"."""
+
+import copy
+from typing import List, Tuple
+
+import torch
+from detectron2 import layers as d2_layers
+from detectron2.modeling.poolers import ROIPooler, convert_boxes_to_pooler_format
+from detectron2.structures import Boxes
+from torch import nn
+
+from .layers import ROI_ALIGN_KERNELS
+
+
+class HTCROIPooler(ROIPooler):
+    """:class:`ROIPooler` whose RoIAlign levels are one of :data:`ROI_ALIGN_KERNELS`."""
+
+    @classmethod
+    def from_pooler(cls, pooler: ROIPooler, roi_align: str) -> "HTCROIPooler":
+        """``pooler`` (same levels, scales and level assignment) with its RoIAlign levels computed
+        by the ``roi_align`` kernel (MODEL.HTC.ROI_ALIGN). Detectron2's heads build their
+        poolers inline, so the kernel is chosen on the built pooler."""
+        if roi_align not in ROI_ALIGN_KERNELS:
+            raise ValueError(
+                f"MODEL.HTC.ROI_ALIGN={roi_align!r}: use one of {sorted(ROI_ALIGN_KERNELS)}"
+            )
+        kernel = ROI_ALIGN_KERNELS[roi_align]
+        new = copy.deepcopy(pooler)  # holds no parameters
+        new.__class__ = cls  # a subclass that adds a method: same state
+        new.level_poolers = nn.ModuleList(
+            kernel.like(level) if isinstance(level, d2_layers.ROIAlign) else level
+            for level in pooler.level_poolers
+        )
+        return new
+
+    def pooled(
+        self, x: List[torch.Tensor], box_lists: List[Boxes], size: Tuple[int, int]
+    ) -> torch.Tensor:
+        """(R, C, *size): the pooler's output average-pooled to ``size``. A one-level pooler asks
+        its kernel, which may pool without the full-size RoI features."""
+        if len(self.level_poolers) != 1 or not hasattr(self.level_poolers[0], "pooled"):
+            return nn.functional.adaptive_avg_pool2d(self(x, box_lists), size)
+        rois = convert_boxes_to_pooler_format(box_lists)
+        return self.level_poolers[0].pooled(x[0], rois, size)

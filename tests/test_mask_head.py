@@ -1,0 +1,70 @@
+"""htc.mask_head: a stage's head keeps Detectron2's mask-head contract, ``forward(x, instances)``;
+the cascade chains the heads through ``chain``; every stage is built from ROI_MASK_HEAD.NAME."""
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.modeling.roi_heads import ROI_MASK_HEAD_REGISTRY
+from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from conftest import tiny_cfg
+from htc import HTCMaskHead
+
+
+@ROI_MASK_HEAD_REGISTRY.register()
+class _ChainableTestHead(HTCMaskHead):
+    pass
+
+
+@pytest.fixture(scope="module")
+def heads():
+    return build_model(tiny_cfg()).roi_heads.mask_head
+
+
+def _rois(n: int = 3) -> torch.Tensor:
+    return torch.randn(n, 32, 14, 14, generator=torch.Generator().manual_seed(0))
+
+
+def test_forward_keeps_the_parent_contract(heads):
+    head = heads[1]
+    head.eval()
+    inst = Instances((64, 64), pred_classes=torch.tensor([0, 2, 1]))
+    with torch.no_grad():
+        (out,) = head(_rois(), [inst])
+    assert out.pred_masks.shape == (3, 1, 28, 28)
+    assert ((out.pred_masks >= 0) & (out.pred_masks <= 1)).all()
+    head.train()
+    boxes = Boxes(torch.tensor([[0.0, 0, 32, 32], [8, 8, 40, 40], [16, 0, 64, 30]]))
+    masks = BitMasks(torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1)) > 0.5)
+    inst = Instances((64, 64), proposal_boxes=boxes, gt_classes=torch.tensor([0, 1, 2]))
+    inst.gt_masks = masks
+    with EventStorage():
+        losses = head(_rois(), [inst])
+    assert set(losses) == {"loss_mask"} and losses["loss_mask"].requires_grad
+
+
+def test_chain_passes_the_feature_to_the_next_stage(heads):
+    logits, feat = heads[0].chain(_rois(), None)
+    assert logits.shape == (3, 3, 28, 28) and feat.shape == (3, 32, 14, 14)
+    none, next_feat = heads[1].chain(_rois(), feat, with_logits=False)
+    assert none is None and next_feat.shape == feat.shape
+    alone = heads[1].chain(_rois(), None)[1]
+    assert not torch.equal(alone, next_feat)  # the previous stage's feature went in
+    with pytest.raises(ValueError, match="no res_conv"):
+        heads[0].chain(_rois(), feat)
+
+
+def test_every_stage_is_built_from_the_configured_head():
+    cfg = tiny_cfg()
+    cfg.MODEL.ROI_MASK_HEAD.NAME = "_ChainableTestHead"
+    heads = build_model(cfg).roi_heads.mask_head
+    assert [type(h) for h in heads] == [_ChainableTestHead] * 3
+    assert [h.res_conv is not None for h in heads] == [False, True, True]
+
+
+def test_a_head_that_cannot_chain_is_refused():
+    cfg = tiny_cfg()
+    cfg.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
+    with pytest.raises(ValueError, match="'MaskRCNNConvUpsampleHead' cannot pass features"):
+        build_model(cfg)

@@ -1,0 +1,61 @@
+"""htc.meta_arch: the model's inputs and outputs, with and without the semantic branch."""
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+
+from conftest import make_batch, tiny_cfg, train_losses
+
+
+@pytest.mark.parametrize("with_gt", [True, False], ids=["positives", "no-positives"])
+def test_every_parameter_gets_a_gradient(with_gt):
+    model = build_model(tiny_cfg())
+    losses = train_losses(model, make_batch(with_gt=with_gt))
+    sum(losses.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    if with_gt:
+        trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        assert [n for n, p in trained if p.grad.abs().sum() == 0] == []
+
+
+def test_inference_output_format():
+    model = build_model(tiny_cfg()).eval()
+    batch = make_batch(num_images=2)
+    batch[1]["height"], batch[1]["width"] = 192, 144  # outputs at the requested resolution
+    with torch.no_grad():
+        outputs = model(batch)
+    for out, x in zip(outputs, batch):
+        assert set(out) == {"instances", "sem_seg"}
+        inst = out["instances"]
+        assert inst.image_size == (x["height"], x["width"])
+        assert inst.pred_masks.shape == (len(inst), x["height"], x["width"])
+        assert inst.pred_masks.dtype == torch.bool
+        assert out["sem_seg"].shape == (5, x["height"], x["width"])
+        assert {"pred_boxes", "scores", "pred_classes", "pred_masks"} <= set(inst.get_fields())
+
+
+def test_semantic_output_is_detectron2s_postprocess_and_can_be_skipped():
+    model = build_model(tiny_cfg()).eval()
+    batch = make_batch(num_images=1, size=90)  # padded to 96: the crop matters
+    with torch.no_grad():
+        out = model(batch)[0]
+        images = model.preprocess_image(batch)
+        _, logits = model._features(images)
+        scores = model.semantic_head.upsample_logits(logits)[0]
+        model.semantic_output = False
+        without = model(batch)[0]
+    assert torch.equal(out["sem_seg"], sem_seg_postprocess(scores, (90, 90), 90, 90))
+    assert set(without) == {"instances"}
+    assert torch.equal(without["instances"].pred_masks, out["instances"].pred_masks)
+
+
+def test_without_semantic_branch():
+    model = build_model(tiny_cfg(semantic_on=False, semantic_fusion=[])).eval()
+    assert model.semantic_head is None
+    with torch.no_grad():
+        outputs = model(make_batch(num_images=1))
+    assert set(outputs[0]) == {"instances"}
+    losses = train_losses(model, make_batch())
+    assert "loss_sem_seg" not in losses and "loss_mask_stage2" in losses

@@ -1,0 +1,58 @@
+"""htc.poolers: Detectron2's ROIPooler with the RoIAlign kernel of MODEL.HTC.ROI_ALIGN, the same
+output whichever kernel, and "pooled to a smaller size" from every kernel."""
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.modeling.poolers import ROIPooler
+from detectron2.structures import Boxes
+from torch.nn import functional as F
+
+from conftest import tiny_cfg
+from htc.layers import FastROIAlign, ROIAlign
+from htc.poolers import HTCROIPooler
+
+
+def _features_and_boxes():
+    g = torch.Generator().manual_seed(0)
+    features = [torch.randn(2, 4, 64 // s, 64 // s, generator=g) for s in (4, 8, 16, 32)]
+    xy = torch.rand(2, 30, 2, generator=g) * 40
+    boxes = [Boxes(torch.cat([b, b + 4 + torch.rand(30, 2, generator=g) * 40], 1)) for b in xy]
+    return features, boxes
+
+
+@pytest.mark.parametrize("kernel, cls", [("fast", FastROIAlign), ("detectron2", ROIAlign)])
+def test_kernel_is_chosen_and_output_unchanged(kernel, cls):
+    original = ROIPooler((14, 14), (1 / 4, 1 / 8, 1 / 16, 1 / 32), 0, "ROIAlignV2")
+    pooler = HTCROIPooler.from_pooler(original, kernel)
+    assert all(type(level) is cls for level in pooler.level_poolers)
+    assert all(type(level) is not cls for level in original.level_poolers)  # a new pooler
+    features, boxes = _features_and_boxes()
+    with torch.no_grad():
+        assert torch.equal(pooler(features, boxes), original(features, boxes))
+
+
+@pytest.mark.parametrize("kernel", ["fast", "detectron2"])
+def test_pooled_is_the_average_pool_of_the_output(kernel):
+    one_level = ROIPooler((14, 14), (1 / 8,), 0, "ROIAlignV2")
+    pooler = HTCROIPooler.from_pooler(one_level, kernel)
+    features, boxes = _features_and_boxes()
+    with torch.no_grad():
+        want = F.adaptive_avg_pool2d(one_level(features[1:2], boxes), (7, 7))
+        assert torch.equal(pooler.pooled(features[1:2], boxes, (7, 7)), want)
+
+
+def test_unknown_kernel_is_named():
+    pooler = ROIPooler((7, 7), (1 / 4,), 0, "ROIAlignV2")
+    with pytest.raises(ValueError, match="MODEL.HTC.ROI_ALIGN='cuda'.*detectron2.*fast"):
+        HTCROIPooler.from_pooler(pooler, "cuda")
+
+
+@pytest.mark.parametrize("kernel, cls", [("fast", FastROIAlign), ("detectron2", ROIAlign)])
+def test_htc_poolers_follow_the_config(kernel, cls):
+    cfg = tiny_cfg()
+    cfg.MODEL.HTC.ROI_ALIGN = kernel
+    heads = build_model(cfg).roi_heads
+    for pooler in (heads.box_pooler, heads.mask_pooler, heads.semantic_pooler):
+        assert isinstance(pooler, HTCROIPooler)
+        assert all(type(m) is cls for m in pooler.level_poolers)
