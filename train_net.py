@@ -21,12 +21,13 @@ from detectron2.engine import (
     default_setup,
     hooks,
 )
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 
 from htc import HTCDatasetMapper, add_htc_config
 from htc.checkpoint import HTCCheckpointer
 from htc.data import register_builtin
 from htc.distributed import cpu_capable_ddp, launch
+from htc.evaluation import HTCSemSegEvaluator
 from htc.tta import HybridTaskCascadeWithTTA
 
 # The datasets the shipped configs name; every process registers them (DDP workers import this).
@@ -112,7 +113,7 @@ class Trainer(DefaultTrainer):
         if cfg.MODEL.HTC.SEMANTIC_ON and meta.get("sem_seg_root"):
             if not meta.get("stuff_classes"):  # SemSegEvaluator reads the class names
                 meta.stuff_classes = [str(i) for i in range(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)]
-            evaluators.append(SemSegEvaluator(dataset_name, output_dir=output_folder))
+            evaluators.append(HTCSemSegEvaluator(dataset_name, output_dir=output_folder))
         return DatasetEvaluators(evaluators)
 
     @classmethod

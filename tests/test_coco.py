@@ -3,15 +3,37 @@ annotations are named where they are read; what the reference ignores is ignored
 
 import logging
 
+import numpy as np
+import pycocotools.mask as mask_util
 import pytest
+from PIL import Image
 
 from conftest import first_image, load, map_all
 from htc.data import load_htc_json
+from htc.data.coco_checks import CocoFormatError, rle_string_counts
 
 
-def _edit_first_annotation(**fields):
+def _first_annotation(**fields):
     def edit(coco):
         coco["annotations"][0].update(fields)
+
+    return edit
+
+
+def _first_image(**fields):
+    def edit(coco):
+        coco["images"][0].update(fields)
+
+    return edit
+
+
+def _polygon(*coords):
+    return _first_annotation(segmentation=[list(coords)])
+
+
+def _rle(**fields):
+    def edit(coco):
+        coco["annotations"][0]["segmentation"].update(fields)
 
     return edit
 
@@ -20,26 +42,112 @@ def _del_first_bbox(coco):
     del coco["annotations"][0]["bbox"]
 
 
-def _image_height(coco):
-    coco["images"][0]["height"] = 300
+def _duplicate(key):
+    def edit(coco):
+        coco[key][1]["id"] = coco[key][0]["id"]
+
+    return edit
 
 
-@pytest.mark.parametrize(
-    "edit, error, message",
-    [
-        (_edit_first_annotation(category_id=99), ValueError, r"train.json.*category_id=99"),
-        (_edit_first_annotation(bbox=[1, 2, float("nan"), 4]), ValueError, r"annotation 1 of .*"
-         r"00001.png has bbox \[1, 2, nan, 4\]: expected 4 finite numbers"),
-        (_edit_first_annotation(bbox=[1, 2, 3]), ValueError, r"annotation 1 .*bbox \[1, 2, 3\]"),
-        (_del_first_bbox, ValueError, r"annotation 1 of .*00001.png has bbox None"),
-        (_image_height, ValueError, r"image shape for image .*00001.png.*300"),
-    ],
-    ids=["unknown-category", "nan-box", "short-box", "no-box", "wrong-image-size"],
-)  # fmt: skip
-def test_malformed_annotations_are_refused(dataset, edit, error, message):
+def _truncated_rle(coco):
+    counts = coco["annotations"][0]["segmentation"]["counts"]
+    coco["annotations"][0]["segmentation"]["counts"] = counts[: len(counts) // 2]
+
+
+ANN = r"train.json: annotation 1 of image 1 \(00001.png\)"
+MALFORMED = {
+    # 1. segmentations: polygons and RLEs checked before pycocotools' C code sees them
+    "polygon-nan": (
+        _polygon(1, 2, float("nan"), 4, 5, 6),
+        ANN + ": polygon 0 has a coordinate that is not finite",
+    ),
+    "polygon-inf": (_polygon(1, 2, float("inf"), 4, 5, 6), "not finite"),
+    "polygon-huge": (_polygon(1, 2, 1e12, 4, 5, 6), ANN + r": polygon 0 reaches \(1\.\.1e\+12"),
+    "polygon-odd": (_polygon(1, 2, 30, 4, 5, 60, 7), ANN + ": polygon 0 has 7 numbers"),
+    "polygon-text": (
+        _polygon(1, 2, "30", 4, 5, 60),
+        "polygon 0 holds something other than numbers",
+    ),
+    "polygon-flat": (_first_annotation(segmentation=[1, 2, 30, 4, 5, 60]), "polygon 0 is int"),
+    "rle-size": (
+        _rle(size=[128, 256]),
+        ANN + r": RLE size \[128, 256\] \(height, width\) is not "
+        r"the image's \[256, 256\]",
+    ),
+    "rle-size-text": (_rle(size="256x256"), "RLE size '256x256' is not"),
+    "rle-truncated": (_truncated_rle, "RLE (run lengths add up to|counts are malformed)"),
+    "rle-garbage": (_rle(counts="\x01\x02"), "compressed RLE counts are malformed: character"),
+    "rle-counts-sum": (_rle(counts=[10, 20, 30]), "add up to 60 .*needs 65536"),
+    "rle-counts-negative": (_rle(counts=[65546, -10]), "negative runs True"),
+    "segmentation-number": (_first_annotation(segmentation=7), "segmentation is int"),
+    "image-size-wrong": (_first_image(height=300), r"RLE size \[256, 256\].*\[300, 256\]"),
+    # 2. identities and references
+    "image-id-twice": (_duplicate("images"), r"train.json: image id 1 is used twice"),
+    "annotation-id-twice": (
+        _duplicate("annotations"),
+        r"train.json: annotation id 1 is used twice",
+    ),
+    "category-id-twice": (_duplicate("categories"), r"train.json: category id 1 is used twice"),
+    "image-id-text": (_first_image(id="1"), r"image #0 has id '1' \(str\): ids are integers"),
+    "image-id-float": (_first_image(id=1.0), r"image #0 has id 1.0 \(float\)"),
+    "annotation-id-missing": (_first_annotation(id=None), r"annotation #0 has id None"),
+    "image-id-of-annotation-text": (
+        _first_annotation(image_id="1"),
+        r"annotation 1 refers to "
+        r"image_id '1' \(str\), which is not the id of an image",
+    ),
+    "image-id-of-annotation-unknown": (_first_annotation(image_id=999), "image_id 999 \\(int\\)"),
+    "category-unknown": (
+        _first_annotation(category_id=99),
+        ANN + " has category_id 99, which is not the id of a category",
+    ),
+    "category-text": (_first_annotation(category_id="0"), "has category_id '0'"),
+    "iscrowd-2": (_first_annotation(iscrowd=2), "iscrowd 2: expected 0 or 1"),
+    "ignore-1": (_first_annotation(ignore=1), "ignore 1: not supported by Detectron2"),
+    "height-text": (_first_image(height="256"), r"image 1 \(00001.png\) has height '256'"),
+    "width-zero": (_first_image(width=0), "has width 0: expected a positive integer"),
+    "file-name-missing": (_first_image(file_name=None), "image 1 has file_name None"),
+    # boxes
+    "bbox-nan": (
+        _first_annotation(bbox=[1, 2, float("nan"), 4]),
+        ANN + r" has bbox "
+        r"\[1, 2, nan, 4\]: expected 4 finite numbers",
+    ),
+    "bbox-short": (_first_annotation(bbox=[1, 2, 3]), r"bbox \[1, 2, 3\]"),
+    "bbox-missing": (_del_first_bbox, ANN + " has bbox None"),
+    "bbox-text": (_first_annotation(bbox=[1, 2, "3", 4]), r"bbox \[1, 2, '3', 4\]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_json_fields_are_refused_when_loaded(dataset, case):
     root, coco = dataset
+    edit, message = MALFORMED[case]
     edit(coco)
-    with pytest.raises(error, match=message):
+    with pytest.raises(CocoFormatError, match=message):
+        load(root, coco)
+
+
+def test_rle_strings_decode_as_pycocotools_encodes():
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (7, 5), (64, 48)]:
+        mask = rng.random(shape) > rng.random()
+        rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+        runs = rle_string_counts(rle["counts"].decode())
+        flat = np.repeat(np.arange(len(runs)) % 2, runs).astype(bool)
+        assert sum(runs) == mask.size
+        assert np.array_equal(flat.reshape(shape[::-1]).T, mask)
+
+
+def test_image_size_mismatch_found_when_read_names_the_file(dataset):
+    root, coco = dataset
+    for ann in coco["annotations"]:  # polygons: the json's sizes cannot be checked at load
+        if ann["image_id"] == 1:
+            ann["segmentation"] = [[10, 10, 60, 10, 60, 60]]
+    coco["images"][0]["height"] = 300
+    (root / "train_sem" / "00001.png").unlink()
+    Image.new("L", (256, 300)).save(root / "train_sem" / "00001.png")
+    with pytest.raises(ValueError, match=r"Mismatched image shape for image .*00001.png.*300"):
         map_all(load(root, coco))
 
 

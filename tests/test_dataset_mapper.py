@@ -156,3 +156,38 @@ def test_labels_are_checked_against_the_configured_ignore_value(tiny_dataset, tm
         else:
             with pytest.raises(ValueError, match=r"\[255\].*not 254 .*IGNORE_VALUE"):
                 mapper(dict(record, sem_seg_file_name=str(path)))
+
+
+@pytest.mark.parametrize("orientation", [6, None])
+def test_swapped_size_names_the_likely_cause(dataset, orientation):
+    """The json gives the stored size (300 wide, 256 high); Detectron2 reads the image rotated
+    by its EXIF orientation (256 wide, 300 high), or the json swapped the two."""
+    root, coco = dataset
+    for ann in coco["annotations"]:  # polygons: their size is the image's, whatever it is
+        if ann["image_id"] == 1:
+            ann["segmentation"] = [[10, 10, 60, 10, 60, 60]]
+    coco["images"][0].update(height=256, width=300)
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+        Image.new("RGB", (300, 256)).save(first_image(root), exif=exif)
+    else:
+        Image.new("RGB", (256, 300)).save(first_image(root))
+    Image.new("L", (300, 256)).save(root / "train_sem" / "00001.png")
+    cause = "EXIF orientation \\(6\\) rotates it" if orientation else "swapped in the json"
+    with pytest.raises(ValueError, match=f"(?s)00001.png.*Width and height are.*{cause}"):
+        map_all(load(root, coco))
+
+
+def test_records_made_elsewhere_fail_with_the_file_named(dataset):
+    """Records that did not come through load_htc_json (a user's own loader) still fail with the
+    file named: annotations Detectron2 cannot transform, a label map that holds no labels."""
+    root, _ = dataset
+    records = load(root)
+    records[0]["annotations"][0]["segmentation"] = [[1, 2, 30]]
+    with pytest.raises(ValueError, match=r"00001.png: its annotations cannot be transformed"):
+        map_all(records[:1])
+    labels = np.array(Image.open(records[1]["sem_seg_file_name"]))
+    Image.fromarray(np.stack([labels] * 3, -1)).save(records[1]["sem_seg_file_name"])
+    with pytest.raises(ValueError, match=r"00002.png: a label map of PIL mode 'RGB' has no labels"):
+        map_all(records[1:2])

@@ -1,5 +1,7 @@
 """htc.meta_arch: the model's inputs and outputs, with and without the semantic branch."""
 
+import numpy as np
+import pycocotools.mask as mask_util
 import pytest
 import torch
 from detectron2.modeling import build_model
@@ -59,3 +61,26 @@ def test_without_semantic_branch():
     assert set(outputs[0]) == {"instances"}
     losses = train_losses(model, make_batch())
     assert "loss_sem_seg" not in losses and "loss_mask_stage2" in losses
+
+
+def test_rle_mask_output_decodes_to_the_bitmasks():
+    """MODEL.HTC.MASK_OUTPUT "rle": the same masks as COCO RLEs, no full-size pred_masks."""
+    model = build_model(tiny_cfg()).eval()
+    batch = make_batch(num_images=2)
+    batch[1]["height"], batch[1]["width"] = 192, 144
+    with torch.no_grad():
+        full = model(batch)
+        model.mask_output = "rle"
+        rle = model(batch)
+    for a, b in zip(full, rle):
+        masks, inst = a["instances"].pred_masks, b["instances"]
+        assert not inst.has("pred_masks") and len(inst.pred_masks_rle) == len(masks) > 0
+        decoded = mask_util.decode(inst.pred_masks_rle)  # (H, W, N)
+        assert np.array_equal(decoded.transpose(2, 0, 1).astype(bool), masks.numpy())
+        assert torch.equal(inst.pred_boxes.tensor, a["instances"].pred_boxes.tensor)
+
+
+def test_unknown_mask_output_is_named():
+    cfg = tiny_cfg(MASK_OUTPUT="png")
+    with pytest.raises(ValueError, match="MODEL.HTC.MASK_OUTPUT='png'.*bitmask.*rle"):
+        build_model(cfg)

@@ -30,6 +30,10 @@ def add_htc_config(cfg: CN) -> None:
     # Inference outputs "sem_seg", the (K, H, W) semantic scores at the output resolution (what
     # SemSegEvaluator reads); False skips that upsampling when only instances are wanted.
     cfg.MODEL.HTC.SEMANTIC_OUTPUT = True
+    # Instance masks at inference: "bitmask", Detectron2's (N, H, W) pred_masks (H x W bytes each:
+    # 1.2 GB for 100 masks of a 12-megapixel photo), or "rle", pred_masks_rle, a COCO RLE per
+    # instance made a few masks at a time (bounded memory; COCOEvaluator needs "bitmask").
+    cfg.MODEL.HTC.MASK_OUTPUT = "bitmask"
     # Loading MODEL.WEIGHTS refuses parameters whose shape differs from the model's; True skips
     # them (left at their initialization), e.g. to fine-tune on another number of classes.
     cfg.MODEL.HTC.SKIP_MISMATCHED_WEIGHTS = False

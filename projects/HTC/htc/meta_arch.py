@@ -8,6 +8,7 @@ from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
 from .layers import DEFORM_CONV_KERNELS
+from .postprocessing import MASK_OUTPUTS, paste_masks_as_rle
 from .roi_heads import SEMANTIC_FEATURE
 from .semantic_head import FusedSemanticHead
 
@@ -26,12 +27,15 @@ class HybridTaskCascade(GeneralizedRCNN):
         *,
         semantic_head: Optional[FusedSemanticHead] = None,
         semantic_output: bool = True,
+        mask_output: str = "bitmask",
         **kwargs,
     ):
         """
         Args:
             semantic_head: the semantic segmentation branch, or None for HTC without it.
             semantic_output: with the branch, whether inference outputs ``sem_seg``.
+            mask_output: "bitmask": instances' ``pred_masks`` (N, H, W) as Detectron2 gives
+                them; "rle": ``pred_masks_rle``, N COCO RLEs, made a few masks at a time.
             kwargs: arguments of :class:`GeneralizedRCNN`.
         """
         super().__init__(**kwargs)
@@ -39,11 +43,15 @@ class HybridTaskCascade(GeneralizedRCNN):
             raise ValueError("HybridTaskCascade needs an RPN (MODEL.PROPOSAL_GENERATOR.NAME)")
         self.semantic_head = semantic_head
         self.semantic_output = semantic_output
+        if mask_output not in MASK_OUTPUTS:
+            raise ValueError(f"MODEL.HTC.MASK_OUTPUT={mask_output!r}: use one of {MASK_OUTPUTS}")
+        self.mask_output = mask_output
 
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
         ret["semantic_output"] = cfg.MODEL.HTC.SEMANTIC_OUTPUT
+        ret["mask_output"] = cfg.MODEL.HTC.MASK_OUTPUT
         kernels = cfg.MODEL.HTC.DEFORM_CONV
         if kernels not in DEFORM_CONV_KERNELS:
             raise ValueError(
@@ -131,13 +139,28 @@ class HybridTaskCascade(GeneralizedRCNN):
             results = self.roi_heads.forward_with_given_boxes(features, detected_instances)
         if not do_postprocess:
             return results
+        box_masks = [self._take_box_masks(r) for r in results]
         outputs = GeneralizedRCNN._postprocess(results, batched_inputs, images.image_sizes)
+        for out, masks in zip(outputs, box_masks):
+            if masks is not None:
+                inst = out["instances"]
+                height, width = inst.image_size
+                inst.pred_masks_rle = paste_masks_as_rle(masks, inst.pred_boxes, height, width)
         if semantic_logits is not None and self.semantic_output:
             scores = self.semantic_head.upsample_logits(semantic_logits)
             for out, score, x, size in zip(outputs, scores, batched_inputs, images.image_sizes):
                 height, width = x.get("height", size[0]), x.get("width", size[1])
                 out["sem_seg"] = _resize_to_output(score, size, height, width)
         return outputs
+
+    def _take_box_masks(self, results: Instances) -> Optional[torch.Tensor]:
+        """With "rle" output, the (N, 1, M, M) masks taken out of ``results`` before the parent's
+        postprocessing pastes them all at full resolution; else None."""
+        if self.mask_output != "rle" or not results.has("pred_masks"):
+            return None
+        masks = results.pred_masks
+        results.remove("pred_masks")
+        return masks
 
 
 def _resize_to_output(scores: torch.Tensor, size: Tuple[int, int], height: int, width: int):

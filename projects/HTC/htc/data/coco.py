@@ -3,13 +3,16 @@ files and annotations checked where they are read)."""
 
 import json
 import logging
-import math
 import os
 from collections import Counter
 from pathlib import Path
 from typing import List, Optional
 
 from detectron2.data.datasets import load_coco_json
+from detectron2.utils.file_io import PathManager
+
+from .coco_checks import check_coco_json
+from .label_map import check_label_map
 
 logger = logging.getLogger(__name__)
 
@@ -21,14 +24,20 @@ def load_htc_json(
     sem_seg_root: Optional[str] = None,
 ) -> List[dict]:
     """COCO json records (Detectron2's format) with ``sem_seg_file_name`` when ``sem_seg_root``
-    is given, checked by :func:`check_annotations`. Raises ``FileNotFoundError`` naming the
-    first missing file or folder and ``ValueError`` naming a malformed json file."""
+    is given. The json is checked before Detectron2 reads it (:func:`check_coco_json`), the
+    records after (:func:`check_annotations`), the label maps' headers against their images
+    (:func:`check_label_map`); no image is decoded. Raises ``FileNotFoundError`` naming the first
+    missing file or folder and ``ValueError`` naming the file, the id and the problem."""
     _require(Path(json_file), f"{dataset_name}: annotation file")
     _require(Path(image_root), f"{dataset_name}: image folder")
     try:
-        records = load_coco_json(json_file, image_root, dataset_name, extra_annotation_keys=["id"])
-    except (json.JSONDecodeError, KeyError) as e:
+        with PathManager.open(json_file) as f:
+            data = json.load(f)  # read twice (Detectron2 reads it again): checked first
+    except json.JSONDecodeError as e:
         raise ValueError(f"{json_file}: malformed COCO instances file: {e}") from e
+    check_coco_json(data, json_file)
+    del data
+    records = load_coco_json(json_file, image_root, dataset_name, extra_annotation_keys=["id"])
     missing = [r["file_name"] for r in records if not os.path.isfile(r["file_name"])]
     if missing:
         raise FileNotFoundError(f"{json_file}: {len(missing)} images not found, e.g. {missing[0]}")
@@ -40,6 +49,9 @@ def load_htc_json(
             record["sem_seg_file_name"] = str(
                 _require(path, f"semantic map of {record['file_name']}")
             )
+            check_label_map(
+                record["sem_seg_file_name"], record["height"], record["width"], record["file_name"]
+            )
     return records
 
 
@@ -47,14 +59,6 @@ def _require(path: Path, what: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
     return path
-
-
-def _invalid_box(bbox) -> bool:
-    return (
-        not isinstance(bbox, (list, tuple))
-        or len(bbox) != 4
-        or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)
-    )
 
 
 def _ignored_reason(obj: dict, height: int, width: int) -> Optional[str]:
@@ -70,20 +74,16 @@ def _ignored_reason(obj: dict, height: int, width: int) -> Optional[str]:
 
 
 def check_annotations(records: List[dict], json_file: str) -> List[dict]:
-    """Refuse boxes that are not 4 finite numbers; drop the annotations the reference ignores
-    (boxes under 1 pixel or outside the image, no valid polygon or RLE; Detectron2's loader has
-    already dropped polygons of fewer than 3 points) and name them in one warning. Crowd
-    annotations are kept: the mapper leaves them out of the training targets."""
+    """Drop the annotations the reference ignores (boxes under 1 pixel or outside the image, no
+    valid polygon or RLE; Detectron2's loader has already dropped polygons of fewer than 3
+    points) and name them in one warning. Crowd annotations are kept: the mapper leaves them
+    out of the training targets. ``records`` come from a json that passed
+    :func:`check_coco_json`."""
     ignored: Counter = Counter()
     example = None
     for record in records:
         kept = []
         for obj in record["annotations"]:
-            if _invalid_box(obj.get("bbox")):
-                raise ValueError(
-                    f"{json_file}: annotation {obj.get('id')} of {record['file_name']} has bbox "
-                    f"{obj.get('bbox')!r}: expected 4 finite numbers (x, y, width, height)"
-                )
             size = (record["height"], record["width"])
             reason = None if obj.get("iscrowd") else _ignored_reason(obj, *size)
             if reason is None:

@@ -2,13 +2,19 @@
 ``sem_seg`` with the image, nearest-neighbour) plus checks of the semantic map and derived labels.
 """
 
+import copy
 from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 from detectron2.config import configurable
 from detectron2.data import DatasetMapper, MetadataCatalog
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, PolygonMasks
 from PIL import Image
+
+from .label_map import read_label_map
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -67,19 +73,60 @@ class HTCDatasetMapper(DatasetMapper):
         return ret
 
     def __call__(self, dataset_dict: dict) -> dict:
-        sem_file = dataset_dict.get("sem_seg_file_name")
-        files = [f for f in (dataset_dict["file_name"], sem_file) if f]
+        """The parent's steps, with the label map read by :func:`read_label_map` (the parent
+        reads it as luminance, turning palette indices into grey levels) and every failure of
+        the files named."""
+        dataset_dict = copy.deepcopy(dataset_dict)
+        image, sem_seg = self._read(dataset_dict)
+        aug_input = T.AugInput(image, sem_seg=sem_seg)
+        transforms = self.augmentations(aug_input)
+        image, sem_seg = aug_input.image, aug_input.sem_seg
+        image_shape = image.shape[:2]
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if sem_seg is not None:
+            dataset_dict["sem_seg"] = torch.as_tensor(sem_seg.astype(np.int64))
+            self._check_labels(dataset_dict["sem_seg"], dataset_dict["sem_seg_file_name"])
+        if self.proposal_topk is not None:
+            utils.transform_proposals(
+                dataset_dict, image_shape, transforms, proposal_topk=self.proposal_topk
+            )
+        dataset_dict.pop("sem_seg_file_name", None)
+        if not self.is_train:
+            dataset_dict.pop("annotations", None)
+            return dataset_dict
+        if "annotations" in dataset_dict:
+            try:
+                self._transform_annotations(dataset_dict, transforms, image_shape)
+            except (AssertionError, ValueError, IndexError) as e:
+                raise ValueError(
+                    f"{dataset_dict['file_name']}: its annotations cannot be transformed: {e!r}"
+                ) from e
+        if "sem_seg" not in dataset_dict and self.derive_semantic:
+            dataset_dict["sem_seg"] = self._derived_semantic(dataset_dict)
+        return dataset_dict
+
+    def _read(self, dataset_dict: dict) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """The image (H, W, C) in the model's format and its label map (H, W) or None."""
+        file_name, sem_file = dataset_dict["file_name"], dataset_dict.get("sem_seg_file_name")
         try:
-            if sem_file:
-                _check_same_size(dataset_dict["file_name"], sem_file)
-            out = super().__call__(dataset_dict)
+            image = utils.read_image(file_name, format=self.image_format)
         except OSError as e:  # PIL's messages do not always name the file
-            raise OSError(f"cannot read {' or '.join(files)}: {e}") from e
-        if "sem_seg" in out:
-            self._check_labels(out["sem_seg"], sem_file)
-        elif self.derive_semantic:
-            out["sem_seg"] = self._derived_semantic(out)
-        return out
+            raise OSError(f"cannot read {file_name}: {e}") from e
+        try:
+            utils.check_image_size(dataset_dict, image)
+        except utils.SizeMismatchError as e:
+            raise utils.SizeMismatchError(f"{e}{_swap_hint(dataset_dict, image)}") from e
+        if not sem_file:
+            return image, None
+        sem_seg = read_label_map(sem_file, dtype=None)
+        if sem_seg.shape != image.shape[:2]:
+            raise ValueError(
+                f"{sem_file}: semantic map of size {sem_seg.shape} (h, w) for the image "
+                f"{file_name} of size {image.shape[:2]}"
+            )
+        if sem_seg.dtype != np.uint8:  # Detectron2's transforms resize uint8 maps with PIL
+            sem_seg = sem_seg.astype(np.float32)  # exact for labels below 2**24
+        return image, sem_seg
 
     def _check_labels(self, sem: torch.Tensor, name: str) -> None:
         if self.num_semantic_classes is None:
@@ -108,20 +155,15 @@ class HTCDatasetMapper(DatasetMapper):
         return sem
 
 
-def _image_size(path: str) -> Tuple[int, int]:
-    """(height, width) as Detectron2's read_image returns it (EXIF orientation applied),
-    read from the file header only."""
-    with Image.open(path) as image:
-        width, height = image.size
-        if image.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):
-            width, height = height, width
-    return height, width
-
-
-def _check_same_size(image_file: str, sem_seg_file: str) -> None:
-    image_size, sem_size = _image_size(image_file), _image_size(sem_seg_file)
-    if image_size != sem_size:
-        raise ValueError(
-            f"{sem_seg_file}: semantic map of size {sem_size} (h, w) for the image {image_file} "
-            f"of size {image_size}"
+def _swap_hint(dataset_dict: dict, image: np.ndarray) -> str:
+    """The likely cause when the image is the json's size with width and height swapped."""
+    if tuple(image.shape[:2]) != (dataset_dict.get("width"), dataset_dict.get("height")):
+        return ""
+    with Image.open(dataset_dict["file_name"]) as pil:
+        orientation = pil.getexif().get(_EXIF_ORIENTATION)
+    if orientation in (5, 6, 7, 8):
+        return (
+            f". Width and height are swapped: the file's EXIF orientation ({orientation}) "
+            "rotates it when read; the json gives its size before that rotation"
         )
+    return ". Width and height are swapped in the json"

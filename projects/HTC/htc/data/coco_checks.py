@@ -1,0 +1,204 @@
+"""What a COCO instances json must satisfy before Detectron2 and pycocotools read it.
+
+pycocotools trusts the file: duplicated image ids merge two images into one (one image then
+trains on the other's masks, the other is dropped), annotations of an unknown image are dropped
+without a word, a polygon coordinate of 1e12 makes its rasterizer allocate without bound, and
+RLE counts that do not add up to the mask's size make its decoder write past its buffer. Every
+field the loader and the mapper use is checked here, from the json alone (no image is decoded),
+and each refusal names the file, the image or annotation id, and the problem.
+"""
+
+import math
+from numbers import Integral, Real
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+
+class CocoFormatError(ValueError):
+    """A COCO json that cannot be read as it is meant, with where and why."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _is_size(value: Any) -> bool:
+    """A positive integer (an integral float, as some tools write, is one too)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        return False
+    return value > 0 and float(value).is_integer()
+
+
+def _unique_int_ids(items: List[dict], what: str, where: str) -> Dict[int, dict]:
+    """``{id: item}``, refusing ids that are not integers or that repeat."""
+    by_id: Dict[int, dict] = {}
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            kind = type(item).__name__
+            raise CocoFormatError(f"{where}: {what} #{index} is {kind}, not an object")
+        item_id = item.get("id")
+        if not _is_int(item_id):
+            raise CocoFormatError(
+                f"{where}: {what} #{index} has id {item_id!r} ({type(item_id).__name__}): "
+                "ids are integers"
+            )
+        if item_id in by_id:
+            raise CocoFormatError(f"{where}: {what} id {item_id} is used twice (#{index} too)")
+        by_id[item_id] = item
+    return by_id
+
+
+def _check_image(image: dict, where: str) -> None:
+    name = image.get("file_name")
+    if not isinstance(name, str) or not name:
+        raise CocoFormatError(f"{where}: image {image['id']} has file_name {name!r}")
+    for key in ("height", "width"):
+        if not _is_size(image.get(key)):
+            raise CocoFormatError(
+                f"{where}: image {image['id']} ({name}) has {key} {image.get(key)!r}: expected a "
+                "positive integer"
+            )
+
+
+def rle_string_counts(counts: str) -> List[int]:
+    """The run lengths of a compressed COCO RLE string (pycocotools' ``rleFrString``), decoded
+    without pycocotools so that a malformed string cannot reach its C code."""
+    runs: List[int] = []
+    position = 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(counts):
+                raise ValueError("the string ends inside a run length")
+            code = ord(counts[position]) - 48
+            if not 0 <= code < 64:
+                raise ValueError(f"character {counts[position]!r} is not of the RLE alphabet")
+            value |= (code & 0x1F) << (5 * shift)
+            more = bool(code & 0x20)
+            position += 1
+            shift += 1
+            if not more and code & 0x10:
+                value |= -1 << (5 * shift)
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
+def _rle_problem(rle: dict, height: int, width: int) -> Optional[str]:
+    size, counts = rle.get("size"), rle.get("counts")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(map(_is_int, size))):
+        return f"RLE size {size!r} is not [height, width]"
+    if [int(size[0]), int(size[1])] != [int(height), int(width)]:
+        return f"RLE size {list(size)} (height, width) is not the image's [{height}, {width}]"
+    if isinstance(counts, str):
+        try:
+            runs = rle_string_counts(counts)
+        except ValueError as e:
+            return f"compressed RLE counts are malformed: {e}"
+    elif isinstance(counts, list) and all(map(_is_int, counts)):
+        runs = counts
+    else:
+        return "RLE counts are neither a compressed string nor a list of integers"
+    if any(r < 0 for r in runs) or sum(runs) != height * width:
+        return (
+            f"RLE run lengths add up to {sum(runs)} with negative runs {any(r < 0 for r in runs)}"
+            f"; a {height}x{width} mask needs {height * width}"
+        )
+    return None
+
+
+def _polygon_problem(polygons: list, height: int, width: int) -> Optional[str]:
+    for index, polygon in enumerate(polygons):
+        if not isinstance(polygon, (list, tuple)):
+            return f"polygon {index} is {type(polygon).__name__}, not a list of numbers"
+        if any(isinstance(v, bool) or not isinstance(v, Real) for v in polygon):
+            return f"polygon {index} holds something other than numbers"
+        coords = np.asarray(polygon, dtype=np.float64)
+        if len(coords) % 2:
+            return f"polygon {index} has {len(coords)} numbers: x, y pairs need an even count"
+        if not np.isfinite(coords).all():
+            return f"polygon {index} has a coordinate that is not finite"
+        if len(coords) == 0:
+            continue
+        xs, ys = coords[0::2], coords[1::2]
+        if xs.min() < -width or xs.max() > 2 * width or ys.min() < -height or ys.max() > 2 * height:
+            return (
+                f"polygon {index} reaches ({xs.min():g}..{xs.max():g}, {ys.min():g}..{ys.max():g})"
+                f", more than the image's own size outside the {width}x{height} image"
+            )
+    return None
+
+
+def segmentation_problem(segmentation: Any, height: int, width: int) -> Optional[str]:
+    """Why ``segmentation`` cannot be rasterized as meant on a ``height`` x ``width`` image, or
+    None. Missing and empty ones are the reference's business (ignored), not an error."""
+    if not segmentation:
+        return None
+    if isinstance(segmentation, dict):
+        return _rle_problem(segmentation, height, width)
+    if isinstance(segmentation, list):
+        return _polygon_problem(segmentation, height, width)
+    return f"segmentation is {type(segmentation).__name__}: expected polygons or an RLE object"
+
+
+def _check_annotation(
+    ann: dict, images: Dict[int, dict], categories: Dict[int, dict], where: str
+) -> None:
+    image = images.get(ann.get("image_id"))
+    if image is None:
+        image_id = ann.get("image_id")
+        raise CocoFormatError(
+            f"{where}: annotation {ann['id']} refers to image_id {image_id!r} "
+            f"({type(image_id).__name__}), which is not the id of an image in the file"
+        )
+    what = f"{where}: annotation {ann['id']} of image {image['id']} ({image['file_name']})"
+    category = ann.get("category_id")
+    if not _is_int(category) or category not in categories:
+        raise CocoFormatError(
+            f"{what} has category_id {category!r}, which is not the id of a category in the file"
+        )
+    if ann.get("iscrowd", 0) not in (0, 1):
+        raise CocoFormatError(f"{what} has iscrowd {ann.get('iscrowd')!r}: expected 0 or 1")
+    if ann.get("ignore", 0) != 0:
+        raise CocoFormatError(f"{what} has ignore {ann['ignore']!r}: not supported by Detectron2")
+    bbox = ann.get("bbox")
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4) or not all(
+        _is_finite(v) for v in bbox
+    ):
+        raise CocoFormatError(
+            f"{what} has bbox {bbox!r}: expected 4 finite numbers (x, y, width, height)"
+        )
+    problem = segmentation_problem(ann.get("segmentation"), image["height"], image["width"])
+    if problem:
+        raise CocoFormatError(f"{what}: {problem}")
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_coco_json(data: Any, where: str) -> Tuple[int, int]:
+    """Refuse a COCO instances dict that the loader or the mapper would misread.
+
+    Args:
+        data: the parsed json.
+        where: the file, for the messages.
+
+    Returns:
+        the number of images and of annotations.
+    """
+    if not isinstance(data, dict):
+        raise CocoFormatError(f"{where}: the json holds a {type(data).__name__}, not an object")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise CocoFormatError(f"{where}: {key!r} is missing or not a list")
+    images = _unique_int_ids(data["images"], "image", where)
+    for image in images.values():
+        _check_image(image, where)
+    categories = _unique_int_ids(data["categories"], "category", where)
+    annotations = _unique_int_ids(data["annotations"], "annotation", where)
+    for ann in annotations.values():
+        _check_annotation(ann, images, categories, where)
+    return len(images), len(annotations)
