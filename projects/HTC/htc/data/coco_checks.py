@@ -10,7 +10,7 @@ and each refusal names the file, the image or annotation id, and the problem.
 
 import math
 from numbers import Integral, Real
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -101,10 +101,11 @@ def _rle_problem(rle: dict, height: int, width: int) -> Optional[str]:
         runs = counts
     else:
         return "RLE counts are neither a compressed string nor a list of integers"
-    if any(r < 0 for r in runs) or sum(runs) != height * width:
+    total, negative = sum(runs), any(r < 0 for r in runs)
+    if negative or total != height * width:
         return (
-            f"RLE run lengths add up to {sum(runs)} with negative runs {any(r < 0 for r in runs)}"
-            f"; a {height}x{width} mask needs {height * width}"
+            f"RLE run lengths add up to {total} with negative runs {negative}; a {height}x{width} "
+            f"mask needs {height * width}"
         )
     return None
 
@@ -179,15 +180,12 @@ def _is_finite(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_coco_json(data: Any, where: str) -> Tuple[int, int]:
+def check_coco_json(data: Any, where: str) -> None:
     """Refuse a COCO instances dict that the loader or the mapper would misread.
 
     Args:
         data: the parsed json.
         where: the file, for the messages.
-
-    Returns:
-        the number of images and of annotations.
     """
     if not isinstance(data, dict):
         raise CocoFormatError(f"{where}: the json holds a {type(data).__name__}, not an object")
@@ -201,4 +199,3 @@ def check_coco_json(data: Any, where: str) -> Tuple[int, int]:
     annotations = _unique_int_ids(data["annotations"], "annotation", where)
     for ann in annotations.values():
         _check_annotation(ann, images, categories, where)
-    return len(images), len(annotations)

@@ -14,7 +14,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, PolygonMasks
 from PIL import Image
 
-from .label_map import read_label_map
+from .label_map import check_same_size, read_label_map
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -119,11 +119,7 @@ class HTCDatasetMapper(DatasetMapper):
         if not sem_file:
             return image, None
         sem_seg = read_label_map(sem_file, dtype=None)
-        if sem_seg.shape != image.shape[:2]:
-            raise ValueError(
-                f"{sem_file}: semantic map of size {sem_seg.shape} (h, w) for the image "
-                f"{file_name} of size {image.shape[:2]}"
-            )
+        check_same_size(sem_file, sem_seg.shape, file_name, image.shape[:2])
         if sem_seg.dtype != np.uint8:  # Detectron2's transforms resize uint8 maps with PIL
             sem_seg = sem_seg.astype(np.float32)  # exact for labels below 2**24
         return image, sem_seg

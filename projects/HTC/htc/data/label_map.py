@@ -29,16 +29,27 @@ def label_map_header(path: str) -> Tuple[str, Tuple[int, int]]:
 def check_label_map(path: str, height: int, width: int, image_file: str) -> None:
     """Refuse a label map of a mode that holds no labels, or of another size than its image."""
     mode, size = label_map_header(path)
+    _check_mode(path, mode)
+    check_same_size(path, size, image_file, (height, width))
+
+
+def _check_mode(path: str, mode: str) -> None:
     if mode not in LABEL_MODES:
         raise ValueError(
             f"{path}: a label map of PIL mode {mode!r} has no unambiguous labels; give "
             f"single-channel integer labels (modes {', '.join(LABEL_MODES)}: stored values; "
             "palette images: their indices)"
         )
-    if size != (height, width):
+
+
+def check_same_size(
+    path: str, size: Tuple[int, int], image_file: str, image_size: Tuple[int, int]
+) -> None:
+    """Refuse a label map whose (height, width) ``size`` is not its image's."""
+    if tuple(size) != tuple(image_size):
         raise ValueError(
-            f"{path}: semantic map of size {size} (h, w) for the image {image_file} of size "
-            f"{(height, width)}"
+            f"{path}: semantic map of size {tuple(size)} (h, w) for the image {image_file} of "
+            f"size {tuple(image_size)}"
         )
 
 
@@ -47,8 +58,7 @@ def read_label_map(path: str, dtype=np.int64) -> np.ndarray:
     (None: uint8 for 8-bit and bilevel maps, int32 for 16- and 32-bit ones)."""
     try:
         with Image.open(path) as image:
-            if image.mode not in LABEL_MODES:
-                raise ValueError(f"{path}: a label map of PIL mode {image.mode!r} has no labels")
+            _check_mode(path, image.mode)
             labels = np.asarray(image)
     except OSError as e:
         raise OSError(f"cannot read the label map {path}: {e}") from e
