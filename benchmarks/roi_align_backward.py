@@ -10,7 +10,7 @@ import time
 import torch
 from torchvision.ops import roi_align
 
-from htc.layers.roi_align import _ROIAlignSparseGrad
+from htc.layers.roi_align import sparse_grad_roi_align
 
 # (images, channels, feature H, W, stride, RoIs, output): demo training, COCO-size training
 CASES = [
@@ -48,7 +48,7 @@ def main():
         rois = torch.cat([torch.randint(0, n, (r, 1)).float(), boxes], dim=1)
         args = ((out, out), 1.0 / stride, 0, True)
         t_tv, g_tv = timed_backward(roi_align, x, rois, args)
-        t_sp, g_sp = timed_backward(_ROIAlignSparseGrad.apply, x, rois, args)
+        t_sp, g_sp = timed_backward(sparse_grad_roi_align, x, rois, (*args, 1))
         print(
             f"| {n}, {c}, {h}, {w}, {stride}, {r}, {out} | {t_tv * 1e3:.0f} | {t_sp * 1e3:.0f} "
             f"| {t_tv / t_sp:.1f}x | {(g_tv - g_sp).abs().max():.1e} |"

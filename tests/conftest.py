@@ -10,13 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from detectron2.config import CfgNode, get_cfg
-from detectron2.structures import BitMasks, Boxes, Instances
-from detectron2.utils.events import EventStorage
 
-from htc import HTCDatasetMapper, add_htc_config
-from htc.data import load_htc_json
-from htc.data.demo_data import VERSION, generate_split
+if not torch.cuda.is_available():
+    # Triton kernels (htc.layers.roi_align_triton) run in Triton's interpreter on CPU tensors.
+    # Triton reads this when it is imported (Detectron2's imports import it), so it is set first.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from detectron2.config import CfgNode, get_cfg  # noqa: E402
+from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+
+from htc import HTCDatasetMapper, add_htc_config  # noqa: E402
+from htc.data import load_htc_json  # noqa: E402
+from htc.data.demo_data import VERSION, generate_split  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -1,19 +1,24 @@
 """RoIAlign kernels that also answer "pooled to a smaller size", chosen by MODEL.HTC.ROI_ALIGN.
 
 * :class:`ROIAlign` ("detectron2"): Detectron2's RoIAlign; ``pooled`` average-pools its output.
-* :class:`FastROIAlign` ("fast", the default): the same results on CPU, faster. torchvision's CPU
-  ``roi_align`` runs in one thread, forward and backward, and its backward recomputes the
-  bilinear weights for every channel: in an HTC training step on CPU the backward took more than
-  half of the step. Here the forward is torchvision's kernel run on chunks of RoIs by a thread
-  pool (each RoI is computed independently, so the output is bit-identical), and the backward
-  builds the same interpolation weights once, vectorised, as a sparse (N*H*W, R*Sh*Sw) matrix and
-  multiplies the output gradient by it. On other devices it is :class:`ROIAlign`.
+* :class:`FastROIAlign` ("fast", the default): torchvision's results, faster, by device.
+  On CPU, torchvision's ``roi_align`` runs in one thread, forward and backward, and its backward
+  recomputes the bilinear weights for every channel: in an HTC training step on CPU the backward
+  took more than half of the step. Here the forward is torchvision's kernel run on chunks of RoIs
+  by a thread pool (each RoI is computed independently, so the output is bit-identical), and the
+  backward builds the interpolation weights once, vectorised, as a sparse (N*H*W, R*Sh*Sw)
+  matrix and multiplies the output gradient by it. On CUDA (with Triton installed), the kernels
+  of :mod:`htc.layers.roi_align_triton`: a backward without atomics (bit-identical gradients
+  from run to run; torchvision's atomicAdds are neither deterministic nor fast where thousands
+  of RoIs overlap), pooled outputs computed directly, fp16/bf16 computed natively. Elsewhere,
+  and under tracing (export), it is :class:`ROIAlign`.
 """
 
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Tuple, Type
+from types import ModuleType
+from typing import Callable, Dict, List, Optional, Tuple, Type
 
 import torch
 from detectron2 import layers as d2_layers
@@ -22,26 +27,36 @@ from torch.nn.modules.utils import _pair
 from torchvision.ops import roi_align
 
 CHUNK = 64  # RoIs per task: a 14x14 output of 256 channels stays within a few MB
+TRITON_DEVICES = ("cuda",)  # devices on which FastROIAlign runs htc.layers.roi_align_triton
 
 
-def _axis_samples(
-    start: torch.Tensor, bin_size: torch.Tensor, pooled: int, grid: int, size: int
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Bilinear taps of RoIAlign's sample points along one axis, as torchvision computes them.
+def _bins(
+    rois: torch.Tensor,
+    output_size: Tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> Tuple[torch.Tensor, ...]:
+    """Per RoI, as torchvision computes them: start (y, x), bin size (y, x) in feature-map
+    pixels and samples per bin (y, x; 0 for an empty RoI). Each (R,)."""
+    offset = 0.5 if aligned else 0.0
+    start_w, start_h = rois[:, 1] * spatial_scale - offset, rois[:, 2] * spatial_scale - offset
+    roi_w = rois[:, 3] * spatial_scale - offset - start_w
+    roi_h = rois[:, 4] * spatial_scale - offset - start_h
+    if not aligned:
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    pooled_h, pooled_w = output_size
+    if sampling_ratio > 0:
+        grid_h = grid_w = torch.full_like(roi_h, sampling_ratio, dtype=torch.long)
+    else:
+        grid_h, grid_w = torch.ceil(roi_h / pooled_h).long(), torch.ceil(roi_w / pooled_w).long()
+    bins = (roi_h / pooled_h, roi_w / pooled_w)
+    return start_h, start_w, *bins, grid_h.clamp(min=0), grid_w.clamp(min=0)
 
-    Args:
-        start, bin_size: (R,) RoI start and bin size on this axis, in feature-map pixels.
-        pooled: output bins; grid: samples per bin; size: feature-map size on this axis.
 
-    Returns:
-        indices (R, pooled, grid, 2) of the low/high neighbours and their weights (zero for
-        samples outside [-1, size]).
-    """
-    bins = torch.arange(pooled, dtype=start.dtype, device=start.device)
-    steps = torch.arange(grid, dtype=start.dtype, device=start.device) + 0.5
-    pos = (start[:, None, None] + bins[None, :, None] * bin_size[:, None, None]) + (
-        steps[None, None, :] * bin_size[:, None, None] / grid
-    )
+def _taps(pos: torch.Tensor, size: int) -> Tuple[torch.Tensor, ...]:
+    """Bilinear neighbours (low, high) of sample positions along one axis and their weights,
+    zero for samples outside [-1, size], as torchvision's kernel treats them."""
     valid = (pos >= -1.0) & (pos <= size)
     pos = pos.clamp(min=0)
     low = pos.floor().long()
@@ -49,8 +64,82 @@ def _axis_samples(
     low = torch.where(at_edge, torch.full_like(low, size - 1), low)
     high = torch.where(at_edge, low, low + 1)
     frac = torch.where(at_edge, torch.zeros_like(pos), pos - low.to(pos.dtype))
-    weights = torch.stack([1 - frac, frac], dim=-1) * valid[..., None]
-    return torch.stack([low, high], dim=-1), weights
+    return low, high, (1 - frac) * valid, frac * valid
+
+
+def interpolation_entries(
+    rois: torch.Tensor,
+    input_shape: Tuple[int, int, int, int],
+    output_size: Tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+    pool: int = 1,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The entries of :func:`interpolation_matrix`, built without a loop over RoIs or grid
+    sizes (one host sync: the number of sample points).
+
+    Returns:
+        pixel (E,) rows in [0, N*H*W), cell (E,) columns in [0, R*(Sh/pool)*(Sw/pool)) and
+        weight (E,), four entries (the bilinear taps) per sample point, sample-major; entries
+        of one (pixel, cell) pair are not merged.
+    """
+    num, _, height, width = input_shape
+    pooled_h, pooled_w = output_size
+    out_h, out_w = pooled_h // pool, pooled_w // pool
+    start_h, start_w, bin_h, bin_w, grid_h, grid_w = _bins(
+        rois, output_size, spatial_scale, sampling_ratio, aligned
+    )
+    rows, cols = grid_h * pooled_h, grid_w * pooled_w  # sample rows and columns per RoI
+    samples = rows * cols
+    totals = torch.stack([rows.sum(), cols.sum(), samples.sum()]).tolist()  # one host sync
+    y_roi, y_index = _ragged(rows, totals[0])
+    x_roi, x_index = _ragged(cols, totals[1])
+    y_taps = _taps(_sample_positions(start_h, bin_h, grid_h, y_roi, y_index), height)
+    x_taps = _taps(_sample_positions(start_w, bin_w, grid_w, x_roi, x_index), width)
+    # sample points, RoI-major, row-major: a sample row of RoI r times one of its columns
+    roi, k = _ragged(samples, totals[2])
+    row_in_roi, col_in_roi = k // cols[roi], k % cols[roi]
+    row = (rows.cumsum(0) - rows)[roi] + row_in_roi
+    col = (cols.cumsum(0) - cols)[roi] + col_in_roi
+    y_low, y_high, wy_low, wy_high = (t[row] for t in y_taps)
+    x_low, x_high, wx_low, wx_high = (t[col] for t in x_taps)
+    base = rois[roi, 0].long() * (height * width)
+    pixel = torch.stack(
+        [y_low * width + x_low, y_low * width + x_high, y_high * width + x_low,
+         y_high * width + x_high], dim=1,
+    ) + base[:, None]  # fmt: skip
+    count = (grid_h * grid_w * (pool * pool)).to(wy_low.dtype)[roi]
+    weight = (
+        torch.stack([wy_low * wx_low, wy_low * wx_high, wy_high * wx_low, wy_high * wx_high], dim=1)
+        / count[:, None]
+    )
+    i, j = row_in_roi // grid_h[roi], col_in_roi // grid_w[roi]
+    cell = roi * (out_h * out_w) + (i // pool) * out_w + j // pool
+    return pixel.reshape(-1), cell[:, None].expand(-1, 4).reshape(-1), weight.reshape(-1)
+
+
+def _ragged(count: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Items of segments laid end to end, segment r holding ``count[r]`` (``total`` in all):
+    each item's segment (total,) and its index in the segment (total,)."""
+    device = count.device
+    segment = torch.repeat_interleave(
+        torch.arange(len(count), device=device), count, output_size=total
+    )
+    return segment, torch.arange(total, device=device) - (count.cumsum(0) - count)[segment]
+
+
+def _sample_positions(
+    start: torch.Tensor,
+    bin_size: torch.Tensor,
+    grid: torch.Tensor,
+    roi: torch.Tensor,
+    index: torch.Tensor,
+) -> torch.Tensor:
+    """Positions along one axis of the samples ``index`` (bin-major: bin ``index // grid``,
+    sample ``index % grid`` in it) of RoIs ``roi``, as torchvision computes them."""
+    grid, size = grid[roi], bin_size[roi]
+    return (start[roi] + (index // grid) * size) + (index % grid + 0.5) * size / grid
 
 
 def interpolation_matrix(
@@ -65,51 +154,14 @@ def interpolation_matrix(
     """The sparse (N*H*W, R*Sh*Sw) matrix ``M`` with ``roi_align(x) = M^T x`` per channel
     (x laid out as (N*H*W, C)), following torchvision's CPU kernel; with ``pool`` = k, the
     (N*H*W, R*(Sh/k)*(Sw/k)) matrix of ``avg_pool2d(roi_align(x), k)``."""
+    args = (output_size, spatial_scale, sampling_ratio, aligned, pool)
+    pixel, cell, weight = interpolation_entries(rois, input_shape, *args)
     num, _, height, width = input_shape
-    pooled_h, pooled_w = output_size
-    out_h, out_w = pooled_h // pool, pooled_w // pool
-    offset = 0.5 if aligned else 0.0
-    start_w, start_h = rois[:, 1] * spatial_scale - offset, rois[:, 2] * spatial_scale - offset
-    roi_w = rois[:, 3] * spatial_scale - offset - start_w
-    roi_h = rois[:, 4] * spatial_scale - offset - start_h
-    if not aligned:
-        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
-    bin_h, bin_w = roi_h / pooled_h, roi_w / pooled_w
-    if sampling_ratio > 0:
-        grid_h = grid_w = torch.full_like(roi_h, sampling_ratio, dtype=torch.long)
-    else:
-        grid_h, grid_w = torch.ceil(roi_h / pooled_h).long(), torch.ceil(roi_w / pooled_w).long()
-    grids = torch.stack([grid_h.clamp(min=0), grid_w.clamp(min=0)], dim=1)
-    rows, cols, vals = [], [], []
-    for gh, gw in torch.unique(grids, dim=0).tolist():
-        if gh == 0 or gw == 0:
-            continue  # an empty RoI: torchvision outputs zeros, no gradient
-        idx = ((grids[:, 0] == gh) & (grids[:, 1] == gw)).nonzero()[:, 0]
-        ys, wy = _axis_samples(start_h[idx], bin_h[idx], pooled_h, gh, height)
-        xs, wx = _axis_samples(start_w[idx], bin_w[idx], pooled_w, gw, width)
-        # dims: (R, Sh, Sw, gh, gw, 2 y-taps, 2 x-taps)
-        ys, wy = ys[:, :, None, :, None, :, None], wy[:, :, None, :, None, :, None]
-        xs, wx = xs[:, None, :, None, :, None, :], wx[:, None, :, None, :, None, :]
-        base = rois[idx, 0].long() * (height * width)
-        row = base[:, None, None, None, None, None, None] + ys * width + xs
-        col = (
-            idx[:, None, None] * (out_h * out_w)
-            + (torch.arange(pooled_h, device=rois.device) // pool)[None, :, None] * out_w
-            + (torch.arange(pooled_w, device=rois.device) // pool)[None, None, :]
-        )[..., None, None, None, None]
-        val = wy * wx / (gh * gw * pool * pool)
-        shape = torch.broadcast_shapes(row.shape, col.shape, val.shape)
-        rows.append(row.expand(shape).reshape(-1))
-        cols.append(col.expand(shape).reshape(-1))
-        vals.append(val.expand(shape).reshape(-1))
-    size = (num * height * width, rois.shape[0] * out_h * out_w)
-    if rows:
-        indices, values = torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals)
-    else:
-        indices = torch.zeros(2, 0, dtype=torch.long, device=rois.device)
-        values = rois.new_zeros(0)
+    cells = rois.shape[0] * (output_size[0] // pool) * (output_size[1] // pool)
     # indices are in range by construction (clamped taps, RoI-major columns)
-    return torch.sparse_coo_tensor(indices, values, size, check_invariants=False)
+    return torch.sparse_coo_tensor(
+        torch.stack([pixel, cell]), weight, (num * height * width, cells), check_invariants=False
+    )
 
 
 @functools.cache
@@ -156,27 +208,44 @@ def parallel_roi_align(
     return in_chunks(run, rois)
 
 
-class _ROIAlignSparseGrad(torch.autograd.Function):
+class ROIAlignFunction(torch.autograd.Function):
+    """RoIAlign (then kxk average pooling) computed by given kernels: the output is
+    ``forward_fn(input, rois, *geometry)`` and the input's gradient
+    ``backward_fn(grad_output, rois, input.shape, *geometry)``, where geometry is
+    (output_size, spatial_scale, sampling_ratio, aligned, pool)."""
+
     @staticmethod
-    def forward(ctx, input, rois, output_size, spatial_scale, sampling_ratio, aligned, pool=1):
+    def forward(ctx, input, rois, geometry, forward_fn, backward_fn):
         ctx.save_for_backward(rois)
-        ctx.config = (tuple(input.shape), output_size, spatial_scale, sampling_ratio, aligned)
-        ctx.pool = pool
-        args = (output_size, spatial_scale, sampling_ratio, aligned, pool)
-        return parallel_roi_align(input, rois, *args)
+        ctx.input_shape, ctx.geometry, ctx.backward_fn = tuple(input.shape), geometry, backward_fn
+        return forward_fn(input, rois, *geometry)
 
     @staticmethod
     def backward(ctx, grad_output):
         (rois,) = ctx.saved_tensors
-        shape, output_size, spatial_scale, sampling_ratio, aligned = ctx.config
-        num, channels, height, width = shape
-        matrix = interpolation_matrix(
-            rois, shape, output_size, spatial_scale, sampling_ratio, aligned, ctx.pool
-        )
-        grad = grad_output.permute(0, 2, 3, 1).reshape(-1, channels)
-        grad = torch.sparse.mm(matrix, grad.to(matrix.dtype))
-        grad = grad.view(num, height, width, channels).permute(0, 3, 1, 2).contiguous()
-        return grad, None, None, None, None, None, None
+        grad = ctx.backward_fn(grad_output, rois, ctx.input_shape, *ctx.geometry)
+        return grad, None, None, None, None
+
+
+def sparse_backward(
+    grad_output: torch.Tensor,
+    rois: torch.Tensor,
+    input_shape: Tuple[int, int, int, int],
+    *geometry,
+) -> torch.Tensor:
+    """(N, C, H, W) input gradient of RoIAlign: the output gradient times the sparse
+    :func:`interpolation_matrix` (geometry: output_size, spatial_scale, sampling_ratio,
+    aligned, pool)."""
+    num, channels, height, width = input_shape
+    matrix = interpolation_matrix(rois, input_shape, *geometry)
+    grad = grad_output.permute(0, 2, 3, 1).reshape(-1, channels)
+    grad = torch.sparse.mm(matrix, grad.to(matrix.dtype))
+    return grad.view(num, height, width, channels).permute(0, 3, 1, 2).contiguous()
+
+
+def sparse_grad_roi_align(input: torch.Tensor, rois: torch.Tensor, *geometry) -> torch.Tensor:
+    """:func:`parallel_roi_align` with the :func:`sparse_backward` gradient."""
+    return ROIAlignFunction.apply(input, rois, geometry, parallel_roi_align, sparse_backward)
 
 
 class ROIAlign(d2_layers.ROIAlign):
@@ -194,27 +263,52 @@ class ROIAlign(d2_layers.ROIAlign):
         return cls(other.output_size, other.spatial_scale, other.sampling_ratio, other.aligned)
 
 
+@functools.cache
+def triton_kernels() -> Optional[ModuleType]:
+    """:mod:`htc.layers.roi_align_triton`, or None where Triton is not installed (imported on
+    first use: importing Triton takes a while and CPU runs never need it)."""
+    try:
+        from . import roi_align_triton
+    except ImportError:
+        return None
+    return roi_align_triton
+
+
 class FastROIAlign(ROIAlign):
-    """:class:`ROIAlign` with the parallel forward and the sparse-matrix backward on CPU."""
+    """:class:`ROIAlign` with faster kernels on CPU (parallel forward, sparse-matrix backward)
+    and on CUDA (Triton: deterministic backward, native half precision)."""
 
     def _arguments(self) -> tuple:
         return (_pair(self.output_size), self.spatial_scale, self.sampling_ratio, self.aligned)
 
+    def _triton(self, input: torch.Tensor) -> Optional[ModuleType]:
+        """The Triton kernels if they should compute on ``input``'s device, else None."""
+        exporting = torch.jit.is_tracing() or torch.jit.is_scripting()
+        return triton_kernels() if input.device.type in TRITON_DEVICES and not exporting else None
+
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        assert rois.dim() == 2 and rois.size(1) == 5
+        triton = self._triton(input)
+        if triton is not None:
+            return triton.roi_align(input, rois, *self._arguments(), 1)
         if input.device.type != "cpu":
             return super().forward(input, rois)
-        assert rois.dim() == 2 and rois.size(1) == 5
         return self._on_cpu(input, rois, pool=1)
 
     def pooled(
         self, input: torch.Tensor, rois: torch.Tensor, size: Tuple[int, int]
     ) -> torch.Tensor:
-        """On CPU, when ``size`` divides the output size by an integer k, the pooling (an exact
-        kxk average) is done chunk by chunk, so the full-size RoI features are neither
-        materialized nor kept for backward."""
+        """When ``size`` divides the output size by an integer k, the pooling (an exact kxk
+        average) is computed with the RoIAlign (CPU: chunk by chunk; Triton: in the kernel), so
+        the full-size RoI features are neither materialized nor kept for backward."""
         pooled_h, pooled_w = _pair(self.output_size)
         k = pooled_h // size[0]
-        if input.device.type != "cpu" or (pooled_h, pooled_w) != (size[0] * k, size[1] * k):
+        triton = self._triton(input)
+        if (pooled_h, pooled_w) != (size[0] * k, size[1] * k):
+            return super().pooled(input, rois, size)
+        if triton is not None:
+            return triton.roi_align(input, rois, *self._arguments(), k)
+        if input.device.type != "cpu":
             return super().pooled(input, rois, size)
         return self._on_cpu(input, rois, pool=k)
 
@@ -223,7 +317,7 @@ class FastROIAlign(ROIAlign):
         gradient is wanted."""
         rois = rois.to(dtype=input.dtype)
         if torch.is_grad_enabled() and input.requires_grad:
-            return _ROIAlignSparseGrad.apply(input, rois, *self._arguments(), pool)
+            return sparse_grad_roi_align(input, rois, *self._arguments(), pool)
         return parallel_roi_align(input, rois, *self._arguments(), pool)
 
 

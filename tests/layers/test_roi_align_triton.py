@@ -1,0 +1,132 @@
+"""htc.layers.roi_align_triton: the CUDA RoIAlign of FastROIAlign equals torchvision's (forward
+within fp32 rounding, pooled outputs, gradients), keeps fp16/bf16 without round-trip casts and
+gives bit-identical gradients. Without a GPU the kernels run in Triton's interpreter on CPU
+(TRITON_INTERPRET=1, set by conftest)."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.ops import roi_align
+
+import htc.layers.roi_align as kernels
+import htc.layers.roi_align_triton as triton_roi_align
+from htc.layers import FastROIAlign
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _case(seed: int, num_rois: int = 10, channels: int = 3):
+    """A feature of 2 images and RoIs of all kinds at stride 4: inside, crossing the border,
+    outside, empty (x2 = x1), inverted."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, channels, 11, 14, generator=g)
+    boxes = torch.rand(num_rois, 4, generator=g) * 64 - 8
+    boxes[:, 2:] = boxes[:, :2] + torch.rand(num_rois, 2, generator=g) * 40
+    boxes[0, 2:] = boxes[0, :2]
+    boxes[1, 2:] = boxes[1, :2] - 3
+    batch = torch.randint(0, 2, (num_rois, 1), generator=g).float()
+    return x.to(DEVICE), torch.cat([batch, boxes], dim=1).to(DEVICE)
+
+
+def _gradients(fn, x, rois, grad_seed=1):
+    leaf = x.clone().requires_grad_()
+    out = fn(leaf, rois)
+    g = torch.Generator().manual_seed(grad_seed)
+    grad = torch.randn(out.shape, generator=g).to(out)
+    (got,) = torch.autograd.grad(out, leaf, grad)
+    return out.detach(), got
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_forward_and_backward_equal_torchvision(aligned, sampling_ratio):
+    x, rois = _case(seed=sampling_ratio + aligned)
+    args = ((5, 4), 0.25, sampling_ratio, aligned)
+    out, grad = _gradients(lambda f, r: triton_roi_align.roi_align(f, r, *args, 1), x, rois)
+    want, want_grad = _gradients(lambda f, r: roi_align(f, r, *args), x, rois)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)
+    assert grad.abs().sum() > 0
+
+
+def test_pooled_equals_average_pooling_of_the_full_output():
+    """The 7x7 box feature from the 14x14 geometry, as avg_pool2d(roi_align(14x14), 2)."""
+    x, rois = _case(seed=5, num_rois=6)
+    args = ((6, 4), 0.25, 0, True)
+    out, grad = _gradients(lambda f, r: triton_roi_align.roi_align(f, r, *args, 2), x, rois)
+    want, want_grad = _gradients(lambda f, r: F.avg_pool2d(roi_align(f, r, *args), 2), x, rois)
+    assert out.shape == (6, 3, 3, 2)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_are_bit_identical_from_run_to_run():
+    x, rois = _case(seed=7, num_rois=12)
+    rois[:, 1:] = rois[:6, 1:].repeat(2, 1)  # overlapping RoIs: many entries per pixel
+    args = ((4, 4), 0.25, 0, True)
+    runs = [_gradients(lambda f, r: triton_roi_align.roi_align(f, r, *args, 1), x, rois)[1]]
+    runs.append(_gradients(lambda f, r: triton_roi_align.roi_align(f, r, *args, 1), x, rois)[1])
+    assert torch.equal(runs[0], runs[1])
+
+
+class _FloatCopies(TorchDispatchMode):
+    """Records the shapes of the fp32 tensors that ops produce."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_computed_natively(dtype):
+    """fp16/bf16 features give outputs and gradients of their dtype, as accurate as that dtype,
+    and no fp32 copy of the feature or of the output is made (the RoIs stay fp32)."""
+    x, rois = _case(seed=3, channels=4)
+    args = ((4, 4), 0.25, 0, True)
+    leaf = x.to(dtype).requires_grad_()
+    with _FloatCopies() as record:
+        out = triton_roi_align.roi_align(leaf, rois, *args, 1)
+        (grad,) = torch.autograd.grad(out, leaf, torch.ones_like(out))
+    assert out.dtype == grad.dtype == dtype
+    for shape in (tuple(x.shape), tuple(out.shape), (2, 11, 14, 4), (10, 4, 4, 4)):
+        assert shape not in record.shapes
+    exact = x.to(dtype).float().requires_grad_()  # the same values, computed in fp32
+    want = roi_align(exact, rois, *args)
+    (want_grad,) = torch.autograd.grad(want, exact, torch.ones_like(want))
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(out.float(), want.detach(), rtol=2 * eps, atol=4 * eps)
+    torch.testing.assert_close(grad.float(), want_grad, rtol=2 * eps, atol=4 * eps)
+
+
+def test_no_rois():
+    x, rois = _case(seed=0)
+    out, grad = _gradients(lambda f, r: triton_roi_align.roi_align(f, r, (7, 7), 0.25, 0, True, 1),
+                           x, rois[:0])  # fmt: skip
+    assert out.shape == (0, 3, 7, 7)
+    assert torch.equal(grad, torch.zeros_like(x))
+
+
+def test_fast_roi_align_routes_its_device_to_triton(monkeypatch):
+    """FastROIAlign takes these kernels on TRITON_DEVICES (CUDA), for forward and pooled, and
+    leaves them under tracing (export)."""
+    monkeypatch.setattr(kernels, "TRITON_DEVICES", (DEVICE,))
+    monkeypatch.setattr(kernels, "parallel_roi_align", lambda *a: pytest.fail("CPU path taken"))
+    monkeypatch.setattr(kernels, "triton_kernels", lambda: triton_roi_align)
+    module = FastROIAlign((4, 4), 0.25, 0, True)
+    x, rois = _case(seed=2)
+    calls = []
+    run = triton_roi_align.roi_align
+    monkeypatch.setattr(triton_roi_align, "roi_align", lambda *a: calls.append(a[-1]) or run(*a))
+    torch.testing.assert_close(module(x, rois), roi_align(x, rois, (4, 4), 0.25, 0, True))
+    module.pooled(x, rois, (2, 2))
+    assert calls == [1, 2]
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+    assert module._triton(x) is None
