@@ -23,7 +23,7 @@ from detectron2.engine import (
 )
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 
-from htc import HTCDatasetMapper, add_htc_config
+from htc import HTCDatasetMapper, add_htc_config, set_float32_precision
 from htc.checkpoint import HTCCheckpointer
 from htc.data import register_builtin
 from htc.distributed import cpu_capable_ddp, launch
@@ -138,6 +138,7 @@ def setup(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    set_float32_precision(cfg)  # default_setup of Detectron2 v0.6 does not
     return cfg
 
 

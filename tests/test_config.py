@@ -1,10 +1,12 @@
 """configs/ and htc.config: every shipped config builds, config errors name the key, and the R-50
-model has the reference's parameter count."""
+model has the reference's parameter count; FLOAT32_PRECISION on every Detectron2 version."""
 
 import pytest
+import torch
 from detectron2.modeling import build_model
 
 from conftest import CONFIGS, load_cfg, tiny_cfg
+from htc import set_float32_precision
 
 
 @pytest.mark.parametrize(
@@ -51,3 +53,42 @@ def _reference_parameter_count(model) -> int:
 def test_r50_parameter_count_matches_reference():
     model = build_model(load_cfg(CONFIGS / "htc_R_50_FPN_1x.yaml"))
     assert _reference_parameter_count(model) == 80_258_293
+
+
+@pytest.fixture
+def float32_settings():
+    """PyTorch's process-wide fp32 settings, restored after the test."""
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    yield
+    torch.set_float32_matmul_precision(before[0])
+    torch.backends.cudnn.allow_tf32 = before[1]
+
+
+@pytest.mark.parametrize(
+    "precision, matmul, cudnn_tf32",
+    [("highest", "highest", False), ("high", "high", True), ("medium", "medium", True)],
+)
+def test_float32_precision_switch(monkeypatch, float32_settings, precision, matmul, cudnn_tf32):
+    """FLOAT32_PRECISION exists on every Detectron2 version, sets TF32 for matmuls and convs where
+    CUDA is, and leaves everything alone when empty (the default) or without CUDA."""
+    cfg = tiny_cfg()
+    assert cfg.FLOAT32_PRECISION == ""
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = not cudnn_tf32
+    set_float32_precision(cfg)  # "": nothing changes
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg.FLOAT32_PRECISION = precision
+    set_float32_precision(cfg)  # no CUDA: nothing changes
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert torch.backends.cudnn.allow_tf32 is not cudnn_tf32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    set_float32_precision(cfg)
+    assert torch.get_float32_matmul_precision() == matmul
+    assert torch.backends.cudnn.allow_tf32 is cudnn_tf32
+
+
+def test_float32_precision_refuses_unknown_values():
+    cfg = tiny_cfg()
+    cfg.FLOAT32_PRECISION = "tf32"
+    with pytest.raises(ValueError, match="FLOAT32_PRECISION='tf32'"):
+        set_float32_precision(cfg)

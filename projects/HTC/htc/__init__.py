@@ -1,7 +1,7 @@
 """Hybrid Task Cascade (HTC) for Detectron2. Importing it registers the model's parts in
 Detectron2's registries; datasets are registered by the entry points (``htc.data``)."""
 
-from .config import add_htc_config
+from .config import add_htc_config, set_float32_precision
 from .data import HTCDatasetMapper, register_builtin, register_htc_instances
 from .mask_head import HTCMaskHead
 from .meta_arch import HybridTaskCascade
@@ -13,6 +13,7 @@ __all__ = [
     "register_builtin",
     "register_htc_instances",
     "add_htc_config",
+    "set_float32_precision",
     "FusedSemanticHead",
     "HTCMaskHead",
     "HybridTaskCascade",

@@ -1,4 +1,9 @@
+import logging
+
+import torch
 from detectron2.config import CfgNode as CN
+
+FLOAT32_PRECISIONS = ("", "highest", "high", "medium")
 
 
 def add_htc_config(cfg: CN) -> None:
@@ -45,3 +50,24 @@ def add_htc_config(cfg: CN) -> None:
 
     cfg.MODEL.SEM_SEG_HEAD.NUM_CONVS = 4
     cfg.MODEL.SEM_SEG_HEAD.EMBED_DIM = 256
+    if "FLOAT32_PRECISION" not in cfg:  # Detectron2 main's key, given to v0.6 as well
+        # fp32 matmuls and convs on CUDA: "highest" (no TF32), "high" (TF32) or "medium"; ""
+        # leaves PyTorch's settings as they are. Applied by set_float32_precision.
+        cfg.FLOAT32_PRECISION = ""
+
+
+def set_float32_precision(cfg: CN) -> None:
+    """Apply ``cfg.FLOAT32_PRECISION`` to this process, as Detectron2 main's ``default_setup``
+    does (v0.6's does not): ``torch.set_float32_matmul_precision`` and cuDNN's TF32 switch, on
+    machines with CUDA; a no-op for "". It is a process-wide setting, not the model's."""
+    precision = cfg.FLOAT32_PRECISION
+    if precision not in FLOAT32_PRECISIONS:
+        raise ValueError(f"FLOAT32_PRECISION={precision!r}: use one of {FLOAT32_PRECISIONS}")
+    if precision == "" or not torch.cuda.is_available():
+        return
+    torch.set_float32_matmul_precision(precision)
+    torch.backends.cudnn.allow_tf32 = precision != "highest"
+    logging.getLogger(__name__).info(
+        f"FLOAT32_PRECISION={precision}: matmul precision "
+        f"{torch.get_float32_matmul_precision()}, cuDNN TF32 {torch.backends.cudnn.allow_tf32}"
+    )

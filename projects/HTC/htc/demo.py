@@ -18,7 +18,7 @@ from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
 
-from .config import add_htc_config
+from .config import add_htc_config, set_float32_precision
 from .data import register_builtin
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -74,6 +74,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     register_builtin()  # the class names of the configs' datasets
     cfg = load_predictor_cfg(args.config_file, args.opts)
+    set_float32_precision(cfg)
     predictor = DefaultPredictor(cfg)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     out_dir = Path(args.output)
