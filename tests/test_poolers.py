@@ -56,3 +56,27 @@ def test_htc_poolers_follow_the_config(kernel, cls):
     for pooler in (heads.box_pooler, heads.mask_pooler, heads.semantic_pooler):
         assert isinstance(pooler, HTCROIPooler)
         assert all(type(m) is cls for m in pooler.level_poolers)
+
+
+@pytest.mark.parametrize("kernel", ["fast", "detectron2"])
+def test_boxes_of_every_level_pool_as_the_parents(kernel):
+    """Boxes grouped by level in one pass give the parent's output and gradients, boxes in the
+    order given, with a level left empty; no per-level ``nonzero``."""
+    g = torch.Generator().manual_seed(1)
+    features = [torch.randn(2, 3, 256 // s, 256 // s, generator=g) for s in (4, 8, 16, 32)]
+    sizes = torch.tensor([20.0, 30.0, 250.0, 240.0, 120.0, 25.0])  # levels 2-4; none at 5
+    xy = torch.rand(2, 6, 2, generator=g) * 4
+    boxes = [Boxes(torch.cat([b, b + sizes[:, None]], 1)) for b in xy]
+    original = ROIPooler((7, 7), (1 / 4, 1 / 8, 1 / 16, 1 / 32), 0, "ROIAlignV2")
+    pooler = HTCROIPooler.from_pooler(original, kernel)
+    leaves = [[f.clone().requires_grad_() for f in features] for _ in range(2)]
+    with torch.profiler.profile() as prof:
+        ours = pooler(leaves[0], boxes)
+    want = original(leaves[1], boxes)
+    assert not [e for e in prof.events() if e.name == "aten::nonzero"]
+    torch.testing.assert_close(ours, want, rtol=0, atol=0)
+    grad = torch.randn(want.shape, generator=g)
+    got = torch.autograd.grad(ours, leaves[0], grad)
+    expected = torch.autograd.grad(want, leaves[1], grad)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -5,7 +5,11 @@ from typing import List, Tuple
 
 import torch
 from detectron2 import layers as d2_layers
-from detectron2.modeling.poolers import ROIPooler, convert_boxes_to_pooler_format
+from detectron2.modeling.poolers import (
+    ROIPooler,
+    assign_boxes_to_levels,
+    convert_boxes_to_pooler_format,
+)
 from detectron2.structures import Boxes
 from torch import nn
 
@@ -32,6 +36,28 @@ class HTCROIPooler(ROIPooler):
             for level in pooler.level_poolers
         )
         return new
+
+    def forward(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
+        """The parent's (R, C, M, M) output, its boxes grouped by level with one host sync (the
+        parent selects each level's boxes with a ``nonzero``, a sync per level)."""
+        exporting = torch.jit.is_tracing() or torch.jit.is_scripting()
+        if len(self.level_poolers) == 1 or not box_lists or exporting:
+            return super().forward(x, box_lists)
+        rois = convert_boxes_to_pooler_format(box_lists)
+        levels = assign_boxes_to_levels(
+            box_lists, self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
+        )
+        order = torch.argsort(levels, stable=True)
+        counts = torch.bincount(levels, minlength=len(self.level_poolers)).tolist()
+        pooled = torch.cat(
+            [
+                pooler(feature, level_rois)
+                for pooler, feature, level_rois in zip(
+                    self.level_poolers, x, rois[order].split(counts)
+                )
+            ]
+        )
+        return pooled[torch.argsort(order)]  # back to the order of the boxes
 
     def pooled(
         self, x: List[torch.Tensor], box_lists: List[Boxes], size: Tuple[int, int]

@@ -12,13 +12,14 @@
 Importing this module imports Triton; ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors.
 """
 
-from typing import Tuple
+import functools
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .roi_align import ROIAlignFunction, interpolation_entries
+from .roi_align import ROIAlignFunction, interpolation_entries, sample_totals
 
 
 @triton.jit
@@ -168,12 +169,15 @@ def roi_align_backward(
     sampling_ratio: int,
     aligned: bool,
     pool: int = 1,
+    totals: Optional["HostValues"] = None,
 ) -> torch.Tensor:
     """(N, C, H, W) gradient of the input of :func:`roi_align_forward`, in ``grad_output``'s
-    dtype, deterministic (sorted entries, one program per feature pixel)."""
+    dtype, deterministic (sorted entries, one program per feature pixel). ``totals``: the
+    :func:`sample_totals`, copied to the host in the forward pass."""
     num, channels, height, width = input_shape
     args = (output_size, spatial_scale, sampling_ratio, aligned, pool)
-    pixel, cell, weight = interpolation_entries(rois.float(), input_shape, *args)
+    known = None if totals is None else totals.tolist()
+    pixel, cell, weight = interpolation_entries(rois.float(), input_shape, *args, totals=known)
     pixel, order = torch.sort(pixel, stable=True)
     pixels = torch.arange(num * height * width + 1, device=pixel.device)
     row_start = torch.searchsorted(pixel, pixels)
@@ -189,8 +193,33 @@ def roi_align_backward(
     return grad_in.permute(0, 3, 1, 2)
 
 
+class HostValues:
+    """A small device tensor copied to the host without waiting (pinned memory, an event): read
+    in the backward pass, long after the copy finished, it costs no stall of the stream."""
+
+    def __init__(self, values: torch.Tensor):
+        self._event = None
+        if values.is_cuda:
+            self._values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._values.copy_(values, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._values = values
+
+    def tolist(self) -> List:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._values.tolist()
+
+
 def roi_align(input: torch.Tensor, rois: torch.Tensor, *geometry) -> torch.Tensor:
     """(R, C, Sh/pool, Sw/pool): :func:`roi_align_forward`, differentiable by
     :func:`roi_align_backward` (geometry: output_size, spatial_scale, sampling_ratio, aligned,
-    pool)."""
-    return ROIAlignFunction.apply(input, rois, geometry, roi_align_forward, roi_align_backward)
+    pool). When a gradient will be wanted, the sizes the backward allocates are sent to the
+    host now, so the backward does not wait on the GPU to learn them."""
+    backward = roi_align_backward
+    if torch.is_grad_enabled() and input.requires_grad:
+        totals = HostValues(sample_totals(rois.float(), *geometry[:4]))
+        backward = functools.partial(roi_align_backward, totals=totals)
+    return ROIAlignFunction.apply(input, rois, geometry, roi_align_forward, backward)
