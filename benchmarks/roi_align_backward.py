@@ -1,58 +1,109 @@
-"""RoIAlign backward on CPU: torchvision's kernel vs htc.layers.roi_align's sparse-matrix backward,
-side by side in one run (same inputs, torch threads fixed), with the max gradient difference.
+"""RoIAlign backward: torchvision's kernel (as Detectron2's ROIAlign) vs htc.layers'
+FastROIAlign (CPU: the sparse-matrix backward; CUDA: the Triton kernels, entry build included),
+side by side in one run (same inputs, same output gradient), with the max gradient difference;
+on CUDA also the pooled 7x7 box feature (torchvision 14x14 + average pool vs computed directly)
+and whether two backward passes agree bit for bit.
 
-    .venv/bin/python benchmarks/roi_align_backward.py
+    .venv/bin/python benchmarks/roi_align_backward.py [--device cpu|cuda] [--repeats 5]
 """
 
+import argparse
 import statistics
 import time
 
 import torch
+from torch.nn import functional as F
 from torchvision.ops import roi_align
 
-from htc.layers.roi_align import sparse_grad_roi_align
+from htc.layers import FastROIAlign, ROIAlign
 
-# (images, channels, feature H, W, stride, RoIs, output): demo training, COCO-size training
+# (images, channels, feature H, W, stride, RoIs, output): demo training, COCO-size training;
+# the last is the shape of the GPU issue (semantic feature of 800x1333, 2000 RoIs)
 CASES = [
     (16, 64, 32, 32, 4, 1024, 14),
     (16, 64, 16, 16, 8, 1024, 14),
     (16, 64, 32, 32, 4, 1024, 7),
     (2, 256, 200, 336, 4, 1024, 7),
     (2, 256, 100, 168, 8, 1024, 14),
+    (2, 256, 100, 167, 8, 2000, 14),
 ]
 
 
-def timed_backward(fn, x, rois, args, repeats=5):
-    y = fn(x, rois, *args)
-    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))  # same for both
+def timed(fn, device: str, repeats: int):
+    """Median seconds of ``fn()`` and its last result (one warm-up run first)."""
+    out = fn()
     times = []
     for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
-        (g,) = torch.autograd.grad(y, x, grad, retain_graph=True)
+        out = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), g
+    return statistics.median(times), out
+
+
+def case_inputs(case, device: str):
+    n, c, h, w, stride, r, out = case
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, h, w, generator=g)
+    size = torch.tensor([w * stride, h * stride], dtype=torch.float32)
+    xy = torch.rand(r, 2, generator=g) * size * 0.8
+    boxes = torch.cat([xy, xy + torch.rand(r, 2, generator=g) * size * 0.3 + 4], dim=1)
+    rois = torch.cat([torch.randint(0, n, (r, 1), generator=g).float(), boxes], dim=1)
+    return x.to(device).requires_grad_(), rois.to(device)
+
+
+def backward_time(fn, x, rois, device: str, repeats: int):
+    y = fn(x, rois)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
+    return timed(lambda: torch.autograd.grad(y, x, grad, retain_graph=True)[0], device, repeats)
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
     torch.set_num_threads(2)
-    torch.manual_seed(0)
-    print(
-        "| N, C, H, W, stride, RoIs, out | torchvision (ms) | sparse (ms) | speed-up | max diff |"
-    )
+    device = args.device
+    print("| N, C, H, W, stride, RoIs, out | torchvision (ms) | fast (ms) | speed-up | max diff |")
     print("|---|---|---|---|---|")
-    for n, c, h, w, stride, r, out in CASES:
-        x = torch.randn(n, c, h, w, requires_grad=True)
-        size = torch.tensor([w * stride, h * stride], dtype=torch.float32)
-        xy = torch.rand(r, 2) * size * 0.8
-        boxes = torch.cat([xy, xy + torch.rand(r, 2) * size * 0.3 + 4], dim=1)
-        rois = torch.cat([torch.randint(0, n, (r, 1)).float(), boxes], dim=1)
-        args = ((out, out), 1.0 / stride, 0, True)
-        t_tv, g_tv = timed_backward(roi_align, x, rois, args)
-        t_sp, g_sp = timed_backward(sparse_grad_roi_align, x, rois, (*args, 1))
+    for case in CASES:
+        n, c, h, w, stride, r, out = case
+        x, rois = case_inputs(case, device)
+        geometry = ((out, out), 1.0 / stride, 0, True)
+        fast = FastROIAlign(*geometry)
+        t_tv, g_tv = backward_time(ROIAlign(*geometry), x, rois, device, args.repeats)
+        t_fa, g_fa = backward_time(fast, x, rois, device, args.repeats)
         print(
-            f"| {n}, {c}, {h}, {w}, {stride}, {r}, {out} | {t_tv * 1e3:.0f} | {t_sp * 1e3:.0f} "
-            f"| {t_tv / t_sp:.1f}x | {(g_tv - g_sp).abs().max():.1e} |"
+            f"| {n}, {c}, {h}, {w}, {stride}, {r}, {out} | {t_tv * 1e3:.2f} | {t_fa * 1e3:.2f} "
+            f"| {t_tv / t_fa:.1f}x | {(g_tv - g_fa).abs().max():.1e} |"
         )
+    if device == "cuda":
+        gpu_extras(args.repeats)
+
+
+def gpu_extras(repeats: int) -> None:
+    """The pooled 7x7 box feature and the run-to-run agreement of gradients, on the issue's
+    shape."""
+    x, rois = case_inputs(CASES[-1], "cuda")
+    geometry = ((14, 14), 1.0 / 8, 0, True)
+    fast = FastROIAlign(*geometry)
+    with torch.no_grad():
+        t_tv, want = timed(lambda: F.avg_pool2d(roi_align(x, rois, *geometry), 2), "cuda", repeats)
+        t_fa, got = timed(lambda: fast.pooled(x, rois, (7, 7)), "cuda", repeats)
+    print(
+        f"\npooled 7x7 box feature: torchvision 14x14 + average pool {t_tv * 1e3:.2f} ms, "
+        f"fast {t_fa * 1e3:.2f} ms, max diff {(want - got).abs().max():.1e}"
+    )
+    grads = [backward_time(fast, x, rois, "cuda", 1)[1] for _ in range(2)]
+    tv = [backward_time(ROIAlign(*geometry), x, rois, "cuda", 1)[1] for _ in range(2)]
+    print(
+        f"gradients of two runs bit-identical: fast {torch.equal(*grads)}, "
+        f"torchvision {torch.equal(*tv)}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Speed, memory and FLOPs of HTC R-50-FPN next to Detectron2's Cascade Mask R-CNN R-50-FPN.
 
     .venv/bin/python benchmarks/speed.py [--device cpu|cuda] [--threads 2] [--repeats 5]
+        [--precisions fp32,tf32,fp16,bf16] [--batches 2,8] [--only gpu|latency]
 
 Per input size, one process times the models in turns (a drift of the machine's speed hits all
 alike); peak memory is measured in a fresh process per model. Both models have random weights
@@ -14,10 +15,20 @@ FLOPs are fvcore's ``FlopCountAnalysis`` of the inference (one multiply-add coun
 RoIAlign, NMS and element-wise ops are not counted). A component's time comes from forward
 hooks (perf_counter, CUDA-synchronised on GPU) in separate runs. The dense-conv figure is this
 machine's throughput on a 3x3 conv of 256 channels at stride 8 of the same input.
+
+The precision rows time inference (1 image) and train steps (``--batches`` images) at the first
+size in fp32, TF32 (FLOAT32_PRECISION "high"), and fp16/bf16 autocast (fp16 with a GradScaler),
+and say how far TF32 moves the outputs. The counts rows profile one train step: host syncs
+(``aten::item``, ``aten::nonzero``, ``aten::_local_scalar_dense``; on CUDA also
+``cudaStreamSynchronize``) and kernel launches. The determinism rows run the same train step
+twice from the same seed and compare every gradient bit for bit, for HTC with each RoIAlign
+kernel (deterministic algorithms requested, warn-only, so the ops that have none are named).
+``--only gpu`` runs just these rows, ``--only latency`` all but these.
 """
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -31,6 +42,7 @@ from typing import Callable, Dict, List
 import torch
 from common import batch, cascade_cfg, htc_cfg, train_step
 from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
 
 VARIANTS = {
     "cascade": "Cascade Mask R-CNN R50-FPN (Detectron2)",
@@ -55,9 +67,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def build(name: str, device: str, detections: int):
+def build(name: str, device: str, detections: int, roi_align: str = "fast"):
     cfg = cascade_cfg() if name == "cascade" else htc_cfg("htc_R_50_FPN_1x.yaml")
     cfg.MODEL.DEVICE = device
+    cfg.MODEL.HTC.ROI_ALIGN = roi_align
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.RESNETS.NORM = "BN"
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.001
@@ -301,15 +314,169 @@ def memory_job(job: dict) -> dict:
     return {"peak": peak_memory_mb(infer, device)}
 
 
-JOBS = {"inference": inference_job, "train": train_job, "memory": memory_job}
+PRECISIONS = {"fp32": None, "tf32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+SYNC_EVENTS = ("aten::item", "aten::nonzero", "aten::_local_scalar_dense", "cudaStreamSynchronize")
+LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+
+
+def set_precision(precision: str) -> None:
+    """fp32 matmuls and convs strict, or TF32 ("tf32"); autocast is applied by the caller."""
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+
+
+def autocast(device: str, precision: str):
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
+
+
+def amp_train_step(model, inputs, device: str, precision: str, scaler) -> None:
+    """:func:`train_step` under autocast, the loss scaled for fp16."""
+    model.train()
+    with EventStorage(), autocast(device, precision):
+        losses = model(inputs)
+    model.zero_grad()
+    loss = sum(losses.values())
+    (scaler.scale(loss) if precision == "fp16" else loss).backward()
+
+
+def amp_trainer(model, inputs, device: str, precision: str, scaler) -> Callable[[], None]:
+    return lambda: amp_train_step(model, inputs, device, precision, scaler)
+
+
+def train_inputs(name: str, device: str, height: int, images: int) -> List[dict]:
+    return [_to(x, device) for x in batch(images, height, name == "htc")]
+
+
+def precision_job(job: dict) -> dict:
+    """Per precision: inference latency (1 image) and train-step time (each batch size) of both
+    models, taken in turns; the outputs' change under TF32."""
+    device, repeats = job["device"], job["repeats"]
+    models = {name: build(name, device, 100) for name in ("cascade", "htc")}
+    image = test_input(job["height"], job["width"], device)
+    scaler = torch.amp.GradScaler(device)
+    result = {}
+    for precision in job["precisions"]:
+        set_precision(precision)
+
+        def infer(name, precision=precision):
+            def run():
+                models[name].eval()
+                with torch.no_grad(), autocast(device, precision):
+                    return models[name](image)
+
+            return run
+
+        times = {"infer": alternate({n: infer(n) for n in models}, repeats, device)}
+        for images in job["batches"]:
+            fns = {
+                n: amp_trainer(models[n], train_inputs(n, device, job["height"], images), device,
+                               precision, scaler)
+                for n in models
+            }  # fmt: skip
+            times[f"train {images}"] = alternate(fns, repeats, device)
+        result[precision] = times
+    result["tf32 change"] = tf32_change(models["htc"], image)
+    set_precision("fp32")
+    return result
+
+
+def tf32_change(model, image: List[dict]) -> dict:
+    """How far TF32 moves HTC's outputs from fp32: max |difference| of boxes (px), scores and
+    semantic scores, when both give the same detections in the same order."""
+    outputs = {}
+    for precision in ("fp32", "tf32"):
+        set_precision(precision)
+        model.eval()
+        with torch.no_grad():
+            outputs[precision] = model(image)[0]
+    a, b = outputs["fp32"], outputs["tf32"]
+    ia, ib = a["instances"], b["instances"]
+    same = len(ia) == len(ib) and torch.equal(ia.pred_classes, ib.pred_classes)
+    diff = {"same detections": bool(same)}
+    if same:
+        diff["boxes"] = (ia.pred_boxes.tensor - ib.pred_boxes.tensor).abs().max().item()
+        diff["scores"] = (ia.scores - ib.scores).abs().max().item()
+    diff["sem_seg"] = (a["sem_seg"] - b["sem_seg"]).abs().max().item()
+    return diff
+
+
+def counts_job(job: dict) -> dict:
+    """Host syncs and kernel launches of one train step (after a warm-up) of each model."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = job["device"]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    result = {}
+    for name in ("cascade", "htc"):
+        model = build(name, device, 100)
+        inputs = train_inputs(name, device, job["height"], 2)
+        train_step(model, inputs)
+        sync(device)
+        with profile(activities=activities) as prof:
+            train_step(model, inputs)
+            sync(device)
+        counts = defaultdict(int)
+        for event in prof.events():
+            if event.name in SYNC_EVENTS:
+                counts[event.name] += 1
+            elif event.name in LAUNCH_EVENTS:
+                counts["kernel launches"] += 1
+        result[name] = dict(counts)
+    return result
+
+
+def determinism_job(job: dict) -> dict:
+    """Whether two identical train steps give bit-identical gradients, per RoIAlign kernel of
+    HTC; the ops that warned of having no deterministic implementation."""
+    device = job["device"]
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    result = {}
+    for kernel in ("fast", "detectron2"):
+        grads = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                model = build("htc", device, 100, roi_align=kernel)
+                inputs = train_inputs("htc", device, job["height"], 2)
+                torch.manual_seed(1)
+                train_step(model, inputs)
+                grads.append({n: p.grad.clone() for n, p in model.named_parameters()
+                              if p.grad is not None})  # fmt: skip
+        differ = [n for n in grads[0] if not torch.equal(grads[0][n], grads[1][n])]
+        nondeterministic = sorted(
+            {str(w.message).split(" does not have a deterministic")[0] for w in caught
+             if "deterministic" in str(w.message)}
+        )  # fmt: skip
+        result[kernel] = {
+            "parameters": len(grads[0]),
+            "differing": len(differ),
+            "first differing": differ[:3],
+            "ops without a deterministic implementation": nondeterministic,
+        }
+    return result
+
+
+JOBS = {
+    "inference": inference_job,
+    "train": train_job,
+    "memory": memory_job,
+    "precision": precision_job,
+    "counts": counts_job,
+    "determinism": determinism_job,
+}
 
 
 def run_job(job: dict) -> dict:
     """``JOBS[job["kind"]](job)`` in a fresh Python process."""
+    env = dict(os.environ, CUBLAS_WORKSPACE_CONFIG=":4096:8")  # deterministic cuBLAS, if asked
     out = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(job)],
         capture_output=True,
         text=True,
+        env=env,
     )
     if out.returncode != 0:
         raise RuntimeError(f"{job}: {out.stderr[-3000:]}")
@@ -334,6 +501,9 @@ def main():
     parser.add_argument("--sizes", default="800x1333,320x320", help="inference sizes HxW")
     parser.add_argument("--train-sizes", default="320,800", help="square, 2 images")
     parser.add_argument("--detections", default="10,50,100", help="scaling at the first size")
+    parser.add_argument("--precisions", default="fp32,tf32,fp16,bf16", help="of the precision rows")
+    parser.add_argument("--batches", default="2,8", help="images per train step, precision rows")
+    parser.add_argument("--only", choices=["gpu", "latency"], help="one of the two parts")
     parser.add_argument("--json", help="also write all results to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -344,6 +514,31 @@ def main():
         return
     common = dict(device=args.device, threads=args.threads, repeats=args.repeats)
     results = {"args": vars(args), "inference": {}, "train": {}, "conv": {}, "memory": {}}
+    if args.only != "latency":
+        results.update(gpu_rows(args, common))
+    if args.only != "gpu":
+        latency_rows(args, common, results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    report(results)
+
+
+def gpu_rows(args, common: dict) -> dict:
+    """The precision, counts and determinism rows, at the first inference size."""
+    height, width = (int(v) for v in args.sizes.split(",")[0].split("x"))
+    size = dict(common, height=height, width=width)
+    precisions = args.precisions.split(",")
+    batches = [int(v) for v in args.batches.split(",")]
+    out = {
+        "precision": run_job(dict(size, kind="precision", precisions=precisions, batches=batches)),
+        "counts": run_job(dict(size, kind="counts")),
+        "determinism": run_job(dict(size, kind="determinism")),
+    }
+    print("precision, counts, determinism: done", file=sys.stderr)
+    return out
+
+
+def latency_rows(args, common: dict, results: dict) -> None:
     counts = [int(v) for v in args.detections.split(",")]
     for i, text in enumerate(args.sizes.split(",")):
         height, width = (int(v) for v in text.split("x"))
@@ -364,9 +559,6 @@ def main():
             for name in ("cascade", "htc")
         }
         print(f"train {text}: done", file=sys.stderr)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
-    report(results)
 
 
 def medians(times: Dict[str, List[float]]) -> Dict[str, float]:
@@ -376,6 +568,43 @@ def medians(times: Dict[str, List[float]]) -> Dict[str, float]:
 def report(results: dict) -> None:
     args = results["args"]
     print(f"device {args['device']}, {args['threads']} threads, median of {args['repeats']}")
+    if "precision" in results:
+        report_gpu_rows(results)
+    if results["inference"]:
+        report_latency(results)
+
+
+def report_gpu_rows(results: dict) -> None:
+    size = results["args"]["sizes"].split(",")[0]
+    print(f"\nPrecision at {size} (train steps: square {size.split('x')[0]} images)\n")
+    print("| precision | measure | Cascade (s) | HTC (s) | HTC / Cascade | HTC vs its fp32 |")
+    print("|---|---|---|---|---|---|")
+    runs = {k: v for k, v in results["precision"].items() if k in PRECISIONS}
+    for precision, measures in runs.items():
+        for measure, times in measures.items():
+            t = medians(times)
+            base = medians(runs["fp32"][measure])["htc"] if "fp32" in runs else float("nan")
+            print(
+                f"| {precision} | {measure} | {t['cascade']:.4f} | {t['htc']:.4f} "
+                f"| {t['htc'] / t['cascade']:.2f} | {base / t['htc']:.2f}x |"
+            )
+    print(f"\nTF32 against fp32, HTC outputs: {results['precision']['tf32 change']}")
+    print("\nOne train step (2 images): host syncs and kernel launches\n")
+    names = sorted(set().union(*(c.keys() for c in results["counts"].values())))
+    print("| event | " + " | ".join(results["counts"]) + " |")
+    print("|---|" + "---|" * len(results["counts"]))
+    for name in names:
+        row = [str(c.get(name, 0)) for c in results["counts"].values()]
+        print(f"| {name} | " + " | ".join(row) + " |")
+    print("\nTwo identical HTC train steps: gradients that differ\n")
+    print("| RoIAlign kernel | parameters | differing | ops without a deterministic version |")
+    print("|---|---|---|---|")
+    for kernel, r in results["determinism"].items():
+        ops = "; ".join(r["ops without a deterministic implementation"]) or "none"
+        print(f"| {kernel} | {r['parameters']} | {r['differing']} | {ops} |")
+
+
+def report_latency(results: dict) -> None:
     print(
         "\n| input | model | GFLOPs | latency (s) | latency ratio | FLOP ratio | latency ratio "
         "/ FLOP ratio | peak memory (MB) | memory ratio | detections |"
