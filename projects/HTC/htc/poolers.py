@@ -5,11 +5,7 @@ from typing import List, Tuple
 
 import torch
 from detectron2 import layers as d2_layers
-from detectron2.modeling.poolers import (
-    ROIPooler,
-    assign_boxes_to_levels,
-    convert_boxes_to_pooler_format,
-)
+from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
 from detectron2.structures import Boxes
 from torch import nn
 
@@ -38,12 +34,15 @@ class HTCROIPooler(ROIPooler):
         return new
 
     def forward(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
-        """The parent's (R, C, M, M) output, its boxes grouped by level with one host sync (the
-        parent selects each level's boxes with a ``nonzero``, a sync per level)."""
+        """The parent's (R, C, M, M) output with one host sync where the parent has one per
+        level (a ``nonzero`` selects each level's boxes) plus one (the boxes' image indices):
+        boxes are grouped by level with one count."""
         exporting = torch.jit.is_tracing() or torch.jit.is_scripting()
-        if len(self.level_poolers) == 1 or not box_lists or exporting:
+        if not box_lists or exporting:
             return super().forward(x, box_lists)
-        rois = convert_boxes_to_pooler_format(box_lists)
+        rois = pooler_format(box_lists)
+        if len(self.level_poolers) == 1:
+            return self.level_poolers[0](x[0], rois)
         levels = assign_boxes_to_levels(
             box_lists, self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
         )
@@ -66,5 +65,15 @@ class HTCROIPooler(ROIPooler):
         its kernel, which may pool without the full-size RoI features."""
         if len(self.level_poolers) != 1 or not hasattr(self.level_poolers[0], "pooled"):
             return nn.functional.adaptive_avg_pool2d(self(x, box_lists), size)
-        rois = convert_boxes_to_pooler_format(box_lists)
-        return self.level_poolers[0].pooled(x[0], rois, size)
+        return self.level_poolers[0].pooled(x[0], pooler_format(box_lists), size)
+
+
+def pooler_format(box_lists: List[Boxes]) -> torch.Tensor:
+    """(R, 5) RoIs (image index, x1, y1, x2, y2), as Detectron2's
+    ``convert_boxes_to_pooler_format`` makes them, without its host sync (the image indices are
+    filled on the device from the host's box counts)."""
+    rois = [
+        torch.cat([torch.full_like(b.tensor[:, :1], i), b.tensor], dim=1)
+        for i, b in enumerate(box_lists)
+    ]
+    return torch.cat(rois)
