@@ -38,7 +38,8 @@ class HTCROIPooler(ROIPooler):
         level (a ``nonzero`` selects each level's boxes) plus one (the boxes' image indices):
         boxes are grouped by level with one count."""
         exporting = torch.jit.is_tracing() or torch.jit.is_scripting()
-        if not box_lists or exporting:
+        mismatched = len(x) != len(self.level_poolers) or len(box_lists) != x[0].size(0)
+        if not box_lists or exporting or mismatched:  # the parent's checks name a mismatch
             return super().forward(x, box_lists)
         rois = pooler_format(box_lists)
         if len(self.level_poolers) == 1:
