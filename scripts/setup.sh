@@ -69,7 +69,7 @@ if ! "$py" -c "import torch" 2>/dev/null; then
   "$py" -m pip install -q "${pip_c[@]}" torch torchvision
 fi
 "$py" -m pip install -q "${pip_c[@]}" numpy Pillow setuptools opencv-python-headless pycocotools \
-  matplotlib fvcore iopath black omegaconf hydra-core tqdm tensorboard pytest ruff
+  matplotlib fvcore iopath black omegaconf hydra-core tqdm tensorboard pytest ruff onnx onnxruntime
 "$py" "$root/scripts/install_detectron2.py" --constraints "$constraints" --version "$detectron2" \
   ${source:+--source "$source"}
 "$py" -m pip install -q "${pip_c[@]}" --no-build-isolation --no-deps -e "$root"

@@ -37,27 +37,29 @@ def load_cfg(path: Path) -> CfgNode:
     return cfg
 
 
+# htc_R_50_FPN_1x with small widths: a ResNet-18 with BN, 3 thing and 5 semantic classes
+TINY_OPTS = [
+    "MODEL.RESNETS.DEPTH", 18,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+    "MODEL.RESNETS.NORM", "BN",
+    "MODEL.BACKBONE.FREEZE_AT", 0,
+    "MODEL.FPN.OUT_CHANNELS", 32,
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN", 200,
+    "MODEL.RPN.POST_NMS_TOPK_TEST", 100,
+    "MODEL.ROI_HEADS.NUM_CLASSES", 3,
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 64,
+    "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
+    "MODEL.ROI_MASK_HEAD.CONV_DIM", 32,
+    "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 5,
+    "MODEL.SEM_SEG_HEAD.CONVS_DIM", 32,
+    "MODEL.SEM_SEG_HEAD.EMBED_DIM", 32,
+]  # fmt: skip
+
+
 def tiny_cfg(**htc) -> CfgNode:
-    """htc_R_50_FPN_1x with small widths, a ResNet-18 with BN, 3 thing and 5 semantic classes."""
+    """htc_R_50_FPN_1x with :data:`TINY_OPTS`; ``htc`` sets MODEL.HTC keys."""
     cfg = load_cfg(CONFIGS / "htc_R_50_FPN_1x.yaml")
-    cfg.merge_from_list(
-        [
-            "MODEL.RESNETS.DEPTH", 18,
-            "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
-            "MODEL.RESNETS.NORM", "BN",
-            "MODEL.BACKBONE.FREEZE_AT", 0,
-            "MODEL.FPN.OUT_CHANNELS", 32,
-            "MODEL.RPN.POST_NMS_TOPK_TRAIN", 200,
-            "MODEL.RPN.POST_NMS_TOPK_TEST", 100,
-            "MODEL.ROI_HEADS.NUM_CLASSES", 3,
-            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 64,
-            "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
-            "MODEL.ROI_MASK_HEAD.CONV_DIM", 32,
-            "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 5,
-            "MODEL.SEM_SEG_HEAD.CONVS_DIM", 32,
-            "MODEL.SEM_SEG_HEAD.EMBED_DIM", 32,
-        ]
-    )  # fmt: skip
+    cfg.merge_from_list(TINY_OPTS)
     for key, value in htc.items():
         cfg.MODEL.HTC[key.upper()] = value
     return cfg

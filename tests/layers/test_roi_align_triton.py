@@ -129,4 +129,4 @@ def test_fast_roi_align_routes_its_device_to_triton(monkeypatch):
     module.pooled(x, rois, (2, 2))
     assert calls == [1, 2]
     monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
-    assert module._triton(x) is None
+    assert module._route(x) == "detectron2"

@@ -130,13 +130,7 @@ class HybridTaskCascade(GeneralizedRCNN):
         handed to the ROI heads and ``sem_seg`` added to the post-processed outputs."""
         assert not self.training
         images = self.preprocess_image(batched_inputs)
-        features, semantic_logits = self._features(images)
-        if detected_instances is None:
-            proposals, _ = self.proposal_generator(images, features, None)
-            results, _ = self.roi_heads(images, features, proposals, None)
-        else:
-            detected_instances = [x.to(self.device) for x in detected_instances]
-            results = self.roi_heads.forward_with_given_boxes(features, detected_instances)
+        results, semantic_logits = self.detect(images, detected_instances)
         if not do_postprocess:
             return results
         box_masks = [self._take_box_masks(r) for r in results]
@@ -152,6 +146,22 @@ class HybridTaskCascade(GeneralizedRCNN):
                 height, width = x.get("height", size[0]), x.get("width", size[1])
                 out["sem_seg"] = _resize_to_output(score, size, height, width)
         return outputs
+
+    def detect(
+        self, images: ImageList, detected_instances: Optional[List[Instances]] = None
+    ) -> Tuple[List[Instances], Optional[torch.Tensor]]:
+        """Inference before any post-processing (what ``htc.export`` traces): per image, the
+        detections in the padded input's pixels with ``pred_masks`` (R, 1, M, M) mask
+        probabilities (or the masks of ``detected_instances``' boxes); and the semantic logits
+        (N, K, H/s, W/s) of the padded batch, or None without the semantic branch."""
+        features, semantic_logits = self._features(images)
+        if detected_instances is None:
+            proposals, _ = self.proposal_generator(images, features, None)
+            results, _ = self.roi_heads(images, features, proposals, None)
+        else:
+            detected_instances = [x.to(self.device) for x in detected_instances]
+            results = self.roi_heads.forward_with_given_boxes(features, detected_instances)
+        return results, semantic_logits
 
     def _take_box_masks(self, results: Instances) -> Optional[torch.Tensor]:
         """With "rle" output, the (N, 1, M, M) masks taken out of ``results`` before the parent's

@@ -304,7 +304,8 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         boxes = [x.proposal_boxes for x in proposals]
         x = self.box_pooler([features[f] for f in self.box_in_features], boxes)
         if "bbox" in self.semantic_fusion:
-            x = x + self._semantic_box_rois(features, boxes, x.shape[-2:])
+            size = tuple(self.box_pooler.output_size)  # static: exporters need a fixed size
+            x = x + self._semantic_box_rois(features, boxes, size)
         return self.box_predictor[stage](self.box_head[stage](x))
 
     def cascade_boxes_and_scores(

@@ -297,19 +297,24 @@ class FastROIAlign(ROIAlign):
     def _arguments(self) -> tuple:
         return (_pair(self.output_size), self.spatial_scale, self.sampling_ratio, self.aligned)
 
-    def _triton(self, input: torch.Tensor) -> Optional[ModuleType]:
-        """The Triton kernels if they should compute on ``input``'s device, else None."""
-        exporting = torch.jit.is_tracing() or torch.jit.is_scripting()
-        return triton_kernels() if input.device.type in TRITON_DEVICES and not exporting else None
+    def _route(self, input: torch.Tensor) -> str:
+        """ "triton" or "cpu" (this class's kernels), or "detectron2" (the parent's): on other
+        devices, and under tracing or scripting, which must record torchvision's op rather
+        than a thread pool or a Triton launch."""
+        if torch.jit.is_tracing() or torch.jit.is_scripting():
+            return "detectron2"
+        if input.device.type in TRITON_DEVICES and triton_kernels() is not None:
+            return "triton"
+        return "cpu" if input.device.type == "cpu" else "detectron2"
 
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         assert rois.dim() == 2 and rois.size(1) == 5
-        triton = self._triton(input)
-        if triton is not None:
-            return triton.roi_align(input, rois, *self._arguments(), 1)
-        if input.device.type != "cpu":
-            return super().forward(input, rois)
-        return self._on_cpu(input, rois, pool=1)
+        route = self._route(input)
+        if route == "triton":
+            return triton_kernels().roi_align(input, rois, *self._arguments(), 1)
+        if route == "cpu":
+            return self._on_cpu(input, rois, pool=1)
+        return super().forward(input, rois)
 
     def pooled(
         self, input: torch.Tensor, rois: torch.Tensor, size: Tuple[int, int]
@@ -319,13 +324,11 @@ class FastROIAlign(ROIAlign):
         the full-size RoI features are neither materialized nor kept for backward."""
         pooled_h, pooled_w = _pair(self.output_size)
         k = pooled_h // size[0]
-        triton = self._triton(input)
-        if (pooled_h, pooled_w) != (size[0] * k, size[1] * k):
+        route = self._route(input)
+        if route == "detectron2" or (pooled_h, pooled_w) != (size[0] * k, size[1] * k):
             return super().pooled(input, rois, size)
-        if triton is not None:
-            return triton.roi_align(input, rois, *self._arguments(), k)
-        if input.device.type != "cpu":
-            return super().pooled(input, rois, size)
+        if route == "triton":
+            return triton_kernels().roi_align(input, rois, *self._arguments(), k)
         return self._on_cpu(input, rois, pool=k)
 
     def _on_cpu(self, input: torch.Tensor, rois: torch.Tensor, pool: int) -> torch.Tensor:

@@ -1,0 +1,156 @@
+"""htc.export: HTC traced at one image size, as TorchScript and as ONNX run in onnxruntime, agrees
+with eager PyTorch on other sizes, with zero detections and with the top-k limit reached;
+postprocess gives the model's own outputs; what cannot be exported is refused by name."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+
+from conftest import CONFIGS, ROOT, TINY_OPTS, child_env, load_cfg, tiny_cfg
+from htc.export import (
+    OUTPUT_NAMES,
+    check_exportable,
+    export,
+    load_exported,
+    match_detections,
+    postprocess,
+    raw_inference,
+)
+
+TOP_K = 10
+# max |exported - eager| allowed per output; detections and classes: equal. Boxes are in pixels,
+# scores and masks probabilities; logits are unbounded (random R-50 weights give them in the
+# hundreds), so theirs is relative to their largest magnitude when that is over 1.
+TOLERANCE = {"boxes": 1e-2, "scores": 1e-4, "mask_probs": 1e-3, "sem_logits": 1e-3}
+RELATIVE = ("sem_logits",)
+
+
+def _noise(height: int, width: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, height, width), generator=g).float()
+
+
+def _eager(model, image):
+    with torch.no_grad():
+        return raw_inference(model, [{"image": image}])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random-weight tiny HTC whose score threshold lies between the best score on a flat
+    image (so: no detection there) and the TOP_K-th best on a noise image (so: TOP_K there),
+    and its images: the traced one, then other sizes (noise and flat)."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    cfg.TEST.DETECTIONS_PER_IMAGE = 1000
+    model = build_model(cfg).eval()
+    traced, flat = _noise(128, 160, seed=0), torch.full((3, 96, 128), 90.0)
+    best_flat = _eager(model, flat)[1].max().item()
+    kth_noise = _eager(model, traced)[1].sort(descending=True).values[TOP_K - 1].item()
+    assert best_flat < kth_noise, "the random model no longer separates the two images"
+    for predictor in model.roi_heads.box_predictor:
+        predictor.test_score_thresh = (best_flat + kth_noise) / 2
+        predictor.test_topk_per_image = TOP_K
+    images = [traced, _noise(96, 128, seed=1), _noise(160, 100, seed=2), flat]
+    return model, images
+
+
+def _assert_agrees(ours, eager):
+    """The same detections and classes; an order differing only between detections whose
+    scores agree within the score tolerance (a tie that float rounding breaks); outputs within
+    TOLERANCE."""
+    assert len(ours) == len(eager)
+    order = match_detections(ours, eager, box_tolerance=TOLERANCE["boxes"])
+    assert order is not None
+    if len(order):
+        assert (eager[1][order] - eager[1]).abs().max() <= TOLERANCE["scores"]
+    for i, (name, a, b) in enumerate(zip(OUTPUT_NAMES, ours, eager)):
+        b = b[order] if i < 4 else b
+        if name == "classes":
+            assert torch.equal(a.long(), b)
+        elif b.numel():
+            scale = max(1.0, b.abs().max().item()) if name in RELATIVE else 1.0
+            assert (a.float() - b).abs().max().item() <= TOLERANCE[name] * scale, name
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_exported_model_agrees_with_eager_on_other_sizes(tiny, fmt, tmp_path):
+    model, images = tiny
+    run = load_exported(export(model, images[0], fmt, tmp_path))
+    counts = []
+    for image in images:
+        eager = _eager(model, image)
+        counts.append(len(eager[1]))
+        _assert_agrees(run(image), eager)
+    assert counts[0] == TOP_K and counts[-1] == 0  # the limit reached; no detection at all
+    assert len(run(images[0])) == len(OUTPUT_NAMES)
+
+
+def test_postprocess_gives_the_models_outputs(tiny):
+    """Eager inference at another output size equals postprocess() of the raw outputs."""
+    model, images = tiny
+    image = images[1]
+    with torch.no_grad():
+        (want,) = model([{"image": image, "height": 150, "width": 200}])
+    got = postprocess(_eager(model, image), tuple(image.shape[1:]), 150, 200)
+    a, b = got["instances"], want["instances"]
+    assert a.image_size == b.image_size == (150, 200)
+    assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.pred_classes, b.pred_classes)
+    assert torch.equal(a.pred_masks, b.pred_masks)
+    torch.testing.assert_close(got["sem_seg"], want["sem_seg"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "opts, fmt, opset, message",
+    [
+        (["MODEL.HTC.TEST_NMS", "soft_linear"], "onnx", 17, "TEST_NMS nms"),
+        (["MODEL.RESNETS.DEFORM_ON_PER_STAGE", [False, True, True, True]], "onnx", 17,
+         "deformable"),
+        ([], "onnx", 15, "aligned=True"),
+        ([], "coreml", 17, "--format"),
+    ],
+)  # fmt: skip
+def test_what_cannot_be_exported_is_refused(opts, fmt, opset, message):
+    cfg = tiny_cfg()
+    cfg.merge_from_list(opts)
+    with pytest.raises(ValueError, match=message):
+        check_exportable(cfg, fmt, opset)
+
+
+def test_r50_exports_to_onnx_and_agrees(tmp_path):
+    """The shipped R-50 config (random weights, BN: FrozenBN's identity would let activations
+    grow through 50 layers), traced at one size, checked at another. The class logits are
+    scaled down: random ones are so large that every score is 1.0 and ties decide the order."""
+    cfg = load_cfg(CONFIGS / "htc_R_50_FPN_1x.yaml")
+    cfg.MODEL.RESNETS.NORM = "BN"
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for predictor in model.roi_heads.box_predictor:
+            predictor.cls_score.weight.mul_(0.1)
+    run = load_exported(export(model, _noise(256, 320, seed=3), "onnx", tmp_path))
+    image = _noise(224, 288, seed=4)
+    eager = _eager(model, image)
+    assert len(eager[1]) > 0
+    _assert_agrees(run(image), eager)
+
+
+def test_command_exports_and_checks_in_onnxruntime(tmp_path):
+    opts = [str(v) for v in TINY_OPTS] + ["MODEL.WEIGHTS", ""]
+    opts += ["INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128"]
+    command = [
+        sys.executable, "-m", "htc.export", "--config-file",
+        str(CONFIGS / "htc_R_50_FPN_1x.yaml"), "--format", "onnx", "--output", str(tmp_path),
+        "--opts", *opts,
+    ]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, env=child_env(), cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "model.onnx").is_file()
+    assert "MODEL.WEIGHTS is empty" in out.stdout
+    assert "onnxruntime (CPU) on the (96, 128) sample image" in out.stdout
+    assert "against eager PyTorch: the same " in out.stdout
