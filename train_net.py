@@ -26,19 +26,12 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from htc import HTCDatasetMapper, add_htc_config, set_float32_precision
 from htc.checkpoint import HTCCheckpointer
 from htc.data import register_builtin
-from htc.distributed import cpu_capable_ddp, launch
-from htc.evaluation import HTCSemSegEvaluator
+from htc.distributed import cpu_capable_ddp, launch_from_args
+from htc.evaluation import HTCSemSegEvaluator, fast_coco_eval_available
 from htc.tta import HybridTaskCascadeWithTTA
 
 # The datasets the shipped configs name; every process registers them (DDP workers import this).
 register_builtin()
-
-
-def _fast_coco_eval_available() -> bool:
-    """Detectron2's C++ COCOeval exists only with a compiled ``detectron2._C``."""
-    import detectron2._C as C
-
-    return not getattr(C, "STAND_IN", False)
 
 
 def check_dataset(cfg, name: str, is_train: bool) -> None:
@@ -106,14 +99,15 @@ class Trainer(DefaultTrainer):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         evaluators: List = [
             COCOEvaluator(
-                dataset_name, output_dir=output_folder, use_fast_impl=_fast_coco_eval_available()
+                dataset_name, output_dir=output_folder, use_fast_impl=fast_coco_eval_available()
             )
         ]
         meta = MetadataCatalog.get(dataset_name)
         if cfg.MODEL.HTC.SEMANTIC_ON and meta.get("sem_seg_root"):
-            if not meta.get("stuff_classes"):  # SemSegEvaluator reads the class names
-                meta.stuff_classes = [str(i) for i in range(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)]
-            evaluators.append(HTCSemSegEvaluator(dataset_name, output_dir=output_folder))
+            num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+            evaluators.append(
+                HTCSemSegEvaluator(dataset_name, num_classes, output_dir=output_folder)
+            )
         return DatasetEvaluators(evaluators)
 
     @classmethod
@@ -123,7 +117,7 @@ class Trainer(DefaultTrainer):
             COCOEvaluator(
                 name,
                 output_dir=os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name),
-                use_fast_impl=_fast_coco_eval_available(),
+                use_fast_impl=fast_coco_eval_available(),
             )
             for name in cfg.DATASETS.TEST
         ]
@@ -165,14 +159,7 @@ def main(args):
 def invoke_main() -> None:
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_from_args(main, args)
 
 
 if __name__ == "__main__":

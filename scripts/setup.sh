@@ -70,6 +70,9 @@ if ! "$py" -c "import torch" 2>/dev/null; then
 fi
 "$py" -m pip install -q "${pip_c[@]}" numpy Pillow setuptools opencv-python-headless pycocotools \
   matplotlib fvcore iopath black omegaconf hydra-core tqdm tensorboard pytest ruff onnx onnxruntime
+if [ "$detectron2" = main ]; then  # Detectron2's ViT, Swin and MViT import timm (v0.6 has none)
+  "$py" -m pip install -q "${pip_c[@]}" timm
+fi
 "$py" "$root/scripts/install_detectron2.py" --constraints "$constraints" --version "$detectron2" \
   ${source:+--source "$source"}
 "$py" -m pip install -q "${pip_c[@]}" --no-build-isolation --no-deps -e "$root"

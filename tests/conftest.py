@@ -65,6 +65,15 @@ def tiny_cfg(**htc) -> CfgNode:
     return cfg
 
 
+def reference_parameter_count(model) -> int:
+    """Learnable parameters as the reference counts them: its BN affine parameters are
+    parameters, our FrozenBN keeps them as buffers."""
+    frozen_affine = sum(
+        b.numel() for n, b in model.named_buffers() if n.endswith((".weight", ".bias"))
+    )
+    return sum(p.numel() for p in model.parameters()) + frozen_affine
+
+
 def make_batch(num_images: int = 2, size: int = 96, with_gt: bool = True, seed: int = 0) -> list:
     """Images with rectangles of 3 classes on a 2-region background; masks and semantic labels
     agree with the picture (background classes 3 and 4, things 0..2)."""

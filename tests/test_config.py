@@ -5,7 +5,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
-from conftest import CONFIGS, load_cfg, tiny_cfg
+from conftest import CONFIGS, load_cfg, reference_parameter_count, tiny_cfg
 from htc import set_float32_precision
 
 
@@ -41,18 +41,9 @@ def test_shipped_config_builds(name):
     assert len(model.roi_heads.mask_head) == 3
 
 
-def _reference_parameter_count(model) -> int:
-    """Learnable parameters as the reference counts them: its BN affine parameters are
-    parameters, our FrozenBN keeps them as buffers."""
-    frozen_affine = sum(
-        b.numel() for n, b in model.named_buffers() if n.endswith((".weight", ".bias"))
-    )
-    return sum(p.numel() for p in model.parameters()) + frozen_affine
-
-
 def test_r50_parameter_count_matches_reference():
     model = build_model(load_cfg(CONFIGS / "htc_R_50_FPN_1x.yaml"))
-    assert _reference_parameter_count(model) == 80_258_293
+    assert reference_parameter_count(model) == 80_258_293
 
 
 @pytest.fixture

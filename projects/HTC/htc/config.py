@@ -1,5 +1,8 @@
 import logging
+from pathlib import Path
+from typing import List
 
+import detectron2
 import torch
 from detectron2.config import CfgNode as CN
 
@@ -71,3 +74,20 @@ def set_float32_precision(cfg: CN) -> None:
         f"FLOAT32_PRECISION={precision}: matmul precision "
         f"{torch.get_float32_matmul_precision()}, cuDNN TF32 {torch.backends.cudnn.allow_tf32}"
     )
+
+
+def require_detectron2(*names: str) -> List[type]:
+    """The classes ``names`` of ``detectron2.modeling`` (e.g. "ViT", "SimpleFeaturePyramid"), for
+    the configs of the modern backbones; an ImportError that names what is missing and the
+    Detectron2 needed where the installed one lacks them (the v0.6 release does)."""
+    import detectron2.modeling as modeling
+
+    missing = [name for name in names if not hasattr(modeling, name)]
+    if missing:
+        raise ImportError(
+            f"this config needs detectron2.modeling.{', '.join(missing)}, which the installed "
+            f"Detectron2 ({detectron2.__version__} at {Path(detectron2.__file__).parent}) lacks: "
+            "they came after the v0.6 release. Use Detectron2's main branch (scripts/setup.sh "
+            "without DETECTRON2=0.6)."
+        )
+    return [getattr(modeling, name) for name in names]

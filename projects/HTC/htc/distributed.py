@@ -6,6 +6,7 @@ Detectron2 v0.6's ``launch`` asserts CUDA, where later versions fall back to glo
 v0.6 without CUDA, :func:`launch` starts the same processes on gloo; otherwise it is Detectron2's.
 """
 
+import argparse
 import contextlib
 import inspect
 import socket
@@ -100,3 +101,16 @@ def cpu_capable_ddp() -> Iterator[None]:
         yield
     finally:
         d2_defaults.create_ddp_model = _d2_create_ddp_model
+
+
+def launch_from_args(main_func: Callable, args: argparse.Namespace) -> None:
+    """:func:`launch` of ``main_func(args)`` with the processes and address that Detectron2's
+    ``default_argument_parser`` put in ``args`` (--num-gpus, --num-machines, ...)."""
+    launch(
+        main_func,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )

@@ -50,12 +50,13 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         stage_loss_weights: Sequence[float],
         interleaved: bool = True,
         mask_info_flow: bool = True,
-        semantic_pooler: Optional[HTCROIPooler] = None,
+        semantic_pooler: Optional[ROIPooler] = None,
         semantic_fusion: Sequence[str] = (),
         mask_merge: str = "mean",
         test_nms: str = "nms",
         soft_nms_sigma: float = 0.5,
         soft_nms_min_score: float = 0.001,
+        roi_align: str = "fast",
         **kwargs,
     ):
         """
@@ -69,8 +70,19 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             test_nms: "nms", or Soft-NMS "soft_linear" / "soft_gaussian" for the detections.
             soft_nms_sigma: sigma of the gaussian Soft-NMS.
             soft_nms_min_score: Soft-NMS drops boxes whose decayed score falls under this.
-            kwargs: arguments of :class:`CascadeROIHeads`.
+            roi_align: the RoIAlign kernel of every pooler (MODEL.HTC.ROI_ALIGN): the poolers
+                become :class:`HTCROIPooler`, which the semantic fusion needs.
+            kwargs: arguments of :class:`CascadeROIHeads`; ``mask_head`` is the list of the
+                stages' heads (a LazyConfig gives a list: it is made a ModuleList).
         """
+        for key in ("box_pooler", "mask_pooler"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = HTCROIPooler.from_pooler(kwargs[key], roi_align)
+        mask_heads = kwargs.get("mask_head")
+        if mask_heads is not None and not isinstance(mask_heads, nn.Module):
+            kwargs["mask_head"] = nn.ModuleList(mask_heads)
+        if semantic_pooler is not None:
+            semantic_pooler = HTCROIPooler.from_pooler(semantic_pooler, roi_align)
         super().__init__(**kwargs)
         self.stage_loss_weights = [float(w) for w in stage_loss_weights]
         self.interleaved = interleaved
@@ -128,12 +140,10 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             test_nms=htc.TEST_NMS,
             soft_nms_sigma=htc.SOFT_NMS_SIGMA,
             soft_nms_min_score=htc.SOFT_NMS_MIN_SCORE,
+            roi_align=htc.ROI_ALIGN,
         )
         if htc.SEMANTIC_ON:
             ret["semantic_pooler"] = cls._init_semantic_pooler(cfg, input_shape)
-        for key in ("box_pooler", "mask_pooler", "semantic_pooler"):
-            if ret.get(key) is not None:
-                ret[key] = HTCROIPooler.from_pooler(ret[key], htc.ROI_ALIGN)
         return ret
 
     @classmethod

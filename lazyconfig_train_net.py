@@ -1,0 +1,95 @@
+"""Train and evaluate HTC from a LazyConfig (.py) config, as Detectron2's
+tools/lazyconfig_train_net.py does for its own: with HTC's datasets registered, HTC's checkpointer
+(atomic writes, weights of other shapes refused) and DDP on CPU too.
+
+    .venv/bin/python lazyconfig_train_net.py --config-file configs/htc_R_50_FPN_1x.py \\
+        [--num-gpus N] [--resume] [--eval-only] [key=value ...]
+
+``key=value`` overrides the config, e.g. ``train.max_iter=100``.
+"""
+
+import logging
+
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import (
+    AMPTrainer,
+    SimpleTrainer,
+    default_argument_parser,
+    default_setup,
+    default_writers,
+    hooks,
+)
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+
+from htc.checkpoint import HTCCheckpointer
+from htc.data import register_builtin
+from htc.distributed import cpu_capable_ddp, launch_from_args
+
+logger = logging.getLogger("htc")
+# The datasets the shipped configs name; every process registers them (DDP workers import this).
+register_builtin()
+
+
+def evaluate(cfg, model) -> dict:
+    """The metrics of ``cfg.dataloader.evaluator`` on ``cfg.dataloader.test``, if it has one."""
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    loader, evaluator = instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    results = inference_on_dataset(model, loader, evaluator)
+    if comm.is_main_process():
+        print_csv_format(results)
+    return results
+
+
+def train(cfg, resume: bool) -> None:
+    model = instantiate(cfg.model).to(cfg.train.device)
+    logger.info("Model:\n%s", model)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    loader = instantiate(cfg.dataloader.train)
+    with cpu_capable_ddp():  # Detectron2 gives DDP CUDA device ids even for a CPU model
+        model = create_ddp_model(model, **cfg.train.ddp)
+    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, loader, optimizer)
+    checkpointer = HTCCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    main_process = comm.is_main_process()
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+            if main_process
+            else None,
+            hooks.EvalHook(cfg.train.eval_period, lambda: evaluate(cfg, model)),
+            hooks.PeriodicWriter(
+                default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                period=cfg.train.log_period,
+            )
+            if main_process
+            else None,
+        ]
+    )
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
+    start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def main(args) -> None:
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    default_setup(cfg, args)
+    if not args.eval_only:
+        train(cfg, args.resume)
+        return
+    model = instantiate(cfg.model).to(cfg.train.device)
+    HTCCheckpointer(model).load(cfg.train.init_checkpoint)
+    model.eval()
+    evaluate(cfg, create_ddp_model(model))
+
+
+def invoke_main() -> None:
+    launch_from_args(main, default_argument_parser().parse_args())
+
+
+if __name__ == "__main__":
+    invoke_main()
