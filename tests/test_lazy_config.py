@@ -150,6 +150,17 @@ MODERN = {
     "vitdet/htc_vitdet_b_100ep.py": (149_383_285, "ViT, SimpleFeaturePyramid", _small_vit),
     "vitdet/htc_mvitv2_b_in21k_100ep.py": (111_371_381, "MViT", _small_mvit),
     "vitdet/htc_swin_b_in21k_50ep.py": (147_534_189, "SwinTransformer", _small_swin),
+    "vitdet/htc_without_semantic_vitdet_b_100ep.py": (
+        146_581_182,
+        "ViT, SimpleFeaturePyramid",
+        _small_vit,
+    ),
+    "vitdet/htc_without_semantic_mvitv2_b_in21k_100ep.py": (108_569_278, "MViT", _small_mvit),
+    "vitdet/htc_without_semantic_swin_b_in21k_50ep.py": (
+        144_732_086,
+        "SwinTransformer",
+        _small_swin,
+    ),
 }
 
 
@@ -157,8 +168,9 @@ MODERN = {
 def test_modern_backbone_config_trains_a_step_and_infers_or_names_what_it_needs(name):
     """With Detectron2's main branch: the config's parameter count, and its small variant (a
     narrow, shallow backbone on 128 px inputs, few RoIs, 3 thing and 5 semantic classes; the
-    heads keep their widths) trains a step with every loss and infers. On v0.6: loading it
-    fails at once, naming the missing classes and the Detectron2 it needs."""
+    heads keep their widths) trains a step with every loss and infers; without the semantic
+    branch, on data without semantic labels. On v0.6: loading it fails at once, naming the
+    missing classes and the Detectron2 it needs."""
     count, needs, make_small = MODERN[name]
     if not HAS_MODERN_BACKBONES:
         with pytest.raises(ImportError, match=f"{needs}.*v0.6 release"):
@@ -166,16 +178,22 @@ def test_modern_backbone_config_trains_a_step_and_infers_or_names_what_it_needs(
         return
     cfg = LazyConfig.load(str(CONFIGS / name))
     assert reference_parameter_count(instantiate(cfg.model)) == count
+    semantic = "without_semantic" not in name
+    assert ("semantic_head" in cfg.model) == semantic
     make_small(cfg)
     cfg.model.proposal_generator.update(pre_nms_topk=(200, 100), post_nms_topk=(100, 50))
     cfg.model.roi_heads.update(num_classes=3, batch_size_per_image=32)
-    cfg.model.semantic_head.num_classes = 5
-    model = instantiate(cfg.model)
     batch = make_batch(num_images=2, size=128)
     for x in batch:
-        x["sem_seg"] = x["sem_seg"].clamp(max=4)
+        sem_seg = x.pop("sem_seg")
+        if semantic:
+            x["sem_seg"] = sem_seg.clamp(max=4)
+    if semantic:
+        cfg.model.semantic_head.num_classes = 5
+    model = instantiate(cfg.model)
     losses = train_losses(model, batch)
-    assert {"loss_mask_stage2", "loss_sem_seg", "loss_rpn_cls"} <= set(losses)
+    assert {"loss_mask_stage2", "loss_rpn_cls"} <= set(losses)
+    assert ("loss_sem_seg" in losses) == semantic
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
@@ -184,5 +202,9 @@ def test_modern_backbone_config_trains_a_step_and_infers_or_names_what_it_needs(
     model.eval()
     with torch.no_grad():
         (out,) = model([{"image": batch[0]["image"], "height": 128, "width": 128}])
-    assert out["sem_seg"].shape == (5, 128, 128)
     assert out["instances"].pred_masks.shape[1:] == (128, 128)
+    if semantic:
+        assert out["sem_seg"].shape == (5, 128, 128)
+    else:
+        assert "sem_seg" not in out
+        assert cfg.dataloader.train.dataset.names == "coco_2017_train"

@@ -68,3 +68,15 @@ def to_htc(model, mask_norm: str = "LN", semantic_classes: int = 183):
         stage_loss_weights=[1.0, 0.5, 0.25],
     )
     return model
+
+
+def without_semantic(model, dataloader) -> None:
+    """HTC without the semantic branch (the reference's htc-without-semantic), in place: for data
+    without stuff maps, here COCO's instances alone, evaluated by COCO AP."""
+    model.pop("semantic_head")
+    for key in ("semantic_pooler", "semantic_fusion"):
+        model.roi_heads.pop(key)
+    for split, name in (("train", "coco_2017_train"), ("test", "coco_2017_val")):
+        dataloader[split].dataset.names = name
+        dataloader[split].mapper.num_semantic_classes = None
+    dataloader.evaluator = dataloader.evaluator.evaluators[0]  # COCOEvaluator
