@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Dev only: every check of the GPU issue in one run on the GPU machine (../shared/gpu/README.md),
 # logs in $OUT (else ./gpu-checks). From the project root, after `bash ../shared/gpu/pack.sh`:
-#   run  command: "source .gpu/env.sh && bash dev/gpu_checks.sh"   carry: [".gpu"]
+#   run  command: "source .gpu/env.sh && [REPEATS=20] bash dev/gpu_checks.sh"   carry: [".gpu"]
 # About 8 minutes on an H200: the CUDA tests of the kernels and the heads, the RoIAlign
 # benchmark, speed.py's GPU rows, then speed.py's latency rows.
 set -u
 out="${OUT:-gpu-checks}"
+repeats="${REPEATS:-20}"  # median of this many runs in every benchmark
 mkdir -p "$out"
 step() {  # name, command...: one check, its log, its wall time and status
   local name="$1" start=$SECONDS
@@ -15,8 +16,8 @@ step() {  # name, command...: one check, its log, its wall time and status
 }
 step pytest python3 -m pytest -q -p no:cacheprovider tests/layers tests/test_poolers.py \
   tests/test_sampling.py tests/test_roi_heads.py tests/test_config.py
-step roi_align python3 benchmarks/roi_align_backward.py --device cuda --repeats 20
-step gpu_rows python3 benchmarks/speed.py --device cuda --repeats 20 --only gpu \
+step roi_align python3 benchmarks/roi_align_backward.py --device cuda --repeats "$repeats"
+step gpu_rows python3 benchmarks/speed.py --device cuda --repeats "$repeats" --only gpu \
   --json "$out/gpu_rows.json"
-step latency python3 benchmarks/speed.py --device cuda --repeats 20 --only latency \
+step latency python3 benchmarks/speed.py --device cuda --repeats "$repeats" --only latency \
   --json "$out/speed.json"
