@@ -296,10 +296,12 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         return self.semantic_pooler([features[SEMANTIC_FEATURE]], boxes)
 
     def _semantic_box_rois(
-        self, features: Dict[str, torch.Tensor], boxes: List[Boxes], size: Tuple[int, int]
+        self, features: Dict[str, torch.Tensor], boxes: List[Boxes]
     ) -> torch.Tensor:
-        """(R, C, *size): the semantic RoI feature at the mask resolution average-pooled to the
-        box resolution, as the reference computes it."""
+        """(R, C, Sb, Sb): the semantic RoI feature at the mask resolution average-pooled to the
+        box pooler's resolution Sb, as the reference computes it (a fixed size, as exporters
+        need)."""
+        size = tuple(self.box_pooler.output_size)
         return self.semantic_pooler.pooled([features[SEMANTIC_FEATURE]], boxes, size)
 
     def _run_stage(
@@ -314,8 +316,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         boxes = [x.proposal_boxes for x in proposals]
         x = self.box_pooler([features[f] for f in self.box_in_features], boxes)
         if "bbox" in self.semantic_fusion:
-            size = tuple(self.box_pooler.output_size)  # static: exporters need a fixed size
-            x = x + self._semantic_box_rois(features, boxes, size)
+            x = x + self._semantic_box_rois(features, boxes)
         return self.box_predictor[stage](self.box_head[stage](x))
 
     def cascade_boxes_and_scores(
