@@ -27,7 +27,8 @@ from htc import HTCDatasetMapper, add_htc_config, set_float32_precision
 from htc.checkpoint import HTCCheckpointer
 from htc.data import register_builtin
 from htc.distributed import cpu_capable_ddp, launch_from_args
-from htc.evaluation import HTCSemSegEvaluator, fast_coco_eval_available
+from htc.evaluation import HTCSemSegEvaluator, fast_coco_eval_available, panoptic_evaluator
+from htc.panoptic import class_to_stuff
 from htc.tta import HybridTaskCascadeWithTTA
 
 # The datasets the shipped configs name; every process registers them (DDP workers import this).
@@ -48,18 +49,33 @@ def check_dataset(cfg, name: str, is_train: bool) -> None:
             f"dataset {name!r} marks unlabeled pixels {ignore} (its ignore_label) but "
             f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE is {cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE}"
         )
-    things = meta.get("thing_classes")
+    # COCO panoptic's "standard" metadata names all 133 categories thing_classes; its things are
+    # those of thing_dataset_id_to_contiguous_id.
+    things = meta.get("thing_dataset_id_to_contiguous_id") or meta.get("thing_classes")
     if things is not None and len(things) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
         raise ValueError(
             f"dataset {name!r} has {len(things)} thing classes but MODEL.ROI_HEADS.NUM_CLASSES "
             f"is {cfg.MODEL.ROI_HEADS.NUM_CLASSES}"
         )
+    if cfg.MODEL.HTC.PANOPTIC_ON and not is_train:
+        check_panoptic_dataset(cfg, name)
     has_labels = meta.get("sem_seg_root") or meta.get("derive_semantic")
     if is_train and cfg.MODEL.HTC.SEMANTIC_ON and not has_labels:
         raise ValueError(
             f"MODEL.HTC.SEMANTIC_ON trains on semantic labels, and dataset {name!r} has none: "
             "register it with sem_seg_root or derive_semantic=True (htc.register_htc_instances), "
             "or set MODEL.HTC.SEMANTIC_ON False and MODEL.HTC.SEMANTIC_FUSION []"
+        )
+
+
+def check_panoptic_dataset(cfg, name: str) -> None:
+    """The model names stuff by DATASETS.TEST[0]'s categories: refuse a test dataset whose
+    categories differ."""
+    num_classes, first = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, cfg.DATASETS.TEST[0]
+    if name != first and class_to_stuff(name, num_classes) != class_to_stuff(first, num_classes):
+        raise ValueError(
+            f"MODEL.HTC.PANOPTIC_ON: the stuff categories of {name!r} are not those of "
+            f"DATASETS.TEST[0] {first!r}, which the model outputs; test on one at a time"
         )
 
 
@@ -95,7 +111,8 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """COCO bbox + segm AP, plus the semantic branch's mIoU where the dataset has labels."""
+        """COCO bbox + segm AP, plus the semantic branch's mIoU where the dataset has labels and
+        PQ where it has panoptic ground truth and the model outputs panoptic segmentation."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         evaluators: List = [
             COCOEvaluator(
@@ -108,6 +125,8 @@ class Trainer(DefaultTrainer):
             evaluators.append(
                 HTCSemSegEvaluator(dataset_name, num_classes, output_dir=output_folder)
             )
+        if cfg.MODEL.HTC.PANOPTIC_ON and meta.get("panoptic_json"):
+            evaluators.append(panoptic_evaluator(dataset_name, output_folder))
         return DatasetEvaluators(evaluators)
 
     @classmethod

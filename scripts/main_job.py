@@ -63,10 +63,12 @@ def plot_curves(metrics: list, target: Path) -> None:
         ax_loss.plot([m["iteration"] for m in losses], [m[key] for m in losses], label=key)
     ax_loss.set(xlabel="iteration", ylabel="loss", title="training losses", yscale="log")
     ax_loss.legend(fontsize=7)
-    for key in ["bbox/AP", "segm/AP", "sem_seg/mIoU"]:
+    for key in ["bbox/AP", "segm/AP", "sem_seg/mIoU", "panoptic_seg/PQ"]:
         points = [(m["iteration"], m[key]) for m in evals if key in m]
         ax_ap.plot(*zip(*points), marker="o", label=key)
-    ax_ap.set(xlabel="iteration", ylabel="AP / mIoU (0-100)", title="evaluation on htc_demo_val")
+    ax_ap.set(
+        xlabel="iteration", ylabel="AP / mIoU / PQ (0-100)", title="evaluation on htc_demo_val"
+    )
     ax_ap.legend()
     fig.tight_layout()
     fig.savefig(target, dpi=100)
@@ -120,12 +122,16 @@ def main() -> None:
     pictures = draw_pictures(config, output)
 
     print(f"\n[main job] done in {time.time() - start:.0f} s")
-    print("  each picture: image | GT instances | GT semantic | pred instances | pred semantic")
-    for key in ["bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50", "sem_seg/mIoU"]:
-        print(f"  {key:14s} {results.get(key, float('nan')):.1f}")
-    print(f"  pictures:        {pictures[0].parent}/ ({len(pictures)} PNGs)")
-    print(f"  training curves: {output / 'training_curves.png'}")
-    print(f"  metrics:         {output / 'metrics.json'}")
+    print(
+        "  each picture: image | GT instances | GT semantic | pred instances | pred semantic"
+        " | pred panoptic"
+    )
+    keys = ["bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50", "sem_seg/mIoU"]
+    for key in keys + ["panoptic_seg/PQ", "panoptic_seg/PQ_th", "panoptic_seg/PQ_st"]:
+        print(f"  {key:18s} {results.get(key, float('nan')):.1f}")
+    print(f"  pictures:            {pictures[0].parent}/ ({len(pictures)} PNGs)")
+    print(f"  training curves:     {output / 'training_curves.png'}")
+    print(f"  metrics:             {output / 'metrics.json'}")
 
 
 if __name__ == "__main__":

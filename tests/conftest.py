@@ -158,11 +158,15 @@ def run_train_net(workspace, *args) -> str:
     return result.stdout + result.stderr
 
 
+def metrics_entries(output) -> list:
+    """The entries (dicts) of ``output``/metrics.json."""
+    with open(output / "metrics.json") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def training_iterations(output) -> list:
     """Iterations of the training entries of ``output``/metrics.json."""
-    with open(output / "metrics.json") as f:
-        entries = [json.loads(line) for line in f if line.strip()]
-    return [e["iteration"] for e in entries if "total_loss" in e]
+    return [e["iteration"] for e in metrics_entries(output) if "total_loss" in e]
 
 
 @pytest.fixture(scope="module")

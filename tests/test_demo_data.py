@@ -22,7 +22,10 @@ def test_demo_generator_is_deterministic(tmp_path):
     assert all(np.array_equal(x["mask"], y["mask"]) for x, y in zip(a[2], b[2]))
     generate_split(tmp_path / "one", "val", 3, seed=1)
     generate_split(tmp_path / "two", "val", 3, seed=1)
-    for name in ["val.json", "val/00001.png", "val_sem/00003.png"]:
+    for name in [
+        "val.json", "val/00001.png", "val_sem/00003.png", "val_panoptic.json",
+        "val_panoptic/00002.png",
+    ]:  # fmt: skip
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 

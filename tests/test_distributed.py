@@ -23,6 +23,7 @@ def test_two_processes_train_to_identical_weights_using_every_parameter(tmp_path
         "--num-gpus", "2", "--data", str(data),
         *SMALL,
         "DATASETS.TRAIN", "('ddp_train',)", "DATASETS.TEST", "()",
+        "MODEL.HTC.PANOPTIC_ON", "False",  # panoptic output names DATASETS.TEST[0]'s categories
         "DATALOADER.FILTER_EMPTY_ANNOTATIONS", "False",
         "MODEL.RESNETS.NORM", "naiveSyncBN",  # batch statistics shared, so buffers agree too
         "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100", "OUTPUT_DIR", str(out),

@@ -16,6 +16,7 @@ from conftest import (
     child_env,
     load_cfg,
     make_batch,
+    metrics_entries,
     run_train_net,
     tiny_cfg,
     train_net_command,
@@ -31,16 +32,19 @@ def test_train_eval_only_and_resume(workspace, tmp_path):
     for name in ["model_final.pth", "model_0000001.pth", "last_checkpoint", "metrics.json"]:
         assert (output / name).is_file(), name
     assert list(output.glob("events.out.tfevents.*"))
-    for task in ["bbox", "segm", "sem_seg"]:
+    for task in ["bbox", "segm", "sem_seg", "panoptic_seg"]:
         assert f"copypaste: Task: {task}" in log
     assert max(training_iterations(output)) == 3
+    evaluation = [m for m in metrics_entries(output) if "segm/AP" in m][-1]
+    for key in ["panoptic_seg/PQ", "panoptic_seg/PQ_th", "panoptic_seg/PQ_st", "sem_seg/mIoU"]:
+        assert 0 <= evaluation[key] <= 100, key  # the demo's PQ next to AP and mIoU
 
     log = run_train_net(
         workspace, "--eval-only", *SMALL, "MODEL.WEIGHTS", str(output / "model_final.pth"),
         "OUTPUT_DIR", str(tmp_path / "eval"), "TEST.AUG.ENABLED", "True",
         "TEST.AUG.MIN_SIZES", "(128, 160)", "TEST.AUG.MAX_SIZE", "400",
     )  # fmt: skip
-    for task in ["bbox", "segm", "sem_seg"]:
+    for task in ["bbox", "segm", "sem_seg", "panoptic_seg"]:
         assert f"copypaste: Task: {task}" in log
     assert log.count("copypaste: Task: segm") == 2  # plain and with test-time augmentation
     assert (tmp_path / "eval/inference_TTA/htc_demo_val/coco_instances_results.json").is_file()
@@ -61,7 +65,7 @@ def test_train_eval_only_and_resume(workspace, tmp_path):
     pictures = sorted(vis.glob("*.png"))
     assert [p.name for p in pictures] == ["00001.png", "00002.png", "00003.png"]
     width, height = Image.open(pictures[0]).size
-    assert (width, height) == (2 * 256, 256)  # instances | semantic map
+    assert (width, height) == (3 * 256, 256)  # instances | semantic map | panoptic
 
     log = run_train_net(
         workspace, "--resume", *SMALL, "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", str(output)
@@ -88,6 +92,7 @@ def test_custom_dataset_entry_script_of_the_readme(workspace, tmp_path):
         sys.executable, str(script), "--config-file", str(CONFIG), *SMALL,
         "DATASETS.TRAIN", "('mine_train',)", "DATASETS.TEST", "('mine_val',)",
         "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(tmp_path / "out"),
+        "MODEL.HTC.PANOPTIC_ON", "False",  # mine_val has no panoptic ground truth
     ]  # fmt: skip
     env = child_env()
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)

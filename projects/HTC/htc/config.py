@@ -42,6 +42,18 @@ def add_htc_config(cfg: CN) -> None:
     # 1.2 GB for 100 masks of a 12-megapixel photo), or "rle", pred_masks_rle, a COCO RLE per
     # instance made a few masks at a time (bounded memory; COCOEvaluator needs "bitmask").
     cfg.MODEL.HTC.MASK_OUTPUT = "bitmask"
+    # Inference also outputs "panoptic_seg" as PanopticFPN does: the instances, then the semantic
+    # branch's stuff. The branch's classes are read as the panoptic categories of DATASETS.TEST[0]
+    # by its metadata's "semantic_to_panoptic" (see htc/panoptic.py). Needs the semantic branch
+    # and MASK_OUTPUT "bitmask".
+    cfg.MODEL.HTC.PANOPTIC_ON = False
+    cfg.MODEL.HTC.PANOPTIC = CN()
+    # PanopticFPN's thresholds (MODEL.PANOPTIC_FPN.COMBINE): an instance more than this covered by
+    # higher-scoring ones is dropped; stuff regions under this many pixels and instances scored
+    # under this are left out.
+    cfg.MODEL.HTC.PANOPTIC.OVERLAP_THRESH = 0.5
+    cfg.MODEL.HTC.PANOPTIC.STUFF_AREA_LIMIT = 4096
+    cfg.MODEL.HTC.PANOPTIC.INSTANCES_CONFIDENCE_THRESH = 0.5
     # Loading MODEL.WEIGHTS refuses parameters whose shape differs from the model's; True skips
     # them (left at their initialization), e.g. to fine-tune on another number of classes.
     cfg.MODEL.HTC.SKIP_MISMATCHED_WEIGHTS = False

@@ -51,7 +51,8 @@ def image_files(inputs: Iterable[str]) -> List[Path]:
 
 
 def draw_prediction(image_rgb: np.ndarray, outputs: dict, metadata) -> np.ndarray:
-    """Instances drawn over the image, and next to it the predicted semantic map if any."""
+    """Instances drawn over the image, and next to it the predicted semantic map and panoptic
+    segmentation, each if the outputs have it."""
     instances = outputs["instances"].to("cpu")
     panels = [
         Visualizer(image_rgb, metadata, instance_mode=ColorMode.IMAGE)
@@ -61,6 +62,10 @@ def draw_prediction(image_rgb: np.ndarray, outputs: dict, metadata) -> np.ndarra
     if "sem_seg" in outputs:
         labels = outputs["sem_seg"].argmax(dim=0).to("cpu")
         panels.append(Visualizer(image_rgb, metadata).draw_sem_seg(labels, alpha=0.6).get_image())
+    if "panoptic_seg" in outputs:
+        segments, info = outputs["panoptic_seg"]
+        visualizer = Visualizer(image_rgb, metadata)
+        panels.append(visualizer.draw_panoptic_seg(segments.to("cpu"), info).get_image())
     return np.concatenate(panels, axis=1)
 
 

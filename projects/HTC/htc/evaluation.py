@@ -1,10 +1,10 @@
-"""Semantic segmentation evaluation that reads label maps as training does."""
+"""Evaluation for HTC: semantic segmentation read as training reads it, and panoptic quality."""
 
 import inspect
 from typing import Optional
 
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import SemSegEvaluator
+from detectron2.evaluation import COCOPanopticEvaluator, SemSegEvaluator
 
 from .data.label_map import read_label_map
 
@@ -26,6 +26,10 @@ class HTCSemSegEvaluator(SemSegEvaluator):
         if _TAKES_LOADING_FN:
             kwargs.setdefault("sem_seg_loading_fn", read_label_map)
         super().__init__(dataset_name, **kwargs)
+        # Its json names classes by the label maps' values: a dataset's
+        # stuff_dataset_id_to_contiguous_id, where it has one, names the panoptic stuff
+        # categories (htc.panoptic), not these labels.
+        self._contiguous_id_to_dataset_id = None
 
 
 def fast_coco_eval_available() -> bool:
@@ -34,3 +38,17 @@ def fast_coco_eval_available() -> bool:
     import detectron2._C as C
 
     return not getattr(C, "STAND_IN", False)
+
+
+def panoptic_evaluator(dataset_name: str, output_dir: Optional[str] = None):
+    """Detectron2's :class:`COCOPanopticEvaluator` (PQ, SQ, RQ of all, things, stuff); an
+    ImportError that says what to install where the COCO panoptic API it calls is missing."""
+    try:
+        import panopticapi.evaluation  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            f"evaluating panoptic segmentation on {dataset_name!r} needs the COCO panoptic API: "
+            "pip install panopticapi-lite==0.2.0 --no-deps (what scripts/setup.sh installs), or "
+            "pip install git+https://github.com/cocodataset/panopticapi.git"
+        ) from e
+    return COCOPanopticEvaluator(dataset_name, output_dir=output_dir)

@@ -8,6 +8,7 @@ from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
 from .layers import DEFORM_CONV_KERNELS
+from .panoptic import PanopticFusion
 from .postprocessing import MASK_OUTPUTS, paste_masks_as_rle
 from .roi_heads import SEMANTIC_FEATURE
 from .semantic_head import FusedSemanticHead
@@ -18,7 +19,8 @@ class HybridTaskCascade(GeneralizedRCNN):
     """Hybrid Task Cascade: a :class:`GeneralizedRCNN` whose semantic branch runs once per batch
     on the FPN features. Its feature reaches the ROI heads as ``features[SEMANTIC_FEATURE]``;
     its loss is learned from the inputs' ``sem_seg``. At inference each output has
-    ``instances`` and, with the semantic branch, ``sem_seg`` (K, H, W) class scores.
+    ``instances`` and, with the semantic branch, ``sem_seg`` (K, H, W) class scores and, with
+    panoptic fusion, ``panoptic_seg`` as PanopticFPN gives it.
     """
 
     @configurable
@@ -28,6 +30,7 @@ class HybridTaskCascade(GeneralizedRCNN):
         semantic_head: Optional[FusedSemanticHead] = None,
         semantic_output: bool = True,
         mask_output: str = "bitmask",
+        panoptic_fusion: Optional[PanopticFusion] = None,
         **kwargs,
     ):
         """
@@ -36,6 +39,8 @@ class HybridTaskCascade(GeneralizedRCNN):
             semantic_output: with the branch, whether inference outputs ``sem_seg``.
             mask_output: "bitmask": instances' ``pred_masks`` (N, H, W) as Detectron2 gives
                 them; "rle": ``pred_masks_rle``, N COCO RLEs, made a few masks at a time.
+            panoptic_fusion: with the semantic branch and "bitmask" masks, adds
+                ``panoptic_seg`` to the inference outputs.
             kwargs: arguments of :class:`GeneralizedRCNN`.
         """
         super().__init__(**kwargs)
@@ -46,6 +51,9 @@ class HybridTaskCascade(GeneralizedRCNN):
         if mask_output not in MASK_OUTPUTS:
             raise ValueError(f"MODEL.HTC.MASK_OUTPUT={mask_output!r}: use one of {MASK_OUTPUTS}")
         self.mask_output = mask_output
+        if panoptic_fusion is not None:
+            _check_panoptic(semantic_head, mask_output, self.roi_heads.mask_on)
+        self.panoptic_fusion = panoptic_fusion
 
     @classmethod
     def from_config(cls, cfg):
@@ -60,6 +68,8 @@ class HybridTaskCascade(GeneralizedRCNN):
         DEFORM_CONV_KERNELS[kernels](ret["backbone"])
         if cfg.MODEL.HTC.SEMANTIC_ON:
             ret["semantic_head"] = build_sem_seg_head(cfg, ret["backbone"].output_shape())
+        if cfg.MODEL.HTC.PANOPTIC_ON:
+            ret["panoptic_fusion"] = PanopticFusion(cfg)
         return ret
 
     def _features(
@@ -140,12 +150,29 @@ class HybridTaskCascade(GeneralizedRCNN):
                 inst = out["instances"]
                 height, width = inst.image_size
                 inst.pred_masks_rle = paste_masks_as_rle(masks, inst.pred_boxes, height, width)
-        if semantic_logits is not None and self.semantic_output:
-            scores = self.semantic_head.upsample_logits(semantic_logits)
-            for out, score, x, size in zip(outputs, scores, batched_inputs, images.image_sizes):
-                height, width = x.get("height", size[0]), x.get("width", size[1])
-                out["sem_seg"] = _resize_to_output(score, size, height, width)
+        if semantic_logits is not None:
+            self._add_semantic_outputs(outputs, semantic_logits, batched_inputs, images)
         return outputs
+
+    def _add_semantic_outputs(
+        self,
+        outputs: List[dict],
+        semantic_logits: torch.Tensor,
+        batched_inputs: List[dict],
+        images: ImageList,
+    ) -> None:
+        """Add ``sem_seg`` (K, height, width) scores and ``panoptic_seg``, each if asked for, to
+        the post-processed ``outputs`` (in place); ``semantic_logits`` (N, K, H/s, W/s)."""
+        if not self.semantic_output and self.panoptic_fusion is None:
+            return
+        scores = self.semantic_head.upsample_logits(semantic_logits)
+        for out, score, x, size in zip(outputs, scores, batched_inputs, images.image_sizes):
+            height, width = x.get("height", size[0]), x.get("width", size[1])
+            score = _resize_to_output(score, size, height, width)
+            if self.semantic_output:
+                out["sem_seg"] = score
+            if self.panoptic_fusion is not None:
+                out["panoptic_seg"] = self.panoptic_fusion(out["instances"], score)
 
     def detect(
         self, images: ImageList, detected_instances: Optional[List[Instances]] = None
@@ -171,6 +198,20 @@ class HybridTaskCascade(GeneralizedRCNN):
         masks = results.pred_masks
         results.remove("pred_masks")
         return masks
+
+
+def _check_panoptic(semantic_head, mask_output: str, mask_on: bool) -> None:
+    """Refuse panoptic fusion where its inputs are missing."""
+    if semantic_head is None:
+        raise ValueError(
+            "MODEL.HTC.PANOPTIC_ON takes the stuff from the semantic branch: set "
+            "MODEL.HTC.SEMANTIC_ON True"
+        )
+    if not mask_on or mask_output != "bitmask":
+        raise ValueError(
+            "MODEL.HTC.PANOPTIC_ON pastes the instances' masks: it needs MODEL.MASK_ON True and "
+            f"MODEL.HTC.MASK_OUTPUT 'bitmask' (it is {mask_output!r})"
+        )
 
 
 def _resize_to_output(scores: torch.Tensor, size: Tuple[int, int], height: int, width: int):

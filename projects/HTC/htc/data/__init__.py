@@ -3,6 +3,7 @@ embedded demo dataset, one file each."""
 
 from .builtin import register_builtin
 from .coco import check_annotations, load_htc_json
+from .coco_panoptic import coco_stuff_to_panoptic
 from .dataset_mapper import HTCDatasetMapper
 from .demo_data import ensure_demo_data, register_demo
 from .register import datasets_root, register_coco_htc, register_htc_instances
@@ -10,6 +11,7 @@ from .register import datasets_root, register_coco_htc, register_htc_instances
 __all__ = [
     "HTCDatasetMapper",
     "check_annotations",
+    "coco_stuff_to_panoptic",
     "datasets_root",
     "ensure_demo_data",
     "load_htc_json",

@@ -2,8 +2,10 @@
 
 Each scene has 2-3 smooth "stuff" regions (sky, grass, water) split by wavy boundaries and 2-5
 "thing" objects (disc, square, triangle) of varied size, colour and position that may occlude
-each other. Written as COCO json (RLE masks of the visible parts) + semantic PNGs (things 0-2,
-stuff 3-5) into ``$DETECTRON2_DATASETS/htc_demo``; registered as ``htc_demo_{train,val}``.
+each other. Written as COCO json (RLE masks of the visible parts), semantic PNGs (things 0-2,
+stuff 3-5) and COCO panoptic ground truth (categories 1-3 things, 4-6 stuff; the pixels of
+objects too small to be annotated are void) into ``$DETECTRON2_DATASETS/htc_demo``; registered
+as ``htc_demo_{train,val}``.
 """
 
 import json
@@ -25,7 +27,16 @@ STUFF_CLASSES = ["sky", "grass", "water"]
 SEMANTIC_CLASSES = THING_CLASSES + STUFF_CLASSES
 SPLITS = {"train": (600, 0), "val": (100, 1)}  # number of images, seed
 IMAGE_SIZE = 256
-VERSION = "1"  # bump when the generator changes: cached data is regenerated
+VERSION = "2"  # bump when the generator changes: cached data is regenerated
+
+# Panoptic category id c + 1 for semantic class c; the contiguous ids are the semantic classes.
+PANOPTIC_IDS = {
+    "semantic_to_panoptic": list(range(1, len(SEMANTIC_CLASSES) + 1)),
+    "thing_dataset_id_to_contiguous_id": {i + 1: i for i in range(len(THING_CLASSES))},
+    "stuff_dataset_id_to_contiguous_id": {
+        i + 1: i for i in range(len(THING_CLASSES), len(SEMANTIC_CLASSES))
+    },
+}
 
 _STUFF_COLORS = np.array([[120, 170, 230], [90, 160, 70], [40, 80, 150]], dtype=np.float32)
 _THING_COLORS = np.array([[220, 60, 50], [240, 200, 40], [200, 80, 220]], dtype=np.float32)
@@ -112,25 +123,61 @@ def _annotation(obj: Dict, image_id: int, ann_id: int) -> Dict:
     }
 
 
+def _panoptic(semantic: np.ndarray, objects: List[Dict]) -> Tuple[np.ndarray, List[Dict]]:
+    """(H, W, 3) uint8 COCO panoptic PNG (segment id = R + 256 G + 65536 B, 0 void) and its
+    segments: one per annotated object, one per stuff class present."""
+    ids = np.zeros(semantic.shape, dtype=np.int32)
+    regions = [(o["category_id"], o["mask"]) for o in objects]
+    regions += [(s, semantic == s) for s in range(len(THING_CLASSES), len(SEMANTIC_CLASSES))]
+    segments = []
+    for label, mask in regions:
+        if not mask.any():
+            continue
+        ids[mask] = len(segments) + 1
+        rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+        segments.append(
+            {
+                "id": len(segments) + 1,
+                "category_id": label + 1,
+                "iscrowd": 0,
+                "area": int(mask.sum()),
+                "bbox": mask_util.toBbox(rle).tolist(),
+            }
+        )
+    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
+    return rgb, segments
+
+
 def generate_split(root: Path, split: str, num_images: int, seed: int) -> None:
-    """Write ``root/{split}/*.jpg``, ``root/{split}_sem/*.png`` and ``root/{split}.json``."""
+    """Write ``root/{split}/*.png`` images, ``root/{split}_sem/*.png`` semantic labels,
+    ``root/{split}.json`` instances, ``root/{split}_panoptic/*.png`` and
+    ``root/{split}_panoptic.json`` panoptic ground truth."""
     rng = np.random.default_rng(seed)
-    (root / split).mkdir(parents=True)
-    (root / f"{split}_sem").mkdir()
-    images, annotations = [], []
+    for folder in (split, f"{split}_sem", f"{split}_panoptic"):
+        (root / folder).mkdir(parents=True)
+    images, annotations, panoptic = [], [], []
     for image_id in tqdm(range(1, num_images + 1), desc=f"htc_demo {split}", unit="img"):
         image, semantic, objects = make_scene(rng)
-        name = f"{image_id:05d}"
-        Image.fromarray(image).save(root / split / f"{name}.png")
-        Image.fromarray(semantic).save(root / f"{split}_sem" / f"{name}.png")
+        name = f"{image_id:05d}.png"
+        Image.fromarray(image).save(root / split / name)
+        Image.fromarray(semantic).save(root / f"{split}_sem" / name)
         images.append(
-            {"id": image_id, "file_name": f"{name}.png", "height": IMAGE_SIZE, "width": IMAGE_SIZE}
+            {"id": image_id, "file_name": name, "height": IMAGE_SIZE, "width": IMAGE_SIZE}
         )
         for obj in objects:
             annotations.append(_annotation(obj, image_id, len(annotations) + 1))
+        rgb, segments = _panoptic(semantic, objects)
+        Image.fromarray(rgb).save(root / f"{split}_panoptic" / name)
+        panoptic.append({"image_id": image_id, "file_name": name, "segments_info": segments})
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(THING_CLASSES)]
     with open(root / f"{split}.json", "w") as f:
         json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    categories = [
+        {"id": i + 1, "name": n, "isthing": int(i < len(THING_CLASSES))}
+        for i, n in enumerate(SEMANTIC_CLASSES)
+    ]
+    with open(root / f"{split}_panoptic.json", "w") as f:
+        json.dump({"images": images, "annotations": panoptic, "categories": categories}, f)
 
 
 def demo_root() -> Path:
@@ -173,5 +220,12 @@ def register_demo(root: Path = None) -> None:
             return load_htc_json(dataset_name=name, **files)
 
         register_with_loader(
-            name, loader, thing_classes=THING_CLASSES, stuff_classes=SEMANTIC_CLASSES, **files
+            name,
+            loader,
+            thing_classes=THING_CLASSES,
+            stuff_classes=SEMANTIC_CLASSES,
+            panoptic_root=str(base / f"{split}_panoptic"),
+            panoptic_json=str(base / f"{split}_panoptic.json"),
+            **PANOPTIC_IDS,
+            **files,
         )
