@@ -59,6 +59,11 @@ CASCADES = {
     "vitdet/htc_vitdet_b_100ep.py": "ViTDet COCO/cascade_mask_rcnn_vitdet_b_100ep.py",
     "vitdet/htc_mvitv2_b_in21k_100ep.py": "ViTDet COCO/cascade_mask_rcnn_mvitv2_b_in21k_100ep.py",
     "vitdet/htc_swin_b_in21k_50ep.py": "ViTDet COCO/cascade_mask_rcnn_swin_b_in21k_50ep.py",
+    "vitdet/htc_vitdet_l_100ep.py": "ViTDet COCO/cascade_mask_rcnn_vitdet_l_100ep.py",
+    "vitdet/htc_vitdet_h_75ep.py": "ViTDet COCO/cascade_mask_rcnn_vitdet_h_75ep.py",
+    "vitdet/htc_mvitv2_l_in21k_50ep.py": "ViTDet COCO/cascade_mask_rcnn_mvitv2_l_in21k_50ep.py",
+    "vitdet/htc_mvitv2_h_in21k_36ep.py": "ViTDet COCO/cascade_mask_rcnn_mvitv2_h_in21k_36ep.py",
+    "vitdet/htc_swin_l_in21k_50ep.py": "ViTDet COCO/cascade_mask_rcnn_swin_l_in21k_50ep.py",
 }
 
 

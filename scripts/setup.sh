@@ -70,8 +70,9 @@ if ! "$py" -c "import torch" 2>/dev/null; then
 fi
 "$py" -m pip install -q "${pip_c[@]}" numpy Pillow setuptools opencv-python-headless pycocotools \
   matplotlib fvcore iopath black omegaconf hydra-core tqdm tensorboard pytest ruff onnx onnxruntime
-if [ "$detectron2" = main ]; then  # Detectron2's ViT, Swin and MViT import timm (v0.6 has none)
-  "$py" -m pip install -q "${pip_c[@]}" timm
+if [ "$detectron2" = main ]; then  # Detectron2's ViT, Swin and MViT import timm (v0.6 has none),
+  # and fairscale for activation checkpointing (the MViTv2-H configs)
+  "$py" -m pip install -q "${pip_c[@]}" timm fairscale
 fi
 # The COCO panoptic API for COCOPanopticEvaluator; its metadata's numpy<2 and scikit-image are not
 # what its code imports (numpy, Pillow), so it comes without them and pip check overlooks it.

@@ -133,7 +133,7 @@ def _small_vit(cfg) -> None:
 
 def _small_mvit(cfg) -> None:
     cfg.model.backbone.bottom_up.update(
-        embed_dim=16, depth=4, last_block_indexes=(0, 1, 2, 3), drop_path_rate=0.0
+        embed_dim=16, depth=4, num_heads=1, last_block_indexes=(0, 1, 2, 3), drop_path_rate=0.0
     )
     cfg.model.backbone.square_pad = 128
 
@@ -146,22 +146,28 @@ def _small_swin(cfg) -> None:
 
 
 # config -> (its parameters, the Detectron2 classes it needs, its test-only small override)
+VIT, MVIT, SWIN = "ViT, SimpleFeaturePyramid", "MViT", "SwinTransformer"
 MODERN = {
-    "vitdet/htc_vitdet_b_100ep.py": (149_383_285, "ViT, SimpleFeaturePyramid", _small_vit),
-    "vitdet/htc_mvitv2_b_in21k_100ep.py": (111_371_381, "MViT", _small_mvit),
-    "vitdet/htc_swin_b_in21k_50ep.py": (147_534_189, "SwinTransformer", _small_swin),
-    "vitdet/htc_without_semantic_vitdet_b_100ep.py": (
-        146_581_182,
-        "ViT, SimpleFeaturePyramid",
-        _small_vit,
-    ),
-    "vitdet/htc_without_semantic_mvitv2_b_in21k_100ep.py": (108_569_278, "MViT", _small_mvit),
-    "vitdet/htc_without_semantic_swin_b_in21k_50ep.py": (
-        144_732_086,
-        "SwinTransformer",
-        _small_swin,
-    ),
+    "vitdet/htc_vitdet_b_100ep.py": (149_383_285, VIT, _small_vit),
+    "vitdet/htc_vitdet_l_100ep.py": (369_172_149, VIT, _small_vit),
+    "vitdet/htc_vitdet_h_75ep.py": (699_691_253, VIT, _small_vit),
+    "vitdet/htc_mvitv2_b_in21k_100ep.py": (111_371_381, MVIT, _small_mvit),
+    "vitdet/htc_mvitv2_l_in21k_50ep.py": (273_334_997, MVIT, _small_mvit),
+    "vitdet/htc_mvitv2_h_in21k_36ep.py": (726_380_341, MVIT, _small_mvit),
+    "vitdet/htc_swin_b_in21k_50ep.py": (147_534_189, SWIN, _small_swin),
+    "vitdet/htc_swin_l_in21k_50ep.py": (256_033_097, SWIN, _small_swin),
+    "vitdet/htc_without_semantic_vitdet_b_100ep.py": (146_581_182, VIT, _small_vit),
+    "vitdet/htc_without_semantic_vitdet_l_100ep.py": (366_370_046, VIT, _small_vit),
+    "vitdet/htc_without_semantic_vitdet_h_75ep.py": (696_889_150, VIT, _small_vit),
+    "vitdet/htc_without_semantic_mvitv2_b_in21k_100ep.py": (108_569_278, MVIT, _small_mvit),
+    "vitdet/htc_without_semantic_mvitv2_l_in21k_50ep.py": (270_532_894, MVIT, _small_mvit),
+    "vitdet/htc_without_semantic_mvitv2_h_in21k_36ep.py": (723_578_238, MVIT, _small_mvit),
+    "vitdet/htc_without_semantic_swin_b_in21k_50ep.py": (144_732_086, SWIN, _small_swin),
+    "vitdet/htc_without_semantic_swin_l_in21k_50ep.py": (253_230_994, SWIN, _small_swin),
 }
+
+# iterations of 64 images as Detectron2's configs have them: 100, 75, 50 and 36 epochs
+MAX_ITER = {"vitdet_h_75ep": 138_281, "50ep": 92_187, "36ep": 67_500, "100ep": 184_375}
 
 
 @pytest.mark.parametrize("name", MODERN)
@@ -178,6 +184,9 @@ def test_modern_backbone_config_trains_a_step_and_infers_or_names_what_it_needs(
         return
     cfg = LazyConfig.load(str(CONFIGS / name))
     assert reference_parameter_count(instantiate(cfg.model)) == count
+    schedule = next(v for k, v in MAX_ITER.items() if name.endswith(f"{k}.py"))
+    assert cfg.train.max_iter == schedule
+    assert max(cfg.lr_multiplier.scheduler.milestones) <= schedule
     semantic = "without_semantic" not in name
     assert ("semantic_head" in cfg.model) == semantic
     make_small(cfg)
