@@ -6,7 +6,7 @@ import torch
 from detectron2.modeling import build_model
 
 from conftest import CONFIGS, load_cfg, reference_parameter_count, tiny_cfg
-from htc import register_builtin, set_float32_precision
+from htc import set_float32_precision
 
 
 @pytest.mark.parametrize(
@@ -35,7 +35,6 @@ SHIPPED = sorted(p.relative_to(CONFIGS) for p in CONFIGS.rglob("*.yaml"))
 
 @pytest.mark.parametrize("name", SHIPPED, ids=str)
 def test_shipped_config_builds(name):
-    register_builtin()  # the datasets whose metadata panoptic configs read
     cfg = load_cfg(CONFIGS / name)
     model = build_model(cfg)
     assert type(model).__name__ == "HybridTaskCascade"

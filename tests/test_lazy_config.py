@@ -13,6 +13,7 @@ import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
+from omegaconf import ListConfig
 
 from conftest import (
     CONFIGS,
@@ -45,11 +46,17 @@ def _learnable(model) -> int:
 
 @pytest.mark.parametrize(
     "lazy_model, yaml_config",
-    [("r50", CONFIGS / "htc_R_50_FPN_1x.yaml"), ("demo", DEMO_CONFIG)],
+    [
+        ("r50", CONFIGS / "htc_R_50_FPN_1x.yaml"),
+        ("demo", DEMO_CONFIG),
+        ("x101", CONFIGS / "htc_X_101_64x4d_FPN_20e.yaml"),
+    ],
 )
 def test_lazy_config_builds_the_yaml_configs_model(lazy_model, yaml_config):
     if lazy_model == "r50":
         cfg_model = LazyConfig.load(str(LAZY_R50)).model
+    elif lazy_model == "x101":
+        cfg_model = htc_fpn(depth=101, num_groups=64, width_per_group=4)
     else:
         cfg_model = htc_fpn(**DEMO_MODEL)
     lazy = instantiate(cfg_model)
@@ -145,6 +152,22 @@ def _small_swin(cfg) -> None:
     cfg.model.backbone.square_pad = 128
 
 
+def _small_swin_fpn(cfg) -> None:
+    cfg.model.backbone.bottom_up.update(
+        depths=[1, 1, 1, 1], embed_dim=16, num_heads=[1, 1, 2, 2], drop_path_rate=0.0
+    )
+
+
+def _small_resnet(cfg) -> None:
+    """Trainable BN instead of FrozenBN (random weights under FrozenBN explode)."""
+    bottom_up = cfg.model.backbone.bottom_up
+    bottom_up.freeze_at = 0
+    bottom_up.stem.norm = "BN"
+    stages = bottom_up.stages  # make_default_stages, or a ResNeXt's list of make_stage
+    for stage in stages if isinstance(stages, ListConfig) else [stages]:
+        stage.norm = "BN"
+
+
 # config -> (its parameters, the Detectron2 classes it needs, its test-only small override)
 VIT, MVIT, SWIN = "ViT, SimpleFeaturePyramid", "MViT", "SwinTransformer"
 MODERN = {
@@ -164,10 +187,18 @@ MODERN = {
     "vitdet/htc_without_semantic_mvitv2_h_in21k_36ep.py": (723_578_238, MVIT, _small_mvit),
     "vitdet/htc_without_semantic_swin_b_in21k_50ep.py": (144_732_086, SWIN, _small_swin),
     "vitdet/htc_without_semantic_swin_l_in21k_50ep.py": (253_230_994, SWIN, _small_swin),
+    "htcpp/htcpp_R_50_FPN_3x.py": (84_190_453, "", _small_resnet),
+    "htcpp/htcpp_X_101_64x4d_FPN_3x.py": (142_088_693, "", _small_resnet),
+    "htcpp/htcpp_swin_b_20e.py": (146_938_989, SWIN, _small_swin_fpn),
+    "htcpp/htcpp_swin_l_1x.py": (255_437_897, SWIN, _small_swin_fpn),
 }
 
-# iterations of 64 images as Detectron2's configs have them: 100, 75, 50 and 36 epochs
-MAX_ITER = {"vitdet_h_75ep": 138_281, "50ep": 92_187, "36ep": 67_500, "100ep": 184_375}
+# iterations of 64 images as Detectron2's configs have them: 100, 75, 50 and 36 epochs; HTC++:
+# 36 epochs of 16 images, 20 and 12 epochs of 8
+MAX_ITER = {
+    "vitdet_h_75ep": 138_281, "50ep": 92_187, "36ep": 67_500, "100ep": 184_375,
+    "3x": 263_880, "20e": 293_200, "1x": 175_920,
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", MODERN)
@@ -178,7 +209,7 @@ def test_modern_backbone_config_trains_a_step_and_infers_or_names_what_it_needs(
     branch, on data without semantic labels. On v0.6: loading it fails at once, naming the
     missing classes and the Detectron2 it needs."""
     count, needs, make_small = MODERN[name]
-    if not HAS_MODERN_BACKBONES:
+    if needs and not HAS_MODERN_BACKBONES:
         with pytest.raises(ImportError, match=f"{needs}.*v0.6 release"):
             LazyConfig.load(str(CONFIGS / name))
         return
@@ -217,3 +248,32 @@ def test_modern_backbone_config_trains_a_step_and_infers_or_names_what_it_needs(
     else:
         assert "sem_seg" not in out
         assert cfg.dataloader.train.dataset.names == "coco_2017_train"
+
+
+@pytest.mark.parametrize("name", [n for n in MODERN if n.startswith("htcpp/")])
+def test_htcpp_configs_are_their_recipes(name):
+    """What HTC++ adds, as the recipe each config names: 4conv1fc box heads, multi-scale
+    training to 1600, Soft-NMS, AdamW; for Swin (CBNetV2's recipe) SyncBN and GIoU x10."""
+    if MODERN[name][1] and not HAS_MODERN_BACKBONES:
+        with pytest.raises(ImportError, match="SwinTransformer.*v0.6 release"):
+            LazyConfig.load(str(CONFIGS / name))
+        return
+    cfg = LazyConfig.load(str(CONFIGS / name))
+    heads = cfg.model.roi_heads
+    swin = "swin" in name
+    for head in heads.box_heads:
+        assert (head.conv_dims, head.fc_dims) == ([256] * 4, [1024])
+        assert head.conv_norm == ("SyncBN" if swin else "")
+    assert (heads.test_nms, heads.soft_nms_sigma) == ("soft_linear", 0.5)
+    for predictor in heads.box_predictors:
+        assert (predictor.test_nms_thresh, predictor.test_score_thresh) == (0.5, 0.001)
+        assert predictor.get("box_reg_loss_type", "smooth_l1") == ("giou" if swin else "smooth_l1")
+        if swin:
+            assert predictor.loss_weight == {"loss_box_reg": 10.0}
+    resize = cfg.dataloader.train.mapper.augmentations[0]
+    assert (tuple(resize.short_edge_length), resize.max_size) == ((400, 1400), 1600)
+    assert resize.sample_style == "range"
+    assert cfg.dataloader.test.mapper.augmentations[0].short_edge_length == 1400
+    assert cfg.optimizer._target_ is torch.optim.AdamW
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == ((5e-5 if swin else 1e-4), 0.05)
+    assert cfg.dataloader.train.total_batch_size == (8 if swin else 16)

@@ -6,7 +6,7 @@ other depths and widths (the tests' small model)."""
 from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
-from detectron2.modeling.backbone import FPN, BasicStem, ResNet
+from detectron2.modeling.backbone import FPN, BasicStem, BottleneckBlock, ResNet
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
@@ -40,20 +40,24 @@ def htc_fpn(
     rpn_pre_topk: tuple = (2000, 1000),
     rpn_post_topk: tuple = (2000, 1000),
     rois_per_image: int = 512,
+    num_groups: int = 1,
+    width_per_group: int = 64,
 ):
     """HTC on a ResNet-``depth`` FPN of ``width`` channels: the arguments are the yaml keys
     RESNETS.DEPTH/NORM, BACKBONE.FREEZE_AT, FPN.OUT_CHANNELS (= SEM_SEG_HEAD.EMBED_DIM),
     ROI_BOX_HEAD.FC_DIM, ROI_MASK_HEAD.NUM_CONV/CONV_DIM, ROI_HEADS.NUM_CLASSES,
     SEM_SEG_HEAD.NUM_CLASSES/CONVS_DIM, RPN.PRE_NMS_TOPK_TRAIN/TEST and POST_NMS_TOPK_TRAIN/TEST
-    (train, test) and ROI_HEADS.BATCH_SIZE_PER_IMAGE."""
-    stages = dict(depth=depth, norm=norm)
+    (train, test), ROI_HEADS.BATCH_SIZE_PER_IMAGE and RESNETS.NUM_GROUPS/WIDTH_PER_GROUP."""
+    stages = L(ResNet.make_default_stages)(depth=depth, norm=norm)
     if depth >= 50:
-        stages["stride_in_1x1"] = False  # pytorch style (basic blocks have no 1x1 conv)
+        stages.stride_in_1x1 = False  # pytorch style (basic blocks have no 1x1 conv)
+    if num_groups > 1:
+        stages = resnext_stages(depth, norm, num_groups, width_per_group)
     return L(HybridTaskCascade)(
         backbone=L(FPN)(
             bottom_up=L(ResNet)(
                 stem=L(BasicStem)(in_channels=3, out_channels=64, norm=norm),
-                stages=L(ResNet.make_default_stages)(**stages),
+                stages=stages,
                 out_features=["res2", "res3", "res4", "res5"],
                 freeze_at=freeze_at,
             ),
@@ -156,6 +160,26 @@ def htc_fpn(
         pixel_std=[58.395, 57.12, 57.375],
         input_format="RGB",
     )
+
+
+def resnext_stages(depth: int, norm: str, num_groups: int, width_per_group: int) -> list:
+    """The stages of a pytorch-style ResNeXt-``depth`` (``num_groups`` x ``width_per_group``d), as
+    Detectron2's yaml builder makes them: ``make_default_stages`` has no group width."""
+    blocks = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}[depth]
+    return [
+        L(ResNet.make_stage)(
+            block_class=BottleneckBlock,
+            num_blocks=n,
+            stride_per_block=[1 if i == 0 else 2] + [1] * (n - 1),
+            in_channels=64 if i == 0 else 256 * 2 ** (i - 1),
+            out_channels=256 * 2**i,
+            bottleneck_channels=num_groups * width_per_group * 2**i,
+            num_groups=num_groups,
+            norm=norm,
+            stride_in_1x1=False,
+        )
+        for i, n in enumerate(blocks)
+    ]
 
 
 model = htc_fpn()
