@@ -29,6 +29,7 @@ from htc.data import register_builtin
 from htc.distributed import cpu_capable_ddp, launch_from_args
 from htc.evaluation import HTCSemSegEvaluator, fast_coco_eval_available, panoptic_evaluator
 from htc.panoptic import class_to_stuff
+from htc.solver import build_optimizer
 from htc.tta import HybridTaskCascadeWithTTA
 
 # The datasets the shipped configs name; every process registers them (DDP workers import this).
@@ -94,6 +95,11 @@ class Trainer(DefaultTrainer):
             **self.checkpointer.checkpointables,
         )
         return super().build_hooks()
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """SGD as the parent's, or AdamW (SOLVER.OPTIMIZER), which the parent cannot build."""
+        return build_optimizer(cfg, model)
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -26,6 +26,8 @@ from htc.data.demo_data import VERSION, generate_split  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+# Detectron2's ViT, MViT and Swin (its main branch; v0.6 has none)
+HAS_MODERN_BACKBONES = hasattr(__import__("detectron2.modeling").modeling, "ViT")
 
 
 def load_cfg(path: Path) -> CfgNode:

@@ -18,6 +18,7 @@ from omegaconf import ListConfig
 from conftest import (
     CONFIGS,
     DEMO_CONFIG,
+    HAS_MODERN_BACKBONES,
     ROOT,
     child_env,
     load_cfg,
@@ -126,9 +127,6 @@ def test_small_lazy_config_trains_and_evaluates(workspace, tmp_path):
         entries = [json.loads(line) for line in f if line.strip()]
     assert max(e["iteration"] for e in entries if "total_loss" in e) == 2
     assert any("loss_mask_stage2" in e and "loss_sem_seg" in e for e in entries)
-
-
-HAS_MODERN_BACKBONES = hasattr(__import__("detectron2.modeling").modeling, "ViT")
 
 
 def _small_vit(cfg) -> None:

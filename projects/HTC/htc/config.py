@@ -65,10 +65,51 @@ def add_htc_config(cfg: CN) -> None:
 
     cfg.MODEL.SEM_SEG_HEAD.NUM_CONVS = 4
     cfg.MODEL.SEM_SEG_HEAD.EMBED_DIM = 256
+    _add_backbone_config(cfg)
+    # "SGD" (Detectron2's) or "AdamW" (betas BETAS; the same parameter groups and clipping; no
+    # weight decay on the parameters whose own names are in ZERO_WEIGHT_DECAY): htc/solver.py.
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    cfg.SOLVER.BETAS = (0.9, 0.999)
+    cfg.SOLVER.ZERO_WEIGHT_DECAY = []
     if "FLOAT32_PRECISION" not in cfg:  # Detectron2 main's key, given to v0.6 as well
         # fp32 matmuls and convs on CUDA: "highest" (no TF32), "high" (TF32) or "medium"; ""
         # leaves PyTorch's settings as they are. Applied by set_float32_precision.
         cfg.FLOAT32_PRECISION = ""
+
+
+def _add_backbone_config(cfg: CN) -> None:
+    """Keys of Detectron2's transformer backbones for yacs configs (htc/backbones.py); defaults
+    are the B sizes of Detectron2's ViTDet, MViTv2 and Swin configs."""
+    # MODEL.BACKBONE.NAME "build_vit_sfp_backbone": a plain ViT + ViTDet's simple feature pyramid.
+    cfg.MODEL.VIT = CN()
+    cfg.MODEL.VIT.IMG_SIZE = 1024  # pretraining image size of its position embedding
+    cfg.MODEL.VIT.PATCH_SIZE = 16
+    cfg.MODEL.VIT.EMBED_DIM = 768
+    cfg.MODEL.VIT.DEPTH = 12
+    cfg.MODEL.VIT.NUM_HEADS = 12
+    cfg.MODEL.VIT.DROP_PATH_RATE = 0.1
+    cfg.MODEL.VIT.WINDOW_SIZE = 14
+    cfg.MODEL.VIT.WINDOW_BLOCK_INDEXES = [0, 1, 3, 4, 6, 7, 9, 10]  # the others: global attention
+    cfg.MODEL.VIT.USE_ACT_CHECKPOINT = False
+    cfg.MODEL.VIT.SQUARE_PAD = 1024  # inputs padded to this square (0: to the size divisibility)
+    # "build_mvit_fpn_backbone": MViTv2 + FPN.
+    cfg.MODEL.MVIT = CN()
+    cfg.MODEL.MVIT.EMBED_DIM = 96
+    cfg.MODEL.MVIT.DEPTH = 24
+    cfg.MODEL.MVIT.NUM_HEADS = 1
+    cfg.MODEL.MVIT.LAST_BLOCK_INDEXES = [1, 4, 20, 23]  # the last block of each stage
+    cfg.MODEL.MVIT.DROP_PATH_RATE = 0.4
+    cfg.MODEL.MVIT.USE_ACT_CHECKPOINT = False
+    cfg.MODEL.MVIT.SQUARE_PAD = 0
+    # "build_swin_fpn_backbone": Swin Transformer + FPN.
+    cfg.MODEL.SWIN = CN()
+    cfg.MODEL.SWIN.EMBED_DIM = 128
+    cfg.MODEL.SWIN.DEPTHS = [2, 2, 18, 2]
+    cfg.MODEL.SWIN.NUM_HEADS = [4, 8, 16, 32]
+    cfg.MODEL.SWIN.WINDOW_SIZE = 7
+    cfg.MODEL.SWIN.DROP_PATH_RATE = 0.3
+    cfg.MODEL.SWIN.USE_ACT_CHECKPOINT = False
+    cfg.MODEL.SWIN.SQUARE_PAD = 0
 
 
 def set_float32_precision(cfg: CN) -> None:
