@@ -64,6 +64,10 @@ CASCADES = {
     "vitdet/htc_mvitv2_l_in21k_50ep.py": "ViTDet COCO/cascade_mask_rcnn_mvitv2_l_in21k_50ep.py",
     "vitdet/htc_mvitv2_h_in21k_36ep.py": "ViTDet COCO/cascade_mask_rcnn_mvitv2_h_in21k_36ep.py",
     "vitdet/htc_swin_l_in21k_50ep.py": "ViTDet COCO/cascade_mask_rcnn_swin_l_in21k_50ep.py",
+    **{
+        f"mvitv2/htc_mvitv2_{size}.py": f"MViTv2 cascade_mask_rcnn_mvitv2_{size}.py"
+        for size in ("t_3x", "s_3x", "b_3x", "b_in21k_3x", "l_in21k_lsj_50ep", "h_in21k_lsj_3x")
+    },
 }
 
 

@@ -185,17 +185,23 @@ MODERN = {
     "vitdet/htc_without_semantic_mvitv2_h_in21k_36ep.py": (723_578_238, MVIT, _small_mvit),
     "vitdet/htc_without_semantic_swin_b_in21k_50ep.py": (144_732_086, SWIN, _small_swin),
     "vitdet/htc_without_semantic_swin_l_in21k_50ep.py": (253_230_994, SWIN, _small_swin),
+    "mvitv2/htc_mvitv2_t_3x.py": (84_069_909, MVIT, _small_mvit),
+    "mvitv2/htc_mvitv2_s_3x.py": (94_766_805, MVIT, _small_mvit),
+    "mvitv2/htc_mvitv2_b_3x.py": (111_369_333, MVIT, _small_mvit),
+    "mvitv2/htc_mvitv2_b_in21k_3x.py": (111_369_333, MVIT, _small_mvit),
+    "mvitv2/htc_mvitv2_l_in21k_lsj_50ep.py": (273_332_949, MVIT, _small_mvit),
+    "mvitv2/htc_mvitv2_h_in21k_lsj_3x.py": (726_378_293, MVIT, _small_mvit),
     "htcpp/htcpp_R_50_FPN_3x.py": (84_190_453, "", _small_resnet),
     "htcpp/htcpp_X_101_64x4d_FPN_3x.py": (142_088_693, "", _small_resnet),
     "htcpp/htcpp_swin_b_20e.py": (146_938_989, SWIN, _small_swin_fpn),
     "htcpp/htcpp_swin_l_1x.py": (255_437_897, SWIN, _small_swin_fpn),
 }
 
-# iterations of 64 images as Detectron2's configs have them: 100, 75, 50 and 36 epochs; HTC++:
-# 36 epochs of 16 images, 20 and 12 epochs of 8
+# iterations of 64 images as Detectron2's configs have them: 100, 75, 50 and 36 epochs (3x);
+# HTC++: 36 epochs of 16 images, 20 and 12 epochs of 8. The first key a name ends with counts.
 MAX_ITER = {
     "vitdet_h_75ep": 138_281, "50ep": 92_187, "36ep": 67_500, "100ep": 184_375,
-    "3x": 263_880, "20e": 293_200, "1x": 175_920,
+    "FPN_3x": 263_880, "3x": 67_500, "20e": 293_200, "1x": 175_920,
 }  # fmt: skip
 
 

@@ -1,0 +1,25 @@
+"""HTC counterpart of Detectron2's MViTv2-H (ImageNet-21k) Cascade Mask R-CNN with LSJ, 3x
+(projects/MViTv2/configs/cascade_mask_rcnn_mvitv2_h_in21k_lsj_3x.py): htc_mvitv2_b_3x.py with
+MViTv2-H (80 blocks, width 192, 3 heads, stages ending at 3, 11, 71, 79, drop path 0.6,
+activation checkpointing) and LSJ at 1024 (64 images per iteration); the 3x schedule and AdamW
+lr 1.6e-4 kept."""
+
+import detectron2.data.transforms as T
+from detectron2.config import LazyCall as L
+
+from ..common.htc_lsj_100ep import dataloader
+from .htc_mvitv2_b_3x import lr_multiplier, model, optimizer, train  # noqa: F401
+
+model.backbone.bottom_up.update(
+    embed_dim=192,
+    depth=80,
+    num_heads=3,
+    last_block_indexes=(3, 11, 71, 79),
+    drop_path_rate=0.6,
+    use_act_checkpoint=True,
+)
+dataloader.test.mapper.augmentations = [  # the project's LSJ configs test as its others
+    L(T.ResizeShortestEdge)(short_edge_length=800, max_size=1333)
+]
+train.init_checkpoint = "detectron2://ImageNetPretrained/mvitv2/MViTv2_H_in21k.pyth"
+train.output_dir = "./output/htc_mvitv2_h_in21k_lsj_3x"
