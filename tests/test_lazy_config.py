@@ -1,8 +1,9 @@
 """LazyConfig: configs/htc_R_50_FPN_1x.py builds the yaml config's model (same parameter names,
 shapes and count); its small variant (a test-only override of htc_fpn's widths) builds the demo
 yaml's model and, through lazyconfig_train_net.py, trains, checkpoints and evaluates on CPU. The
-ViT, MViTv2 and Swin configs: parameter counts, a training step and inference of their small
-variants; on Detectron2 v0.6, an immediate error naming what they need."""
+ViTDet, MViTv2 and HTC++ configs: parameter counts and schedules, a training step and inference
+of their small variants, the HTC++ recipes' settings; on Detectron2 v0.6, an immediate error
+naming what they need (the ResNet HTC++ configs run there too)."""
 
 import json
 import runpy
