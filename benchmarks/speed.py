@@ -402,12 +402,13 @@ def tf32_change(model, image: List[dict]) -> dict:
 
 
 def counts_job(job: dict) -> dict:
-    """Host syncs and kernel launches of one train step (after a warm-up) of each model."""
+    """Host syncs and kernel launches of one train step (after a warm-up) of each model, and the
+    ops with the most self time in it (device time on CUDA, CPU time else), in ms."""
     from torch.profiler import ProfilerActivity, profile
 
     device = job["device"]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    result = {}
+    result = {"counts": {}, "ops": {}}
     for name in ("cascade", "htc"):
         model = build(name, device, 100)
         inputs = train_inputs(name, device, job["height"], 2)
@@ -422,8 +423,16 @@ def counts_job(job: dict) -> dict:
                 counts[event.name] += 1
             elif event.name in LAUNCH_EVENTS:
                 counts["kernel launches"] += 1
-        result[name] = dict(counts)
+        result["counts"][name] = dict(counts)
+        result["ops"][name] = self_times(prof, device)
     return result
+
+
+def self_times(prof, device: str, count: int = 20) -> Dict[str, float]:
+    """The ``count`` ops of ``prof`` with the most self time (device time on CUDA), in ms."""
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    ops = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    return {op.key: getattr(op, key) / 1000 for op in ops[:count]}
 
 
 def determinism_job(job: dict) -> dict:
@@ -601,12 +610,21 @@ def report_gpu_rows(results: dict) -> None:
             )
     print(f"\nTF32 against fp32, HTC outputs: {results['precision']['tf32 change']}")
     print("\nOne train step (2 images): host syncs and kernel launches\n")
-    names = sorted(set().union(*(c.keys() for c in results["counts"].values())))
-    print("| event | " + " | ".join(results["counts"]) + " |")
-    print("|---|" + "---|" * len(results["counts"]))
+    counts = results["counts"]["counts"]
+    names = sorted(set().union(*(c.keys() for c in counts.values())))
+    print("| event | " + " | ".join(counts) + " |")
+    print("|---|" + "---|" * len(counts))
     for name in names:
-        row = [str(c.get(name, 0)) for c in results["counts"].values()]
+        row = [str(c.get(name, 0)) for c in counts.values()]
         print(f"| {name} | " + " | ".join(row) + " |")
+    print("\nThe same step: ops with the most self time (device time on CUDA), ms\n")
+    ops = results["counts"]["ops"]
+    names = sorted(set().union(*ops.values()), key=lambda n: -ops["htc"].get(n, 0.0))
+    print("| op | " + " | ".join(ops) + " |")
+    print("|---|" + "---|" * len(ops))
+    for name in names:
+        row = [f"{t.get(name, float('nan')):.2f}" for t in ops.values()]
+        print(f"| `{name[:80]}` | " + " | ".join(row) + " |")
     print("\nTwo identical HTC train steps: gradients that differ\n")
     print("| RoIAlign kernel | parameters | differing | ops without a deterministic version |")
     print("|---|---|---|---|")
