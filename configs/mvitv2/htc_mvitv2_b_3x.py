@@ -2,8 +2,9 @@
 (projects/MViTv2/configs/cascade_mask_rcnn_mvitv2_b_3x.py): htc_mvitv2_t_3x.py with MViTv2-B
 (24 blocks, stages ending at 1, 4, 20, 23, drop path 0.4)."""
 
+from ..common.htc_mvit import MVITV2
 from .htc_mvitv2_t_3x import dataloader, lr_multiplier, model, optimizer, train  # noqa: F401
 
-model.backbone.bottom_up.update(depth=24, last_block_indexes=(1, 4, 20, 23), drop_path_rate=0.4)
+model.backbone.bottom_up.update(**MVITV2["B"])
 train.init_checkpoint = "detectron2://ImageNetPretrained/mvitv2/MViTv2_B_in1k.pyth"
 train.output_dir = "./output/htc_mvitv2_b_3x"

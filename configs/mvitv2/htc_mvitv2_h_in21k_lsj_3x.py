@@ -8,16 +8,10 @@ import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
 
 from ..common.htc_lsj_100ep import dataloader
+from ..common.htc_mvit import MVITV2
 from .htc_mvitv2_b_3x import lr_multiplier, model, optimizer, train  # noqa: F401
 
-model.backbone.bottom_up.update(
-    embed_dim=192,
-    depth=80,
-    num_heads=3,
-    last_block_indexes=(3, 11, 71, 79),
-    drop_path_rate=0.6,
-    use_act_checkpoint=True,
-)
+model.backbone.bottom_up.update(**MVITV2["H"])
 dataloader.test.mapper.augmentations = [  # the project's LSJ configs test as its others
     L(T.ResizeShortestEdge)(short_edge_length=800, max_size=1333)
 ]

@@ -10,11 +10,10 @@ from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from ..common.htc_lsj_100ep import dataloader
+from ..common.htc_mvit import MVITV2
 from .htc_mvitv2_b_3x import model, optimizer, train
 
-model.backbone.bottom_up.update(
-    embed_dim=144, depth=48, num_heads=2, last_block_indexes=(1, 7, 43, 47), drop_path_rate=0.5
-)
+model.backbone.bottom_up.update(**MVITV2["L"])
 dataloader.test.mapper.augmentations = [  # the project's LSJ configs test as its others
     L(T.ResizeShortestEdge)(short_edge_length=800, max_size=1333)
 ]

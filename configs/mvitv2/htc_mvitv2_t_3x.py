@@ -11,8 +11,6 @@ COCO + COCO-Stuff through HTCDatasetMapper. Needs Detectron2 with MViT (its main
     .venv/bin/python lazyconfig_train_net.py --config-file configs/mvitv2/htc_mvitv2_t_3x.py
 """
 
-from functools import partial
-
 import detectron2.data.transforms as T
 import torch.nn as nn
 from detectron2 import model_zoo
@@ -21,37 +19,15 @@ from detectron2.layers.batch_norm import NaiveSyncBatchNorm
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
-from htc.config import require_detectron2
-
-from ..common.htc_heads import to_htc
+from ..common.htc_mvit import mvit_htc
 from ..htc_R_50_FPN_1x import dataloader
-
-(MViT,) = require_detectron2("MViT")
 
 
 def sync_bn(channels: int) -> nn.Module:
     return NaiveSyncBatchNorm(channels, stats_mode="N")
 
 
-model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
-constants = model_zoo.get_config("common/data/constants.py").constants
-model.pixel_mean = constants.imagenet_rgb256_mean
-model.pixel_std = constants.imagenet_rgb256_std
-model.input_format = "RGB"
-model.backbone.bottom_up = L(MViT)(
-    embed_dim=96,
-    depth=10,
-    num_heads=1,
-    last_block_indexes=(0, 2, 7, 9),
-    residual_pooling=True,
-    drop_path_rate=0.2,
-    norm_layer=partial(nn.LayerNorm, eps=1e-6),
-    out_features=("scale2", "scale3", "scale4", "scale5"),
-)
-model.backbone.in_features = "${.bottom_up.out_features}"
-model.proposal_generator.head.conv_dims = [-1, -1]  # 2 convs
-model.roi_heads.box_head.update(conv_dims=[256] * 4, fc_dims=[1024], conv_norm=sync_bn)
-model = to_htc(model, mask_norm=sync_bn)
+model = mvit_htc("T", norm=sync_bn)
 
 dataloader.train.mapper.augmentations = [
     L(T.RandomApply)(

@@ -8,16 +8,10 @@ from detectron2.config import LazyCall as L
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
+from ..common.htc_mvit import MVITV2
 from .htc_mvitv2_b_in21k_100ep import dataloader, model, optimizer, train  # noqa: F401
 
-model.backbone.bottom_up.update(
-    embed_dim=192,
-    depth=80,
-    num_heads=3,
-    last_block_indexes=(3, 11, 71, 79),
-    drop_path_rate=0.6,
-    use_act_checkpoint=True,
-)
+model.backbone.bottom_up.update(**MVITV2["H"])
 
 train.init_checkpoint = "detectron2://ImageNetPretrained/mvitv2/MViTv2_H_in21k.pyth"
 train.output_dir = "./output/htc_mvitv2_h_in21k_36ep"

@@ -3,6 +3,7 @@ epochs (projects/ViTDet/configs/COCO/cascade_mask_rcnn_mvitv2_l_in21k_50ep.py):
 htc_mvitv2_b_in21k_100ep.py with that config's MViTv2-L (48 blocks, width 144, 2 heads, stages
 ending at blocks 1, 7, 43, 47, drop path 0.5) and the schedule halved."""
 
+from ..common.htc_mvit import MVITV2
 from .htc_mvitv2_b_in21k_100ep import (  # noqa: F401
     dataloader,
     lr_multiplier,
@@ -11,9 +12,7 @@ from .htc_mvitv2_b_in21k_100ep import (  # noqa: F401
     train,
 )
 
-model.backbone.bottom_up.update(
-    embed_dim=144, depth=48, num_heads=2, last_block_indexes=(1, 7, 43, 47), drop_path_rate=0.5
-)
+model.backbone.bottom_up.update(**MVITV2["L"])
 
 train.init_checkpoint = "detectron2://ImageNetPretrained/mvitv2/MViTv2_L_in21k.pyth"
 train.output_dir = "./output/htc_mvitv2_l_in21k_50ep"
