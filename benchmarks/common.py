@@ -12,13 +12,12 @@ from detectron2.config import get_cfg
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from htc import add_htc_config, register_builtin
+from htc import add_htc_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def htc_cfg(name: str):
-    register_builtin()  # the demo config's panoptic output reads htc_demo_val's categories
     cfg = get_cfg()
     add_htc_config(cfg)
     cfg.merge_from_file(str(ROOT / "configs" / name))

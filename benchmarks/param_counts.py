@@ -14,7 +14,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.modeling.roi_heads import CascadeROIHeads, MaskRCNNConvUpsampleHead
 
-from htc import add_htc_config, register_builtin
+from htc import add_htc_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -72,7 +72,6 @@ CASCADES = {
 
 
 if __name__ == "__main__":
-    register_builtin()  # the demo config's panoptic output reads htc_demo_val's categories
     print("| config | parameters |")
     print("|---|---|")
     lazy = [p for p in sorted(CONFIGS.rglob("*.py")) if "common" not in p.parts]

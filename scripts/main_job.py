@@ -23,7 +23,7 @@ from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from htc.data import ensure_demo_data  # noqa: E402
+from htc.data import ensure_demo_data, register_builtin  # noqa: E402
 from htc.demo import draw_prediction, load_predictor_cfg  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +114,7 @@ def main() -> None:
     start = time.time()
 
     ensure_demo_data()
+    register_builtin()  # for the pictures drawn here; train_net.py registers for itself
     train(config, output, args.opts)
     metrics = read_metrics(output)
     results = final_results(metrics)

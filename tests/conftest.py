@@ -21,7 +21,7 @@ from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 from htc import HTCDatasetMapper, add_htc_config  # noqa: E402
-from htc.data import load_htc_json, register_builtin  # noqa: E402
+from htc.data import load_htc_json  # noqa: E402
 from htc.data.demo_data import VERSION, generate_split  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,6 @@ HAS_MODERN_BACKBONES = hasattr(__import__("detectron2.modeling").modeling, "ViT"
 
 
 def load_cfg(path: Path) -> CfgNode:
-    register_builtin()  # the datasets the configs name (the demo's panoptic output reads one)
     cfg = get_cfg()
     add_htc_config(cfg)
     cfg.merge_from_file(str(path))

@@ -144,17 +144,16 @@ def _small_mvit(cfg) -> None:
     cfg.model.backbone.square_pad = 128
 
 
-def _small_swin(cfg) -> None:
-    cfg.model.backbone.bottom_up.update(
-        depths=[1, 1, 1, 1], embed_dim=16, num_heads=[1, 1, 2, 2], drop_path_rate=0.0
-    )
-    cfg.model.backbone.square_pad = 128
-
-
 def _small_swin_fpn(cfg) -> None:
     cfg.model.backbone.bottom_up.update(
         depths=[1, 1, 1, 1], embed_dim=16, num_heads=[1, 1, 2, 2], drop_path_rate=0.0
     )
+
+
+def _small_swin(cfg) -> None:
+    """The ViTDet recipe's Swin, which pads its inputs to a square."""
+    _small_swin_fpn(cfg)
+    cfg.model.backbone.square_pad = 128
 
 
 def _small_resnet(cfg) -> None:

@@ -130,7 +130,6 @@ def test_coco_panoptic_is_registered_for_htc():
 
 
 def _demo_panoptic_model(**htc):
-    register_builtin()
     cfg = tiny_cfg(PANOPTIC_ON=True, **htc)
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 6
     cfg.DATASETS.TEST = ("htc_demo_val",)

@@ -151,9 +151,7 @@ def check_against_model(converted: Dict[str, torch.Tensor], config_file: str) ->
     from detectron2.modeling import build_model
 
     from .config import add_htc_config
-    from .data import register_builtin
 
-    register_builtin()  # a panoptic config's model reads its test dataset's categories
     cfg = get_cfg()
     add_htc_config(cfg)
     cfg.merge_from_file(config_file)

@@ -25,9 +25,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def load_predictor_cfg(config_file: str, opts: Optional[List[str]] = None):
-    """The frozen config of ``config_file`` + ``opts`` for inference (CPU without CUDA), with the
-    datasets the configs name registered (their metadata: class names, panoptic categories)."""
-    register_builtin()
     cfg = get_cfg()
     add_htc_config(cfg)
     cfg.merge_from_file(config_file)
@@ -80,6 +77,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE pairs")
     args = parser.parse_args(argv)
 
+    register_builtin()  # the class names of the configs' datasets
     cfg = load_predictor_cfg(args.config_file, args.opts)
     set_float32_precision(cfg)
     predictor = DefaultPredictor(cfg)

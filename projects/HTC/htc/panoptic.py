@@ -10,6 +10,8 @@ from detectron2.modeling.meta_arch.panoptic_fpn import combine_semantic_and_inst
 from detectron2.structures import Instances
 from torch import nn
 
+from .data import register_builtin
+
 
 class PanopticFusion(nn.Module):
     """One image's instances and (K, H, W) semantic scores -> ``(panoptic_seg, segments_info)``,
@@ -60,6 +62,7 @@ class PanopticFusion(nn.Module):
                 "metadata, and DATASETS.TEST is empty (to train without a test dataset, set "
                 "MODEL.HTC.PANOPTIC_ON False)"
             )
+        register_builtin()  # DATASETS.TEST[0] may be one of HTC's (the demo's, COCO panoptic)
         panoptic = cfg.MODEL.HTC.PANOPTIC
         return {
             "class_to_stuff": class_to_stuff(
