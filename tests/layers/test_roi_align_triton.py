@@ -6,7 +6,7 @@ gives bit-identical gradients. Without a GPU the kernels run in Triton's interpr
 import pytest
 import torch
 from torch.nn import functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torchvision.ops import roi_align
 
 import htc.layers.roi_align as kernels
@@ -68,6 +68,72 @@ def test_gradients_are_bit_identical_from_run_to_run():
     runs = [_gradients(lambda f, r: triton_roi_align.roi_align(f, r, *args, 1), x, rois)[1]]
     runs.append(_gradients(lambda f, r: triton_roi_align.roi_align(f, r, *args, 1), x, rois)[1])
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+@pytest.mark.parametrize("pool", [1, 2])
+def test_entries_equal_the_vectorised_builders(aligned, sampling_ratio, pool):
+    """The entry kernel writes the entries of the CPU backward's builder, in its order: the
+    same pixels and cells, weights within fp32 rounding."""
+    x, rois = _case(seed=11, num_rois=16)
+    args = ((6, 4), 0.25, sampling_ratio, aligned)
+    samples = triton_roi_align.SampleCount(rois, *args)
+    got = triton_roi_align.interpolation_entries(
+        rois, tuple(x.shape), *args, pool, samples.ends, samples.total()
+    )
+    want = kernels.interpolation_entries(rois, tuple(x.shape), *args, pool)
+    assert len(got[0]) == len(want[0]) > 0
+    assert torch.equal(got[0].long(), want[0])
+    assert torch.equal(got[1].long(), want[1])
+    torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-7)
+
+
+class _Ops(TorchDispatchMode):
+    """Records the names of the ops dispatched (views and allocations aside) and of the Triton
+    kernels launched, each as one name (the interpreter's own ops inside a launch are not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if not func.is_view and name not in {"empty", "new_empty", "empty_like"}:
+            self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+    def kernel(self, kernel):
+        """``kernel`` that records its launches."""
+        ops = self
+
+        class Recorded:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    ops.names.append("triton")
+                    with _disable_current_modes():
+                        return kernel[grid](*args, **kwargs)
+
+                return launch
+
+        return Recorded()
+
+
+def test_backward_is_a_few_ops(monkeypatch):
+    """The backward is two Triton kernels (entries, gradients), one sort, its row pointers, two
+    gathers and layout copies: about ten kernel launches on CUDA (the earlier builder of
+    entries dispatched about 140 ops)."""
+    x, rois = _case(seed=9, num_rois=12)
+    leaf = x.clone().requires_grad_()
+    out = triton_roi_align.roi_align(leaf, rois, (4, 4), 0.25, 0, True, 1)
+    grad = torch.ones_like(out)
+    with _Ops() as ops:
+        for name in ("_entries_kernel", "_backward_kernel"):
+            monkeypatch.setattr(triton_roi_align, name, ops.kernel(getattr(triton_roi_align, name)))
+        torch.autograd.grad(out, leaf, grad)
+    assert ops.names.count("triton") == 2
+    assert ops.names.count("sort") == 1
+    assert len(ops.names) <= 12, ops.names
 
 
 class _FloatCopies(TorchDispatchMode):

@@ -75,10 +75,9 @@ def interpolation_entries(
     sampling_ratio: int,
     aligned: bool,
     pool: int = 1,
-    totals: Optional[List[int]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The entries of :func:`interpolation_matrix`, built without a loop over RoIs or grid
-    sizes; the one host sync reads the :func:`sample_totals`, unless ``totals`` gives them.
+    sizes, with one host sync (the numbers of sample rows, columns and points).
 
     Returns:
         pixel (E,) rows in [0, N*H*W), cell (E,) columns in [0, R*(Sh/pool)*(Sw/pool)) and
@@ -93,8 +92,7 @@ def interpolation_entries(
     )
     rows, cols = grid_h * pooled_h, grid_w * pooled_w  # sample rows and columns per RoI
     samples = rows * cols
-    if totals is None:
-        totals = torch.stack([rows.sum(), cols.sum(), samples.sum()]).tolist()
+    totals = torch.stack([rows.sum(), cols.sum(), samples.sum()]).tolist()
     y_roi, y_index = _ragged(rows, totals[0])
     x_roi, x_index = _ragged(cols, totals[1])
     y_taps = _taps(_sample_positions(start_h, bin_h, grid_h, y_roi, y_index), height)
@@ -119,20 +117,6 @@ def interpolation_entries(
     i, j = row_in_roi // grid_h[roi], col_in_roi // grid_w[roi]
     cell = roi * (out_h * out_w) + (i // pool) * out_w + j // pool
     return pixel.reshape(-1), cell[:, None].expand(-1, 4).reshape(-1), weight.reshape(-1)
-
-
-def sample_totals(
-    rois: torch.Tensor,
-    output_size: Tuple[int, int],
-    spatial_scale: float,
-    sampling_ratio: int,
-    aligned: bool,
-) -> torch.Tensor:
-    """(3,) the numbers of sample rows, sample columns and sample points of all RoIs, on the
-    RoIs' device: the sizes :func:`interpolation_entries` allocates."""
-    *_, grid_h, grid_w = _bins(rois, output_size, spatial_scale, sampling_ratio, aligned)
-    rows, cols = grid_h * output_size[0], grid_w * output_size[1]
-    return torch.stack([rows.sum(), cols.sum(), (rows * cols).sum()])
 
 
 def _ragged(count: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch.Tensor]:
