@@ -331,7 +331,8 @@ def autocast(device: str, precision: str):
 
 
 def amp_train_step(model, inputs, device: str, precision: str, scaler) -> None:
-    """:func:`train_step` under autocast, the loss scaled for fp16."""
+    """:func:`train_step` in ``precision``: under autocast, the loss scaled for fp16."""
+    set_precision(precision)
     model.train()
     with EventStorage(), autocast(device, precision):
         losses = model(inputs)
@@ -344,38 +345,51 @@ def amp_trainer(model, inputs, device: str, precision: str, scaler) -> Callable[
     return lambda: amp_train_step(model, inputs, device, precision, scaler)
 
 
+def amp_inferrer(model, image, device: str, precision: str) -> Callable[[], None]:
+    def run():
+        set_precision(precision)
+        model.eval()
+        with torch.no_grad(), autocast(device, precision):
+            model(image)
+
+    return run
+
+
 def train_inputs(name: str, device: str, height: int, images: int) -> List[dict]:
     return [_to(x, device) for x in batch(images, height, name == "htc")]
 
 
 def precision_job(job: dict) -> dict:
     """Per precision: inference latency (1 image) and train-step time (each batch size) of both
-    models, taken in turns; the outputs' change under TF32."""
+    models, taken in turns; the outputs' change under TF32. Every run is made once before any
+    is timed (cuDNN's and Triton's kernels, the allocator's pools), so that the first precision
+    timed does not carry the warm-up."""
     device, repeats = job["device"], job["repeats"]
     models = {name: build(name, device, 100) for name in ("cascade", "htc")}
     image = test_input(job["height"], job["width"], device)
+    inputs = {
+        (name, images): train_inputs(name, device, job["height"], images)
+        for name in models
+        for images in job["batches"]
+    }
     scaler = torch.amp.GradScaler(device)
-    result = {}
+    runs = {}
     for precision in job["precisions"]:
-        set_precision(precision)
-
-        def infer(name, precision=precision):
-            def run():
-                models[name].eval()
-                with torch.no_grad(), autocast(device, precision):
-                    return models[name](image)
-
-            return run
-
-        times = {"infer": alternate({n: infer(n) for n in models}, repeats, device)}
+        runs[precision] = {"infer": {n: amp_inferrer(m, image, device, precision)
+                                     for n, m in models.items()}}  # fmt: skip
         for images in job["batches"]:
-            fns = {
-                n: amp_trainer(models[n], train_inputs(n, device, job["height"], images), device,
-                               precision, scaler)
-                for n in models
-            }  # fmt: skip
-            times[f"train {images}"] = alternate(fns, repeats, device)
-        result[precision] = times
+            runs[precision][f"train {images}"] = {
+                n: amp_trainer(m, inputs[n, images], device, precision, scaler)
+                for n, m in models.items()
+            }
+    for measures in runs.values():
+        for fns in measures.values():
+            for fn in fns.values():
+                fn()
+    result = {
+        precision: {measure: alternate(fns, repeats, device) for measure, fns in measures.items()}
+        for precision, measures in runs.items()
+    }
     result["tf32 change"] = tf32_change(models["htc"], image)
     set_precision("fp32")
     return result
@@ -513,9 +527,8 @@ def main():
     parser.add_argument("--precisions", default="fp32,tf32,fp16,bf16", help="of the precision rows")
     parser.add_argument("--batches", default="2,8", help="images per train step, precision rows")
     parser.add_argument(
-        "--determinism-size", type=int, default=512,
-        help="square images of the determinism rows (deterministic algorithms need far more "
-        "memory: at 800 px one needed 30 GB more on an H200)",
+        "--determinism-size", type=int, default=800,
+        help="square images of the determinism rows",
     )  # fmt: skip
     parser.add_argument("--only", choices=["gpu", "latency"], help="one of the two parts")
     parser.add_argument("--json", help="also write all results to this file")
@@ -552,8 +565,10 @@ def gpu_rows(args, common: dict) -> dict:
     }
     out = {}
     for name, job in jobs.items():
-        out[name] = run_job(job)
-        # each part as it comes: a later part's failure keeps the earlier ones
+        try:
+            out[name] = run_job(job)
+        except RuntimeError as error:  # reported in its place; the other parts still run
+            out[name] = {"error": str(error)[-2000:]}
         print(f"{name}: {json.dumps(out[name])}", file=sys.stderr)
     return out
 
@@ -595,6 +610,15 @@ def report(results: dict) -> None:
 
 
 def report_gpu_rows(results: dict) -> None:
+    for part, reporter in (("precision", report_precision), ("counts", report_counts),
+                           ("determinism", report_determinism)):  # fmt: skip
+        if "error" in results[part]:
+            print(f"\n{part} rows failed:\n{results[part]['error']}")
+        else:
+            reporter(results)
+
+
+def report_precision(results: dict) -> None:
     size = results["args"]["sizes"].split(",")[0]
     print(f"\nPrecision at {size} (train steps: square {size.split('x')[0]} images)\n")
     print("| precision | measure | Cascade (s) | HTC (s) | HTC / Cascade | HTC vs its fp32 |")
@@ -609,6 +633,9 @@ def report_gpu_rows(results: dict) -> None:
                 f"| {t['htc'] / t['cascade']:.2f} | {base / t['htc']:.2f}x |"
             )
     print(f"\nTF32 against fp32, HTC outputs: {results['precision']['tf32 change']}")
+
+
+def report_counts(results: dict) -> None:
     print("\nOne train step (2 images): host syncs and kernel launches\n")
     counts = results["counts"]["counts"]
     names = sorted(set().union(*(c.keys() for c in counts.values())))
@@ -625,6 +652,9 @@ def report_gpu_rows(results: dict) -> None:
     for name in names:
         row = [f"{t.get(name, float('nan')):.2f}" for t in ops.values()]
         print(f"| `{name[:80]}` | " + " | ".join(row) + " |")
+
+
+def report_determinism(results: dict) -> None:
     print("\nTwo identical HTC train steps: gradients that differ\n")
     print("| RoIAlign kernel | parameters | differing | ops without a deterministic version |")
     print("|---|---|---|---|")

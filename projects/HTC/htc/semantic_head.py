@@ -8,6 +8,8 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 from torch.nn import functional as F
 
+from .layers import resize_align_corners
+
 
 @SEM_SEG_HEADS_REGISTRY.register()
 class FusedSemanticHead(nn.Module):
@@ -108,7 +110,7 @@ class FusedSemanticHead(nn.Module):
         for name, lateral in zip(self.in_features, self.lateral_convs):
             feat = features[name]
             if name != self.fusion_feature:
-                feat = F.interpolate(feat, size=size, mode="bilinear", align_corners=True)
+                feat = _resize(feat, size)
             x = lateral(feat) if x is None else x + lateral(feat)
         for conv in self.convs:
             x = conv(x)
@@ -126,11 +128,20 @@ class FusedSemanticHead(nn.Module):
         """
         targets = F.interpolate(targets[:, None].float(), size=logits.shape[-2:], mode="nearest")
         targets = targets[:, 0].long()
-        loss = F.cross_entropy(logits, targets, ignore_index=self.ignore_value, reduction="sum")
-        return {"loss_sem_seg": loss / targets.numel() * self.loss_weight}
+        # summed here, not by the loss: its own sum accumulates with atomics on CUDA
+        loss = F.cross_entropy(logits, targets, ignore_index=self.ignore_value, reduction="none")
+        return {"loss_sem_seg": loss.sum() / targets.numel() * self.loss_weight}
 
     def upsample_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """(N, K, H, W) logits at stride ``common_stride`` -> (N, K, H * s, W * s)."""
         return F.interpolate(
             logits, scale_factor=self.common_stride, mode="bilinear", align_corners=False
         )
+
+
+def _resize(feature: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Bilinear ``align_corners=True``; in deterministic runs by matrix products, which need
+    neither atomics nor PyTorch's memory-hungry deterministic replacement."""
+    if torch.are_deterministic_algorithms_enabled():
+        return resize_align_corners(feature, size)
+    return F.interpolate(feature, size=size, mode="bilinear", align_corners=True)

@@ -5,6 +5,8 @@ Each is chosen by one config key (``add_htc_config``), applied where the model i
   for every pooler of the ROI heads (:class:`htc.poolers.HTCROIPooler`);
 * ``MODEL.HTC.DEFORM_CONV``: "torchvision" (:func:`use_torchvision_deform_conv`, trains on CPU and
   CUDA) or "detectron2" (its own kernels, CUDA only), for the backbone's deformable convs.
+
+:func:`resize_align_corners` resizes the semantic branch's inputs in deterministic runs.
 """
 
 from .deform_conv import (
@@ -13,6 +15,7 @@ from .deform_conv import (
     TorchvisionModulatedDeformConv,
     use_torchvision_deform_conv,
 )
+from .interpolate import resize_align_corners
 from .roi_align import ROI_ALIGN_KERNELS, FastROIAlign, ROIAlign
 
 __all__ = [
@@ -22,5 +25,6 @@ __all__ = [
     "ROI_ALIGN_KERNELS",
     "TorchvisionDeformConv",
     "TorchvisionModulatedDeformConv",
+    "resize_align_corners",
     "use_torchvision_deform_conv",
 ]

@@ -73,7 +73,9 @@ def _bilinear(base, y, x, height, width, channels, channel_mask, C):
     return hy * hx * v1 + hy * lx * v2 + ly * hx * v3 + ly * lx * v4
 
 
-@triton.jit
+# do_not_specialize: arguments that change from call to call (feature sizes, RoI and sample
+# counts), for which Triton would compile a kernel per residue mod 16 (and for 1), mid-training
+@triton.jit(do_not_specialize=["height", "width"])
 def _forward_kernel(
     feature,  # (N, H, W, C) contiguous
     rois,  # (R, 5) fp32: batch index, x1, y1, x2, y2
@@ -117,7 +119,7 @@ def _forward_kernel(
     tl.store(target, value.to(out.dtype.element_ty), mask=channel_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rois"])
 def _samples_kernel(
     rois,  # (R, 5) fp32
     samples,  # (R,) int64 out: sample points per RoI
@@ -140,7 +142,7 @@ def _samples_kernel(
     tl.store(samples + r, rows.to(tl.int64) * cols, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rois", "search_steps", "total", "height", "width"])
 def _entries_kernel(
     rois,  # (R, 5) fp32
     ends,  # (R,) int64: cumulative sample points of the RoIs
@@ -377,7 +379,7 @@ class SampleCount:
     def total(self) -> int:
         if self._event is not None:
             self._event.synchronize()
-        return int(self._total)
+        return self._total.tolist()[0]  # not int(): its aten::item would count as a sync
 
 
 def roi_align(input: torch.Tensor, rois: torch.Tensor, *geometry) -> torch.Tensor:
