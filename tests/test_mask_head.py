@@ -1,15 +1,20 @@
 """htc.mask_head: a stage's head keeps Detectron2's mask-head contract, ``forward(x, instances)``;
-the cascade chains the heads through ``chain``; every stage is built from ROI_MASK_HEAD.NAME."""
+the cascade chains the heads through ``chain``; every stage is built from ROI_MASK_HEAD.NAME; the
+stages' mask loss is Detectron2's, its logged rates read from the device once per step."""
 
 import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.modeling.roi_heads import ROI_MASK_HEAD_REGISTRY
+from detectron2.modeling.roi_heads.mask_head import mask_rcnn_loss
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from conftest import tiny_cfg
+from conftest import make_batch, tiny_cfg
 from htc import HTCMaskHead
+from htc.mask_head import mask_loss
+
+RATES = ("accuracy", "false_positive", "false_negative")
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
@@ -68,3 +73,58 @@ def test_a_head_that_cannot_chain_is_refused():
     cfg.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
     with pytest.raises(ValueError, match="'MaskRCNNConvUpsampleHead' cannot pass features"):
         build_model(cfg)
+
+
+def _mask_case(num_classes: int, empty_image: bool = False):
+    g = torch.Generator().manual_seed(3)
+    boxes = Boxes(torch.tensor([[0.0, 0, 32, 32], [8, 8, 40, 40], [16, 0, 64, 30]]))
+    masks = BitMasks(torch.rand(3, 64, 64, generator=g) > 0.5)
+    first = Instances((64, 64), proposal_boxes=boxes, gt_classes=torch.tensor([0, 1, 2]))
+    first.gt_masks = masks
+    second = first[1:] if not empty_image else first[:0]
+    logits = torch.randn(len(first) + len(second), num_classes, 28, 28, generator=g)
+    return logits.requires_grad_(), [first, second]
+
+
+@pytest.mark.parametrize("num_classes", [3, 1])  # class-specific, class-agnostic
+@pytest.mark.parametrize("empty_image", [False, True])
+def test_mask_loss_is_mask_rcnn_loss_with_its_rates_on_the_device(num_classes, empty_image):
+    logits, instances = _mask_case(num_classes, empty_image)
+    with EventStorage() as storage:
+        want = mask_rcnn_loss(logits, instances)
+        logged = [storage.latest()[f"mask_rcnn/{k}"][0] for k in RATES]
+    loss, rates = mask_loss(logits, instances)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(rates.tolist(), logged)
+    (grad,) = torch.autograd.grad(loss, logits)
+    (want_grad,) = torch.autograd.grad(want, logits)
+    torch.testing.assert_close(grad, want_grad)
+
+
+def test_mask_loss_without_rois_is_a_zero_with_a_gradient():
+    logits, instances = _mask_case(3)
+    loss, rates = mask_loss(logits[:0], [x[:0] for x in instances])
+    assert loss.item() == 0.0 and loss.requires_grad and rates is None
+
+
+def test_training_logs_each_stages_rates_and_pictures_with_mask_rcnn_loss(monkeypatch):
+    """Each stage's rates are logged under its name; Detectron2's mask_rcnn_loss (four host
+    syncs per call) runs only on the iterations that draw masks (VIS_PERIOD)."""
+    import htc.roi_heads
+
+    model = build_model(tiny_cfg())
+    model.train()
+    calls = []
+    monkeypatch.setattr(htc.roi_heads, "mask_rcnn_loss", lambda *a: calls.append(a) or 0.0)
+    with EventStorage(start_iter=1) as storage:
+        model(make_batch())
+        logged = storage.latest()
+    assert not calls
+    for stage in range(3):
+        for name in RATES:
+            assert 0.0 <= logged[f"stage{stage}/mask_rcnn/{name}"][0] <= 1.0
+    for head in model.roi_heads.mask_head:
+        head.vis_period = 1
+    with EventStorage(start_iter=1):
+        model(make_batch())
+    assert len(calls) == 3

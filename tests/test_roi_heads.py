@@ -41,17 +41,17 @@ def _record_rois(model, batch):
     """Per stage: the boxes the box head saw and the boxes the mask loss saw."""
     heads = model.roi_heads
     box_rois, mask_rois = {}, {}
-    run_stage, forward_mask = heads._run_stage, heads._forward_mask
+    run_stage, mask_loss = heads._run_stage, heads._mask_loss
 
     def spy_stage(features, proposals, stage):
         box_rois[stage] = torch.cat([p.proposal_boxes.tensor for p in proposals])
         return run_stage(features, proposals, stage)
 
-    def spy_mask(features, instances, stage=None):
+    def spy_mask(features, instances, stage):
         mask_rois[stage] = torch.cat([p.proposal_boxes.tensor for p in instances])
-        return forward_mask(features, instances, stage)
+        return mask_loss(features, instances, stage)
 
-    heads._run_stage, heads._forward_mask = spy_stage, spy_mask
+    heads._run_stage, heads._mask_loss = spy_stage, spy_mask
     train_losses(model, batch)
     return box_rois, mask_rois
 

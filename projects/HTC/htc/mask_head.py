@@ -1,10 +1,11 @@
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import fvcore.nn.weight_init as weight_init
 import torch
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling.roi_heads import ROI_MASK_HEAD_REGISTRY, MaskRCNNConvUpsampleHead
+from detectron2.structures import Instances
 from torch.nn import functional as F
 
 
@@ -77,3 +78,44 @@ class HTCMaskHead(MaskRCNNConvUpsampleHead):
         """
         feat = self.conv_features(x, res_feat)
         return (self.predict(feat) if with_logits else None), feat
+
+
+def mask_loss(
+    logits: torch.Tensor, instances: List[Instances]
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Detectron2's ``mask_rcnn_loss`` with the rates it logs left on the device: it reads them
+    with four host syncs per call, and HTC computes the loss at every stage.
+
+    Args:
+        logits: (R, K, M, M) mask logits (K = 1: class-agnostic) of the foreground RoIs of
+            ``instances``, which have ``proposal_boxes``, ``gt_classes`` and ``gt_masks``.
+
+    Returns:
+        the mean binary cross-entropy of each RoI's GT-class logits against its GT mask cropped
+        and resized to the RoI, and (3,) the accuracy, false-positive and false-negative rates
+        of the logits' signs (None when there are no RoIs, where the loss is a zero).
+    """
+    side = logits.shape[-1]
+    instances = [x for x in instances if len(x) > 0]
+    if not instances:
+        return logits.sum() * 0, None
+    targets = torch.cat(
+        [x.gt_masks.crop_and_resize(x.proposal_boxes.tensor, side) for x in instances]
+    ).to(logits.device)
+    if logits.shape[1] == 1:
+        logits = logits[:, 0]
+    else:
+        classes = torch.cat([x.gt_classes for x in instances]).long()
+        logits = logits[torch.arange(len(classes), device=logits.device), classes]
+    truth = targets if targets.dtype == torch.bool else targets > 0.5
+    wrong = (logits > 0) != truth
+    positives = truth.sum()
+    rates = torch.stack(
+        [
+            1 - wrong.sum() / max(wrong.numel(), 1),
+            (wrong & ~truth).sum() / (truth.numel() - positives).clamp(min=1),
+            (wrong & truth).sum() / positives.clamp(min=1),
+        ]
+    )
+    loss = F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="mean")
+    return loss, rates

@@ -1,4 +1,4 @@
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -17,6 +17,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 from torch.nn import functional as F
 
+from .mask_head import mask_loss
 from .poolers import HTCROIPooler
 from .sampling import label_proposals, subsample_labels
 from .soft_nms import soft_nms_inference
@@ -208,7 +209,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         proposals: List[Instances],
         targets: List[Instances],
     ) -> Dict[str, torch.Tensor]:
-        losses = {}
+        losses, mask_rates = {}, {}
         storage = get_event_storage()
         for stage in range(self.num_cascade_stages):
             with storage.name_scope(f"stage{stage}"):
@@ -221,10 +222,42 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
                 if self.interleaved:
                     with storage.name_scope(f"stage{stage}/mask"):
                         rois = self._label_and_sample(proposals, targets, stage)
-                stage_losses.update(self._forward_mask(features, rois, stage))
+                loss, mask_rates[stage] = self._mask_loss(features, rois, stage)
+                stage_losses["loss_mask"] = loss
             weight = self.stage_loss_weights[stage]
             losses.update({f"{k}_stage{stage}": v * weight for k, v in stage_losses.items()})
+        self._log_mask_rates(mask_rates)
         return losses
+
+    def _mask_loss(
+        self, features: Dict[str, torch.Tensor], rois: List[Instances], stage: int
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Stage ``stage``'s mask loss on the foreground of ``rois`` and its (3,) logged rates
+        (:func:`htc.mask_head.mask_loss`); on the iterations that draw pictures of the masks,
+        Detectron2's ``mask_rcnn_loss`` draws them and logs the rates itself (then None)."""
+        instances, _ = select_foreground_proposals(rois, self.num_classes)
+        boxes = [x.proposal_boxes for x in instances]
+        (logits,) = self._run_mask_heads(features, boxes, stage, keep_all=False)
+        vis_period = self.mask_head[stage].vis_period
+        storage = get_event_storage()
+        if vis_period > 0 and storage.iter % vis_period == 0:
+            with storage.name_scope(f"stage{stage}"):
+                return mask_rcnn_loss(logits, instances, vis_period), None
+        return mask_loss(logits, instances)
+
+    @staticmethod
+    def _log_mask_rates(rates: Dict[int, Optional[torch.Tensor]]) -> None:
+        """The stages' mask accuracy, false-positive and false-negative rates, as
+        ``mask_rcnn_loss`` names them (under "stage{t}/"), read from the device at once."""
+        rates = {stage: r for stage, r in rates.items() if r is not None}
+        if not rates:
+            return
+        values = torch.stack(list(rates.values())).tolist()
+        storage = get_event_storage()
+        for stage, (accuracy, false_positive, false_negative) in zip(rates, values):
+            storage.put_scalar(f"stage{stage}/mask_rcnn/accuracy", accuracy)
+            storage.put_scalar(f"stage{stage}/mask_rcnn/false_positive", false_positive)
+            storage.put_scalar(f"stage{stage}/mask_rcnn/false_negative", false_negative)
 
     @torch.no_grad()
     def _label_and_sample(
@@ -362,23 +395,14 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         return self.final_detections(boxes, scores, [x.image_size for x in proposals])
 
     def _forward_mask(
-        self,
-        features: Dict[str, torch.Tensor],
-        instances: List[Instances],
-        stage: Optional[int] = None,
-    ) -> Union[Dict[str, torch.Tensor], List[Instances]]:
-        """Training: stage ``stage``'s mask loss on the foreground RoIs of ``instances``.
-        Inference: every stage's head on the detected boxes; ``pred_masks`` (R, 1, M, M) is the
-        mean of their sigmoid masks ("mean") or the last one ("last"). The parent has one head.
+        self, features: Dict[str, torch.Tensor], instances: List[Instances]
+    ) -> List[Instances]:
+        """Inference: every stage's head on the detected boxes; ``pred_masks`` (R, 1, M, M) is
+        the mean of their sigmoid masks ("mean") or the last one ("last"). The parent has one
+        head. (Training computes the stages' losses with :meth:`_mask_loss`.)
         """
         if not self.mask_on:
-            return {} if self.training else instances
-        if self.training:
-            instances, _ = select_foreground_proposals(instances, self.num_classes)
-            boxes = [x.proposal_boxes for x in instances]
-            (logits,) = self._run_mask_heads(features, boxes, stage, keep_all=False)
-            vis_period = self.mask_head[stage].vis_period
-            return {"loss_mask": mask_rcnn_loss(logits, instances, vis_period)}
+            return instances
         boxes = [x.pred_boxes for x in instances]
         classes = cat([x.pred_classes for x in instances])
         probs = torch.stack(self.stage_mask_probabilities(features, boxes, classes)).mean(dim=0)
