@@ -23,7 +23,7 @@ from detectron2.engine import (
 )
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 
-from htc import HTCDatasetMapper, add_htc_config, set_float32_precision
+from htc import HTCDatasetMapper, add_htc_config, set_deterministic, set_float32_precision
 from htc.checkpoint import HTCCheckpointer
 from htc.data import register_builtin
 from htc.distributed import cpu_capable_ddp, launch_from_args
@@ -158,6 +158,7 @@ def setup(args):
     cfg.freeze()
     default_setup(cfg, args)
     set_float32_precision(cfg)  # default_setup of Detectron2 v0.6 does not
+    set_deterministic(cfg)
     return cfg
 
 

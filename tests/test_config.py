@@ -1,5 +1,8 @@
 """configs/ and htc.config: every shipped config builds, config errors name the key, and the R-50
-model has the reference's parameter count; FLOAT32_PRECISION on every Detectron2 version."""
+model has the reference's parameter count; FLOAT32_PRECISION on every Detectron2 version;
+DETERMINISTIC."""
+
+import os
 
 import pytest
 import torch
@@ -9,10 +12,12 @@ from conftest import (
     CONFIGS,
     HAS_MODERN_BACKBONES,
     load_cfg,
+    make_batch,
     reference_parameter_count,
     tiny_cfg,
+    train_losses,
 )
-from htc import set_float32_precision
+from htc import set_deterministic, set_float32_precision
 
 
 @pytest.mark.parametrize(
@@ -93,3 +98,56 @@ def test_float32_precision_refuses_unknown_values():
     cfg.FLOAT32_PRECISION = "tf32"
     with pytest.raises(ValueError, match="FLOAT32_PRECISION='tf32'"):
         set_float32_precision(cfg)
+
+
+@pytest.fixture
+def deterministic_settings(monkeypatch):
+    """PyTorch's determinism settings and the cuBLAS variable, restored after the test."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    yield
+    torch.use_deterministic_algorithms(before[0])
+    torch.backends.cudnn.benchmark = before[1]
+
+
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["SEED", -1], "fixed SEED"),
+        (["CUDNN_BENCHMARK", True], "CUDNN_BENCHMARK"),
+        (["MODEL.DEVICE", "cuda", "MODEL.HTC.ROI_ALIGN", "detectron2"], "ROI_ALIGN 'fast'"),
+    ],
+)
+def test_deterministic_refuses_what_would_not_be(deterministic_settings, opts, message):
+    cfg = tiny_cfg()
+    cfg.merge_from_list(["DETERMINISTIC", True, "SEED", 3, *opts])
+    with pytest.raises(ValueError, match=message):
+        set_deterministic(cfg)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_deterministic_training_steps_are_bit_identical(deterministic_settings):
+    """DETERMINISTIC (off by default) turns on deterministic algorithms and cuBLAS's fixed
+    workspace; two train steps from the same seed then give the same gradients, bit for bit,
+    and the same losses as a run without it (up to rounding: the semantic branch resizes by
+    matrix products)."""
+    cfg = tiny_cfg()
+    assert cfg.DETERMINISTIC is False
+    set_deterministic(cfg)
+    assert not torch.are_deterministic_algorithms_enabled()
+    model = build_model(cfg)
+    losses = train_losses(model, make_batch())
+    cfg.merge_from_list(["DETERMINISTIC", True, "SEED", 3])
+    set_deterministic(cfg)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    runs = []
+    for _ in range(2):
+        model.zero_grad()
+        deterministic = train_losses(model, make_batch())
+        sum(deterministic.values()).backward()
+        runs.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(runs[0]) > 100
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    for name, value in losses.items():
+        torch.testing.assert_close(deterministic[name], value, rtol=1e-4, atol=1e-5)

@@ -2,7 +2,7 @@
 Detectron2's registries; datasets are registered by the entry points (``htc.data``)."""
 
 from .backbones import build_mvit_fpn_backbone, build_swin_fpn_backbone, build_vit_sfp_backbone
-from .config import add_htc_config, set_float32_precision
+from .config import add_htc_config, set_deterministic, set_float32_precision
 from .data import HTCDatasetMapper, register_builtin, register_htc_instances
 from .mask_head import HTCMaskHead
 from .meta_arch import HybridTaskCascade
@@ -17,6 +17,7 @@ __all__ = [
     "build_mvit_fpn_backbone",
     "build_swin_fpn_backbone",
     "build_vit_sfp_backbone",
+    "set_deterministic",
     "set_float32_precision",
     "FusedSemanticHead",
     "HTCMaskHead",

@@ -1,10 +1,13 @@
 import logging
+import os
 from pathlib import Path
 from typing import List
 
 import detectron2
 import torch
 from detectron2.config import CfgNode as CN
+
+from . import layers
 
 FLOAT32_PRECISIONS = ("", "highest", "high", "medium")
 
@@ -75,6 +78,8 @@ def add_htc_config(cfg: CN) -> None:
         # fp32 matmuls and convs on CUDA: "highest" (no TF32), "high" (TF32) or "medium"; ""
         # leaves PyTorch's settings as they are. Applied by set_float32_precision.
         cfg.FLOAT32_PRECISION = ""
+    # Bit-identical training runs (with a fixed SEED): applied by set_deterministic.
+    cfg.DETERMINISTIC = False
 
 
 def _add_backbone_config(cfg: CN) -> None:
@@ -127,6 +132,34 @@ def set_float32_precision(cfg: CN) -> None:
         f"FLOAT32_PRECISION={precision}: matmul precision "
         f"{torch.get_float32_matmul_precision()}, cuDNN TF32 {torch.backends.cudnn.allow_tf32}"
     )
+
+
+def set_deterministic(cfg: CN) -> None:
+    """Apply ``cfg.DETERMINISTIC`` to this process: ``torch.use_deterministic_algorithms`` (an op
+    without a deterministic kernel raises), cuBLAS's fixed workspace and cuDNN without
+    autotuning. HTC's own ops have deterministic kernels on CUDA (the Triton RoIAlign, the
+    semantic branch's resize and loss); Detectron2 seeds the data order from ``SEED``."""
+    if not cfg.DETERMINISTIC:
+        return
+    if cfg.SEED < 0:
+        raise ValueError(
+            "DETERMINISTIC needs a fixed SEED (>= 0): without one, each run draws its own"
+        )
+    if cfg.CUDNN_BENCHMARK:
+        raise ValueError(
+            "DETERMINISTIC and CUDNN_BENCHMARK: cuDNN's autotuning picks its kernels per run"
+        )
+    on_cuda = torch.device(cfg.MODEL.DEVICE).type == "cuda"
+    if on_cuda and (cfg.MODEL.HTC.ROI_ALIGN != "fast" or layers.roi_align.triton_kernels() is None):
+        raise ValueError(
+            "DETERMINISTIC on CUDA needs MODEL.HTC.ROI_ALIGN 'fast' with Triton installed: "
+            "torchvision's RoIAlign backward accumulates with atomics"
+        )
+    # read when cuBLAS starts, which is after this in train_net.py's processes
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    logging.getLogger(__name__).info("DETERMINISTIC: deterministic algorithms only")
 
 
 def require_detectron2(*names: str) -> List[type]:
