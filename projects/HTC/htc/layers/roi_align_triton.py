@@ -8,8 +8,8 @@
 * Backward: no atomics. One kernel writes the interpolation entries (feature pixel, output
   cell, weight: four per sample point, in the order of :func:`htc.layers.roi_align.
   interpolation_entries`); they are sorted by pixel (a stable sort), and one program per pixel
-  sums its entries' output gradients in that fixed order, so gradients are bit-identical from
-  run to run. The number of entries is counted in the forward pass and reaches the host
+  sums its entries' output gradients, eight at a time, in the order of that sort, so gradients
+  are bit-identical from run to run. The number of entries is counted in the forward pass and reaches the host
   without stalling the stream, so the backward is a handful of launches and no host sync.
 
 Importing this module imports Triton; ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors.
@@ -219,6 +219,7 @@ def _backward_kernel(
     grad_in,  # (N*H*W, C) contiguous
     C,
     BLOCK_C: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     pixel = tl.program_id(0)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -226,16 +227,22 @@ def _backward_kernel(
     first = tl.load(row_start + pixel)
     last = tl.load(row_start + pixel + 1)
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for e in range(first, last):
-        cell = tl.load(cells + e).to(tl.int64)
-        weight = tl.load(weights + e)
-        grad = tl.load(grad_out + cell * C + channels, mask=channel_mask, other=0.0)
-        acc += weight * grad.to(tl.float32)
+    # BLOCK_E entries at a time: their loads are in flight together, and they are summed in
+    # the same fixed order on every run
+    for start in range(first, last, BLOCK_E):
+        e = start + tl.arange(0, BLOCK_E)
+        entry_mask = e < last
+        cell = tl.load(cells + e, mask=entry_mask, other=0).to(tl.int64)
+        weight = tl.load(weights + e, mask=entry_mask, other=0.0)
+        rows = grad_out + cell[:, None] * C + channels[None, :]
+        grad = tl.load(rows, mask=entry_mask[:, None] & channel_mask[None, :], other=0.0)
+        acc += tl.sum(weight[:, None] * grad.to(tl.float32), axis=0)
     target = grad_in + pixel.to(tl.int64) * C + channels
     tl.store(target, acc.to(grad_in.dtype.element_ty), mask=channel_mask)
 
 
 BLOCK = 256  # RoIs or sample points per program of the counting and entry kernels
+BLOCK_E = 8  # entries summed at once by a program of the backward
 
 
 def _block(channels: int) -> Tuple[int, int]:
@@ -354,7 +361,7 @@ def roi_align_backward(
         grid = (num * height * width, triton.cdiv(channels, block))
         _backward_kernel[grid](
             row_start, cell[order], weight[order], grad, grad_in, channels, BLOCK_C=block,
-            num_warps=warps,
+            BLOCK_E=BLOCK_E, num_warps=warps,
         )  # fmt: skip
     return grad_in.permute(0, 3, 1, 2)
 
