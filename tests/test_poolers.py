@@ -89,3 +89,31 @@ def test_pooler_format_is_detectron2s_without_a_sync():
         ours = pooler_format(box_lists)
     assert not [e for e in prof.events() if e.name == "aten::item"]
     assert torch.equal(ours, convert_boxes_to_pooler_format(box_lists))
+
+
+def test_levels_are_pooled_in_one_pass_where_the_kernel_can(monkeypatch):
+    """Where FastROIAlign runs Triton (CUDA; here its interpreter on CPU), a multi-level pooler
+    pools every level in one pass, no per-level call and no host sync, with the parent's
+    output and gradients."""
+    import htc.layers.roi_align as kernels
+    import htc.layers.roi_align_triton as triton_roi_align
+
+    monkeypatch.setattr(kernels, "TRITON_DEVICES", ("cpu",))
+    monkeypatch.setattr(kernels, "triton_kernels", lambda: triton_roi_align)
+    original = ROIPooler((7, 7), (1 / 4, 1 / 8, 1 / 16, 1 / 32), 0, "ROIAlignV2")
+    pooler = HTCROIPooler.from_pooler(original, "fast")
+    features, boxes = _features_and_boxes()
+    boxes = [b[:6] for b in boxes]
+    leaves = [f.clone().requires_grad_() for f in features]
+    for level in pooler.level_poolers:
+        monkeypatch.setattr(level, "forward", lambda *a: pytest.fail("pooled level by level"))
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda *a: pytest.fail("a host sync"))
+    got = pooler(leaves, boxes)
+    monkeypatch.undo()
+    parent_leaves = [f.clone().requires_grad_() for f in features]
+    want = original(parent_leaves, boxes)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad(got, leaves, grad)
+    for a, b in zip(grads, torch.autograd.grad(want, parent_leaves, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -77,16 +77,42 @@ def test_entries_equal_the_vectorised_builders(aligned, sampling_ratio, pool):
     """The entry kernel writes the entries of the CPU backward's builder, in its order: the
     same pixels and cells, weights within fp32 rounding."""
     x, rois = _case(seed=11, num_rois=16)
-    args = ((6, 4), 0.25, sampling_ratio, aligned)
-    samples = triton_roi_align.SampleCount(rois, *args)
-    got = triton_roi_align.interpolation_entries(
-        rois, tuple(x.shape), *args, pool, samples.ends, samples.total()
-    )
-    want = kernels.interpolation_entries(rois, tuple(x.shape), *args, pool)
+    table = triton_roi_align.LevelTable([x], [0.25])
+    geometry = ((6, 4), sampling_ratio, aligned, pool)
+    samples = triton_roi_align.SampleCount(rois, None, table, geometry)
+    got = triton_roi_align.interpolation_entries(rois, None, table, geometry, samples)
+    want = kernels.interpolation_entries(rois, tuple(x.shape), (6, 4), 0.25, *geometry[1:])
     assert len(got[0]) == len(want[0]) > 0
     assert torch.equal(got[0].long(), want[0])
     assert torch.equal(got[1].long(), want[1])
     torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("pool", [1, 2])
+def test_all_levels_in_one_pass_equal_each_level_alone(pool):
+    """Each RoI on its own level (one level without RoIs, one at another resolution), in the
+    RoIs' order; gradients for every level."""
+    g = torch.Generator().manual_seed(13)
+    features = [torch.randn(2, 3, 44 // s, 56 // s, generator=g).to(DEVICE) for s in (1, 2, 4)]
+    _, rois = _case(seed=13, num_rois=14)
+    levels = torch.tensor([0, 2] * 7, device=DEVICE)
+    levels[:3] = 0
+    scales = [0.25, 0.125, 0.0625]
+    leaves = [f.clone().requires_grad_() for f in features]
+    args = (levels, scales, (4, 6), 0, True, pool)
+    out = triton_roi_align.multi_level_roi_align(leaves, rois, *args)
+    grad = torch.randn(out.shape, generator=g).to(out)
+    got = torch.autograd.grad(out, leaves, grad)
+    want = torch.zeros_like(out)
+    for level, (feature, scale) in enumerate(zip(leaves, scales)):
+        chosen = levels == level
+        pooled = roi_align(feature, rois[chosen], (4, 6), scale, 0, True)
+        want[chosen] = F.avg_pool2d(pooled, pool) if pool > 1 else pooled
+    want_grads = torch.autograd.grad(want, leaves, grad, allow_unused=True, materialize_grads=True)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert got[1].abs().sum() == 0 and got[2].abs().sum() > 0
 
 
 class _Ops(TorchDispatchMode):

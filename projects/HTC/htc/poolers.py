@@ -36,7 +36,8 @@ class HTCROIPooler(ROIPooler):
     def forward(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
         """The parent's (R, C, M, M) output with one host sync where the parent has one per
         level (a ``nonzero`` selects each level's boxes) plus one (the boxes' image indices):
-        boxes are grouped by level with one count."""
+        boxes are grouped by level with one count; a kernel that pools all levels in one pass
+        (:meth:`FastROIAlign.all_levels` on CUDA) needs no grouping and no sync."""
         exporting = torch.jit.is_tracing() or torch.jit.is_scripting()
         mismatched = len(x) != len(self.level_poolers) or len(box_lists) != x[0].size(0)
         if not box_lists or exporting or mismatched:  # the parent's checks name a mismatch
@@ -47,6 +48,12 @@ class HTCROIPooler(ROIPooler):
         levels = assign_boxes_to_levels(
             box_lists, self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
         )
+        first = self.level_poolers[0]
+        if hasattr(first, "all_levels"):
+            scales = [pooler.spatial_scale for pooler in self.level_poolers]
+            pooled = first.all_levels(x, rois, levels, scales)
+            if pooled is not None:
+                return pooled
         order = torch.argsort(levels, stable=True)
         counts = torch.bincount(levels, minlength=len(self.level_poolers)).tolist()
         pooled = torch.cat(

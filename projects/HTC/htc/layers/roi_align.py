@@ -315,6 +315,23 @@ class FastROIAlign(ROIAlign):
             return triton_kernels().roi_align(input, rois, *self._arguments(), k)
         return self._on_cpu(input, rois, pool=k)
 
+    def all_levels(
+        self,
+        features: List[torch.Tensor],
+        rois: torch.Tensor,
+        levels: torch.Tensor,
+        scales: List[float],
+    ) -> Optional[torch.Tensor]:
+        """(R, C, *output_size): RoI r pooled from ``features[levels[r]]`` at ``scales[levels[r]]``
+        with this kernel's geometry, all levels in one pass, where this kernel runs Triton; else
+        None (a pooler then pools level by level)."""
+        if self._route(features[0]) != "triton":
+            return None
+        size, _, sampling_ratio, aligned = self._arguments()
+        return triton_kernels().multi_level_roi_align(
+            features, rois, levels, scales, size, sampling_ratio, aligned
+        )
+
     def _on_cpu(self, input: torch.Tensor, rois: torch.Tensor, pool: int) -> torch.Tensor:
         """The parallel forward (then ``avg_pool2d(pool)``), with the sparse backward when a
         gradient is wanted."""

@@ -1,28 +1,31 @@
 """RoIAlign as Triton kernels, for :class:`htc.layers.FastROIAlign` on CUDA.
 
+* Levels: the RoIs of a multi-level pooler are computed in one pass, each on its own level's
+  feature (:func:`multi_level_roi_align`): the levels are copied into one channels-last buffer
+  and a small table gives each level's first pixel, size and spatial scale; one level is the
+  special case (:func:`roi_align`).
 * Forward: one program per output cell and block of channels gathers the cell's bilinear
-  samples from a channels-last copy of the feature, as torchvision's kernel computes them, in
-  fp32 whatever the feature's dtype (fp16/bf16 stay fp16/bf16 in memory: no round-trip casts;
-  the RoI coordinates stay fp32). With ``pool`` = k it averages kxk cells of the full-size
-  output at once: the 7x7 box feature comes straight from the 14x14 geometry.
+  samples, as torchvision's kernel computes them, in fp32 whatever the feature's dtype
+  (fp16/bf16 stay fp16/bf16 in memory: no round-trip casts; the RoI coordinates stay fp32).
+  With ``pool`` = k it averages kxk cells of the full-size output at once: the 7x7 box feature
+  comes straight from the 14x14 geometry.
 * Backward: no atomics. One kernel writes the interpolation entries (feature pixel, output
   cell, weight: four per sample point, in the order of :func:`htc.layers.roi_align.
   interpolation_entries`); they are sorted by pixel (a stable sort), and one program per pixel
   sums its entries' output gradients, eight at a time, in the order of that sort, so gradients
-  are bit-identical from run to run. The number of entries is counted in the forward pass and reaches the host
-  without stalling the stream, so the backward is a handful of launches and no host sync.
+  are bit-identical from run to run. The number of entries is counted in the forward pass and
+  reaches the host without stalling the stream, so the backward is a handful of launches and
+  no host sync.
 
 Importing this module imports Triton; ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors.
 """
 
-import functools
-from typing import Optional, Tuple
+import itertools
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
-
-from .roi_align import ROIAlignFunction
 
 
 @triton.jit
@@ -73,23 +76,38 @@ def _bilinear(base, y, x, height, width, channels, channel_mask, C):
     return hy * hx * v1 + hy * lx * v2 + ly * hx * v3 + ly * lx * v4
 
 
-# do_not_specialize: arguments that change from call to call (feature sizes, RoI and sample
-# counts), for which Triton would compile a kernel per residue mod 16 (and for 1), mid-training
-@triton.jit(do_not_specialize=["height", "width"])
+@triton.jit
+def _level(levels, table, scales, r, mask, LEVELS: tl.constexpr):
+    """Of the feature level of RoIs ``r`` (level 0 without ``LEVELS``): its first pixel in the
+    levels' joint buffer, its height, width and spatial scale (rows of ``table``)."""
+    if LEVELS:
+        level = tl.load(levels + r, mask=mask, other=0).to(tl.int32)
+    else:
+        level = (r * 0).to(tl.int32)
+    row = level * 4
+    first = tl.load(table + row, mask=mask, other=0).to(tl.int64)
+    height = tl.load(table + row + 1, mask=mask, other=1)
+    width = tl.load(table + row + 2, mask=mask, other=1)
+    scale = tl.load(scales + row + 3, mask=mask, other=0.0)
+    return first, height, width, scale
+
+
+@triton.jit
 def _forward_kernel(
-    feature,  # (N, H, W, C) contiguous
+    feature,  # (P, C) contiguous: the levels' pixels, channels last
     rois,  # (R, 5) fp32: batch index, x1, y1, x2, y2
+    levels,  # (R,) each RoI's level (read with LEVELS)
+    table,  # (L, 4) int32: per level its first pixel, height, width, scale (fp32 bits)
+    scales,  # the same table as fp32
     out,  # (R, out_h, out_w, C) contiguous
     C,
-    height,
-    width,
     out_h,
     out_w,
-    spatial_scale,
     sampling_ratio,
     offset,
     ALIGNED: tl.constexpr,
     POOL: tl.constexpr,
+    LEVELS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     cell = tl.program_id(0)
@@ -98,12 +116,14 @@ def _forward_kernel(
     r = cell // (out_h * out_w)
     out_i = (cell // out_w) % out_h
     out_j = cell % out_w
+    first, height, width, scale = _level(levels, table, scales, r, r >= 0, LEVELS)
     box = rois + r * 5
     start_h, start_w, bin_h, bin_w, grid_h, grid_w = _geometry(
-        box, r >= 0, spatial_scale, offset, sampling_ratio, out_h * POOL, out_w * POOL, ALIGNED
+        box, r >= 0, scale, offset, sampling_ratio, out_h * POOL, out_w * POOL, ALIGNED
     )
     count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
-    base = feature + tl.load(box).to(tl.int64) * height * width * C
+    image = tl.load(box).to(tl.int64)
+    base = feature + (first + image * height * width) * C
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for pi in tl.static_range(POOL):
         for pj in tl.static_range(POOL):
@@ -119,48 +139,55 @@ def _forward_kernel(
     tl.store(target, value.to(out.dtype.element_ty), mask=channel_mask)
 
 
+# do_not_specialize: counts that change from call to call, for which Triton would compile a
+# kernel per residue mod 16 (and for 1), mid-training
 @triton.jit(do_not_specialize=["num_rois"])
 def _samples_kernel(
     rois,  # (R, 5) fp32
+    levels,  # (R,)
+    table,  # (L, 4) int32
+    scales,  # (L, 4) fp32
     samples,  # (R,) int64 out: sample points per RoI
     num_rois,
     pooled_h,
     pooled_w,
-    spatial_scale,
     sampling_ratio,
     offset,
     ALIGNED: tl.constexpr,
+    LEVELS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = r < num_rois
+    *_, scale = _level(levels, table, scales, r, mask, LEVELS)
     *_, grid_h, grid_w = _geometry(
-        rois + r * 5, mask, spatial_scale, offset, sampling_ratio, pooled_h, pooled_w, ALIGNED
+        rois + r * 5, mask, scale, offset, sampling_ratio, pooled_h, pooled_w, ALIGNED
     )
     rows = tl.maximum(grid_h, 0) * pooled_h
     cols = tl.maximum(grid_w, 0) * pooled_w
     tl.store(samples + r, rows.to(tl.int64) * cols, mask=mask)
 
 
-@triton.jit(do_not_specialize=["num_rois", "search_steps", "total", "height", "width"])
+@triton.jit(do_not_specialize=["num_rois", "search_steps", "total"])
 def _entries_kernel(
     rois,  # (R, 5) fp32
+    levels,  # (R,)
+    table,  # (L, 4) int32
+    scales,  # (L, 4) fp32
     ends,  # (R,) int64: cumulative sample points of the RoIs
-    pixel,  # (4 * total,) int32 out: feature pixel in [0, N*H*W)
+    pixel,  # (4 * total,) int32 out: pixel of the levels' joint buffer
     cell,  # (4 * total,) int32 out: output cell in [0, R*out_h*out_w)
     weight,  # (4 * total,) fp32 out
     num_rois,
     search_steps,  # >= log2(R + 1)
     total,  # sample points of all RoIs
-    height,
-    width,
     out_h,
     out_w,
-    spatial_scale,
     sampling_ratio,
     offset,
     ALIGNED: tl.constexpr,
     POOL: tl.constexpr,
+    LEVELS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     s = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
@@ -177,11 +204,12 @@ def _entries_kernel(
         high = tl.where(active & ~right, mid, high)
     roi = tl.minimum(low, num_rois - 1)
     k = s - tl.load(ends + roi - 1, mask=mask & (roi > 0), other=0)
+    first, height, width, scale = _level(levels, table, scales, roi, mask, LEVELS)
     box = rois + roi * 5
     pooled_h = out_h * POOL
     pooled_w = out_w * POOL
     start_h, start_w, bin_h, bin_w, grid_h, grid_w = _geometry(
-        box, mask, spatial_scale, offset, sampling_ratio, pooled_h, pooled_w, ALIGNED
+        box, mask, scale, offset, sampling_ratio, pooled_h, pooled_w, ALIGNED
     )
     grid_h = tl.maximum(grid_h, 1)  # a RoI that owns sample points has grid >= 1
     grid_w = tl.maximum(grid_w, 1)
@@ -195,13 +223,14 @@ def _entries_kernel(
     y_low, y_high, hy, ly, y_valid = _taps(y, height)
     x_low, x_high, hx, lx, x_valid = _taps(x, width)
     scale = tl.where(y_valid & x_valid, 1.0, 0.0) / (grid_h * grid_w * POOL * POOL).to(tl.float32)
-    base = tl.load(box, mask=mask, other=0.0).to(tl.int32) * (height * width)
+    image = tl.load(box, mask=mask, other=0.0).to(tl.int64)
+    base = first + image * height * width
     target = roi * (out_h * out_w) + (i // POOL) * out_w + j // POOL
     e = s * 4
-    tl.store(pixel + e, base + y_low * width + x_low, mask=mask)
-    tl.store(pixel + e + 1, base + y_low * width + x_high, mask=mask)
-    tl.store(pixel + e + 2, base + y_high * width + x_low, mask=mask)
-    tl.store(pixel + e + 3, base + y_high * width + x_high, mask=mask)
+    tl.store(pixel + e, (base + y_low * width + x_low).to(tl.int32), mask=mask)
+    tl.store(pixel + e + 1, (base + y_low * width + x_high).to(tl.int32), mask=mask)
+    tl.store(pixel + e + 2, (base + y_high * width + x_low).to(tl.int32), mask=mask)
+    tl.store(pixel + e + 3, (base + y_high * width + x_high).to(tl.int32), mask=mask)
     for t in tl.static_range(4):
         tl.store(cell + e + t, target, mask=mask)
     tl.store(weight + e, hy * hx * scale, mask=mask)
@@ -251,128 +280,91 @@ def _block(channels: int) -> Tuple[int, int]:
     return block, max(1, block // 128)
 
 
-def roi_align_forward(
-    input: torch.Tensor,
+Geometry = Tuple[Tuple[int, int], int, bool, int]  # output size, sampling ratio, aligned, pool
+
+
+class LevelTable:
+    """The feature levels of one RoIAlign: their shapes, where their pixels lie in the joint
+    channels-last buffer (P, C) of all levels, and the kernels' (L, 4) int32 table on the
+    device: per level its first pixel, height, width and spatial scale (the fp32's bits)."""
+
+    def __init__(self, features: Sequence[torch.Tensor], scales: Sequence[float]):
+        self.shapes = [tuple(f.shape) for f in features]
+        if len({shape[1] for shape in self.shapes}) != 1:
+            raise ValueError(f"RoIAlign levels of different channels: {self.shapes}")
+        self.sizes = [n * h * w for n, _, h, w in self.shapes]
+        firsts = list(itertools.accumulate(self.sizes, initial=0))
+        self.pixels = firsts[-1]
+        rows = [[first, h, w, 0] for first, (_, _, h, w) in zip(firsts, self.shapes)]
+        table = torch.tensor(rows, dtype=torch.int32)
+        table[:, 3] = torch.tensor(scales, dtype=torch.float32).view(torch.int32)
+        if features[0].is_cuda:  # sent without waiting for the stream
+            table = table.pin_memory().to(features[0].device, non_blocking=True)
+        self.table = table.to(features[0].device)
+        self.scales = self.table.view(torch.float32)
+
+    def joint(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(P, C): the pixels of all levels, channels last, in the first level's dtype."""
+        joint = features[0].new_empty((self.pixels, self.shapes[0][1]))
+        for part, feature in zip(joint.split(self.sizes), features):
+            n, c, h, w = feature.shape
+            part.view(n, h, w, c).copy_(feature.permute(0, 2, 3, 1))
+        return joint
+
+    def split(self, joint: torch.Tensor) -> List[torch.Tensor]:
+        """(P, C) -> per level, an (N, C, H, W) view."""
+        parts = zip(joint.split(self.sizes), self.shapes)
+        return [x.view(n, h, w, c).permute(0, 3, 1, 2) for x, (n, c, h, w) in parts]
+
+    def arguments(self, levels: Optional[torch.Tensor], rois: torch.Tensor) -> tuple:
+        """The kernels' level arguments (``rois`` stands in for absent levels: not read)."""
+        return (rois if levels is None else levels), self.table, self.scales
+
+
+def _forward(
+    joint: torch.Tensor,
     rois: torch.Tensor,
-    output_size: Tuple[int, int],
-    spatial_scale: float,
-    sampling_ratio: int,
-    aligned: bool,
-    pool: int = 1,
+    levels: Optional[torch.Tensor],
+    table: LevelTable,
+    geometry: Geometry,
 ) -> torch.Tensor:
-    """(R, C, Sh/pool, Sw/pool) in ``input``'s dtype: ``avg_pool2d(roi_align(...), pool)``."""
-    num, channels, height, width = input.shape
-    out_h, out_w = output_size[0] // pool, output_size[1] // pool
-    feature = input.permute(0, 2, 3, 1).contiguous()
-    out = input.new_empty((rois.shape[0], out_h, out_w, channels))
+    """(R, C, Sh/pool, Sw/pool) in ``joint``'s dtype: ``avg_pool2d(roi_align(...), pool)`` of
+    each RoI on its level."""
+    (pooled_h, pooled_w), sampling_ratio, aligned, pool = geometry
+    out_h, out_w, channels = pooled_h // pool, pooled_w // pool, joint.shape[1]
+    out = joint.new_empty((rois.shape[0], out_h, out_w, channels))
     if out.numel() > 0:
         block, warps = _block(channels)
         grid = (rois.shape[0] * out_h * out_w, triton.cdiv(channels, block))
         _forward_kernel[grid](
-            feature, rois.float().contiguous(), out, channels, height, width, out_h, out_w,
-            float(spatial_scale), int(sampling_ratio), 0.5 if aligned else 0.0,
-            ALIGNED=bool(aligned), POOL=pool, BLOCK_C=block, num_warps=warps,
+            joint, rois, *table.arguments(levels, rois), out, channels, out_h, out_w,
+            sampling_ratio, 0.5 if aligned else 0.0, ALIGNED=aligned, POOL=pool,
+            LEVELS=levels is not None, BLOCK_C=block, num_warps=warps,
         )  # fmt: skip
     return out.permute(0, 3, 1, 2)
 
 
-def sample_ends(
-    rois: torch.Tensor,
-    output_size: Tuple[int, int],
-    spatial_scale: float,
-    sampling_ratio: int,
-    aligned: bool,
-) -> torch.Tensor:
-    """(R,) int64 on the RoIs' device: cumulative numbers of sample points of the RoIs (the
-    last is the number of all, a quarter of the interpolation entries)."""
-    samples = torch.empty(rois.shape[0], dtype=torch.int64, device=rois.device)
-    if len(samples) > 0:
-        _samples_kernel[(triton.cdiv(len(samples), BLOCK),)](
-            rois.float().contiguous(), samples, len(samples), *output_size,
-            float(spatial_scale), int(sampling_ratio), 0.5 if aligned else 0.0,
-            ALIGNED=bool(aligned), BLOCK=BLOCK,
-        )  # fmt: skip
-    return samples.cumsum(0)
-
-
-def interpolation_entries(
-    rois: torch.Tensor,
-    input_shape: Tuple[int, int, int, int],
-    output_size: Tuple[int, int],
-    spatial_scale: float,
-    sampling_ratio: int,
-    aligned: bool,
-    pool: int,
-    ends: torch.Tensor,
-    total: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The entries of :func:`htc.layers.roi_align.interpolation_entries`, in its order, from one
-    kernel: pixel (E,) int32, cell (E,) int32 and weight (E,) fp32, E = 4 * ``total``, where
-    ``ends`` are the :func:`sample_ends` and ``total`` is their last."""
-    num, _, height, width = input_shape
-    out_h, out_w = output_size[0] // pool, output_size[1] // pool
-    if max(num * height * width, len(rois) * out_h * out_w) >= 2**31:
-        raise ValueError(
-            f"RoIAlign backward: {num}x{height}x{width} feature pixels or {len(rois)}x{out_h}x"
-            f"{out_w} output cells do not fit the int32 entries"
-        )
-    device = rois.device
-    pixel = torch.empty(4 * total, dtype=torch.int32, device=device)
-    cell = torch.empty(4 * total, dtype=torch.int32, device=device)
-    weight = torch.empty(4 * total, dtype=torch.float32, device=device)
-    if total > 0:
-        _entries_kernel[(triton.cdiv(total, BLOCK),)](
-            rois.float().contiguous(), ends, pixel, cell, weight, len(ends),
-            len(ends).bit_length(), total, height, width, out_h, out_w, float(spatial_scale),
-            int(sampling_ratio), 0.5 if aligned else 0.0, ALIGNED=bool(aligned), POOL=pool,
-            BLOCK=BLOCK,
-        )  # fmt: skip
-    return pixel, cell, weight
-
-
-def roi_align_backward(
-    grad_output: torch.Tensor,
-    rois: torch.Tensor,
-    input_shape: Tuple[int, int, int, int],
-    output_size: Tuple[int, int],
-    spatial_scale: float,
-    sampling_ratio: int,
-    aligned: bool,
-    pool: int = 1,
-    samples: Optional["SampleCount"] = None,
-) -> torch.Tensor:
-    """(N, C, H, W) gradient of the input of :func:`roi_align_forward`, in ``grad_output``'s
-    dtype, deterministic (sorted entries, one program per feature pixel). ``samples``: the
-    sample points counted in the forward pass (else counted here, with a host sync)."""
-    num, channels, height, width = input_shape
-    if samples is None:
-        samples = SampleCount(rois, output_size, spatial_scale, sampling_ratio, aligned)
-    args = (output_size, spatial_scale, sampling_ratio, aligned, pool)
-    pixel, cell, weight = interpolation_entries(
-        rois, input_shape, *args, samples.ends, samples.total()
-    )
-    pixel, order = torch.sort(pixel, stable=True)
-    pixels = torch.arange(num * height * width + 1, dtype=pixel.dtype, device=pixel.device)
-    row_start = torch.searchsorted(pixel, pixels)
-    grad = grad_output.permute(0, 2, 3, 1).contiguous()
-    grad_in = grad.new_empty((num, height, width, channels))
-    if grad_in.numel() > 0:
-        block, warps = _block(channels)
-        grid = (num * height * width, triton.cdiv(channels, block))
-        _backward_kernel[grid](
-            row_start, cell[order], weight[order], grad, grad_in, channels, BLOCK_C=block,
-            BLOCK_E=BLOCK_E, num_warps=warps,
-        )  # fmt: skip
-    return grad_in.permute(0, 3, 1, 2)
-
-
 class SampleCount:
-    """The :func:`sample_ends` of RoIs, with their total copied to the host without waiting
-    (pinned memory, an event): read in the backward pass, long after the copy finished, it
-    costs no stall of the stream."""
+    """Per RoI, where its sample points end in the list of all ((R,) int64, on the device), and
+    their total, copied to the host without waiting (pinned memory, an event): read in the
+    backward pass, long after the copy finished, it costs no stall of the stream."""
 
-    def __init__(self, rois: torch.Tensor, *geometry):
-        self.ends = sample_ends(rois, *geometry)
+    def __init__(
+        self,
+        rois: torch.Tensor,
+        levels: Optional[torch.Tensor],
+        table: LevelTable,
+        geometry: Geometry,
+    ):
+        (pooled_h, pooled_w), sampling_ratio, aligned, _ = geometry
+        samples = torch.empty(rois.shape[0], dtype=torch.int64, device=rois.device)
+        if len(samples) > 0:
+            _samples_kernel[(triton.cdiv(len(samples), BLOCK),)](
+                rois, *table.arguments(levels, rois), samples, len(samples), pooled_h,
+                pooled_w, sampling_ratio, 0.5 if aligned else 0.0, ALIGNED=aligned,
+                LEVELS=levels is not None, BLOCK=BLOCK,
+            )  # fmt: skip
+        self.ends = samples.cumsum(0)
         last = self.ends[-1:] if len(self.ends) else self.ends.new_zeros(1)
         self._event = None
         if last.is_cuda:
@@ -389,13 +381,117 @@ class SampleCount:
         return self._total.tolist()[0]  # not int(): its aten::item would count as a sync
 
 
-def roi_align(input: torch.Tensor, rois: torch.Tensor, *geometry) -> torch.Tensor:
-    """(R, C, Sh/pool, Sw/pool): :func:`roi_align_forward`, differentiable by
-    :func:`roi_align_backward` (geometry: output_size, spatial_scale, sampling_ratio, aligned,
-    pool). When a gradient will be wanted, the sample points are counted now, so the backward
+def interpolation_entries(
+    rois: torch.Tensor,
+    levels: Optional[torch.Tensor],
+    table: LevelTable,
+    geometry: Geometry,
+    samples: SampleCount,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The entries of :func:`htc.layers.roi_align.interpolation_entries`, in its order, from one
+    kernel: pixel (E,) int32 (of the levels' joint buffer), cell (E,) int32 and weight (E,)
+    fp32, E = 4 * ``samples.total()``."""
+    (pooled_h, pooled_w), sampling_ratio, aligned, pool = geometry
+    out_h, out_w = pooled_h // pool, pooled_w // pool
+    if max(table.pixels, len(rois) * out_h * out_w) >= 2**31:
+        raise ValueError(
+            f"RoIAlign backward: {table.pixels} feature pixels or {len(rois)}x{out_h}x{out_w} "
+            "output cells do not fit the int32 entries"
+        )
+    total = samples.total()
+    device = rois.device
+    pixel = torch.empty(4 * total, dtype=torch.int32, device=device)
+    cell = torch.empty(4 * total, dtype=torch.int32, device=device)
+    weight = torch.empty(4 * total, dtype=torch.float32, device=device)
+    if total > 0:
+        _entries_kernel[(triton.cdiv(total, BLOCK),)](
+            rois, *table.arguments(levels, rois), samples.ends, pixel, cell, weight, len(rois),
+            len(rois).bit_length(), total, out_h, out_w, sampling_ratio,
+            0.5 if aligned else 0.0, ALIGNED=aligned, POOL=pool, LEVELS=levels is not None,
+            BLOCK=BLOCK,
+        )  # fmt: skip
+    return pixel, cell, weight
+
+
+def _backward(
+    grad_output: torch.Tensor,
+    rois: torch.Tensor,
+    levels: Optional[torch.Tensor],
+    table: LevelTable,
+    geometry: Geometry,
+    samples: SampleCount,
+) -> torch.Tensor:
+    """(P, C) gradient of the levels' joint buffer, in ``grad_output``'s dtype, deterministic
+    (sorted entries, one program per feature pixel)."""
+    pixel, cell, weight = interpolation_entries(rois, levels, table, geometry, samples)
+    pixel, order = torch.sort(pixel, stable=True)
+    pixels = torch.arange(table.pixels + 1, dtype=pixel.dtype, device=pixel.device)
+    row_start = torch.searchsorted(pixel, pixels)
+    grad = grad_output.permute(0, 2, 3, 1).contiguous()
+    channels = grad.shape[-1]
+    grad_in = grad.new_empty((table.pixels, channels))
+    if grad_in.numel() > 0:
+        block, warps = _block(channels)
+        grid = (table.pixels, triton.cdiv(channels, block))
+        _backward_kernel[grid](
+            row_start, cell[order], weight[order], grad, grad_in, channels, BLOCK_C=block,
+            BLOCK_E=BLOCK_E, num_warps=warps,
+        )  # fmt: skip
+    return grad_in
+
+
+class _ROIAlignLevels(torch.autograd.Function):
+    """RoIAlign of RoIs on their levels, differentiable with respect to every level. When a
+    gradient will be wanted, the sample points are counted in the forward pass, so the backward
     does not wait on the GPU to learn how many entries to allocate."""
-    backward = roi_align_backward
-    if torch.is_grad_enabled() and input.requires_grad:
-        samples = SampleCount(rois, *geometry[:4])
-        backward = functools.partial(roi_align_backward, samples=samples)
-    return ROIAlignFunction.apply(input, rois, geometry, roi_align_forward, backward)
+
+    @staticmethod
+    def forward(ctx, rois, levels, table, geometry, *features):
+        ctx.samples = None
+        if any(ctx.needs_input_grad[4:]):
+            ctx.samples = SampleCount(rois, levels, table, geometry)
+        ctx.save_for_backward(rois, levels)
+        ctx.table, ctx.geometry = table, geometry
+        return _forward(table.joint(features), rois, levels, table, geometry)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        rois, levels = ctx.saved_tensors
+        grad = _backward(grad_output, rois, levels, ctx.table, ctx.geometry, ctx.samples)
+        return (None, None, None, None, *ctx.table.split(grad))
+
+
+def multi_level_roi_align(
+    features: Sequence[torch.Tensor],
+    rois: torch.Tensor,
+    levels: Optional[torch.Tensor],
+    scales: Sequence[float],
+    output_size: Tuple[int, int],
+    sampling_ratio: int,
+    aligned: bool,
+    pool: int = 1,
+) -> torch.Tensor:
+    """(R, C, Sh/pool, Sw/pool): RoI r pooled from ``features[levels[r]]`` (N, C, Hl, Wl) at
+    spatial scale ``scales[levels[r]]`` (``levels`` None: all on level 0), then average-pooled
+    by ``pool``; in the RoIs' order. One launch per kernel for all levels."""
+    table = LevelTable(features, scales)
+    size = (int(output_size[0]), int(output_size[1]))
+    geometry = (size, int(sampling_ratio), bool(aligned), pool)
+    rois = rois.float().contiguous()
+    return _ROIAlignLevels.apply(rois, levels, table, geometry, *features)
+
+
+def roi_align(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    output_size: Tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+    pool: int = 1,
+) -> torch.Tensor:
+    """(R, C, Sh/pool, Sw/pool): ``avg_pool2d(roi_align(input, rois, ...), pool)`` (torchvision's
+    arguments) by these kernels."""
+    return multi_level_roi_align(
+        [input], rois, None, [spatial_scale], output_size, sampling_ratio, aligned, pool
+    )
