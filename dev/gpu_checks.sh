@@ -14,10 +14,16 @@ step() {  # name, command...: one check, its log, its wall time and status
   "$@" >"$out/$name.log" 2>&1
   echo "$name: rc $? in $((SECONDS - start)) s" | tee -a "$out/summary.txt"
 }
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$(mktemp -d)}"  # counted at the end
 step pytest python3 -m pytest -q -p no:cacheprovider tests/layers tests/test_poolers.py \
-  tests/test_sampling.py tests/test_roi_heads.py tests/test_config.py
+  tests/test_sampling.py tests/test_roi_heads.py tests/test_config.py tests/test_mask_head.py \
+  tests/test_semantic_head.py
 step roi_align python3 benchmarks/roi_align_backward.py --device cuda --repeats "$repeats"
 step gpu_rows python3 benchmarks/speed.py --device cuda --repeats "$repeats" --only gpu \
   --json "$out/gpu_rows.json"
 step latency python3 benchmarks/speed.py --device cuda --repeats "$repeats" --only latency \
   --json "$out/speed.json"
+# kernels Triton compiled in all the checks: a few per kernel (constexprs, dtypes), not one per
+# feature size or RoI count
+echo "Triton kernels compiled: $(find "$TRITON_CACHE_DIR" -name '*.cubin' | wc -l)" \
+  | tee -a "$out/summary.txt"

@@ -98,12 +98,14 @@ def test_levels_are_pooled_in_one_pass_where_the_kernel_can(monkeypatch):
     import htc.layers.roi_align as kernels
     import htc.layers.roi_align_triton as triton_roi_align
 
-    monkeypatch.setattr(kernels, "TRITON_DEVICES", ("cpu",))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(kernels, "TRITON_DEVICES", (device,))
     monkeypatch.setattr(kernels, "triton_kernels", lambda: triton_roi_align)
     original = ROIPooler((7, 7), (1 / 4, 1 / 8, 1 / 16, 1 / 32), 0, "ROIAlignV2")
     pooler = HTCROIPooler.from_pooler(original, "fast")
     features, boxes = _features_and_boxes()
-    boxes = [b[:6] for b in boxes]
+    features = [f.to(device) for f in features]
+    boxes = [b[:6].to(device) for b in boxes]
     leaves = [f.clone().requires_grad_() for f in features]
     for level in pooler.level_poolers:
         monkeypatch.setattr(level, "forward", lambda *a: pytest.fail("pooled level by level"))
@@ -113,7 +115,7 @@ def test_levels_are_pooled_in_one_pass_where_the_kernel_can(monkeypatch):
     parent_leaves = [f.clone().requires_grad_() for f in features]
     want = original(parent_leaves, boxes)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(2))
+    grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(2)).to(device)
     grads = torch.autograd.grad(got, leaves, grad)
     for a, b in zip(grads, torch.autograd.grad(want, parent_leaves, grad)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -298,9 +298,9 @@ class LevelTable:
         rows = [[first, h, w, 0] for first, (_, _, h, w) in zip(firsts, self.shapes)]
         table = torch.tensor(rows, dtype=torch.int32)
         table[:, 3] = torch.tensor(scales, dtype=torch.float32).view(torch.int32)
-        if features[0].is_cuda:  # sent without waiting for the stream
-            table = table.pin_memory().to(features[0].device, non_blocking=True)
-        self.table = table.to(features[0].device)
+        if features[0].is_cuda:  # then sent without waiting for the stream
+            table = table.pin_memory()
+        self.table = table.to(features[0].device, non_blocking=True)
         self.scales = self.table.view(torch.float32)
 
     def joint(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
