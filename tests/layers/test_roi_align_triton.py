@@ -1,7 +1,11 @@
 """htc.layers.roi_align_triton: the CUDA RoIAlign of FastROIAlign equals torchvision's (forward
 within fp32 rounding, pooled outputs, gradients), keeps fp16/bf16 without round-trip casts and
 gives bit-identical gradients. Without a GPU the kernels run in Triton's interpreter on CPU
-(TRITON_INTERPRET=1, set by conftest)."""
+(TRITON_INTERPRET=1, set by conftest), and Triton's compiler builds them for the GPU."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ from torchvision.ops import roi_align
 
 import htc.layers.roi_align as kernels
 import htc.layers.roi_align_triton as triton_roi_align
+from conftest import child_env
 from htc.layers import FastROIAlign
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -222,3 +227,17 @@ def test_fast_roi_align_routes_its_device_to_triton(monkeypatch):
     assert calls == [1, 2]
     monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
     assert module._route(x) == "detectron2"
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the other tests compile the kernels")
+def test_kernels_compile_for_the_gpu(tmp_path):
+    """Triton's compiler, which the interpreter of the other tests does not run, turns every
+    variant of the kernels into an sm_90 binary (no GPU needed)."""
+    env = child_env(TRITON_CACHE_DIR=str(tmp_path))
+    env.pop("TRITON_INTERPRET", None)
+    script = Path(__file__).with_name("compile_triton_kernels.py")
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    # levels or one level x (3 dtypes x 2 pools of the forward, the counts, 2 pools of the
+    # entries), and the backward in 3 dtypes
+    assert out.stdout.count("compiled ") == 2 * (6 + 1 + 2) + 3

@@ -10,8 +10,9 @@
   matrix and multiplies the output gradient by it. On CUDA (with Triton installed), the kernels
   of :mod:`htc.layers.roi_align_triton`: a backward without atomics (bit-identical gradients
   from run to run; torchvision's atomicAdds are neither deterministic nor fast where thousands
-  of RoIs overlap), pooled outputs computed directly, fp16/bf16 computed natively. Elsewhere,
-  and under tracing (export), it is :class:`ROIAlign`.
+  of RoIs overlap), pooled outputs computed directly, fp16/bf16 computed natively, and all
+  levels of a multi-level pooler in one pass (:meth:`FastROIAlign.all_levels`). Elsewhere, and
+  under tracing (export), it is :class:`ROIAlign`.
 """
 
 import functools

@@ -159,8 +159,9 @@ def _samples_kernel(
 ):
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = r < num_rois
-    *_, scale = _level(levels, table, scales, r, mask, LEVELS)
-    *_, grid_h, grid_w = _geometry(
+    # names, not *_: Triton's compiler pairs the targets with the values one by one
+    _, _, _, scale = _level(levels, table, scales, r, mask, LEVELS)
+    _, _, _, _, grid_h, grid_w = _geometry(
         rois + r * 5, mask, scale, offset, sampling_ratio, pooled_h, pooled_w, ALIGNED
     )
     rows = tl.maximum(grid_h, 0) * pooled_h
