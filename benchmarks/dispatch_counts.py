@@ -13,6 +13,8 @@ not computed. Host reads, each a wait for the GPU on CUDA: ``aten::_local_scalar
 
 import argparse
 from collections import Counter
+from contextlib import ExitStack
+from unittest import mock
 
 import torch
 from common import train_step
@@ -71,31 +73,26 @@ def count_step(name: str, size: int) -> Counter:
     """The counts of one train step of model ``name`` (after a warm-up step)."""
     triton = kernels.triton_kernels()
     counts = Counts()
-    patches = {attr: StandIn(getattr(triton, attr), counts)
-               for attr in dir(triton) if attr.endswith("_kernel")}  # fmt: skip
-    originals = {attr: getattr(triton, attr) for attr in patches}
     tolist = torch.Tensor.tolist
-    kernels.TRITON_DEVICES = ("cpu",)
-    try:
-        for attr, stand_in in patches.items():
-            setattr(triton, attr, stand_in)
+    with ExitStack() as patches:
+
+        def patch(target, attr: str, new) -> None:  # undone when the stack closes
+            patches.enter_context(mock.patch.object(target, attr, new))
+
+        patch(kernels, "TRITON_DEVICES", ("cpu",))
+        for attr in dir(triton):
+            if attr.endswith("_kernel"):
+                patch(triton, attr, StandIn(getattr(triton, attr), counts))
         model = build(name, "cpu", 100)
         inputs = train_inputs(name, "cpu", size, 2)
         train_step(model, inputs)
-        torch.Tensor.tolist = lambda t: counts.add("tolist", tolist, t)
+        patch(torch.Tensor, "tolist", lambda t: counts.add("tolist", tolist, t))
         if hasattr(triton, "SampleCount"):  # reads pinned memory after an event: no wait
             total = triton.SampleCount.total
-            triton.SampleCount.total = lambda self: counts.add("(pinned read)", total, self)
+            patch(triton.SampleCount, "total", lambda c: counts.add("(pinned read)", total, c))
         counts.ops.clear()  # the warm-up's launches
         with counts:
             train_step(model, inputs)
-    finally:
-        torch.Tensor.tolist = tolist
-        kernels.TRITON_DEVICES = ("cuda",)
-        for attr, kernel in originals.items():
-            setattr(triton, attr, kernel)
-        if hasattr(triton, "SampleCount"):
-            triton.SampleCount.total = total
     return counts.ops
 
 
