@@ -83,6 +83,8 @@ import runpy
 
 base = LazyConfig.load("{r50}")
 model = runpy.run_path("{model_file}")["htc_fpn"](**{demo_model})
+for predictor in model.roi_heads.box_predictors:  # an untrained model still predicts something
+    predictor.test_score_thresh = 0.0
 dataloader, optimizer, lr_multiplier, train = (
     base.dataloader, base.optimizer, base.lr_multiplier, base.train
 )
