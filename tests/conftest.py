@@ -24,6 +24,41 @@ from htc import HTCDatasetMapper, add_htc_config  # noqa: E402
 from htc.data import load_htc_json  # noqa: E402
 from htc.data.demo_data import VERSION, generate_split  # noqa: E402
 
+
+def _check_triton_interpreter() -> None:
+    """Stop, naming the fix, where Triton's interpreter cannot run HTC's kernels: Triton 3.6's
+    (torch 2.11's) turns a loaded value into a loop bound with ``int()`` of a 1-element
+    array, which NumPy 2.4 refuses. Every kernel test would fail with an InterpreterError."""
+    import numpy as np
+
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:  # then the modules that test the kernels name what is missing
+        return
+
+    @triton.jit
+    def count(bound, out):
+        total = 0
+        for _ in range(tl.load(bound)):
+            total += 1
+        tl.store(out, total)
+
+    result = torch.zeros(1, dtype=torch.int32)
+    try:
+        count[(1,)](torch.tensor([3], dtype=torch.int32), result)
+    except Exception as error:  # the interpreter wraps what it raises
+        raise pytest.UsageError(
+            f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1, the Triton tests on "
+            f"CPU) cannot run a loop bounded by a loaded value with NumPy {np.__version__} "
+            f"({error}): install triton>=3.7 or numpy<2.4"
+        ) from error
+    assert result.item() == 3, "Triton's interpreter miscounted a loop"
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _check_triton_interpreter()
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 # Detectron2's ViT, MViT and Swin (its main branch; v0.6 has none)

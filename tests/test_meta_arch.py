@@ -6,6 +6,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import sem_seg_postprocess
+from torch.nn import functional as F
 
 from conftest import make_batch, tiny_cfg, train_losses
 
@@ -40,17 +41,22 @@ def test_inference_output_format():
 
 def test_semantic_output_is_detectron2s_postprocess_and_can_be_skipped():
     model = build_model(tiny_cfg()).eval()
-    batch = make_batch(num_images=1, size=90)  # padded to 96: the crop matters
+    batch = make_batch(num_images=2, size=90)  # padded to 96: the crop matters
+    batch[1]["height"], batch[1]["width"] = 120, 100  # and a resize
     with torch.no_grad():
-        out = model(batch)[0]
+        outputs = model(batch)
         images = model.preprocess_image(batch)
         _, logits = model._features(images)
-        scores = model.semantic_head.upsample_logits(logits)[0]
+        scores = model.semantic_head.upsample_logits(logits)
         model.semantic_output = False
-        without = model(batch)[0]
-    assert torch.equal(out["sem_seg"], sem_seg_postprocess(scores, (90, 90), 90, 90))
-    assert set(without) == {"instances"}
-    assert torch.equal(without["instances"].pred_masks, out["instances"].pred_masks)
+        without = model(batch)
+    stride = model.semantic_head.common_stride
+    assert torch.equal(scores, F.interpolate(logits, scale_factor=stride, mode="bilinear"))
+    for out, score, (height, width) in zip(outputs, scores, [(90, 90), (120, 100)]):
+        assert torch.equal(out["sem_seg"], sem_seg_postprocess(score, (90, 90), height, width))
+    for a, b in zip(without, outputs):
+        assert set(a) == {"instances"}
+        assert torch.equal(a["instances"].pred_masks, b["instances"].pred_masks)
 
 
 def test_without_semantic_branch():

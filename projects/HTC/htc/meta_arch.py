@@ -3,11 +3,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_sem_seg_head
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
-from .layers import DEFORM_CONV_KERNELS
+from .layers import DEFORM_CONV_KERNELS, interpolate_bilinear
 from .panoptic import PanopticFusion
 from .postprocessing import MASK_OUTPUTS, paste_masks_as_rle
 from .roi_heads import SEMANTIC_FEATURE
@@ -215,9 +214,12 @@ def _check_panoptic(semantic_head, mask_output: str, mask_on: bool) -> None:
 
 
 def _resize_to_output(scores: torch.Tensor, size: Tuple[int, int], height: int, width: int):
-    """(K, H, W) scores of the padded input -> (K, height, width) of the output; at the input's
-    own size the crop alone (``sem_seg_postprocess`` would interpolate to the same size, an
-    identity that costs a pass over K x H x W floats)."""
+    """(K, H, W) scores of the padded input -> (K, height, width) of the output: Detectron2's
+    ``sem_seg_postprocess`` (crop to ``size``, bilinear resize) with its resize by
+    :func:`htc.layers.interpolate_bilinear`, which stays small in deterministic runs; at the
+    input's own size the crop alone (the resize would be an identity that costs a pass over
+    K x H x W floats)."""
+    crop = scores[:, : size[0], : size[1]]
     if (height, width) == tuple(size):
-        return scores[:, :height, :width]
-    return sem_seg_postprocess(scores, size, height, width)
+        return crop
+    return interpolate_bilinear(crop[None], (height, width), align_corners=False)[0]

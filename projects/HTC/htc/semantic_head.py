@@ -8,7 +8,7 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 from torch.nn import functional as F
 
-from .layers import resize_align_corners
+from .layers import interpolate_bilinear
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
@@ -110,7 +110,7 @@ class FusedSemanticHead(nn.Module):
         for name, lateral in zip(self.in_features, self.lateral_convs):
             feat = features[name]
             if name != self.fusion_feature:
-                feat = _resize(feat, size)
+                feat = interpolate_bilinear(feat, size, align_corners=True)
             x = lateral(feat) if x is None else x + lateral(feat)
         for conv in self.convs:
             x = conv(x)
@@ -134,14 +134,5 @@ class FusedSemanticHead(nn.Module):
 
     def upsample_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """(N, K, H, W) logits at stride ``common_stride`` -> (N, K, H * s, W * s)."""
-        return F.interpolate(
-            logits, scale_factor=self.common_stride, mode="bilinear", align_corners=False
-        )
-
-
-def _resize(feature: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Bilinear ``align_corners=True``; in deterministic runs by matrix products, which need
-    neither atomics nor PyTorch's memory-hungry deterministic replacement."""
-    if torch.are_deterministic_algorithms_enabled():
-        return resize_align_corners(feature, size)
-    return F.interpolate(feature, size=size, mode="bilinear", align_corners=True)
+        size = (logits.shape[-2] * self.common_stride, logits.shape[-1] * self.common_stride)
+        return interpolate_bilinear(logits, size, align_corners=False)

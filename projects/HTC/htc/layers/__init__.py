@@ -6,7 +6,8 @@ Each is chosen by one config key (``add_htc_config``), applied where the model i
 * ``MODEL.HTC.DEFORM_CONV``: "torchvision" (:func:`use_torchvision_deform_conv`, trains on CPU and
   CUDA) or "detectron2" (its own kernels, CUDA only), for the backbone's deformable convs.
 
-:func:`resize_align_corners` resizes the semantic branch's inputs in deterministic runs.
+:func:`interpolate_bilinear` resizes the semantic branch's features and logits, by matrix
+products (:func:`resize_bilinear`) in deterministic runs.
 """
 
 from .deform_conv import (
@@ -15,7 +16,7 @@ from .deform_conv import (
     TorchvisionModulatedDeformConv,
     use_torchvision_deform_conv,
 )
-from .interpolate import resize_align_corners
+from .interpolate import interpolate_bilinear, resize_bilinear
 from .roi_align import ROI_ALIGN_KERNELS, FastROIAlign, ROIAlign
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "ROI_ALIGN_KERNELS",
     "TorchvisionDeformConv",
     "TorchvisionModulatedDeformConv",
-    "resize_align_corners",
+    "interpolate_bilinear",
+    "resize_bilinear",
     "use_torchvision_deform_conv",
 ]
