@@ -5,7 +5,9 @@ tools/lazyconfig_train_net.py does for its own: with HTC's datasets registered, 
     .venv/bin/python lazyconfig_train_net.py --config-file configs/htc_R_50_FPN_1x.py \\
         [--num-gpus N] [--resume] [--eval-only] [key=value ...]
 
-``key=value`` overrides the config, e.g. ``train.max_iter=100``.
+``key=value`` overrides the config, e.g. ``train.max_iter=100``. ``train.float32_precision``
+and ``train.deterministic=True`` (with ``train.seed``) are the yacs configs' FLOAT32_PRECISION
+and DETERMINISTIC.
 """
 
 import logging
@@ -23,6 +25,7 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
+from htc import set_deterministic, set_float32_precision
 from htc.checkpoint import HTCCheckpointer
 from htc.data import register_builtin
 from htc.distributed import cpu_capable_ddp, launch_from_args
@@ -78,6 +81,8 @@ def train(cfg, resume: bool) -> None:
 def main(args) -> None:
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
     default_setup(cfg, args)
+    set_float32_precision(cfg)  # train.float32_precision: default_setup of Detectron2 v0.6 does not
+    set_deterministic(cfg)  # train.deterministic
     if not args.eval_only:
         train(cfg, args.resume)
         return

@@ -3,14 +3,20 @@ model has the reference's parameter count; FLOAT32_PRECISION on every Detectron2
 DETERMINISTIC."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from detectron2.config import LazyConfig
 from detectron2.modeling import build_model
+from omegaconf import OmegaConf
 
 from conftest import (
     CONFIGS,
     HAS_MODERN_BACKBONES,
+    ROOT,
+    child_env,
     load_cfg,
     make_batch,
     reference_parameter_count,
@@ -124,6 +130,61 @@ def test_deterministic_refuses_what_would_not_be(deterministic_settings, opts, m
     with pytest.raises(ValueError, match=message):
         set_deterministic(cfg)
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def _lazy_cfg(**settings):
+    """configs/htc_R_50_FPN_1x.py with ``settings`` (dotted keys) set, as command-line overrides
+    set them."""
+    cfg = LazyConfig.load(str(CONFIGS / "htc_R_50_FPN_1x.py"))
+    for key, value in settings.items():
+        OmegaConf.update(cfg, key, value, merge=True)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"train.device": "cpu"}, "fixed train.seed"),
+        ({"train.seed": 3, "train.device": "cpu", "train.cudnn_benchmark": True},
+         "train.deterministic and train.cudnn_benchmark"),
+        ({"train.seed": 3, "model.roi_heads.roi_align": "detectron2"},
+         "model.roi_heads.roi_align 'fast'"),
+    ],
+)  # fmt: skip
+def test_lazy_config_deterministic_refuses_what_would_not_be(
+    deterministic_settings, settings, message
+):
+    """A LazyConfig's train.deterministic, checked against its train.* keys (train.device is
+    "cuda" in the shipped configs)."""
+    with pytest.raises(ValueError, match=message):
+        set_deterministic(_lazy_cfg(**{"train.deterministic": True, **settings}))
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_lazy_config_settings(deterministic_settings):
+    """train.deterministic and train.float32_precision: off by default; applied; checked."""
+    set_deterministic(_lazy_cfg())
+    set_float32_precision(_lazy_cfg())
+    assert not torch.are_deterministic_algorithms_enabled()
+    set_deterministic(_lazy_cfg(**{"train.deterministic": True, "train.seed": 3,
+                                   "train.device": "cpu"}))  # fmt: skip
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.backends.cudnn.benchmark is False
+    with pytest.raises(ValueError, match="train.float32_precision='tf32'"):
+        set_float32_precision(_lazy_cfg(**{"train.float32_precision": "tf32"}))
+
+
+def test_lazyconfig_train_net_applies_the_settings(tmp_path):
+    """lazyconfig_train_net.py applies train.deterministic before it builds anything: without a
+    seed it stops at once, naming the key."""
+    command = [
+        sys.executable, str(ROOT / "lazyconfig_train_net.py"), "--config-file",
+        str(CONFIGS / "htc_R_50_FPN_1x.py"), "--eval-only", f"train.output_dir={tmp_path}",
+        "train.deterministic=True",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=child_env(), timeout=300)
+    assert result.returncode != 0
+    assert "train.deterministic needs a fixed train.seed" in result.stderr
 
 
 def test_deterministic_training_steps_are_bit_identical(deterministic_settings):

@@ -1,15 +1,27 @@
+import functools
 import logging
 import os
 from pathlib import Path
-from typing import List
+from typing import Any, List, Tuple, Union
 
 import detectron2
 import torch
 from detectron2.config import CfgNode as CN
+from omegaconf import DictConfig, OmegaConf
 
 from . import layers
 
 FLOAT32_PRECISIONS = ("", "highest", "high", "medium")
+# The process settings' keys in a LazyConfig, with their defaults there (Detectron2's
+# default_setup reads SEED or train.seed, CUDNN_BENCHMARK or train.cudnn_benchmark, and so on).
+LAZY_SETTINGS = {
+    "DETERMINISTIC": ("train.deterministic", False),
+    "FLOAT32_PRECISION": ("train.float32_precision", ""),
+    "SEED": ("train.seed", -1),
+    "CUDNN_BENCHMARK": ("train.cudnn_benchmark", False),
+    "MODEL.DEVICE": ("train.device", "cuda"),
+    "MODEL.HTC.ROI_ALIGN": ("model.roi_heads.roi_align", "fast"),
+}
 
 
 def add_htc_config(cfg: CN) -> None:
@@ -117,49 +129,64 @@ def _add_backbone_config(cfg: CN) -> None:
     cfg.MODEL.SWIN.SQUARE_PAD = 0
 
 
-def set_float32_precision(cfg: CN) -> None:
-    """Apply ``cfg.FLOAT32_PRECISION`` to this process, as Detectron2 main's ``default_setup``
-    does (v0.6's does not): ``torch.set_float32_matmul_precision`` and cuDNN's TF32 switch, on
-    machines with CUDA; a no-op for "". It is a process-wide setting, not the model's."""
-    precision = cfg.FLOAT32_PRECISION
+def _setting(cfg: Union[CN, DictConfig], key: str) -> Tuple[str, Any]:
+    """The name and value of the process setting ``key`` (a yacs key) in ``cfg``: a yacs config,
+    or a LazyConfig, where it is :data:`LAZY_SETTINGS`'s key (its default where unset)."""
+    if isinstance(cfg, CN):
+        return key, functools.reduce(getattr, key.split("."), cfg)
+    name, default = LAZY_SETTINGS[key]
+    return name, OmegaConf.select(cfg, name, default=default)
+
+
+def set_float32_precision(cfg: Union[CN, DictConfig]) -> None:
+    """Apply ``cfg.FLOAT32_PRECISION`` (a LazyConfig's ``train.float32_precision``) to this
+    process, as Detectron2 main's ``default_setup`` does (v0.6's does not):
+    ``torch.set_float32_matmul_precision`` and cuDNN's TF32 switch, on machines with CUDA; a no-op
+    for "". It is a process-wide setting, not the model's."""
+    key, precision = _setting(cfg, "FLOAT32_PRECISION")
     if precision not in FLOAT32_PRECISIONS:
-        raise ValueError(f"FLOAT32_PRECISION={precision!r}: use one of {FLOAT32_PRECISIONS}")
+        raise ValueError(f"{key}={precision!r}: use one of {FLOAT32_PRECISIONS}")
     if precision == "" or not torch.cuda.is_available():
         return
     torch.set_float32_matmul_precision(precision)
     torch.backends.cudnn.allow_tf32 = precision != "highest"
     logging.getLogger(__name__).info(
-        f"FLOAT32_PRECISION={precision}: matmul precision "
+        f"{key}={precision}: matmul precision "
         f"{torch.get_float32_matmul_precision()}, cuDNN TF32 {torch.backends.cudnn.allow_tf32}"
     )
 
 
-def set_deterministic(cfg: CN) -> None:
-    """Apply ``cfg.DETERMINISTIC`` to this process: ``torch.use_deterministic_algorithms`` (an op
-    without a deterministic kernel raises), cuBLAS's fixed workspace and cuDNN without
-    autotuning. HTC's own ops have deterministic kernels on CUDA (the Triton RoIAlign, the
-    semantic branch's resize and loss); Detectron2 seeds the data order from ``SEED``."""
-    if not cfg.DETERMINISTIC:
+def set_deterministic(cfg: Union[CN, DictConfig]) -> None:
+    """Apply ``cfg.DETERMINISTIC`` (a LazyConfig's ``train.deterministic``) to this process:
+    ``torch.use_deterministic_algorithms`` (an op without a deterministic kernel raises), cuBLAS's
+    fixed workspace and cuDNN without autotuning. HTC's own ops have deterministic kernels on CUDA
+    (the Triton RoIAlign, the semantic branch's resizes and loss); Detectron2 seeds the data order
+    from ``SEED`` (``train.seed``)."""
+    key, deterministic = _setting(cfg, "DETERMINISTIC")
+    if not deterministic:
         return
-    if cfg.SEED < 0:
+    seed_key, seed = _setting(cfg, "SEED")
+    if seed < 0:
         raise ValueError(
-            "DETERMINISTIC needs a fixed SEED (>= 0): without one, each run draws its own"
+            f"{key} needs a fixed {seed_key} (>= 0): without one, each run draws its own"
         )
-    if cfg.CUDNN_BENCHMARK:
+    benchmark_key, benchmark = _setting(cfg, "CUDNN_BENCHMARK")
+    if benchmark:
+        raise ValueError(f"{key} and {benchmark_key}: cuDNN's autotuning picks its kernels per run")
+    device = _setting(cfg, "MODEL.DEVICE")[1]
+    roi_align_key, roi_align = _setting(cfg, "MODEL.HTC.ROI_ALIGN")
+    if torch.device(device).type == "cuda" and (
+        roi_align != "fast" or layers.roi_align.triton_kernels() is None
+    ):
         raise ValueError(
-            "DETERMINISTIC and CUDNN_BENCHMARK: cuDNN's autotuning picks its kernels per run"
-        )
-    on_cuda = torch.device(cfg.MODEL.DEVICE).type == "cuda"
-    if on_cuda and (cfg.MODEL.HTC.ROI_ALIGN != "fast" or layers.roi_align.triton_kernels() is None):
-        raise ValueError(
-            "DETERMINISTIC on CUDA needs MODEL.HTC.ROI_ALIGN 'fast' with Triton installed: "
+            f"{key} on CUDA needs {roi_align_key} 'fast' with Triton installed: "
             "torchvision's RoIAlign backward accumulates with atomics"
         )
     # read when cuBLAS starts, which is after this in train_net.py's processes
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
-    logging.getLogger(__name__).info("DETERMINISTIC: deterministic algorithms only")
+    logging.getLogger(__name__).info(f"{key}: deterministic algorithms only")
 
 
 def require_detectron2(*names: str) -> List[type]:
