@@ -428,23 +428,48 @@ def counts_job(job: dict) -> dict:
         inputs = train_inputs(name, device, job["height"], 2)
         train_step(model, inputs)
         sync(device)
+        start = time.perf_counter()
         with profile(activities=activities) as prof:
             train_step(model, inputs)
             sync(device)
+        wall = time.perf_counter() - start
         counts = defaultdict(int)
         for event in prof.events():
             if event.name in SYNC_EVENTS:
                 counts[event.name] += 1
             elif event.name in LAUNCH_EVENTS:
                 counts["kernel launches"] += 1
+        # busy against wall: how far the step is bound by the host (launches, syncs, Python)
+        counts["step under the profiler (ms)"] = round(wall * 1000, 1)
+        counts[f"{BUSY[device == 'cuda']} (ms)"] = round(busy_ms(prof, device), 1)
         result["counts"][name] = dict(counts)
         result["ops"][name] = self_times(prof, device)
     return result
 
 
+BUSY = {True: "device busy", False: "CPU time in ops"}
+
+
+def _self_time_key(device: str) -> str:
+    return "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+
+
+def busy_ms(prof, device: str) -> float:
+    """The time of all of ``prof``'s kernels on CUDA (its device events, annotations aside, as
+    the profiler's own total counts them), else of all its ops on CPU, in ms."""
+    if device != "cuda":
+        return sum(e.self_cpu_time_total for e in prof.key_averages()) / 1000
+    kernels = [
+        e for e in prof.key_averages()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+        and not getattr(e, "is_user_annotation", False)
+    ]  # fmt: skip
+    return sum(e.self_device_time_total for e in kernels) / 1000
+
+
 def self_times(prof, device: str, count: int = 20) -> Dict[str, float]:
     """The ``count`` ops of ``prof`` with the most self time (device time on CUDA), in ms."""
-    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    key = _self_time_key(device)
     ops = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
     return {op.key: getattr(op, key) / 1000 for op in ops[:count]}
 
@@ -636,7 +661,7 @@ def report_precision(results: dict) -> None:
 
 
 def report_counts(results: dict) -> None:
-    print("\nOne train step (2 images): host syncs and kernel launches\n")
+    print("\nOne train step (2 images): host syncs, kernel launches, busy time against wall time\n")
     counts = results["counts"]["counts"]
     names = sorted(set().union(*(c.keys() for c in counts.values())))
     print("| event | " + " | ".join(counts) + " |")
