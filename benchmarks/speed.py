@@ -441,17 +441,11 @@ def counts_job(job: dict) -> dict:
                 counts["kernel launches"] += 1
         # busy against wall: how far the step is bound by the host (launches, syncs, Python)
         counts["step under the profiler (ms)"] = round(wall * 1000, 1)
-        counts[f"{BUSY[device == 'cuda']} (ms)"] = round(busy_ms(prof, device), 1)
+        busy = "device busy" if device == "cuda" else "CPU time in ops"
+        counts[f"{busy} (ms)"] = round(busy_ms(prof, device), 1)
         result["counts"][name] = dict(counts)
         result["ops"][name] = self_times(prof, device)
     return result
-
-
-BUSY = {True: "device busy", False: "CPU time in ops"}
-
-
-def _self_time_key(device: str) -> str:
-    return "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
 
 
 def busy_ms(prof, device: str) -> float:
@@ -469,7 +463,7 @@ def busy_ms(prof, device: str) -> float:
 
 def self_times(prof, device: str, count: int = 20) -> Dict[str, float]:
     """The ``count`` ops of ``prof`` with the most self time (device time on CUDA), in ms."""
-    key = _self_time_key(device)
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     ops = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
     return {op.key: getattr(op, key) / 1000 for op in ops[:count]}
 
