@@ -53,7 +53,7 @@ class Counts(TorchDispatchMode):
 
 
 class StandIn:
-    """A Triton kernel's stand-in: writes zeros to its outputs (ones to ``samples``)."""
+    """A Triton kernel's stand-in: writes zeros to its outputs (ones to ``entries``)."""
 
     def __init__(self, kernel, counts: Counts):
         self.names, self.counts = kernel.arg_names, counts
@@ -63,7 +63,7 @@ class StandIn:
             for name, value in zip(self.names, args):
                 if name in OUTPUTS:
                     value.zero_()
-                elif name == "samples":
+                elif name == "entries":
                     value.fill_(1)
 
         return lambda *args, **kwargs: self.counts.add("Triton launch", fill, *args)
@@ -87,9 +87,9 @@ def count_step(name: str, size: int) -> Counter:
         inputs = train_inputs(name, "cpu", size, 2)
         train_step(model, inputs)
         patch(torch.Tensor, "tolist", lambda t: counts.add("tolist", tolist, t))
-        if hasattr(triton, "SampleCount"):  # reads pinned memory after an event: no wait
-            total = triton.SampleCount.total
-            patch(triton.SampleCount, "total", lambda c: counts.add("(pinned read)", total, c))
+        if hasattr(triton, "EntryCount"):  # reads pinned memory after an event: no wait
+            total = triton.EntryCount.total
+            patch(triton.EntryCount, "total", lambda c: counts.add("(pinned read)", total, c))
         counts.ops.clear()  # the warm-up's launches
         with counts:
             train_step(model, inputs)

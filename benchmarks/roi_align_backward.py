@@ -1,6 +1,7 @@
 """RoIAlign backward: torchvision's kernel (as Detectron2's ROIAlign) vs htc.layers'
 FastROIAlign (CPU: the sparse-matrix backward; CUDA: the Triton kernels, entry build included),
-side by side in one run (same inputs, same output gradient), with the max gradient difference;
+side by side in one run (same inputs, same output gradient), with the max gradient difference
+and the number of interpolation entries (the sparse matrix's, the Triton backward's);
 a 4-level box pooler, forward and backward (Detectron2's, level by level, vs HTC's); on CUDA also
 the pooled 7x7 box feature (torchvision 14x14 + average pool vs computed directly) and whether
 two backward passes agree bit for bit.
@@ -19,6 +20,7 @@ from torch.nn import functional as F
 from torchvision.ops import roi_align
 
 from htc.layers import FastROIAlign, ROIAlign
+from htc.layers.roi_align import interpolation_entries
 from htc.poolers import HTCROIPooler
 
 # (images, channels, feature H, W, stride, RoIs, output): demo training, COCO-size training;
@@ -72,8 +74,11 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(2)
     device = args.device
-    print("| N, C, H, W, stride, RoIs, out | torchvision (ms) | fast (ms) | speed-up | max diff |")
-    print("|---|---|---|---|---|")
+    print(
+        "| N, C, H, W, stride, RoIs, out | torchvision (ms) | fast (ms) | speed-up | max diff "
+        "| entries (M), nonzero |"
+    )
+    print("|---|---|---|---|---|---|")
     for case in CASES:
         n, c, h, w, stride, r, out = case
         x, rois = case_inputs(case, device)
@@ -81,9 +86,11 @@ def main():
         fast = FastROIAlign(*geometry)
         t_tv, g_tv = backward_time(ROIAlign(*geometry), x, rois, device, args.repeats)
         t_fa, g_fa = backward_time(fast, x, rois, device, args.repeats)
+        weight = interpolation_entries(rois.cpu(), tuple(x.shape), *geometry)[2]
         print(
             f"| {n}, {c}, {h}, {w}, {stride}, {r}, {out} | {t_tv * 1e3:.2f} | {t_fa * 1e3:.2f} "
-            f"| {t_tv / t_fa:.1f}x | {(g_tv - g_fa).abs().max():.1e} |"
+            f"| {t_tv / t_fa:.1f}x | {(g_tv - g_fa).abs().max():.1e} "
+            f"| {len(weight) / 1e6:.2f}, {(weight != 0).sum() / 1e6:.2f} |"
         )
     pooler_row(device, args.repeats)
     if device == "cuda":

@@ -16,7 +16,7 @@ from triton.compiler import ASTSource
 import htc.layers.roi_align_triton as kernels
 
 TABLE = {"rois": "*fp32", "table": "*i32", "scales": "*fp32", "sampling_ratio": "i32"}
-SIZES = {name: "i32" for name in ("C", "out_h", "out_w", "pooled_h", "pooled_w", "num_rois",
+SIZES = {name: "i32" for name in ("C", "out_h", "out_w", "num_rois",
                                   "search_steps", "total")}  # fmt: skip
 
 
@@ -29,15 +29,11 @@ def variants():
             for pool in (1, 2):
                 yield kernels._forward_kernel, types, dict(ALIGNED=True, POOL=pool, LEVELS=many,
                                                            BLOCK_C=256)  # fmt: skip
-        yield (
-            kernels._samples_kernel,
-            dict(common, samples="*i64"),
-            dict(ALIGNED=True, LEVELS=many, BLOCK=kernels.BLOCK),
-        )
         types = dict(common, ends="*i64", pixel="*i32", cell="*i32", weight="*fp32")
         for pool in (1, 2):
-            yield kernels._entries_kernel, types, dict(ALIGNED=True, POOL=pool, LEVELS=many,
-                                                       BLOCK=kernels.BLOCK)  # fmt: skip
+            constexprs = dict(ALIGNED=True, POOL=pool, LEVELS=many, BLOCK=kernels.BLOCK)
+            yield kernels._counts_kernel, dict(common, entries="*i64"), constexprs
+            yield kernels._entries_kernel, types, constexprs
     for dtype in ("*fp32", "*fp16", "*bf16"):
         types = dict(row_start="*i64", cells="*i32", weights="*fp32", grad_out=dtype,
                      grad_in=dtype, C="i32")  # fmt: skip

@@ -18,6 +18,7 @@ def _case(seed, scale, num_rois=40):
     boxes = torch.rand(num_rois, 4, generator=g, dtype=torch.float64) * extent * 1.3 - 0.2 * extent
     boxes[:, 2:] = boxes[:, :2] + torch.rand(num_rois, 2, generator=g, dtype=torch.float64) * extent
     boxes[:3, 2:] = boxes[:3, :2]  # empty RoIs
+    boxes[3] = torch.tensor([w, h, w - 6, h - 6], dtype=torch.float64) / scale / 2  # inverted
     batch = torch.randint(0, 3, (num_rois, 1), generator=g).double()
     return x, torch.cat([batch, boxes], dim=1)
 
@@ -70,6 +71,34 @@ def test_pooled_gradient_equals_pooling_after_roi_align():
     (got,) = torch.autograd.grad(ours, leaf, grad)
     (expected,) = torch.autograd.grad(want, ref_leaf, grad)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("pool", [1, 2])
+def test_a_cells_samples_share_their_taps(pool):
+    """n x n samples per output cell make (n+1)^2 entries, a y tap times an x tap each summed
+    over the cell's samples, where one entry per sample and bilinear tap made 4n^2; the matrix
+    is torchvision's (its RoIAlign of the 64 unit images of an 8x8 feature)."""
+    rois = torch.tensor([[0, 1.0, 2.0, 25.0, 26.0], [0, 5.0, 3.0, 17.0, 9.0]], dtype=torch.float64)
+    geometry = ((4, 4), 0.25, 0, True)  # RoI 0: 6 x 6 pixels, bins of 1.5, 2 x 2 samples
+    pixel, cell, weight = kernels.interpolation_entries(rois, (1, 1, 8, 8), *geometry, pool)
+    n = 2 * pool
+    assert (cell < (4 // pool) ** 2).sum() == (4 // pool) ** 2 * (n + 1) ** 2
+    matrix = torch.zeros(64, 2 * (4 // pool) ** 2, dtype=torch.float64)
+    matrix.index_put_((pixel, cell), weight, accumulate=True)
+    units = torch.eye(64, dtype=torch.float64).view(1, 64, 8, 8)
+    want = F.avg_pool2d(roi_align(units, rois, *geometry), pool)
+    torch.testing.assert_close(matrix, want.permute(1, 0, 2, 3).reshape(64, -1), rtol=0, atol=1e-15)
+
+
+def test_a_sample_rounded_past_its_taps_keeps_its_position():
+    """A merged cell's k-th sample has its low row kept within k rows of the first sample's
+    (exact for samples at most a pixel apart); one that rounding puts just past it keeps its
+    interpolated position, with weights just outside [0, 1]."""
+    pos = torch.tensor([3.0 + 2**-20], dtype=torch.float64)
+    low, high, w_low, w_high = kernels._taps(pos, 10, (torch.tensor([1]), torch.tensor([2])))
+    assert (low.item(), high.item()) == (2, 3)
+    assert w_low + w_high == 1 and w_low < 0
+    torch.testing.assert_close(low * w_low + high * w_high, pos, rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize("grad_mode", [True, False])

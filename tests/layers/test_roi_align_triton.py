@@ -84,8 +84,8 @@ def test_entries_equal_the_vectorised_builders(aligned, sampling_ratio, pool):
     x, rois = _case(seed=11, num_rois=16)
     table = triton_roi_align.LevelTable([x], [0.25])
     geometry = ((6, 4), sampling_ratio, aligned, pool)
-    samples = triton_roi_align.SampleCount(rois, None, table, geometry)
-    got = triton_roi_align.interpolation_entries(rois, None, table, geometry, samples)
+    count = triton_roi_align.EntryCount(rois, None, table, geometry)
+    got = triton_roi_align.interpolation_entries(rois, None, table, geometry, count)
     want = kernels.interpolation_entries(rois, tuple(x.shape), (6, 4), 0.25, *geometry[1:])
     assert len(got[0]) == len(want[0]) > 0
     assert torch.equal(got[0].long(), want[0])
@@ -238,6 +238,6 @@ def test_kernels_compile_for_the_gpu(tmp_path):
     script = Path(__file__).with_name("compile_triton_kernels.py")
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
-    # levels or one level x (3 dtypes x 2 pools of the forward, the counts, 2 pools of the
-    # entries), and the backward in 3 dtypes
-    assert out.stdout.count("compiled ") == 2 * (6 + 1 + 2) + 3
+    # levels or one level x (3 dtypes x 2 pools of the forward, 2 pools of the counts and of
+    # the entries), and the backward in 3 dtypes
+    assert out.stdout.count("compiled ") == 2 * (6 + 2 + 2) + 3

@@ -17,6 +17,7 @@
 
 import functools
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Callable, Dict, List, Optional, Tuple, Type
@@ -55,17 +56,81 @@ def _bins(
     return start_h, start_w, *bins, grid_h.clamp(min=0), grid_w.clamp(min=0)
 
 
-def _taps(pos: torch.Tensor, size: int) -> Tuple[torch.Tensor, ...]:
+def _taps(
+    pos: torch.Tensor, size: int, bounds: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+) -> Tuple[torch.Tensor, ...]:
     """Bilinear neighbours (low, high) of sample positions along one axis and their weights,
-    zero for samples outside [-1, size], as torchvision's kernel treats them."""
+    zero for samples outside [-1, size], as torchvision's kernel treats them. With ``bounds``
+    (per sample), ``low`` is kept in [bounds[0], bounds[1]] and the weights follow it (see
+    :func:`_axis_taps`)."""
     valid = (pos >= -1.0) & (pos <= size)
     pos = pos.clamp(min=0)
     low = pos.floor().long()
+    if bounds is not None:
+        low = torch.minimum(torch.maximum(low, bounds[0]), bounds[1])
     at_edge = low >= size - 1
     low = torch.where(at_edge, torch.full_like(low, size - 1), low)
     high = torch.where(at_edge, low, low + 1)
     frac = torch.where(at_edge, torch.zeros_like(pos), pos - low.to(pos.dtype))
     return low, high, (1 - frac) * valid, frac * valid
+
+
+def taps_per_cell(
+    bin_size: torch.Tensor, grid: torch.Tensor, pool: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per RoI along one axis: whether the n = pool*grid samples of an output cell run forward
+    at most one pixel apart (then their taps merge: n + 1 consecutive rows hold them all), and
+    the number of taps per output cell (n + 1 merged, else two per sample; 0 without samples).
+    (Samples run backwards in an inverted RoI, aligned, at a fixed sampling ratio.)"""
+    merged = (bin_size >= 0) & (bin_size <= grid)
+    n = grid * pool
+    return merged, torch.where(n == 0, 0, torch.where(merged, n + 1, 2 * n))
+
+
+def _axis_taps(
+    start: torch.Tensor,
+    bin_size: torch.Tensor,
+    grid: torch.Tensor,
+    pool: int,
+    cells: int,
+    size: int,
+    totals: Tuple[int, int],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bilinear taps along one axis of every output cell of every RoI: the feature rows
+    that the cell's pool*grid samples touch and the sum of their weights there (not divided
+    by the samples' count), ``taps_per_cell`` per cell, RoI-major then cell-major.
+
+    Merged taps are the rows L..L+n of a cell whose first sample's low row is L: the k-th
+    sample's low row is kept in [L, L+k] (exact for samples at most one pixel apart; where
+    rounding puts one past it, its weights follow it continuously, an error of that rounding).
+    ``totals``: the samples and the taps of all RoIs.
+
+    Returns:
+        of each tap: its RoI (T,), its cell in the RoI (T,), its row (T,) in [0, size) and its
+        weight (T,).
+    """
+    merged, per_cell = taps_per_cell(bin_size, grid, pool)
+    n = grid * pool
+    roi, k = _ragged(n * cells, totals[0])
+    pos = _sample_positions(start, bin_size, grid, roi, k)
+    cell, s, sample_merged = k // n[roi], k % n[roi], merged[roi]
+    first = pos[torch.arange(len(k), device=k.device) - s].clamp(min=0).floor().long()
+    first = first.clamp(max=size - 1)  # the low row of the cell's first sample
+    bounds = (torch.where(sample_merged, first, 0), torch.where(sample_merged, first + s, size))
+    low, high, w_low, w_high = _taps(pos, size, bounds)
+    tap_start = (per_cell * cells).cumsum(0) - per_cell * cells
+    slot = tap_start[roi] + cell * per_cell[roi] + torch.where(sample_merged, low - first, 2 * s)
+    weight = pos.new_zeros(totals[1]).index_add_(
+        0, torch.stack([slot, slot + 1], 1).flatten(), torch.stack([w_low, w_high], 1).flatten()
+    )
+    tap_roi, t = _ragged(per_cell * cells, totals[1])
+    tap_cell, t, tap_merged = t // per_cell[tap_roi], t % per_cell[tap_roi], merged[tap_roi]
+    # the cell's first sample (merged), or the tap's own sample
+    sample = ((n * cells).cumsum(0) - n * cells)[tap_roi] + tap_cell * n[tap_roi]
+    sample = sample + torch.where(tap_merged, 0, t // 2)
+    own = torch.where(t % 2 == 1, high[sample], low[sample])
+    row = torch.where(tap_merged, (low[sample] + t).clamp(max=size - 1), own)
+    return tap_roi, tap_cell, row, weight
 
 
 def interpolation_entries(
@@ -78,12 +143,16 @@ def interpolation_entries(
     pool: int = 1,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The entries of :func:`interpolation_matrix`, built without a loop over RoIs or grid
-    sizes, with one host sync (the numbers of sample rows, columns and points).
+    sizes, with one host sync (the numbers of samples, taps and entries).
+
+    An output cell's weight on a feature pixel is a sum over the cell's samples of products of
+    a weight along y and one along x: it is the product of the sums along each axis. So the
+    entries of a cell are its y taps times its x taps (:func:`_axis_taps`): (n+1)^2 for n x n
+    samples, where one entry per sample and bilinear tap makes 4n^2.
 
     Returns:
         pixel (E,) rows in [0, N*H*W), cell (E,) columns in [0, R*(Sh/pool)*(Sw/pool)) and
-        weight (E,), four entries (the bilinear taps) per sample point, sample-major; entries
-        of one (pixel, cell) pair are not merged.
+        weight (E,): per RoI, its y taps times its x taps, y-major; zero weights included.
     """
     num, _, height, width = input_shape
     pooled_h, pooled_w = output_size
@@ -91,33 +160,31 @@ def interpolation_entries(
     start_h, start_w, bin_h, bin_w, grid_h, grid_w = _bins(
         rois, output_size, spatial_scale, sampling_ratio, aligned
     )
-    rows, cols = grid_h * pooled_h, grid_w * pooled_w  # sample rows and columns per RoI
-    samples = rows * cols
-    totals = torch.stack([rows.sum(), cols.sum(), samples.sum()]).tolist()
-    y_roi, y_index = _ragged(rows, totals[0])
-    x_roi, x_index = _ragged(cols, totals[1])
-    y_taps = _taps(_sample_positions(start_h, bin_h, grid_h, y_roi, y_index), height)
-    x_taps = _taps(_sample_positions(start_w, bin_w, grid_w, x_roi, x_index), width)
-    # sample points, RoI-major, row-major: a sample row of RoI r times one of its columns
-    roi, k = _ragged(samples, totals[2])
-    row_in_roi, col_in_roi = k // cols[roi], k % cols[roi]
-    row = (rows.cumsum(0) - rows)[roi] + row_in_roi
-    col = (cols.cumsum(0) - cols)[roi] + col_in_roi
-    y_low, y_high, wy_low, wy_high = (t[row] for t in y_taps)
-    x_low, x_high, wx_low, wx_high = (t[col] for t in x_taps)
-    base = rois[roi, 0].long() * (height * width)
-    pixel = torch.stack(
-        [y_low * width + x_low, y_low * width + x_high, y_high * width + x_low,
-         y_high * width + x_high], dim=1,
-    ) + base[:, None]  # fmt: skip
-    count = (grid_h * grid_w * (pool * pool)).to(wy_low.dtype)[roi]
-    weight = (
-        torch.stack([wy_low * wx_low, wy_low * wx_high, wy_high * wx_low, wy_high * wx_high], dim=1)
-        / count[:, None]
-    )
-    i, j = row_in_roi // grid_h[roi], col_in_roi // grid_w[roi]
-    cell = roi * (out_h * out_w) + (i // pool) * out_w + j // pool
-    return pixel.reshape(-1), cell[:, None].expand(-1, 4).reshape(-1), weight.reshape(-1)
+    y_taps = taps_per_cell(bin_h, grid_h, pool)[1] * out_h  # per RoI
+    x_taps = taps_per_cell(bin_w, grid_w, pool)[1] * out_w
+    counts = [grid_h * pooled_h, y_taps, grid_w * pooled_w, x_taps, y_taps * x_taps]
+    totals = torch.stack([c.sum() for c in counts]).tolist()
+    y_axis = _axis_taps(start_h, bin_h, grid_h, pool, out_h, height, totals[:2])
+    _, x_cell, x_row, x_weight = _axis_taps(start_w, bin_w, grid_w, pool, out_w, width, totals[2:4])
+    # what each y tap gives its entries, the RoI's terms folded in
+    y_roi, y_cell, y_row, y_weight = y_axis
+    y_pixel = rois[y_roi, 0].long() * (height * width) + y_row * width
+    y_cell = y_roi * (out_h * out_w) + y_cell * out_w
+    y_weight = y_weight / (grid_h * grid_w * (pool * pool)).to(y_weight.dtype)[y_roi]
+    y, x = _tap_pairs(y_roi, x_taps, totals[4])
+    return y_pixel[y] + x_row[x], y_cell[y] + x_cell[x], y_weight[y] * x_weight[x]
+
+
+def _tap_pairs(
+    y_roi: torch.Tensor, x_taps: torch.Tensor, total: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each y tap (of RoI ``y_roi``) paired with every x tap of its RoI (``x_taps`` per RoI,
+    laid end to end), y-major: the y tap (total,) and the x tap (total,) of each pair."""
+    device = y_roi.device
+    per_y = x_taps[y_roi]
+    y = torch.repeat_interleave(torch.arange(len(y_roi), device=device), per_y, output_size=total)
+    x_first = (x_taps.cumsum(0) - x_taps)[y_roi] - (per_y.cumsum(0) - per_y)
+    return y, torch.arange(total, device=device) + x_first[y]
 
 
 def _ragged(count: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -154,15 +221,22 @@ def interpolation_matrix(
 ) -> torch.Tensor:
     """The sparse (N*H*W, R*Sh*Sw) matrix ``M`` with ``roi_align(x) = M^T x`` per channel
     (x laid out as (N*H*W, C)), following torchvision's CPU kernel; with ``pool`` = k, the
-    (N*H*W, R*(Sh/k)*(Sw/k)) matrix of ``avg_pool2d(roi_align(x), k)``."""
+    (N*H*W, R*(Sh/k)*(Sw/k)) matrix of ``avg_pool2d(roi_align(x), k)``. In CSR: its product
+    sums each pixel's entries in one thread, in a fixed order."""
     args = (output_size, spatial_scale, sampling_ratio, aligned, pool)
     pixel, cell, weight = interpolation_entries(rois, input_shape, *args)
     num, _, height, width = input_shape
+    pixels = num * height * width
     cells = rois.shape[0] * (output_size[0] // pool) * (output_size[1] // pool)
-    # indices are in range by construction (clamped taps, RoI-major columns)
-    return torch.sparse_coo_tensor(
-        torch.stack([pixel, cell]), weight, (num * height * width, cells), check_invariants=False
-    )
+    # a stable sort: the order within a pixel is the entries' own (int32 keys sort faster)
+    pixel, order = torch.sort(pixel.int() if pixels < 2**31 else pixel, stable=True)
+    row_start = torch.searchsorted(pixel, torch.arange(pixels + 1).to(pixel))
+    with warnings.catch_warnings():  # PyTorch calls CSR "beta"; construction and mm are not
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+        # indices are in range by construction (clamped taps)
+        return torch.sparse_csr_tensor(
+            row_start, cell[order], weight[order], (pixels, cells), check_invariants=False
+        )
 
 
 @functools.cache
@@ -240,7 +314,7 @@ def sparse_backward(
     num, channels, height, width = input_shape
     matrix = interpolation_matrix(rois, input_shape, *geometry)
     grad = grad_output.permute(0, 2, 3, 1).reshape(-1, channels)
-    grad = torch.sparse.mm(matrix, grad.to(matrix.dtype))
+    grad = matrix @ grad.to(matrix.dtype)
     return grad.view(num, height, width, channels).permute(0, 3, 1, 2).contiguous()
 
 

@@ -10,8 +10,9 @@
   With ``pool`` = k it averages kxk cells of the full-size output at once: the 7x7 box feature
   comes straight from the 14x14 geometry.
 * Backward: no atomics. One kernel writes the interpolation entries (feature pixel, output
-  cell, weight: four per sample point, in the order of :func:`htc.layers.roi_align.
-  interpolation_entries`); they are sorted by pixel (a stable sort), and one program per pixel
+  cell, weight: a cell's y taps times its x taps, each tap summed over the cell's samples, in
+  the order of :func:`htc.layers.roi_align.interpolation_entries`: (n+1)^2 per cell of n x n
+  samples, not 4n^2); they are sorted by pixel (a stable sort), and one program per pixel
   sums its entries' output gradients, eight at a time, in the order of that sort, so gradients
   are bit-identical from run to run. The number of entries is counted in the forward pass and
   reaches the host without stalling the stream, so the backward is a handful of launches and
@@ -139,49 +140,63 @@ def _forward_kernel(
     tl.store(target, value.to(out.dtype.element_ty), mask=channel_mask)
 
 
+@triton.jit
+def _taps_per_cell(bin_size, grid, POOL: tl.constexpr):
+    """Along one axis, as :func:`htc.layers.roi_align.taps_per_cell`: whether a cell's samples
+    merge their taps, its samples and its taps."""
+    n = tl.maximum(grid, 0) * POOL
+    merged = (bin_size >= 0.0) & (bin_size <= grid.to(tl.float32))
+    return merged, n, tl.where(n == 0, 0, tl.where(merged, n + 1, 2 * n))
+
+
+@triton.jit
+def _sample(start, bin_size, grid, k):
+    """Position along one axis of sample ``k`` of a RoI (bin ``k // grid``, sample ``k % grid``
+    in it), as torchvision computes it."""
+    return start + (k // grid) * bin_size + (k % grid + 0.5) * bin_size / grid
+
+
+@triton.jit
+def _axis_tap(start, bin_size, grid, cell, t, size, POOL: tl.constexpr):
+    """Row and weight (the sum over the cell's samples, not divided by their count) of tap
+    ``t`` of output cell ``cell`` along one axis, as :func:`htc.layers.roi_align._axis_taps`
+    makes them, the samples summed in the same order."""
+    merged, n, _ = _taps_per_cell(bin_size, grid, POOL)
+    grid = tl.maximum(grid, 1)
+    k = cell * n
+    first = tl.minimum(tl.maximum(_sample(start, bin_size, grid, k), 0.0).to(tl.int32), size - 1)
+    weight = tl.zeros(t.shape, dtype=tl.float32)
+    own = tl.zeros(t.shape, dtype=tl.int32)
+    for s in range(tl.max(n, axis=0)):
+        pos = _sample(start, bin_size, grid, k + s)
+        valid = ((pos >= -1.0) & (pos <= size)).to(tl.float32)
+        pos = tl.maximum(pos, 0.0)
+        low = pos.to(tl.int32)
+        low = tl.where(merged, tl.minimum(tl.maximum(low, first), first + s), low)
+        edge = low >= size - 1
+        low = tl.where(edge, size - 1, low)
+        high = tl.where(edge, low, low + 1)
+        frac = tl.where(edge, 0.0, pos - low.to(tl.float32))
+        active = s < n
+        hit_low = active & tl.where(merged, low - first == t, 2 * s == t)
+        hit_high = active & tl.where(merged, low - first + 1 == t, 2 * s + 1 == t)
+        weight += tl.where(hit_low, (1.0 - frac) * valid, 0.0) + tl.where(
+            hit_high, frac * valid, 0.0
+        )
+        own = tl.where(hit_low, low, tl.where(hit_high, high, own))
+    return tl.where(merged, tl.minimum(first + t, size - 1), own), weight
+
+
 # do_not_specialize: counts that change from call to call, for which Triton would compile a
 # kernel per residue mod 16 (and for 1), mid-training
 @triton.jit(do_not_specialize=["num_rois"])
-def _samples_kernel(
+def _counts_kernel(
     rois,  # (R, 5) fp32
     levels,  # (R,)
     table,  # (L, 4) int32
     scales,  # (L, 4) fp32
-    samples,  # (R,) int64 out: sample points per RoI
+    entries,  # (R,) int64 out: interpolation entries per RoI
     num_rois,
-    pooled_h,
-    pooled_w,
-    sampling_ratio,
-    offset,
-    ALIGNED: tl.constexpr,
-    LEVELS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = r < num_rois
-    # names, not *_: Triton's compiler pairs the targets with the values one by one
-    _, _, _, scale = _level(levels, table, scales, r, mask, LEVELS)
-    _, _, _, _, grid_h, grid_w = _geometry(
-        rois + r * 5, mask, scale, offset, sampling_ratio, pooled_h, pooled_w, ALIGNED
-    )
-    rows = tl.maximum(grid_h, 0) * pooled_h
-    cols = tl.maximum(grid_w, 0) * pooled_w
-    tl.store(samples + r, rows.to(tl.int64) * cols, mask=mask)
-
-
-@triton.jit(do_not_specialize=["num_rois", "search_steps", "total"])
-def _entries_kernel(
-    rois,  # (R, 5) fp32
-    levels,  # (R,)
-    table,  # (L, 4) int32
-    scales,  # (L, 4) fp32
-    ends,  # (R,) int64: cumulative sample points of the RoIs
-    pixel,  # (4 * total,) int32 out: pixel of the levels' joint buffer
-    cell,  # (4 * total,) int32 out: output cell in [0, R*out_h*out_w)
-    weight,  # (4 * total,) fp32 out
-    num_rois,
-    search_steps,  # >= log2(R + 1)
-    total,  # sample points of all RoIs
     out_h,
     out_w,
     sampling_ratio,
@@ -191,53 +206,75 @@ def _entries_kernel(
     LEVELS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    s = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    mask = s < total
-    # the sample's RoI: the first whose end is past it (binary search)
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = r < num_rois
+    # names, not *_: Triton's compiler pairs the targets with the values one by one
+    _, _, _, scale = _level(levels, table, scales, r, mask, LEVELS)
+    _, _, bin_h, bin_w, grid_h, grid_w = _geometry(
+        rois + r * 5, mask, scale, offset, sampling_ratio, out_h * POOL, out_w * POOL, ALIGNED
+    )
+    _, _, taps_h = _taps_per_cell(bin_h, grid_h, POOL)
+    _, _, taps_w = _taps_per_cell(bin_w, grid_w, POOL)
+    tl.store(entries + r, (taps_h * out_h).to(tl.int64) * (taps_w * out_w), mask=mask)
+
+
+@triton.jit(do_not_specialize=["num_rois", "search_steps", "total"])
+def _entries_kernel(
+    rois,  # (R, 5) fp32
+    levels,  # (R,)
+    table,  # (L, 4) int32
+    scales,  # (L, 4) fp32
+    ends,  # (R,) int64: cumulative entries of the RoIs
+    pixel,  # (total,) int32 out: pixel of the levels' joint buffer
+    cell,  # (total,) int32 out: output cell in [0, R*out_h*out_w)
+    weight,  # (total,) fp32 out
+    num_rois,
+    search_steps,  # >= log2(R + 1)
+    total,  # entries of all RoIs
+    out_h,
+    out_w,
+    sampling_ratio,
+    offset,
+    ALIGNED: tl.constexpr,
+    POOL: tl.constexpr,
+    LEVELS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = e < total
+    # the entry's RoI: the first whose end is past it (binary search)
     low = tl.zeros((BLOCK,), dtype=tl.int32)
     high = tl.zeros((BLOCK,), dtype=tl.int32) + num_rois
     for _ in range(search_steps):
         active = low < high
         mid = (low + high) // 2
         end = tl.load(ends + mid, mask=mask & active, other=0)
-        right = active & (end <= s)
+        right = active & (end <= e)
         low = tl.where(right, mid + 1, low)
         high = tl.where(active & ~right, mid, high)
     roi = tl.minimum(low, num_rois - 1)
-    k = s - tl.load(ends + roi - 1, mask=mask & (roi > 0), other=0)
+    k = e - tl.load(ends + roi - 1, mask=mask & (roi > 0), other=0)
     first, height, width, scale = _level(levels, table, scales, roi, mask, LEVELS)
     box = rois + roi * 5
-    pooled_h = out_h * POOL
-    pooled_w = out_w * POOL
     start_h, start_w, bin_h, bin_w, grid_h, grid_w = _geometry(
-        box, mask, scale, offset, sampling_ratio, pooled_h, pooled_w, ALIGNED
+        box, mask, scale, offset, sampling_ratio, out_h * POOL, out_w * POOL, ALIGNED
     )
-    grid_h = tl.maximum(grid_h, 1)  # a RoI that owns sample points has grid >= 1
-    grid_w = tl.maximum(grid_w, 1)
-    cols = grid_w * pooled_w
-    row = (k // cols).to(tl.int32)
-    col = (k % cols).to(tl.int32)
-    i = row // grid_h
-    j = col // grid_w
-    y = start_h + i * bin_h + (row % grid_h + 0.5) * bin_h / grid_h
-    x = start_w + j * bin_w + (col % grid_w + 0.5) * bin_w / grid_w
-    y_low, y_high, hy, ly, y_valid = _taps(y, height)
-    x_low, x_high, hx, lx, x_valid = _taps(x, width)
-    scale = tl.where(y_valid & x_valid, 1.0, 0.0) / (grid_h * grid_w * POOL * POOL).to(tl.float32)
+    _, _, taps_h = _taps_per_cell(bin_h, grid_h, POOL)
+    _, _, taps_w = _taps_per_cell(bin_w, grid_w, POOL)
+    taps_h = tl.maximum(taps_h, 1)  # a RoI that owns entries has taps
+    taps_w = tl.maximum(taps_w, 1)
+    # per RoI: its y taps times its x taps, y-major
+    y = (k // (taps_w * out_w)).to(tl.int32)
+    x = (k % (taps_w * out_w)).to(tl.int32)
+    i, j = y // taps_h, x // taps_w
+    y_row, y_weight = _axis_tap(start_h, bin_h, grid_h, i, y % taps_h, height, POOL)
+    x_row, x_weight = _axis_tap(start_w, bin_w, grid_w, j, x % taps_w, width, POOL)
+    count = (tl.maximum(grid_h, 1) * tl.maximum(grid_w, 1) * POOL * POOL).to(tl.float32)
     image = tl.load(box, mask=mask, other=0.0).to(tl.int64)
-    base = first + image * height * width
-    target = roi * (out_h * out_w) + (i // POOL) * out_w + j // POOL
-    e = s * 4
-    tl.store(pixel + e, (base + y_low * width + x_low).to(tl.int32), mask=mask)
-    tl.store(pixel + e + 1, (base + y_low * width + x_high).to(tl.int32), mask=mask)
-    tl.store(pixel + e + 2, (base + y_high * width + x_low).to(tl.int32), mask=mask)
-    tl.store(pixel + e + 3, (base + y_high * width + x_high).to(tl.int32), mask=mask)
-    for t in tl.static_range(4):
-        tl.store(cell + e + t, target, mask=mask)
-    tl.store(weight + e, hy * hx * scale, mask=mask)
-    tl.store(weight + e + 1, hy * lx * scale, mask=mask)
-    tl.store(weight + e + 2, ly * hx * scale, mask=mask)
-    tl.store(weight + e + 3, ly * lx * scale, mask=mask)
+    pixels = first + image * height * width + y_row * width + x_row
+    tl.store(pixel + e, pixels.to(tl.int32), mask=mask)
+    tl.store(cell + e, roi * (out_h * out_w) + i * out_w + j, mask=mask)
+    tl.store(weight + e, y_weight / count * x_weight, mask=mask)
 
 
 @triton.jit
@@ -264,8 +301,10 @@ def _backward_kernel(
         entry_mask = e < last
         cell = tl.load(cells + e, mask=entry_mask, other=0).to(tl.int64)
         weight = tl.load(weights + e, mask=entry_mask, other=0.0)
+        # zero weights (merged taps a cell's samples did not reach) cost no load
+        load = (entry_mask & (weight != 0.0))[:, None] & channel_mask[None, :]
         rows = grad_out + cell[:, None] * C + channels[None, :]
-        grad = tl.load(rows, mask=entry_mask[:, None] & channel_mask[None, :], other=0.0)
+        grad = tl.load(rows, mask=load, other=0.0)
         acc += tl.sum(weight[:, None] * grad.to(tl.float32), axis=0)
     target = grad_in + pixel.to(tl.int64) * C + channels
     tl.store(target, acc.to(grad_in.dtype.element_ty), mask=channel_mask)
@@ -345,10 +384,10 @@ def _forward(
     return out.permute(0, 3, 1, 2)
 
 
-class SampleCount:
-    """Per RoI, where its sample points end in the list of all ((R,) int64, on the device), and
-    their total, copied to the host without waiting (pinned memory, an event): read in the
-    backward pass, long after the copy finished, it costs no stall of the stream."""
+class EntryCount:
+    """Per RoI, where its interpolation entries end in the list of all ((R,) int64, on the
+    device), and their total, copied to the host without waiting (pinned memory, an event):
+    read in the backward pass, long after the copy finished, it costs no stall of the stream."""
 
     def __init__(
         self,
@@ -357,15 +396,15 @@ class SampleCount:
         table: LevelTable,
         geometry: Geometry,
     ):
-        (pooled_h, pooled_w), sampling_ratio, aligned, _ = geometry
-        samples = torch.empty(rois.shape[0], dtype=torch.int64, device=rois.device)
-        if len(samples) > 0:
-            _samples_kernel[(triton.cdiv(len(samples), BLOCK),)](
-                rois, *table.arguments(levels, rois), samples, len(samples), pooled_h,
-                pooled_w, sampling_ratio, 0.5 if aligned else 0.0, ALIGNED=aligned,
-                LEVELS=levels is not None, BLOCK=BLOCK,
+        (pooled_h, pooled_w), sampling_ratio, aligned, pool = geometry
+        entries = torch.empty(rois.shape[0], dtype=torch.int64, device=rois.device)
+        if len(entries) > 0:
+            _counts_kernel[(triton.cdiv(len(entries), BLOCK),)](
+                rois, *table.arguments(levels, rois), entries, len(entries), pooled_h // pool,
+                pooled_w // pool, sampling_ratio, 0.5 if aligned else 0.0, ALIGNED=aligned,
+                POOL=pool, LEVELS=levels is not None, BLOCK=BLOCK,
             )  # fmt: skip
-        self.ends = samples.cumsum(0)
+        self.ends = entries.cumsum(0)
         last = self.ends[-1:] if len(self.ends) else self.ends.new_zeros(1)
         self._event = None
         if last.is_cuda:
@@ -387,11 +426,11 @@ def interpolation_entries(
     levels: Optional[torch.Tensor],
     table: LevelTable,
     geometry: Geometry,
-    samples: SampleCount,
+    count: EntryCount,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The entries of :func:`htc.layers.roi_align.interpolation_entries`, in its order, from one
     kernel: pixel (E,) int32 (of the levels' joint buffer), cell (E,) int32 and weight (E,)
-    fp32, E = 4 * ``samples.total()``."""
+    fp32, E = ``count.total()``."""
     (pooled_h, pooled_w), sampling_ratio, aligned, pool = geometry
     out_h, out_w = pooled_h // pool, pooled_w // pool
     if max(table.pixels, len(rois) * out_h * out_w) >= 2**31:
@@ -399,14 +438,14 @@ def interpolation_entries(
             f"RoIAlign backward: {table.pixels} feature pixels or {len(rois)}x{out_h}x{out_w} "
             "output cells do not fit the int32 entries"
         )
-    total = samples.total()
+    total = count.total()
     device = rois.device
-    pixel = torch.empty(4 * total, dtype=torch.int32, device=device)
-    cell = torch.empty(4 * total, dtype=torch.int32, device=device)
-    weight = torch.empty(4 * total, dtype=torch.float32, device=device)
+    pixel = torch.empty(total, dtype=torch.int32, device=device)
+    cell = torch.empty(total, dtype=torch.int32, device=device)
+    weight = torch.empty(total, dtype=torch.float32, device=device)
     if total > 0:
         _entries_kernel[(triton.cdiv(total, BLOCK),)](
-            rois, *table.arguments(levels, rois), samples.ends, pixel, cell, weight, len(rois),
+            rois, *table.arguments(levels, rois), count.ends, pixel, cell, weight, len(rois),
             len(rois).bit_length(), total, out_h, out_w, sampling_ratio,
             0.5 if aligned else 0.0, ALIGNED=aligned, POOL=pool, LEVELS=levels is not None,
             BLOCK=BLOCK,
@@ -420,11 +459,11 @@ def _backward(
     levels: Optional[torch.Tensor],
     table: LevelTable,
     geometry: Geometry,
-    samples: SampleCount,
+    count: EntryCount,
 ) -> torch.Tensor:
     """(P, C) gradient of the levels' joint buffer, in ``grad_output``'s dtype, deterministic
     (sorted entries, one program per feature pixel)."""
-    pixel, cell, weight = interpolation_entries(rois, levels, table, geometry, samples)
+    pixel, cell, weight = interpolation_entries(rois, levels, table, geometry, count)
     pixel, order = torch.sort(pixel, stable=True)
     pixels = torch.arange(table.pixels + 1, dtype=pixel.dtype, device=pixel.device)
     row_start = torch.searchsorted(pixel, pixels)
@@ -443,14 +482,14 @@ def _backward(
 
 class _ROIAlignLevels(torch.autograd.Function):
     """RoIAlign of RoIs on their levels, differentiable with respect to every level. When a
-    gradient will be wanted, the sample points are counted in the forward pass, so the backward
-    does not wait on the GPU to learn how many entries to allocate."""
+    gradient will be wanted, the interpolation entries are counted in the forward pass, so the
+    backward does not wait on the GPU to learn how many to allocate."""
 
     @staticmethod
     def forward(ctx, rois, levels, table, geometry, *features):
-        ctx.samples = None
+        ctx.count = None
         if any(ctx.needs_input_grad[4:]):
-            ctx.samples = SampleCount(rois, levels, table, geometry)
+            ctx.count = EntryCount(rois, levels, table, geometry)
         ctx.save_for_backward(rois, levels)
         ctx.table, ctx.geometry = table, geometry
         return _forward(table.joint(features), rois, levels, table, geometry)
@@ -458,7 +497,7 @@ class _ROIAlignLevels(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         rois, levels = ctx.saved_tensors
-        grad = _backward(grad_output, rois, levels, ctx.table, ctx.geometry, ctx.samples)
+        grad = _backward(grad_output, rois, levels, ctx.table, ctx.geometry, ctx.count)
         return (None, None, None, None, *ctx.table.split(grad))
 
 
