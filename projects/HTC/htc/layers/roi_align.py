@@ -95,7 +95,7 @@ def _axis_taps(
     cells: int,
     size: int,
     totals: Tuple[int, int],
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The bilinear taps along one axis of every output cell of every RoI: the feature rows
     that the cell's pool*grid samples touch and the sum of their weights there (not divided
     by the samples' count), ``taps_per_cell`` per cell, RoI-major then cell-major.
