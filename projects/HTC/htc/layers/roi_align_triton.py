@@ -310,7 +310,7 @@ def _backward_kernel(
     tl.store(target, acc.to(grad_in.dtype.element_ty), mask=channel_mask)
 
 
-BLOCK = 256  # RoIs or sample points per program of the counting and entry kernels
+BLOCK = 256  # RoIs or entries per program of the counting and entry kernels
 BLOCK_E = 8  # entries summed at once by a program of the backward
 
 
