@@ -54,12 +54,19 @@ def _taps(pos, size):
     a sample counts (inside [-1, size]), as torchvision's kernel treats them."""
     valid = (pos >= -1.0) & (pos <= size)
     pos = tl.maximum(pos, 0.0)
-    low = pos.to(tl.int32)
+    low, high, w_low, w_high = _neighbours(pos, pos.to(tl.int32), size)
+    return low, high, w_low, w_high, valid
+
+
+@triton.jit
+def _neighbours(pos, low, size):
+    """Of positions ``pos`` >= 0 with low rows ``low``: the low and high rows and their
+    weights, a low row at the last row or past it clamped to it (high = low, weight 1)."""
     edge = low >= size - 1
     low = tl.where(edge, size - 1, low)
     high = tl.where(edge, low, low + 1)
     frac = tl.where(edge, 0.0, pos - low.to(tl.float32))
-    return low, high, 1.0 - frac, frac, valid
+    return low, high, 1.0 - frac, frac
 
 
 @triton.jit
@@ -173,16 +180,11 @@ def _axis_tap(start, bin_size, grid, cell, t, size, POOL: tl.constexpr):
         pos = tl.maximum(pos, 0.0)
         low = pos.to(tl.int32)
         low = tl.where(merged, tl.minimum(tl.maximum(low, first), first + s), low)
-        edge = low >= size - 1
-        low = tl.where(edge, size - 1, low)
-        high = tl.where(edge, low, low + 1)
-        frac = tl.where(edge, 0.0, pos - low.to(tl.float32))
+        low, high, w_low, w_high = _neighbours(pos, low, size)
         active = s < n
         hit_low = active & tl.where(merged, low - first == t, 2 * s == t)
         hit_high = active & tl.where(merged, low - first + 1 == t, 2 * s + 1 == t)
-        weight += tl.where(hit_low, (1.0 - frac) * valid, 0.0) + tl.where(
-            hit_high, frac * valid, 0.0
-        )
+        weight += tl.where(hit_low, w_low * valid, 0.0) + tl.where(hit_high, w_high * valid, 0.0)
         own = tl.where(hit_low, low, tl.where(hit_high, high, own))
     return tl.where(merged, tl.minimum(first + t, size - 1), own), weight
 
