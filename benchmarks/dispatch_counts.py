@@ -8,7 +8,7 @@ zeros (ones for the sample counts): the ops around them are those of a GPU run; 
 not computed. Host reads, each a wait for the GPU on CUDA: ``aten::_local_scalar_dense``
 (``.item()``, ``float(tensor)``), ``aten::nonzero`` and ``Tensor.tolist``.
 
-    .venv/bin/python benchmarks/dispatch_counts.py [--size 320]
+    .venv/bin/python benchmarks/dispatch_counts.py [--size 320] [--images 2,8]
 """
 
 import argparse
@@ -69,8 +69,9 @@ class StandIn:
         return lambda *args, **kwargs: self.counts.add("Triton launch", fill, *args)
 
 
-def count_step(name: str, size: int) -> Counter:
-    """The counts of one train step of model ``name`` (after a warm-up step)."""
+def count_step(name: str, size: int, images: int) -> Counter:
+    """The counts of one train step of model ``name`` on ``images`` images (after a warm-up
+    step)."""
     triton = kernels.triton_kernels()
     counts = Counts()
     tolist = torch.Tensor.tolist
@@ -84,7 +85,7 @@ def count_step(name: str, size: int) -> Counter:
             if attr.endswith("_kernel"):
                 patch(triton, attr, StandIn(getattr(triton, attr), counts))
         model = build(name, "cpu", 100)
-        inputs = train_inputs(name, "cpu", size, 2)
+        inputs = train_inputs(name, "cpu", size, images)
         train_step(model, inputs)
         patch(torch.Tensor, "tolist", lambda t: counts.add("tolist", tolist, t))
         if hasattr(triton, "EntryCount"):  # reads pinned memory after an event: no wait
@@ -99,12 +100,9 @@ def count_step(name: str, size: int) -> Counter:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=320, help="square images")
+    parser.add_argument("--images", default="2,8", help="images per step, comma-separated")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    rows = {name: count_step(name, args.size) for name in ("cascade", "htc")}
-    print(f"One train step, 2 images of {args.size}x{args.size}, the CUDA code path\n")
-    print("| count | Cascade Mask R-CNN | HTC | HTC / Cascade |")
-    print("|---|---|---|---|")
     measures = {
         "ops dispatched (about one kernel launch each on CUDA)": lambda c: sum(
             v for k, v in c.items() if k not in {"tolist", "(pinned read)"}
@@ -114,10 +112,15 @@ def main():
         "host reads: `nonzero`": lambda c: c["nonzero"],
         "host reads: `tolist`": lambda c: c["tolist"],
     }
-    for title, measure in measures.items():
-        cascade, htc = measure(rows["cascade"]), measure(rows["htc"])
-        ratio = f"{htc / cascade:.2f}" if cascade else "-"
-        print(f"| {title} | {cascade} | {htc} | {ratio} |")
+    for images in map(int, args.images.split(",")):
+        rows = {name: count_step(name, args.size, images) for name in ("cascade", "htc")}
+        print(f"\nOne train step, {images} images of {args.size}x{args.size}, the CUDA code path\n")
+        print("| count | Cascade Mask R-CNN | HTC | HTC / Cascade |")
+        print("|---|---|---|---|")
+        for title, measure in measures.items():
+            cascade, htc = measure(rows["cascade"]), measure(rows["htc"])
+            ratio = f"{htc / cascade:.2f}" if cascade else "-"
+            print(f"| {title} | {cascade} | {htc} | {ratio} |")
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.modeling.roi_heads import ROI_MASK_HEAD_REGISTRY
 from detectron2.modeling.roi_heads.mask_head import mask_rcnn_loss
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
 from conftest import make_batch, tiny_cfg
 from htc import HTCMaskHead
-from htc.mask_head import mask_loss
+from htc.mask_head import mask_loss, mask_targets
 
 RATES = ("accuracy", "false_positive", "false_negative")
 
@@ -99,6 +99,32 @@ def test_mask_loss_is_mask_rcnn_loss_with_its_rates_on_the_device(num_classes, e
     (grad,) = torch.autograd.grad(loss, logits)
     (want_grad,) = torch.autograd.grad(want, logits)
     torch.testing.assert_close(grad, want_grad)
+
+
+def _triangle(box: torch.Tensor) -> list:
+    x1, y1, x2, y2 = box.tolist()
+    return [[x1, y1, x2, y1, (x1 + x2) / 2, y2]]
+
+
+@pytest.mark.parametrize("kind", ["polygons", "bitmaps of one size", "bitmaps of two sizes"])
+def test_mask_targets_of_all_images_at_once_are_each_images(kind):
+    g = torch.Generator().manual_seed(5)
+    instances = []
+    for count, size in ((3, 64), (0, 64), (4, 48 if kind.endswith("two sizes") else 64)):
+        gt = torch.rand(count, 4, generator=g).mul(size / 2).sort(dim=1).values
+        gt[:, 2:] += size / 2 - 1
+        rois = Instances(
+            (size, size), proposal_boxes=Boxes(gt + torch.randn(count, 4, generator=g))
+        )
+        if kind == "polygons":
+            rois.gt_masks = PolygonMasks([_triangle(box) for box in gt])
+        else:
+            rois.gt_masks = BitMasks(torch.rand(count, size, size, generator=g) > 0.5)
+        instances.append(rois)
+    got = mask_targets(instances, 28)
+    want = [x.gt_masks.crop_and_resize(x.proposal_boxes.tensor, 28) for x in instances]
+    assert got.shape == (7, 28, 28) and torch.equal(got, torch.cat(want))
+    assert got.float().mean() > 0.1
 
 
 def test_mask_loss_without_rois_is_a_zero_with_a_gradient():

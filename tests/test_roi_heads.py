@@ -38,22 +38,29 @@ def test_stage_weights_scale_box_and_mask_losses():
 
 
 def _record_rois(model, batch):
-    """Per stage: the boxes the box head saw and the boxes the mask loss saw."""
+    """Per stage: the boxes the box head saw and its number of foreground RoIs, and the boxes
+    the mask loss saw with their ``from_gt``."""
     heads = model.roi_heads
-    box_rois, mask_rois = {}, {}
+    box_rois, num_fg, mask_rois, mask_from_gt = {}, {}, {}, {}
     run_stage, mask_loss = heads._run_stage, heads._mask_loss
+    bg = heads.num_classes
 
     def spy_stage(features, proposals, stage):
         box_rois[stage] = torch.cat([p.proposal_boxes.tensor for p in proposals])
+        classes = torch.cat([p.gt_classes for p in proposals])
+        num_fg[stage] = int(((classes >= 0) & (classes != bg)).sum())
         return run_stage(features, proposals, stage)
 
     def spy_mask(features, instances, stage):
         mask_rois[stage] = torch.cat([p.proposal_boxes.tensor for p in instances])
+        mask_from_gt[stage] = torch.cat([p.from_gt for p in instances])
+        classes = torch.cat([p.gt_classes for p in instances])
+        assert ((classes >= 0) & (classes != bg)).all()  # the mask loss sees foreground only
         return mask_loss(features, instances, stage)
 
     heads._run_stage, heads._mask_loss = spy_stage, spy_mask
     train_losses(model, batch)
-    return box_rois, mask_rois
+    return box_rois, num_fg, mask_rois, mask_from_gt
 
 
 def _rows_in(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -63,13 +70,14 @@ def _rows_in(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("interleaved", [True, False])
 def test_interleaving_changes_mask_rois(interleaved):
     model = build_model(tiny_cfg(interleaved=interleaved))
-    box_rois, mask_rois = _record_rois(model, make_batch())
+    box_rois, num_fg, mask_rois, from_gt = _record_rois(model, make_batch())
     for t in STAGES:
         inside = _rows_in(mask_rois[t], box_rois[t])
-        if interleaved:  # refined boxes of stage t, re-sampled (only re-added GT boxes coincide)
-            assert inside.float().mean() < 0.5
-        else:
-            assert inside.all() and len(mask_rois[t]) == len(box_rois[t])
+        if interleaved:  # refined boxes of stage t, re-sampled (re-added GT boxes coincide)
+            assert (~from_gt[t]).any()
+            assert inside[~from_gt[t]].float().mean() < 0.5
+        else:  # the foreground of the box head's RoIs
+            assert inside.all() and len(mask_rois[t]) == num_fg[t]
 
 
 @pytest.mark.parametrize("info_flow", [True, False])

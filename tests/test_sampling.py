@@ -1,11 +1,78 @@
-"""htc.sampling: the RoI sample of Detectron2's subsample_labels (sizes, positives first, never
-an ignored RoI, uniform draws) and its labels, with one host sync for all images."""
+"""htc.sampling: Detectron2's matching and RoI sample for all images at once (the same IoUs and
+labels to the bit; sizes, positives first, never an ignored RoI, uniform draws), with one host
+sync for all images, and HTC's ROI heads sampling with it."""
 
+import pytest
 import torch
+from detectron2.modeling import build_model
+from detectron2.modeling.matcher import Matcher
+from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks, pairwise_iou
+from detectron2.utils.events import EventStorage
 
-from htc.sampling import label_proposals, subsample_labels
+from conftest import tiny_cfg
+from htc.sampling import label_proposals, match, subsample_labels
 
 BG = 5
+
+
+def _boxes(n: int, g: torch.Generator, size: float = 100.0) -> torch.Tensor:
+    xy = torch.rand(n, 2, generator=g) * size
+    wh = torch.rand(n, 2, generator=g) * size / 2
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+def _images(gt_counts, num_candidates=60, seed=0):
+    """Per image: (candidates, GT boxes); some candidates are GT boxes, some GT boxes repeat
+    (equal IoUs: the first GT box must win), some candidates are empty boxes."""
+    g = torch.Generator().manual_seed(seed)
+    images = []
+    for count in gt_counts:
+        gt = _boxes(count, g)
+        if count >= 2:
+            gt[1] = gt[0]
+        candidates = _boxes(num_candidates, g)
+        candidates[: min(count, 5)] = gt[:5]
+        candidates[-1] = torch.tensor([10.0, 10.0, 10.0, 30.0])  # empty: IoU 0
+        images.append((candidates, gt))
+    return images
+
+
+@pytest.mark.parametrize(
+    "thresholds, labels", [([0.5], [0, 1]), ([0.3, 0.7], [0, -1, 1]), ([0.4], [-1, 1])]
+)
+def test_match_is_detectron2s_matcher_on_each_image(thresholds, labels):
+    images = _images([3, 0, 7, 1, 12])
+    matcher = Matcher(thresholds, labels, allow_low_quality_matches=False)
+    boxes = torch.cat([c for c, _ in images])
+    image = torch.cat([torch.full((len(c),), i) for i, (c, _) in enumerate(images)])
+    index, got = match(matcher, boxes, image, [gt for _, gt in images])
+    start, offsets = 0, [0]
+    for _, gt in images:
+        offsets.append(offsets[-1] + len(gt))
+    for i, (candidates, gt) in enumerate(images):
+        rows = slice(start, start + len(candidates))
+        want_index, want = matcher(pairwise_iou(Boxes(gt), Boxes(candidates)))
+        assert torch.equal(got[rows], want)
+        if len(gt):
+            assert torch.equal(index[rows], want_index + offsets[i])
+        else:
+            assert (index[rows] == -1).all()
+        start += len(candidates)
+    assert set(got.tolist()) == set(labels)  # every interval occurs
+
+
+def test_match_without_any_gt_labels_everything_with_the_first_label():
+    matcher = Matcher([0.5], [0, 1], allow_low_quality_matches=False)
+    boxes = _boxes(10, torch.Generator().manual_seed(0))
+    index, labels = match(matcher, boxes, torch.zeros(10, dtype=torch.long), [boxes[:0]])
+    assert (index == -1).all() and (labels == 0).all()
+
+
+def test_match_refuses_low_quality_matches():
+    matcher = Matcher([0.5], [0, 1], allow_low_quality_matches=True)
+    boxes = _boxes(4, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="low-quality"):
+        match(matcher, boxes, torch.zeros(4, dtype=torch.long), [boxes[:2]])
 
 
 def _labels(num_pos, num_neg, num_ignored, seed=0):
@@ -21,37 +88,114 @@ def _labels(num_pos, num_neg, num_ignored, seed=0):
 
 
 def test_sizes_order_and_no_ignored_rois():
-    cases = [(100, 900, 10), (10, 900, 0), (300, 20, 5), (0, 0, 7), (0, 50, 0)]
-    images = [_labels(*case, seed=i) for i, case in enumerate(cases)]
-    samples = subsample_labels(images, 512, 0.25, BG)
-    for labels, (pos, neg, _), (idxs, num_pos, num_neg) in zip(images, cases, samples):
-        assert num_pos == min(pos, 128)
-        assert num_neg == min(neg, 512 - num_pos)
-        assert len(idxs) == len(set(idxs.tolist())) == num_pos + num_neg
-        sampled = labels[idxs]
-        assert ((sampled[:num_pos] >= 0) & (sampled[:num_pos] < BG)).all()
-        assert (sampled[num_pos:] == BG).all()
-    assert subsample_labels([], 512, 0.25, BG) == []
+    cases = [(100, 900, 10), (10, 900, 0), (300, 20, 5), (0, 0, 7), (0, 50, 0), (0, 0, 0)]
+    per_image = [_labels(*case, seed=i) for i, case in enumerate(cases)]
+    labels = torch.cat(per_image)
+    image = torch.cat([torch.full((len(x),), i) for i, x in enumerate(per_image)])
+    shuffle = torch.randperm(len(labels), generator=torch.Generator().manual_seed(9))
+    labels, image = labels[shuffle], image[shuffle]  # images need not come in order
+    idxs, num_pos, num_neg = subsample_labels(labels, image, len(cases), 512, 0.25, BG)
+    sizes = [p + n for p, n in zip(num_pos, num_neg)]
+    assert len(idxs) == len(set(idxs.tolist())) == sum(sizes)
+    for i, ((pos, neg, _), image_idxs) in enumerate(zip(cases, idxs.split(sizes))):
+        assert num_pos[i] == min(pos, 128)
+        assert num_neg[i] == min(neg, 512 - num_pos[i])
+        assert (image[image_idxs] == i).all()
+        sampled = labels[image_idxs]
+        assert ((sampled[: num_pos[i]] >= 0) & (sampled[: num_pos[i]] < BG)).all()
+        assert (sampled[num_pos[i] :] == BG).all()
+    no_images = subsample_labels(labels[:0], image[:0], 0, 512, 0.25, BG)
+    assert len(no_images[0]) == 0 and no_images[1:] == ([], [])
 
 
 def test_draws_are_uniform():
-    labels = _labels(40, 40, 20)
+    first, second = _labels(40, 40, 20), _labels(30, 10, 0, seed=1)
+    labels = torch.cat([first, second])
+    image = torch.cat([torch.zeros(len(first)), torch.ones(len(second))]).long()
     counts = torch.zeros(len(labels))
     torch.manual_seed(0)
     for _ in range(400):
-        ((idxs, _, _),) = subsample_labels([labels], 20, 0.5, BG)
+        idxs, _, _ = subsample_labels(labels, image, 2, 20, 0.5, BG)
         counts[idxs] += 1
-    # each positive and each negative is drawn 10 of 40 times: 100 times in 400 draws
+    # image 0: each of its 40 positives and 40 negatives is drawn 10 of 40 times, 100 in 400;
+    # image 1: 10 of its 30 positives (133 in 400) and all of its 10 negatives
+    kept_first = torch.zeros(len(labels), dtype=torch.bool)
+    kept_first[: len(first)] = True
     for kept in (labels != -1) & (labels != BG), labels == BG:
-        assert 70 < counts[kept].min() and counts[kept].max() < 130
+        assert 70 < counts[kept & kept_first].min() and counts[kept & kept_first].max() < 130
+    positive_second = ~kept_first & (labels != BG)
+    assert 95 < counts[positive_second].min() and counts[positive_second].max() < 175
+    assert (counts[~kept_first & (labels == BG)] == 400).all()
     assert counts[labels == -1].sum() == 0
 
 
 def test_labels_follow_the_matcher():
     gt_classes = torch.tensor([3, 1])
-    matched_idxs = torch.tensor([0, 1, 1, 0])
-    matched_labels = torch.tensor([1, 0, -1, 1])
+    matched_idxs = torch.tensor([0, 1, 1, 0, -1])
+    matched_labels = torch.tensor([1, 0, -1, 1, 0])
     labels = label_proposals(matched_idxs, matched_labels, gt_classes, BG)
-    assert labels.tolist() == [3, BG, -1, 3]
-    no_gt = label_proposals(matched_idxs, torch.zeros(4, dtype=torch.long), gt_classes[:0], BG)
-    assert no_gt.tolist() == [BG] * 4
+    assert labels.tolist() == [3, BG, -1, 3, BG]
+    no_gt = label_proposals(matched_idxs, torch.zeros(5, dtype=torch.long), gt_classes[:0], BG)
+    assert no_gt.tolist() == [BG] * 5
+
+
+def _square(box):
+    x1, y1, x2, y2 = box.tolist()
+    return [[x1, y1, x2, y1, x2, y2, x1, y2]]
+
+
+def _masks(kind: str, gt: torch.Tensor, size: int):
+    if kind == "polygons":
+        return PolygonMasks([_square(box) for box in gt])
+    return BitMasks(torch.rand(len(gt), size, size) > 0.5)
+
+
+@pytest.mark.parametrize("masks", ["polygons", "bitmaps", "bitmaps of one size"])
+def test_roi_heads_sample_each_image_against_its_own_targets(masks):
+    """HTC's ``_label_and_sample`` on two images with targets and one without, some proposals
+    not valid (refined GT boxes or empty): every sampled RoI carries its own image's matched
+    target, as Detectron2's matcher finds it."""
+    heads = build_model(tiny_cfg()).roi_heads
+    heads.batch_size_per_image = 64
+    g = torch.Generator().manual_seed(0)
+    proposals, targets = [], []
+    sizes = (120, 120, 120) if masks == "bitmaps of one size" else (120, 100, 110)
+    for count, size in zip((4, 0, 9), sizes):
+        gt = _boxes(count, g)
+        classes = torch.randint(0, 3, (count,), generator=g)
+        target = Instances((size, size), gt_boxes=Boxes(gt), gt_classes=classes)
+        target.gt_masks = _masks(masks, gt, size)
+        candidates = torch.cat([_boxes(50, g), gt + 1])  # some near the GT boxes
+        valid = torch.rand(len(candidates), generator=g) > 0.3
+        proposals.append(Instances((size, size), proposal_boxes=Boxes(candidates), valid=valid))
+        targets.append(target)
+    stage = 1
+    with EventStorage():
+        rois, num_fg = heads._label_and_sample(proposals, targets, stage)
+    matcher = heads.proposal_matchers[stage]
+    for x, target, props, fg in zip(rois, targets, proposals, num_fg):
+        candidates = Boxes.cat([props.proposal_boxes[props.valid], target.gt_boxes])
+        boxes = x.proposal_boxes.tensor
+        # every RoI is a valid candidate or a GT box of this image
+        is_gt = (boxes[:, None] == target.gt_boxes.tensor[None]).all(-1).any(-1)
+        assert torch.equal(x.from_gt, is_gt)
+        in_candidates = (boxes[:, None] == candidates.tensor[None]).all(-1).any(-1)
+        assert in_candidates.all()
+        assert (x.gt_classes[:fg] != heads.num_classes).all()
+        assert (x.gt_classes[fg:] == heads.num_classes).all()
+        if len(target) == 0:
+            assert not x.has("gt_boxes") and not x.has("gt_masks")
+            continue
+        want_index, want_label = matcher(pairwise_iou(target.gt_boxes, x.proposal_boxes))
+        want_classes = torch.where(
+            want_label == 1, target.gt_classes[want_index], heads.num_classes
+        )
+        assert torch.equal(x.gt_classes, want_classes)
+        assert torch.equal(x.gt_boxes.tensor, target.gt_boxes.tensor[want_index])
+        assert len(x.gt_masks) == len(x)
+        if masks == "polygons":
+            want_masks = [target.gt_masks.polygons[i] for i in want_index.tolist()]
+            assert all((a[0] == b[0]).all() for a, b in zip(x.gt_masks.polygons, want_masks))
+        else:
+            assert torch.equal(x.gt_masks.tensor, target.gt_masks.tensor[want_index])
+    assert num_fg[0] > 0 and num_fg[2] > 0 and num_fg[1] == 0

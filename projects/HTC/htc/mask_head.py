@@ -5,7 +5,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling.roi_heads import ROI_MASK_HEAD_REGISTRY, MaskRCNNConvUpsampleHead
-from detectron2.structures import Instances
+from detectron2.structures import BitMasks, Instances, PolygonMasks
 from torch.nn import functional as F
 
 
@@ -99,9 +99,7 @@ def mask_loss(
     instances = [x for x in instances if len(x) > 0]
     if not instances:
         return logits.sum() * 0, None
-    targets = torch.cat(
-        [x.gt_masks.crop_and_resize(x.proposal_boxes.tensor, side) for x in instances]
-    ).to(logits.device)
+    targets = mask_targets(instances, side).to(logits.device)
     if logits.shape[1] == 1:
         logits = logits[:, 0]
     else:
@@ -119,3 +117,20 @@ def mask_loss(
     )
     loss = F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="mean")
     return loss, rates
+
+
+def mask_targets(instances: List[Instances], side: int) -> torch.Tensor:
+    """(R, side, side) the ``gt_masks`` of the RoIs of all images cropped and resized to their
+    ``proposal_boxes``: in one call where the images' masks concatenate (polygons, bitmaps of
+    one size), else image by image: a call with polygons waits for its boxes on the host."""
+    masks = [x.gt_masks for x in instances]
+    kind = type(masks[0])
+    joinable = kind is PolygonMasks or (
+        kind is BitMasks and len({m.image_size for m in masks}) == 1
+    )
+    if len(masks) > 1 and joinable and all(type(m) is kind for m in masks):
+        boxes = torch.cat([x.proposal_boxes.tensor for x in instances])
+        return kind.cat(masks).crop_and_resize(boxes, side)
+    return torch.cat(
+        [m.crop_and_resize(x.proposal_boxes.tensor, side) for m, x in zip(masks, instances)]
+    )

@@ -45,8 +45,12 @@ class HTCROIPooler(ROIPooler):
         rois = pooler_format(box_lists)
         if len(self.level_poolers) == 1:
             return self.level_poolers[0](x[0], rois)
-        levels = assign_boxes_to_levels(
-            box_lists, self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
+        levels = assign_boxes_to_levels(  # one Boxes: the same ops for any number of images
+            [Boxes(rois[:, 1:])],
+            self.min_level,
+            self.max_level,
+            self.canonical_box_size,
+            self.canonical_level,
         )
         first = self.level_poolers[0]
         if hasattr(first, "all_levels"):
@@ -79,9 +83,13 @@ class HTCROIPooler(ROIPooler):
 def pooler_format(box_lists: List[Boxes]) -> torch.Tensor:
     """(R, 5) RoIs (image index, x1, y1, x2, y2), as Detectron2's
     ``convert_boxes_to_pooler_format`` makes them, without its host sync (the image indices are
-    filled on the device from the host's box counts)."""
-    rois = [
-        torch.cat([torch.full_like(b.tensor[:, :1], i), b.tensor], dim=1)
-        for i, b in enumerate(box_lists)
-    ]
-    return torch.cat(rois)
+    repeated on the device from the host's box counts) and with as many ops for any number of
+    images."""
+    boxes = torch.cat([b.tensor for b in box_lists])
+    device, dtype = boxes.device, boxes.dtype
+    image = torch.repeat_interleave(
+        torch.arange(len(box_lists), dtype=dtype, device=device),
+        torch.tensor([len(b) for b in box_lists], device=device),
+        output_size=len(boxes),
+    )
+    return torch.cat([image[:, None], boxes], dim=1)

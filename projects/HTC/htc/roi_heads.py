@@ -1,3 +1,4 @@
+from itertools import accumulate
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -5,21 +6,17 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling import ROI_HEADS_REGISTRY
 from detectron2.modeling.poolers import ROIPooler
-from detectron2.modeling.roi_heads import (
-    ROI_MASK_HEAD_REGISTRY,
-    CascadeROIHeads,
-    select_foreground_proposals,
-)
+from detectron2.modeling.roi_heads import ROI_MASK_HEAD_REGISTRY, CascadeROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 from detectron2.modeling.roi_heads.mask_head import mask_rcnn_loss
-from detectron2.structures import Boxes, Instances, pairwise_iou
+from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
 from torch import nn
 from torch.nn import functional as F
 
 from .mask_head import mask_loss
 from .poolers import HTCROIPooler
-from .sampling import label_proposals, subsample_labels
+from .sampling import label_proposals, match, subsample_labels
 from .soft_nms import soft_nms_inference
 
 # Key of the semantic feature (N, C, H/s, W/s) in the feature dict handed to the ROI heads.
@@ -213,7 +210,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         storage = get_event_storage()
         for stage in range(self.num_cascade_stages):
             with storage.name_scope(f"stage{stage}"):
-                rois = self._label_and_sample(proposals, targets, stage)
+                rois, num_fg = self._label_and_sample(proposals, targets, stage)
                 predictions = self._run_stage(features, rois, stage)
                 stage_losses = self.box_predictor[stage].losses(predictions, rois)
             if stage + 1 < self.num_cascade_stages or (self.mask_on and self.interleaved):
@@ -221,8 +218,9 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             if self.mask_on:
                 if self.interleaved:
                     with storage.name_scope(f"stage{stage}/mask"):
-                        rois = self._label_and_sample(proposals, targets, stage)
-                loss, mask_rates[stage] = self._mask_loss(features, rois, stage)
+                        rois, num_fg = self._label_and_sample(proposals, targets, stage)
+                foreground = [x[:n] for x, n in zip(rois, num_fg)]  # positives come first
+                loss, mask_rates[stage] = self._mask_loss(features, foreground, stage)
                 stage_losses["loss_mask"] = loss
             weight = self.stage_loss_weights[stage]
             losses.update({f"{k}_stage{stage}": v * weight for k, v in stage_losses.items()})
@@ -230,12 +228,11 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         return losses
 
     def _mask_loss(
-        self, features: Dict[str, torch.Tensor], rois: List[Instances], stage: int
+        self, features: Dict[str, torch.Tensor], instances: List[Instances], stage: int
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Stage ``stage``'s mask loss on the foreground of ``rois`` and its (3,) logged rates
-        (:func:`htc.mask_head.mask_loss`); on the iterations that draw pictures of the masks,
-        Detectron2's ``mask_rcnn_loss`` draws them and logs the rates itself (then None)."""
-        instances, _ = select_foreground_proposals(rois, self.num_classes)
+        """Stage ``stage``'s mask loss on the foreground RoIs ``instances`` and its (3,) logged
+        rates (:func:`htc.mask_head.mask_loss`); on the iterations that draw pictures of the
+        masks, Detectron2's ``mask_rcnn_loss`` draws them and logs the rates itself (then None)."""
         boxes = [x.proposal_boxes for x in instances]
         (logits,) = self._run_mask_heads(features, boxes, stage, keep_all=False)
         vis_period = self.mask_head[stage].vis_period
@@ -262,67 +259,106 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
     @torch.no_grad()
     def _label_and_sample(
         self, proposals: List[Instances], targets: List[Instances], stage: int
-    ) -> List[Instances]:
+    ) -> Tuple[List[Instances], List[int]]:
         """Assign ``proposals`` (+ the GT boxes) to ``targets`` with stage ``stage``'s matcher and
         sample ``batch_size_per_image`` RoIs at ``positive_fraction``, as the reference does at
-        every stage (the parent's ``label_and_sample_proposals`` knows only the stage-0 matcher,
-        and syncs with the host four times per image where :mod:`htc.sampling` does once).
+        every stage, all images at once (:mod:`htc.sampling`). The parent's
+        ``label_and_sample_proposals`` knows only the stage-0 matcher and works image by image,
+        with five host syncs per image where this has one in all.
 
         Returns:
-            per image, the sampled RoIs with ``proposal_boxes``, ``gt_classes``, ``from_gt``
-            (True for RoIs that are GT boxes) and the matched ``gt_*`` fields of the targets.
+            per image, the sampled RoIs (positives first) with ``proposal_boxes``,
+            ``gt_classes``, ``from_gt`` (True for RoIs that are GT boxes) and the matched
+            ``gt_*`` fields of the targets, and per image the number of positives.
         """
-        candidates, labels = [], []
-        for props, target in zip(proposals, targets):
-            boxes = props.proposal_boxes
-            if self.proposal_append_gt:
-                boxes = Boxes.cat([boxes, target.gt_boxes])
-            iou = pairwise_iou(target.gt_boxes, boxes)
-            matched_idxs, matched_labels = self.proposal_matchers[stage](iou)
-            candidates.append((boxes, matched_idxs))
-            labels.append(
-                label_proposals(matched_idxs, matched_labels, target.gt_classes, self.num_classes)
+        boxes, image, from_gt, valid = self._candidates(proposals, targets)
+        gt_boxes = [x.gt_boxes.tensor for x in targets]
+        matched, matcher_labels = match(self.proposal_matchers[stage], boxes, image, gt_boxes)
+        gt_classes = cat([x.gt_classes for x in targets])
+        classes = label_proposals(matched, matcher_labels, gt_classes, self.num_classes)
+        if valid is not None:
+            classes = torch.where(valid, classes, -1)
+        sampled, num_pos, num_neg = subsample_labels(
+            classes, image, len(targets), self.batch_size_per_image, self.positive_fraction,
+            self.num_classes,
+        )  # fmt: skip
+        sizes = [p + n for p, n in zip(num_pos, num_neg)]
+        rois = [
+            Instances(x.image_size, proposal_boxes=Boxes(b), gt_classes=c, from_gt=g)
+            for x, b, c, g in zip(
+                proposals, boxes[sampled].split(sizes), classes[sampled].split(sizes),
+                from_gt[sampled].split(sizes),
             )
-        samples = subsample_labels(
-            labels, self.batch_size_per_image, self.positive_fraction, self.num_classes
-        )
-        sampled = []
-        for props, target, (boxes, matched_idxs), image_labels, (idxs, _, _) in zip(
-            proposals, targets, candidates, labels, samples
-        ):
-            rois = Instances(
-                props.image_size, proposal_boxes=boxes[idxs], gt_classes=image_labels[idxs]
-            )
-            rois.from_gt = idxs >= len(props)
-            if len(target) > 0:
-                for name, value in target.get_fields().items():
-                    if name.startswith("gt_") and not rois.has(name):
-                        rois.set(name, value[matched_idxs[idxs]])
-            sampled.append(rois)
+        ]  # fmt: skip
+        self._set_matched_targets(rois, targets, matched[sampled])
         storage = get_event_storage()
-        storage.put_scalar("roi_head/num_fg_samples", sum(s[1] for s in samples) / len(sampled))
-        storage.put_scalar("roi_head/num_bg_samples", sum(s[2] for s in samples) / len(sampled))
-        return sampled
+        storage.put_scalar("roi_head/num_fg_samples", sum(num_pos) / len(rois))
+        storage.put_scalar("roi_head/num_bg_samples", sum(num_neg) / len(rois))
+        return rois, num_pos
+
+    def _candidates(
+        self, proposals: List[Instances], targets: List[Instances]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The RoI candidates of all images: each image's proposals, then its GT boxes when
+        ``proposal_append_gt``. Returns their (N, 4) boxes, (N,) image indices, (N,) bool "is a
+        GT box", and (N,) bool "may be sampled", from the proposals' ``valid`` (None when the
+        proposals have none: all may)."""
+        parts, sizes, usable = [], [], []
+        for x, target in zip(proposals, targets):
+            gt = target.gt_boxes.tensor if self.proposal_append_gt else target.gt_boxes.tensor[:0]
+            parts += [x.proposal_boxes.tensor, gt]
+            sizes += [len(x), len(gt)]
+            usable += [x.valid if x.has("valid") else None, None]
+        boxes = torch.cat(parts)
+        device = boxes.device
+        segment = torch.repeat_interleave(
+            torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device),
+            output_size=len(boxes),
+        )  # fmt: skip
+        image, from_gt = segment // 2, segment % 2 == 1
+        if all(v is None for v in usable):
+            return boxes, image, from_gt, None
+        ones = torch.ones(max(sizes), dtype=torch.bool, device=device)
+        valid = torch.cat([ones[:n] if v is None else v for v, n in zip(usable, sizes)])
+        return boxes, image, from_gt, valid
+
+    @staticmethod
+    def _set_matched_targets(
+        rois: List[Instances], targets: List[Instances], matched: torch.Tensor
+    ) -> None:
+        """Sets on each image's ``rois`` the ``gt_*`` fields (but ``gt_classes``) of its matched
+        targets, from the (R,) indices of all images' RoIs into all images' targets. An image
+        without targets gets none, as in Detectron2."""
+        having = [i for i, x in enumerate(targets) if len(x) > 0]
+        if not having:
+            return
+        sizes = [len(x) for x in rois]
+        for name in targets[having[0]].get_fields():
+            if name.startswith("gt_") and name != "gt_classes":
+                values = _matched_values([x.get(name) for x in targets], matched, sizes)
+                for i in having:
+                    rois[i].set(name, values[i])
 
     @torch.no_grad()
     def _refine(
         self, predictions: Tuple[torch.Tensor, torch.Tensor], rois: List[Instances], stage: int
     ) -> List[Instances]:
-        """Stage ``stage``'s refined boxes of the sampled RoIs that are not GT boxes, clipped to
-        the image, empty ones dropped. The parent's ``_create_proposals_from_boxes`` would cost
-        three host syncs per image (a finiteness assert, two boolean selections), this one."""
-        boxes = self.box_predictor[stage].predict_boxes(predictions, rois)
-        proposals = []
-        for image_boxes, image_rois in zip(boxes, rois):
-            height, width = image_rois.image_size
-            image_boxes = torch.stack(
-                [image_boxes[:, 0].clamp(0, width), image_boxes[:, 1].clamp(0, height),
-                 image_boxes[:, 2].clamp(0, width), image_boxes[:, 3].clamp(0, height)], dim=1,
-            )  # fmt: skip
-            refined = Boxes(image_boxes)
-            keep = refined.nonempty() & ~image_rois.from_gt
-            proposals.append(Instances(image_rois.image_size, proposal_boxes=refined[keep]))
-        return proposals
+        """Stage ``stage``'s refined boxes of the sampled RoIs, clipped to their image, with
+        ``valid`` False for the empty ones and those of GT boxes, which the reference drops: the
+        next sampling ignores them (dropping them would sync with the host once per image)."""
+        sizes = [len(x) for x in rois]
+        boxes = torch.cat(self.box_predictor[stage].predict_boxes(predictions, rois))
+        image_sizes = [(w, h, w, h) for h, w in (x.image_size for x in rois)]
+        limits = torch.repeat_interleave(
+            torch.tensor(image_sizes, dtype=boxes.dtype, device=boxes.device),
+            torch.tensor(sizes, device=boxes.device), dim=0, output_size=len(boxes),
+        )  # fmt: skip
+        refined = Boxes(torch.minimum(boxes.clamp(min=0), limits))
+        valid = refined.nonempty() & ~cat([x.from_gt for x in rois])
+        return [
+            Instances(x.image_size, proposal_boxes=Boxes(b), valid=v)
+            for x, b, v in zip(rois, refined.tensor.split(sizes), valid.split(sizes))
+        ]
 
     def _semantic_rois(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]) -> torch.Tensor:
         """(R, C, M, M) RoIAlign of the semantic feature, M = the mask pooler resolution."""
@@ -445,3 +481,28 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             if with_logits:
                 logits.append(stage_logits)
         return logits
+
+
+def _matched_values(values: list, matched: torch.Tensor, sizes: List[int]) -> list:
+    """Per image, its field ``values[i]`` (one entry per target) at the matched indices of its
+    ``sizes[i]`` RoIs, ``matched`` (R,) indexing the targets of all images; None for an image
+    without targets. Tensors and structures of one tensor (boxes, bitmaps) are gathered for all
+    images at once where their shapes agree, else image by image; polygons and other fields
+    image by image on the host, with one copy of the indices for all images (a polygon index
+    on the device is a host sync per image)."""
+    starts = [0, *accumulate(len(v) for v in values)]
+    tensors = [v if isinstance(v, torch.Tensor) else getattr(v, "tensor", None) for v in values]
+    if all(isinstance(t, torch.Tensor) for t in tensors):
+        if len({t.shape[1:] for t in tensors}) > 1:  # e.g. bitmaps of images of other sizes
+            per_image = matched.split(sizes)
+            return [v[m - s] if len(v) else None for v, m, s in zip(values, per_image, starts)]
+        gathered = torch.cat(tensors)[matched.clamp(min=0)].split(sizes)
+        wrapped = [
+            g if isinstance(v, torch.Tensor) else type(v)(g) for v, g in zip(values, gathered)
+        ]
+        return [g if len(v) else None for v, g in zip(values, wrapped)]
+    on_host, firsts = matched.tolist(), [0, *accumulate(sizes)]
+    return [
+        v[[j - s for j in on_host[first : first + n]]] if len(v) else None
+        for v, s, first, n in zip(values, starts, firsts, sizes)
+    ]
