@@ -24,6 +24,22 @@ def test_loss_keys_and_finite():
     assert all(torch.isfinite(v) for v in losses.values())
 
 
+@pytest.mark.parametrize("images_with_gt", [(False, False), (False, True)])
+def test_images_without_annotations_train(images_with_gt):
+    """A batch without any GT box, or with one image without: background RoIs only there, no
+    box or mask loss from them."""
+    model = build_model(tiny_cfg())
+    batch = [make_batch(1, with_gt=gt, seed=i)[0] for i, gt in enumerate(images_with_gt)]
+    losses = train_losses(model, batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    if not any(images_with_gt):
+        for t in STAGES:
+            assert losses[f"loss_box_reg_stage{t}"] == 0 and losses[f"loss_mask_stage{t}"] == 0
+            assert losses[f"loss_cls_stage{t}"] > 0
+    else:
+        assert all(losses[f"loss_mask_stage{t}"] > 0 for t in STAGES)
+
+
 def test_stage_weights_scale_box_and_mask_losses():
     cfg = tiny_cfg()
     model = build_model(cfg)

@@ -154,7 +154,7 @@ def _masks(kind: str, gt: torch.Tensor, size: int):
 def test_roi_heads_sample_each_image_against_its_own_targets(masks):
     """HTC's ``_label_and_sample`` on two images with targets and one without, some proposals
     not valid (refined GT boxes or empty): every sampled RoI carries its own image's matched
-    target, as Detectron2's matcher finds it."""
+    GT box and class, as Detectron2's matcher finds them, and every foreground RoI its mask."""
     heads = build_model(tiny_cfg()).roi_heads
     heads.batch_size_per_image = 64
     g = torch.Generator().manual_seed(0)
@@ -171,9 +171,11 @@ def test_roi_heads_sample_each_image_against_its_own_targets(masks):
         targets.append(target)
     stage = 1
     with EventStorage():
-        rois, num_fg = heads._label_and_sample(proposals, targets, stage)
+        sample = heads._label_and_sample(proposals, targets, stage)
+    foreground = heads._foreground(sample, targets)
+    rois, num_fg = sample.rois, sample.num_fg
     matcher = heads.proposal_matchers[stage]
-    for x, target, props, fg in zip(rois, targets, proposals, num_fg):
+    for x, target, props, fg, positives in zip(rois, targets, proposals, num_fg, foreground):
         candidates = Boxes.cat([props.proposal_boxes[props.valid], target.gt_boxes])
         boxes = x.proposal_boxes.tensor
         # every RoI is a valid candidate or a GT box of this image
@@ -183,8 +185,10 @@ def test_roi_heads_sample_each_image_against_its_own_targets(masks):
         assert in_candidates.all()
         assert (x.gt_classes[:fg] != heads.num_classes).all()
         assert (x.gt_classes[fg:] == heads.num_classes).all()
+        assert not x.has("gt_masks")  # only the foreground needs them
+        assert len(positives) == fg and torch.equal(positives.proposal_boxes.tensor, boxes[:fg])
         if len(target) == 0:
-            assert not x.has("gt_boxes") and not x.has("gt_masks")
+            assert not x.has("gt_boxes") and not positives.has("gt_masks")
             continue
         want_index, want_label = matcher(pairwise_iou(target.gt_boxes, x.proposal_boxes))
         want_classes = torch.where(
@@ -192,10 +196,12 @@ def test_roi_heads_sample_each_image_against_its_own_targets(masks):
         )
         assert torch.equal(x.gt_classes, want_classes)
         assert torch.equal(x.gt_boxes.tensor, target.gt_boxes.tensor[want_index])
-        assert len(x.gt_masks) == len(x)
+        want_index = want_index[:fg]
+        assert len(positives.gt_masks) == fg
         if masks == "polygons":
             want_masks = [target.gt_masks.polygons[i] for i in want_index.tolist()]
-            assert all((a[0] == b[0]).all() for a, b in zip(x.gt_masks.polygons, want_masks))
+            got_masks = positives.gt_masks.polygons
+            assert all((a[0] == b[0]).all() for a, b in zip(got_masks, want_masks))
         else:
-            assert torch.equal(x.gt_masks.tensor, target.gt_masks.tensor[want_index])
+            assert torch.equal(positives.gt_masks.tensor, target.gt_masks.tensor[want_index])
     assert num_fg[0] > 0 and num_fg[2] > 0 and num_fg[1] == 0

@@ -68,7 +68,9 @@ class HTCROIPooler(ROIPooler):
                 )
             ]
         )
-        return pooled[torch.argsort(order)]  # back to the order of the boxes
+        # back to the order of the boxes; the backward of a copy to ``order`` is a gather, that
+        # of an index by its inverse a scatter-add (single-threaded on CPU)
+        return torch.empty_like(pooled).index_copy_(0, order, pooled)
 
     def pooled(
         self, x: List[torch.Tensor], box_lists: List[Boxes], size: Tuple[int, int]

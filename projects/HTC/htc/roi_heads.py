@@ -1,5 +1,5 @@
 from itertools import accumulate
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -24,6 +24,16 @@ SEMANTIC_FEATURE = "htc_semantic"
 FUSION_TARGETS = ("bbox", "mask")
 MASK_MERGE_RULES = ("mean", "last")
 TEST_NMS = ("nms", "soft_linear", "soft_gaussian")
+
+
+class RoISample(NamedTuple):
+    """A stage's sampled RoIs: per image, ``rois`` (positives first) and ``num_fg`` (its number
+    of positives), and ``matched`` (R,), the index of each RoI's matched target in the batch's
+    targets (-1 in an image without targets)."""
+
+    rois: List[Instances]
+    num_fg: List[int]
+    matched: torch.Tensor
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -210,16 +220,16 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         storage = get_event_storage()
         for stage in range(self.num_cascade_stages):
             with storage.name_scope(f"stage{stage}"):
-                rois, num_fg = self._label_and_sample(proposals, targets, stage)
-                predictions = self._run_stage(features, rois, stage)
-                stage_losses = self.box_predictor[stage].losses(predictions, rois)
+                sample = self._label_and_sample(proposals, targets, stage)
+                predictions = self._run_stage(features, sample.rois, stage)
+                stage_losses = self.box_predictor[stage].losses(predictions, sample.rois)
             if stage + 1 < self.num_cascade_stages or (self.mask_on and self.interleaved):
-                proposals = self._refine(predictions, rois, stage)
+                proposals = self._refine(predictions, sample.rois, stage)
             if self.mask_on:
                 if self.interleaved:
                     with storage.name_scope(f"stage{stage}/mask"):
-                        rois, num_fg = self._label_and_sample(proposals, targets, stage)
-                foreground = [x[:n] for x, n in zip(rois, num_fg)]  # positives come first
+                        sample = self._label_and_sample(proposals, targets, stage)
+                foreground = self._foreground(sample, targets)
                 loss, mask_rates[stage] = self._mask_loss(features, foreground, stage)
                 stage_losses["loss_mask"] = loss
             weight = self.stage_loss_weights[stage]
@@ -259,17 +269,14 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
     @torch.no_grad()
     def _label_and_sample(
         self, proposals: List[Instances], targets: List[Instances], stage: int
-    ) -> Tuple[List[Instances], List[int]]:
+    ) -> RoISample:
         """Assign ``proposals`` (+ the GT boxes) to ``targets`` with stage ``stage``'s matcher and
         sample ``batch_size_per_image`` RoIs at ``positive_fraction``, as the reference does at
         every stage, all images at once (:mod:`htc.sampling`). The parent's
         ``label_and_sample_proposals`` knows only the stage-0 matcher and works image by image,
-        with five host syncs per image where this has one in all.
-
-        Returns:
-            per image, the sampled RoIs (positives first) with ``proposal_boxes``,
-            ``gt_classes``, ``from_gt`` (True for RoIs that are GT boxes) and the matched
-            ``gt_*`` fields of the targets, and per image the number of positives.
+        with five host syncs per image where this has one in all. The RoIs get the matched
+        ``gt_boxes``, which the box loss needs; the other ``gt_*`` fields (masks) only the
+        foreground needs: :meth:`_foreground` gathers them.
         """
         boxes, image, from_gt, valid = self._candidates(proposals, targets)
         gt_boxes = [x.gt_boxes.tensor for x in targets]
@@ -290,11 +297,28 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
                 from_gt[sampled].split(sizes),
             )
         ]  # fmt: skip
-        self._set_matched_targets(rois, targets, matched[sampled])
+        matched = matched[sampled]
+        _set_matched_targets(rois, targets, matched, ["gt_boxes"])
         storage = get_event_storage()
         storage.put_scalar("roi_head/num_fg_samples", sum(num_pos) / len(rois))
         storage.put_scalar("roi_head/num_bg_samples", sum(num_neg) / len(rois))
-        return rois, num_pos
+        return RoISample(rois, num_pos, matched)
+
+    @staticmethod
+    def _foreground(sample: RoISample, targets: List[Instances]) -> List[Instances]:
+        """Per image, the positive RoIs of ``sample`` (they come first) with every ``gt_*`` field
+        of their matched targets, gathered for these RoIs only (a mask per sampled RoI would be
+        a copy of the image's size for each of them)."""
+        foreground = [x[:n] for x, n in zip(sample.rois, sample.num_fg)]
+        sizes = [len(x) for x in sample.rois]
+        matched = sample.matched.split(sizes)
+        matched = cat([m[:n] for m, n in zip(matched, sample.num_fg)])
+        having = next((x for x in targets if len(x) > 0), None)
+        if having is not None:
+            names = [k for k in having.get_fields() if k.startswith("gt_")]
+            names = [k for k in names if k not in ("gt_classes", "gt_boxes")]
+            _set_matched_targets(foreground, targets, matched, names)
+        return foreground
 
     def _candidates(
         self, proposals: List[Instances], targets: List[Instances]
@@ -321,23 +345,6 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         ones = torch.ones(max(sizes), dtype=torch.bool, device=device)
         valid = torch.cat([ones[:n] if v is None else v for v, n in zip(usable, sizes)])
         return boxes, image, from_gt, valid
-
-    @staticmethod
-    def _set_matched_targets(
-        rois: List[Instances], targets: List[Instances], matched: torch.Tensor
-    ) -> None:
-        """Sets on each image's ``rois`` the ``gt_*`` fields (but ``gt_classes``) of its matched
-        targets, from the (R,) indices of all images' RoIs into all images' targets. An image
-        without targets gets none, as in Detectron2."""
-        having = [i for i, x in enumerate(targets) if len(x) > 0]
-        if not having:
-            return
-        sizes = [len(x) for x in rois]
-        for name in targets[having[0]].get_fields():
-            if name.startswith("gt_") and name != "gt_classes":
-                values = _matched_values([x.get(name) for x in targets], matched, sizes)
-                for i in having:
-                    rois[i].set(name, values[i])
 
     @torch.no_grad()
     def _refine(
@@ -481,6 +488,22 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             if with_logits:
                 logits.append(stage_logits)
         return logits
+
+
+def _set_matched_targets(
+    rois: List[Instances], targets: List[Instances], matched: torch.Tensor, names: List[str]
+) -> None:
+    """Sets the fields ``names`` of the matched targets on each image's ``rois``, from their
+    (R,) indices ``matched`` into the targets of all images. An image without targets gets
+    none, as in Detectron2."""
+    if all(len(x) == 0 for x in targets):
+        return
+    sizes = [len(x) for x in rois]
+    for name in names:
+        values = _matched_values([x.get(name) for x in targets], matched, sizes)
+        for x, target, value in zip(rois, targets, values):
+            if len(target) > 0:
+                x.set(name, value)
 
 
 def _matched_values(values: list, matched: torch.Tensor, sizes: List[int]) -> list:
