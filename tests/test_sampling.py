@@ -13,6 +13,7 @@ from conftest import tiny_cfg
 from htc.sampling import label_proposals, match, subsample_labels
 
 BG = 5
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the GPU machine's run checks CUDA
 
 
 def _boxes(n: int, g: torch.Generator, size: float = 100.0) -> torch.Tensor:
@@ -33,7 +34,7 @@ def _images(gt_counts, num_candidates=60, seed=0):
         candidates = _boxes(num_candidates, g)
         candidates[: min(count, 5)] = gt[:5]
         candidates[-1] = torch.tensor([10.0, 10.0, 10.0, 30.0])  # empty: IoU 0
-        images.append((candidates, gt))
+        images.append((candidates.to(DEVICE), gt.to(DEVICE)))
     return images
 
 
@@ -44,7 +45,7 @@ def test_match_is_detectron2s_matcher_on_each_image(thresholds, labels):
     images = _images([3, 0, 7, 1, 12])
     matcher = Matcher(thresholds, labels, allow_low_quality_matches=False)
     boxes = torch.cat([c for c, _ in images])
-    image = torch.cat([torch.full((len(c),), i) for i, (c, _) in enumerate(images)])
+    image = torch.cat([torch.full((len(c),), i) for i, (c, _) in enumerate(images)]).to(DEVICE)
     index, got = match(matcher, boxes, image, [gt for _, gt in images])
     start, offsets = 0, [0]
     for _, gt in images:
@@ -93,7 +94,7 @@ def test_sizes_order_and_no_ignored_rois():
     labels = torch.cat(per_image)
     image = torch.cat([torch.full((len(x),), i) for i, x in enumerate(per_image)])
     shuffle = torch.randperm(len(labels), generator=torch.Generator().manual_seed(9))
-    labels, image = labels[shuffle], image[shuffle]  # images need not come in order
+    labels, image = labels[shuffle].to(DEVICE), image[shuffle].to(DEVICE)  # in any order
     idxs, num_pos, num_neg = subsample_labels(labels, image, len(cases), 512, 0.25, BG)
     sizes = [p + n for p, n in zip(num_pos, num_neg)]
     assert len(idxs) == len(set(idxs.tolist())) == sum(sizes)
@@ -115,8 +116,8 @@ def test_draws_are_uniform():
     counts = torch.zeros(len(labels))
     torch.manual_seed(0)
     for _ in range(400):
-        idxs, _, _ = subsample_labels(labels, image, 2, 20, 0.5, BG)
-        counts[idxs] += 1
+        idxs, _, _ = subsample_labels(labels.to(DEVICE), image.to(DEVICE), 2, 20, 0.5, BG)
+        counts[idxs.cpu()] += 1
     # image 0: each of its 40 positives and 40 negatives is drawn 10 of 40 times, 100 in 400;
     # image 1: 10 of its 30 positives (133 in 400) and all of its 10 negatives
     kept_first = torch.zeros(len(labels), dtype=torch.bool)
@@ -167,8 +168,9 @@ def test_roi_heads_sample_each_image_against_its_own_targets(masks):
         target.gt_masks = _masks(masks, gt, size)
         candidates = torch.cat([_boxes(50, g), gt + 1])  # some near the GT boxes
         valid = torch.rand(len(candidates), generator=g) > 0.3
-        proposals.append(Instances((size, size), proposal_boxes=Boxes(candidates), valid=valid))
-        targets.append(target)
+        props = Instances((size, size), proposal_boxes=Boxes(candidates), valid=valid)
+        proposals.append(props.to(DEVICE))
+        targets.append(target.to(DEVICE))
     stage = 1
     with EventStorage():
         sample = heads._label_and_sample(proposals, targets, stage)
