@@ -122,7 +122,8 @@ def mask_loss(
 def mask_targets(instances: List[Instances], side: int) -> torch.Tensor:
     """(R, side, side) the ``gt_masks`` of the RoIs of all images cropped and resized to their
     ``proposal_boxes``: in one call where the images' masks concatenate (polygons, bitmaps of
-    one size), else image by image: a call with polygons waits for its boxes on the host."""
+    one size), else image by image. One call matters for polygons: each call copies its boxes
+    to the host, a wait for the device."""
     masks = [x.gt_masks for x in instances]
     kind = type(masks[0])
     joinable = kind is PolygonMasks or (
