@@ -88,10 +88,13 @@ def pooler_format(box_lists: List[Boxes]) -> torch.Tensor:
     repeated on the device from the host's box counts) and with as many ops for any number of
     images."""
     boxes = torch.cat([b.tensor for b in box_lists])
-    device, dtype = boxes.device, boxes.dtype
-    image = torch.repeat_interleave(
-        torch.arange(len(box_lists), dtype=dtype, device=device),
-        torch.tensor([len(b) for b in box_lists], device=device),
-        output_size=len(boxes),
-    )
+    images = torch.arange(len(box_lists), dtype=boxes.dtype, device=boxes.device)
+    image = repeat_rows(images, [len(b) for b in box_lists])
     return torch.cat([image[:, None], boxes], dim=1)
+
+
+def repeat_rows(values: torch.Tensor, counts: List[int]) -> torch.Tensor:
+    """(sum(counts), ...): row i of ``values`` repeated ``counts[i]`` times, host counts, so no
+    host sync (``repeat_interleave`` reads its output size from the device unless told)."""
+    repeats = torch.tensor(counts, device=values.device)
+    return torch.repeat_interleave(values, repeats, dim=0, output_size=sum(counts))

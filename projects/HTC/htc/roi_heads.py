@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .mask_head import mask_loss
-from .poolers import HTCROIPooler
+from .poolers import HTCROIPooler, repeat_rows
 from .sampling import label_proposals, match, subsample_labels
 from .soft_nms import soft_nms_inference
 
@@ -335,10 +335,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             usable += [x.valid if x.has("valid") else None, None]
         boxes = torch.cat(parts)
         device = boxes.device
-        segment = torch.repeat_interleave(
-            torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device),
-            output_size=len(boxes),
-        )  # fmt: skip
+        segment = repeat_rows(torch.arange(len(sizes), device=device), sizes)
         image, from_gt = segment // 2, segment % 2 == 1
         if all(v is None for v in usable):
             return boxes, image, from_gt, None
@@ -356,10 +353,9 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         sizes = [len(x) for x in rois]
         boxes = torch.cat(self.box_predictor[stage].predict_boxes(predictions, rois))
         image_sizes = [(w, h, w, h) for h, w in (x.image_size for x in rois)]
-        limits = torch.repeat_interleave(
-            torch.tensor(image_sizes, dtype=boxes.dtype, device=boxes.device),
-            torch.tensor(sizes, device=boxes.device), dim=0, output_size=len(boxes),
-        )  # fmt: skip
+        limits = repeat_rows(
+            torch.tensor(image_sizes, dtype=boxes.dtype, device=boxes.device), sizes
+        )
         refined = Boxes(torch.minimum(boxes.clamp(min=0), limits))
         valid = refined.nonempty() & ~cat([x.from_gt for x in rois])
         return [
@@ -501,8 +497,8 @@ def _set_matched_targets(
     sizes = [len(x) for x in rois]
     for name in names:
         values = _matched_values([x.get(name) for x in targets], matched, sizes)
-        for x, target, value in zip(rois, targets, values):
-            if len(target) > 0:
+        for x, value in zip(rois, values):
+            if value is not None:  # an image with targets
                 x.set(name, value)
 
 
