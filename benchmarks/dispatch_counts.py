@@ -6,14 +6,18 @@ the rest launches one kernel), and every launch of a Triton kernel. FastROIAlign
 route (HTC's Triton kernels) on CPU tensors, with the kernels replaced by stand-ins that write
 zeros (ones for the sample counts): the ops around them are those of a GPU run; the values are
 not computed. Host reads, each a wait for the GPU on CUDA: ``aten::_local_scalar_dense``
-(``.item()``, ``float(tensor)``), ``aten::nonzero`` and ``Tensor.tolist``.
+(``.item()``, ``float(tensor)``), ``aten::nonzero`` and ``Tensor.tolist``. With ``--regions``,
+the ops of each part of the step: each op goes to the innermost of the functions in
+:data:`REGIONS` that it runs under (any op of the backward pass to "backward").
 
-    .venv/bin/python benchmarks/dispatch_counts.py [--size 320] [--images 2,8]
+    .venv/bin/python benchmarks/dispatch_counts.py [--size 320] [--images 2,8] [--regions]
 """
 
 import argparse
+import traceback
 from collections import Counter
 from contextlib import ExitStack
+from typing import Dict, Tuple
 from unittest import mock
 
 import torch
@@ -25,26 +29,67 @@ import htc.layers.roi_align as kernels
 
 ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "detach", "lift_fresh"}
 OUTPUTS = {"out", "pixel", "cell", "weight", "grad_in"}  # the kernels' outputs, by argument name
+# (file, function) -> the part of a train step it is, for Cascade's and HTC's functions
+REGIONS = {
+    ("roi_heads.py", "label_and_sample_proposals"): "RoI sampling",
+    ("roi_heads.py", "select_foreground_proposals"): "RoI sampling",
+    ("cascade_rcnn.py", "_match_and_label_boxes"): "RoI sampling",
+    ("roi_heads.py", "_label_and_sample"): "RoI sampling",
+    ("roi_heads.py", "_foreground"): "RoI sampling",
+    ("cascade_rcnn.py", "_create_proposals_from_boxes"): "box refinement between stages",
+    ("roi_heads.py", "_refine"): "box refinement between stages",
+    ("poolers.py", "forward"): "RoI pooling",
+    ("poolers.py", "pooled"): "RoI pooling",
+    ("fast_rcnn.py", "losses"): "box losses",
+    ("mask_head.py", "mask_rcnn_loss"): "mask losses (targets included)",
+    ("mask_head.py", "mask_loss"): "mask losses (targets included)",
+    ("rpn.py", "forward"): "RPN (proposals and losses)",
+}
+MODELS = ("cascade", "htc")
+HOST_READS = {"tolist", "(pinned read)"}  # counted, but not as launches
+OTHER = "the rest of the forward pass (backbone, FPN, heads' layers)"
+
+
+def region(stack: traceback.StackSummary) -> str:
+    """The part of the step that the innermost frame of ``stack`` found in :data:`REGIONS` is."""
+    if any(frame.name == "_engine_run_backward" for frame in stack):
+        return "backward"
+    for frame in reversed(stack):
+        name = REGIONS.get((frame.filename.rsplit("/", 1)[-1], frame.name))
+        if name is not None:
+            return name
+    return OTHER
 
 
 class Counts(TorchDispatchMode):
-    """Counts the ops dispatched while it is active and not paused."""
+    """Counts the ops dispatched while it is active and not paused, and with ``regions`` the
+    launches of each part of the step (:func:`region`)."""
 
-    def __init__(self):
+    def __init__(self, regions: bool = False):
         super().__init__()
         self.ops = Counter()
+        self.regions = Counter() if regions else None
         self.paused = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__.split(".")[0]
-        if not self.paused and not func.is_view and name not in ALLOCATIONS:
-            self.ops[name] += 1
+        # a Python number wrapped for an op (``torch.where(c, x, 0.0)``) is a host tensor on
+        # CUDA too: no launch
+        wrapped = name == "scalar_tensor" and str((kwargs or {}).get("device")) == "cpu"
+        if not func.is_view and name not in ALLOCATIONS and not wrapped:
+            self.count(name)
         return func(*args, **(kwargs or {}))
+
+    def count(self, name: str) -> None:
+        if self.paused:
+            return
+        self.ops[name] += 1
+        if self.regions is not None and name not in HOST_READS:
+            self.regions[region(traceback.extract_stack())] += 1
 
     def add(self, name: str, fn, *args):
         """``fn(*args)`` counted as one ``name``."""
-        if not self.paused:
-            self.ops[name] += 1
+        self.count(name)
         self.paused += 1
         try:
             return fn(*args)
@@ -69,11 +114,11 @@ class StandIn:
         return lambda *args, **kwargs: self.counts.add("Triton launch", fill, *args)
 
 
-def count_step(name: str, size: int, images: int) -> Counter:
+def count_step(name: str, size: int, images: int, regions: bool = False) -> Counts:
     """The counts of one train step of model ``name`` on ``images`` images (after a warm-up
     step)."""
     triton = kernels.triton_kernels()
-    counts = Counts()
+    counts = Counts(regions)
     tolist = torch.Tensor.tolist
     with ExitStack() as patches:
 
@@ -92,20 +137,32 @@ def count_step(name: str, size: int, images: int) -> Counter:
             total = triton.EntryCount.total
             patch(triton.EntryCount, "total", lambda c: counts.add("(pinned read)", total, c))
         counts.ops.clear()  # the warm-up's launches
+        if regions:
+            counts.regions.clear()
         with counts:
             train_step(model, inputs)
-    return counts.ops
+    return counts
+
+
+def table(title: str, rows: Dict[str, Tuple[int, int]]) -> None:
+    """A markdown table of ``rows`` (title -> counts of Cascade and of HTC), with the ratio."""
+    print(f"| {title} | Cascade Mask R-CNN | HTC | HTC / Cascade |")
+    print("|---|---|---|---|")
+    for name, (cascade, htc) in rows.items():
+        ratio = f"{htc / cascade:.2f}" if cascade else "-"
+        print(f"| {name} | {cascade} | {htc} | {ratio} |")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=320, help="square images")
     parser.add_argument("--images", default="2,8", help="images per step, comma-separated")
+    parser.add_argument("--regions", action="store_true", help="the ops of each part of a step")
     args = parser.parse_args()
     torch.set_num_threads(2)
     measures = {
         "ops dispatched (about one kernel launch each on CUDA)": lambda c: sum(
-            v for k, v in c.items() if k not in {"tolist", "(pinned read)"}
+            v for k, v in c.items() if k not in HOST_READS
         ),
         "of which Triton launches": lambda c: c["Triton launch"],
         "host reads: `_local_scalar_dense`": lambda c: c["_local_scalar_dense"],
@@ -113,14 +170,13 @@ def main():
         "host reads: `tolist`": lambda c: c["tolist"],
     }
     for images in map(int, args.images.split(",")):
-        rows = {name: count_step(name, args.size, images) for name in ("cascade", "htc")}
+        cascade, htc = (count_step(name, args.size, images, args.regions) for name in MODELS)
         print(f"\nOne train step, {images} images of {args.size}x{args.size}, the CUDA code path\n")
-        print("| count | Cascade Mask R-CNN | HTC | HTC / Cascade |")
-        print("|---|---|---|---|")
-        for title, measure in measures.items():
-            cascade, htc = measure(rows["cascade"]), measure(rows["htc"])
-            ratio = f"{htc / cascade:.2f}" if cascade else "-"
-            print(f"| {title} | {cascade} | {htc} | {ratio} |")
+        table("count", {k: (f(cascade.ops), f(htc.ops)) for k, f in measures.items()})
+        if args.regions:
+            print()
+            parts = sorted(set(cascade.regions) | set(htc.regions))
+            table("ops of", {k: (cascade.regions[k], htc.regions[k]) for k in parts})
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ def variants():
             yield kernels._counts_kernel, dict(common, entries="*i64"), constexprs
             yield kernels._entries_kernel, types, constexprs
     for dtype in ("*fp32", "*fp16", "*bf16"):
-        types = dict(row_start="*i64", cells="*i32", weights="*fp32", grad_out=dtype,
-                     grad_in=dtype, C="i32")  # fmt: skip
+        types = dict(row_start="*i64", order="*i64", cells="*i32", weights="*fp32",
+                     grad_out=dtype, grad_in=dtype, C="i32")  # fmt: skip
         yield kernels._backward_kernel, types, dict(BLOCK_C=256, BLOCK_E=kernels.BLOCK_E)
 
 

@@ -14,6 +14,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 from torch.nn import functional as F
 
+from .layers import shared_levels
 from .mask_head import mask_loss
 from .poolers import HTCROIPooler, repeat_rows
 from .sampling import label_proposals, match, subsample_labels
@@ -203,12 +204,14 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         return ret
 
     def forward(self, images, features, proposals, targets=None):
-        """Same contract as the parent; training runs the interleaved cascade of the class doc."""
+        """Same contract as the parent; training runs the interleaved cascade of the class doc.
+        All poolings of the call share their features' layout copies (:func:`shared_levels`)."""
         del images
-        if self.training:
-            return proposals, self._forward_train(features, proposals, targets)
-        pred_instances = self._forward_box(features, proposals)
-        return self.forward_with_given_boxes(features, pred_instances), {}
+        with shared_levels():
+            if self.training:
+                return proposals, self._forward_train(features, proposals, targets)
+            pred_instances = self._forward_box(features, proposals)
+            return self.forward_with_given_boxes(features, pred_instances), {}
 
     def _forward_train(
         self,

@@ -2,7 +2,8 @@
 
 Each is chosen by one config key (``add_htc_config``), applied where the model is built:
 * ``MODEL.HTC.ROI_ALIGN``: "fast" (:class:`FastROIAlign`) or "detectron2" (:class:`ROIAlign`),
-  for every pooler of the ROI heads (:class:`htc.poolers.HTCROIPooler`);
+  for every pooler of the ROI heads (:class:`htc.poolers.HTCROIPooler`); within
+  :func:`shared_levels`, its CUDA kernels copy each list of levels to their layout once;
 * ``MODEL.HTC.DEFORM_CONV``: "torchvision" (:func:`use_torchvision_deform_conv`, trains on CPU and
   CUDA) or "detectron2" (its own kernels, CUDA only), for the backbone's deformable convs.
 
@@ -17,7 +18,7 @@ from .deform_conv import (
     use_torchvision_deform_conv,
 )
 from .interpolate import interpolate_bilinear, resize_bilinear
-from .roi_align import ROI_ALIGN_KERNELS, FastROIAlign, ROIAlign
+from .roi_align import ROI_ALIGN_KERNELS, FastROIAlign, ROIAlign, shared_levels
 
 __all__ = [
     "DEFORM_CONV_KERNELS",
@@ -28,5 +29,6 @@ __all__ = [
     "TorchvisionModulatedDeformConv",
     "interpolate_bilinear",
     "resize_bilinear",
+    "shared_levels",
     "use_torchvision_deform_conv",
 ]

@@ -15,12 +15,14 @@
   under tracing (export), it is :class:`ROIAlign`.
 """
 
+import contextlib
 import functools
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from types import ModuleType
-from typing import Callable, Dict, List, Optional, Tuple, Type
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Type
 
 import torch
 from detectron2 import layers as d2_layers
@@ -30,6 +32,7 @@ from torchvision.ops import roi_align
 
 CHUNK = 64  # RoIs per task: a 14x14 output of 256 channels stays within a few MB
 TRITON_DEVICES = ("cuda",)  # devices on which FastROIAlign runs htc.layers.roi_align_triton
+_SHARED_LEVELS: ContextVar[Optional[dict]] = ContextVar("htc_shared_levels", default=None)
 
 
 def _bins(
@@ -338,6 +341,19 @@ class ROIAlign(d2_layers.ROIAlign):
         return cls(other.output_size, other.spatial_scale, other.sampling_ratio, other.aligned)
 
 
+@contextlib.contextmanager
+def shared_levels() -> Iterator[None]:
+    """Within it, the Triton route of :class:`FastROIAlign` copies a list of feature levels to
+    its channels-last buffer once for all its calls on them, and sums their gradients there
+    (:func:`htc.layers.roi_align_triton.joint_levels`); the buffers go when it ends. Elsewhere
+    it changes nothing."""
+    token = _SHARED_LEVELS.set({})
+    try:
+        yield
+    finally:
+        _SHARED_LEVELS.reset(token)
+
+
 @functools.cache
 def triton_kernels() -> Optional[ModuleType]:
     """:mod:`htc.layers.roi_align_triton`, or None where Triton is not installed (imported on
@@ -370,7 +386,8 @@ class FastROIAlign(ROIAlign):
         assert rois.dim() == 2 and rois.size(1) == 5
         route = self._route(input)
         if route == "triton":
-            return triton_kernels().roi_align(input, rois, *self._arguments(), 1)
+            shared = _SHARED_LEVELS.get()
+            return triton_kernels().roi_align(input, rois, *self._arguments(), 1, shared=shared)
         if route == "cpu":
             return self._on_cpu(input, rois, pool=1)
         return super().forward(input, rois)
@@ -387,7 +404,8 @@ class FastROIAlign(ROIAlign):
         if route == "detectron2" or (pooled_h, pooled_w) != (size[0] * k, size[1] * k):
             return super().pooled(input, rois, size)
         if route == "triton":
-            return triton_kernels().roi_align(input, rois, *self._arguments(), k)
+            shared = _SHARED_LEVELS.get()
+            return triton_kernels().roi_align(input, rois, *self._arguments(), k, shared=shared)
         return self._on_cpu(input, rois, pool=k)
 
     def all_levels(
@@ -404,8 +422,9 @@ class FastROIAlign(ROIAlign):
             return None
         size, _, sampling_ratio, aligned = self._arguments()
         return triton_kernels().multi_level_roi_align(
-            features, rois, levels, scales, size, sampling_ratio, aligned
-        )
+            features, rois, levels, scales, size, sampling_ratio, aligned,
+            shared=_SHARED_LEVELS.get(),
+        )  # fmt: skip
 
     def _on_cpu(self, input: torch.Tensor, rois: torch.Tensor, pool: int) -> torch.Tensor:
         """The parallel forward (then ``avg_pool2d(pool)``), with the sparse backward when a

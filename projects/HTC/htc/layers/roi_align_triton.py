@@ -3,7 +3,8 @@
 * Levels: the RoIs of a multi-level pooler are computed in one pass, each on its own level's
   feature (:func:`multi_level_roi_align`): the levels are copied into one channels-last buffer
   and a small table gives each level's first pixel, size and spatial scale; one level is the
-  special case (:func:`roi_align`).
+  special case (:func:`roi_align`). Calls on the same levels may share that buffer
+  (:func:`joint_levels`): HTC pools the same FPN levels six times per train step.
 * Forward: one program per output cell and block of channels gathers the cell's bilinear
   samples, as torchvision's kernel computes them, in fp32 whatever the feature's dtype
   (fp16/bf16 stay fp16/bf16 in memory: no round-trip casts; the RoI coordinates stay fp32).
@@ -13,10 +14,10 @@
   cell, weight: a cell's y taps times its x taps, each tap summed over the cell's samples, in
   the order of :func:`htc.layers.roi_align.interpolation_entries`: (n+1)^2 per cell of n x n
   samples, not 4n^2); they are sorted by pixel (a stable sort), and one program per pixel
-  sums its entries' output gradients, eight at a time, in the order of that sort, so gradients
-  are bit-identical from run to run. The number of entries is counted in the forward pass and
-  reaches the host without stalling the stream, so the backward is a handful of launches and
-  no host sync.
+  sums its entries' output gradients, eight at a time, in the order of that sort (read through
+  it, not gathered), so gradients are bit-identical from run to run. The number of entries is
+  counted in the forward pass and reaches the host without stalling the stream, so the
+  backward is a handful of launches and no host sync.
 
 Importing this module imports Triton; ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors.
 """
@@ -281,7 +282,8 @@ def _entries_kernel(
 
 @triton.jit
 def _backward_kernel(
-    row_start,  # (N*H*W + 1,) int64: CSR row pointers of the entries sorted by pixel
+    row_start,  # (N*H*W + 1,) int64: per pixel, its first position in the sorted entries
+    order,  # (E,) int64: the entry at each sorted position
     cells,  # (E,) int32: each entry's output cell
     weights,  # (E,) fp32
     grad_out,  # (cells, C) contiguous
@@ -301,8 +303,9 @@ def _backward_kernel(
     for start in range(first, last, BLOCK_E):
         e = start + tl.arange(0, BLOCK_E)
         entry_mask = e < last
-        cell = tl.load(cells + e, mask=entry_mask, other=0).to(tl.int64)
-        weight = tl.load(weights + e, mask=entry_mask, other=0.0)
+        entry = tl.load(order + e, mask=entry_mask, other=0)
+        cell = tl.load(cells + entry, mask=entry_mask, other=0).to(tl.int64)
+        weight = tl.load(weights + entry, mask=entry_mask, other=0.0)
         # zero weights (merged taps a cell's samples did not reach) cost no load
         load = (entry_mask & (weight != 0.0))[:, None] & channel_mask[None, :]
         rows = grad_out + cell[:, None] * C + channels[None, :]
@@ -476,31 +479,62 @@ def _backward(
         block, warps = _block(channels)
         grid = (table.pixels, triton.cdiv(channels, block))
         _backward_kernel[grid](
-            row_start, cell[order], weight[order], grad, grad_in, channels, BLOCK_C=block,
+            row_start, order, cell, weight, grad, grad_in, channels, BLOCK_C=block,
             BLOCK_E=BLOCK_E, num_warps=warps,
         )  # fmt: skip
     return grad_in
 
 
-class _ROIAlignLevels(torch.autograd.Function):
-    """RoIAlign of RoIs on their levels, differentiable with respect to every level. When a
-    gradient will be wanted, the interpolation entries are counted in the forward pass, so the
-    backward does not wait on the GPU to learn how many to allocate."""
+class _JointLevels(torch.autograd.Function):
+    """The levels' joint channels-last buffer (P, C) (:meth:`LevelTable.joint`), differentiable:
+    its gradient goes back to each level as a view."""
 
     @staticmethod
-    def forward(ctx, rois, levels, table, geometry, *features):
+    def forward(ctx, table, *features):
+        ctx.table = table
+        return table.joint(features)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, *ctx.table.split(grad))
+
+
+def joint_levels(
+    features: Sequence[torch.Tensor], scales: Sequence[float], shared: Optional[dict] = None
+) -> Tuple[LevelTable, torch.Tensor]:
+    """The level table of ``features`` and their joint buffer; made once for all calls that pass
+    the same ``shared`` dict, the same (unmodified) feature tensors and grad mode. The
+    gradients of all RoIAligns on a shared buffer are summed there, then go back to the levels
+    once."""
+    key = (tuple((id(f), f._version) for f in features), tuple(scales), torch.is_grad_enabled())
+    if shared is not None and key in shared:
+        return shared[key][1:]
+    table = LevelTable(features, scales)
+    joint = _JointLevels.apply(table, *features)
+    if shared is not None:  # holding the features keeps their ids theirs
+        shared[key] = (tuple(features), table, joint)
+    return table, joint
+
+
+class _ROIAlignLevels(torch.autograd.Function):
+    """RoIAlign of RoIs on their levels, differentiable with respect to the levels' joint
+    buffer. When a gradient will be wanted, the interpolation entries are counted in the
+    forward pass, so the backward does not wait on the GPU to learn how many to allocate."""
+
+    @staticmethod
+    def forward(ctx, rois, levels, table, geometry, joint):
         ctx.count = None
-        if any(ctx.needs_input_grad[4:]):
+        if ctx.needs_input_grad[4]:
             ctx.count = EntryCount(rois, levels, table, geometry)
         ctx.save_for_backward(rois, levels)
         ctx.table, ctx.geometry = table, geometry
-        return _forward(table.joint(features), rois, levels, table, geometry)
+        return _forward(joint, rois, levels, table, geometry)
 
     @staticmethod
     def backward(ctx, grad_output):
         rois, levels = ctx.saved_tensors
         grad = _backward(grad_output, rois, levels, ctx.table, ctx.geometry, ctx.count)
-        return (None, None, None, None, *ctx.table.split(grad))
+        return None, None, None, None, grad
 
 
 def multi_level_roi_align(
@@ -512,15 +546,17 @@ def multi_level_roi_align(
     sampling_ratio: int,
     aligned: bool,
     pool: int = 1,
+    shared: Optional[dict] = None,
 ) -> torch.Tensor:
     """(R, C, Sh/pool, Sw/pool): RoI r pooled from ``features[levels[r]]`` (N, C, Hl, Wl) at
     spatial scale ``scales[levels[r]]`` (``levels`` None: all on level 0), then average-pooled
-    by ``pool``; in the RoIs' order. One launch per kernel for all levels."""
-    table = LevelTable(features, scales)
+    by ``pool``; in the RoIs' order. One launch per kernel for all levels; the levels' joint
+    buffer is shared with the other calls of ``shared`` (:func:`joint_levels`)."""
+    table, joint = joint_levels(features, scales, shared)
     size = (int(output_size[0]), int(output_size[1]))
     geometry = (size, int(sampling_ratio), bool(aligned), pool)
     rois = rois.float().contiguous()
-    return _ROIAlignLevels.apply(rois, levels, table, geometry, *features)
+    return _ROIAlignLevels.apply(rois, levels, table, geometry, joint)
 
 
 def roi_align(
@@ -531,9 +567,10 @@ def roi_align(
     sampling_ratio: int,
     aligned: bool,
     pool: int = 1,
+    shared: Optional[dict] = None,
 ) -> torch.Tensor:
     """(R, C, Sh/pool, Sw/pool): ``avg_pool2d(roi_align(input, rois, ...), pool)`` (torchvision's
     arguments) by these kernels."""
     return multi_level_roi_align(
-        [input], rois, None, [spatial_scale], output_size, sampling_ratio, aligned, pool
+        [input], rois, None, [spatial_scale], output_size, sampling_ratio, aligned, pool, shared
     )
