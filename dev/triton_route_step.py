@@ -2,8 +2,11 @@
 the shared level buffers) run on CPU in Triton's interpreter, next to the CPU route and to
 Detectron2's RoIAlign: the losses and, per parameter, the largest gradient difference relative
 to that gradient's largest entry. The tests check the kernels one by one; this checks the
-whole model on them where no GPU is lent. The tests' tiny model (ResNet-18 with BN, 32-channel
-FPN); about 4.5 minutes at the defaults on 2 CPU cores.
+whole model on them where no GPU is lent. The Triton kernels return channels-last RoI features,
+and CPU convolutions round channels-last inputs differently: a fourth run, the CPU route with
+its pooled features made channels-last, is the CUDA route's baseline (then only the RoIAlign
+backward's rounding separates them, in the FPN and backbone). The tests' tiny model
+(ResNet-18 with BN, 32-channel FPN); about 4.5 minutes at the defaults on 2 CPU cores.
 
     .venv/bin/python dev/triton_route_step.py [--size 64] [--rois 16]
 """
@@ -23,6 +26,7 @@ if not torch.cuda.is_available():  # read by Triton when imported (Detectron2's 
 from detectron2.modeling import build_model  # noqa: E402
 
 import htc.layers.roi_align as kernels  # noqa: E402
+from htc.poolers import HTCROIPooler  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import make_batch, tiny_cfg, train_losses  # noqa: E402
@@ -49,6 +53,19 @@ def worst(got: Gradients, want: Gradients, top: int = 3) -> list:
     return sorted(rows, reverse=True)[:top]
 
 
+def channels_last_step(model, batch) -> Tuple[Dict[str, float], Gradients]:
+    """:func:`step` with the poolers' outputs made channels-last, as the Triton kernels give
+    them (the same values in another memory layout)."""
+    forward, pooled = HTCROIPooler.forward, HTCROIPooler.pooled
+    layout = torch.channels_last
+    HTCROIPooler.forward = lambda *a: forward(*a).contiguous(memory_format=layout)
+    HTCROIPooler.pooled = lambda *a: pooled(*a).contiguous(memory_format=layout)
+    try:
+        return step(model, batch)
+    finally:
+        HTCROIPooler.forward, HTCROIPooler.pooled = forward, pooled
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("TRITON_INTERPRET=1 is needed: this runs the Triton kernels on CPU tensors")
@@ -66,15 +83,21 @@ def main() -> None:
     reference = build_model(cfg)
     reference.load_state_dict(model.state_dict())
     results["Detectron2's RoIAlign"] = step(reference, batch)
+    results["CPU route, channels-last"] = channels_last_step(model, batch)
     kernels.TRITON_DEVICES = ("cpu",)
     start = time.perf_counter()
     results["CUDA route (interpreted)"] = step(model, batch)
     print(f"CUDA route step: {time.perf_counter() - start:.0f} s")
     for name, (losses, _) in results.items():
         print(f"{name:26s}", " ".join(f"{k}={v:.7g}" for k, v in losses.items()))
-    cpu = results["CPU route"][1]
-    for name in ("Detectron2's RoIAlign", "CUDA route (interpreted)"):
-        print(f"gradients, {name} vs CPU route, worst:", worst(results[name][1], cpu))
+    pairs = [
+        ("Detectron2's RoIAlign", "CPU route"),
+        ("CPU route, channels-last", "CPU route"),
+        ("CUDA route (interpreted)", "CPU route"),
+        ("CUDA route (interpreted)", "CPU route, channels-last"),
+    ]
+    for got, want in pairs:
+        print(f"gradients, {got} vs {want}, worst:", worst(results[got][1], results[want][1]))
 
 
 if __name__ == "__main__":
