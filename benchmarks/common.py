@@ -16,6 +16,28 @@ from htc import add_htc_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# the parts of a train step: the (file, function) pairs of Cascade's and HTC's code in each
+PARTS = {
+    "RoI sampling": [
+        ("roi_heads.py", "label_and_sample_proposals"),
+        ("roi_heads.py", "select_foreground_proposals"),
+        ("cascade_rcnn.py", "_match_and_label_boxes"),
+        ("roi_heads.py", "_label_and_sample"),
+        ("roi_heads.py", "_foreground"),
+    ],
+    "box refinement between stages": [
+        ("cascade_rcnn.py", "_create_proposals_from_boxes"),
+        ("roi_heads.py", "_refine"),
+    ],
+    "RoI pooling": [("poolers.py", "forward"), ("poolers.py", "pooled")],
+    "box losses": [("fast_rcnn.py", "losses")],
+    "mask losses (targets included)": [
+        ("mask_head.py", "mask_rcnn_loss"),
+        ("mask_head.py", "mask_loss"),
+    ],
+    "RPN (proposals and losses)": [("rpn.py", "forward")],
+}
+
 
 def htc_cfg(name: str):
     cfg = get_cfg()
@@ -31,16 +53,18 @@ def cascade_cfg():
     return cfg
 
 
-def batch(num_images: int, size: int, with_sem: bool):
+def batch(num_images: int, size: int, with_sem: bool, boxes: int = 4):
+    """``num_images`` square training images with ``boxes`` ground-truth boxes each (sides of
+    10-40% of the image), their rectangle masks and, ``with_sem``, a semantic map."""
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(num_images):
         inst = Instances((size, size))
-        xy = torch.rand(4, 2, generator=g) * size * 0.6
-        wh = torch.rand(4, 2, generator=g) * size * 0.3 + size * 0.1
+        xy = torch.rand(boxes, 2, generator=g) * size * 0.6
+        wh = torch.rand(boxes, 2, generator=g) * size * 0.3 + size * 0.1
         inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1))
-        inst.gt_classes = torch.randint(0, 80, (4,), generator=g)
-        masks = torch.zeros(4, size, size, dtype=torch.bool)
+        inst.gt_classes = torch.randint(0, 80, (boxes,), generator=g)
+        masks = torch.zeros(boxes, size, size, dtype=torch.bool)
         for m, b in zip(masks, inst.gt_boxes.tensor.long()):
             m[b[1] : b[3], b[0] : b[2]] = True
         inst.gt_masks = BitMasks(masks)

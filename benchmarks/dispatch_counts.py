@@ -21,7 +21,7 @@ from typing import Dict, Tuple
 from unittest import mock
 
 import torch
-from common import train_step
+from common import PARTS, train_step
 from speed import build, train_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -29,27 +29,6 @@ import htc.layers.roi_align as kernels
 
 ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "detach", "lift_fresh"}
 OUTPUTS = {"out", "pixel", "cell", "weight", "grad_in"}  # the kernels' outputs, by argument name
-# the parts of a train step: the (file, function) pairs of Cascade's and HTC's code in each
-PARTS = {
-    "RoI sampling": [
-        ("roi_heads.py", "label_and_sample_proposals"),
-        ("roi_heads.py", "select_foreground_proposals"),
-        ("cascade_rcnn.py", "_match_and_label_boxes"),
-        ("roi_heads.py", "_label_and_sample"),
-        ("roi_heads.py", "_foreground"),
-    ],
-    "box refinement between stages": [
-        ("cascade_rcnn.py", "_create_proposals_from_boxes"),
-        ("roi_heads.py", "_refine"),
-    ],
-    "RoI pooling": [("poolers.py", "forward"), ("poolers.py", "pooled")],
-    "box losses": [("fast_rcnn.py", "losses")],
-    "mask losses (targets included)": [
-        ("mask_head.py", "mask_rcnn_loss"),
-        ("mask_head.py", "mask_loss"),
-    ],
-    "RPN (proposals and losses)": [("rpn.py", "forward")],
-}
 REGIONS = {function: part for part, functions in PARTS.items() for function in functions}
 MODELS = ("cascade", "htc")
 HOST_READS = {"tolist", "(pinned read)"}  # counted, but not as launches

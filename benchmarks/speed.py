@@ -27,6 +27,7 @@ kernel (deterministic algorithms requested, warn-only, so the ops that have none
 """
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -36,11 +37,13 @@ import sys
 import time
 import warnings
 from collections import defaultdict
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterator, List
+from unittest import mock
 
 import torch
-from common import batch, cascade_cfg, htc_cfg, train_step
+from common import PARTS, batch, cascade_cfg, htc_cfg, train_step
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
@@ -67,7 +70,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+# models of the precision and region rows: HTC also with torchvision's RoIAlign in every pooler
+TRAIN_MODELS = {"cascade": "fast", "htc": "fast", "htc_tv": "detectron2"}
+
+
 def build(name: str, device: str, detections: int, roi_align: str = "fast"):
+    """``name`` "cascade" or "htc" ("htc_tv": HTC with MODEL.HTC.ROI_ALIGN "detectron2")."""
+    if name == "htc_tv":
+        name, roi_align = "htc", "detectron2"
     cfg = cascade_cfg() if name == "cascade" else htc_cfg("htc_R_50_FPN_1x.yaml")
     cfg.MODEL.DEVICE = device
     cfg.MODEL.HTC.ROI_ALIGN = roi_align
@@ -316,6 +326,7 @@ def memory_job(job: dict) -> dict:
 
 PRECISIONS = {"fp32": None, "tf32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 SYNC_EVENTS = ("aten::item", "aten::nonzero", "aten::_local_scalar_dense", "cudaStreamSynchronize")
+COPY_EVENTS = ("cudaMemcpyAsync", "cudaMemcpy")
 LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
 
 
@@ -355,22 +366,24 @@ def amp_inferrer(model, image, device: str, precision: str) -> Callable[[], None
     return run
 
 
-def train_inputs(name: str, device: str, height: int, images: int) -> List[dict]:
-    return [_to(x, device) for x in batch(images, height, name == "htc")]
+def train_inputs(name: str, device: str, height: int, images: int, boxes: int = 4) -> List[dict]:
+    return [_to(x, device) for x in batch(images, height, name.startswith("htc"), boxes)]
 
 
 def precision_job(job: dict) -> dict:
-    """Per precision: inference latency (1 image) and train-step time (each batch size) of both
-    models, taken in turns; the outputs' change under TF32. Every run is made once before any
-    is timed (cuDNN's and Triton's kernels, the allocator's pools), so that the first precision
-    timed does not carry the warm-up."""
+    """Per precision: inference latency (1 image) and train-step time (each batch size and
+    boxes per image) of the :data:`TRAIN_MODELS`, per measure all precisions and models taken in
+    turns; the outputs' change under TF32. Every run is made once before any is timed (cuDNN's
+    and Triton's kernels, the allocator's pools), so that the first timed does not carry the
+    warm-up."""
     device, repeats = job["device"], job["repeats"]
-    models = {name: build(name, device, 100) for name in ("cascade", "htc")}
+    models = {name: build(name, device, 100) for name in TRAIN_MODELS}
     image = test_input(job["height"], job["width"], device)
     inputs = {
-        (name, images): train_inputs(name, device, job["height"], images)
+        (name, images, boxes): train_inputs(name, device, job["height"], images, boxes)
         for name in models
         for images in job["batches"]
+        for boxes in job["boxes"]
     }
     scaler = torch.amp.GradScaler(device)
     runs = {}
@@ -378,17 +391,24 @@ def precision_job(job: dict) -> dict:
         runs[precision] = {"infer": {n: amp_inferrer(m, image, device, precision)
                                      for n, m in models.items()}}  # fmt: skip
         for images in job["batches"]:
-            runs[precision][f"train {images}"] = {
-                n: amp_trainer(m, inputs[n, images], device, precision, scaler)
-                for n, m in models.items()
-            }
+            for boxes in job["boxes"]:
+                runs[precision][f"train {images}x{boxes}"] = {
+                    n: amp_trainer(m, inputs[n, images, boxes], device, precision, scaler)
+                    for n, m in models.items()
+                }
     for measures in runs.values():
         for fns in measures.values():
             for fn in fns.values():
                 fn()
-    result = {
-        precision: {measure: alternate(fns, repeats, device) for measure, fns in measures.items()}
-        for precision, measures in runs.items()
+    result = {precision: {} for precision in runs}
+    for measure in next(iter(runs.values())):  # precisions and models in turns, per measure
+        fns = {(p, n): fn for p in runs for n, fn in runs[p][measure].items()}
+        for (precision, name), times in alternate(fns, repeats, device).items():
+            result[precision].setdefault(measure, {})[name] = times
+    result["peak MB"] = {
+        measure: {name: peak_memory_mb(fn, device) for name, fn in fns.items()}
+        for measure, fns in runs[job["precisions"][0]].items()
+        if measure.startswith("train")
     }
     result["tf32 change"] = tf32_change(models["htc"], image)
     set_precision("fp32")
@@ -439,6 +459,8 @@ def counts_job(job: dict) -> dict:
                 counts[event.name] += 1
             elif event.name in LAUNCH_EVENTS:
                 counts["kernel launches"] += 1
+            elif event.name in COPY_EVENTS:  # a copy from pageable host memory also syncs
+                counts[event.name] += 1
         # busy against wall: how far the step is bound by the host (launches, syncs, Python)
         counts["step under the profiler (ms)"] = round(wall * 1000, 1)
         busy = "device busy" if device == "cuda" else "CPU time in ops"
@@ -476,7 +498,7 @@ def determinism_job(job: dict) -> dict:
     torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True, warn_only=True)
     result = {}
-    for kernel in ("fast", "detectron2"):
+    for kernel in ("detectron2", "fast"):  # the last one is timed below
         grads = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -498,6 +520,156 @@ def determinism_job(job: dict) -> dict:
             "first differing": differ[:3],
             "ops without a deterministic implementation": nondeterministic,
         }
+    result["cost"] = determinism_cost(model, inputs, device, job["repeats"])
+    return result
+
+
+def determinism_cost(model, inputs, device: str, repeats: int) -> dict:
+    """Median seconds and peak memory (MB, CUDA) of the train step with deterministic algorithms
+    and without, in turns."""
+
+    def step(deterministic: bool) -> Callable[[], None]:
+        def run():
+            torch.use_deterministic_algorithms(deterministic, warn_only=True)
+            torch.backends.cudnn.deterministic = deterministic
+            train_step(model, inputs)
+
+        return run
+
+    fns = {"deterministic": step(True), "default": step(False)}
+    out = {"seconds": medians(alternate(fns, repeats, device))}
+    if device == "cuda":
+        out["peak MB"] = {name: peak_memory_mb(fn, device) for name, fn in fns.items()}
+    return out
+
+
+# the region table's parts beyond dispatch_counts' (the layers that PARTS leaves to "the rest")
+STEP_PARTS = {
+    **PARTS,
+    "backbone + FPN": [("fpn.py", "forward")],
+    "semantic branch (head, targets, loss)": [
+        ("semantic_head.py", "forward"),
+        ("semantic_head.py", "losses"),
+        ("meta_arch.py", "_semantic_targets"),
+    ],
+    "box heads' layers": [("box_head.py", "forward"), ("fast_rcnn.py", "forward")],
+    "mask heads' layers": [
+        ("mask_head.py", "layers"),
+        ("mask_head.py", "conv_features"),
+        ("mask_head.py", "predict"),
+    ],
+}
+
+
+class PartClock:
+    """Wall time of each part of a step, the device synchronised at every boundary; a part's
+    time excludes the parts called within it, and time outside every part goes to "rest"."""
+
+    def __init__(self, device: str):
+        self.device, self.spent, self.stack = device, defaultdict(float), []
+        self.mark = time.perf_counter()
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        self.switch()
+        self.stack.append(name)
+        try:
+            yield
+        finally:
+            self.switch()
+            self.stack.pop()
+
+    def switch(self) -> None:
+        """Adds the time since the last switch to the current part."""
+        sync(self.device)
+        now = time.perf_counter()
+        self.spent[self.stack[-1] if self.stack else "rest"] += now - self.mark
+        self.mark = now
+
+
+def clocked_parts(clock: PartClock, patches: ExitStack) -> None:
+    """Wraps every function of :data:`STEP_PARTS` (module functions, also where another module
+    imported them by name, and methods of the loaded Detectron2 and HTC modules, by file and
+    name) in ``clock.part``, undone by ``patches``."""
+    parts = {pair: part for part, pairs in STEP_PARTS.items() for pair in pairs}
+    modules = [
+        m
+        for name, m in list(sys.modules.items())
+        if name.startswith(("detectron2.modeling", "htc")) and getattr(m, "__file__", "")
+    ]
+    functions = {}  # id of a module function -> its wrapped version
+
+    def wrapped(fn, part):
+        def run(*args, **kwargs):
+            with clock.part(part):
+                return fn(*args, **kwargs)
+
+        return run
+
+    for module in modules:
+        file = module.__file__.rsplit("/", 1)[-1]
+        classes = [
+            c
+            for c in vars(module).values()
+            if isinstance(c, type) and c.__module__ == module.__name__
+        ]
+        for owner in [module, *classes]:
+            for attr, value in list(vars(owner).items()):
+                part = parts.get((file, attr))
+                if part is None or (
+                    owner is module and getattr(value, "__module__", "") != module.__name__
+                ):
+                    continue
+                if isinstance(value, (staticmethod, classmethod)):
+                    new = type(value)(wrapped(value.__func__, part))
+                else:
+                    new = wrapped(value, part)
+                    if owner is module:
+                        functions[id(value)] = new
+                patches.enter_context(mock.patch.object(owner, attr, new))
+    for module in modules:
+        for attr, value in list(vars(module).items()):
+            if id(value) in functions:
+                patches.enter_context(mock.patch.object(module, attr, functions[id(value)]))
+
+
+def clocked_train_step(model, inputs, clock: PartClock) -> None:
+    """:func:`train_step` with its backward as the part "backward" of ``clock``."""
+    model.train()
+    with EventStorage():
+        losses = model(inputs)
+    model.zero_grad()
+    loss = sum(losses.values())
+    with clock.part("backward"):
+        loss.backward()
+    clock.switch()
+
+
+def regions_job(job: dict) -> dict:
+    """Per model of :data:`TRAIN_MODELS` and boxes per image: the median time of each part of
+    a train step of 2 images (:class:`PartClock`; the backward is one part), and the step's
+    median time without the clock's syncs."""
+    device, repeats = job["device"], job["repeats"]
+    result = {}
+    for name in TRAIN_MODELS:
+        model = build(name, device, 100)
+        for boxes in job["boxes"]:
+            inputs = train_inputs(name, device, job["height"], 2, boxes)
+            step = functools.partial(train_step, model, inputs)
+            plain = statistics.median(timed(step, repeats, device))
+            clock, runs = PartClock(device), []
+            with ExitStack() as patches:
+                clocked_parts(clock, patches)
+                clocked_train_step(model, inputs, clock)
+                for _ in range(repeats):
+                    clock.spent.clear()
+                    sync(device)
+                    clock.mark = time.perf_counter()
+                    clocked_train_step(model, inputs, clock)
+                    runs.append(dict(clock.spent))
+            parts = set().union(*runs)
+            times = {p: statistics.median(r.get(p, 0.0) for r in runs) for p in parts}
+            result[f"{name} {boxes}"] = dict(times, step=plain)
     return result
 
 
@@ -507,6 +679,7 @@ JOBS = {
     "memory": memory_job,
     "precision": precision_job,
     "counts": counts_job,
+    "regions": regions_job,
     "determinism": determinism_job,
 }
 
@@ -546,6 +719,11 @@ def main():
     parser.add_argument("--precisions", default="fp32,tf32,fp16,bf16", help="of the precision rows")
     parser.add_argument("--batches", default="2,8", help="images per train step, precision rows")
     parser.add_argument(
+        "--boxes",
+        default="4,20",
+        help="ground-truth boxes per image of the train batches (GPU rows)",
+    )
+    parser.add_argument(
         "--determinism-size", type=int, default=800,
         help="square images of the determinism rows",
     )  # fmt: skip
@@ -560,6 +738,8 @@ def main():
         return
     common = dict(device=args.device, threads=args.threads, repeats=args.repeats)
     results = {"args": vars(args), "inference": {}, "train": {}, "conv": {}, "memory": {}}
+    results["machine"] = machine(args.device)
+    print(f"machine: {json.dumps(results['machine'])}", file=sys.stderr)
     if args.only != "latency":
         results.update(gpu_rows(args, common))
     if args.only != "gpu":
@@ -576,10 +756,14 @@ def gpu_rows(args, common: dict) -> dict:
     size = dict(common, height=height, width=width)
     precisions = args.precisions.split(",")
     batches = [int(v) for v in args.batches.split(",")]
+    boxes = [int(v) for v in args.boxes.split(",")]
     small = args.determinism_size
     jobs = {
-        "precision": dict(size, kind="precision", precisions=precisions, batches=batches),
+        "precision": dict(
+            size, kind="precision", precisions=precisions, batches=batches, boxes=boxes
+        ),
         "counts": dict(size, kind="counts"),
+        "regions": dict(size, kind="regions", boxes=boxes),
         "determinism": dict(common, kind="determinism", height=small, width=small),
     }
     out = {}
@@ -589,6 +773,29 @@ def gpu_rows(args, common: dict) -> dict:
         except RuntimeError as error:  # reported in its place; the other parts still run
             out[name] = {"error": str(error)[-2000:]}
         print(f"{name}: {json.dumps(out[name])}", file=sys.stderr)
+    return out
+
+
+def machine(device: str) -> dict:
+    """What the figures were measured on: versions, and on CUDA the GPU's name, driver, clocks
+    (current and maximum, MHz), power limit and temperature from nvidia-smi."""
+    out = {"torch": torch.__version__, "cpu threads": torch.get_num_threads()}
+    if device != "cuda":
+        return out
+    out["gpu"] = torch.cuda.get_device_name()
+    out["cuda"] = torch.version.cuda
+    fields = (
+        "driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,"
+        "temperature.gpu"
+    )
+    try:
+        query = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        out.update(zip(fields.split(","), query.stdout.strip().split(", ")))
+    except (OSError, subprocess.SubprocessError) as error:
+        out["nvidia-smi"] = str(error)
     return out
 
 
@@ -622,6 +829,7 @@ def medians(times: Dict[str, List[float]]) -> Dict[str, float]:
 def report(results: dict) -> None:
     args = results["args"]
     print(f"device {args['device']}, {args['threads']} threads, median of {args['repeats']}")
+    print(f"machine: {results.get('machine')}")
     if "precision" in results:
         report_gpu_rows(results)
     if results["inference"]:
@@ -630,6 +838,7 @@ def report(results: dict) -> None:
 
 def report_gpu_rows(results: dict) -> None:
     for part, reporter in (("precision", report_precision), ("counts", report_counts),
+                           ("regions", report_regions),
                            ("determinism", report_determinism)):  # fmt: skip
         if "error" in results[part]:
             print(f"\n{part} rows failed:\n{results[part]['error']}")
@@ -639,18 +848,33 @@ def report_gpu_rows(results: dict) -> None:
 
 def report_precision(results: dict) -> None:
     size = results["args"]["sizes"].split(",")[0]
-    print(f"\nPrecision at {size} (train steps: square {size.split('x')[0]} images)\n")
-    print("| precision | measure | Cascade (s) | HTC (s) | HTC / Cascade | HTC vs its fp32 |")
-    print("|---|---|---|---|---|---|")
+    print(
+        f"\nPrecision at {size} (train steps: square {size.split('x')[0]} images; "
+        "'train NxB': N images of B ground-truth boxes)\n"
+    )
     runs = {k: v for k, v in results["precision"].items() if k in PRECISIONS}
+    names = list(next(iter(next(iter(runs.values())).values())))
+    peaks = results["precision"]["peak MB"]
+    heads = " | ".join(f"{n} (ms)" for n in names)
+    ratios = " | ".join(f"{n} / cascade" for n in names if n != "cascade")
+    print(f"| precision | measure | {heads} | {ratios} | HTC vs its fp32 |")
+    print("|---|---|" + "---|" * (2 * len(names)))
     for precision, measures in runs.items():
         for measure, times in measures.items():
             t = medians(times)
             base = medians(runs["fp32"][measure])["htc"] if "fp32" in runs else float("nan")
+            cells = [f"{t[n] * 1e3:.1f}" for n in names]
+            cells += [f"{t[n] / t['cascade']:.2f}" for n in names if n != "cascade"]
             print(
-                f"| {precision} | {measure} | {t['cascade']:.4f} | {t['htc']:.4f} "
-                f"| {t['htc'] / t['cascade']:.2f} | {base / t['htc']:.2f}x |"
+                f"| {precision} | {measure} | " + " | ".join(cells) + f" | {base / t['htc']:.2f}x |"
             )
+    first = next(iter(runs))
+    print(f"\nPeak memory of a train step in {first} (MB over the model and its inputs)\n")
+    print("| measure | " + " | ".join(names) + " | htc / cascade |")
+    print("|---|" + "---|" * (len(names) + 1))
+    for measure, peak in peaks.items():
+        cells = " | ".join(f"{peak[n]:.0f}" for n in names)
+        print(f"| {measure} | {cells} | {peak['htc'] / peak['cascade']:.2f} |")
     print(f"\nTF32 against fp32, HTC outputs: {results['precision']['tf32 change']}")
 
 
@@ -673,13 +897,46 @@ def report_counts(results: dict) -> None:
         print(f"| `{name[:80]}` | " + " | ".join(row) + " |")
 
 
+def report_regions(results: dict) -> None:
+    print(
+        "\nWhere a train step goes (2 images; 'model B': B ground-truth boxes per image): "
+        "median ms per part, synchronised at each part's bounds\n"
+    )
+    runs = results["regions"]
+    parts = sorted(
+        set().union(*runs.values()) - {"step"}, key=lambda p: -runs[next(iter(runs))].get(p, 0)
+    )
+    print("| part | " + " | ".join(runs) + " |")
+    print("|---|" + "---|" * len(runs))
+    for part in [*parts, "step"]:
+        label = "the step without the clock's syncs" if part == "step" else part
+        print(
+            f"| {label} | "
+            + " | ".join(f"{r.get(part, 0.0) * 1e3:.1f}" for r in runs.values())
+            + " |"
+        )
+    sums = " | ".join(
+        f"{sum(v for k, v in r.items() if k != 'step') * 1e3:.1f}" for r in runs.values()
+    )
+    print(f"| sum of the parts | {sums} |")
+
+
 def report_determinism(results: dict) -> None:
     print("\nTwo identical HTC train steps: gradients that differ\n")
     print("| RoIAlign kernel | parameters | differing | ops without a deterministic version |")
     print("|---|---|---|---|")
-    for kernel, r in results["determinism"].items():
+    runs = {k: v for k, v in results["determinism"].items() if k != "cost"}
+    for kernel, r in runs.items():
         ops = "; ".join(r["ops without a deterministic implementation"]) or "none"
         print(f"| {kernel} | {r['parameters']} | {r['differing']} | {ops} |")
+    cost = results["determinism"]["cost"]
+    seconds = cost["seconds"]
+    ratio = seconds["deterministic"] / seconds["default"]
+    print(
+        f"\nThe step (HTC, last kernel above) deterministic {seconds['deterministic']:.3f} s, "
+        f"default {seconds['default']:.3f} s ({ratio:.2f}x); "
+        f"peak MB {cost.get('peak MB', 'not measured')}"
+    )
 
 
 def report_latency(results: dict) -> None:

@@ -1,30 +1,35 @@
 #!/usr/bin/env bash
 # Dev only: every check of the GPU issue in one run on the GPU machine (../shared/gpu/README.md),
 # logs in $OUT (else ./gpu-checks). From the project root, after `bash ../shared/gpu/pack.sh`:
-#   run  command: "source .gpu/env.sh && [REPEATS=20] bash dev/gpu_checks.sh"   carry: [".gpu"]
-# About 8 minutes on an H200: the CUDA tests of the kernels and the heads, the RoIAlign
-# benchmark, speed.py's latency rows, the deterministic resize's memory, then speed.py's GPU rows.
+#   run  command: "source .gpu/env.sh && [REPEATS=10] bash dev/gpu_checks.sh"   carry: [".gpu"]
+# The steps run in order of what decides the most, each under a time limit (about 570 s in all),
+# so that one slow step cannot take the others' time: the machine; the RoIAlign per call (the
+# default kernel's crossover); speed.py's GPU rows (precisions, 2 and 8 images, 4 and 20 boxes
+# per image, peak memory, syncs, the train step's parts, determinism); the CUDA tests of the
+# kernels and the heads; the RoIAlign backward; speed.py's latency rows at 800x1333.
 set -u
 out="${OUT:-gpu-checks}"
-repeats="${REPEATS:-20}"  # median of this many runs in every benchmark
+repeats="${REPEATS:-10}"  # median of this many runs in every benchmark
 mkdir -p "$out"
-step() {  # name, command...: one check, its log, its wall time and status
-  local name="$1" start=$SECONDS
-  shift
-  "$@" >"$out/$name.log" 2>&1
-  echo "$name: rc $? in $((SECONDS - start)) s" | tee -a "$out/summary.txt"
+step() {  # name, seconds, command...: one check, its log, its wall time and status
+  local name="$1" limit="$2" start=$SECONDS
+  shift 2
+  timeout -k 5 "$limit" "$@" >"$out/$name.log" 2>&1
+  echo "$name: rc $? in $((SECONDS - start)) s (limit $limit s)" | tee -a "$out/summary.txt"
 }
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$(mktemp -d)}"  # counted at the end
-step pytest python3 -m pytest -q -p no:cacheprovider tests/layers tests/test_poolers.py \
-  tests/test_sampling.py tests/test_roi_heads.py tests/test_config.py tests/test_mask_head.py \
-  tests/test_semantic_head.py
-step roi_align python3 benchmarks/roi_align_backward.py --device cuda --repeats "$repeats"
-step latency python3 benchmarks/speed.py --device cuda --repeats "$repeats" --only latency \
-  --json "$out/speed.json"
-step resize python3 benchmarks/deterministic_resize.py --device cuda
-# last: the longest step (precisions, 8 images, counts, determinism); cut first by a time limit
-step gpu_rows python3 benchmarks/speed.py --device cuda --repeats "$repeats" --only gpu \
-  --json "$out/gpu_rows.json"
+{ nvidia-smi; nvidia-smi -q -d CLOCK,PERFORMANCE,POWER; python3 -c \
+  "import torch, torchvision, triton; print(torch.__version__, torchvision.__version__, triton.__version__)"
+} >"$out/machine.log" 2>&1
+step crossover 70 python3 benchmarks/roi_align_crossover.py --device cuda --repeats "$repeats" \
+  --json "$out/crossover.json"
+step gpu_rows 300 python3 benchmarks/speed.py --device cuda --repeats "$repeats" --only gpu \
+  --precisions fp32,fp16,bf16 --json "$out/gpu_rows.json"
+step pytest 60 python3 -m pytest -q -x -p no:cacheprovider tests/layers tests/test_poolers.py \
+  tests/test_sampling.py tests/test_roi_heads.py
+step roi_align 35 python3 benchmarks/roi_align_backward.py --device cuda --repeats "$repeats"
+step latency 100 python3 benchmarks/speed.py --device cuda --repeats "$repeats" --only latency \
+  --sizes 800x1333 --train-sizes 800 --detections 100 --json "$out/speed.json"
 # kernels Triton compiled in all the checks: a few per kernel (constexprs, dtypes), not one per
 # feature size or RoI count
 echo "Triton kernels compiled: $(find "$TRITON_CACHE_DIR" -name '*.cubin' | wc -l)" \
