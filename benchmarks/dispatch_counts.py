@@ -6,7 +6,10 @@ the rest launches one kernel), and every launch of a Triton kernel. FastROIAlign
 route (HTC's Triton kernels) on CPU tensors, with the kernels replaced by stand-ins that write
 zeros (ones for the sample counts): the ops around them are those of a GPU run; the values are
 not computed. Host reads, each a wait for the GPU on CUDA: ``aten::_local_scalar_dense``
-(``.item()``, ``float(tensor)``), ``aten::nonzero`` and ``Tensor.tolist``. With ``--regions``,
+(``.item()``, ``float(tensor)``), ``aten::nonzero`` and ``Tensor.tolist``; and the tensors
+made from host values (``torch.tensor(values)``, seen as ``aten::lift_fresh``), which on CUDA
+are copies from pageable memory, a wait for the GPU each, except those of ``htc.host``, which
+go through pinned memory without one. With ``--regions``,
 the ops of each part of the step: each op goes to the innermost of the functions in
 :data:`REGIONS` that it runs under (any op of the backward pass to "backward").
 
@@ -31,7 +34,8 @@ ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "detach", "l
 OUTPUTS = {"out", "pixel", "cell", "weight", "grad_in"}  # the kernels' outputs, by argument name
 REGIONS = {function: part for part, functions in PARTS.items() for function in functions}
 MODELS = ("cascade", "htc")
-HOST_READS = {"tolist", "(pinned read)"}  # counted, but not as launches
+HOST_COPIES = {"(pageable copy)", "(pinned copy)"}
+HOST_READS = {"tolist", "(pinned read)", *HOST_COPIES}  # counted, but not as launches
 OTHER = "the rest of the forward pass (backbone, FPN, heads' layers)"
 
 
@@ -44,6 +48,13 @@ def region(stack: traceback.StackSummary) -> str:
         if name is not None:
             return name
     return OTHER
+
+
+def host_copy(stack: traceback.StackSummary) -> str:
+    """How a tensor made from host values reaches a CUDA device: "(pinned copy)" within
+    ``htc.host.host_tensor``, else "(pageable copy)"."""
+    pinned = any(f.name == "host_tensor" and f.filename.endswith("host.py") for f in stack)
+    return "(pinned copy)" if pinned else "(pageable copy)"
 
 
 class Counts(TorchDispatchMode):
@@ -61,7 +72,9 @@ class Counts(TorchDispatchMode):
         # a Python number wrapped for an op (``torch.where(c, x, 0.0)``) is a host tensor on
         # CUDA too: no launch
         wrapped = name == "scalar_tensor" and str((kwargs or {}).get("device")) == "cpu"
-        if not func.is_view and name not in ALLOCATIONS and not wrapped:
+        if name == "lift_fresh":
+            self.count(host_copy(traceback.extract_stack()))
+        elif not func.is_view and name not in ALLOCATIONS and not wrapped:
             self.count(name)
         return func(*args, **(kwargs or {}))
 
@@ -153,6 +166,11 @@ def main():
         "host reads: `_local_scalar_dense`": lambda c: c["_local_scalar_dense"],
         "host reads: `nonzero`": lambda c: c["nonzero"],
         "host reads: `tolist`": lambda c: c["tolist"],
+        "host-to-device copies from pageable memory (a sync each)": lambda c: c["(pageable copy)"],
+        "host-to-device copies from pinned memory (no sync)": lambda c: c["(pinned copy)"],
+        "syncs in all (reads and pageable copies)": lambda c: sum(
+            c[k] for k in ("_local_scalar_dense", "nonzero", "tolist", "(pageable copy)")
+        ),
     }
     for images in map(int, args.images.split(",")):
         cascade, htc = (count_step(name, args.size, images, args.regions) for name in MODELS)

@@ -1,7 +1,9 @@
-"""RoIAlign backward: torchvision's kernel (as Detectron2's ROIAlign) vs htc.layers'
-FastROIAlign (CPU: the sparse-matrix backward; CUDA: the Triton kernels, entry build included),
-side by side in one run (same inputs, same output gradient), with the max gradient difference
-and the number of interpolation entries (the sparse matrix's, the Triton backward's);
+"""RoIAlign backward: torchvision's kernel (as Detectron2's ROIAlign), htc.layers'
+TritonROIAlign (CUDA: the Triton kernels, entry build included; CPU: torchvision's) and
+FastROIAlign ("auto": CPU, the sparse-matrix backward; CUDA, the one of the two that its rule
+picks), side by side in one run (same inputs, same output gradient), with the max gradient
+difference of "auto" and the number of interpolation entries (the sparse matrix's, the Triton
+backward's);
 a 4-level box pooler, forward and backward (Detectron2's, level by level, vs HTC's); on CUDA also
 the pooled 7x7 box feature (torchvision 14x14 + average pool vs computed directly) and whether
 two backward passes agree bit for bit.
@@ -19,7 +21,7 @@ from detectron2.structures import Boxes
 from torch.nn import functional as F
 from torchvision.ops import roi_align
 
-from htc.layers import FastROIAlign, ROIAlign
+from htc.layers import FastROIAlign, ROIAlign, TritonROIAlign
 from htc.layers.roi_align import interpolation_entries
 from htc.poolers import HTCROIPooler
 
@@ -75,21 +77,21 @@ def main():
     torch.set_num_threads(2)
     device = args.device
     print(
-        "| N, C, H, W, stride, RoIs, out | torchvision (ms) | fast (ms) | speed-up | max diff "
-        "| entries (M), nonzero |"
+        "| N, C, H, W, stride, RoIs, out | torchvision (ms) | triton (ms) | auto (ms) "
+        "| auto speed-up | max diff | entries (M), nonzero |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for case in CASES:
         n, c, h, w, stride, r, out = case
         x, rois = case_inputs(case, device)
         geometry = ((out, out), 1.0 / stride, 0, True)
-        fast = FastROIAlign(*geometry)
         t_tv, g_tv = backward_time(ROIAlign(*geometry), x, rois, device, args.repeats)
-        t_fa, g_fa = backward_time(fast, x, rois, device, args.repeats)
+        t_tr, _ = backward_time(TritonROIAlign(*geometry), x, rois, device, args.repeats)
+        t_fa, g_fa = backward_time(FastROIAlign(*geometry), x, rois, device, args.repeats)
         weight = interpolation_entries(rois.cpu(), tuple(x.shape), *geometry)[2]
         print(
-            f"| {n}, {c}, {h}, {w}, {stride}, {r}, {out} | {t_tv * 1e3:.2f} | {t_fa * 1e3:.2f} "
-            f"| {t_tv / t_fa:.1f}x | {(g_tv - g_fa).abs().max():.1e} "
+            f"| {n}, {c}, {h}, {w}, {stride}, {r}, {out} | {t_tv * 1e3:.2f} | {t_tr * 1e3:.2f} "
+            f"| {t_fa * 1e3:.2f} | {t_tv / t_fa:.1f}x | {(g_tv - g_fa).abs().max():.1e} "
             f"| {len(weight) / 1e6:.2f}, {(weight != 0).sum() / 1e6:.2f} |"
         )
     pooler_row(device, args.repeats)
@@ -108,7 +110,7 @@ def pooler_row(device: str, repeats: int) -> None:
     sizes = torch.rand(2, 500, 2, generator=g) ** 2 * 600 + 8
     boxes = [Boxes(torch.cat([a, a + b], dim=1).to(device)) for a, b in zip(xy, sizes)]
     original = ROIPooler((7, 7), (1 / 4, 1 / 8, 1 / 16, 1 / 32), 0, "ROIAlignV2")
-    fast = HTCROIPooler.from_pooler(original, "fast")
+    fast = HTCROIPooler.from_pooler(original, "auto")
     leaves = [f.requires_grad_() for f in features]
     grad = torch.randn(1000, 256, 7, 7, generator=g).to(device)
 
@@ -129,7 +131,7 @@ def gpu_extras(repeats: int) -> None:
     shape."""
     x, rois = case_inputs(CASES[-1], "cuda")
     geometry = ((14, 14), 1.0 / 8, 0, True)
-    fast = FastROIAlign(*geometry)
+    fast = TritonROIAlign(*geometry)
     with torch.no_grad():
         t_tv, want = timed(lambda: F.avg_pool2d(roi_align(x, rois, *geometry), 2), "cuda", repeats)
         t_fa, got = timed(lambda: fast.pooled(x, rois, (7, 7)), "cuda", repeats)

@@ -1,6 +1,7 @@
-"""RoIAlign per call of the ROI heads: torchvision's kernel (Detectron2's ROIAlign,
-MODEL.HTC.ROI_ALIGN "detectron2") vs htc.layers' FastROIAlign ("fast": Triton on CUDA, the
-parallel forward and sparse backward on CPU), on the calls that HTC makes at 800x1344: the box
+"""RoIAlign per call of the ROI heads, by each value of MODEL.HTC.ROI_ALIGN: "torchvision"
+(Detectron2's ROIAlign), "triton" (htc.layers' Triton kernels on CUDA; torchvision's on CPU)
+and "auto" (the per-call choice: on CUDA one of the two; on CPU the parallel forward and sparse
+backward), on the calls that HTC makes at 800x1344: the box
 and mask poolers (P2-P5) and the semantic poolers (stride 8, pooled to 7x7 for the box branch),
 at the RoI counts of inference (1 image) and training (2 and 8 images), forward alone and
 forward + backward, fp32 and under fp16 autocast. Each call is timed alone: the Triton route
@@ -24,7 +25,7 @@ from detectron2.structures import Boxes
 
 from htc.poolers import HTCROIPooler
 
-KERNELS = {"torchvision": "detectron2", "fast": "fast"}
+KERNELS = ("torchvision", "triton", "auto")
 # call -> (levels' strides, output size, pooled size or None)
 CALLS = {
     "box": ((4, 8, 16, 32), 7, None),
@@ -60,7 +61,7 @@ def random_boxes(images: int, per_image: int, scale: float, device: str, g) -> L
 def pooler(call: str, kernel: str) -> HTCROIPooler:
     strides, size, _ = CALLS[call]
     base = ROIPooler((size, size), tuple(1 / s for s in strides), 0, "ROIAlignV2")
-    return HTCROIPooler.from_pooler(base, KERNELS[kernel])
+    return HTCROIPooler.from_pooler(base, kernel)
 
 
 def run_fn(call: str, kernel: str, features, boxes, mode: str, dtype) -> Callable[[], object]:
@@ -125,9 +126,10 @@ def main():
     dtypes = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
     rows = []
     print(
-        "| call | images | RoIs | mode | precision | torchvision (ms) | fast (ms) | fast speed-up |"
+        "| call | images | RoIs | mode | precision | torchvision (ms) | triton (ms) | auto (ms) "
+        "| triton speed-up | auto / the faster |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for call, images, per_image, mode in cases():
         g = torch.Generator().manual_seed(0)
         features = feature_levels(images, CALLS[call][0], args.scale, args.device, g)
@@ -141,8 +143,9 @@ def main():
             rows.append(row)
             print(
                 f"| {call} | {images} | {row['rois']} | {mode} | {precision} "
-                f"| {row['torchvision']:.3f} | {row['fast']:.3f} "
-                f"| {row['torchvision'] / row['fast']:.2f}x |",
+                f"| {row['torchvision']:.3f} | {row['triton']:.3f} | {row['auto']:.3f} "
+                f"| {row['torchvision'] / row['triton']:.2f}x "
+                f"| {row['auto'] / min(row['torchvision'], row['triton']):.2f} |",
                 flush=True,
             )
     if args.json:

@@ -71,13 +71,13 @@ def sync(device: str) -> None:
 
 
 # models of the precision and region rows: HTC also with torchvision's RoIAlign in every pooler
-TRAIN_MODELS = {"cascade": "fast", "htc": "fast", "htc_tv": "detectron2"}
+TRAIN_MODELS = {"cascade": "auto", "htc": "auto", "htc_tv": "torchvision"}
 
 
-def build(name: str, device: str, detections: int, roi_align: str = "fast"):
-    """``name`` "cascade" or "htc" ("htc_tv": HTC with MODEL.HTC.ROI_ALIGN "detectron2")."""
+def build(name: str, device: str, detections: int, roi_align: str = "auto"):
+    """``name`` "cascade" or "htc" ("htc_tv": HTC with MODEL.HTC.ROI_ALIGN "torchvision")."""
     if name == "htc_tv":
-        name, roi_align = "htc", "detectron2"
+        name, roi_align = "htc", "torchvision"
     cfg = cascade_cfg() if name == "cascade" else htc_cfg("htc_R_50_FPN_1x.yaml")
     cfg.MODEL.DEVICE = device
     cfg.MODEL.HTC.ROI_ALIGN = roi_align
@@ -498,7 +498,7 @@ def determinism_job(job: dict) -> dict:
     torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True, warn_only=True)
     result = {}
-    for kernel in ("detectron2", "fast"):  # the last one is timed below
+    for kernel in ("torchvision", "auto"):  # the last one is timed below
         grads = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -646,30 +646,48 @@ def clocked_train_step(model, inputs, clock: PartClock) -> None:
 
 
 def regions_job(job: dict) -> dict:
-    """Per model of :data:`TRAIN_MODELS` and boxes per image: the median time of each part of
-    a train step of 2 images (:class:`PartClock`; the backward is one part), and the step's
-    median time without the clock's syncs."""
+    """With PyTorch's default precision settings, per model of :data:`TRAIN_MODELS`: the time
+    of a train step of 2 images per boxes per image, and of inference (1 image, 100
+    detections), all in turns; then the median time of each part of the train steps
+    (:class:`PartClock`; the backward is one part)."""
     device, repeats = job["device"], job["repeats"]
-    result = {}
-    for name in TRAIN_MODELS:
-        model = build(name, device, 100)
-        for boxes in job["boxes"]:
-            inputs = train_inputs(name, device, job["height"], 2, boxes)
-            step = functools.partial(train_step, model, inputs)
-            plain = statistics.median(timed(step, repeats, device))
-            clock, runs = PartClock(device), []
-            with ExitStack() as patches:
-                clocked_parts(clock, patches)
-                clocked_train_step(model, inputs, clock)
-                for _ in range(repeats):
-                    clock.spent.clear()
-                    sync(device)
-                    clock.mark = time.perf_counter()
-                    clocked_train_step(model, inputs, clock)
-                    runs.append(dict(clock.spent))
-            parts = set().union(*runs)
-            times = {p: statistics.median(r.get(p, 0.0) for r in runs) for p in parts}
-            result[f"{name} {boxes}"] = dict(times, step=plain)
+    models = {name: build(name, device, 100) for name in TRAIN_MODELS}
+    inputs = {
+        (name, boxes): train_inputs(name, device, job["height"], 2, boxes)
+        for name in models
+        for boxes in job["boxes"]
+    }
+    image = test_input(job["height"], job["width"], device)
+
+    def infer(model):
+        def run():
+            model.eval()
+            with torch.no_grad():
+                model(image)
+
+        return run
+
+    steps = {
+        f"{n} {b}": functools.partial(train_step, models[n], x) for (n, b), x in inputs.items()
+    }
+    result = {"step": medians(alternate(steps, repeats, device))}
+    result["infer"] = medians(alternate({n: infer(m) for n, m in models.items()}, repeats, device))
+    result["parts"] = {}
+    for (name, boxes), x in inputs.items():
+        clock, runs = PartClock(device), []
+        with ExitStack() as patches:
+            clocked_parts(clock, patches)
+            clocked_train_step(models[name], x, clock)
+            for _ in range(repeats):
+                clock.spent.clear()
+                sync(device)
+                clock.mark = time.perf_counter()
+                clocked_train_step(models[name], x, clock)
+                runs.append(dict(clock.spent))
+        parts = set().union(*runs)
+        result["parts"][f"{name} {boxes}"] = {
+            p: statistics.median(r.get(p, 0.0) for r in runs) for p in parts
+        }
     return result
 
 
@@ -728,6 +746,9 @@ def main():
         help="square images of the determinism rows",
     )  # fmt: skip
     parser.add_argument("--only", choices=["gpu", "latency"], help="one of the two parts")
+    parser.add_argument(
+        "--parts", default="precision,counts,regions,determinism", help="of the GPU rows"
+    )
     parser.add_argument("--json", help="also write all results to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -750,8 +771,8 @@ def main():
 
 
 def gpu_rows(args, common: dict) -> dict:
-    """The precision and counts rows at the first inference size; the determinism rows at
-    --determinism-size."""
+    """The ``--parts`` of the GPU rows: precision, counts and regions at the first inference
+    size; determinism at --determinism-size."""
     height, width = (int(v) for v in args.sizes.split(",")[0].split("x"))
     size = dict(common, height=height, width=width)
     precisions = args.precisions.split(",")
@@ -768,6 +789,8 @@ def gpu_rows(args, common: dict) -> dict:
     }
     out = {}
     for name, job in jobs.items():
+        if name not in args.parts.split(","):
+            continue
         try:
             out[name] = run_job(job)
         except RuntimeError as error:  # reported in its place; the other parts still run
@@ -811,7 +834,8 @@ def latency_rows(args, common: dict, results: dict) -> None:
             name: run_job(dict(size, kind="memory", mode="infer", variant=name))["peak"]
             for name in VARIANTS
         }
-        print(f"inference {text}: done", file=sys.stderr)
+        done = {k: results[k][text] for k in ("conv", "inference", "memory")}
+        print(f"inference {text}: {json.dumps(done)}", file=sys.stderr)  # kept if cut short
     for text in args.train_sizes.split(","):
         size = dict(common, height=int(text), width=int(text))
         results["train"][text] = run_job(dict(size, kind="train"))
@@ -819,7 +843,8 @@ def latency_rows(args, common: dict, results: dict) -> None:
             name: run_job(dict(size, kind="memory", mode="train", variant=name))["peak"]
             for name in ("cascade", "htc")
         }
-        print(f"train {text}: done", file=sys.stderr)
+        done = {"train": results["train"][text], "memory": results["memory"][f"train {text}"]}
+        print(f"train {text}: {json.dumps(done)}", file=sys.stderr)
 
 
 def medians(times: Dict[str, List[float]]) -> Dict[str, float]:
@@ -830,7 +855,7 @@ def report(results: dict) -> None:
     args = results["args"]
     print(f"device {args['device']}, {args['threads']} threads, median of {args['repeats']}")
     print(f"machine: {results.get('machine')}")
-    if "precision" in results:
+    if args["only"] != "latency":
         report_gpu_rows(results)
     if results["inference"]:
         report_latency(results)
@@ -840,6 +865,8 @@ def report_gpu_rows(results: dict) -> None:
     for part, reporter in (("precision", report_precision), ("counts", report_counts),
                            ("regions", report_regions),
                            ("determinism", report_determinism)):  # fmt: skip
+        if part not in results:
+            continue
         if "error" in results[part]:
             print(f"\n{part} rows failed:\n{results[part]['error']}")
         else:
@@ -898,26 +925,29 @@ def report_counts(results: dict) -> None:
 
 
 def report_regions(results: dict) -> None:
+    size = results["args"]["sizes"].split(",")[0]
+    regions = results["regions"]
+    print(f"\nPyTorch's default precision settings, {size} (train steps: square images), ms\n")
+    print("| measure | " + " | ".join(regions["infer"]) + " |")
+    print("|---|" + "---|" * len(regions["infer"]))
+    cells = " | ".join(f"{t * 1e3:.1f}" for t in regions["infer"].values())
+    print(f"| inference, 1 image | {cells} |")
+    for boxes in sorted({int(k.split()[1]) for k in regions["step"]}):
+        cells = " | ".join(f"{regions['step'][f'{n} {boxes}'] * 1e3:.1f}" for n in regions["infer"])
+        print(f"| train step, 2 images x {boxes} boxes | {cells} |")
+    runs = regions["parts"]
     print(
         "\nWhere a train step goes (2 images; 'model B': B ground-truth boxes per image): "
         "median ms per part, synchronised at each part's bounds\n"
     )
-    runs = results["regions"]
-    parts = sorted(
-        set().union(*runs.values()) - {"step"}, key=lambda p: -runs[next(iter(runs))].get(p, 0)
-    )
+    first = next(iter(runs.values()))
+    parts = sorted(set().union(*runs.values()), key=lambda p: -first.get(p, 0.0))
     print("| part | " + " | ".join(runs) + " |")
     print("|---|" + "---|" * len(runs))
-    for part in [*parts, "step"]:
-        label = "the step without the clock's syncs" if part == "step" else part
-        print(
-            f"| {label} | "
-            + " | ".join(f"{r.get(part, 0.0) * 1e3:.1f}" for r in runs.values())
-            + " |"
-        )
-    sums = " | ".join(
-        f"{sum(v for k, v in r.items() if k != 'step') * 1e3:.1f}" for r in runs.values()
-    )
+    for part in parts:
+        cells = " | ".join(f"{r.get(part, 0.0) * 1e3:.1f}" for r in runs.values())
+        print(f"| {part} | {cells} |")
+    sums = " | ".join(f"{sum(r.values()) * 1e3:.1f}" for r in runs.values())
     print(f"| sum of the parts | {sums} |")
 
 

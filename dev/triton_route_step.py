@@ -79,14 +79,17 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(cfg)
     results = {"CPU route": step(model, batch)}
-    cfg.MODEL.HTC.ROI_ALIGN = "detectron2"
+    cfg.MODEL.HTC.ROI_ALIGN = "torchvision"
     reference = build_model(cfg)
     reference.load_state_dict(model.state_dict())
     results["Detectron2's RoIAlign"] = step(reference, batch)
     results["CPU route, channels-last"] = channels_last_step(model, batch)
     kernels.TRITON_DEVICES = ("cpu",)
+    cfg.MODEL.HTC.ROI_ALIGN = "triton"  # every call, where "auto" would pick per shape
+    triton_model = build_model(cfg)
+    triton_model.load_state_dict(model.state_dict())
     start = time.perf_counter()
-    results["CUDA route (interpreted)"] = step(model, batch)
+    results["CUDA route (interpreted)"] = step(triton_model, batch)
     print(f"CUDA route step: {time.perf_counter() - start:.0f} s")
     for name, (losses, _) in results.items():
         print(f"{name:26s}", " ".join(f"{k}={v:.7g}" for k, v in losses.items()))

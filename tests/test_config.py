@@ -121,7 +121,8 @@ def deterministic_settings(monkeypatch):
     [
         (["SEED", -1], "fixed SEED"),
         (["CUDNN_BENCHMARK", True], "CUDNN_BENCHMARK"),
-        (["MODEL.DEVICE", "cuda", "MODEL.HTC.ROI_ALIGN", "detectron2"], "ROI_ALIGN 'fast'"),
+        (["MODEL.DEVICE", "cuda", "MODEL.HTC.ROI_ALIGN", "torchvision"], "ROI_ALIGN 'auto' or"),
+        (["MODEL.DEVICE", "cuda", "MODEL.HTC.ROI_ALIGN", "cpu_parallel"], "ROI_ALIGN 'auto' or"),
     ],
 )
 def test_deterministic_refuses_what_would_not_be(deterministic_settings, opts, message):
@@ -147,8 +148,8 @@ def _lazy_cfg(**settings):
         ({"train.device": "cpu"}, "fixed train.seed"),
         ({"train.seed": 3, "train.device": "cpu", "train.cudnn_benchmark": True},
          "train.deterministic and train.cudnn_benchmark"),
-        ({"train.seed": 3, "model.roi_heads.roi_align": "detectron2"},
-         "model.roi_heads.roi_align 'fast'"),
+        ({"train.seed": 3, "model.roi_heads.roi_align": "torchvision"},
+         "model.roi_heads.roi_align 'auto' or 'triton'"),
     ],
 )  # fmt: skip
 def test_lazy_config_deterministic_refuses_what_would_not_be(

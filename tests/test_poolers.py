@@ -9,7 +9,7 @@ from detectron2.structures import Boxes
 from torch.nn import functional as F
 
 from conftest import tiny_cfg
-from htc.layers import FastROIAlign, ROIAlign
+from htc.layers import FastROIAlign, ParallelCPUROIAlign, ROIAlign, TritonROIAlign
 from htc.poolers import HTCROIPooler, pooler_format
 
 
@@ -21,7 +21,15 @@ def _features_and_boxes():
     return features, boxes
 
 
-@pytest.mark.parametrize("kernel, cls", [("fast", FastROIAlign), ("detectron2", ROIAlign)])
+KERNELS = [
+    ("auto", FastROIAlign),
+    ("triton", TritonROIAlign),
+    ("cpu_parallel", ParallelCPUROIAlign),
+    ("torchvision", ROIAlign),
+]
+
+
+@pytest.mark.parametrize("kernel, cls", KERNELS)
 def test_kernel_is_chosen_and_output_unchanged(kernel, cls):
     original = ROIPooler((14, 14), (1 / 4, 1 / 8, 1 / 16, 1 / 32), 0, "ROIAlignV2")
     pooler = HTCROIPooler.from_pooler(original, kernel)
@@ -32,7 +40,7 @@ def test_kernel_is_chosen_and_output_unchanged(kernel, cls):
         assert torch.equal(pooler(features, boxes), original(features, boxes))
 
 
-@pytest.mark.parametrize("kernel", ["fast", "detectron2"])
+@pytest.mark.parametrize("kernel", [name for name, _ in KERNELS])
 def test_pooled_is_the_average_pool_of_the_output(kernel):
     one_level = ROIPooler((14, 14), (1 / 8,), 0, "ROIAlignV2")
     pooler = HTCROIPooler.from_pooler(one_level, kernel)
@@ -44,11 +52,21 @@ def test_pooled_is_the_average_pool_of_the_output(kernel):
 
 def test_unknown_kernel_is_named():
     pooler = ROIPooler((7, 7), (1 / 4,), 0, "ROIAlignV2")
-    with pytest.raises(ValueError, match="MODEL.HTC.ROI_ALIGN='cuda'.*detectron2.*fast"):
+    with pytest.raises(ValueError, match="MODEL.HTC.ROI_ALIGN='cuda'.*auto, triton, cpu_parallel"):
         HTCROIPooler.from_pooler(pooler, "cuda")
 
 
-@pytest.mark.parametrize("kernel, cls", [("fast", FastROIAlign), ("detectron2", ROIAlign)])
+@pytest.mark.parametrize("old, cls", [("fast", FastROIAlign), ("detectron2", ROIAlign)])
+def test_deprecated_kernel_names_still_work_and_say_their_successor(old, cls):
+    cfg = tiny_cfg()
+    cfg.MODEL.HTC.ROI_ALIGN = old
+    new = {"fast": "auto", "detectron2": "torchvision"}[old]
+    with pytest.warns(FutureWarning, match=f"ROI_ALIGN='{old}' is deprecated: it is '{new}'"):
+        heads = build_model(cfg).roi_heads
+    assert all(type(m) is cls for m in heads.box_pooler.level_poolers)
+
+
+@pytest.mark.parametrize("kernel, cls", KERNELS)
 def test_htc_poolers_follow_the_config(kernel, cls):
     cfg = tiny_cfg()
     cfg.MODEL.HTC.ROI_ALIGN = kernel
@@ -58,7 +76,7 @@ def test_htc_poolers_follow_the_config(kernel, cls):
         assert all(type(m) is cls for m in pooler.level_poolers)
 
 
-@pytest.mark.parametrize("kernel", ["fast", "detectron2"])
+@pytest.mark.parametrize("kernel", [name for name, _ in KERNELS])
 def test_boxes_of_every_level_pool_as_the_parents(kernel):
     """Boxes grouped by level in one pass give the parent's output and gradients, boxes in the
     order given, with a level left empty; no per-level ``nonzero``."""
@@ -93,8 +111,8 @@ def test_pooler_format_is_detectron2s_without_a_sync():
 
 def test_levels_are_pooled_in_one_pass_where_the_kernel_can(monkeypatch):
     """Where FastROIAlign runs Triton (CUDA; here its interpreter on CPU), a multi-level pooler
-    pools every level in one pass, no per-level call and no host sync, with the parent's
-    output and gradients."""
+    (which "auto" always gives to Triton) pools every level in one pass, no per-level call and
+    no host sync, with the parent's output and gradients."""
     import htc.layers.roi_align as kernels
     import htc.layers.roi_align_triton as triton_roi_align
 
@@ -102,7 +120,7 @@ def test_levels_are_pooled_in_one_pass_where_the_kernel_can(monkeypatch):
     monkeypatch.setattr(kernels, "TRITON_DEVICES", (device,))
     monkeypatch.setattr(kernels, "triton_kernels", lambda: triton_roi_align)
     original = ROIPooler((7, 7), (1 / 4, 1 / 8, 1 / 16, 1 / 32), 0, "ROIAlignV2")
-    pooler = HTCROIPooler.from_pooler(original, "fast")
+    pooler = HTCROIPooler.from_pooler(original, "auto")
     features, boxes = _features_and_boxes()
     features = [f.to(device) for f in features]
     boxes = [b[:6].to(device) for b in boxes]

@@ -142,7 +142,7 @@ def htc_fpn(
             mask_info_flow=True,
             mask_merge="mean",
             test_nms="nms",
-            roi_align="fast",
+            roi_align="auto",
         ),
         semantic_head=L(FusedSemanticHead)(
             input_shape={

@@ -1,13 +1,23 @@
 """htc.layers.roi_align: the parallel RoIAlign forward and the sparse-matrix backward equal
 torchvision's; the kernels route by device and keep the caller's grad mode in their threads."""
 
+import json
+
 import pytest
 import torch
 from torch.nn import functional as F
 from torchvision.ops import roi_align
 
 import htc.layers.roi_align as kernels
-from htc.layers.roi_align import CHUNK, FastROIAlign, ROIAlign, in_chunks, sparse_grad_roi_align
+from conftest import ROOT
+from htc.layers.roi_align import (
+    CHUNK,
+    FastROIAlign,
+    ROIAlign,
+    in_chunks,
+    sparse_grad_roi_align,
+    triton_is_faster,
+)
 
 
 def _case(seed, scale, num_rois=40):
@@ -138,3 +148,24 @@ def test_detectron2_kernel_pools_after_roi_align():
     module = ROIAlign((14, 14), 0.5, 0, True)
     want = F.adaptive_avg_pool2d(roi_align(x, rois, (14, 14), 0.5, 0, True), (7, 7))
     assert torch.equal(module.pooled(x, rois, (7, 7)), want)
+
+
+def test_auto_choice_follows_the_h200_crossover():
+    """On every one-level call that the H200 timed (benchmarks/measured), the rule of "auto"
+    picks the kernel that was faster; several levels and pooled outputs go to Triton, which
+    was faster on each such call but one (a mask pooler of 64 RoIs: 0.88x alone; in a train
+    step it shares the box pooler's copy of the levels)."""
+    measured = json.loads((ROOT / "benchmarks" / "measured" / "h200_roi_align.json").read_text())
+    rows = measured["rows"]
+    assert len({r["source"] for r in rows}) == 2 and len(rows) >= 30
+    for r in rows:
+        args = (r["input_shape"], r["rois"], (r["output_size"],) * 2, r["pool"], r["levels"])
+        faster = triton_is_faster(*args, r["grad"])
+        if r["levels"] == 1 and r["pool"] == 1:
+            assert faster == (r["triton_ms"] < r["torchvision_ms"]), r
+        else:
+            assert faster
+    one_level = [r for r in rows if r["levels"] == 1 and r["pool"] == 1]
+    assert {r["triton_ms"] < r["torchvision_ms"] for r in one_level} == {True, False}
+    slower = [r for r in rows if r["levels"] > 1 and r["triton_ms"] > r["torchvision_ms"]]
+    assert [(r["call"], r["rois"], r["precision"]) for r in slower] == [("mask", 64, "fp32")]

@@ -20,7 +20,7 @@ LAZY_SETTINGS = {
     "SEED": ("train.seed", -1),
     "CUDNN_BENCHMARK": ("train.cudnn_benchmark", False),
     "MODEL.DEVICE": ("train.device", "cuda"),
-    "MODEL.HTC.ROI_ALIGN": ("model.roi_heads.roi_align", "fast"),
+    "MODEL.HTC.ROI_ALIGN": ("model.roi_heads.roi_align", "auto"),
 }
 
 
@@ -72,10 +72,11 @@ def add_htc_config(cfg: CN) -> None:
     # Loading MODEL.WEIGHTS refuses parameters whose shape differs from the model's; True skips
     # them (left at their initialization), e.g. to fine-tune on another number of classes.
     cfg.MODEL.HTC.SKIP_MISMATCHED_WEIGHTS = False
-    # Kernels (htc/layers): "fast" RoIAlign (parallel CPU forward, sparse-matrix CPU backward,
-    # same results) or "detectron2"'s; "torchvision" deformable convs (train on CPU and CUDA) or
-    # "detectron2"'s (CUDA only).
-    cfg.MODEL.HTC.ROI_ALIGN = "fast"
+    # Kernels (htc/layers). RoIAlign, the same results by each: "auto" picks per call the one
+    # measured faster (CPU: "cpu_parallel", the parallel forward and sparse-matrix backward;
+    # CUDA: "triton" or "torchvision", by the call's shape; "triton" always under DETERMINISTIC).
+    # Deformable convs: "torchvision" (train on CPU and CUDA) or "detectron2"'s (CUDA only).
+    cfg.MODEL.HTC.ROI_ALIGN = "auto"
     cfg.MODEL.HTC.DEFORM_CONV = "torchvision"
 
     cfg.MODEL.SEM_SEG_HEAD.NUM_CONVS = 4
@@ -175,11 +176,12 @@ def set_deterministic(cfg: Union[CN, DictConfig]) -> None:
         raise ValueError(f"{key} and {benchmark_key}: cuDNN's autotuning picks its kernels per run")
     device = _setting(cfg, "MODEL.DEVICE")[1]
     roi_align_key, roi_align = _setting(cfg, "MODEL.HTC.ROI_ALIGN")
+    roi_align = layers.roi_align_kernel(roi_align, roi_align_key)
     if torch.device(device).type == "cuda" and (
-        roi_align != "fast" or layers.roi_align.triton_kernels() is None
+        roi_align not in ("auto", "triton") or layers.roi_align.triton_kernels() is None
     ):
         raise ValueError(
-            f"{key} on CUDA needs {roi_align_key} 'fast' with Triton installed: "
+            f"{key} on CUDA needs {roi_align_key} 'auto' or 'triton' with Triton installed: "
             "torchvision's RoIAlign backward accumulates with atomics"
         )
     # read when cuBLAS starts, which is after this in train_net.py's processes

@@ -9,7 +9,8 @@ from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
 from detectron2.structures import Boxes
 from torch import nn
 
-from .layers import ROI_ALIGN_KERNELS
+from .host import repeat_rows
+from .layers import ROI_ALIGN_KERNELS, roi_align_kernel
 
 
 class HTCROIPooler(ROIPooler):
@@ -20,11 +21,7 @@ class HTCROIPooler(ROIPooler):
         """``pooler`` (same levels, scales and level assignment) with its RoIAlign levels computed
         by the ``roi_align`` kernel (MODEL.HTC.ROI_ALIGN). Detectron2's heads build their
         poolers inline, so the kernel is chosen on the built pooler."""
-        if roi_align not in ROI_ALIGN_KERNELS:
-            raise ValueError(
-                f"MODEL.HTC.ROI_ALIGN={roi_align!r}: use one of {sorted(ROI_ALIGN_KERNELS)}"
-            )
-        kernel = ROI_ALIGN_KERNELS[roi_align]
+        kernel = ROI_ALIGN_KERNELS[roi_align_kernel(roi_align)]
         new = copy.deepcopy(pooler)  # holds no parameters
         new.__class__ = cls  # a subclass that adds a method: same state
         new.level_poolers = nn.ModuleList(
@@ -37,7 +34,7 @@ class HTCROIPooler(ROIPooler):
         """The parent's (R, C, M, M) output with one host sync where the parent has one per
         level (a ``nonzero`` selects each level's boxes) plus one (the boxes' image indices):
         boxes are grouped by level with one count; a kernel that pools all levels in one pass
-        (:meth:`FastROIAlign.all_levels` on CUDA) needs no grouping and no sync."""
+        (:meth:`FastROIAlign.all_levels`, Triton on CUDA) needs no grouping and no sync."""
         exporting = torch.jit.is_tracing() or torch.jit.is_scripting()
         mismatched = len(x) != len(self.level_poolers) or len(box_lists) != x[0].size(0)
         if not box_lists or exporting or mismatched:  # the parent's checks name a mismatch
@@ -91,10 +88,3 @@ def pooler_format(box_lists: List[Boxes]) -> torch.Tensor:
     images = torch.arange(len(box_lists), dtype=boxes.dtype, device=boxes.device)
     image = repeat_rows(images, [len(b) for b in box_lists])
     return torch.cat([image[:, None], boxes], dim=1)
-
-
-def repeat_rows(values: torch.Tensor, counts: List[int]) -> torch.Tensor:
-    """(sum(counts), ...): row i of ``values`` repeated ``counts[i]`` times, host counts, so no
-    host sync (``repeat_interleave`` reads its output size from the device unless told)."""
-    repeats = torch.tensor(counts, device=values.device)
-    return torch.repeat_interleave(values, repeats, dim=0, output_size=sum(counts))

@@ -14,9 +14,10 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 from torch.nn import functional as F
 
-from .layers import shared_levels
+from .host import host_tensor, repeat_rows
+from .layers import roi_align_kernel, shared_levels
 from .mask_head import mask_loss
-from .poolers import HTCROIPooler, repeat_rows
+from .poolers import HTCROIPooler
 from .sampling import label_proposals, match, subsample_labels
 from .soft_nms import soft_nms_inference
 
@@ -65,7 +66,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         test_nms: str = "nms",
         soft_nms_sigma: float = 0.5,
         soft_nms_min_score: float = 0.001,
-        roi_align: str = "fast",
+        roi_align: str = "auto",
         **kwargs,
     ):
         """
@@ -84,6 +85,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             kwargs: arguments of :class:`CascadeROIHeads`; ``mask_head`` is the list of the
                 stages' heads (a LazyConfig gives a list: it is made a ModuleList).
         """
+        roi_align = roi_align_kernel(roi_align)  # a deprecated name warns once here
         for key in ("box_pooler", "mask_pooler"):
             if kwargs.get(key) is not None:
                 kwargs[key] = HTCROIPooler.from_pooler(kwargs[key], roi_align)
@@ -356,9 +358,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         sizes = [len(x) for x in rois]
         boxes = torch.cat(self.box_predictor[stage].predict_boxes(predictions, rois))
         image_sizes = [(w, h, w, h) for h, w in (x.image_size for x in rois)]
-        limits = repeat_rows(
-            torch.tensor(image_sizes, dtype=boxes.dtype, device=boxes.device), sizes
-        )
+        limits = repeat_rows(host_tensor(image_sizes, boxes.device, boxes.dtype), sizes)
         refined = Boxes(torch.minimum(boxes.clamp(min=0), limits))
         valid = refined.nonempty() & ~cat([x.from_gt for x in rois])
         return [

@@ -15,6 +15,8 @@ from typing import List, Tuple
 import torch
 from detectron2.modeling.matcher import Matcher
 
+from .host import host_tensor
+
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """IoU of (..., 4) boxes ``a`` and ``b`` (broadcast), computed as Detectron2's
@@ -52,12 +54,12 @@ def match(
         return unmatched, torch.full_like(image, matcher.labels[0], dtype=torch.int8)
     starts = [0, *accumulate(counts)]
     table = [[s + g if g < n else -1 for g in range(most)] for s, n in zip(starts, counts)]
-    slots = torch.tensor(table, device=boxes.device)[image]  # (N, most)
+    slots = host_tensor(table, boxes.device)[image]  # (N, most)
     gt = torch.cat(gt_boxes)[slots.clamp(min=0)]  # (N, most, 4)
     iou = torch.where(slots >= 0, box_iou(gt, boxes[:, None]), -1.0)
     quality, best = iou.max(dim=1)  # the first of equal maxima, as the matcher takes
-    bounds = torch.tensor(matcher.thresholds[1:-1], dtype=quality.dtype, device=boxes.device)
-    labels = torch.tensor(matcher.labels, dtype=torch.int8, device=boxes.device)
+    bounds = host_tensor(matcher.thresholds[1:-1], boxes.device, quality.dtype)
+    labels = host_tensor(matcher.labels, boxes.device, torch.int8)
     interval = torch.bucketize(quality, bounds, right=True)  # thresholds[i] <= quality < [i+1]
     return slots.gather(1, best[:, None])[:, 0], labels[interval]
 

@@ -1,9 +1,10 @@
 """HTC's kernels, apart from the model as Detectron2 keeps its own in ``detectron2/layers``.
 
 Each is chosen by one config key (``add_htc_config``), applied where the model is built:
-* ``MODEL.HTC.ROI_ALIGN``: "fast" (:class:`FastROIAlign`) or "detectron2" (:class:`ROIAlign`),
-  for every pooler of the ROI heads (:class:`htc.poolers.HTCROIPooler`); within
-  :func:`shared_levels`, its CUDA kernels copy each list of levels to their layout once;
+* ``MODEL.HTC.ROI_ALIGN``: "auto" (:class:`FastROIAlign`: per call, the kernel that measured
+  faster), "triton", "cpu_parallel" or "torchvision" (:class:`ROIAlign`), for every pooler of
+  the ROI heads (:class:`htc.poolers.HTCROIPooler`); within :func:`shared_levels`, the Triton
+  kernels copy each list of levels to their layout once;
 * ``MODEL.HTC.DEFORM_CONV``: "torchvision" (:func:`use_torchvision_deform_conv`, trains on CPU and
   CUDA) or "detectron2" (its own kernels, CUDA only), for the backbone's deformable convs.
 
@@ -18,17 +19,28 @@ from .deform_conv import (
     use_torchvision_deform_conv,
 )
 from .interpolate import interpolate_bilinear, resize_bilinear
-from .roi_align import ROI_ALIGN_KERNELS, FastROIAlign, ROIAlign, shared_levels
+from .roi_align import (
+    ROI_ALIGN_KERNELS,
+    FastROIAlign,
+    ParallelCPUROIAlign,
+    ROIAlign,
+    TritonROIAlign,
+    roi_align_kernel,
+    shared_levels,
+)
 
 __all__ = [
     "DEFORM_CONV_KERNELS",
     "FastROIAlign",
+    "ParallelCPUROIAlign",
     "ROIAlign",
     "ROI_ALIGN_KERNELS",
+    "TritonROIAlign",
     "TorchvisionDeformConv",
     "TorchvisionModulatedDeformConv",
     "interpolate_bilinear",
     "resize_bilinear",
+    "roi_align_kernel",
     "shared_levels",
     "use_torchvision_deform_conv",
 ]

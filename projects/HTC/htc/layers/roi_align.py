@@ -1,7 +1,10 @@
 """RoIAlign kernels that also answer "pooled to a smaller size", chosen by MODEL.HTC.ROI_ALIGN.
 
-* :class:`ROIAlign` ("detectron2"): Detectron2's RoIAlign; ``pooled`` average-pools its output.
-* :class:`FastROIAlign` ("fast", the default): torchvision's results, faster, by device.
+* :class:`ROIAlign` ("torchvision"): Detectron2's RoIAlign (torchvision's op); ``pooled``
+  average-pools its output.
+* :class:`FastROIAlign` ("auto", the default): torchvision's results, by the kernel measured
+  faster for the call's device and shape (:func:`triton_is_faster`); :class:`TritonROIAlign`
+  ("triton") and :class:`ParallelCPUROIAlign` ("cpu_parallel") take one of its kernels always.
   On CPU, torchvision's ``roi_align`` runs in one thread, forward and backward, and its backward
   recomputes the bilinear weights for every channel: in an HTC training step on CPU the backward
   took more than half of the step. Here the forward is torchvision's kernel run on chunks of RoIs
@@ -12,7 +15,8 @@
   from run to run; torchvision's atomicAdds are neither deterministic nor fast where thousands
   of RoIs overlap), pooled outputs computed directly, fp16/bf16 computed natively, and all
   levels of a multi-level pooler in one pass (:meth:`FastROIAlign.all_levels`). Elsewhere, and
-  under tracing (export), it is :class:`ROIAlign`.
+  under tracing (export), it is :class:`ROIAlign`. The names "fast" and "detectron2" of earlier
+  releases still work, with a deprecation warning (:func:`roi_align_kernel`).
 """
 
 import contextlib
@@ -365,26 +369,69 @@ def triton_kernels() -> Optional[ModuleType]:
     return roi_align_triton
 
 
+# Where torchvision's CUDA kernel does more than this much work (below), the Triton kernels are
+# faster: the crossover that the H200 measured (BENCHMARKS.md, "RoIAlign per call").
+TRITON_CROSSOVER = 55e6
+
+
+def triton_is_faster(
+    input_shape: Tuple[int, int, int, int],
+    rois: int,
+    output_size: Tuple[int, int],
+    pool: int,
+    levels: int,
+    grad: bool,
+) -> bool:
+    """Whether the Triton kernels beat torchvision's on CUDA for one call, from what the host
+    knows (no sync): always for several levels (one pass, where torchvision's pooler groups
+    the RoIs by level with a host sync) and for pooled outputs (no full-size output); else
+    when torchvision's work is large: its bilinear samples times channels, a RoI's samples
+    taken as its output cells or 1/64 of the feature map, whichever is more (at least one
+    sample per cell; more in large RoIs), plus the zeroed input gradient of a backward.
+    Triton's cost starts at about 0.5 ms of launches and entry sorting, whatever the size."""
+    if levels > 1 or pool > 1:
+        return True
+    num, channels, height, width = input_shape
+    samples = rois * channels * max(output_size[0] * output_size[1], height * width / 64)
+    return samples + (num * channels * height * width if grad else 0) >= TRITON_CROSSOVER
+
+
 class FastROIAlign(ROIAlign):
-    """:class:`ROIAlign` with faster kernels on CPU (parallel forward, sparse-matrix backward)
-    and on CUDA (Triton: deterministic backward, native half precision)."""
+    """:class:`ROIAlign` that picks the faster kernel per call ("auto"): on CPU the parallel
+    forward and sparse backward; on CUDA (with Triton) the Triton kernels where
+    :func:`triton_is_faster` and always under ``torch.use_deterministic_algorithms``
+    (torchvision's backward accumulates with atomics), else torchvision's."""
+
+    cpu_kernels = True  # the CPU route on CPU
 
     def _arguments(self) -> tuple:
         return (_pair(self.output_size), self.spatial_scale, self.sampling_ratio, self.aligned)
 
-    def _route(self, input: torch.Tensor) -> str:
-        """ "triton" or "cpu" (this class's kernels), or "detectron2" (the parent's): on other
-        devices, and under tracing or scripting, which must record torchvision's op rather
+    def _prefers_triton(
+        self, input: torch.Tensor, rois: torch.Tensor, pool: int, levels: int
+    ) -> bool:
+        """Whether a call that Triton can run takes it."""
+        if torch.are_deterministic_algorithms_enabled():
+            return True
+        grad = torch.is_grad_enabled() and input.requires_grad
+        size = _pair(self.output_size)
+        return triton_is_faster(tuple(input.shape), len(rois), size, pool, levels, grad)
+
+    def _route(
+        self, input: torch.Tensor, rois: torch.Tensor, pool: int = 1, levels: int = 1
+    ) -> str:
+        """ "triton" or "cpu" (this class's kernels), or "torchvision" (the parent's): also on
+        other devices, and under tracing or scripting, which must record torchvision's op rather
         than a thread pool or a Triton launch."""
         if torch.jit.is_tracing() or torch.jit.is_scripting():
-            return "detectron2"
+            return "torchvision"
         if input.device.type in TRITON_DEVICES and triton_kernels() is not None:
-            return "triton"
-        return "cpu" if input.device.type == "cpu" else "detectron2"
+            return "triton" if self._prefers_triton(input, rois, pool, levels) else "torchvision"
+        return "cpu" if input.device.type == "cpu" and self.cpu_kernels else "torchvision"
 
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         assert rois.dim() == 2 and rois.size(1) == 5
-        route = self._route(input)
+        route = self._route(input, rois)
         if route == "triton":
             shared = _SHARED_LEVELS.get()
             return triton_kernels().roi_align(input, rois, *self._arguments(), 1, shared=shared)
@@ -400,13 +447,15 @@ class FastROIAlign(ROIAlign):
         the full-size RoI features are neither materialized nor kept for backward."""
         pooled_h, pooled_w = _pair(self.output_size)
         k = pooled_h // size[0]
-        route = self._route(input)
-        if route == "detectron2" or (pooled_h, pooled_w) != (size[0] * k, size[1] * k):
+        if (pooled_h, pooled_w) != (size[0] * k, size[1] * k):
             return super().pooled(input, rois, size)
+        route = self._route(input, rois, pool=k)
         if route == "triton":
             shared = _SHARED_LEVELS.get()
             return triton_kernels().roi_align(input, rois, *self._arguments(), k, shared=shared)
-        return self._on_cpu(input, rois, pool=k)
+        if route == "cpu":
+            return self._on_cpu(input, rois, pool=k)
+        return super().pooled(input, rois, size)
 
     def all_levels(
         self,
@@ -418,7 +467,7 @@ class FastROIAlign(ROIAlign):
         """(R, C, *output_size): RoI r pooled from ``features[levels[r]]`` at ``scales[levels[r]]``
         with this kernel's geometry, all levels in one pass, where this kernel runs Triton; else
         None (a pooler then pools level by level)."""
-        if self._route(features[0]) != "triton":
+        if self._route(features[0], rois, levels=len(features)) != "triton":
             return None
         size, _, sampling_ratio, aligned = self._arguments()
         return triton_kernels().multi_level_roi_align(
@@ -435,5 +484,46 @@ class FastROIAlign(ROIAlign):
         return parallel_roi_align(input, rois, *self._arguments(), pool)
 
 
+class TritonROIAlign(FastROIAlign):
+    """The Triton kernels for every call on a device that runs them (CUDA with Triton);
+    torchvision's elsewhere."""
+
+    cpu_kernels = False
+
+    def _prefers_triton(self, *_) -> bool:
+        return True
+
+
+class ParallelCPUROIAlign(FastROIAlign):
+    """The parallel forward and sparse backward on CPU; torchvision's elsewhere."""
+
+    def _prefers_triton(self, *_) -> bool:
+        return False
+
+
 # MODEL.HTC.ROI_ALIGN -> kernel
-ROI_ALIGN_KERNELS: Dict[str, Type[ROIAlign]] = {"detectron2": ROIAlign, "fast": FastROIAlign}
+ROI_ALIGN_KERNELS: Dict[str, Type[ROIAlign]] = {
+    "auto": FastROIAlign,
+    "triton": TritonROIAlign,
+    "cpu_parallel": ParallelCPUROIAlign,
+    "torchvision": ROIAlign,
+}
+# the names of earlier releases -> today's
+DEPRECATED_ROI_ALIGN = {"fast": "auto", "detectron2": "torchvision"}
+
+
+def roi_align_kernel(name: str, key: str = "MODEL.HTC.ROI_ALIGN") -> str:
+    """The :data:`ROI_ALIGN_KERNELS` name that the config value ``name`` (of ``key``) means;
+    a deprecated name warns and gives its successor; an unknown one raises."""
+    if name in DEPRECATED_ROI_ALIGN:
+        new = DEPRECATED_ROI_ALIGN[name]
+        warnings.warn(
+            f"{key}={name!r} is deprecated: it is {new!r} now (choices: "
+            f"{', '.join(ROI_ALIGN_KERNELS)})",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return new
+    if name not in ROI_ALIGN_KERNELS:
+        raise ValueError(f"{key}={name!r}: use one of {', '.join(ROI_ALIGN_KERNELS)}")
+    return name

@@ -23,11 +23,14 @@ Importing this module imports Triton; ``TRITON_INTERPRET=1`` runs the kernels on
 """
 
 import itertools
+import struct
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ..host import host_tensor
 
 
 @triton.jit
@@ -340,12 +343,9 @@ class LevelTable:
         self.sizes = [n * h * w for n, _, h, w in self.shapes]
         firsts = list(itertools.accumulate(self.sizes, initial=0))
         self.pixels = firsts[-1]
-        rows = [[first, h, w, 0] for first, (_, _, h, w) in zip(firsts, self.shapes)]
-        table = torch.tensor(rows, dtype=torch.int32)
-        table[:, 3] = torch.tensor(scales, dtype=torch.float32).view(torch.int32)
-        if features[0].is_cuda:  # then sent without waiting for the stream
-            table = table.pin_memory()
-        self.table = table.to(features[0].device, non_blocking=True)
+        bits = [struct.unpack("<i", struct.pack("<f", scale))[0] for scale in scales]
+        rows = [[first, h, w, b] for first, (_, _, h, w), b in zip(firsts, self.shapes, bits)]
+        self.table = host_tensor(rows, features[0].device, torch.int32)
         self.scales = self.table.view(torch.float32)
 
     def joint(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
