@@ -7,9 +7,12 @@ trains one mask head on the last stage's, so the ratio grows with the positives.
 
 Counted by ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add is two flops;
 RoIAlign, NMS and element-wise ops are not counted), on CPU: the count does not depend on the
-device. Random weights with zeroed box regression, as in ``speed.py``.
+device. Both models pool with torchvision's RoIAlign (MODEL.HTC.ROI_ALIGN "torchvision"): the
+counter would take the CPU kernel's sparse-matrix backward for a dense product. Random weights
+with zeroed box regression, as in ``speed.py``: the proposals are anchors, which rarely overlap
+a ground-truth box well, so the positives are about the ground-truth boxes themselves.
 
-    .venv/bin/python benchmarks/train_flops.py [--size 800] [--images 2,8] [--boxes 4,20]
+    .venv/bin/python benchmarks/train_flops.py [--size 800] [--images 2,8] [--boxes 4,20,64]
 """
 
 import argparse
@@ -26,7 +29,7 @@ MODELS = ("cascade", "htc")
 def count(name: str, size: int, images: int, boxes: int) -> Dict[str, float]:
     """GFLOPs of the forward and of the backward of one train step, and the positives per image
     of each sampling (EventStorage's ``num_fg_samples`` scalars, by name)."""
-    model = build(name, "cpu", 100)
+    model = build(name, "cpu", 100, roi_align="torchvision")
     inputs = train_inputs(name, "cpu", size, images, boxes)
     model.train()
     with EventStorage() as storage:
@@ -51,7 +54,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=800, help="square images")
     parser.add_argument("--images", default="2,8", help="images per step, comma-separated")
-    parser.add_argument("--boxes", default="4,20", help="ground-truth boxes per image")
+    parser.add_argument("--boxes", default="4,20,64", help="ground-truth boxes per image")
     args = parser.parse_args()
     torch.set_num_threads(2)
     print(f"One train step on {args.size}x{args.size} images: GFLOPs (forward + backward)\n")

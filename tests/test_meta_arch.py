@@ -90,3 +90,21 @@ def test_unknown_mask_output_is_named():
     cfg = tiny_cfg(MASK_OUTPUT="png")
     with pytest.raises(ValueError, match="MODEL.HTC.MASK_OUTPUT='png'.*bitmask.*rle"):
         build_model(cfg)
+
+
+def test_inference_mode_gives_the_outputs_of_no_grad():
+    """Serving code runs models under ``torch.inference_mode`` (its tensors have no version
+    counter): the same outputs as under ``no_grad`` (the Triton route's part:
+    tests/layers/test_roi_align_triton.py)."""
+    model = build_model(tiny_cfg()).eval()
+    batch = make_batch(num_images=1, size=64)
+    with torch.no_grad():
+        want = model(batch)[0]
+    with torch.inference_mode():
+        got = model(batch)[0]
+    assert len(want["instances"]) > 0
+    for key in ("pred_boxes", "scores", "pred_classes", "pred_masks"):
+        a, b = want["instances"].get(key), got["instances"].get(key)
+        a, b = (a.tensor, b.tensor) if key == "pred_boxes" else (a, b)
+        assert torch.equal(a, b), key
+    assert torch.equal(want["sem_seg"], got["sem_seg"])

@@ -7,7 +7,7 @@ import torch
 from detectron2.modeling import build_model
 
 from conftest import make_batch, tiny_cfg
-from htc.soft_nms import soft_nms
+from htc.soft_nms import soft_nms, soft_nms_inference
 
 BOXES = torch.tensor([[0.0, 0, 10, 10], [1, 0, 11, 10], [20, 20, 30, 30], [0, 0, 10, 9]])
 SCORES = torch.tensor([0.9, 0.8, 0.7, 0.05])
@@ -77,3 +77,19 @@ def test_min_score_is_its_own_key():
     cfg.MODEL.HTC.SOFT_NMS_MIN_SCORE = 0.2
     heads = build_model(cfg).roi_heads
     assert heads.soft_nms_min_score == 0.2 != heads.box_predictor[-1].test_score_thresh
+
+
+def test_non_finite_rows_are_dropped_as_detectron2s_nms_drops_them():
+    """A box or score that overflowed (fp16) is left out, the other rows kept as without it,
+    where Boxes.clip would raise on it."""
+    boxes = torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60], [0, 0, float("inf"), 5]])
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3]])
+    args = ([(100, 100)], 0.05, 0.3, 100, "linear", 0.5, 0.001)
+    want = soft_nms_inference([boxes[:2]], [scores[:2]], *args)[0]
+    for bad in (boxes, boxes[[0, 1, 1]]):
+        nan_scores = scores.clone()
+        if bad is not boxes:
+            nan_scores[2, 0] = float("nan")
+        got = soft_nms_inference([bad], [nan_scores], *args)[0]
+        assert torch.equal(got.pred_boxes.tensor, want.pred_boxes.tensor)
+        assert torch.equal(got.scores, want.scores) and len(want) == 2

@@ -162,6 +162,23 @@ def test_calls_on_shared_levels_copy_them_once(monkeypatch):
     assert copies == [1, 1, 1]
 
 
+def test_shared_levels_under_inference_mode(monkeypatch):
+    """Inference tensors have no version counter: within ``shared_levels`` under
+    ``torch.inference_mode`` each call copies its levels, with the outputs of ``no_grad``."""
+    monkeypatch.setattr(kernels, "TRITON_DEVICES", (DEVICE,))
+    monkeypatch.setattr(kernels, "triton_kernels", lambda: triton_roi_align)
+    x, rois = _case(seed=19, num_rois=8)
+    module = TritonROIAlign((4, 4), 0.25, 0, True)
+    with torch.no_grad(), kernels.shared_levels():
+        want = [module(x, rois), module.pooled(x, rois, (2, 2))]
+    with torch.inference_mode():
+        features = x.clone()
+        with kernels.shared_levels():
+            got = [module(features, rois), module.pooled(features, rois, (2, 2))]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 class _Ops(TorchDispatchMode):
     """Records the names of the ops dispatched (views and allocations aside) and of the Triton
     kernels launched, each as one name (the interpreter's own ops inside a launch are not)."""

@@ -66,11 +66,15 @@ def soft_nms_inference(
 ) -> List[Instances]:
     """Per image, like Detectron2's ``fast_rcnn_inference`` with class-wise Soft-NMS in place
     of NMS. ``boxes`` are (R, 4) class-agnostic, ``scores`` (R, K+1) with background last;
-    candidates score above ``score_thresh``, Soft-NMS drops those decayed under ``min_score``.
+    rows with a non-finite box or score are dropped; candidates score above ``score_thresh``, Soft-NMS drops those decayed under ``min_score``.
     The loop picks one box at a time, ``topk`` at most: its cost is bounded by ``topk`` times
     the candidates (a test-time option, as in the paper's extensions)."""
     results = []
     for image_boxes, image_scores, size in zip(boxes, scores, image_sizes):
+        # as Detectron2's hard NMS, drop rows with a non-finite box or score (an fp16 overflow)
+        finite = torch.isfinite(image_boxes).all(dim=1) & torch.isfinite(image_scores).all(dim=1)
+        if not finite.all():
+            image_boxes, image_scores = image_boxes[finite], image_scores[finite]
         image_boxes = Boxes(image_boxes.clone())
         image_boxes.clip(size)
         fg = image_scores[:, :-1]

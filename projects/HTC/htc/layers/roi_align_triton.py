@@ -505,10 +505,15 @@ def joint_levels(
     """The level table of ``features`` and their joint buffer; made once for all calls that pass
     the same ``shared`` dict, the same (unmodified) feature tensors and grad mode. The
     gradients of all RoIAligns on a shared buffer are summed there, then go back to the levels
-    once."""
-    key = (tuple((id(f), f._version) for f in features), tuple(scales), torch.is_grad_enabled())
-    if shared is not None and key in shared:
-        return shared[key][1:]
+    once. Inference tensors (``torch.inference_mode``) have no version counter to tell a change
+    in place: they are copied in each call (a copy costs far less than the pooling)."""
+    if any(f.is_inference() for f in features):
+        shared = None
+    if shared is not None:
+        versions = tuple((id(f), f._version) for f in features)
+        key = (versions, tuple(scales), torch.is_grad_enabled())
+        if key in shared:
+            return shared[key][1:]
     table = LevelTable(features, scales)
     joint = _JointLevels.apply(table, *features)
     if shared is not None:  # holding the features keeps their ids theirs
