@@ -66,9 +66,10 @@ def soft_nms_inference(
 ) -> List[Instances]:
     """Per image, like Detectron2's ``fast_rcnn_inference`` with class-wise Soft-NMS in place
     of NMS. ``boxes`` are (R, 4) class-agnostic, ``scores`` (R, K+1) with background last;
-    rows with a non-finite box or score are dropped; candidates score above ``score_thresh``, Soft-NMS drops those decayed under ``min_score``.
-    The loop picks one box at a time, ``topk`` at most: its cost is bounded by ``topk`` times
-    the candidates (a test-time option, as in the paper's extensions)."""
+    rows with a non-finite box or score are dropped; candidates score above ``score_thresh``,
+    Soft-NMS drops those decayed under ``min_score``. The loop picks one box at a time,
+    ``topk`` at most: its cost is bounded by ``topk`` times the candidates (a test-time option,
+    as in the paper's extensions)."""
     results = []
     for image_boxes, image_scores, size in zip(boxes, scores, image_sizes):
         # as Detectron2's hard NMS, drop rows with a non-finite box or score (an fp16 overflow)
