@@ -116,6 +116,24 @@ def deterministic_settings(monkeypatch):
     torch.backends.cudnn.benchmark = before[1]
 
 
+@pytest.mark.parametrize("roi_align", ["auto", "triton", "fast"])
+def test_deterministic_on_cuda_takes_the_atomic_free_kernels(
+    monkeypatch, deterministic_settings, roi_align
+):
+    """On CUDA, DETERMINISTIC accepts the RoIAlign values that run Triton under deterministic
+    algorithms ("fast": the old name of "auto")."""
+    pytest.importorskip("triton")
+    import htc.layers.roi_align as kernels
+
+    monkeypatch.setattr(kernels, "_WARNED_DEPRECATED", {"fast"})  # its warning: test_poolers
+    cfg = tiny_cfg()
+    cfg.merge_from_list(
+        ["DETERMINISTIC", True, "SEED", 3, "MODEL.DEVICE", "cuda", "MODEL.HTC.ROI_ALIGN", roi_align]
+    )
+    set_deterministic(cfg)
+    assert torch.are_deterministic_algorithms_enabled()
+
+
 @pytest.mark.parametrize(
     "opts, message",
     [
@@ -149,6 +167,8 @@ def _lazy_cfg(**settings):
         ({"train.seed": 3, "train.device": "cpu", "train.cudnn_benchmark": True},
          "train.deterministic and train.cudnn_benchmark"),
         ({"train.seed": 3, "model.roi_heads.roi_align": "torchvision"},
+         "model.roi_heads.roi_align 'auto' or 'triton'"),
+        ({"train.seed": 3, "model.roi_heads.roi_align": "cpu_parallel"},
          "model.roi_heads.roi_align 'auto' or 'triton'"),
     ],
 )  # fmt: skip

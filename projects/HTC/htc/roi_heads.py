@@ -85,7 +85,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             kwargs: arguments of :class:`CascadeROIHeads`; ``mask_head`` is the list of the
                 stages' heads (a LazyConfig gives a list: it is made a ModuleList).
         """
-        roi_align = roi_align_kernel(roi_align)  # a deprecated name warns once here
+        roi_align = roi_align_kernel(roi_align)  # the successor of a deprecated name
         for key in ("box_pooler", "mask_pooler"):
             if kwargs.get(key) is not None:
                 kwargs[key] = HTCROIPooler.from_pooler(kwargs[key], roi_align)

@@ -4,7 +4,7 @@ Each is chosen by one config key (``add_htc_config``), applied where the model i
 * ``MODEL.HTC.ROI_ALIGN``: "auto" (:class:`FastROIAlign`: per call, the kernel that measured
   faster), "triton", "cpu_parallel" or "torchvision" (:class:`ROIAlign`), for every pooler of
   the ROI heads (:class:`htc.poolers.HTCROIPooler`); within :func:`shared_levels`, the Triton
-  kernels copy each list of levels to their layout once;
+  kernels copy each list of levels to their layout once (per call under inference mode);
 * ``MODEL.HTC.DEFORM_CONV``: "torchvision" (:func:`use_torchvision_deform_conv`, trains on CPU and
   CUDA) or "detectron2" (its own kernels, CUDA only), for the backbone's deformable convs.
 
@@ -35,9 +35,9 @@ __all__ = [
     "ParallelCPUROIAlign",
     "ROIAlign",
     "ROI_ALIGN_KERNELS",
-    "TritonROIAlign",
     "TorchvisionDeformConv",
     "TorchvisionModulatedDeformConv",
+    "TritonROIAlign",
     "interpolate_bilinear",
     "resize_bilinear",
     "roi_align_kernel",

@@ -10,13 +10,15 @@
   took more than half of the step. Here the forward is torchvision's kernel run on chunks of RoIs
   by a thread pool (each RoI is computed independently, so the output is bit-identical), and the
   backward builds the interpolation weights once, vectorised, as a sparse (N*H*W, R*Sh*Sw)
-  matrix and multiplies the output gradient by it. On CUDA (with Triton installed), the kernels
-  of :mod:`htc.layers.roi_align_triton`: a backward without atomics (bit-identical gradients
-  from run to run; torchvision's atomicAdds are neither deterministic nor fast where thousands
-  of RoIs overlap), pooled outputs computed directly, fp16/bf16 computed natively, and all
-  levels of a multi-level pooler in one pass (:meth:`FastROIAlign.all_levels`). Elsewhere, and
-  under tracing (export), it is :class:`ROIAlign`. The names "fast" and "detectron2" of earlier
-  releases still work, with a deprecation warning (:func:`roi_align_kernel`).
+  matrix and multiplies the output gradient by it. The Triton route (CUDA, with Triton
+  installed) runs the kernels of :mod:`htc.layers.roi_align_triton`: a backward without
+  atomics (bit-identical gradients from run to run; torchvision's atomicAdds are neither
+  deterministic nor fast where thousands of RoIs overlap), pooled outputs computed directly,
+  fp16/bf16 computed natively (torchvision's casts to fp32 under autocast: where "auto" moves
+  a call from one to the other, its rounding changes), and all levels of a multi-level pooler
+  in one pass (:meth:`FastROIAlign.all_levels`). Elsewhere, and under tracing (export), it is
+  :class:`ROIAlign`. The names "fast" and "detectron2" of earlier releases still work, with a
+  deprecation warning (:func:`roi_align_kernel`).
 """
 
 import contextlib
@@ -349,8 +351,8 @@ class ROIAlign(d2_layers.ROIAlign):
 def shared_levels() -> Iterator[None]:
     """Within it, the Triton route of :class:`FastROIAlign` copies a list of feature levels to
     its channels-last buffer once for all its calls on them, and sums their gradients there
-    (:func:`htc.layers.roi_align_triton.joint_levels`); the buffers go when it ends. Elsewhere
-    it changes nothing."""
+    (:func:`htc.layers.roi_align_triton.joint_levels`; not for ``torch.inference_mode``'s
+    tensors, copied per call); the buffers go when it ends. Elsewhere it changes nothing."""
     token = _SHARED_LEVELS.set({})
     try:
         yield
@@ -486,12 +488,25 @@ class FastROIAlign(ROIAlign):
 
 class TritonROIAlign(FastROIAlign):
     """The Triton kernels for every call on a device that runs them (CUDA with Triton);
-    torchvision's elsewhere."""
+    torchvision's elsewhere, with a warning on CUDA (Triton missing)."""
 
     cpu_kernels = False
 
     def _prefers_triton(self, *_) -> bool:
         return True
+
+    def _route(
+        self, input: torch.Tensor, rois: torch.Tensor, pool: int = 1, levels: int = 1
+    ) -> str:
+        route = super()._route(input, rois, pool, levels)
+        if route == "torchvision" and input.is_cuda and triton_kernels() is None:
+            warnings.warn(
+                "MODEL.HTC.ROI_ALIGN='triton' on CUDA, but Triton is not installed: "
+                "torchvision's RoIAlign runs instead (pip install triton)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return route
 
 
 class ParallelCPUROIAlign(FastROIAlign):
@@ -510,19 +525,23 @@ ROI_ALIGN_KERNELS: Dict[str, Type[ROIAlign]] = {
 }
 # the names of earlier releases -> today's
 DEPRECATED_ROI_ALIGN = {"fast": "auto", "detectron2": "torchvision"}
+_WARNED_DEPRECATED: set = set()  # each deprecated name warns once per process
 
 
 def roi_align_kernel(name: str, key: str = "MODEL.HTC.ROI_ALIGN") -> str:
     """The :data:`ROI_ALIGN_KERNELS` name that the config value ``name`` (of ``key``) means;
-    a deprecated name warns and gives its successor; an unknown one raises."""
+    a deprecated name gives its successor, with a warning the first time; an unknown one
+    raises."""
     if name in DEPRECATED_ROI_ALIGN:
         new = DEPRECATED_ROI_ALIGN[name]
-        warnings.warn(
-            f"{key}={name!r} is deprecated: it is {new!r} now (choices: "
-            f"{', '.join(ROI_ALIGN_KERNELS)})",
-            FutureWarning,
-            stacklevel=2,
-        )
+        if name not in _WARNED_DEPRECATED:
+            _WARNED_DEPRECATED.add(name)
+            warnings.warn(
+                f"{key}={name!r} is deprecated: it is {new!r} now (choices: "
+                f"{', '.join(ROI_ALIGN_KERNELS)})",
+                FutureWarning,
+                stacklevel=2,
+            )
         return new
     if name not in ROI_ALIGN_KERNELS:
         raise ValueError(f"{key}={name!r}: use one of {', '.join(ROI_ALIGN_KERNELS)}")
