@@ -162,6 +162,25 @@ def test_calls_on_shared_levels_copy_them_once(monkeypatch):
     assert copies == [1, 1, 1]
 
 
+def test_triton_launches_on_the_device_of_their_input(monkeypatch):
+    """Every Triton call runs with its input's device made current (a model on cuda:1 in a
+    process whose current device is cuda:0)."""
+    calls = _count_triton_calls(monkeypatch)
+    guarded = []
+    device_of = kernels.device_of
+    monkeypatch.setattr(kernels, "device_of", lambda t: guarded.append(t.device) or device_of(t))
+    module = TritonROIAlign((4, 4), 0.25, 0, True)
+    x, rois = _case(seed=4)
+    module(x, rois)
+    module.pooled(x, rois, (2, 2))
+    levels = torch.zeros(len(rois), dtype=torch.long, device=DEVICE)
+    module.all_levels([x, x[:, :, ::2, ::2]], rois, levels, [0.25, 0.125])
+    assert calls == [1, 2] and guarded == [x.device] * 3
+    if x.is_cuda:
+        with device_of(x):
+            assert torch.cuda.current_device() == x.device.index
+
+
 def test_shared_levels_under_inference_mode(monkeypatch):
     """Inference tensors have no version counter: within ``shared_levels`` under
     ``torch.inference_mode`` each call copies its levels, with the outputs of ``no_grad``."""

@@ -371,6 +371,13 @@ def triton_kernels() -> Optional[ModuleType]:
     return roi_align_triton
 
 
+def device_of(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """``tensor``'s CUDA device made current: Triton launches on the current device, which a
+    model on another GPU (``MODEL.DEVICE cuda:1``) need not have made current. (The backward
+    runs in autograd's thread of the tensors' device, which sets it.)"""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 # Where torchvision's CUDA kernel does more than this much work (below), the Triton kernels are
 # faster: the crossover that the H200 measured (BENCHMARKS.md, "RoIAlign per call").
 TRITON_CROSSOVER = 55e6
@@ -436,7 +443,8 @@ class FastROIAlign(ROIAlign):
         route = self._route(input, rois)
         if route == "triton":
             shared = _SHARED_LEVELS.get()
-            return triton_kernels().roi_align(input, rois, *self._arguments(), 1, shared=shared)
+            with device_of(input):
+                return triton_kernels().roi_align(input, rois, *self._arguments(), 1, shared=shared)
         if route == "cpu":
             return self._on_cpu(input, rois, pool=1)
         return super().forward(input, rois)
@@ -454,7 +462,8 @@ class FastROIAlign(ROIAlign):
         route = self._route(input, rois, pool=k)
         if route == "triton":
             shared = _SHARED_LEVELS.get()
-            return triton_kernels().roi_align(input, rois, *self._arguments(), k, shared=shared)
+            with device_of(input):
+                return triton_kernels().roi_align(input, rois, *self._arguments(), k, shared=shared)
         if route == "cpu":
             return self._on_cpu(input, rois, pool=k)
         return super().pooled(input, rois, size)
@@ -472,10 +481,11 @@ class FastROIAlign(ROIAlign):
         if self._route(features[0], rois, levels=len(features)) != "triton":
             return None
         size, _, sampling_ratio, aligned = self._arguments()
-        return triton_kernels().multi_level_roi_align(
-            features, rois, levels, scales, size, sampling_ratio, aligned,
-            shared=_SHARED_LEVELS.get(),
-        )  # fmt: skip
+        with device_of(features[0]):
+            return triton_kernels().multi_level_roi_align(
+                features, rois, levels, scales, size, sampling_ratio, aligned,
+                shared=_SHARED_LEVELS.get(),
+            )  # fmt: skip
 
     def _on_cpu(self, input: torch.Tensor, rois: torch.Tensor, pool: int) -> torch.Tensor:
         """The parallel forward (then ``avg_pool2d(pool)``), with the sparse backward when a
