@@ -2,6 +2,7 @@
 and the training step."""
 
 import argparse
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -86,13 +87,15 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def train_step(model, inputs) -> None:
-    """One forward and backward pass in training mode."""
+def train_step(model, inputs, around_backward=contextlib.nullcontext) -> None:
+    """One forward and backward pass in training mode, the backward within
+    ``around_backward()``."""
     model.train()
     with EventStorage():
         losses = model(inputs)
     model.zero_grad()
-    sum(losses.values()).backward()
+    with around_backward():
+        sum(losses.values()).backward()
 
 
 def arguments(description: str):

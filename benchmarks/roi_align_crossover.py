@@ -14,14 +14,13 @@ by all calls). Medians of ``--repeats`` runs after a warm-up, the two kernels in
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
+from speed import alternate, medians
 
 from htc.poolers import HTCROIPooler
 
@@ -88,23 +87,6 @@ def run_fn(call: str, kernel: str, features, boxes, mode: str, dtype) -> Callabl
     return run
 
 
-def alternate(fns: Dict[str, Callable], repeats: int, device: str) -> Dict[str, float]:
-    """Median seconds of each function, timed in turns after one warm-up each."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def cases() -> List[Tuple[str, int, int, str]]:
     """(call, images, RoIs per image, mode): the semantic calls at the box and mask counts."""
     out = []
@@ -137,7 +119,7 @@ def main():
         for precision in args.precisions.split(","):
             dtype = dtypes[precision]
             fns = {k: run_fn(call, k, features, boxes, mode, dtype) for k in KERNELS}
-            t = alternate(fns, args.repeats, args.device)
+            t = medians(alternate(fns, args.repeats, args.device))
             row = dict(call=call, images=images, rois=images * per_image, mode=mode,
                        precision=precision, **{k: v * 1e3 for k, v in t.items()})  # fmt: skip
             rows.append(row)

@@ -635,13 +635,7 @@ def clocked_parts(clock: PartClock, patches: ExitStack) -> None:
 
 def clocked_train_step(model, inputs, clock: PartClock) -> None:
     """:func:`train_step` with its backward as the part "backward" of ``clock``."""
-    model.train()
-    with EventStorage():
-        losses = model(inputs)
-    model.zero_grad()
-    loss = sum(losses.values())
-    with clock.part("backward"):
-        loss.backward()
+    train_step(model, inputs, lambda: clock.part("backward"))
     clock.switch()
 
 

@@ -442,9 +442,7 @@ class FastROIAlign(ROIAlign):
         assert rois.dim() == 2 and rois.size(1) == 5
         route = self._route(input, rois)
         if route == "triton":
-            shared = _SHARED_LEVELS.get()
-            with device_of(input):
-                return triton_kernels().roi_align(input, rois, *self._arguments(), 1, shared=shared)
+            return self._on_triton(input, rois, pool=1)
         if route == "cpu":
             return self._on_cpu(input, rois, pool=1)
         return super().forward(input, rois)
@@ -461,9 +459,7 @@ class FastROIAlign(ROIAlign):
             return super().pooled(input, rois, size)
         route = self._route(input, rois, pool=k)
         if route == "triton":
-            shared = _SHARED_LEVELS.get()
-            with device_of(input):
-                return triton_kernels().roi_align(input, rois, *self._arguments(), k, shared=shared)
+            return self._on_triton(input, rois, pool=k)
         if route == "cpu":
             return self._on_cpu(input, rois, pool=k)
         return super().pooled(input, rois, size)
@@ -486,6 +482,13 @@ class FastROIAlign(ROIAlign):
                 features, rois, levels, scales, size, sampling_ratio, aligned,
                 shared=_SHARED_LEVELS.get(),
             )  # fmt: skip
+
+    def _on_triton(self, input: torch.Tensor, rois: torch.Tensor, pool: int) -> torch.Tensor:
+        """The Triton kernels (then ``avg_pool2d(pool)``) on ``input``'s device, sharing the
+        level copy of :func:`shared_levels`."""
+        shared = _SHARED_LEVELS.get()
+        with device_of(input):
+            return triton_kernels().roi_align(input, rois, *self._arguments(), pool, shared=shared)
 
     def _on_cpu(self, input: torch.Tensor, rois: torch.Tensor, pool: int) -> torch.Tensor:
         """The parallel forward (then ``avg_pool2d(pool)``), with the sparse backward when a
