@@ -23,8 +23,8 @@ PARTS = {
         ("roi_heads.py", "label_and_sample_proposals"),
         ("roi_heads.py", "select_foreground_proposals"),
         ("cascade_rcnn.py", "_match_and_label_boxes"),
-        ("roi_heads.py", "_label_and_sample"),
-        ("roi_heads.py", "_foreground"),
+        ("sampling.py", "sample_rois"),
+        ("sampling.py", "foreground_rois"),
     ],
     "box refinement between stages": [
         ("cascade_rcnn.py", "_create_proposals_from_boxes"),

@@ -30,7 +30,7 @@ import argparse
 import functools
 import json
 import os
-import resource
+import re
 import statistics
 import subprocess
 import sys
@@ -113,14 +113,15 @@ def timed(fn: Callable, repeats: int, device: str) -> List[float]:
     return times
 
 
-def current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1)) / 1024
 
 
 def peak_memory_mb(fn: Callable, device: str) -> float:
     """Memory that one call of ``fn`` adds at its peak over what the process held before
-    (CPU: resident set high-water mark; CUDA: allocated tensors)."""
+    (CPU: the resident set's high-water mark, reset before the call; CUDA: allocated
+    tensors)."""
     if device == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -128,9 +129,11 @@ def peak_memory_mb(fn: Callable, device: str) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
-    before = current_rss_mb()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the high-water mark back to the current resident set
+    before = _status_mb("VmRSS")
     fn()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    return _status_mb("VmHWM") - before
 
 
 def outermost_component(name: str) -> str:

@@ -6,11 +6,13 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.modeling.matcher import Matcher
+from detectron2.modeling.roi_heads import ROIHeads
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks, pairwise_iou
 from detectron2.utils.events import EventStorage
 
 from conftest import tiny_cfg
-from htc.sampling import label_proposals, match, subsample_labels
+from htc import sampling
+from htc.sampling import foreground_rois, label_proposals, match, subsample_labels
 
 BG = 5
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the GPU machine's run checks CUDA
@@ -22,31 +24,32 @@ def _boxes(n: int, g: torch.Generator, size: float = 100.0) -> torch.Tensor:
     return torch.cat([xy, xy + wh], dim=1)
 
 
-def _images(gt_counts, num_candidates=60, seed=0):
+def _images(gt_counts, num_candidates=(60, 30, 45, 60, 20), seed=0):
     """Per image: (candidates, GT boxes); some candidates are GT boxes, some GT boxes repeat
     (equal IoUs: the first GT box must win), some candidates are empty boxes."""
     g = torch.Generator().manual_seed(seed)
     images = []
-    for count in gt_counts:
+    for count, n in zip(gt_counts, num_candidates):
         gt = _boxes(count, g)
         if count >= 2:
             gt[1] = gt[0]
-        candidates = _boxes(num_candidates, g)
+        candidates = _boxes(n, g)
         candidates[: min(count, 5)] = gt[:5]
         candidates[-1] = torch.tensor([10.0, 10.0, 10.0, 30.0])  # empty: IoU 0
         images.append((candidates.to(DEVICE), gt.to(DEVICE)))
     return images
 
 
+@pytest.mark.parametrize("group_entries", [1, 1 << 16])  # images alone or in groups; all at once
 @pytest.mark.parametrize(
     "thresholds, labels", [([0.5], [0, 1]), ([0.3, 0.7], [0, -1, 1]), ([0.4], [-1, 1])]
 )
-def test_match_is_detectron2s_matcher_on_each_image(thresholds, labels):
+def test_match_is_detectron2s_matcher_on_each_image(thresholds, labels, group_entries, monkeypatch):
+    monkeypatch.setattr(sampling, "GROUP_ENTRIES", group_entries)
     images = _images([3, 0, 7, 1, 12])
     matcher = Matcher(thresholds, labels, allow_low_quality_matches=False)
     boxes = torch.cat([c for c, _ in images])
-    image = torch.cat([torch.full((len(c),), i) for i, (c, _) in enumerate(images)]).to(DEVICE)
-    index, got = match(matcher, boxes, image, [gt for _, gt in images])
+    index, got = match(matcher, boxes, [len(c) for c, _ in images], [gt for _, gt in images])
     start, offsets = 0, [0]
     for _, gt in images:
         offsets.append(offsets[-1] + len(gt))
@@ -62,10 +65,50 @@ def test_match_is_detectron2s_matcher_on_each_image(thresholds, labels):
     assert set(got.tolist()) == set(labels)  # every interval occurs
 
 
+@pytest.mark.parametrize(
+    "thresholds, labels",
+    [([0.5], [0, 1]), ([0.4], [-1, 1]), ([0.3, 0.7], [0, -1, 1]), ([0.3, 0.6], [-1, 0, 1]),
+     ([0.2, 0.5], [1, -1, 0]), ([0.5], [1, 0])],
+)  # fmt: skip
+def test_labels_are_detectron2s_for_any_matcher(thresholds, labels):
+    """Per image, the labelled candidates are those Detectron2's ``_sample_proposals`` keeps
+    when it keeps all (an image without GT boxes: all background, whatever the lowest label)."""
+    images = _images([3, 0, 7, 0, 12])
+    matcher = Matcher(thresholds, labels, allow_low_quality_matches=False)
+    detectron2 = ROIHeads(
+        num_classes=BG, batch_size_per_image=10**6, positive_fraction=1.0,
+        proposal_matcher=matcher,
+    )  # fmt: skip
+    gt_classes = [torch.arange(len(gt), device=DEVICE) % BG for _, gt in images]
+    boxes = torch.cat([c for c, _ in images])
+    index, matcher_labels = match(
+        matcher, boxes, [len(c) for c, _ in images], [g for _, g in images]
+    )
+    ours = label_proposals(index, matcher_labels, torch.cat(gt_classes), BG)
+    for (candidates, gt), classes, got in zip(
+        images, gt_classes, ours.split([len(c) for c, _ in images])
+    ):
+        kept, want = detectron2._sample_proposals(
+            *matcher(pairwise_iou(Boxes(gt), Boxes(candidates))), classes
+        )
+        assert sorted(zip(kept.tolist(), want.tolist())) == [
+            (i, c) for i, c in enumerate(got.tolist()) if c >= 0
+        ]
+
+
+def test_groups_hold_at_most_the_budget():
+    counts, gt_counts = [2000, 2000, 10, 10, 10, 500, 0, 0], [700, 3, 5, 1, 0, 200, 0, 0]
+    groups = sampling._groups(counts, gt_counts, budget=2000 * 700)
+    assert groups == [(0, 1), (1, 5), (5, 8)]
+    for first, end in groups:
+        padded = (end - first) * max(counts[first:end]) * max(gt_counts[first:end])
+        assert padded <= 2000 * 700
+
+
 def test_match_without_any_gt_labels_everything_with_the_first_label():
     matcher = Matcher([0.5], [0, 1], allow_low_quality_matches=False)
     boxes = _boxes(10, torch.Generator().manual_seed(0))
-    index, labels = match(matcher, boxes, torch.zeros(10, dtype=torch.long), [boxes[:0]])
+    index, labels = match(matcher, boxes, [10], [boxes[:0]])
     assert (index == -1).all() and (labels == 0).all()
 
 
@@ -73,7 +116,16 @@ def test_match_refuses_low_quality_matches():
     matcher = Matcher([0.5], [0, 1], allow_low_quality_matches=True)
     boxes = _boxes(4, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="low-quality"):
-        match(matcher, boxes, torch.zeros(4, dtype=torch.long), [boxes[:2]])
+        match(matcher, boxes, [4], [boxes[:2]])
+
+
+def test_roi_heads_refuse_low_quality_matchers_when_built():
+    cfg = tiny_cfg()
+    model = build_model(cfg)
+    args = type(model.roi_heads).from_config(cfg, model.backbone.output_shape())
+    args["proposal_matchers"] = [Matcher([0.5], [0, 1], allow_low_quality_matches=True)] * 3
+    with pytest.raises(ValueError, match="allow_low_quality_matches=False"):
+        type(model.roi_heads)(**args)
 
 
 def _labels(num_pos, num_neg, num_ignored, seed=0):
@@ -174,7 +226,7 @@ def test_roi_heads_sample_each_image_against_its_own_targets(masks):
     stage = 1
     with EventStorage():
         sample = heads._label_and_sample(proposals, targets, stage)
-    foreground = heads._foreground(sample, targets)
+    foreground = foreground_rois(sample, targets)
     rois, num_fg = sample.rois, sample.num_fg
     matcher = heads.proposal_matchers[stage]
     for x, target, props, fg, positives in zip(rois, targets, proposals, num_fg, foreground):

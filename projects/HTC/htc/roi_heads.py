@@ -1,5 +1,4 @@
-from itertools import accumulate
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -18,7 +17,7 @@ from .host import host_tensor, repeat_rows
 from .layers import roi_align_kernel, shared_levels
 from .mask_head import mask_loss
 from .poolers import HTCROIPooler
-from .sampling import label_proposals, match, subsample_labels
+from .sampling import RoISample, foreground_rois, sample_rois
 from .soft_nms import soft_nms_inference
 
 # Key of the semantic feature (N, C, H/s, W/s) in the feature dict handed to the ROI heads.
@@ -26,16 +25,6 @@ SEMANTIC_FEATURE = "htc_semantic"
 FUSION_TARGETS = ("bbox", "mask")
 MASK_MERGE_RULES = ("mean", "last")
 TEST_NMS = ("nms", "soft_linear", "soft_gaussian")
-
-
-class RoISample(NamedTuple):
-    """A stage's sampled RoIs: per image, ``rois`` (positives first) and ``num_fg`` (its number
-    of positives), and ``matched`` (R,), the index of each RoI's matched target in the batch's
-    targets (-1 in an image without targets)."""
-
-    rois: List[Instances]
-    num_fg: List[int]
-    matched: torch.Tensor
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -124,6 +113,11 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             raise ValueError(
                 "MODEL.HTC.SEMANTIC_FUSION needs the semantic branch (MODEL.HTC.SEMANTIC_ON True); "
                 "set MODEL.HTC.SEMANTIC_FUSION [] for a model without it"
+            )
+        if any(m.allow_low_quality_matches for m in self.proposal_matchers):
+            raise ValueError(
+                "HTC's RoI sampling (htc.sampling.match) takes no low-quality matches: give "
+                "the ROI heads matchers with allow_low_quality_matches=False"
             )
         if self.test_nms not in TEST_NMS:
             raise ValueError(f"MODEL.HTC.TEST_NMS={self.test_nms!r}: use one of {TEST_NMS}")
@@ -234,7 +228,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
                 if self.interleaved:
                     with storage.name_scope(f"stage{stage}/mask"):
                         sample = self._label_and_sample(proposals, targets, stage)
-                foreground = self._foreground(sample, targets)
+                foreground = foreground_rois(sample, targets)
                 loss, mask_rates[stage] = self._mask_loss(features, foreground, stage)
                 stage_losses["loss_mask"] = loss
             weight = self.stage_loss_weights[stage]
@@ -271,82 +265,21 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             storage.put_scalar(f"stage{stage}/mask_rcnn/false_positive", false_positive)
             storage.put_scalar(f"stage{stage}/mask_rcnn/false_negative", false_negative)
 
-    @torch.no_grad()
     def _label_and_sample(
         self, proposals: List[Instances], targets: List[Instances], stage: int
     ) -> RoISample:
-        """Assign ``proposals`` (+ the GT boxes) to ``targets`` with stage ``stage``'s matcher and
-        sample ``batch_size_per_image`` RoIs at ``positive_fraction``, as the reference does at
-        every stage, all images at once (:mod:`htc.sampling`). The parent's
-        ``label_and_sample_proposals`` knows only the stage-0 matcher and works image by image,
-        with five host syncs per image where this has one in all. The RoIs get the matched
-        ``gt_boxes``, which the box loss needs; the other ``gt_*`` fields (masks) only the
-        foreground needs: :meth:`_foreground` gathers them.
-        """
-        boxes, image, from_gt, valid = self._candidates(proposals, targets)
-        gt_boxes = [x.gt_boxes.tensor for x in targets]
-        matched, matcher_labels = match(self.proposal_matchers[stage], boxes, image, gt_boxes)
-        gt_classes = cat([x.gt_classes for x in targets])
-        classes = label_proposals(matched, matcher_labels, gt_classes, self.num_classes)
-        if valid is not None:
-            classes = torch.where(valid, classes, -1)
-        sampled, num_pos, num_neg = subsample_labels(
-            classes, image, len(targets), self.batch_size_per_image, self.positive_fraction,
-            self.num_classes,
+        """Stage ``stage``'s RoIs, sampled with its own matcher as the reference does at every
+        stage (:func:`htc.sampling.sample_rois`); the parent's ``label_and_sample_proposals``
+        knows only the stage-0 matcher and syncs with the host five times per image."""
+        sample = sample_rois(
+            proposals, targets, self.proposal_matchers[stage], self.num_classes,
+            self.batch_size_per_image, self.positive_fraction, self.proposal_append_gt,
         )  # fmt: skip
-        sizes = [p + n for p, n in zip(num_pos, num_neg)]
-        rois = [
-            Instances(x.image_size, proposal_boxes=Boxes(b), gt_classes=c, from_gt=g)
-            for x, b, c, g in zip(
-                proposals, boxes[sampled].split(sizes), classes[sampled].split(sizes),
-                from_gt[sampled].split(sizes),
-            )
-        ]  # fmt: skip
-        matched = matched[sampled]
-        _set_matched_targets(rois, targets, matched, ["gt_boxes"])
         storage = get_event_storage()
-        storage.put_scalar("roi_head/num_fg_samples", sum(num_pos) / len(rois))
-        storage.put_scalar("roi_head/num_bg_samples", sum(num_neg) / len(rois))
-        return RoISample(rois, num_pos, matched)
-
-    @staticmethod
-    def _foreground(sample: RoISample, targets: List[Instances]) -> List[Instances]:
-        """Per image, the positive RoIs of ``sample`` (they come first) with every ``gt_*`` field
-        of their matched targets, gathered for these RoIs only (a mask per sampled RoI would be
-        a copy of the image's size for each of them)."""
-        foreground = [x[:n] for x, n in zip(sample.rois, sample.num_fg)]
-        sizes = [len(x) for x in sample.rois]
-        matched = sample.matched.split(sizes)
-        matched = cat([m[:n] for m, n in zip(matched, sample.num_fg)])
-        having = next((x for x in targets if len(x) > 0), None)
-        if having is not None:
-            names = [k for k in having.get_fields() if k.startswith("gt_")]
-            names = [k for k in names if k not in ("gt_classes", "gt_boxes")]
-            _set_matched_targets(foreground, targets, matched, names)
-        return foreground
-
-    def _candidates(
-        self, proposals: List[Instances], targets: List[Instances]
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """The RoI candidates of all images: each image's proposals, then its GT boxes when
-        ``proposal_append_gt``. Returns their (N, 4) boxes, (N,) image indices, (N,) bool "is a
-        GT box", and (N,) bool "may be sampled", from the proposals' ``valid`` (None when the
-        proposals have none: all may)."""
-        parts, sizes, usable = [], [], []
-        for x, target in zip(proposals, targets):
-            gt = target.gt_boxes.tensor if self.proposal_append_gt else target.gt_boxes.tensor[:0]
-            parts += [x.proposal_boxes.tensor, gt]
-            sizes += [len(x), len(gt)]
-            usable += [x.valid if x.has("valid") else None, None]
-        boxes = torch.cat(parts)
-        device = boxes.device
-        segment = repeat_rows(torch.arange(len(sizes), device=device), sizes)
-        image, from_gt = segment // 2, segment % 2 == 1
-        if all(v is None for v in usable):
-            return boxes, image, from_gt, None
-        ones = torch.ones(max(sizes), dtype=torch.bool, device=device)
-        valid = torch.cat([ones[:n] if v is None else v for v, n in zip(usable, sizes)])
-        return boxes, image, from_gt, valid
+        storage.put_scalar("roi_head/num_fg_samples", sum(sample.num_fg) / len(sample.rois))
+        num_bg = sum(len(x) for x in sample.rois) - sum(sample.num_fg)
+        storage.put_scalar("roi_head/num_bg_samples", num_bg / len(sample.rois))
+        return sample
 
     @torch.no_grad()
     def _refine(
@@ -487,44 +420,3 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             if with_logits:
                 logits.append(stage_logits)
         return logits
-
-
-def _set_matched_targets(
-    rois: List[Instances], targets: List[Instances], matched: torch.Tensor, names: List[str]
-) -> None:
-    """Sets the fields ``names`` of the matched targets on each image's ``rois``, from their
-    (R,) indices ``matched`` into the targets of all images. An image without targets gets
-    none, as in Detectron2."""
-    if all(len(x) == 0 for x in targets):
-        return
-    sizes = [len(x) for x in rois]
-    for name in names:
-        values = _matched_values([x.get(name) for x in targets], matched, sizes)
-        for x, value in zip(rois, values):
-            if value is not None:  # an image with targets
-                x.set(name, value)
-
-
-def _matched_values(values: list, matched: torch.Tensor, sizes: List[int]) -> list:
-    """Per image, its field ``values[i]`` (one entry per target) at the matched indices of its
-    ``sizes[i]`` RoIs, ``matched`` (R,) indexing the targets of all images; None for an image
-    without targets. Tensors and structures of one tensor (boxes, bitmaps) are gathered for all
-    images at once where their shapes agree, else image by image; polygons and other fields
-    image by image on the host, with one copy of the indices for all images (a polygon index
-    on the device is a host sync per image)."""
-    starts = [0, *accumulate(len(v) for v in values)]
-    tensors = [v if isinstance(v, torch.Tensor) else getattr(v, "tensor", None) for v in values]
-    if all(isinstance(t, torch.Tensor) for t in tensors):
-        if len({t.shape[1:] for t in tensors}) > 1:  # e.g. bitmaps of images of other sizes
-            per_image = matched.split(sizes)
-            return [v[m - s] if len(v) else None for v, m, s in zip(values, per_image, starts)]
-        gathered = torch.cat(tensors)[matched.clamp(min=0)].split(sizes)
-        wrapped = [
-            g if isinstance(v, torch.Tensor) else type(v)(g) for v, g in zip(values, gathered)
-        ]
-        return [g if len(v) else None for v, g in zip(values, wrapped)]
-    on_host, firsts = matched.tolist(), [0, *accumulate(sizes)]
-    return [
-        v[[j - s for j in on_host[first : first + n]]] if len(v) else None
-        for v, s, first, n in zip(values, starts, firsts, sizes)
-    ]
