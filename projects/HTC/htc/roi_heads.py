@@ -1,3 +1,4 @@
+import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -10,6 +11,7 @@ from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 from detectron2.modeling.roi_heads.mask_head import mask_rcnn_loss
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
+from detectron2.utils.logger import log_first_n
 from torch import nn
 from torch.nn import functional as F
 
@@ -334,16 +336,22 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         (R, K+1) class probabilities, a softmax of the stages' averaged logits (the parent
         averages the stages' probabilities)."""
         assert not self.training, "training runs through _forward_train"
-        image_sizes = [x.image_size for x in proposals]
-        stage_logits = []
+        image_sizes, sizes = [x.image_size for x in proposals], [len(x) for x in proposals]
+        stage_logits, lost = [], None
         for stage in range(self.num_cascade_stages):
             predictions = self._run_stage(features, proposals, stage)
             stage_logits.append(predictions[0])
-            boxes = self.box_predictor[stage].predict_boxes(predictions, proposals)
+            boxes = cat(self.box_predictor[stage].predict_boxes(predictions, proposals))
+            # a row whose box is not finite (an fp16 overflow) goes on with an empty box, where
+            # the parent's clip asserts, and is dropped with the non-finite rows at the end
+            not_finite = ~torch.isfinite(boxes).all(dim=1)
+            lost = not_finite if lost is None else lost | not_finite
             if stage < self.num_cascade_stages - 1:
-                proposals = self._create_proposals_from_boxes(boxes, image_sizes)
+                refined = torch.where(lost[:, None], 0.0, boxes).split(sizes)
+                proposals = self._create_proposals_from_boxes(refined, image_sizes)
         scores = F.softmax(sum(stage_logits) / len(stage_logits), dim=-1)
-        return list(boxes), list(scores.split([len(p) for p in proposals]))
+        boxes = torch.where(lost[:, None], float("nan"), boxes)
+        return list(boxes.split(sizes)), list(scores.split(sizes))
 
     def final_detections(
         self,
@@ -352,6 +360,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         image_sizes: List[Tuple[int, int]],
     ) -> List[Instances]:
         """Score threshold, class-wise NMS (or Soft-NMS) and top-k of the last box predictor."""
+        _warn_if_not_finite(boxes, scores)
         last = self.box_predictor[-1]
         thresholds = (last.test_score_thresh, last.test_nms_thresh, last.test_topk_per_image)
         if self.test_nms == "nms":
@@ -381,9 +390,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         boxes = [x.pred_boxes for x in instances]
         classes = cat([x.pred_classes for x in instances])
         probs = torch.stack(self.stage_mask_probabilities(features, boxes, classes)).mean(dim=0)
-        for x, p in zip(instances, probs.split([len(x) for x in instances])):
-            x.pred_masks = p
-        return instances
+        return with_masks(instances, probs)
 
     def stage_mask_probabilities(
         self, features: Dict[str, torch.Tensor], boxes: List[Boxes], classes: torch.Tensor
@@ -420,3 +427,43 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             if with_logits:
                 logits.append(stage_logits)
         return logits
+
+
+def _warn_if_not_finite(boxes: List[torch.Tensor], scores: List[torch.Tensor]) -> None:
+    """A warning, the first time, that rows of the per-image (R, 4) ``boxes`` or (R, K+1)
+    ``scores`` are not finite: the test-time NMS drops them (Detectron2's silently)."""
+    if not boxes or torch.jit.is_tracing():
+        return
+    finite = [torch.isfinite(b).all(1) & torch.isfinite(s).all(1) for b, s in zip(boxes, scores)]
+    lost = int((~cat(finite)).sum())
+    if lost:
+        log_first_n(
+            logging.WARNING,
+            f"{lost} detection candidates have a non-finite box or score (an fp16 overflow, a "
+            "diverged model?): they are dropped",
+            n=1,
+        )
+
+
+def with_masks(instances: List[Instances], probs: torch.Tensor) -> List[Instances]:
+    """Each image's ``instances`` with their rows of the (R, 1, M, M) mask probabilities
+    ``probs`` as ``pred_masks``; an instance whose mask is not finite is dropped, with a warning
+    the first time (an empty mask would pass for a prediction), except under tracing (an
+    exported graph would keep the count of one input)."""
+    sizes = [len(x) for x in instances]
+    finite = torch.isfinite(probs).flatten(1).all(dim=1)
+    lost = 0 if torch.jit.is_tracing() else int((~finite).sum())
+    if lost:
+        log_first_n(
+            logging.WARNING,
+            f"{lost} detections have a non-finite mask (an fp16 overflow, a diverged model?): "
+            "they are dropped",
+            n=1,
+        )
+    out = []
+    for x, p, keep in zip(instances, probs.split(sizes), finite.split(sizes)):
+        if lost:
+            x, p = x[keep], p[keep]
+        x.pred_masks = p
+        out.append(x)
+    return out

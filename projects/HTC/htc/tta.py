@@ -21,12 +21,21 @@ from detectron2.modeling import GeneralizedRCNNWithTTA
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 
+from .roi_heads import with_masks
+
 View = Tuple[ImageList, dict]  # one augmented image: its ImageList and features
 
 
 def _apply(tfm: TransformList, boxes: torch.Tensor) -> torch.Tensor:
     mapped = tfm.apply_box(boxes.detach().cpu().numpy().astype(np.float32))
     return torch.as_tensor(mapped, dtype=boxes.dtype, device=boxes.device)
+
+
+def _clipped(boxes: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """(R, 4) ``boxes`` clipped to ``size`` (H, W) as ``Boxes.clip`` clips them, non-finite rows
+    kept (``Boxes.clip`` asserts): the final detections drop them."""
+    height, width = size
+    return torch.min(boxes.clamp(min=0), boxes.new_tensor([width, height, width, height]))
 
 
 class HybridTaskCascadeWithTTA(GeneralizedRCNNWithTTA):
@@ -42,8 +51,8 @@ class HybridTaskCascadeWithTTA(GeneralizedRCNNWithTTA):
             heads = self.model.roi_heads
             instances = heads.final_detections([boxes], [scores], [orig_shape])[0]
             if self.cfg.MODEL.MASK_ON:
-                instances.pred_masks = self._averaged_masks(views, tfms, instances)
-                instances = detector_postprocess(instances, *orig_shape)
+                masks = self._averaged_masks(views, tfms, instances)
+                instances = detector_postprocess(with_masks([instances], masks)[0], *orig_shape)
         return {"instances": instances}
 
     def _view(self, augmented_input: dict) -> View:
@@ -80,9 +89,7 @@ class HybridTaskCascadeWithTTA(GeneralizedRCNNWithTTA):
             size = images.image_sizes[0]
             aug = Instances(size, proposal_boxes=Boxes(_apply(tfm, proposals)))
             boxes, scores = self.model.roi_heads.cascade_boxes_and_scores(features, [aug])
-            clipped = Boxes(boxes[0])
-            clipped.clip(size)
-            all_boxes.append(_apply(tfm.inverse(), clipped.tensor))
+            all_boxes.append(_apply(tfm.inverse(), _clipped(boxes[0], size)))
             all_scores.append(scores[0])
         return torch.stack(all_boxes).mean(dim=0), torch.stack(all_scores).mean(dim=0)
 

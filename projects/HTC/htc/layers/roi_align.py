@@ -332,8 +332,21 @@ def sparse_grad_roi_align(input: torch.Tensor, rois: torch.Tensor, *geometry) ->
     return ROIAlignFunction.apply(input, rois, geometry, parallel_roi_align, sparse_backward)
 
 
+def half_on_cpu(input: torch.Tensor) -> bool:
+    """Whether ``input`` is float16 or bfloat16 on CPU (CPU autocast's features), which
+    torchvision's CPU RoIAlign does not take: the kernels pool them in float32 and return their
+    dtype, as torchvision's CUDA autocast does."""
+    return input.device.type == "cpu" and input.dtype in (torch.float16, torch.bfloat16)
+
+
 class ROIAlign(d2_layers.ROIAlign):
     """Detectron2's RoIAlign, which also answers :meth:`pooled`."""
+
+    def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """The parent's, for half-precision features on CPU too (:func:`half_on_cpu`)."""
+        if half_on_cpu(input):
+            return super().forward(input.float(), rois).to(input.dtype)
+        return super().forward(input, rois)
 
     def pooled(
         self, input: torch.Tensor, rois: torch.Tensor, size: Tuple[int, int]
@@ -440,6 +453,8 @@ class FastROIAlign(ROIAlign):
 
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         assert rois.dim() == 2 and rois.size(1) == 5
+        if half_on_cpu(input):
+            return self.forward(input.float(), rois).to(input.dtype)
         route = self._route(input, rois)
         if route == "triton":
             return self._on_triton(input, rois, pool=1)
@@ -453,6 +468,8 @@ class FastROIAlign(ROIAlign):
         """When ``size`` divides the output size by an integer k, the pooling (an exact kxk
         average) is computed with the RoIAlign (CPU: chunk by chunk; Triton: in the kernel), so
         the full-size RoI features are neither materialized nor kept for backward."""
+        if half_on_cpu(input):
+            return self.pooled(input.float(), rois, size).to(input.dtype)
         pooled_h, pooled_w = _pair(self.output_size)
         k = pooled_h // size[0]
         if (pooled_h, pooled_w) != (size[0] * k, size[1] * k):
