@@ -78,7 +78,7 @@ def test_builder_makes_the_lazy_configs_backbone(builder):
 @pytest.mark.parametrize("builder", BUILDERS)
 def test_small_backbone_trains_a_step_and_infers(builder):
     if not HAS_MODERN_BACKBONES:
-        return  # the test above checks the error
+        pytest.skip("this Detectron2 has no ViT/MViT/Swin (v0.6): the test above checks the error")
     cfg = _yacs(builder, *BUILDERS[builder][1], *SMALL[builder])
     model = build_model(cfg)
     batch = make_batch(num_images=2, size=128)

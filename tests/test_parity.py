@@ -49,6 +49,7 @@ def features(model, ref):
 
 def test_fpn_and_semantic_branch(ref, features):
     _, feats, logits, _ = features
+    assert len(ref["fpn"]) == 5
     for name, want in zip(["p2", "p3", "p4", "p5", "p6"], ref["fpn"]):
         assert_near(feats[name], want)
     assert_near(logits, ref["semantic_logits"])
@@ -73,7 +74,7 @@ def test_stage_logits_and_deltas_on_fixed_proposals(model, ref, features):
     with torch.no_grad():
         for stage in range(3):
             assert_near(proposals[0].proposal_boxes.tensor, ref["stage_rois"][stage])
-            cls, deltas = heads._run_stage(feats, proposals, stage)
+            cls, deltas = heads.box_stage(feats, proposals, stage)
             assert_near(cls, ref["stage_cls"][stage])
             assert_near(deltas, ref["stage_deltas"][stage])
             boxes = heads.box_predictor[stage].predict_boxes((cls, deltas), proposals)
@@ -105,6 +106,7 @@ def test_stage_mask_probabilities(model, ref, features):
     boxes = Boxes(ref["det_boxes"][:n])
     with torch.no_grad():
         ours = model.roi_heads._run_mask_heads(feats, [boxes], 2, keep_all=True)
+    assert len(ours) == len(ref["stage_mask_logits"]) == 3
     for got, want in zip(ours, ref["stage_mask_logits"]):
         assert_near(got.sigmoid(), want.sigmoid())
 

@@ -58,7 +58,7 @@ def _record_rois(model, batch):
     the mask loss saw with their ``from_gt``."""
     heads = model.roi_heads
     box_rois, num_fg, mask_rois, mask_from_gt = {}, {}, {}, {}
-    run_stage, mask_loss = heads._run_stage, heads._mask_loss
+    run_stage, mask_loss = heads.box_stage, heads._mask_loss
     bg = heads.num_classes
 
     def spy_stage(features, proposals, stage):
@@ -74,7 +74,7 @@ def _record_rois(model, batch):
         assert ((classes >= 0) & (classes != bg)).all()  # the mask loss sees foreground only
         return mask_loss(features, instances, stage)
 
-    heads._run_stage, heads._mask_loss = spy_stage, spy_mask
+    heads.box_stage, heads._mask_loss = spy_stage, spy_mask
     train_losses(model, batch)
     return box_rois, num_fg, mask_rois, mask_from_gt
 
@@ -112,7 +112,7 @@ def test_stage2_mask_loss_reaches_earlier_mask_heads_only_with_info_flow(info_fl
 def _stage_outputs(model, features, boxes):
     heads = model.roi_heads
     proposals = [Instances((96, 96), proposal_boxes=Boxes(boxes))]
-    box_out = torch.cat([torch.cat(heads._run_stage(features, proposals, t), 1) for t in STAGES])
+    box_out = torch.cat([torch.cat(heads.box_stage(features, proposals, t), 1) for t in STAGES])
     mask_out = torch.cat(heads._run_mask_heads(features, [Boxes(boxes)], 2, keep_all=True))
     return box_out, mask_out
 
@@ -148,7 +148,7 @@ def test_inference_averages_stage_logits_then_softmax():
         # by hand: run the stages, refining the boxes, then softmax of the mean logits
         logits, props = [], proposals
         for t in STAGES:
-            scores, deltas = heads._run_stage(features, props, t)
+            scores, deltas = heads.box_stage(features, props, t)
             logits.append(scores)
             refined = heads.box_predictor[t].box2box_transform.apply_deltas(
                 deltas, props[0].proposal_boxes.tensor
@@ -197,3 +197,10 @@ def test_boxes_are_refined_only_where_a_later_step_uses_them(interleaved, mask_o
     )
     train_losses(model, make_batch())
     assert stages == list(range(calls))
+
+
+def test_the_parents_run_stage_is_refused_not_run_without_the_semantic_feature():
+    heads = build_model(tiny_cfg()).roi_heads
+    proposals = [Instances((96, 96), proposal_boxes=Boxes(torch.tensor([[0.0, 0, 10, 10]])))]
+    with pytest.raises(NotImplementedError, match="box_stage"):
+        heads._run_stage([torch.zeros(1, 32, 24, 24)], proposals, 0)

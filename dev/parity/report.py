@@ -91,7 +91,7 @@ def report(path: str) -> None:
                 diff(props[0].proposal_boxes.tensor, ref["stage_rois"][stage]),
             )
         )
-        cls, deltas = heads._run_stage(feats, props, stage)
+        cls, deltas = heads.box_stage(feats, props, stage)
         rows.append((f"stage {stage} class logits", diff(cls, ref["stage_cls"][stage])))
         rows.append((f"stage {stage} box deltas", diff(deltas, ref["stage_deltas"][stage])))
         props = heads._create_proposals_from_boxes(

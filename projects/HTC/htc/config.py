@@ -1,3 +1,7 @@
+"""HTC's configuration: ``add_htc_config`` (every ``MODEL.HTC`` key and the other keys HTC
+adds, each with its reason), the process-wide settings a config asks for (float32 precision,
+deterministic algorithms), and the Detectron2 classes the modern backbones' configs need."""
+
 import functools
 import logging
 import os

@@ -2,13 +2,14 @@
 
 Every version's ``create_ddp_model`` hands torch's DistributedDataParallel
 ``device_ids=[local_rank]``, which torch refuses for a CPU model: :func:`cpu_capable_ddp`.
-Detectron2 v0.6's ``launch`` asserts CUDA, where later versions fall back to gloo themselves: on
-v0.6 without CUDA, :func:`launch` starts the same processes on gloo; otherwise it is Detectron2's.
+Detectron2 v0.6's ``launch`` asserts CUDA (its main branch, which still calls itself 0.6, falls
+back to gloo): without CUDA, :func:`launch` starts the processes on gloo itself, with the ranks
+and local process group that Detectron2's would give them, on every version; with CUDA it is
+Detectron2's.
 """
 
 import argparse
 import contextlib
-import inspect
 import socket
 from typing import Callable, Iterator
 
@@ -17,11 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.engine import launch as d2_launch
-from detectron2.engine.launch import DEFAULT_TIMEOUT, _distributed_worker
+from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
-
-# Detectron2 after v0.6 picks the gloo backend in its worker when CUDA is absent.
-D2_LAUNCHES_ON_CPU = "GLOO" in inspect.getsource(_distributed_worker).upper()
 
 
 def launch(
@@ -32,10 +30,10 @@ def launch(
     dist_url: str = "auto",
     args: tuple = (),
 ) -> None:
-    """Detectron2's ``launch``; with Detectron2 v0.6 on a machine without CUDA, one gloo process
-    per ``num_processes_per_machine`` with the same ranks and local process group."""
+    """Detectron2's ``launch``; on a machine without CUDA, one gloo process per
+    ``num_processes_per_machine`` with the ranks and local process group Detectron2 gives."""
     world_size = num_machines * num_processes_per_machine
-    if D2_LAUNCHES_ON_CPU or torch.cuda.is_available() or world_size == 1:
+    if torch.cuda.is_available() or world_size == 1:
         d2_launch(main_func, num_processes_per_machine, num_machines, machine_rank, dist_url, args)
         return
     if dist_url == "auto":

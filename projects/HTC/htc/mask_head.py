@@ -1,3 +1,7 @@
+"""HTCMaskHead: one stage's mask head of HTC, Detectron2's conv + deconv mask head with the
+mask information flow: the previous stage's head's 14x14 feature, through a 1x1 conv, summed
+into this head's RoI features, and this head's feature passed on to the next."""
+
 from typing import List, Optional, Tuple
 
 import fvcore.nn.weight_init as weight_init

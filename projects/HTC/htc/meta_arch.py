@@ -1,3 +1,7 @@
+"""HybridTaskCascade: Detectron2's GeneralizedRCNN with HTC's semantic segmentation branch,
+whose feature map reaches the ROI heads and whose logits give the ``sem_seg`` output (and, with
+the panoptic option, ``panoptic_seg``)."""
+
 from typing import Dict, List, Optional, Tuple
 
 import torch

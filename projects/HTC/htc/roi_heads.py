@@ -1,3 +1,11 @@
+"""The ROI heads of HTC: the three-stage cascade made hybrid (Chen et al., CVPR 2019).
+
+Interleaved execution (stage t's mask head learns on the boxes stage t just refined), mask
+information flow (each mask head receives the earlier heads' features) and semantic fusion (the
+semantic branch's RoI feature summed into every box and mask RoI feature); at test time the
+stages' class logits and masks are averaged. A :class:`CascadeROIHeads` that overrides the
+methods whose HTC behaviour differs, each saying why."""
+
 import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -222,7 +230,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         for stage in range(self.num_cascade_stages):
             with storage.name_scope(f"stage{stage}"):
                 sample = self._label_and_sample(proposals, targets, stage)
-                predictions = self._run_stage(features, sample.rois, stage)
+                predictions = self.box_stage(features, sample.rois, stage)
                 stage_losses = self.box_predictor[stage].losses(predictions, sample.rois)
             if stage + 1 < self.num_cascade_stages or (self.mask_on and self.interleaved):
                 proposals = self._refine(predictions, sample.rois, stage)
@@ -314,20 +322,29 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         size = tuple(self.box_pooler.output_size)
         return self.semantic_pooler.pooled([features[SEMANTIC_FEATURE]], boxes, size)
 
-    def _run_stage(
+    def box_stage(
         self, features: Dict[str, torch.Tensor], proposals: List[Instances], stage: int
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Box head of stage ``stage``: (R, K+1) class logits and (R, 4) deltas.
 
-        Unlike the parent, this takes the feature dict (for the semantic feature), sums the
-        semantic RoI feature (average-pooled to the box resolution) into the box RoI features,
-        and does not scale the gradient by 1/num_stages (HTC weights the stage losses instead).
+        The parent's ``_run_stage`` under its own name: this takes the feature dict (for the
+        semantic feature), sums the semantic RoI feature (average-pooled to the box resolution)
+        into the box RoI features, and does not scale the gradient by 1/num_stages (HTC weights
+        the stage losses instead).
         """
         boxes = [x.proposal_boxes for x in proposals]
         x = self.box_pooler([features[f] for f in self.box_in_features], boxes)
         if "bbox" in self.semantic_fusion:
             x = x + self._semantic_box_rois(features, boxes)
         return self.box_predictor[stage](self.box_head[stage](x))
+
+    def _run_stage(self, features, proposals, stage):
+        """Refused: the parent's signature has a list of features, without the semantic one
+        that HTC's box stage sums in (its output would silently not be HTC's)."""
+        raise NotImplementedError(
+            "HybridTaskCascadeROIHeads runs a box stage with box_stage(features: Dict[str, "
+            "Tensor], proposals, stage)"
+        )
 
     def cascade_boxes_and_scores(
         self, features: Dict[str, torch.Tensor], proposals: List[Instances]
@@ -339,7 +356,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         image_sizes, sizes = [x.image_size for x in proposals], [len(x) for x in proposals]
         stage_logits, lost = [], None
         for stage in range(self.num_cascade_stages):
-            predictions = self._run_stage(features, proposals, stage)
+            predictions = self.box_stage(features, proposals, stage)
             stage_logits.append(predictions[0])
             boxes = cat(self.box_predictor[stage].predict_boxes(predictions, proposals))
             # a row whose box is not finite (an fp16 overflow) goes on with an empty box, where

@@ -1,3 +1,7 @@
+"""FusedSemanticHead: HTC's semantic segmentation branch. The FPN levels fused at stride 8,
+four convs, pixel logits over stuff and thing classes (the ``sem_seg`` loss), and the feature
+that the ROI heads pool for semantic fusion."""
+
 from typing import Dict, Tuple
 
 import fvcore.nn.weight_init as weight_init

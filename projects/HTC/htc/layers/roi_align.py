@@ -422,7 +422,9 @@ class FastROIAlign(ROIAlign):
     """:class:`ROIAlign` that picks the faster kernel per call ("auto"): on CPU the parallel
     forward and sparse backward; on CUDA (with Triton) the Triton kernels where
     :func:`triton_is_faster` and always under ``torch.use_deterministic_algorithms``
-    (torchvision's backward accumulates with atomics), else torchvision's."""
+    (torchvision's backward accumulates with atomics), else torchvision's. Under
+    ``torch.compile`` its calls run eagerly, a graph break each: Dynamo cannot trace a thread
+    pool, and the Triton route reads its entry count on the host."""
 
     cpu_kernels = True  # the CPU route on CPU
 
@@ -451,6 +453,7 @@ class FastROIAlign(ROIAlign):
             return "triton" if self._prefers_triton(input, rois, pool, levels) else "torchvision"
         return "cpu" if input.device.type == "cpu" and self.cpu_kernels else "torchvision"
 
+    @torch.compiler.disable
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         assert rois.dim() == 2 and rois.size(1) == 5
         if half_on_cpu(input):
@@ -462,6 +465,7 @@ class FastROIAlign(ROIAlign):
             return self._on_cpu(input, rois, pool=1)
         return super().forward(input, rois)
 
+    @torch.compiler.disable
     def pooled(
         self, input: torch.Tensor, rois: torch.Tensor, size: Tuple[int, int]
     ) -> torch.Tensor:
@@ -481,6 +485,7 @@ class FastROIAlign(ROIAlign):
             return self._on_cpu(input, rois, pool=k)
         return super().pooled(input, rois, size)
 
+    @torch.compiler.disable
     def all_levels(
         self,
         features: List[torch.Tensor],

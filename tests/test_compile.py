@@ -1,0 +1,49 @@
+"""``torch.compile`` of the whole model: a training step and an inference step give eager's
+outputs. The backend is "aot_eager" (Dynamo's graphs, with AOTAutograd's joint forward and
+backward), which compiles in seconds; Inductor's code generation takes minutes on two cores and
+is measured in benchmarks/compile_speed.py."""
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+from detectron2.modeling import build_model
+
+from conftest import make_batch, tiny_cfg, train_losses
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield torch._dynamo.utils.counters
+    torch._dynamo.reset()
+
+
+def _gradients(model) -> list:
+    return [p.grad for p in model.parameters() if p.grad is not None]
+
+
+def test_the_compiled_model_trains_and_infers_as_eager(fresh_dynamo):
+    torch.manual_seed(0)
+    eager = build_model(tiny_cfg())
+    compiled = torch.compile(copy.deepcopy(eager), backend="aot_eager")
+    batch = make_batch(2)
+    steps = [train_losses(model, batch) for model in (eager, compiled)]
+    assert fresh_dynamo["stats"]["unique_graphs"] > 10, "Dynamo compiled the model's graphs"
+    for want, got in zip(steps[0].values(), steps[1].values()):
+        assert (want - got).abs().item() <= 1e-5
+    for losses in steps:
+        sum(losses.values()).backward()
+    want, got = _gradients(eager), _gradients(compiled)
+    assert len(want) == len(got) > 0
+    scale = max(g.abs().max().item() for g in want)
+    assert max((a - b).abs().max().item() for a, b in zip(want, got)) <= 1e-5 * scale
+
+    image = make_batch(1, with_gt=False)
+    with torch.no_grad():
+        want, got = (model.eval()(image)[0]["instances"] for model in (eager, compiled))
+    assert len(want) == len(got) > 0
+    for field in ("pred_classes", "scores", "pred_masks"):
+        torch.testing.assert_close(got.get(field), want.get(field), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.pred_boxes.tensor, want.pred_boxes.tensor, atol=1e-5, rtol=0)
