@@ -30,7 +30,7 @@ TRAIN_IMAGES = 2
 
 def differences(eager, compiled, inputs, device: str) -> Dict[str, float]:
     """How far the compiled model's outputs are from eager's (same weights, same random draws):
-    the largest difference of the losses and of the gradients, and of each eager detection the
+    each loss's difference, the largest of the gradients, and of each eager detection the
     best IoU with a compiled detection of its class (the order of near-equal scores may differ)."""
     losses, grads = [], []
     for model in (eager, compiled):
@@ -48,7 +48,7 @@ def differences(eager, compiled, inputs, device: str) -> Dict[str, float]:
     iou = pairwise_iou(want.pred_boxes, got.pred_boxes)
     iou[want.pred_classes[:, None] != got.pred_classes[None, :]] = 0
     return {
-        "losses": max(abs(losses[0][k] - losses[1][k]) for k in losses[0]),
+        "losses": {k: abs(losses[0][k] - losses[1][k]) for k in losses[0]},
         "gradients": max(float((a - b).abs().max()) for a, b in zip(*grads)),
         "largest gradient": max(float(g.abs().max()) for g in grads[0]),
         "detections": [len(want), len(got)],

@@ -7,7 +7,8 @@
 # step cannot take the others' time: the machine; the CUDA tests of the kernels and the heads;
 # the RoIAlign per call (the default kernel's crossover); the RoIAlign backward; speed.py's GPU
 # rows (precisions, 2 and 8 images, 4 and 20 boxes per image, peak memory, syncs, the train
-# step's parts, determinism); its latency rows at 800x1333.
+# step's parts, determinism); its latency rows at 800x1333; then, when named in STEPS, the
+# matching memory of crowded images (matching) and torch.compile beside eager (compile).
 set -u
 out="${OUT:-gpu-checks}"
 repeats="${REPEATS:-10}"  # median of this many runs in every benchmark
@@ -36,6 +37,10 @@ step gpu_rows "${GPU_ROWS_S:-300}" python3 benchmarks/speed.py --device cuda --r
   --precisions fp32,fp16,bf16 --json "$out/gpu_rows.json"
 step latency "${LATENCY_S:-100}" python3 benchmarks/speed.py --device cuda --repeats "$repeats" \
   --only latency --sizes 800x1333 --train-sizes 800 --detections 100 --json "$out/speed.json"
+step matching "${MATCHING_S:-60}" python3 benchmarks/matching_memory.py --device cuda \
+  --repeats "$repeats"
+step compile "${COMPILE_S:-300}" python3 benchmarks/compile_speed.py --device cuda --size 800 \
+  --repeats "$repeats" --json "$out/compile.json"
 # kernels Triton compiled in all the checks: a few per kernel (constexprs, dtypes), not one per
 # feature size or RoI count
 echo "Triton kernels compiled: $(find "$TRITON_CACHE_DIR" -name '*.cubin' | wc -l)" \

@@ -24,7 +24,7 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from htc.data import ensure_demo_data, register_builtin  # noqa: E402
-from htc.demo import draw_prediction, load_predictor_cfg  # noqa: E402
+from htc.demo import draw_prediction, load_predictor_cfg, titled  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/demo/htc_R_18_FPN_demo.yaml"
@@ -80,7 +80,10 @@ def draw_ground_truth(record: dict, metadata) -> np.ndarray:
     instances = Visualizer(image, metadata).draw_dataset_dict(record).get_image()
     labels = np.asarray(Image.open(record["sem_seg_file_name"]))
     semantic = Visualizer(image, metadata).draw_sem_seg(labels, alpha=0.6).get_image()
-    return np.concatenate([image, instances, semantic], axis=1)
+    count = len(record["annotations"])
+    panels = [(image, "image"), (instances, f"ground truth: {count} instances")]
+    panels.append((semantic, "ground truth: semantic"))
+    return np.concatenate([titled(panel, title) for panel, title in panels], axis=1)
 
 
 def draw_pictures(config: Path, output: Path) -> list:
@@ -122,10 +125,7 @@ def main() -> None:
     pictures = draw_pictures(config, output)
 
     print(f"\n[main job] done in {time.time() - start:.0f} s")
-    print(
-        "  each picture: image | GT instances | GT semantic | pred instances | pred semantic"
-        " | pred panoptic"
-    )
+    print("  each picture: image, ground truth, prediction (instances, semantic, panoptic), titled")
     keys = ["bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50", "sem_seg/mIoU"]
     for key in keys + ["panoptic_seg/PQ", "panoptic_seg/PQ_th", "panoptic_seg/PQ_st"]:
         print(f"  {key:18s} {results.get(key, float('nan')):.1f}")

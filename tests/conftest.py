@@ -1,5 +1,6 @@
 """Shared helpers: a tiny HTC (same architecture, small widths) and synthetic batches."""
 
+import contextlib
 import copy
 import json
 import os
@@ -7,9 +8,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 if not torch.cuda.is_available():
     # Triton kernels (htc.layers.roi_align_triton) run in Triton's interpreter on CPU tensors.
@@ -17,6 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from detectron2.config import CfgNode, get_cfg  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
@@ -100,6 +104,32 @@ def tiny_cfg(**htc) -> CfgNode:
     for key, value in htc.items():
         cfg.MODEL.HTC[key.upper()] = value
     return cfg
+
+
+class _SchedulesOnHost(TorchFunctionMode):
+    """``torch.linspace`` on the CPU: ViT, MViT and Swin read their drop-path schedules with
+    ``.item()``, which a meta tensor cannot answer."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.linspace:
+            kwargs = dict(kwargs or {}, device="cpu")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def on_meta() -> Iterator[None]:
+    """Modules built within hold meta tensors: names, shapes and parameter counts of full-size
+    models without allocating or initialising their weights."""
+    with torch.device("meta"), _SchedulesOnHost():
+        yield
+
+
+def build_on_meta(cfg: CfgNode):
+    """``build_model(cfg)`` on the meta device."""
+    cfg = cfg.clone()
+    cfg.MODEL.DEVICE = "meta"
+    with on_meta():
+        return build_model(cfg)
 
 
 def reference_parameter_count(model) -> int:

@@ -11,8 +11,10 @@ from detectron2.modeling import build_model
 from conftest import (
     CONFIGS,
     HAS_MODERN_BACKBONES,
+    build_on_meta,
     load_cfg,
     make_batch,
+    on_meta,
     tiny_cfg,
     train_losses,
 )
@@ -68,8 +70,9 @@ def test_builder_makes_the_lazy_configs_backbone(builder):
         with pytest.raises(ImportError, match=f"{needs}.*v0.6 release"):
             build_model(cfg)
         return
-    ours = build_model(cfg).backbone
-    theirs = instantiate(LazyConfig.load(str(CONFIGS / lazy_config)).model.backbone)
+    ours = build_on_meta(cfg).backbone
+    with on_meta():
+        theirs = instantiate(LazyConfig.load(str(CONFIGS / lazy_config)).model.backbone)
     assert _shapes(ours) == _shapes(theirs)
     assert ours.output_shape() == theirs.output_shape()
     assert ours.padding_constraints == theirs.padding_constraints
@@ -105,8 +108,9 @@ def test_htcpp_yaml_builds_its_lazy_configs_model(name):
         with pytest.raises(ImportError, match="SwinTransformer.*v0.6 release"):
             build_model(cfg)
         return
-    ours = build_model(cfg)
-    theirs = instantiate(LazyConfig.load(str(CONFIGS / "htcpp" / f"{name}.py")).model)
+    ours = build_on_meta(cfg)
+    with on_meta():
+        theirs = instantiate(LazyConfig.load(str(CONFIGS / "htcpp" / f"{name}.py")).model)
     assert _shapes(ours) == _shapes(theirs)
     heads, lazy_heads = ours.roi_heads, theirs.roi_heads
     for key in ("test_nms", "soft_nms_sigma", "soft_nms_min_score"):

@@ -13,7 +13,7 @@ from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
 from conftest import make_batch, tiny_cfg
-from htc.demo import draw_prediction
+from htc.demo import TITLE_HEIGHT, draw_prediction
 from htc.export import raw_inference
 from htc.layers import ROI_ALIGN_KERNELS
 from htc.tta import HybridTaskCascadeWithTTA
@@ -98,7 +98,7 @@ def test_default_predictor_and_the_demo_under_inference_mode():
         got = predictor(image.copy())
         picture = draw_prediction(image[:, :, ::-1], got, MetadataCatalog.get("htc_demo_val"))
     assert _same(want, got) and len(want["instances"]) > 0
-    assert picture.shape[0] == image.shape[0] and picture.dtype == np.uint8
+    assert picture.shape[0] == image.shape[0] + TITLE_HEIGHT and picture.dtype == np.uint8
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

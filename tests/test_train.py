@@ -23,6 +23,7 @@ from conftest import (
     training_iterations,
 )
 from htc import register_htc_instances
+from htc.demo import TITLE_HEIGHT
 from train_net import check_dataset
 
 
@@ -65,7 +66,7 @@ def test_train_eval_only_and_resume(workspace, tmp_path):
     pictures = sorted(vis.glob("*.png"))
     assert [p.name for p in pictures] == ["00001.png", "00002.png", "00003.png"]
     width, height = Image.open(pictures[0]).size
-    assert (width, height) == (3 * 256, 256)  # instances | semantic map | panoptic
+    assert (width, height) == (3 * 256, 256 + TITLE_HEIGHT)  # instances | semantic | panoptic
 
     log = run_train_net(
         workspace, "--resume", *SMALL, "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", str(output)

@@ -6,6 +6,7 @@
 """
 
 import argparse
+import functools
 from pathlib import Path
 from typing import Iterable, List, Optional
 
@@ -16,12 +17,13 @@ from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import ColorMode, Visualizer
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from .config import add_htc_config, set_float32_precision
 from .data import register_builtin
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+TITLE_HEIGHT = 24  # pixels of the band that names a panel
 
 
 def load_predictor_cfg(config_file: str, opts: Optional[List[str]] = None):
@@ -50,22 +52,43 @@ def image_files(inputs: Iterable[str]) -> List[Path]:
     return files
 
 
+@functools.cache
+def _title_font() -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=15)
+    except (TypeError, OSError):  # Pillow before 10.1, or without FreeType: its 11 px bitmap font
+        return ImageFont.load_default()
+
+
+def titled(panel: np.ndarray, title: str) -> np.ndarray:
+    """(H + TITLE_HEIGHT, W, 3) uint8: the (H, W, 3) ``panel`` under a white band that names it."""
+    band = Image.new("RGB", (panel.shape[1], TITLE_HEIGHT), "white")
+    ImageDraw.Draw(band).text((4, 3), title, fill="black", font=_title_font())
+    return np.concatenate([np.asarray(band), panel], axis=0)
+
+
 def draw_prediction(image_rgb: np.ndarray, outputs: dict, metadata) -> np.ndarray:
-    """Instances drawn over the image, and next to it the predicted semantic map and panoptic
-    segmentation, each if the outputs have it."""
+    """Titled panels side by side: the predicted instances (score above 0.5) over the image,
+    then the predicted semantic map and panoptic segmentation, each if the outputs have it."""
     instances = outputs["instances"].to("cpu")
+    confident = instances[instances.scores > 0.5]
     panels = [
-        Visualizer(image_rgb, metadata, instance_mode=ColorMode.IMAGE)
-        .draw_instance_predictions(instances[instances.scores > 0.5])
-        .get_image()
+        titled(
+            Visualizer(image_rgb, metadata, instance_mode=ColorMode.IMAGE)
+            .draw_instance_predictions(confident)
+            .get_image(),
+            f"prediction: {len(confident)} instances",
+        )
     ]
     if "sem_seg" in outputs:
         labels = outputs["sem_seg"].argmax(dim=0).to("cpu")
-        panels.append(Visualizer(image_rgb, metadata).draw_sem_seg(labels, alpha=0.6).get_image())
+        semantic = Visualizer(image_rgb, metadata).draw_sem_seg(labels, alpha=0.6).get_image()
+        panels.append(titled(semantic, "prediction: semantic"))
     if "panoptic_seg" in outputs:
         segments, info = outputs["panoptic_seg"]
         visualizer = Visualizer(image_rgb, metadata)
-        panels.append(visualizer.draw_panoptic_seg(segments.to("cpu"), info).get_image())
+        panoptic = visualizer.draw_panoptic_seg(segments.to("cpu"), info).get_image()
+        panels.append(titled(panoptic, "prediction: panoptic"))
     return np.concatenate(panels, axis=1)
 
 

@@ -19,6 +19,25 @@
   counted in the forward pass and reaches the host without stalling the stream, so the
   backward is a handful of launches and no host sync.
 
+The geometry is written twice, vectorised over all RoIs in torch for the CPU route
+(:mod:`htc.layers.roi_align`) and per element here (Triton cannot call Python code). The pairs:
+
+==========================================  =============================  ====================
+quantity (along one axis where it says so)  CPU (``roi_align.py``)          Triton (this module)
+==========================================  =============================  ====================
+RoI start, bin size, samples per bin        ``_bins``                       ``_geometry``
+position of sample k of a RoI (one axis)    ``_sample_positions``           ``_sample``
+bilinear rows and weights of a position     ``_taps`` (with ``bounds``)     ``_taps``, and
+                                                                            ``_neighbours`` for
+                                                                            a given low row
+merged taps?, taps per output cell          ``taps_per_cell``               ``_taps_per_cell``
+rows and summed weights of a cell's taps    ``_axis_taps`` (every tap)      ``_axis_tap`` (one)
+a backward's entries (pixel, cell, weight)  ``interpolation_entries``       ``_entries_kernel``
+==========================================  =============================  ====================
+
+``tests/layers/test_roi_align_triton.py::test_entries_equal_the_vectorised_builders`` pins them
+together: the entry kernel must write the CPU builder's entries, in its order.
+
 Importing this module imports Triton; ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors.
 """
 
