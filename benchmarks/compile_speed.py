@@ -52,7 +52,7 @@ def differences(eager, compiled, inputs, device: str) -> Dict[str, float]:
         "gradients": max(float((a - b).abs().max()) for a, b in zip(*grads)),
         "largest gradient": max(float(g.abs().max()) for g in grads[0]),
         "detections": [len(want), len(got)],
-        "worst best IoU": float(iou.max(dim=1).values.min()) if len(got) else 0.0,
+        "worst best IoU": float(iou.max(dim=1).values.min()) if len(want) and len(got) else None,
     }
 
 

@@ -238,6 +238,8 @@ def test_modern_backbone_config_trains_a_step_and_infers_or_names_what_it_needs(
     make_small(cfg)
     cfg.model.proposal_generator.update(pre_nms_topk=(200, 100), post_nms_topk=(100, 50))
     cfg.model.roi_heads.update(num_classes=3, batch_size_per_image=32)
+    for predictor in cfg.model.roi_heads.box_predictors:
+        predictor.test_topk_per_image = 10  # the full-width mask heads infer on a few boxes
     batch = make_batch(num_images=2, size=128)
     for x in batch:
         sem_seg = x.pop("sem_seg")

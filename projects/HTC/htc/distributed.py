@@ -73,7 +73,12 @@ def _cpu_worker(
 
 
 def _set_local_process_group(world_size: int, per_machine: int, machine_rank: int) -> None:
-    """The group of this machine's processes, which v0.6's ``comm.get_local_rank`` reads."""
+    """The group of this machine's processes, which ``comm.get_local_rank`` reads: made by
+    ``comm.create_local_process_group`` where Detectron2 has it (it refuses a second one),
+    else (v0.6) set as that function sets it."""
+    if hasattr(comm, "create_local_process_group"):
+        comm.create_local_process_group(per_machine)
+        return
     for machine in range(world_size // per_machine):
         group = dist.new_group(list(range(machine * per_machine, (machine + 1) * per_machine)))
         if machine == machine_rank:

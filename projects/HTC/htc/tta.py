@@ -32,10 +32,12 @@ def _apply(tfm: TransformList, boxes: torch.Tensor) -> torch.Tensor:
 
 
 def _clipped(boxes: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """(R, 4) ``boxes`` clipped to ``size`` (H, W) as ``Boxes.clip`` clips them, non-finite rows
-    kept (``Boxes.clip`` asserts): the final detections drop them."""
+    """(R, 4) ``boxes`` clipped to ``size`` (H, W) as ``Boxes.clip`` clips them; a row that is
+    not finite becomes NaN (``Boxes.clip`` asserts; clipping would make an inf finite), which
+    the final detections drop."""
     height, width = size
-    return torch.min(boxes.clamp(min=0), boxes.new_tensor([width, height, width, height]))
+    clipped = torch.min(boxes.clamp(min=0), boxes.new_tensor([width, height, width, height]))
+    return torch.where(torch.isfinite(boxes).all(dim=1, keepdim=True), clipped, float("nan"))
 
 
 class HybridTaskCascadeWithTTA(GeneralizedRCNNWithTTA):
