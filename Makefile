@@ -2,8 +2,10 @@
 #   PYTHON=python3.12     the interpreter to build the venv on (Python 3.10-3.13)
 #   DETECTRON2=0.6        Detectron2 v0.6 instead of the newest (its own venv, Python 3.10-3.11)
 #   DETECTRON2_SOURCE=X   where the newest Detectron2 comes from (git URL, archive, folder, wheel)
+#   TEST_PROCESSES=0      the tests in pytest's own process (default: 2 worker processes)
 PYTHON ?= python3
 DETECTRON2 ?= main
+TEST_PROCESSES ?= 2
 VENV ?= $(if $(filter 0.6,$(DETECTRON2)),.venv-detectron2-0.6,.venv)
 PY := $(VENV)/bin/python
 export DETECTRON2 DETECTRON2_SOURCE VENV
@@ -17,4 +19,4 @@ demo: setup
 	$(PY) scripts/main_job.py
 
 test: setup
-	$(PY) -m pytest -p no:cacheprovider
+	$(PY) -m pytest -p no:cacheprovider -n $(TEST_PROCESSES)
