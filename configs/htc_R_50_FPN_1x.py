@@ -79,7 +79,7 @@ lr_multiplier = L(WarmupParamScheduler)(
 )
 train = dict(
     output_dir="./output/htc_R_50_FPN_1x",
-    init_checkpoint="pretrained/R-50.pkl",  # torchvision ResNet-50, converted (README)
+    init_checkpoint="pretrained/R-50.pkl",  # torchvision ResNet-50, converted (docs/datasets.md)
     max_iter=MAX_ITER,
     amp=dict(enabled=False),
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),

@@ -113,8 +113,8 @@ class HybridTaskCascade(GeneralizedRCNN):
         if "sem_seg" not in batched_inputs[0]:
             raise ValueError(
                 "HTC's semantic branch needs per-pixel labels: the inputs have no 'sem_seg'. Give "
-                "the dataset 'sem_seg_file_name', derive labels from the instances (see README), "
-                "or turn the branch off with MODEL.HTC.SEMANTIC_ON False"
+                "the dataset 'sem_seg_file_name', derive labels from the instances "
+                "(docs/datasets.md), or turn the branch off with MODEL.HTC.SEMANTIC_ON False"
             )
         height, width = images.tensor.shape[-2:]
         targets = torch.full(

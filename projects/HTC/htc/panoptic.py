@@ -116,8 +116,8 @@ def class_to_stuff(dataset_name: str, num_classes: int) -> List[int]:
             f"MODEL.HTC.PANOPTIC_ON: dataset {dataset_name!r} (DATASETS.TEST[0]) has no "
             "'semantic_to_panoptic' (per semantic class, its panoptic category id or 0) or no "
             "'stuff_dataset_id_to_contiguous_id' in its metadata (COCO panoptic's "
-            "coco_2017_val_panoptic and the demo's htc_demo_val have both; see README, "
-            "Panoptic segmentation), or set MODEL.HTC.PANOPTIC_ON False"
+            "coco_2017_val_panoptic and the demo's htc_demo_val have both; see docs/panoptic.md), "
+            "or set MODEL.HTC.PANOPTIC_ON False"
         )
     if len(table) != num_classes:
         raise ValueError(
