@@ -67,11 +67,14 @@ def titled(panel: np.ndarray, title: str) -> np.ndarray:
     return np.concatenate([np.asarray(band), panel], axis=0)
 
 
-def draw_prediction(image_rgb: np.ndarray, outputs: dict, metadata) -> np.ndarray:
-    """Titled panels side by side: the predicted instances (score above 0.5) over the image,
-    then the predicted semantic map and panoptic segmentation, each if the outputs have it."""
+def draw_prediction(
+    image_rgb: np.ndarray, outputs: dict, metadata, threshold: float = 0.5
+) -> np.ndarray:
+    """Titled panels side by side: the predicted instances (score above ``threshold``) over the
+    image, then the predicted semantic map and panoptic segmentation, each if the outputs have
+    it."""
     instances = outputs["instances"].to("cpu")
-    confident = instances[instances.scores > 0.5]
+    confident = instances[instances.scores > threshold]
     panels = [
         titled(
             Visualizer(image_rgb, metadata, instance_mode=ColorMode.IMAGE)
