@@ -6,11 +6,13 @@ import json
 import logging
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, build_detection_test_loader
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
+from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -41,7 +43,7 @@ def photos(tiny_dataset, tmp_path):
 def _run(photos, output, **overrides) -> dict:
     args = dict(
         config_file=str(DEMO_CONFIG), input=[str(photos)] if photos else [], output=str(output),
-        confidence_threshold=0.0, image_ids=None, draw=False,
+        confidence_threshold=0.0, image_ids=None, draw=False, semantic=False, panoptic=False,
         opts=["MODEL.DEVICE", "cpu", "TEST.DETECTIONS_PER_IMAGE", "5"],
     )  # fmt: skip
     args.update(overrides)
@@ -133,3 +135,37 @@ def test_the_results_are_what_coco_evaluator_scores(tiny_dataset, tmp_path):
         coco_eval = COCOeval(ground_truth, ground_truth.loadRes(ours), kind)
         coco_eval.evaluate(), coco_eval.accumulate(), coco_eval.summarize()
         assert coco_eval.stats[0] * 100 == pytest.approx(scores[kind]["AP"], abs=1e-9)
+
+
+def test_semantic_and_panoptic_pngs(photos, tmp_path):
+    """Semantic labels as class indices; panoptic segments as COCO panoptic's RGB ids, each
+    segment of panoptic.json in its PNG with its area, categories the dataset's."""
+    out = tmp_path / "out"
+    _run(photos, out, semantic=True, panoptic=True)
+    images = json.loads((out / "images.json").read_text())
+    annotations = json.loads((out / "panoptic.json").read_text())["annotations"]
+    assert sorted(a["image_id"] for a in annotations) == sorted(i["id"] for i in images)
+    for image, annotation in zip(sorted(images, key=lambda i: i["id"]),
+                                 sorted(annotations, key=lambda a: a["image_id"])):  # fmt: skip
+        labels = np.asarray(Image.open(out / "semantic" / f"{image['id']}.png"))
+        assert labels.shape == (image["height"], image["width"]) and labels.max() < 6
+        rgb = np.asarray(Image.open(out / "panoptic" / annotation["file_name"])).astype(int)
+        ids = rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
+        segments = annotation["segments_info"]
+        assert segments and set(np.unique(ids)) - {0} == {s["id"] for s in segments}
+        for segment in segments:
+            assert segment["area"] == (ids == segment["id"]).sum()
+            assert segment["category_id"] in range(1, 7)  # things 1-3, stuff 4-6
+
+
+def test_outputs_the_model_does_not_give_are_refused(photos, tmp_path):
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.HTC.PANOPTIC_ON", "False"]
+    with pytest.raises(ValueError, match="MODEL.HTC.PANOPTIC_ON"):
+        _run(photos, tmp_path / "out", panoptic=True, opts=opts)
+    with pytest.raises(ValueError, match="SEMANTIC_OUTPUT"):
+        _run(
+            photos,
+            tmp_path / "out",
+            semantic=True,
+            opts=opts + ["MODEL.HTC.SEMANTIC_OUTPUT", "False"],
+        )

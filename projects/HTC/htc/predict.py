@@ -2,15 +2,20 @@
 
     python -m htc.predict --config-file configs/demo/htc_R_18_FPN_demo.yaml \\
         --input photos/ "more/*.jpg" --output predictions/ [--confidence-threshold 0.05] \\
-        [--image-ids dataset.json] [--draw] --opts MODEL.WEIGHTS model_final.pth
+        [--image-ids dataset.json] [--draw] [--semantic] [--panoptic] \\
+        --opts MODEL.WEIGHTS model_final.pth
 
 Inputs are image files, folders (searched recursively by extension) and glob patterns. Each
 image's results are appended to ``OUTPUT/predictions.jsonl`` as soon as it is done, so a run
 that is stopped loses at most the image in flight, and a second run with the same output skips
 the images already there. At the end ``OUTPUT/coco_results.json`` holds every result in COCO's
 results format (boxes XYWH, scores, masks as RLE, the training dataset's category ids) and
-``OUTPUT/images.json`` the images' ids, file names and sizes. An image that cannot be read is
-named in one warning and skipped; the summary counts it.
+``OUTPUT/images.json`` the images' ids, file names and sizes. ``--semantic`` writes each
+image's semantic labels to ``OUTPUT/semantic/ID.png`` (class indices, 8- or 16-bit);
+``--panoptic`` its panoptic segmentation in COCO panoptic's format, ``OUTPUT/panoptic/ID.png``
+(segment id = R + 256 G + 256^2 B, 0 = void) with ``OUTPUT/panoptic.json`` (the dataset's
+category ids). An image that cannot be read is named in one warning and skipped; the summary
+counts it.
 """
 
 import argparse
@@ -87,6 +92,29 @@ def coco_results(outputs: dict, image_id: int, dataset_ids: Optional[Dict[int, i
     return results
 
 
+def save_semantic(outputs: dict, target: Path) -> None:
+    """The (K, H, W) ``sem_seg`` scores' argmax as a PNG of class indices."""
+    labels = outputs["sem_seg"].argmax(dim=0).to("cpu").numpy()
+    Image.fromarray(labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16)).save(
+        target
+    )
+
+
+def save_panoptic(outputs: dict, target: Path, metadata) -> List[dict]:
+    """``panoptic_seg`` as a COCO panoptic PNG (segment id = R + 256 G + 256^2 B); its segments
+    with the dataset's category ids."""
+    segments, info = outputs["panoptic_seg"]
+    ids = segments.to("cpu").numpy().astype(np.uint32)
+    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 256**2 % 256], axis=-1)
+    Image.fromarray(rgb.astype(np.uint8)).save(target)
+    things = {v: k for k, v in metadata.thing_dataset_id_to_contiguous_id.items()}
+    stuff = {v: k for k, v in metadata.stuff_dataset_id_to_contiguous_id.items()}
+    return [
+        {"id": int(s["id"]), "category_id": (things if s["isthing"] else stuff)[s["category_id"]],
+         "iscrowd": 0, "area": int((ids == s["id"]).sum())} for s in info
+    ]  # fmt: skip
+
+
 def load_records(path: Path) -> List[dict]:
     """The records of an earlier run. A last line cut short by a kill is cut from the file (the
     next record would be appended to it) and its image is redone."""
@@ -138,11 +166,15 @@ def predict(args: argparse.Namespace) -> dict:
     if args.confidence_threshold is not None:
         opts += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", str(args.confidence_threshold)]
     cfg = load_predictor_cfg(args.config_file, opts)
+    _check_outputs(cfg, args)
     set_float32_precision(cfg)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     dataset_ids = _dataset_category_ids(metadata.name)
     output = Path(args.output)
-    (output / "pictures" if args.draw else output).mkdir(parents=True, exist_ok=True)
+    output.mkdir(parents=True, exist_ok=True)
+    wanted = {"pictures": args.draw, "semantic": args.semantic, "panoptic": args.panoptic}
+    for folder in [name for name, on in wanted.items() if on]:
+        (output / folder).mkdir(exist_ok=True)
     files = find_images(args.input)
     done = load_records(output / RECORDS)
     finished = {r["file_name"] for r in done}
@@ -160,6 +192,15 @@ def predict(args: argparse.Namespace) -> dict:
     return _write_results(output, records, len(todo))
 
 
+def _check_outputs(cfg, args: argparse.Namespace) -> None:
+    """A ValueError naming the config key when an asked output is one the model does not give."""
+    htc = cfg.MODEL.HTC
+    if args.semantic and not (htc.SEMANTIC_ON and htc.SEMANTIC_OUTPUT):
+        raise ValueError("--semantic needs MODEL.HTC.SEMANTIC_ON and SEMANTIC_OUTPUT True")
+    if args.panoptic and not htc.PANOPTIC_ON:
+        raise ValueError("--panoptic needs MODEL.HTC.PANOPTIC_ON True")
+
+
 def _predict_one(predictor, path: Path, image_id: int, args, metadata, dataset_ids) -> dict:
     """The record of one image: its id, size and COCO results, or ``skipped``."""
     record = {"file_name": str(path), "image_id": image_id}
@@ -169,10 +210,16 @@ def _predict_one(predictor, path: Path, image_id: int, args, metadata, dataset_i
     outputs = predictor(image)
     record.update(height=image.shape[0], width=image.shape[1])
     record["results"] = coco_results(outputs, image_id, dataset_ids)
+    output = Path(args.output)
     if args.draw:
         threshold = 0.5 if args.confidence_threshold is None else args.confidence_threshold
         picture = draw_prediction(image[:, :, ::-1], outputs, metadata, threshold)
-        Image.fromarray(picture).save(Path(args.output) / "pictures" / f"{image_id}.png")
+        Image.fromarray(picture).save(output / "pictures" / f"{image_id}.png")
+    if args.semantic:
+        save_semantic(outputs, output / "semantic" / f"{image_id}.png")
+    if args.panoptic:
+        target = output / "panoptic" / f"{image_id}.png"
+        record["segments_info"] = save_panoptic(outputs, target, metadata)
     return record
 
 
@@ -186,6 +233,12 @@ def _write_results(output: Path, records: List[dict], ran: int) -> dict:
     ]  # fmt: skip
     (output / "coco_results.json").write_text(json.dumps(results))
     (output / "images.json").write_text(json.dumps(images))
+    panoptic = [
+        {"image_id": r["image_id"], "file_name": f"{r['image_id']}.png",
+         "segments_info": r["segments_info"]} for r in kept if "segments_info" in r
+    ]  # fmt: skip
+    if panoptic:
+        (output / "panoptic.json").write_text(json.dumps({"annotations": panoptic}))
     counts = {"images": len(kept), "skipped": len(records) - len(kept), "this run": ran}
     counts["results"] = len(results)
     logger.info(f"done: {counts} -> {output / 'coco_results.json'}")
@@ -202,6 +255,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     )
     parser.add_argument("--image-ids", help="a COCO json whose image ids the results take")
     parser.add_argument("--draw", action="store_true", help="also write pictures")
+    parser.add_argument("--semantic", action="store_true", help="also write semantic PNGs")
+    parser.add_argument("--panoptic", action="store_true", help="also write panoptic PNGs")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE pairs")
     setup_logger(name="htc")
     return predict(parser.parse_args(argv))
