@@ -95,9 +95,8 @@ def coco_results(outputs: dict, image_id: int, dataset_ids: Optional[Dict[int, i
 def save_semantic(outputs: dict, target: Path) -> None:
     """The (K, H, W) ``sem_seg`` scores' argmax as a PNG of class indices."""
     labels = outputs["sem_seg"].argmax(dim=0).to("cpu").numpy()
-    Image.fromarray(labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16)).save(
-        target
-    )
+    dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
+    Image.fromarray(labels.astype(dtype)).save(target)
 
 
 def save_panoptic(outputs: dict, target: Path, metadata) -> List[dict]:
