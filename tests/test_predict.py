@@ -5,8 +5,14 @@ import argparse
 import json
 import logging
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
+import cv2
 import numpy as np
+import pycocotools.mask as mask_util
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, build_detection_test_loader
@@ -16,10 +22,11 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from conftest import DEMO_CONFIG, truncate
+from conftest import DEMO_CONFIG, child_env, truncate
 from htc import register_htc_instances
+from htc.data.inputs import find_inputs, video_frames
 from htc.demo import load_predictor_cfg
-from htc.predict import RECORDS, find_images, predict
+from htc.predict import RECORDS, predict
 
 
 @pytest.fixture
@@ -44,6 +51,7 @@ def _run(photos, output, **overrides) -> dict:
     args = dict(
         config_file=str(DEMO_CONFIG), input=[str(photos)] if photos else [], output=str(output),
         confidence_threshold=0.0, image_ids=None, draw=False, semantic=False, panoptic=False,
+        batch_size=1, workers=0, num_gpus=1, num_machines=1, machine_rank=0, dist_url="auto",
         opts=["MODEL.DEVICE", "cpu", "TEST.DETECTIONS_PER_IMAGE", "5"],
     )  # fmt: skip
     args.update(overrides)
@@ -54,21 +62,23 @@ def _run(photos, output, **overrides) -> dict:
 def test_inputs_are_files_folders_and_globs(photos, tmp_path):
     names = lambda paths: sorted(p.name for p in paths)  # noqa: E731
     everything = ["a.png", "b.png", "c.png", "cut.png", "empty.jpg", "notes.png"]
-    assert names(find_images([str(photos)])) == everything  # recursive, by extension
-    assert names(find_images([str(photos / "*.png"), str(photos / "a.png")])) == [
+    assert names(find_inputs([str(photos)])) == everything  # recursive, by extension
+    assert names(find_inputs([str(photos / "*.png"), str(photos / "a.png")])) == [
         "a.png", "b.png", "cut.png", "notes.png",
     ]  # fmt: skip
-    assert names(find_images([str(photos / "**" / "c.png")])) == ["c.png"]
-    assert names(find_images([str(photos / "readme.txt")])) == ["readme.txt"]  # named itself
+    assert names(find_inputs([str(photos / "**" / "c.png")])) == ["c.png"]
+    assert names(find_inputs([str(photos / "readme.txt")])) == ["readme.txt"]  # named itself
     with pytest.raises(FileNotFoundError, match="input not found: .*missing"):
-        find_images([str(tmp_path / "missing")])
+        find_inputs([str(tmp_path / "missing")])
 
 
 def test_results_are_coco_and_bad_files_are_named_and_skipped(photos, tmp_path, caplog):
     logging.getLogger("htc").propagate = True
     with caplog.at_level(logging.WARNING, logger="htc"):
         counts = _run(photos, tmp_path / "out", draw=True)
-    assert counts == {"images": 3, "skipped": 3, "this run": 6, "results": 15}
+    assert counts == {
+        "images": 3, "skipped": 3, "this run": 6, "results": 15, "videos": 0, "frames": 0,
+    }  # fmt: skip
     for bad in ("cut.png", "empty.jpg: empty file", "notes.png"):
         assert f"{photos}" in caplog.text and bad in caplog.text
     images = json.loads((tmp_path / "out" / "images.json").read_text())
@@ -169,3 +179,133 @@ def test_outputs_the_model_does_not_give_are_refused(photos, tmp_path):
             semantic=True,
             opts=opts + ["MODEL.HTC.SEMANTIC_OUTPUT", "False"],
         )
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """The demo model's random weights (seed 0) as a checkpoint, as a user gives MODEL.WEIGHTS:
+    other processes load the weights that the in-process runs build."""
+    cfg = load_predictor_cfg(str(DEMO_CONFIG), ["MODEL.DEVICE", "cpu"])
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "model.pth"
+    torch.save({"model": build_model(cfg).state_dict()}, path)
+    return ["MODEL.DEVICE", "cpu", "TEST.DETECTIONS_PER_IMAGE", "5", "MODEL.WEIGHTS", str(path)]
+
+
+def _results(output) -> list:
+    return json.loads((output / "coco_results.json").read_text())
+
+
+def _assert_same_results(ours: list, theirs: list) -> None:
+    assert len(ours) == len(theirs) > 0
+    for a, b in zip(ours, theirs):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3)
+        assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+        assert _mask_iou(a["segmentation"], b["segmentation"]) > 0.99
+
+
+def _mask_iou(a: dict, b: dict) -> float:
+    return float(mask_util.iou([a], [b], [False])[0, 0]) if a != b else 1.0
+
+
+def test_batches_decoded_by_workers_give_the_results_of_one_at_a_time(photos, tmp_path):
+    one = _run(photos, tmp_path / "one")
+    batched = _run(photos, tmp_path / "batched", batch_size=2, workers=2)
+    assert batched == one  # the same counts: every bad file skipped by name
+    _assert_same_results(_results(tmp_path / "batched"), _results(tmp_path / "one"))
+
+
+@pytest.fixture
+def videos(tiny_dataset, tmp_path):
+    """clip.mp4 of 4 frames (the demo images, lossy), an empty .mp4 and a text file .avi."""
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    files = sorted((tiny_dataset / "train").glob("*.png"))
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in files]
+    height, width = images[0].shape[:2]
+    writer = cv2.VideoWriter(
+        str(folder / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 4.0, (width, height)
+    )
+    for image in images:
+        writer.write(np.ascontiguousarray(image[:, :, ::-1]))
+    writer.release()
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "notes.avi").write_text("not a video")
+    return folder
+
+
+def test_videos_give_results_per_frame_a_drawn_video_and_resume(videos, tmp_path):
+    """Results per frame, whose image ids are frame indices, equal to those of the frame as an
+    image; the drawn video has every frame; a run stopped within a video redoes only the rest."""
+    out = tmp_path / "out"
+    counts = _run(videos, out, draw=True)
+    assert (counts["videos"], counts["frames"], counts["skipped"]) == (3, 4, 2)
+    results = json.loads((out / "videos" / "clip.json").read_text())
+    assert sorted({r["image_id"] for r in results}) == [0, 1, 2, 3] and len(results) == 20
+    frames = list(video_frames(videos / "clip.mp4"))
+    drawn = list(video_frames(out / "videos" / "clip.mp4"))
+    assert len(drawn) == 4 and drawn[0].shape == frames[0].shape
+    assert np.abs(drawn[0].astype(int) - frames[0]).mean() > 1  # the instances drawn on it
+
+    Image.fromarray(frames[2][:, :, ::-1]).save(tmp_path / "frame.png")
+    _run(None, tmp_path / "image", input=[str(tmp_path / "frame.png")])
+    as_image = [dict(r, image_id=2) for r in _results(tmp_path / "image")]
+    _assert_same_results([r for r in results if r["image_id"] == 2], as_image)
+
+    records = [json.loads(line) for line in (out / RECORDS).read_text().splitlines()]
+    stopped = [r for r in records if r.get("frame", 0) < 2 and "frames" not in r]
+    (out / RECORDS).write_text("".join(json.dumps(r) + "\n" for r in stopped))
+    assert _run(videos, out)["this run"] == 2  # frames 2 and 3
+    assert json.loads((out / "videos" / "clip.json").read_text()) == results
+
+
+def test_videos_have_no_semantic_or_panoptic_pngs(videos, tmp_path):
+    with pytest.raises(ValueError, match="not of videos: .*clip.mp4"):
+        _run(videos, tmp_path / "out", semantic=True)
+
+
+@pytest.fixture
+def many_photos(tiny_dataset, tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for k in range(16):
+        shutil.copy(sorted((tiny_dataset / "train").glob("*.png"))[k % 4], folder / f"{k:02}.png")
+    return folder
+
+
+def test_a_killed_run_resumes_losing_at_most_the_batch_in_flight(many_photos, weights, tmp_path):
+    out = tmp_path / "killed"
+    command = [
+        sys.executable, "-m", "htc.predict", "--config-file", str(DEMO_CONFIG),
+        "--input", str(many_photos), "--output", str(out), "--confidence-threshold", "0",
+        "--batch-size", "2", "--workers", "1", "--opts", *weights,
+    ]  # fmt: skip
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(command, env=child_env(), stderr=stderr)
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        if (out / RECORDS).exists() and (out / RECORDS).read_text().count("\n") >= 4:
+            process.kill()
+        time.sleep(0.02)
+    assert process.wait() == -signal.SIGKILL, log.read_text()[-3000:]  # it ran until killed
+    before = (out / RECORDS).read_text().count("\n")
+    assert 4 <= before < 16
+
+    counts = _run(many_photos, out, opts=weights)
+    assert counts["this run"] == 16 - before and counts["images"] == 16
+    _run(many_photos, tmp_path / "whole", opts=weights)
+    _assert_same_results(_results(out), _results(tmp_path / "whole"))
+
+
+def test_two_processes_give_the_merged_json_of_one(photos, weights, tmp_path):
+    one = _run(photos, tmp_path / "one", opts=weights)
+    assert _run(photos, tmp_path / "two", opts=weights, num_gpus=2) is None  # rank 0 logs counts
+    assert all(
+        (tmp_path / "two" / name).stat().st_size for name in (RECORDS, "predictions.1.jsonl")
+    )
+    _assert_same_results(_results(tmp_path / "two"), _results(tmp_path / "one"))
+    images = json.loads((tmp_path / "two" / "images.json").read_text())
+    assert images == json.loads((tmp_path / "one" / "images.json").read_text())
+    assert len(images) == one["images"] == 3

@@ -21,8 +21,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .config import add_htc_config, set_float32_precision
 from .data import register_builtin
+from .data.inputs import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 TITLE_HEIGHT = 24  # pixels of the band that names a panel
 
 

@@ -1,79 +1,55 @@
-"""Run a trained HTC over many images: COCO results, resumable, bad files skipped.
+"""Run a trained HTC over many images and videos: COCO results, resumable, bad files skipped,
+batched through a data loader, on many GPUs or CPU processes.
 
     python -m htc.predict --config-file configs/demo/htc_R_18_FPN_demo.yaml \\
-        --input photos/ "more/*.jpg" --output predictions/ [--confidence-threshold 0.05] \\
-        [--image-ids dataset.json] [--draw] [--semantic] [--panoptic] \\
+        --input photos/ "more/*.jpg" clip.mp4 --output predictions/ \\
+        [--confidence-threshold 0.05] [--image-ids dataset.json] [--draw] [--semantic] \\
+        [--panoptic] [--batch-size 4] [--workers 2] [--num-gpus 8] \\
         --opts MODEL.WEIGHTS model_final.pth
 
-Inputs are image files, folders (searched recursively by extension) and glob patterns. Each
-image's results are appended to ``OUTPUT/predictions.jsonl`` as soon as it is done, so a run
-that is stopped loses at most the image in flight, and a second run with the same output skips
-the images already there. At the end ``OUTPUT/coco_results.json`` holds every result in COCO's
-results format (boxes XYWH, scores, masks as RLE, the training dataset's category ids) and
-``OUTPUT/images.json`` the images' ids, file names and sizes. ``--semantic`` writes each
-image's semantic labels to ``OUTPUT/semantic/ID.png`` (class indices, 8- or 16-bit);
-``--panoptic`` its panoptic segmentation in COCO panoptic's format, ``OUTPUT/panoptic/ID.png``
-(segment id = R + 256 G + 256^2 B, 0 = void) with ``OUTPUT/panoptic.json`` (the dataset's
-category ids). An image that cannot be read is named in one warning and skipped; the summary
-counts it.
+Inputs are image and video files, folders (searched recursively by extension) and glob patterns.
+Each batch's results are appended to ``OUTPUT/predictions.jsonl`` (``predictions.R.jsonl`` for
+process R > 0) as soon as it is done, so a run that is stopped loses at most the batch in flight,
+and a second run with the same output skips what is already there. At the end
+``OUTPUT/coco_results.json`` holds every image's results in COCO's results format (boxes XYWH,
+scores, masks as RLE, the training dataset's category ids), ``OUTPUT/images.json`` the images'
+ids, file names and sizes, and ``OUTPUT/videos/NAME.json`` each video's results, whose image ids
+are frame indices. ``--draw`` writes ``OUTPUT/pictures/ID.png`` and ``OUTPUT/videos/NAME.mp4``;
+``--semantic`` each image's semantic labels to ``OUTPUT/semantic/ID.png`` (class indices, 8- or
+16-bit); ``--panoptic`` its panoptic segmentation in COCO panoptic's format,
+``OUTPUT/panoptic/ID.png`` (segment id = R + 256 G + 256^2 B, 0 = void) with
+``OUTPUT/panoptic.json`` (the dataset's category ids). An input that cannot be read is named in
+one warning and skipped; the summary counts it.
 """
 
 import argparse
-import glob
 import json
 import logging
 import os
+from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
+import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.detection_utils import read_image
-from detectron2.engine import DefaultPredictor
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+from detectron2.modeling import build_model
+from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from PIL import Image
 from tqdm import tqdm
 
+from .checkpoint import HTCCheckpointer
 from .config import set_float32_precision
 from .data import register_builtin
-from .demo import IMAGE_SUFFIXES, draw_prediction, load_predictor_cfg
+from .data.inputs import PredictionInputs, find_inputs, frame_count, inputs_loader, is_video
+from .demo import draw_prediction, load_predictor_cfg
+from .distributed import launch_from_args
+from .video import write_drawn_video
 
 logger = logging.getLogger("htc.predict")  # also when run as __main__
 RECORDS = "predictions.jsonl"
-
-
-def find_images(inputs: Iterable[str]) -> List[Path]:
-    """The image files named by ``inputs``: files, folders (recursively, by extension) and glob
-    patterns, sorted and each once. A file of another extension in a folder is left out; an
-    input that names nothing raises FileNotFoundError naming it."""
-    found = set()
-    for item in inputs:
-        matches = [Path(item)] if Path(item).exists() else []
-        matches = matches or [Path(p) for p in sorted(glob.glob(item, recursive=True))]
-        if not matches:
-            raise FileNotFoundError(f"input not found: {item}")
-        for path in matches:
-            if path.is_dir():
-                found.update(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            elif path.suffix.lower() in IMAGE_SUFFIXES or not glob.has_magic(item):
-                found.add(path)
-    if not found:
-        raise FileNotFoundError(f"no images in {list(inputs)}")
-    return sorted(found)
-
-
-def read_or_warn(path: Path) -> Optional[np.ndarray]:
-    """The (H, W, 3) BGR image at ``path``, or None after one warning naming it and why."""
-    if path.stat().st_size == 0:
-        reason = "empty file"
-    else:
-        try:
-            return read_image(str(path), format="BGR")
-        except (OSError, SyntaxError, ValueError) as error:  # what PIL raises for bad files
-            reason = f"{type(error).__name__}: {error}"
-    logger.warning(f"skipped {path}: {reason}")
-    return None
 
 
 def coco_results(outputs: dict, image_id: int, dataset_ids: Optional[Dict[int, int]]) -> list:
@@ -114,17 +90,23 @@ def save_panoptic(outputs: dict, target: Path, metadata) -> List[dict]:
     ]  # fmt: skip
 
 
-def load_records(path: Path) -> List[dict]:
-    """The records of an earlier run. A last line cut short by a kill is cut from the file (the
-    next record would be appended to it) and its image is redone."""
-    if not path.exists():
-        return []
-    text = path.read_text()
-    complete = text[: text.rfind("\n") + 1]
-    if complete != text:
-        logger.warning(f"{path}: an incomplete last line (a run stopped while writing) is redone")
-        path.write_text(complete)
-    return [json.loads(line) for line in complete.splitlines()]
+def records_file(output: Path, rank: int) -> Path:
+    return output / (RECORDS if rank == 0 else RECORDS.replace(".jsonl", f".{rank}.jsonl"))
+
+
+def load_records(output: Path, repair: bool = False) -> List[dict]:
+    """The records of earlier runs, from every process's file. A last line cut short by a kill
+    is cut from its file where ``repair`` (the next record would be appended to it) and its
+    input is redone; without ``repair`` it is only left out."""
+    records = []
+    for path in sorted(output.glob(RECORDS.replace(".jsonl", "*.jsonl"))):
+        text = path.read_text()
+        complete = text[: text.rfind("\n") + 1]
+        if complete != text and repair:
+            logger.warning(f"{path}: an incomplete last line (a stopped run's) is redone")
+            path.write_text(complete)
+        records += [json.loads(line) for line in complete.splitlines()]
+    return records
 
 
 def _dataset_category_ids(name: str) -> Optional[Dict[int, int]]:
@@ -141,90 +123,208 @@ def _dataset_category_ids(name: str) -> Optional[Dict[int, int]]:
 
 
 def image_ids(files: List[Path], done: List[dict], dataset_json: Optional[str]) -> Dict[str, int]:
-    """Each file's image id: from ``dataset_json`` by file name where given (to score against
+    """Each image file's id: from ``dataset_json`` by file name where given (to score against
     its ground truth), else as an earlier run gave it, else the next free id."""
+    images = [f for f in files if not is_video(f)]
     if dataset_json:
-        images = json.loads(Path(dataset_json).read_text())["images"]
-        by_name = {Path(image["file_name"]).name: image["id"] for image in images}
-        missing = [f for f in files if f.name not in by_name]
+        entries = json.loads(Path(dataset_json).read_text())["images"]
+        by_name = {Path(image["file_name"]).name: image["id"] for image in entries}
+        missing = [f for f in images if f.name not in by_name]
         if missing:
             raise ValueError(f"{len(missing)} images are not in {dataset_json}, e.g. {missing[0]}")
-        return {str(f): by_name[f.name] for f in files}
-    ids = {r["file_name"]: r["image_id"] for r in done}
+        return {str(f): by_name[f.name] for f in images}
+    ids = {r["file_name"]: r["image_id"] for r in done if "image_id" in r and "frame" not in r}
     next_id = max(ids.values(), default=0) + 1
-    for f in files:
+    for f in images:
         if str(f) not in ids:
             ids[str(f)], next_id = next_id, next_id + 1
     return ids
 
 
-def predict(args: argparse.Namespace) -> dict:
-    """Run the model over ``args.input`` into ``args.output``; the run's counts."""
+def video_names(files: List[Path]) -> Dict[str, str]:
+    """Each video's name in OUTPUT/videos: its stem, numbered where stems repeat."""
+    names: Dict[str, str] = {}
+    for path in filter(is_video, files):
+        taken = set(names.values())
+        names[str(path)] = next(
+            n for n in [path.stem] + [f"{path.stem}_{k}" for k in range(1, len(files) + 1)]
+            if n not in taken
+        )  # fmt: skip
+    return names
+
+
+def predict(args: argparse.Namespace) -> Optional[dict]:
+    """Run the model over ``args.input`` into ``args.output``: the run's counts, or None where
+    several processes ran it (the first logs them)."""
+    if args.num_gpus * args.num_machines == 1:
+        return predict_process(args)
+    launch_from_args(_logged_predict_process, args)
+    return None
+
+
+def _logged_predict_process(args: argparse.Namespace) -> None:
+    setup_logger(name="htc")  # in every process: each names the inputs it skips
+    predict_process(args)
+
+
+def predict_process(args: argparse.Namespace) -> Optional[dict]:
+    """One process's share of :func:`predict`; the counts on the first process."""
     register_builtin()
+    cfg = _config(args)
+    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
+    dataset_ids = _dataset_category_ids(metadata.name)
+    output = Path(args.output)
+    files = find_inputs(args.input)
+    _check_outputs(cfg, args, files)
+    if comm.is_main_process():
+        asked = {"pictures": args.draw, "semantic": args.semantic, "panoptic": args.panoptic}
+        asked["videos"] = any(map(is_video, files))
+        for folder in [output] + [output / name for name, on in asked.items() if on]:
+            folder.mkdir(parents=True, exist_ok=True)
+        load_records(output, repair=True)
+    comm.synchronize()
+    done = load_records(output)
+    comm.synchronize()  # every process has read the records before any is appended
+    shard, done_frames = _plan(files, done, args.image_ids)
+    rank, world = comm.get_rank(), comm.get_world_size()
+    ran = _predict_share(cfg, args, shard[rank::world], done_frames, metadata, dataset_ids)
+    comm.synchronize()
+    records = load_records(output)
+    if args.draw:
+        names = video_names(files)
+        mine = [f for f in files[rank::world] if is_video(f)]
+        _draw_videos(mine, names, records, args, metadata, dataset_ids)
+    ran = sum(comm.all_gather(ran))
+    comm.synchronize()
+    return _write_results(output, files, records, ran) if comm.is_main_process() else None
+
+
+def _config(args: argparse.Namespace):
     opts = list(args.opts)
     if args.confidence_threshold is not None:
         opts += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", str(args.confidence_threshold)]
     cfg = load_predictor_cfg(args.config_file, opts)
-    _check_outputs(cfg, args)
     set_float32_precision(cfg)
-    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
-    dataset_ids = _dataset_category_ids(metadata.name)
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    wanted = {"pictures": args.draw, "semantic": args.semantic, "panoptic": args.panoptic}
-    for folder in [name for name, on in wanted.items() if on]:
-        (output / folder).mkdir(exist_ok=True)
-    files = find_images(args.input)
-    done = load_records(output / RECORDS)
-    finished = {r["file_name"] for r in done}
-    ids = image_ids(files, done, args.image_ids)
-    todo = [f for f in files if str(f) not in finished]
-    predictor = DefaultPredictor(cfg)
-    with open(output / RECORDS, "a") as records:
-        for path in tqdm(todo, unit="img", desc="htc.predict"):
-            record = _predict_one(predictor, path, ids[str(path)], args, metadata, dataset_ids)
-            records.write(json.dumps(record) + "\n")
-            records.flush()
-            os.fsync(records.fileno())
-    wanted = {str(f) for f in files}
-    records = [r for r in load_records(output / RECORDS) if r["file_name"] in wanted]
-    return _write_results(output, records, len(todo))
+    if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:  # the cores shared, not contended
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
+    return cfg
 
 
-def _check_outputs(cfg, args: argparse.Namespace) -> None:
-    """A ValueError naming the config key when an asked output is one the model does not give."""
+def _check_outputs(cfg, args: argparse.Namespace, files: List[Path]) -> None:
+    """A ValueError naming the config key when an asked output is one the model does not give,
+    or naming a video where PNGs per image are asked."""
     htc = cfg.MODEL.HTC
     if args.semantic and not (htc.SEMANTIC_ON and htc.SEMANTIC_OUTPUT):
         raise ValueError("--semantic needs MODEL.HTC.SEMANTIC_ON and SEMANTIC_OUTPUT True")
     if args.panoptic and not htc.PANOPTIC_ON:
         raise ValueError("--panoptic needs MODEL.HTC.PANOPTIC_ON True")
+    videos = [f for f in files if is_video(f)]
+    if (args.semantic or args.panoptic) and videos:
+        raise ValueError(f"--semantic and --panoptic write PNGs of images, not of videos: {videos}")
 
 
-def _predict_one(predictor, path: Path, image_id: int, args, metadata, dataset_ids) -> dict:
-    """The record of one image: its id, size and COCO results, or ``skipped``."""
-    record = {"file_name": str(path), "image_id": image_id}
-    image = read_or_warn(path)
-    if image is None:
-        return dict(record, skipped=True)
-    outputs = predictor(image)
-    record.update(height=image.shape[0], width=image.shape[1])
-    record["results"] = coco_results(outputs, image_id, dataset_ids)
-    output = Path(args.output)
+def _plan(
+    files: List[Path], done: List[dict], dataset_json: Optional[str]
+) -> Tuple[List[Tuple[Path, int]], Dict[str, Set[int]]]:
+    """The inputs still to do with their image ids (-1 for a video), and each video's frames
+    that are done. A video is done once its end is recorded, an input once it is skipped."""
+    finished = {r["file_name"] for r in done if "frame" not in r}
+    done_frames = defaultdict(set)
+    for record in done:
+        if "frame" in record:
+            done_frames[record["file_name"]].add(record["frame"])
+    ids = image_ids(files, done, dataset_json)
+    todo = [(f, ids.get(str(f), -1)) for f in files if str(f) not in finished]
+    return todo, dict(done_frames)
+
+
+def _predict_share(cfg, args, share, done_frames, metadata, dataset_ids) -> int:
+    """Predict ``share`` in batches, appending each batch's records as soon as it is done: how
+    many images and frames were read."""
+    model = build_model(cfg).eval()
+    HTCCheckpointer(model, skip_mismatched=cfg.MODEL.HTC.SKIP_MISMATCHED_WEIGHTS).load(
+        cfg.MODEL.WEIGHTS
+    )
+    inputs = PredictionInputs(
+        share, done_frames, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, cfg.INPUT.FORMAT,
+        keep_original=args.draw,
+    )  # fmt: skip
+    total = sum(max(frame_count(f), 1) if is_video(f) else 1 for f, _ in share)
+    bar = tqdm(total=total, unit="img", desc="htc.predict", disable=not comm.is_main_process())
+    ran = 0
+    with open(records_file(Path(args.output), comm.get_rank()), "a") as records, bar:
+        for batch in inputs_loader(inputs, args.batch_size, args.workers):
+            lines = _predict_batch(model, batch, args, metadata, dataset_ids)
+            records.write("".join(json.dumps(line) + "\n" for line in lines))
+            records.flush()
+            os.fsync(records.fileno())
+            read = sum("frames" not in item for item in batch)
+            bar.update(read)
+            ran += read
+    return ran
+
+
+@torch.inference_mode()
+def _predict_batch(model, batch: List[dict], args, metadata, dataset_ids) -> List[dict]:
+    """The records of a batch of items (see :mod:`htc.data.inputs`), one per item."""
+    ready = [item for item in batch if "image" in item]
+    inputs = [{k: item[k] for k in ("image", "height", "width")} for item in ready]
+    outputs = model(inputs) if inputs else []
+    by_item = {id(item): output for item, output in zip(ready, outputs)}
+    return [_record(item, by_item.get(id(item)), args, metadata, dataset_ids) for item in batch]
+
+
+def _record(item: dict, outputs: Optional[dict], args, metadata, dataset_ids) -> dict:
+    """An item's record: its results, with its PNGs written where asked, or what it is."""
+    keys = ("file_name", "image_id", "frame", "frames", "skipped")
+    record = {k: item[k] for k in keys if k in item}
+    if "skipped" in item:
+        logger.warning(f"skipped {item['file_name']}: {item['skipped']}")
+    if outputs is None:
+        return record
+    record.update(height=item["height"], width=item["width"])
+    record["results"] = coco_results(outputs, item["image_id"], dataset_ids)
+    if "frame" in item:
+        return record
+    output, name = Path(args.output), f"{item['image_id']}.png"
     if args.draw:
-        threshold = 0.5 if args.confidence_threshold is None else args.confidence_threshold
-        picture = draw_prediction(image[:, :, ::-1], outputs, metadata, threshold)
-        Image.fromarray(picture).save(output / "pictures" / f"{image_id}.png")
+        picture = draw_prediction(item["original"], outputs, metadata, _threshold(args))
+        Image.fromarray(picture).save(output / "pictures" / name)
     if args.semantic:
-        save_semantic(outputs, output / "semantic" / f"{image_id}.png")
+        save_semantic(outputs, output / "semantic" / name)
     if args.panoptic:
-        target = output / "panoptic" / f"{image_id}.png"
-        record["segments_info"] = save_panoptic(outputs, target, metadata)
+        record["segments_info"] = save_panoptic(outputs, output / "panoptic" / name, metadata)
     return record
 
 
-def _write_results(output: Path, records: List[dict], ran: int) -> dict:
-    """coco_results.json and images.json from every record; the counts of the run."""
-    kept = [r for r in records if not r.get("skipped")]
+def _draw_videos(videos: Sequence[Path], names: Dict[str, str], records, args, metadata, ids):
+    """OUTPUT/videos/NAME.mp4 for each finished video of ``videos`` not drawn yet."""
+    ended = {r["file_name"] for r in records if "frames" in r}
+    contiguous = {v: k for k, v in ids.items()} if ids else None
+    for video in videos:
+        target = Path(args.output) / "videos" / f"{names[str(video)]}.mp4"
+        if str(video) in ended and not target.exists():
+            frames = {
+                r["frame"]: r["results"]
+                for r in records
+                if "frame" in r and r["file_name"] == str(video)
+            }
+            write_drawn_video(video, frames, target, metadata, _threshold(args), contiguous)
+
+
+def _threshold(args: argparse.Namespace) -> float:
+    """The score above which instances are drawn."""
+    return 0.5 if args.confidence_threshold is None else args.confidence_threshold
+
+
+def _write_results(output: Path, files: List[Path], records: List[dict], ran: int) -> dict:
+    """coco_results.json, images.json, panoptic.json and each video's json from every record;
+    the counts of the run."""
+    wanted = {str(f) for f in files}
+    records = [r for r in records if r["file_name"] in wanted]
+    kept = sorted(
+        (r for r in records if "results" in r and "frame" not in r), key=lambda r: r["image_id"]
+    )
     results = [result for r in kept for result in r["results"]]
     images = [
         {"id": r["image_id"], "file_name": r["file_name"], "height": r["height"],
@@ -238,13 +338,32 @@ def _write_results(output: Path, records: List[dict], ran: int) -> dict:
     ]  # fmt: skip
     if panoptic:
         (output / "panoptic.json").write_text(json.dumps({"annotations": panoptic}))
-    counts = {"images": len(kept), "skipped": len(records) - len(kept), "this run": ran}
-    counts["results"] = len(results)
+    frames = _write_video_results(output, files, records)
+    skipped = sorted(r["file_name"] for r in records if "skipped" in r)
+    counts = {"images": len(kept), "skipped": len(skipped), "this run": ran}
+    counts.update(results=len(results), videos=len(video_names(files)), frames=frames)
     logger.info(f"done: {counts} -> {output / 'coco_results.json'}")
+    if skipped:
+        logger.warning(f"{len(skipped)} inputs could not be read, e.g. {skipped[0]}")
     return counts
 
 
-def main(argv: Optional[List[str]] = None) -> dict:
+def _write_video_results(output: Path, files: List[Path], records: List[dict]) -> int:
+    """OUTPUT/videos/NAME.json (COCO results, image id = frame index) for each video with
+    predicted frames; how many frames they have."""
+    by_video = defaultdict(list)
+    for record in records:
+        if "frame" in record:
+            by_video[record["file_name"]].append(record)
+    for video, name in video_names(files).items():
+        frames = sorted(by_video.get(video, []), key=lambda r: r["frame"])
+        if frames:
+            results = [result for r in frames for result in r["results"]]
+            (output / "videos" / f"{name}.json").write_text(json.dumps(results))
+    return sum(map(len, by_video.values()))
+
+
+def main(argv: Optional[List[str]] = None) -> Optional[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--input", nargs="+", required=True, help="files, folders, globs")
@@ -253,9 +372,15 @@ def main(argv: Optional[List[str]] = None) -> dict:
         "--confidence-threshold", type=float, help="MODEL.ROI_HEADS.SCORE_THRESH_TEST"
     )
     parser.add_argument("--image-ids", help="a COCO json whose image ids the results take")
-    parser.add_argument("--draw", action="store_true", help="also write pictures")
+    parser.add_argument("--draw", action="store_true", help="also write pictures and videos")
     parser.add_argument("--semantic", action="store_true", help="also write semantic PNGs")
     parser.add_argument("--panoptic", action="store_true", help="also write panoptic PNGs")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per model call")
+    parser.add_argument("--workers", type=int, default=2, help="decoding processes per process")
+    parser.add_argument("--num-gpus", type=int, default=1, help="processes per machine")
+    parser.add_argument("--num-machines", type=int, default=1)
+    parser.add_argument("--machine-rank", type=int, default=0)
+    parser.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of machine 0")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE pairs")
     setup_logger(name="htc")
     return predict(parser.parse_args(argv))

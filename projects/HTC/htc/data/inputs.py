@@ -1,0 +1,155 @@
+"""What ``htc.predict`` reads: image files, folders, glob patterns and videos, decoded and resized
+in data-loader workers so that decoding overlaps the model.
+
+The loader yields lists of items, dicts of one of four kinds, each with ``file_name``:
+an image (``image_id``, ``image`` (C, H', W') resized as ``DefaultPredictor`` resizes it,
+``height``, ``width``, and ``original`` (H, W, 3) RGB where asked); a video frame (the same with
+``frame``, whose index is its ``image_id``); a video's end (``frames``, its count); or an input
+that could not be read (``skipped``, the reason).
+"""
+
+import glob
+from pathlib import Path
+from typing import Collection, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+from detectron2.data import transforms as T
+from detectron2.data.detection_utils import read_image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
+
+
+def is_video(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_SUFFIXES
+
+
+def find_inputs(inputs: Iterable[str]) -> List[Path]:
+    """The image and video files named by ``inputs``: files, folders (recursively, by extension)
+    and glob patterns, sorted and each once. A file of another extension in a folder is left
+    out; an input that names nothing raises FileNotFoundError naming it."""
+    wanted = IMAGE_SUFFIXES | VIDEO_SUFFIXES
+    found = set()
+    for item in inputs:
+        matches = [Path(item)] if Path(item).exists() else []
+        matches = matches or [Path(p) for p in sorted(glob.glob(item, recursive=True))]
+        if not matches:
+            raise FileNotFoundError(f"input not found: {item}")
+        for path in matches:
+            if path.is_dir():
+                found.update(p for p in path.rglob("*") if p.suffix.lower() in wanted)
+            elif path.suffix.lower() in wanted or not glob.has_magic(item):
+                found.add(path)
+    if not found:
+        raise FileNotFoundError(f"no images or videos in {list(inputs)}")
+    return sorted(found)
+
+
+def read_image_or_reason(path: Path) -> Tuple[Optional[np.ndarray], str]:
+    """The (H, W, 3) BGR image at ``path`` and "", or None and why it cannot be read."""
+    if path.stat().st_size == 0:
+        return None, "empty file"
+    try:
+        return read_image(str(path), format="BGR"), ""
+    except (OSError, SyntaxError, ValueError) as error:  # what PIL raises for bad files
+        return None, f"{type(error).__name__}: {error}"
+
+
+def video_frames(path: Path) -> Iterator[np.ndarray]:
+    """The (H, W, 3) BGR frames of the video at ``path``, in order."""
+    capture = cv2.VideoCapture(str(path))
+    try:
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                return
+            yield frame
+    finally:
+        capture.release()
+
+
+def frame_count(path: Path) -> int:
+    """The number of frames the video at ``path`` declares (it may be off for some codecs)."""
+    capture = cv2.VideoCapture(str(path))
+    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    capture.release()
+    return max(count, 0)
+
+
+def video_fps(path: Path) -> float:
+    """The frame rate the video at ``path`` declares (25 where it declares none)."""
+    capture = cv2.VideoCapture(str(path))
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    capture.release()
+    return fps if fps > 0 else 25.0
+
+
+class PredictionInputs(IterableDataset):
+    """The items of ``files`` (see the module's docstring). Each data-loader worker takes every
+    ``num_workers``-th file, a video whole, so that its frames come in order.
+
+    Args:
+        files: (path, image id) of each input; a video's id is unused.
+        done_frames: the frames of each video that an earlier run predicted: read, not yielded.
+        min_size, max_size, image_format: the config's INPUT.MIN_SIZE_TEST, MAX_SIZE_TEST, FORMAT.
+        keep_original: whether images carry ``original`` (to draw them).
+    """
+
+    def __init__(
+        self,
+        files: Sequence[Tuple[Path, int]],
+        done_frames: Dict[str, Collection[int]],
+        min_size: int,
+        max_size: int,
+        image_format: str,
+        keep_original: bool = False,
+    ):
+        self.files = list(files)
+        self.done_frames = done_frames
+        self.resize = T.ResizeShortestEdge([min_size, min_size], max_size)
+        self.image_format = image_format
+        self.keep_original = keep_original
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = get_worker_info()
+        shard = self.files[worker.id :: worker.num_workers] if worker else self.files
+        for path, image_id in shard:
+            yield from self._video(path) if is_video(path) else [self._image(path, image_id)]
+
+    def _image(self, path: Path, image_id: int) -> dict:
+        item = {"file_name": str(path), "image_id": image_id}
+        image, reason = read_image_or_reason(path)
+        if image is None:
+            return dict(item, skipped=reason)
+        item.update(self.model_input(image))
+        if self.keep_original:
+            item["original"] = image[:, :, ::-1]
+        return item
+
+    def _video(self, path: Path) -> Iterator[dict]:
+        done = self.done_frames.get(str(path), ())
+        frames = 0
+        for index, frame in enumerate(video_frames(path)):
+            frames = index + 1
+            if index not in done:
+                item = {"file_name": str(path), "frame": index, "image_id": index}
+                yield dict(item, **self.model_input(frame))
+        if frames == 0:
+            yield {"file_name": str(path), "skipped": "no frames could be read"}
+        else:
+            yield {"file_name": str(path), "frames": frames}
+
+    def model_input(self, image_bgr: np.ndarray) -> dict:
+        """The model's input for an (H, W, 3) BGR image, as ``DefaultPredictor`` makes it."""
+        image = image_bgr[:, :, ::-1] if self.image_format == "RGB" else image_bgr
+        resized = self.resize.get_transform(image).apply_image(image)
+        tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
+        return {"image": tensor, "height": image.shape[0], "width": image.shape[1]}
+
+
+def inputs_loader(dataset: PredictionInputs, batch_size: int, num_workers: int) -> DataLoader:
+    """Batches (lists) of ``dataset``'s items, decoded in ``num_workers`` processes."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list)
