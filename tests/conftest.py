@@ -19,6 +19,13 @@ if not torch.cuda.is_available():
     # Triton reads this when it is imported (Detectron2's imports import it), so it is set first.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # The suite's processes share the cores: each gets its share as intra-op threads, and so do
+    # the processes its tests start; wider pools contend for the same cores.
+    _THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+    torch.set_num_threads(_THREADS)
+
 from detectron2.config import CfgNode, get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
