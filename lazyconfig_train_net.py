@@ -16,7 +16,6 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (
     AMPTrainer,
     SimpleTrainer,
-    default_argument_parser,
     default_setup,
     default_writers,
     hooks,
@@ -28,7 +27,7 @@ from detectron2.utils import comm
 from htc import set_deterministic, set_float32_precision
 from htc.checkpoint import HTCCheckpointer
 from htc.data import register_builtin
-from htc.distributed import cpu_capable_ddp, launch_from_args
+from htc.distributed import argument_parser, cpu_capable_ddp, launch_from_args
 
 logger = logging.getLogger("htc")
 # The datasets the shipped configs name; every process registers them (DDP workers import this).
@@ -93,7 +92,7 @@ def main(args) -> None:
 
 
 def invoke_main() -> None:
-    launch_from_args(main, default_argument_parser().parse_args())
+    launch_from_args(main, argument_parser().parse_args())
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from detectron2.data import (
 )
 from detectron2.engine import (
     DefaultTrainer,
-    default_argument_parser,
     default_setup,
     hooks,
 )
@@ -26,7 +25,7 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from htc import HTCDatasetMapper, add_htc_config, set_deterministic, set_float32_precision
 from htc.checkpoint import HTCCheckpointer
 from htc.data import register_builtin
-from htc.distributed import cpu_capable_ddp, launch_from_args
+from htc.distributed import argument_parser, cpu_capable_ddp, launch_from_args
 from htc.evaluation import HTCSemSegEvaluator, fast_coco_eval_available, panoptic_evaluator
 from htc.panoptic import class_to_stuff
 from htc.solver import build_optimizer
@@ -183,7 +182,7 @@ def main(args):
 
 
 def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     print("Command Line Args:", args)
     launch_from_args(main, args)
 

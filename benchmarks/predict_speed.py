@@ -54,7 +54,7 @@ def run_predict(folder: Path, output: Path, opts: list, variant: tuple) -> None:
         config_file=str(CONFIG), input=[str(folder)], output=str(output),
         confidence_threshold=None, image_ids=None, draw=False, semantic=False, panoptic=False,
         batch_size=batch_size, workers=workers, num_gpus=processes, num_machines=1,
-        machine_rank=0, dist_url="auto", opts=opts,
+        machine_rank=0, dist_url="auto", dist_timeout=1800.0, opts=opts,
     )  # fmt: skip
     predict(args)
 

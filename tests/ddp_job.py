@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 import torch
-from detectron2.engine import HookBase, default_argument_parser
+from detectron2.engine import HookBase
 from detectron2.utils import comm
 
 from htc import register_htc_instances
-from htc.distributed import launch
+from htc.distributed import argument_parser, launch_from_args
 from train_net import Trainer, setup  # the repository root is on PYTHONPATH
 
 
@@ -34,7 +34,8 @@ class GradientReport(HookBase):
         self.steps.append({"gt_instances": self.gt_counts[-1], "no_grad": unused})
 
 
-def main(args, data: str):
+def main(args):
+    data = args.data
     register_htc_instances(
         "ddp_train", f"{data}/train.json", f"{data}/train", sem_seg_root=f"{data}/train_sem"
     )
@@ -50,7 +51,6 @@ def main(args, data: str):
 
 
 if __name__ == "__main__":
-    parser = default_argument_parser()
+    parser = argument_parser()  # train_net.py's, and its launch
     parser.add_argument("--data", required=True)
-    args = parser.parse_args()
-    launch(main, args.num_gpus, dist_url="auto", args=(args, args.data))
+    launch_from_args(main, parser.parse_args())

@@ -1,37 +1,68 @@
-"""Distributed data parallel training with 2 CPU processes (gloo)."""
+"""Distributed data parallel training on CPU (gloo): 2 processes on one machine, 2 "machines"
+of one process each on this box, and a rendezvous that one machine never reaches."""
 
 import json
+import socket
 import subprocess
 import sys
+import time
 
+import pytest
 import torch
 
-from conftest import DEMO_CONFIG, ROOT, SMALL, child_env
+from conftest import DEMO_CONFIG, ROOT, SMALL, child_env, train_net_command
 from htc.data.demo_data import generate_split
 
 
-def test_two_processes_train_to_identical_weights_using_every_parameter(tmp_path):
-    data = tmp_path / "data"
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """6 demo images, half of them without any annotation (no positive RoI)."""
+    data = tmp_path_factory.mktemp("ddp_data")
     generate_split(data, "train", 6, seed=0)
     coco = json.loads((data / "train.json").read_text())
-    empty = {image["id"] for image in coco["images"][::2]}  # half the images: no positive RoI
+    empty = {image["id"] for image in coco["images"][::2]}
     coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] not in empty]
     (data / "train.json").write_text(json.dumps(coco))
-    out = tmp_path / "out"
-    cmd = [
+    return data
+
+
+def _job(data, out, *launch_args) -> list:
+    """tests/ddp_job.py: train_net.py's parser, launch, setup and Trainer, with a report."""
+    return [
         sys.executable, str(ROOT / "tests/ddp_job.py"), "--config-file", str(DEMO_CONFIG),
-        "--num-gpus", "2", "--data", str(data),
+        *launch_args, "--data", str(data),
         *SMALL,
         "DATASETS.TRAIN", "('ddp_train',)", "DATASETS.TEST", "()",
         "MODEL.HTC.PANOPTIC_ON", "False",  # panoptic output names DATASETS.TEST[0]'s categories
         "DATALOADER.FILTER_EMPTY_ANNOTATIONS", "False",
         "MODEL.RESNETS.NORM", "naiveSyncBN",  # batch statistics shared, so buffers agree too
-        "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100", "OUTPUT_DIR", str(out),
+        "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100", "SEED", "7",
+        "OUTPUT_DIR", str(out),
     ]  # fmt: skip
-    env = child_env(CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+
+
+def _check(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
+
+@pytest.fixture(scope="module")
+def one_machine(data, tmp_path_factory):
+    """The output folder of 2 processes on one machine."""
+    out = tmp_path_factory.mktemp("one_machine")
+    command = _job(data, out, "--num-gpus", "2", "--dist-url", "auto")
+    env = child_env(CUDA_VISIBLE_DEVICES="")
+    _check(subprocess.run(command, capture_output=True, text=True, env=env, timeout=900))
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_train_to_identical_weights_using_every_parameter(one_machine):
+    out = one_machine
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world"] for r in reports] == [2, 2]
     steps = [step for report in reports for step in report["steps"]]
@@ -46,3 +77,68 @@ def test_two_processes_train_to_identical_weights_using_every_parameter(tmp_path
     assert different == []
     start = torch.load(out / "model_final.pth", weights_only=True)["model"]
     assert all(torch.equal(start[k], weights[0]["module." + k]) for k in start)
+
+
+def test_two_machines_train_as_one_machine_of_two_processes(data, one_machine, tmp_path):
+    """Two processes of --num-machines 2 (one process each, a tcp rendezvous on this box) give
+    one machine's weights and reports bit for bit; only machine 0 writes checkpoints, metrics
+    and the config (machine 1 writes to its own OUTPUT_DIR to show it)."""
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    outs = [tmp_path / f"machine{m}" for m in range(2)]
+    env = child_env(CUDA_VISIBLE_DEVICES="")
+    machines = [
+        subprocess.Popen(
+            _job(
+                data,
+                outs[m],
+                "--num-gpus",
+                "1",
+                "--num-machines",
+                "2",
+                "--machine-rank",
+                str(m),
+                "--dist-url",
+                url,
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )  # fmt: skip
+        for m in range(2)
+    ]
+    for machine in machines:
+        stdout, stderr = machine.communicate(timeout=900)
+        assert machine.returncode == 0, stdout[-3000:] + stderr[-3000:]
+
+    for rank in range(2):
+        report = json.loads((outs[rank] / f"rank{rank}.json").read_text())
+        assert report == json.loads((one_machine / f"rank{rank}.json").read_text())
+        ours = torch.load(outs[rank] / f"rank{rank}.pth", weights_only=True)
+        theirs = torch.load(one_machine / f"rank{rank}.pth", weights_only=True)
+        assert [k for k in theirs if not torch.equal(ours[k], theirs[k])] == []
+    final = [
+        torch.load(d / "model_final.pth", weights_only=True)["model"]
+        for d in (outs[0], one_machine)
+    ]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[1])
+    assert {"model_final.pth", "last_checkpoint", "metrics.json", "config.yaml"} <= {
+        p.name for p in outs[0].iterdir()
+    }
+    assert sorted(p.name for p in outs[1].iterdir()) == ["log.txt.rank1", "rank1.json", "rank1.pth"]
+
+
+def test_a_machine_that_never_arrives_is_named_within_the_timeout(tmp_path):
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    command = train_net_command(
+        "--num-gpus", "1", "--num-machines", "2", "--machine-rank", "0", "--dist-url", url,
+        "--dist-timeout", "3", "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path),
+    )  # fmt: skip
+    start = time.monotonic()
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=child_env(CUDA_VISIBLE_DEVICES=""), timeout=300
+    )
+    assert result.returncode != 0
+    assert f"rank 0 of 2: the rendezvous at {url} failed within 3 s" in result.stderr
+    assert "1/2 clients joined" in result.stderr
+    assert time.monotonic() - start < 60  # 3 s of waiting, and the start-up

@@ -52,6 +52,7 @@ def _run(photos, output, **overrides) -> dict:
         config_file=str(DEMO_CONFIG), input=[str(photos)] if photos else [], output=str(output),
         confidence_threshold=0.0, image_ids=None, draw=False, semantic=False, panoptic=False,
         batch_size=1, workers=0, num_gpus=1, num_machines=1, machine_rank=0, dist_url="auto",
+        dist_timeout=1800.0,
         opts=["MODEL.DEVICE", "cpu", "TEST.DETECTIONS_PER_IMAGE", "5"],
     )  # fmt: skip
     args.update(overrides)

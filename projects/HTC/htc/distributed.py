@@ -10,6 +10,7 @@ Detectron2's.
 
 import argparse
 import contextlib
+import datetime
 import socket
 from typing import Callable, Iterator
 
@@ -17,6 +18,7 @@ import detectron2.engine.defaults as d2_defaults
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from detectron2.engine import default_argument_parser
 from detectron2.engine import launch as d2_launch
 from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
@@ -29,12 +31,18 @@ def launch(
     machine_rank: int = 0,
     dist_url: str = "auto",
     args: tuple = (),
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
 ) -> None:
     """Detectron2's ``launch``; on a machine without CUDA, one gloo process per
-    ``num_processes_per_machine`` with the ranks and local process group Detectron2 gives."""
+    ``num_processes_per_machine`` with the ranks and local process group Detectron2 gives.
+    ``timeout`` bounds the wait for every machine's processes at the rendezvous, and then each
+    collective operation."""
     world_size = num_machines * num_processes_per_machine
     if torch.cuda.is_available() or world_size == 1:
-        d2_launch(main_func, num_processes_per_machine, num_machines, machine_rank, dist_url, args)
+        d2_launch(
+            main_func, num_processes_per_machine, num_machines, machine_rank, dist_url, args,
+            timeout=timeout,
+        )  # fmt: skip
         return
     if dist_url == "auto":
         if num_machines != 1:
@@ -43,7 +51,15 @@ def launch(
     mp.spawn(
         _cpu_worker,
         nprocs=num_processes_per_machine,
-        args=(main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args),
+        args=(
+            main_func,
+            world_size,
+            num_processes_per_machine,
+            machine_rank,
+            dist_url,
+            args,
+            timeout,
+        ),
         daemon=False,
     )
 
@@ -62,11 +78,20 @@ def _cpu_worker(
     machine_rank: int,
     dist_url: str,
     args: tuple,
+    timeout: datetime.timedelta,
 ) -> None:
     rank = machine_rank * per_machine + local_rank
-    dist.init_process_group(
-        "gloo", init_method=dist_url, world_size=world_size, rank=rank, timeout=DEFAULT_TIMEOUT
-    )
+    try:
+        dist.init_process_group(
+            "gloo", init_method=dist_url, world_size=world_size, rank=rank, timeout=timeout
+        )
+    except RuntimeError as error:  # torch's DistStoreError and DistNetworkError derive from it
+        raise RuntimeError(
+            f"rank {rank} of {world_size}: the rendezvous at {dist_url} failed within "
+            f"{timeout.total_seconds():g} s (--dist-timeout): {error}. Every machine must start "
+            "with the same --num-machines, --num-gpus and --dist-url (machine 0's address and "
+            "a port open to the others), each with its own --machine-rank"
+        ) from error
     _set_local_process_group(world_size, per_machine, machine_rank)
     comm.synchronize()
     main_func(*args)
@@ -106,9 +131,25 @@ def cpu_capable_ddp() -> Iterator[None]:
         d2_defaults.create_ddp_model = _d2_create_ddp_model
 
 
+def argument_parser() -> argparse.ArgumentParser:
+    """Detectron2's ``default_argument_parser`` with ``--dist-timeout``."""
+    parser = default_argument_parser()
+    add_timeout_argument(parser)
+    return parser
+
+
+def add_timeout_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT.total_seconds(),
+        help="seconds to wait for every machine at the rendezvous, and for each collective",
+    )
+
+
 def launch_from_args(main_func: Callable, args: argparse.Namespace) -> None:
-    """:func:`launch` of ``main_func(args)`` with the processes and address that Detectron2's
-    ``default_argument_parser`` put in ``args`` (--num-gpus, --num-machines, ...)."""
+    """:func:`launch` of ``main_func(args)`` with the processes, address and timeout that
+    :func:`argument_parser` put in ``args`` (--num-gpus, --num-machines, ...)."""
     launch(
         main_func,
         args.num_gpus,
@@ -116,4 +157,5 @@ def launch_from_args(main_func: Callable, args: argparse.Namespace) -> None:
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        timeout=datetime.timedelta(seconds=args.dist_timeout),
     )

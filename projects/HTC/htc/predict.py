@@ -45,7 +45,7 @@ from .config import set_float32_precision
 from .data import register_builtin
 from .data.inputs import PredictionInputs, find_inputs, frame_count, inputs_loader, is_video
 from .demo import draw_prediction, load_predictor_cfg
-from .distributed import launch_from_args
+from .distributed import add_timeout_argument, launch_from_args
 from .video import write_drawn_video
 
 logger = logging.getLogger("htc.predict")  # also when run as __main__
@@ -381,6 +381,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[dict]:
     parser.add_argument("--num-machines", type=int, default=1)
     parser.add_argument("--machine-rank", type=int, default=0)
     parser.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of machine 0")
+    add_timeout_argument(parser)
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE pairs")
     setup_logger(name="htc")
     return predict(parser.parse_args(argv))
