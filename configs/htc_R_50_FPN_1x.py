@@ -7,11 +7,7 @@ optimizer and schedule of htc_R_50_FPN_1x.yaml, for the project's lazyconfig_tra
 import detectron2.data.transforms as T
 import torch
 from detectron2.config import LazyCall as L
-from detectron2.data import (
-    build_detection_test_loader,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-)
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.solver import WarmupParamScheduler
 from detectron2.solver.build import get_default_optimizer_params
@@ -19,6 +15,7 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler
 from omegaconf import OmegaConf
 
 from htc import HTCDatasetMapper
+from htc.data import get_builtin_dataset_dicts
 from htc.evaluation import HTCSemSegEvaluator, fast_coco_eval_available
 
 from .common.htc_model import model  # noqa: F401 (the config's model)
@@ -27,7 +24,7 @@ MAX_ITER = 87960  # 12 epochs of COCO train2017 at 16 images per iteration; step
 
 dataloader = OmegaConf.create()
 dataloader.train = L(build_detection_train_loader)(
-    dataset=L(get_detection_dataset_dicts)(names="coco_2017_train_htc"),
+    dataset=L(get_builtin_dataset_dicts)(names="coco_2017_train_htc"),
     mapper=L(HTCDatasetMapper)(
         is_train=True,
         augmentations=[
@@ -44,7 +41,7 @@ dataloader.train = L(build_detection_train_loader)(
     num_workers=4,
 )
 dataloader.test = L(build_detection_test_loader)(
-    dataset=L(get_detection_dataset_dicts)(names="coco_2017_val_htc", filter_empty=False),
+    dataset=L(get_builtin_dataset_dicts)(names="coco_2017_val_htc", filter_empty=False),
     mapper=L(HTCDatasetMapper)(
         is_train=False,
         augmentations=[L(T.ResizeShortestEdge)(short_edge_length=800, max_size=1333)],

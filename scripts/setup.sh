@@ -71,8 +71,8 @@ fi
 "$py" -m pip install -q "${pip_c[@]}" numpy Pillow setuptools opencv-python-headless pycocotools \
   matplotlib fvcore iopath black omegaconf hydra-core tqdm tensorboard pytest pytest-xdist ruff onnx onnxruntime
 if [ "$detectron2" = main ]; then  # Detectron2's ViT, Swin and MViT import timm (v0.6 has none),
-  # and fairscale for activation checkpointing (the MViTv2-H configs)
-  "$py" -m pip install -q "${pip_c[@]}" timm fairscale
+  # fairscale for activation checkpointing (the MViTv2-H configs), shapely to crop polygons (LSJ)
+  "$py" -m pip install -q "${pip_c[@]}" timm fairscale shapely
 fi
 # The COCO panoptic API for COCOPanopticEvaluator; its metadata's numpy<2 and scikit-image are not
 # what its code imports (numpy, Pillow), so it comes without them and pip check overlooks it.

@@ -10,10 +10,13 @@ import runpy
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from omegaconf import ListConfig
+from PIL import Image
 
 from conftest import (
     CONFIGS,
@@ -294,3 +297,71 @@ def test_htcpp_configs_are_their_recipes(name):
     assert cfg.optimizer._target_ is torch.optim.AdamW
     assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == ((5e-5 if swin else 1e-4), 0.05)
     assert cfg.dataloader.train.total_batch_size == (8 if swin else 16)
+
+
+@pytest.fixture(scope="module")
+def coco_layout(tmp_path_factory):
+    """DETECTRON2_DATASETS with COCO 2017 and COCO-Stuff's layout: 2 images per split, each with
+    one 'person' rectangle, its stuff map labelling it 0 and the rest 255."""
+    root = tmp_path_factory.mktemp("datasets")
+    categories = [
+        {"id": c["id"], "name": c["name"], "supercategory": "thing"}
+        for c in COCO_CATEGORIES
+        if c["isthing"]
+    ]
+    for split in ("train2017", "val2017"):
+        for folder in (f"coco/{split}", f"coco/stuffthingmaps/{split}", "coco/annotations"):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+        images, annotations = [], []
+        for k in (1, 2):
+            name = f"{k:012}.jpg"
+            Image.fromarray(np.full((96, 128, 3), 40 * k, np.uint8)).save(
+                root / f"coco/{split}/{name}"
+            )
+            labels = np.full((96, 128), 255, np.uint8)
+            labels[10:40, 20:60] = 0
+            Image.fromarray(labels).save(root / f"coco/stuffthingmaps/{split}/{k:012}.png")
+            images.append({"id": k, "file_name": name, "height": 96, "width": 128})
+            annotations.append(
+                {"id": k, "image_id": k, "category_id": 1, "bbox": [20, 10, 40, 30], "area": 1200,
+                 "iscrowd": 0, "segmentation": [[20, 10, 60, 10, 60, 40, 20, 40]]}
+            )  # fmt: skip
+        coco = {"images": images, "annotations": annotations, "categories": categories}
+        (root / f"coco/annotations/instances_{split}.json").write_text(json.dumps(coco))
+    return root
+
+
+BUILD_DATA = """
+import sys
+from detectron2.config import LazyConfig, instantiate
+cfg = LazyConfig.load(sys.argv[1])
+cfg.dataloader.train.total_batch_size = 2
+cfg.dataloader.train.num_workers = cfg.dataloader.test.num_workers = 0
+train = next(iter(instantiate(cfg.dataloader.train)))
+test = next(iter(instantiate(cfg.dataloader.test)))
+evaluator = instantiate(cfg.dataloader.evaluator)
+print(len(train), len(train[0]["instances"]), "sem_seg" in train[0], len(test))
+"""
+
+
+@pytest.mark.parametrize(
+    "name, semantic",
+    [
+        ("htc_R_50_FPN_1x.py", True),
+        ("htcpp/htcpp_R_50_FPN_3x.py", True),
+        ("vitdet/htc_vitdet_b_100ep.py", True),  # LSJ
+        ("vitdet/htc_without_semantic_vitdet_b_100ep.py", False),
+    ],
+)
+def test_a_process_that_imports_only_the_config_builds_its_data(coco_layout, name, semantic):
+    """As Detectron2's tools/lazyconfig_train_net.py does: a fresh process loads the config and
+    instantiates its train and test loaders and evaluator; the datasets it names are
+    registered by the config's own dataset call."""
+    if "vitdet" in name and not HAS_MODERN_BACKBONES:
+        pytest.skip("this Detectron2 has no ViT (v0.6)")
+    result = subprocess.run(
+        [sys.executable, "-c", BUILD_DATA, str(CONFIGS / name)],
+        capture_output=True, text=True, env=child_env(DETECTRON2_DATASETS=str(coco_layout)),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-4:] == ["2", "1", str(semantic), "1"]

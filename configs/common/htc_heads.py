@@ -80,3 +80,4 @@ def without_semantic(model, dataloader) -> None:
         dataloader[split].dataset.names = name
         dataloader[split].mapper.num_semantic_classes = None
     dataloader.evaluator = dataloader.evaluator.evaluators[0]  # COCOEvaluator
+    dataloader.evaluator.dataset_name = "${..test.dataset.names}"  # relative to its new place

@@ -1,7 +1,7 @@
 """HTC's data: COCO json loading and checks, dataset registration, the dataset mapper and the
 embedded demo dataset, one file each."""
 
-from .builtin import register_builtin
+from .builtin import get_builtin_dataset_dicts, register_builtin
 from .coco import check_annotations, load_htc_json
 from .coco_panoptic import coco_stuff_to_panoptic
 from .dataset_mapper import HTCDatasetMapper
@@ -14,6 +14,7 @@ __all__ = [
     "coco_stuff_to_panoptic",
     "datasets_root",
     "ensure_demo_data",
+    "get_builtin_dataset_dicts",
     "load_htc_json",
     "register_builtin",
     "register_coco_htc",

@@ -1,7 +1,10 @@
 """The datasets the shipped configs name, registered by the entry points (``train_net.py``,
-``python -m htc.demo``, the main job) rather than on import."""
+``python -m htc.demo``, the main job) and by the LazyConfigs' dataset calls, rather than on
+import."""
 
-from detectron2.data import DatasetCatalog
+from typing import List, Union
+
+from detectron2.data import DatasetCatalog, get_detection_dataset_dicts
 
 from .coco_panoptic import register_coco_panoptic_htc
 from .demo_data import SPLITS, register_demo
@@ -19,3 +22,11 @@ def register_builtin() -> None:
     if not {f"htc_demo_{split}" for split in SPLITS} & registered:
         register_demo()
     register_coco_panoptic_htc()
+
+
+def get_builtin_dataset_dicts(names: Union[str, List[str]], **kwargs) -> List[dict]:
+    """Detectron2's ``get_detection_dataset_dicts`` after :func:`register_builtin`: the
+    LazyConfigs' dataset call, so that a process which has imported nothing but the config
+    (Detectron2's own ``tools/lazyconfig_train_net.py``) finds the datasets it names."""
+    register_builtin()
+    return get_detection_dataset_dicts(names, **kwargs)
