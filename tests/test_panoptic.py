@@ -2,22 +2,27 @@
 read as COCO panoptic's categories, the model's output, and PQ on the demo's ground truth."""
 
 import json
+import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from PIL import Image
 
-from conftest import make_batch, tiny_cfg
+from conftest import DEMO_CONFIG, make_batch, tiny_cfg
+from htc import register_htc_instances
 from htc.data import coco_stuff_to_panoptic, register_builtin
 from htc.data.coco_panoptic import COCO_STUFF_STUFF_NAMES, FIRST_STUFF_ID, MERGED, REMOVED
 from htc.data.demo_data import PANOPTIC_IDS, generate_split
+from htc.demo import draw_prediction, load_predictor_cfg
 from htc.evaluation import panoptic_evaluator
 from htc.panoptic import PanopticFusion, class_to_stuff
+from htc.predict import save_panoptic
 
 H, W = 10, 20
 
@@ -226,3 +231,78 @@ def test_ground_truth_as_prediction_scores_pq_100(tmp_path):
     info.remove(first_thing)
     result = _pq(name, inputs, outputs, tmp_path)
     assert result["RQ_th"] < 100 and result["PQ_st"] == pytest.approx(100.0)
+
+
+def _own_dataset(tiny_dataset, name: str, **kwargs) -> None:
+    """The tiny demo split as a user's own dataset: things disc, square, triangle (ids 1-3)."""
+    root = tiny_dataset
+    register_htc_instances(name, str(root / "train.json"), str(root / "train"), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "how, classes, want_table, want_stuff",
+    [
+        ("derive_semantic", 4, [1, 2, 3, 4], [-1, -1, -1, 3]),
+        ("label maps", 6, [1, 2, 3, 4, 5, 6], [-1, -1, -1, 3, 4, 5]),
+        ("label maps named", 6, [4, 1, 5, 2, 6, 3], [0, -1, 2, -1, 4, -1]),
+    ],
+)
+def test_own_datasets_get_default_panoptic_categories(
+    tiny_dataset, how, classes, want_table, want_stuff, caplog
+):
+    """Things keep their json ids, other semantic classes become stuff numbered after them:
+    classes 0..T-1 are the things where the labels are derived or nothing says otherwise (with a
+    warning), else stuff_classes says which classes are things by their names."""
+    name = f"own_{how.replace(' ', '_')}"
+    kwargs = {"derive_semantic": True} if how == "derive_semantic" else {}
+    if how.startswith("label maps"):
+        kwargs["sem_seg_root"] = str(tiny_dataset / "train_sem")
+    if how == "label maps named":
+        kwargs["metadata"] = {
+            "stuff_classes": ["sky", "disc", "grass", "square", "water", "triangle"]
+        }
+    if name not in DatasetCatalog.list():
+        _own_dataset(tiny_dataset, name, **kwargs)
+    logging.getLogger("htc").propagate = True
+    with caplog.at_level(logging.WARNING, logger="htc"):
+        assert class_to_stuff(name, classes) == want_stuff
+    assert ("are taken as its thing classes" in caplog.text) == (how == "label maps")
+    meta = MetadataCatalog.get(name)
+    assert meta.semantic_to_panoptic == want_table
+    assert len(meta.stuff_classes) == classes
+    if how == "derive_semantic":
+        assert meta.stuff_classes == ["disc", "square", "triangle", "background"]
+
+
+def test_own_dataset_whose_class_names_leave_things_unnamed_is_refused(tiny_dataset):
+    name = "own_unnamed_things"
+    if name not in DatasetCatalog.list():
+        _own_dataset(
+            tiny_dataset, name, sem_seg_root=str(tiny_dataset / "train_sem"),
+            metadata={"stuff_classes": [f"class {k}" for k in range(6)]},
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="each thing class once by its name"):
+        class_to_stuff(name, 6)
+
+
+def test_the_demo_config_on_own_data_outputs_and_draws_panoptic(tiny_dataset):
+    """The user's first try: the demo config with only DATASETS.TEST changed builds, and its
+    panoptic output is drawn and written as COCO panoptic by htc.predict's writer."""
+    name = "own_first_try"
+    if name not in DatasetCatalog.list():
+        _own_dataset(tiny_dataset, name, sem_seg_root=str(tiny_dataset / "train_sem"))
+    cfg = load_predictor_cfg(
+        str(DEMO_CONFIG), ["MODEL.DEVICE", "cpu", "DATASETS.TEST", f"('{name}',)"]
+    )
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # random weights: make stuff class 3 ("sky") win where no thing is
+        model.semantic_head.conv_logits.bias[3] += 20
+    image = np.asarray(Image.open(next((tiny_dataset / "train").glob("*.png"))).convert("RGB"))
+    with torch.no_grad():
+        inputs = {"image": torch.as_tensor(image[:, :, ::-1].transpose(2, 0, 1).copy()).float()}
+        outputs = model([dict(inputs, height=image.shape[0], width=image.shape[1])])[0]
+    meta = MetadataCatalog.get(name)
+    assert draw_prediction(image, outputs, meta).shape[1] == 3 * image.shape[1]
+    segments = save_panoptic(outputs, Path(tiny_dataset / "first_try.png"), meta)
+    assert {s["category_id"] for s in segments} <= {1, 2, 3, 4, 5, 6}
+    assert 4 in {s["category_id"] for s in segments}  # class 3's stuff category

@@ -1,16 +1,19 @@
 """Panoptic segmentation from one HTC forward pass: its instances, and the stuff of its semantic
 branch, fused as Detectron2's PanopticFPN fuses its own two outputs."""
 
+import logging
 from typing import List, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling.meta_arch.panoptic_fpn import combine_semantic_and_instance_outputs
 from detectron2.structures import Instances
 from torch import nn
 
 from .data import register_builtin
+
+logger = logging.getLogger(__name__)
 
 
 class PanopticFusion(nn.Module):
@@ -109,6 +112,8 @@ def class_to_stuff(dataset_name: str, num_classes: int) -> List[int]:
     from the dataset's metadata: ``semantic_to_panoptic`` (per semantic class, the panoptic
     category id it belongs to, 0 for none) and ``stuff_dataset_id_to_contiguous_id``."""
     meta = MetadataCatalog.get(dataset_name)
+    if meta.get("semantic_to_panoptic") is None and meta.get("default_panoptic"):
+        set_default_panoptic_categories(dataset_name, num_classes)
     table = meta.get("semantic_to_panoptic")
     stuff = meta.get("stuff_dataset_id_to_contiguous_id")
     if table is None or stuff is None:
@@ -132,3 +137,58 @@ def class_to_stuff(dataset_name: str, num_classes: int) -> List[int]:
             "neither its things nor its stuff"
         )
     return [stuff.get(c, -1) for c in table]
+
+
+def set_default_panoptic_categories(dataset_name: str, num_classes: int) -> None:
+    """Panoptic categories for a dataset of :func:`htc.register_htc_instances` that names none
+    (its metadata's ``default_panoptic``, True unless given):
+    each thing class its own category (the json's id), each other semantic class a stuff
+    category (ids after the largest thing id), set in its metadata as ``semantic_to_panoptic``,
+    ``stuff_dataset_id_to_contiguous_id`` (stuff category k is semantic class k) and
+    ``stuff_classes`` (the K semantic class names). Which semantic classes are things:
+    with ``derive_semantic``, 0..T-1 (background T); with ``stuff_classes`` (K names) given,
+    those named as a thing class; else 0..T-1, with a warning that this is assumed."""
+    meta = MetadataCatalog.get(dataset_name)
+    if "thing_dataset_id_to_contiguous_id" not in meta.as_dict():
+        DatasetCatalog.get(dataset_name)  # Detectron2's loader sets the things' ids and names
+    things = {c: d for d, c in meta.thing_dataset_id_to_contiguous_id.items()}
+    names = list(meta.thing_classes)
+    thing_at = _thing_of_each_class(dataset_name, meta, names, num_classes)
+    first_stuff_id = max(things.values()) + 1
+    stuff_classes = [k for k in range(num_classes) if thing_at[k] < 0]
+    stuff = {first_stuff_id + j: k for j, k in enumerate(stuff_classes)}
+    table = [things[t] if t >= 0 else 0 for t in thing_at]
+    for dataset_id, k in stuff.items():
+        table[k] = dataset_id
+    if meta.get("stuff_classes") is None:
+        stuff_names = ["background"] if meta.derive_semantic else []
+        stuff_names += [f"stuff {j}" for j in range(len(stuff) - len(stuff_names))]
+        meta.stuff_classes = names + stuff_names
+    meta.set(semantic_to_panoptic=table, stuff_dataset_id_to_contiguous_id=stuff)
+
+
+def _thing_of_each_class(dataset_name: str, meta, names: List[str], num_classes: int) -> list:
+    """Per semantic class, the contiguous thing class it is, or -1 for stuff."""
+    if len(names) >= num_classes:
+        raise ValueError(
+            f"MODEL.HTC.PANOPTIC_ON: dataset {dataset_name!r} has {len(names)} thing classes "
+            f"and MODEL.SEM_SEG_HEAD.NUM_CLASSES is {num_classes}: no semantic class is left "
+            "for stuff"
+        )
+    given = meta.get("stuff_classes")
+    if given is not None and not meta.derive_semantic:
+        if len(given) != num_classes or sorted(set(given) & set(names)) != sorted(names):
+            raise ValueError(
+                f"MODEL.HTC.PANOPTIC_ON: dataset {dataset_name!r}'s stuff_classes must name its "
+                f"{num_classes} semantic classes, each thing class once by its name, to tell "
+                "things from stuff; or give semantic_to_panoptic and "
+                "stuff_dataset_id_to_contiguous_id in its metadata (docs/panoptic.md)"
+            )
+        return [names.index(n) if n in names else -1 for n in given]
+    if not meta.derive_semantic:
+        logger.warning(
+            f"panoptic categories of {dataset_name!r}: its semantic classes 0..{len(names) - 1} "
+            f"are taken as its thing classes in order and {len(names)}..{num_classes - 1} as "
+            "stuff (name them in stuff_classes to say otherwise; docs/panoptic.md)"
+        )
+    return list(range(len(names))) + [-1] * (num_classes - len(names))

@@ -32,9 +32,14 @@ def register_htc_instances(
             unless ``metadata`` gives another ``ignore_label``).
         derive_semantic: without ``sem_seg_root``, derive the semantic labels from the instance
             masks: thing class ids 0..K-1 and background K (set SEM_SEG_HEAD.NUM_CLASSES = K+1).
+        metadata: more metadata. Panoptic output (MODEL.HTC.PANOPTIC_ON) on this dataset takes
+            its ``semantic_to_panoptic`` and ``stuff_dataset_id_to_contiguous_id``, else default
+            categories (:func:`htc.panoptic.set_default_panoptic_categories`) unless
+            ``default_panoptic`` is False.
     """
     if sem_seg_root and derive_semantic:
         raise ValueError(f"{name}: give either sem_seg_root or derive_semantic, not both")
+    metadata = {"default_panoptic": True, **(metadata or {})}
     register_with_loader(
         name,
         lambda: load_htc_json(json_file, image_root, name, sem_seg_root),
@@ -42,7 +47,7 @@ def register_htc_instances(
         image_root=image_root,
         sem_seg_root=sem_seg_root,
         derive_semantic=derive_semantic,
-        **(metadata or {}),
+        **metadata,
     )
 
 
@@ -65,5 +70,8 @@ def register_coco_htc(root: Optional[Path] = None) -> None:
             str(coco / "annotations" / f"instances_{split}2017.json"),
             str(coco / f"{split}2017"),
             sem_seg_root=str(coco / "stuffthingmaps" / f"{split}2017"),
-            metadata={"stuff_classes": [f"cocostuff_{i}" for i in range(COCO_STUFF_CLASSES)]},
+            metadata={
+                "stuff_classes": [f"cocostuff_{i}" for i in range(COCO_STUFF_CLASSES)],
+                "default_panoptic": False,  # COCO panoptic's categories: coco_2017_*_panoptic
+            },
         )
