@@ -26,7 +26,7 @@ from conftest import DEMO_CONFIG, child_env, truncate
 from htc import register_htc_instances
 from htc.data.inputs import find_inputs, video_frames
 from htc.demo import load_predictor_cfg
-from htc.predict import RECORDS, predict
+from htc.predict import RECORDS, predict, video_names
 
 
 @pytest.fixture
@@ -242,10 +242,16 @@ def test_videos_give_results_per_frame_a_drawn_video_and_resume(videos, tmp_path
     out = tmp_path / "out"
     counts = _run(videos, out, draw=True)
     assert (counts["videos"], counts["frames"], counts["skipped"]) == (3, 4, 2)
-    results = json.loads((out / "videos" / "clip.json").read_text())
+    name = video_names([videos / "clip.mp4"])[str(videos / "clip.mp4")]
+    assert name.startswith("clip_")  # the same name whatever the other inputs are:
+    assert (
+        video_names([videos / "a" / "clip.mp4", videos / "clip.mp4"])[str(videos / "clip.mp4")]
+        == name
+    )
+    results = json.loads((out / "videos" / f"{name}.json").read_text())
     assert sorted({r["image_id"] for r in results}) == [0, 1, 2, 3] and len(results) == 20
     frames = list(video_frames(videos / "clip.mp4"))
-    drawn = list(video_frames(out / "videos" / "clip.mp4"))
+    drawn = list(video_frames(out / "videos" / f"{name}.mp4"))
     assert len(drawn) == 4 and drawn[0].shape == frames[0].shape
     assert np.abs(drawn[0].astype(int) - frames[0]).mean() > 1  # the instances drawn on it
 
@@ -258,7 +264,7 @@ def test_videos_give_results_per_frame_a_drawn_video_and_resume(videos, tmp_path
     stopped = [r for r in records if r.get("frame", 0) < 2 and "frames" not in r]
     (out / RECORDS).write_text("".join(json.dumps(r) + "\n" for r in stopped))
     assert _run(videos, out)["this run"] == 2  # frames 2 and 3
-    assert json.loads((out / "videos" / "clip.json").read_text()) == results
+    assert json.loads((out / "videos" / f"{name}.json").read_text()) == results
 
 
 def test_videos_have_no_semantic_or_panoptic_pngs(videos, tmp_path):

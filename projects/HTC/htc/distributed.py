@@ -139,11 +139,12 @@ def argument_parser() -> argparse.ArgumentParser:
 
 
 def add_timeout_argument(parser: argparse.ArgumentParser) -> None:
+    """``--dist-timeout`` (seconds) in ``parser``."""
     parser.add_argument(
         "--dist-timeout",
         type=float,
         default=DEFAULT_TIMEOUT.total_seconds(),
-        help="seconds to wait for every machine at the rendezvous, and for each collective",
+        help="seconds to wait for every machine at the rendezvous (and, on CPU, in collectives)",
     )
 
 

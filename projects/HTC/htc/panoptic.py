@@ -112,7 +112,8 @@ def class_to_stuff(dataset_name: str, num_classes: int) -> List[int]:
     from the dataset's metadata: ``semantic_to_panoptic`` (per semantic class, the panoptic
     category id it belongs to, 0 for none) and ``stuff_dataset_id_to_contiguous_id``."""
     meta = MetadataCatalog.get(dataset_name)
-    if meta.get("semantic_to_panoptic") is None and meta.get("default_panoptic"):
+    given = [meta.get(k) for k in ("semantic_to_panoptic", "stuff_dataset_id_to_contiguous_id")]
+    if given == [None, None] and meta.get("default_panoptic"):
         set_default_panoptic_categories(dataset_name, num_classes)
     table = meta.get("semantic_to_panoptic")
     stuff = meta.get("stuff_dataset_id_to_contiguous_id")

@@ -23,6 +23,8 @@ one warning and skipped; the summary counts it.
 """
 
 import argparse
+import datetime
+import hashlib
 import json
 import logging
 import os
@@ -32,6 +34,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.modeling import build_model
@@ -91,6 +94,7 @@ def save_panoptic(outputs: dict, target: Path, metadata) -> List[dict]:
 
 
 def records_file(output: Path, rank: int) -> Path:
+    """The records that process ``rank`` appends to."""
     return output / (RECORDS if rank == 0 else RECORDS.replace(".jsonl", f".{rank}.jsonl"))
 
 
@@ -104,7 +108,7 @@ def load_records(output: Path, repair: bool = False) -> List[dict]:
         complete = text[: text.rfind("\n") + 1]
         if complete != text and repair:
             logger.warning(f"{path}: an incomplete last line (a stopped run's) is redone")
-            path.write_text(complete)
+            os.truncate(path, len(complete.encode()))
         records += [json.loads(line) for line in complete.splitlines()]
     return records
 
@@ -142,15 +146,12 @@ def image_ids(files: List[Path], done: List[dict], dataset_json: Optional[str]) 
 
 
 def video_names(files: List[Path]) -> Dict[str, str]:
-    """Each video's name in OUTPUT/videos: its stem, numbered where stems repeat."""
-    names: Dict[str, str] = {}
-    for path in filter(is_video, files):
-        taken = set(names.values())
-        names[str(path)] = next(
-            n for n in [path.stem] + [f"{path.stem}_{k}" for k in range(1, len(files) + 1)]
-            if n not in taken
-        )  # fmt: skip
-    return names
+    """Each video's name in OUTPUT/videos: its stem and a hash of its absolute path, the same in
+    every run whatever else the inputs are."""
+    return {
+        str(path): f"{path.stem}_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
+        for path in filter(is_video, files)
+    }
 
 
 def predict(args: argparse.Namespace) -> Optional[dict]:
@@ -187,16 +188,24 @@ def predict_process(args: argparse.Namespace) -> Optional[dict]:
     comm.synchronize()  # every process has read the records before any is appended
     shard, done_frames = _plan(files, done, args.image_ids)
     rank, world = comm.get_rank(), comm.get_world_size()
+    patient = _patient_group() if world > 1 else None
     ran = _predict_share(cfg, args, shard[rank::world], done_frames, metadata, dataset_ids)
-    comm.synchronize()
-    records = load_records(output)
-    if args.draw:
-        names = video_names(files)
+    if args.draw:  # this process's videos: their frames are in its records or earlier runs'
         mine = [f for f in files[rank::world] if is_video(f)]
-        _draw_videos(mine, names, records, args, metadata, dataset_ids)
-    ran = sum(comm.all_gather(ran))
-    comm.synchronize()
-    return _write_results(output, files, records, ran) if comm.is_main_process() else None
+        _draw_videos(mine, video_names(files), load_records(output), args, metadata, dataset_ids)
+    if patient is not None:
+        counts = [0] * world
+        dist.all_gather_object(counts, ran, group=patient)  # also waits for every share
+        ran = sum(counts)
+    if not comm.is_main_process():
+        return None
+    return _write_results(output, files, load_records(output), ran)
+
+
+def _patient_group():
+    """A gloo group for the wait at the end: the shares are uneven (a video goes whole to one
+    process), and the default group's timeout (--dist-timeout) would end a long one."""
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
 
 
 def _config(args: argparse.Namespace):
@@ -297,7 +306,9 @@ def _record(item: dict, outputs: Optional[dict], args, metadata, dataset_ids) ->
     return record
 
 
-def _draw_videos(videos: Sequence[Path], names: Dict[str, str], records, args, metadata, ids):
+def _draw_videos(
+    videos: Sequence[Path], names: Dict[str, str], records, args, metadata, ids
+) -> None:
     """OUTPUT/videos/NAME.mp4 for each finished video of ``videos`` not drawn yet."""
     ended = {r["file_name"] for r in records if "frames" in r}
     contiguous = {v: k for k, v in ids.items()} if ids else None

@@ -1,6 +1,7 @@
 """Annotated videos drawn from ``htc.predict``'s COCO results, so that a resumed run draws a
 video whole without keeping its frames' predictions in memory."""
 
+import itertools
 import os
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -46,17 +47,21 @@ def write_drawn_video(
     """``target`` (.mp4): each frame of ``video`` with its results scored above ``threshold``.
     Written under a temporary name and renamed, so that ``target`` exists only whole."""
     partial = target.with_suffix(".partial.mp4")
-    writer = None
-    for index, frame in enumerate(video_frames(video)):
-        if writer is None:
-            fourcc = cv2.VideoWriter_fourcc(*"mp4v")
-            size = (frame.shape[1], frame.shape[0])
-            writer = cv2.VideoWriter(str(partial), fourcc, video_fps(video), size)
-        confident = [r for r in frame_results.get(index, []) if r["score"] > threshold]
-        instances = results_to_instances(confident, frame.shape[:2], contiguous_ids)
-        drawn = Visualizer(frame[:, :, ::-1], metadata, instance_mode=ColorMode.IMAGE)
-        picture = drawn.draw_instance_predictions(instances).get_image()
-        writer.write(np.ascontiguousarray(picture[:, :, ::-1]))
-    if writer is not None:
+    frames = video_frames(video)
+    first = next(frames, None)
+    if first is None:
+        raise ValueError(f"{video}: no frames could be read to draw")
+    size = (first.shape[1], first.shape[0])
+    writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), video_fps(video), size)
+    if not writer.isOpened():
+        raise RuntimeError(f"OpenCV cannot write {partial} (codec mp4v)")
+    try:
+        for index, frame in enumerate(itertools.chain([first], frames)):
+            confident = [r for r in frame_results.get(index, []) if r["score"] > threshold]
+            instances = results_to_instances(confident, frame.shape[:2], contiguous_ids)
+            drawn = Visualizer(frame[:, :, ::-1], metadata, instance_mode=ColorMode.IMAGE)
+            picture = drawn.draw_instance_predictions(instances).get_image()
+            writer.write(np.ascontiguousarray(picture[:, :, ::-1]))
+    finally:
         writer.release()
-        os.replace(partial, target)
+    os.replace(partial, target)
