@@ -1,7 +1,9 @@
 """``torch.compile`` of the whole model: a training step and an inference step give eager's
 outputs. The backend is "aot_eager" (Dynamo's graphs, with AOTAutograd's joint forward and
 backward), which compiles in seconds; Inductor's code generation takes minutes on two cores and
-is measured in benchmarks/compile_speed.py."""
+is measured in benchmarks/compile_speed.py. Shapes are static (``dynamic=False``): the training
+and inference graphs are the same, and the recompilation for dynamic shapes would double the
+test's time."""
 
 import copy
 
@@ -28,7 +30,7 @@ def _gradients(model) -> list:
 def test_the_compiled_model_trains_and_infers_as_eager(fresh_dynamo):
     torch.manual_seed(0)
     eager = build_model(tiny_cfg())
-    compiled = torch.compile(copy.deepcopy(eager), backend="aot_eager")
+    compiled = torch.compile(copy.deepcopy(eager), backend="aot_eager", dynamic=False)
     batch = make_batch(2)
     steps = [train_losses(model, batch) for model in (eager, compiled)]
     assert fresh_dynamo["stats"]["unique_graphs"] > 10, "Dynamo compiled the model's graphs"

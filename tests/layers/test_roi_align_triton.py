@@ -100,8 +100,8 @@ def test_all_levels_in_one_pass_equal_each_level_alone(pool):
     RoIs' order; gradients for every level."""
     g = torch.Generator().manual_seed(13)
     features = [torch.randn(2, 3, 44 // s, 56 // s, generator=g).to(DEVICE) for s in (1, 2, 4)]
-    _, rois = _case(seed=13, num_rois=14)
-    levels = torch.tensor([0, 2] * 7, device=DEVICE)
+    _, rois = _case(seed=13, num_rois=8)
+    levels = torch.tensor([0, 2] * 4, device=DEVICE)
     levels[:3] = 0
     scales = [0.25, 0.125, 0.0625]
     leaves = [f.clone().requires_grad_() for f in features]
@@ -123,14 +123,15 @@ def test_all_levels_in_one_pass_equal_each_level_alone(pool):
 
 def test_calls_on_shared_levels_copy_them_once(monkeypatch):
     """Within ``shared_levels``, the calls of FastROIAlign on the same levels copy them to the
-    channels-last buffer once and sum their gradients there: the same outputs and gradients,
-    bit for bit, as calls that copy the levels each; a level changed in place is copied again."""
+    channels-last buffer once and sum their gradients there: the same outputs, bit for bit, and
+    gradients, to float rounding, as calls that copy the levels each (a level's gradient sums the
+    same terms, grouped by buffer); a level changed in place is copied again."""
     monkeypatch.setattr(kernels, "TRITON_DEVICES", (DEVICE,))
     monkeypatch.setattr(kernels, "triton_kernels", lambda: triton_roi_align)
     g = torch.Generator().manual_seed(17)
     features = [torch.randn(2, 3, 22 // s, 28 // s, generator=g).to(DEVICE) for s in (1, 2)]
-    _, rois = _case(seed=17, num_rois=8)
-    levels = torch.tensor([0, 1] * 4, device=DEVICE)
+    _, rois = _case(seed=17, num_rois=4)
+    levels = torch.tensor([0, 1] * 2, device=DEVICE)
     box, semantic = TritonROIAlign((4, 4), 0.25, 0, True), TritonROIAlign((4, 4), 0.25, 0, True)
     copies = []
     joint = triton_roi_align.LevelTable.joint
@@ -150,8 +151,10 @@ def test_calls_on_shared_levels_copy_them_once(monkeypatch):
     with kernels.shared_levels():
         got = pool([f.clone().requires_grad_() for f in features])
     assert copies == [2, 1]
-    for a, b in zip([*got[0], *got[1]], [*want[0], *want[1]]):
+    for a, b in zip(got[0], want[0]):
         assert torch.equal(a, b)
+    for a, b in zip(got[1], want[1]):  # the same terms, summed in another order
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     copies.clear()
     with kernels.shared_levels(), torch.no_grad():
         x = features[1].clone()
