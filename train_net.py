@@ -3,6 +3,7 @@
 
 python train_net.py --config-file configs/htc_R_50_FPN_1x.yaml --num-gpus 8
 python train_net.py --config-file configs/htc_R_50_FPN_1x.yaml --eval-only MODEL.WEIGHTS m.pth
+python train_net.py --config-file configs/htc_R_50_FPN_1x.yaml --slurm --nodes 2 --gpus-per-node 8
 """
 
 import os
@@ -21,13 +22,18 @@ from detectron2.engine import (
     hooks,
 )
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from htc import HTCDatasetMapper, add_htc_config, set_deterministic, set_float32_precision
 from htc.checkpoint import HTCCheckpointer
 from htc.data import register_builtin
+from htc.data.resumable import build_resumable_train_loader
 from htc.distributed import argument_parser, cpu_capable_ddp, launch_from_args
 from htc.evaluation import HTCSemSegEvaluator, fast_coco_eval_available, panoptic_evaluator
 from htc.panoptic import class_to_stuff
+from htc.resume import ExactResume
+from htc.slurm import PreemptionHook, add_slurm_arguments, submit
 from htc.solver import build_optimizer
 from htc.tta import HybridTaskCascadeWithTTA
 
@@ -93,7 +99,12 @@ class Trainer(DefaultTrainer):
             skip_mismatched=self.cfg.MODEL.HTC.SKIP_MISMATCHED_WEIGHTS,
             **self.checkpointer.checkpointables,
         )
-        return super().build_hooks()
+        hooks_ = super().build_hooks()
+        if self.cfg.DATALOADER.RESUMABLE:  # every rank's RNG states, before rank 0 saves
+            kinds = (hooks.PeriodicCheckpointer, hooks.EvalHook)
+            at = next((i for i, h in enumerate(hooks_) if isinstance(h, kinds)), len(hooks_))
+            hooks_.insert(at, ExactResume(self.cfg.SOLVER.CHECKPOINT_PERIOD))
+        return hooks_
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -102,7 +113,11 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        loader = build_detection_train_loader(cfg, mapper=HTCDatasetMapper(cfg, is_train=True))
+        mapper = HTCDatasetMapper(cfg, is_train=True)
+        if cfg.DATALOADER.RESUMABLE:
+            loader = build_resumable_train_loader(cfg, mapper)
+        else:
+            loader = build_detection_train_loader(cfg, mapper=mapper)
         for name in cfg.DATASETS.TRAIN:
             check_dataset(cfg, name, is_train=True)
         return loader
@@ -149,13 +164,19 @@ class Trainer(DefaultTrainer):
         return OrderedDict((f"{k}_TTA", v) for k, v in results.items())
 
 
-def setup(args):
+def load_config(args):
     cfg = get_cfg()
     add_htc_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    return cfg
+
+
+def setup(args):
+    cfg = load_config(args)
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="htc")
     set_float32_precision(cfg)  # default_setup of Detectron2 v0.6 does not
     set_deterministic(cfg)
     return cfg
@@ -173,6 +194,8 @@ def main(args):
             results.update(Trainer.test_with_TTA(cfg, model))
         return results
     trainer = Trainer(cfg)
+    if getattr(args, "preemption", None):  # a SLURM job's process (htc/slurm.py)
+        trainer.register_hooks([PreemptionHook(*args.preemption)])
     trainer.resume_or_load(resume=args.resume)
     if cfg.TEST.AUG.ENABLED:
         trainer.register_hooks(
@@ -182,9 +205,14 @@ def main(args):
 
 
 def invoke_main() -> None:
-    args = argument_parser().parse_args()
+    parser = argument_parser()
+    add_slurm_arguments(parser)
+    args = parser.parse_args()
     print("Command Line Args:", args)
-    launch_from_args(main, args)
+    if args.slurm:
+        submit(main, args, seed=load_config(args).SEED)
+    else:
+        launch_from_args(main, args)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,9 @@ def add_htc_config(cfg: CN) -> None:
         cfg.FLOAT32_PRECISION = ""
     # Bit-identical training runs (with a fixed SEED): applied by set_deterministic.
     cfg.DETERMINISTIC = False
+    # A data order and augmentations that --resume continues exactly, with each process's RNG
+    # states in every checkpoint (htc/data/resumable.py, htc/resume.py; needs a fixed SEED).
+    cfg.DATALOADER.RESUMABLE = False
 
 
 def _add_backbone_config(cfg: CN) -> None:

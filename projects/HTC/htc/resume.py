@@ -1,0 +1,86 @@
+"""Exact resumption (``DATALOADER.RESUMABLE``): every checkpoint holds each process's RNG
+states, and ``--resume`` restores them and starts the resumable loader at the checkpoint's
+iteration, so a resumed run trains the weights the uninterrupted run would."""
+
+import logging
+import random
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from detectron2.engine import HookBase
+from detectron2.utils import comm
+
+logger = logging.getLogger(__name__)
+
+
+def rng_states() -> Dict[str, Any]:
+    """This process's Python, NumPy, torch CPU and (where there is one) CUDA RNG states, as
+    types that ``torch.load(weights_only=True)`` reads (NumPy's key array as a tensor)."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    states = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    states["numpy"] = (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: Dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    name, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def restart_data_loader(simple_trainer) -> None:
+    """Make ``simple_trainer`` (Detectron2's SimpleTrainer) start a new iterator of its loader:
+    Detectron2 v0.6 creates it in ``__init__``, before the checkpoint is loaded."""
+    loader = simple_trainer.data_loader
+    if hasattr(simple_trainer, "reset_data_loader"):
+        simple_trainer.reset_data_loader(lambda: loader)
+    else:
+        simple_trainer._data_loader_iter = iter(loader)
+
+
+class ExactResume(HookBase):
+    """Before each checkpoint (insert it just before Detectron2's PeriodicCheckpointer), gathers
+    every rank's RNG states for the trainer's state dict; on a resumed start, points the loader
+    (:func:`htc.data.resumable.build_resumable_train_loader`) at the start iteration and
+    restores this rank's states."""
+
+    def __init__(self, checkpoint_period: int):
+        self.checkpoint_period = checkpoint_period
+        self._gathered: Optional[List[Dict[str, Any]]] = None
+        self._loaded: Optional[List[Dict[str, Any]]] = None
+
+    def gather(self) -> None:
+        """Every rank's states, for the next checkpoint (a collective: all ranks call it)."""
+        self._gathered = comm.all_gather(rng_states())
+
+    def after_step(self) -> None:
+        if (self.trainer.iter + 1) % self.checkpoint_period == 0:
+            self.gather()
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"rng_states": self._gathered} if self._gathered else {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self._loaded = state.get("rng_states")
+
+    def before_train(self) -> None:
+        start = self.trainer.start_iter
+        if start == 0:
+            return
+        simple_trainer = self.trainer._trainer
+        simple_trainer.data_loader.batch_sampler.start = start
+        restart_data_loader(simple_trainer)
+        if self._loaded is None or len(self._loaded) != comm.get_world_size():
+            logger.warning(
+                "Resuming at iteration %d without the RNG states of %d processes: the data order "
+                "continues, the random draws of training do not", start, comm.get_world_size(),
+            )  # fmt: skip
+            return
+        set_rng_states(self._loaded[comm.get_rank()])
+        logger.info("Resumed the data order and RNG states at iteration %d", start)
