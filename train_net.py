@@ -32,7 +32,7 @@ from htc.data.resumable import build_resumable_train_loader
 from htc.distributed import argument_parser, cpu_capable_ddp, launch_from_args
 from htc.evaluation import HTCSemSegEvaluator, fast_coco_eval_available, panoptic_evaluator
 from htc.panoptic import class_to_stuff
-from htc.resume import ExactResume
+from htc.resume import ExactResume, kept_rngs
 from htc.slurm import PreemptionHook, add_slurm_arguments, submit
 from htc.solver import build_optimizer
 from htc.tta import HybridTaskCascadeWithTTA
@@ -128,6 +128,13 @@ class Trainer(DefaultTrainer):
         loader = build_detection_test_loader(cfg, dataset_name, mapper=mapper)
         check_dataset(cfg, dataset_name, is_train=False)
         return loader
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """The parent's evaluation, with the RNGs left as they were: its loaders draw from
+        torch's, and the training after it must draw what it would without (--resume)."""
+        with kept_rngs():
+            return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

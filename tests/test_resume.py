@@ -24,7 +24,7 @@ from htc.data.resumable import PositionBatchSampler, PositionMappedDataset
 
 RUN = [
     *SMALL, "SOLVER.MAX_ITER", "8", "DETERMINISTIC", "True", "SEED", "3",
-    "DATALOADER.RESUMABLE", "True", "INPUT.MIN_SIZE_TRAIN", "(96, 128)",
+    "DATALOADER.RESUMABLE", "True", "INPUT.MIN_SIZE_TRAIN", "(96, 128)", "TEST.EVAL_PERIOD", "4",
 ]  # fmt: skip
 
 

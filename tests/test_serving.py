@@ -29,6 +29,7 @@ VARIANTS = {
 def _cfg(variant: str):
     cfg = tiny_cfg(**VARIANTS[variant])
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    cfg.TEST.DETECTIONS_PER_IMAGE = 20  # every route as with 100, at a fraction of the time
     cfg.TEST.AUG.MIN_SIZES, cfg.TEST.AUG.MAX_SIZE, cfg.TEST.AUG.FLIP = (96, 128), 1000, True
     if variant == "panoptic":
         cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 6

@@ -2,9 +2,10 @@
 states, and ``--resume`` restores them and starts the resumable loader at the checkpoint's
 iteration, so a resumed run trains the weights the uninterrupted run would."""
 
+import contextlib
 import logging
 import random
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -26,12 +27,24 @@ def rng_states() -> Dict[str, Any]:
 
 
 def set_rng_states(states: Dict[str, Any]) -> None:
+    """Restore what :func:`rng_states` returned."""
     random.setstate(states["python"])
     name, keys, position, has_gauss, gauss = states["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+@contextlib.contextmanager
+def kept_rngs() -> Iterator[None]:
+    """This process's RNG states as they were before the block (an evaluation: each test
+    loader's iterator draws its workers' seed from torch's RNG, which training then misses)."""
+    states = rng_states()
+    try:
+        yield
+    finally:
+        set_rng_states(states)
 
 
 def restart_data_loader(simple_trainer) -> None:
@@ -60,7 +73,9 @@ class ExactResume(HookBase):
         self._gathered = comm.all_gather(rng_states())
 
     def after_step(self) -> None:
-        if (self.trainer.iter + 1) % self.checkpoint_period == 0:
+        iteration = self.trainer.iter
+        # the periodic checkpointer's iterations, and its model_final
+        if (iteration + 1) % self.checkpoint_period == 0 or iteration >= self.trainer.max_iter - 1:
             self.gather()
 
     def state_dict(self) -> Dict[str, Any]:

@@ -31,6 +31,9 @@ from .resume import ExactResume
 
 logger = logging.getLogger(__name__)
 STOP_SIGNAL = signal.SIGUSR2  # submitit's signal for a preemption or time-out (its default)
+# Set by this process's signal handler, which must not take the Event's lock: the handler runs
+# in the thread that may hold it (in Event.is_set).
+_stop_signalled = False
 
 
 class TrainingPreempted(Exception):
@@ -46,7 +49,7 @@ class PreemptionHook(HookBase):
         self.stop, self.saved = stop, saved
 
     def after_step(self) -> None:
-        if not any(comm.all_gather(self.stop.is_set())):
+        if not any(comm.all_gather(_stop_signalled or self.stop.is_set())):
             return
         iteration = self.trainer.iter
         for hook in self.trainer._hooks:
@@ -70,13 +73,17 @@ def _ignore(signum: int, frame: Any) -> None:
     logger.warning("Ignored %s: the job stops at the end of an iteration", signal.strsignal(signum))
 
 
+def _signalled(signum: int, frame: Any) -> None:
+    global _stop_signalled
+    _stop_signalled = True
+
+
 def run_preemptible(args: argparse.Namespace) -> Any:
     """``args.train_main(args)`` in one training process: SLURM's end-of-job signal (sent to
     every process of the job) asks for the stop, SIGTERM (sent before it on a preemption) is
     ignored, as submitit ignores it in the job's own process."""
-    stop, _ = args.preemption
     previous = {s: signal.getsignal(s) for s in (STOP_SIGNAL, signal.SIGTERM)}
-    signal.signal(STOP_SIGNAL, lambda *_: stop.set())
+    signal.signal(STOP_SIGNAL, _signalled)
     signal.signal(signal.SIGTERM, _ignore)
     train_loop_logger = logging.getLogger("detectron2.engine.train_loop")
     quiet = _DropPreempted()
@@ -103,6 +110,7 @@ def _function_reference(func: Callable) -> Tuple[str, str, str]:
 
 
 def _import_function(reference: Tuple[str, str, str]) -> Callable:
+    """The function of :func:`_function_reference`, imported in this process."""
     folder, module, name = reference
     if folder and folder not in sys.path:
         sys.path.insert(0, folder)
@@ -123,9 +131,15 @@ class PreemptibleTraining:
         args.preemption = stop, saved = context.Event(), context.Event()
         args.train_main = _import_function(self.train_main)
         submitit_handler = signal.getsignal(STOP_SIGNAL)
-        signal.signal(STOP_SIGNAL, lambda *_: stop.set())
+        signal.signal(STOP_SIGNAL, lambda *_: stop.set())  # this thread never waits on it
         try:
             launch_from_args(run_preemptible, args)
+        except Exception:
+            # a process the signal reached before its handler was set: its last checkpoint
+            if not stop.is_set():
+                raise
+            logger.exception("A training process ended on the stop signal")
+            saved.set()
         finally:
             signal.signal(STOP_SIGNAL, submitit_handler)
         if saved.is_set():  # submitit's own path: checkpoint(), requeue, exit
@@ -142,10 +156,8 @@ class PreemptibleTraining:
         return args
 
     def checkpoint(self):
-        """The requeued job: the same training with ``--resume`` (submitit calls this)."""
-        args = copy.copy(self.args)
-        args.resume = True
-        return _submitit().helpers.DelayedSubmission(PreemptibleTraining(self.train_main, args))
+        """The requeued job (submitit calls this): the same, resuming as every run of it does."""
+        return _submitit().helpers.DelayedSubmission(self)
 
 
 def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
@@ -157,7 +169,8 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
                        help="processes per node; 0: --num-gpus CPU processes")  # fmt: skip
     group.add_argument("--partition", default="", help="SLURM partition")
     group.add_argument("--time", type=int, default=72 * 60, help="time limit, minutes")
-    group.add_argument("--cpus-per-task", type=int, default=10, help="CPUs of a node's task")
+    group.add_argument("--cpus-per-task", type=int, default=0,
+                       help="CPUs of a node's task (0: 10 per GPU, or 10)")  # fmt: skip
     group.add_argument("--mem-gb", type=float, default=0, help="memory per node (0: SLURM's)")
     group.add_argument("--signal-delay", type=int, default=120,
                        help="seconds from the stop signal to the time limit")  # fmt: skip
@@ -179,6 +192,7 @@ def _submitit() -> ModuleType:
 
 
 def _executor(args: argparse.Namespace):
+    """submitit's executor for SLURM (or the local one) with the job's resources."""
     submitit = _submitit()
     if args.local:
         if args.nodes != 1:
@@ -189,7 +203,8 @@ def _executor(args: argparse.Namespace):
     extra = dict(option.split("=", 1) for option in args.slurm_option)
     executor.update_parameters(
         name="htc", nodes=args.nodes, tasks_per_node=1, gpus_per_node=args.gpus_per_node,
-        cpus_per_task=args.cpus_per_task, timeout_min=args.time,
+        cpus_per_task=args.cpus_per_task or 10 * max(1, args.gpus_per_node),
+        timeout_min=args.time,
         **({"mem_gb": args.mem_gb} if args.mem_gb else {}),
         slurm_partition=args.partition or None, slurm_signal_delay_s=args.signal_delay,
         slurm_additional_parameters=extra,
@@ -198,10 +213,12 @@ def _executor(args: argparse.Namespace):
 
 
 def job_arguments(args: argparse.Namespace, seed: int) -> argparse.Namespace:
-    """The arguments of the job's training processes: the node's processes, the resumable data
-    order, and a seed fixed at submission (``seed`` < 0: drawn now) that every requeue keeps."""
+    """The arguments of the job's training processes: the node's processes, ``--resume`` (every
+    run of the job, also one SLURM requeues without submitit, continues the last checkpoint in
+    OUTPUT_DIR), the resumable data order, and a seed fixed at submission (``seed`` < 0: drawn
+    now) that every requeue keeps."""
     job = copy.copy(args)
-    job.slurm = False
+    job.slurm, job.resume = False, True
     if args.gpus_per_node > 0:
         job.num_gpus = args.gpus_per_node
     if seed < 0:

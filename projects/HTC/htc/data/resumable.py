@@ -58,7 +58,7 @@ def seeded_rngs(*entropy: int) -> Iterator[None]:
         with torch.random.fork_rng(devices=[]):
             random.seed(seed)
             np.random.seed(seed)
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the mappers run on CPU
             yield
     finally:
         random.setstate(python_state)
@@ -93,6 +93,8 @@ class PositionMappedDataset(Dataset):
 
 
 def _buckets(dicts: list) -> List[int]:
+    """Each dict's aspect-ratio bucket, as Detectron2's grouping computes it from the mapped
+    image's dict (width and height are the dataset's)."""
     missing = [i for i, d in enumerate(dicts) if "width" not in d or "height" not in d]
     if missing:
         raise ValueError(
