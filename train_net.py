@@ -106,6 +106,19 @@ class Trainer(DefaultTrainer):
             hooks_.insert(at, ExactResume(self.cfg.SOLVER.CHECKPOINT_PERIOD))
         return hooks_
 
+    def state_dict(self):
+        """The parent's, with the optimizer's state: Detectron2 v0.6's DefaultTrainer leaves it
+        out (--resume restarted the momentum, and the learning rate for a step); later ones
+        add it themselves."""
+        state = super().state_dict()
+        state.setdefault("_trainer", self._trainer.state_dict())
+        return state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "state_dict" not in DefaultTrainer.__dict__ and "_trainer" in state_dict:  # v0.6
+            self._trainer.load_state_dict(state_dict["_trainer"])
+
     @classmethod
     def build_optimizer(cls, cfg, model):
         """SGD as the parent's, or AdamW (SOLVER.OPTIMIZER), which the parent cannot build."""

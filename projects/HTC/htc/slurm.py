@@ -14,6 +14,7 @@ import argparse
 import copy
 import importlib
 import logging
+import os
 import random
 import re
 import signal
@@ -34,6 +35,7 @@ STOP_SIGNAL = signal.SIGUSR2  # submitit's signal for a preemption or time-out (
 # Set by this process's signal handler, which must not take the Event's lock: the handler runs
 # in the thread that may hold it (in Event.is_set).
 _stop_signalled = False
+_training_pid = 0  # the process whose SIGTERM is ignored; its forked workers keep the default
 
 
 class TrainingPreempted(Exception):
@@ -70,6 +72,10 @@ class _DropPreempted(logging.Filter):
 
 
 def _ignore(signum: int, frame: Any) -> None:
+    if os.getpid() != _training_pid:  # a forked child (a loader's or an evaluator's worker)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     logger.warning("Ignored %s: the job stops at the end of an iteration", signal.strsignal(signum))
 
 
@@ -82,6 +88,8 @@ def run_preemptible(args: argparse.Namespace) -> Any:
     """``args.train_main(args)`` in one training process: SLURM's end-of-job signal (sent to
     every process of the job) asks for the stop, SIGTERM (sent before it on a preemption) is
     ignored, as submitit ignores it in the job's own process."""
+    global _training_pid
+    _training_pid = os.getpid()
     previous = {s: signal.getsignal(s) for s in (STOP_SIGNAL, signal.SIGTERM)}
     signal.signal(STOP_SIGNAL, _signalled)
     signal.signal(signal.SIGTERM, _ignore)
