@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import importlib.util
 import json
 import os
 import shutil
@@ -294,3 +295,11 @@ def train_losses(model, batch, seed=0):
     torch.manual_seed(seed)
     with EventStorage():
         return model(batch)
+
+
+def mmcv_reference_ops():
+    """dev/parity/mmcv_ext.py: the reference environment's stand-ins for mmcv's compiled ops."""
+    spec = importlib.util.spec_from_file_location("mmcv_ext", ROOT / "dev/parity/mmcv_ext.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

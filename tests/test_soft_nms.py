@@ -6,7 +6,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
-from conftest import make_batch, tiny_cfg
+from conftest import make_batch, mmcv_reference_ops, tiny_cfg
 from htc.soft_nms import soft_nms, soft_nms_inference
 
 BOXES = torch.tensor([[0.0, 0, 10, 10], [1, 0, 11, 10], [20, 20, 30, 30], [0, 0, 10, 9]])
@@ -37,6 +37,31 @@ def test_linear_keeps_scores_below_the_threshold():
     keep, scores = soft_nms(BOXES, SCORES, "linear", iou_threshold=0.95, sigma=0.5, min_score=0.0)
     assert keep.tolist() == [0, 1, 2, 3]
     torch.testing.assert_close(scores, SCORES)
+
+
+def test_linear_decays_at_exactly_the_threshold():
+    """mmcv decays a box whose IoU equals the threshold (>=)."""
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 5]])  # IoU 0.5
+    _, scores = soft_nms(boxes, torch.tensor([0.9, 0.8]), "linear", 0.5, 0.5, 0.001)
+    torch.testing.assert_close(scores, torch.tensor([0.9, 0.4]))
+
+
+@pytest.mark.parametrize("method, code", [("linear", 1), ("gaussian", 2)])
+def test_follows_mmcv_step_by_step(method, code):
+    """dev/parity/mmcv_ext.py's softnms, written from mmcv's C++: the same picks in the same
+    order, equal scores picked alike, on integer boxes and scores with many ties."""
+    g = torch.Generator().manual_seed(0)
+    corner = torch.rand(300, 2, generator=g) * 100
+    boxes = torch.cat([corner, corner + torch.rand(300, 2, generator=g) * 40 + 1], 1).round()
+    scores = (torch.rand(300, generator=g) * 20).round() / 20 + 0.001
+    picked, decayed = soft_nms(boxes, scores, method, 0.5, 0.5, min_score=0.01)
+    dets = torch.empty(300, 5)
+    theirs = mmcv_reference_ops().softnms(boxes, scores, dets, 0.5, 0.5, 0.01, code, 0)
+    assert 0 < len(picked) < 300  # some are dropped
+    assert torch.equal(picked, theirs)
+    # exp rounds differently in numpy and torch: a few ulps after chained decays
+    torch.testing.assert_close(decayed, dets[: len(theirs), 4], rtol=1e-5, atol=0)
+    assert torch.equal(boxes[picked], dets[: len(theirs), :4])
 
 
 def test_unknown_method():

@@ -6,7 +6,7 @@ from detectron2.layers import DeformConv, ModulatedDeformConv
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from conftest import make_batch, tiny_cfg
+from conftest import make_batch, mmcv_reference_ops, tiny_cfg
 from htc.layers.deform_conv import (
     TorchvisionDeformConv,
     TorchvisionModulatedDeformConv,
@@ -34,6 +34,29 @@ def test_dcn_v2_gradients_match_numerical():
     offset = torch.randn(1, 18, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
     mask = torch.rand(1, 9, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: conv(*t), (x, offset, mask), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "groups, deformable_groups, stride, dilation", [(1, 1, 1, 1), (4, 1, 2, 1), (2, 2, 1, 2)]
+)
+def test_dcn_v1_agrees_with_the_reference_kernel(groups, deformable_groups, stride, dilation):
+    """The parity fixtures' mmcv DeformConv2d runs dev/parity/mmcv_ext.py's kernel, written from
+    mmcv's C++; ours runs torchvision's. Offsets of a few pixels reach past the border."""
+    conv = DeformConv(8, 8, 3, stride, dilation, dilation, groups, deformable_groups, bias=False)
+    conv = use_torchvision_deform_conv(conv)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 8, 11, 13, generator=g)
+    out_size = [(n + 2 * dilation - 2 * dilation - 1) // stride + 1 for n in (11, 13)]
+    offset = torch.randn(2, deformable_groups * 18, *out_size, generator=g) * 3
+    ours = conv(x, offset)
+    theirs = torch.empty_like(ours)
+    mmcv_reference_ops().deform_conv_forward(
+        x, conv.weight, offset, theirs, None, None, 3, 3, stride, stride, dilation, dilation,
+        dilation, dilation, groups, deformable_groups, 2,
+    )  # fmt: skip
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    x_before_y = offset.unflatten(1, (-1, 2)).flip(2).flatten(1, 2)  # a wrong channel order
+    assert (conv(x, x_before_y) - theirs).abs().max() > 1
 
 
 @pytest.mark.parametrize("modulated", [False, True], ids=["dcn-v1", "dcn-v2"])

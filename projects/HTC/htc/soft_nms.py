@@ -1,7 +1,8 @@
 """Soft-NMS (Bodla et al., 2017) for the final detections, as mmcv's ``soft_nms``: instead of
 removing the boxes that overlap a kept box, their scores are decayed (linear: by 1 - IoU when
-IoU > threshold; gaussian: by exp(-IoU^2 / sigma)), and boxes whose score falls under a
-minimum are dropped."""
+IoU >= threshold; gaussian: by exp(-IoU^2 / sigma)), and boxes whose score falls under a
+minimum are dropped. The order in which mmcv keeps the boxes left is followed too, so that
+equal scores are picked in the same order."""
 
 from typing import List, Optional, Tuple
 
@@ -9,6 +10,17 @@ import torch
 from detectron2.structures import Boxes, Instances, pairwise_iou
 
 METHODS = ("linear", "gaussian")
+
+
+def _drop_as_mmcv(order: torch.Tensor, survives: torch.Tensor) -> torch.Tensor:
+    """mmcv drops the box at a position by moving the last box into it: the survivors in front
+    stay in place and the holes among them are filled with the survivors behind, last first."""
+    count = int(survives.sum())
+    holes = (~survives[:count]).nonzero().flatten()
+    fillers = count + survives[count:].nonzero().flatten().flip(0)
+    kept = order[:count].clone()
+    kept[holes] = order[fillers]
+    return kept
 
 
 def soft_nms(
@@ -33,23 +45,24 @@ def soft_nms(
     if method not in METHODS:
         raise ValueError(f"Soft-NMS method {method!r}: use one of {METHODS}")
     scores = scores.clone()
-    alive = torch.arange(len(boxes), device=boxes.device)
+    order = torch.arange(len(boxes), device=boxes.device)  # mmcv's order of the boxes left
     keep, kept_scores = [], []
-    while len(alive) and (max_picks is None or len(keep) < max_picks):
-        best = int(scores[alive].argmax())
-        pick = alive[best]
+    while len(order) and (max_picks is None or len(keep) < max_picks):
+        best = int(scores[order].argmax())  # the first of equal scores, as mmcv
+        pick = order[best].clone()
         keep.append(pick)
         kept_scores.append(scores[pick])
-        alive = torch.cat([alive[:best], alive[best + 1 :]])
-        iou = pairwise_iou(Boxes(boxes[pick][None]), Boxes(boxes[alive]))[0]
+        order[best] = order[0]  # mmcv swaps the pick with the front box
+        order = order[1:]
+        iou = pairwise_iou(Boxes(boxes[pick][None]), Boxes(boxes[order]))[0]
         if method == "linear":
-            decay = torch.where(iou > iou_threshold, 1 - iou, torch.ones_like(iou))
+            decay = torch.where(iou >= iou_threshold, 1 - iou, torch.ones_like(iou))
         else:
             decay = torch.exp(-(iou * iou) / sigma)
-        scores[alive] *= decay
-        alive = alive[scores[alive] >= min_score]
+        scores[order] *= decay
+        order = _drop_as_mmcv(order, scores[order] >= min_score)
     if not keep:
-        return alive, scores[:0]
+        return order, scores[:0]
     return torch.stack(keep), torch.stack(kept_scores)
 
 
@@ -81,8 +94,10 @@ def soft_nms_inference(
         fg = image_scores[:, :-1]
         rows, classes = (fg > score_thresh).nonzero(as_tuple=True)
         candidates, candidate_scores = image_boxes.tensor[rows], fg[rows, classes]
-        # boxes of different classes never overlap after this shift: one Soft-NMS for all
-        shift = classes[:, None].to(candidates) * (max(size) + 1)
+        # boxes of different classes never overlap after this shift: one Soft-NMS for all. It is
+        # mmcv's batched_nms shift; from 10,000 candidates mmcv runs the classes one by one
+        # unshifted, which differs from this only by the rounding of the shifted coordinates.
+        shift = classes[:, None].to(candidates) * (candidates.max() + 1) if len(rows) else 0
         keep, kept_scores = soft_nms(
             candidates + shift, candidate_scores, method, iou_threshold, sigma, min_score,
             max_picks=topk if topk >= 0 else None,
