@@ -297,9 +297,9 @@ def train_losses(model, batch, seed=0):
         return model(batch)
 
 
-def mmcv_reference_ops():
-    """dev/parity/mmcv_ext.py: the reference environment's stand-ins for mmcv's compiled ops."""
-    spec = importlib.util.spec_from_file_location("mmcv_ext", ROOT / "dev/parity/mmcv_ext.py")
+def dev_parity_module(name: str):
+    """A module of dev/parity (the reference environment's tools), loaded from its file."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"dev/parity/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

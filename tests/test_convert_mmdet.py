@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from conftest import CONFIGS, ROOT
-from htc.convert_mmdet import check_against_model, convert, main
+from conftest import CONFIGS, ROOT, dev_parity_module
+from htc.convert_mmdet import PROVEN_FAMILIES, check_against_model, convert, family_of, main
 
 KEYS = json.loads((ROOT / "tests/fixtures/mmdet_htc_keys.json").read_text())
 PAIRS = {
@@ -32,6 +32,41 @@ def test_reference_layouts_fit_our_configs(mmdet_name):
     dropped = [k for k in KEYS[mmdet_name] if k.endswith("num_batches_tracked")]
     assert len(rows) == len(KEYS[mmdet_name]) - len(dropped)
     check_against_model(converted, str(CONFIGS / PAIRS[mmdet_name]))
+
+
+FAMILIES = {
+    "htc_r50_fpn_1x_coco": "ResNet-50, semantic branch, 2fc box heads",
+    "htc-without-semantic_r50_fpn_1x_coco": "ResNet-50, 2fc box heads",
+    "htc_r101_fpn_20e_coco": "ResNet-101, semantic branch, 2fc box heads",
+    "htc_x101-32x4d_fpn_16xb1-20e_coco": "ResNeXt-101, semantic branch, 2fc box heads",
+    "htc_x101-64x4d-dconv-c3-c5_fpn_ms-400-1400-16xb1-20e_coco": (
+        "ResNeXt-101 with DCN in res3-res5, semantic branch, 2fc box heads"
+    ),
+}
+
+
+@pytest.mark.parametrize("mmdet_name", sorted(FAMILIES))
+def test_each_official_layout_is_named(mmdet_name):
+    assert family_of(state_of(mmdet_name)) == FAMILIES[mmdet_name]
+
+
+def test_the_proven_families_are_those_of_the_parity_fixtures():
+    """PROVEN_FAMILIES claims no more and no less than tests/test_parity.py's fixtures cover."""
+    load = dev_parity_module("fixtures").load_reference
+    fixtures = sorted((ROOT / "tests/fixtures").glob("htc_parity_*.pth"))
+    assert len(fixtures) == 6
+    assert {family_of(load(path)["state_dict"]) for path in fixtures} == PROVEN_FAMILIES
+
+
+@pytest.mark.parametrize(
+    "mmdet_name, warns",
+    [("htc_r101_fpn_20e_coco", True), ("htc_x101-32x4d_fpn_16xb1-20e_coco", False)],
+)
+def test_cli_warns_for_a_family_without_parity_test(tmp_path, capsys, mmdet_name, warns):
+    assert main([str(_save(tmp_path, state_of(mmdet_name))), str(tmp_path / "out.pth")]) == 0
+    err = capsys.readouterr().err
+    assert ("warning: ResNet-101, semantic branch, 2fc box heads: no parity test" in err) == warns
+    assert (tmp_path / "out.pth").exists()
 
 
 def test_r50_reference_has_426_entries():

@@ -1,7 +1,7 @@
 """Dev only (run in the project's .venv): max abs differences between our HTC and a fixture of
-MMDetection's HTC made by make_fixture.py (small or full R-50).
+MMDetection's HTC made by make_fixture.py (a narrow family of tests/fixtures, or the full R-50).
 
-    .venv/bin/python dev/parity/report.py tests/fixtures/htc_parity_small.pth
+    .venv/bin/python dev/parity/report.py tests/fixtures/htc_parity_*.pth
     .venv/bin/python dev/parity/report.py /tmp/htc_parity_r50.pth
 """
 
@@ -13,21 +13,24 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
+from fixtures import load_reference
 
 from htc import SEMANTIC_FEATURE, add_htc_config
 from htc.convert_mmdet import convert
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = {
-    "small": ROOT / "tests/fixtures/htc_parity_small.yaml",
-    "r50": ROOT / "configs/htc_R_50_FPN_1x.yaml",
-}
+
+
+def config_of(family: str) -> Path:
+    if family == "r50":
+        return ROOT / "configs/htc_R_50_FPN_1x.yaml"
+    return ROOT / f"tests/fixtures/htc_parity_{family}.yaml"
 
 
 def build(ref):
     cfg = get_cfg()
     add_htc_config(cfg)
-    cfg.merge_from_file(str(CONFIGS[ref["config"]]))
+    cfg.merge_from_file(str(config_of(ref["config"])))
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
     model = build_model(cfg).eval()
     model.load_state_dict(convert(ref["state_dict"])[0], strict=True)
@@ -65,7 +68,7 @@ def training_losses(model, ref, images, feats):
 
 @torch.no_grad()
 def report(path: str) -> None:
-    ref = torch.load(path, map_location="cpu", weights_only=True)
+    ref = load_reference(path)
     model = build(ref)
     image = ref["image_rgb"]
     batch = [{"image": image, "height": image.shape[1], "width": image.shape[2]}]
@@ -74,8 +77,9 @@ def report(path: str) -> None:
     heads, size = model.roi_heads, images.image_sizes[0]
     rows = [(f"FPN {k} (max |value| {v.abs().max():.1f})", diff(feats[k], v))
             for k, v in zip(["p2", "p3", "p4", "p5", "p6"], ref["fpn"])]  # fmt: skip
-    rows.append(("semantic logits", diff(logits, ref["semantic_logits"])))
-    rows.append(("semantic feature", diff(feats[SEMANTIC_FEATURE], ref["semantic_feat"])))
+    if logits is not None:
+        rows.append(("semantic logits", diff(logits, ref["semantic_logits"])))
+        rows.append(("semantic feature", diff(feats[SEMANTIC_FEATURE], ref["semantic_feat"])))
 
     proposals, _ = model.proposal_generator(images, feats, None)
     best = pairwise_iou(Boxes(ref["rpn_boxes"]), proposals[0].proposal_boxes).max(dim=1).values
@@ -117,9 +121,10 @@ def report(path: str) -> None:
                 diff(got.sigmoid(), want.sigmoid()),
             )
         )
-    targets = model._semantic_targets([{"sem_seg": ref["semantic_labels"].long()}], images)
-    loss = model.semantic_head.losses(logits, targets)["loss_sem_seg"]
-    rows.append(("semantic loss", diff(loss, ref["loss_semantic_seg"])))
+    if logits is not None:
+        targets = model._semantic_targets([{"sem_seg": ref["semantic_labels"].long()}], images)
+        loss = model.semantic_head.losses(logits, targets)["loss_sem_seg"]
+        rows.append(("semantic loss", diff(loss, ref["loss_semantic_seg"])))
 
     rows += training_losses(model, ref, images, feats)
 
@@ -131,5 +136,6 @@ def report(path: str) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("fixture")
-    report(parser.parse_args().fixture)
+    parser.add_argument("fixtures", nargs="+")
+    for fixture in parser.parse_args().fixtures:
+        report(fixture)

@@ -6,7 +6,7 @@ from detectron2.layers import DeformConv, ModulatedDeformConv
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from conftest import make_batch, mmcv_reference_ops, tiny_cfg
+from conftest import dev_parity_module, make_batch, tiny_cfg
 from htc.layers.deform_conv import (
     TorchvisionDeformConv,
     TorchvisionModulatedDeformConv,
@@ -50,7 +50,7 @@ def test_dcn_v1_agrees_with_the_reference_kernel(groups, deformable_groups, stri
     offset = torch.randn(2, deformable_groups * 18, *out_size, generator=g) * 3
     ours = conv(x, offset)
     theirs = torch.empty_like(ours)
-    mmcv_reference_ops().deform_conv_forward(
+    dev_parity_module("mmcv_ext").deform_conv_forward(
         x, conv.weight, offset, theirs, None, None, 3, 3, stride, stride, dilation, dilation,
         dilation, dilation, groups, deformable_groups, 2,
     )  # fmt: skip

@@ -56,6 +56,10 @@ RULES: List[Tuple[str, Callable[[re.Match], str]]] = [
         lambda m: f"roi_heads.box_head.{m[1]}.fc{int(m[2]) + 1}.{m[3]}",
     ),
     (
+        r"^roi_head\.bbox_head\.(\d)\.shared_convs\.(\d)\.conv\.(.+)$",
+        lambda m: f"roi_heads.box_head.{m[1]}.conv{int(m[2]) + 1}.{m[3]}",
+    ),
+    (
         r"^roi_head\.bbox_head\.(\d)\.fc_cls\.(.+)$",
         lambda m: f"roi_heads.box_predictor.{m[1]}.cls_score.{m[2]}",
     ),
@@ -90,6 +94,15 @@ RULES: List[Tuple[str, Callable[[re.Match], str]]] = [
     (r"^roi_head\.semantic_head\.(conv_logits)\.(.+)$", lambda m: f"semantic_head.{m[1]}.{m[2]}"),
 ]
 LEGACY_1X = re.compile(r"^(bbox_head|mask_head|semantic_head)\.")
+# the families that tests/test_parity.py proves number by number against MMDetection 3.3
+PROVEN_FAMILIES = {
+    "ResNet-50, semantic branch, 2fc box heads",
+    "ResNet-50, 2fc box heads",
+    "ResNet-50, semantic branch, 4conv1fc box heads",
+    "ResNeXt-101, semantic branch, 2fc box heads",
+    "ResNeXt-101 with DCN in res3-res5, semantic branch, 2fc box heads",
+}
+DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
 
 
 class ConversionError(ValueError):
@@ -145,6 +158,30 @@ def convert(state: Dict[str, torch.Tensor]) -> Tuple["OrderedDict[str, torch.Ten
     return converted, rows
 
 
+def family_of(state: Dict[str, torch.Tensor]) -> str:
+    """What a checkpoint is, in the words of PROVEN_FAMILIES: backbone, depth, deformable
+    stages, semantic branch, box head."""
+    blocks = tuple(
+        len({k.split(".")[2] for k in state if k.startswith(f"backbone.layer{i}.")})
+        for i in range(1, 5)
+    )
+    conv1, conv2 = (
+        state.get("backbone.layer1.0.conv1.weight"),
+        state.get("backbone.layer1.0.conv2.weight"),
+    )
+    if blocks not in DEPTHS or conv1 is None or conv2 is None:
+        return "an unrecognised backbone"
+    kind = "ResNeXt" if conv2.shape[1] < conv1.shape[0] else "ResNet"  # grouped 3x3
+    family = f"{kind}-{DEPTHS[blocks]}"
+    deformable = sorted({int(k[len("backbone.layer")]) + 1 for k in state if ".conv_offset." in k})
+    if deformable:
+        family += f" with DCN in res{deformable[0]}-res{deformable[-1]}"
+    if any(k.startswith("roi_head.semantic_head.") for k in state):
+        family += ", semantic branch"
+    heads = "4conv1fc" if any(".shared_convs.3." in k for k in state) else "2fc"
+    return f"{family}, {heads} box heads"
+
+
 def check_against_model(converted: Dict[str, torch.Tensor], config_file: str) -> None:
     """Refuse unless ``converted`` fills the model of ``config_file`` exactly."""
     from detectron2.config import get_cfg
@@ -182,12 +219,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--config", help="our config the checkpoint must fit")
     args = parser.parse_args(argv)
     try:
-        converted, rows = convert(load_mmdet_state_dict(args.input))
+        state = load_mmdet_state_dict(args.input)
+        converted, rows = convert(state)
         if args.config:
             check_against_model(converted, args.config)
     except (ConversionError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    family = family_of(state)
+    if family not in PROVEN_FAMILIES:
+        print(
+            f"warning: {family}: no parity test against MMDetection covers this family; its "
+            "names and shapes fit, its numbers are not proven (tests/test_parity.py)",
+            file=sys.stderr,
+        )
     width = max(len(r[0]) for r in rows)
     for old, new, shape in rows:
         print(f"{old:<{width}}  ->  {new}  {list(shape)}")
