@@ -99,6 +99,8 @@ PREDICTOR_SCALE = {
     "conv_logits": 1 / 8,
     "fc_reg": 1 / 40,
     "rpn_reg": 1 / 40,
+    "conv_offset": 1 / 8,  # offsets of a tenth of a pixel: O(1) ones make the deep random
+    # ResNeXt chaotic (a rounding of another thread count grew to 13 at p2)
 }
 
 

@@ -10,6 +10,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_sem_s
 from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
+from .box_coder import use_reference_decoding
 from .layers import DEFORM_CONV_KERNELS, interpolate_bilinear
 from .panoptic import PanopticFusion
 from .postprocessing import MASK_OUTPUTS, paste_masks_as_rle
@@ -47,6 +48,7 @@ class HybridTaskCascade(GeneralizedRCNN):
             kwargs: arguments of :class:`GeneralizedRCNN`.
         """
         super().__init__(**kwargs)
+        use_reference_decoding(self)
         if self.proposal_generator is None:
             raise ValueError("HybridTaskCascade needs an RPN (MODEL.PROPOSAL_GENERATOR.NAME)")
         self.semantic_head = semantic_head
