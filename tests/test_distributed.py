@@ -1,6 +1,8 @@
 """Distributed data parallel training on CPU (gloo): 2 processes on one machine, 2 "machines"
 of one process each on this box, and a rendezvous that one machine never reaches."""
 
+import contextlib
+import datetime
 import json
 import socket
 import subprocess
@@ -142,3 +144,31 @@ def test_a_machine_that_never_arrives_is_named_within_the_timeout(tmp_path):
     assert f"rank 0 of 2: the rendezvous at {url} failed within 1 s" in result.stderr
     assert "1/2 clients joined" in result.stderr
     assert time.monotonic() - start < 60  # 1 s of waiting, and the start-up
+
+
+@pytest.fixture
+def in_this_process():
+    """Detectron2's local process group is made once per process: forgotten after the test."""
+    from detectron2.utils import comm
+
+    yield
+    comm._LOCAL_PROCESS_GROUP = None
+    getattr(comm.create_local_process_group, "cache_clear", lambda: None)()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_worker_destroys_its_groups_before_it_exits(fails, in_this_process):
+    """Left to the interpreter's teardown, gloo's groups abort the process now and then."""
+    from detectron2.utils import comm
+
+    from htc.distributed import _cpu_worker
+
+    def main():
+        assert torch.distributed.is_initialized() and comm.get_local_size() == 1
+        if fails:
+            raise ValueError("the job failed")
+
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    with pytest.raises(ValueError) if fails else contextlib.nullcontext():
+        _cpu_worker(0, main, 1, 1, 0, url, (), datetime.timedelta(seconds=60))
+    assert not torch.distributed.is_initialized()

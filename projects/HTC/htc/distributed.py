@@ -36,12 +36,15 @@ def launch(
     """Detectron2's ``launch``; on a machine without CUDA, one gloo process per
     ``num_processes_per_machine`` with the ranks and local process group Detectron2 gives.
     ``timeout`` bounds the wait for every machine's processes at the rendezvous, and then each
-    collective operation."""
+    collective operation. Each process destroys its process groups when ``main_func`` ends."""
     world_size = num_machines * num_processes_per_machine
-    if torch.cuda.is_available() or world_size == 1:
+    if world_size == 1:
+        main_func(*args)
+        return
+    if torch.cuda.is_available():
         d2_launch(
-            main_func, num_processes_per_machine, num_machines, machine_rank, dist_url, args,
-            timeout=timeout,
+            _run_then_destroy_groups, num_processes_per_machine, num_machines, machine_rank,
+            dist_url, (main_func, *args), timeout=timeout,
         )  # fmt: skip
         return
     if dist_url == "auto":
@@ -94,7 +97,17 @@ def _cpu_worker(
         ) from error
     _set_local_process_group(world_size, per_machine, machine_rank)
     comm.synchronize()
-    main_func(*args)
+    _run_then_destroy_groups(main_func, *args)
+
+
+def _run_then_destroy_groups(main_func: Callable, *args) -> None:
+    """``main_func``, then every process group destroyed: left to the interpreter's teardown,
+    gloo's threads still hold the tensors of finished work, and freeing them then aborts the
+    process now and then ("terminate called without an active exception")."""
+    try:
+        main_func(*args)
+    finally:
+        dist.destroy_process_group()
 
 
 def _set_local_process_group(world_size: int, per_machine: int, machine_rank: int) -> None:
