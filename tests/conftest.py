@@ -303,3 +303,21 @@ def dev_parity_module(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def parity_reference(family: str) -> dict:
+    """The reference's record of a parity family (tests/fixtures/htc_parity_<family>.pth)."""
+    fixtures = dev_parity_module("fixtures")
+    return fixtures.load_reference(ROOT / f"tests/fixtures/htc_parity_{family}.pth")
+
+
+def parity_model(family: str, cfg=None):
+    """Our model of a parity family (``cfg``, else its yaml), in eval mode, with the reference's
+    weights converted by htc.convert_mmdet."""
+    from htc.convert_mmdet import convert
+
+    model = build_model(cfg or load_cfg(ROOT / f"tests/fixtures/htc_parity_{family}.yaml")).eval()
+    converted, _ = convert(parity_reference(family)["state_dict"])
+    incompatible = model.load_state_dict(converted, strict=True)
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    return model

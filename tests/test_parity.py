@@ -8,15 +8,12 @@ import functools
 
 import pytest
 import torch
-from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 
-from conftest import ROOT, dev_parity_module, load_cfg
+from conftest import parity_model, parity_reference
 from htc import SEMANTIC_FEATURE
-from htc.convert_mmdet import convert
 
-FIXTURES = ROOT / "tests/fixtures"
 FAMILIES = ["small", "x101_32x4d", "x101_64x4d_dcn", "without_semantic", "soft_nms", "htcpp_heads"]
 # the families whose own fixture has these (the others' equal the base's by construction)
 OWN_SEMANTIC_LOSS = ["small", "x101_32x4d", "x101_64x4d_dcn"]
@@ -32,17 +29,12 @@ def assert_near(got: torch.Tensor, want: torch.Tensor) -> None:
 
 @functools.lru_cache
 def reference(family: str) -> dict:
-    return dev_parity_module("fixtures").load_reference(FIXTURES / f"htc_parity_{family}.pth")
+    return parity_reference(family)
 
 
 @functools.lru_cache
 def reference_model(family: str):
-    cfg = load_cfg(FIXTURES / f"htc_parity_{family}.yaml")
-    model = build_model(cfg).eval()
-    converted, _ = convert(reference(family)["state_dict"])
-    incompatible = model.load_state_dict(converted, strict=True)
-    assert not incompatible.missing_keys and not incompatible.unexpected_keys
-    return model
+    return parity_model(family)
 
 
 @functools.lru_cache

@@ -1,10 +1,13 @@
-"""HTC's test-time augmentation (the reference's aug_test)."""
+"""HTC's test-time augmentation, against the reference's: MMDetection 2.x's ``aug_test``
+(recorded by dev/parity/make_tta_fixture.py on the small parity model) and its invariances."""
 
+import numpy as np
 import torch
+from detectron2.data.transforms import HFlipTransform, ResizeTransform, TransformList
 from detectron2.modeling import build_model
-from detectron2.structures import pairwise_iou
+from detectron2.structures import Boxes, Instances, pairwise_iou
 
-from conftest import make_batch, tiny_cfg
+from conftest import ROOT, load_cfg, make_batch, parity_model, parity_reference, tiny_cfg
 from htc.tta import HybridTaskCascadeWithTTA
 
 
@@ -52,3 +55,56 @@ def test_flip_tta_is_invariant_to_flipping_the_input():
     torch.testing.assert_close(a.scores.sort().values, b.scores.sort().values, rtol=0, atol=1e-5)
     agree = (a.pred_masks == b.pred_masks[best].flip(-1)).float().mean()
     assert agree > 0.999
+
+
+def _reference_tta():
+    """Our TTA of the small parity model, at the fixture's scales, fed the reference's views
+    (2.x's pipeline resizes with OpenCV, Detectron2 with PIL: other pixels), and the record."""
+    ref = torch.load(ROOT / "tests/fixtures/htc_tta_mmdet2.pth", weights_only=True)
+    cfg = load_cfg(ROOT / "tests/fixtures/htc_parity_small.yaml")
+    cfg.TEST.AUG.update(MIN_SIZES=tuple(ref["short_sides"]), MAX_SIZE=ref["max_size"], FLIP=True)
+    tta = HybridTaskCascadeWithTTA(cfg, parity_model("small", cfg))
+    our_views = tta._get_augmented_inputs(_input(parity_reference("small")["image_rgb"]))[0]
+
+    def reference_views(input):
+        inputs, tfms = [], []
+        for view in ref["views"]:
+            resize = ResizeTransform(input["height"], input["width"], *view.shape[1:])
+            inputs += [dict(input, image=view), dict(input, image=view.flip(-1))]
+            tfms += [TransformList([resize]), TransformList([resize, HFlipTransform(resize.new_w)])]
+        return inputs, tfms
+
+    assert [x["image"].shape for x in our_views[::2]] == [v.shape for v in ref["views"]]
+    tta._get_augmented_inputs = reference_views
+    return tta, ref
+
+
+def test_merges_as_the_reference_2x_aug_test():
+    """Multi-scale (3 sizes) and flip: the merged proposals, the 100 detections (each with its
+    twin: same class, IoU > 0.999), their scores, the merged mask probabilities on the same boxes
+    and the pasted masks, pixel for pixel."""
+    tta, ref = _reference_tta()
+    image = parity_reference("small")["image_rgb"]
+    size = tuple(image.shape[1:])
+    inputs, tfms = tta._get_augmented_inputs(_input(image))
+    with torch.no_grad():
+        views = [tta._view(x) for x in inputs]
+        proposals = tta._merged_proposals(views, tfms, size)
+        reference_boxes = Instances(size, pred_boxes=Boxes(ref["det_boxes"]))
+        reference_boxes.pred_classes = ref["det_labels"]
+        masks = tta._averaged_masks(views, tfms, reference_boxes)
+    assert len(proposals) == len(ref["proposals"]) == 1000
+    twins = pairwise_iou(Boxes(ref["proposals"]), Boxes(proposals)).max(dim=1).values
+    assert (twins > 0.9999).all()
+    torch.testing.assert_close(masks[:, 0], ref["mask_probabilities"], rtol=0, atol=1e-6)
+
+    got = tta([_input(image)])[0]["instances"]
+    assert len(got) == len(ref["det_boxes"]) == 100
+    iou = pairwise_iou(Boxes(ref["det_boxes"]), got.pred_boxes)
+    iou[ref["det_labels"][:, None] != got.pred_classes[None]] = -1
+    best, twin = iou.max(dim=1)
+    assert (best > 0.999).all() and len(set(twin.tolist())) == 100
+    torch.testing.assert_close(got.pred_boxes.tensor[twin], ref["det_boxes"], rtol=0, atol=1e-3)
+    torch.testing.assert_close(got.scores[twin], ref["det_scores"], rtol=0, atol=1e-5)
+    pasted = np.unpackbits(ref["masks_packed"].numpy(), axis=-1)[..., : ref["mask_width"]]
+    assert np.array_equal(got.pred_masks[twin].numpy(), pasted.astype(bool))
