@@ -16,6 +16,7 @@ import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+from detectron2.layers import ShapeSpec
 from omegaconf import ListConfig, OmegaConf
 from PIL import Image
 
@@ -241,14 +242,19 @@ TRAINED = [
 
 
 def _small(name: str):
-    """The config's small variant: a narrow, shallow backbone on 128 px inputs, few RoIs, 3 thing
-    and 5 semantic classes; the heads keep their widths."""
+    """The config's small variant: a narrow, shallow backbone on 128 px inputs, narrow box and
+    mask heads (of the same layers), few RoIs, 3 thing and 5 semantic classes."""
     cfg = LazyConfig.load(str(CONFIGS / name))
     MODERN[name][2](cfg)
     cfg.model.proposal_generator.update(pre_nms_topk=(200, 100), post_nms_topk=(100, 50))
-    cfg.model.roi_heads.update(num_classes=3, batch_size_per_image=32)
-    for predictor in cfg.model.roi_heads.box_predictors:
-        predictor.test_topk_per_image = 10  # the full-width mask heads infer on a few boxes
+    heads = cfg.model.roi_heads
+    heads.update(num_classes=3, batch_size_per_image=32)
+    for head, predictor in zip(heads.box_heads, heads.box_predictors):
+        head.update(conv_dims=[32] * len(head.conv_dims), fc_dims=[64] * len(head.fc_dims))
+        predictor.input_shape = ShapeSpec(channels=64)
+        predictor.test_topk_per_image = 10
+    for head in heads.mask_head:
+        head.conv_dims = [32] * len(head.conv_dims)
     if "semantic_head" in cfg.model:
         cfg.model.semantic_head.num_classes = 5
     return cfg
