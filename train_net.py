@@ -21,7 +21,7 @@ from detectron2.engine import (
     default_setup,
     hooks,
 )
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -30,7 +30,7 @@ from htc.checkpoint import HTCCheckpointer
 from htc.data import register_builtin
 from htc.data.resumable import build_resumable_train_loader
 from htc.distributed import argument_parser, cpu_capable_ddp, launch_from_args
-from htc.evaluation import HTCSemSegEvaluator, fast_coco_eval_available, panoptic_evaluator
+from htc.evaluation import HTCCOCOEvaluator, HTCSemSegEvaluator, panoptic_evaluator
 from htc.panoptic import class_to_stuff
 from htc.resume import ExactResume, kept_rngs
 from htc.slurm import PreemptionHook, add_slurm_arguments, submit
@@ -154,11 +154,7 @@ class Trainer(DefaultTrainer):
         """COCO bbox + segm AP, plus the semantic branch's mIoU where the dataset has labels and
         PQ where it has panoptic ground truth and the model outputs panoptic segmentation."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        evaluators: List = [
-            COCOEvaluator(
-                dataset_name, output_dir=output_folder, use_fast_impl=fast_coco_eval_available()
-            )
-        ]
+        evaluators: List = [HTCCOCOEvaluator(dataset_name, output_dir=output_folder)]
         meta = MetadataCatalog.get(dataset_name)
         if cfg.MODEL.HTC.SEMANTIC_ON and meta.get("sem_seg_root"):
             num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
@@ -173,11 +169,7 @@ class Trainer(DefaultTrainer):
     def test_with_TTA(cls, cfg, model):
         """COCO AP with HTC's test-time augmentation (TEST.AUG.MIN_SIZES, MAX_SIZE, FLIP)."""
         evaluators = [
-            COCOEvaluator(
-                name,
-                output_dir=os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name),
-                use_fast_impl=fast_coco_eval_available(),
-            )
+            HTCCOCOEvaluator(name, output_dir=os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name))
             for name in cfg.DATASETS.TEST
         ]
         results = cls.test(cfg, HybridTaskCascadeWithTTA(cfg, model), evaluators)

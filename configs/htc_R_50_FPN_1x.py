@@ -8,7 +8,7 @@ import detectron2.data.transforms as T
 import torch
 from detectron2.config import LazyCall as L
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.evaluation import DatasetEvaluators
 from detectron2.solver import WarmupParamScheduler
 from detectron2.solver.build import get_default_optimizer_params
 from fvcore.common.param_scheduler import MultiStepParamScheduler
@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from htc import HTCDatasetMapper
 from htc.data import get_builtin_dataset_dicts
-from htc.evaluation import HTCSemSegEvaluator, fast_coco_eval_available
+from htc.evaluation import HTCCOCOEvaluator, HTCSemSegEvaluator
 
 from .common.htc_model import model  # noqa: F401 (the config's model)
 
@@ -53,9 +53,7 @@ dataloader.test = L(build_detection_test_loader)(
 )
 dataloader.evaluator = L(DatasetEvaluators)(
     evaluators=[
-        L(COCOEvaluator)(
-            dataset_name="${....test.dataset.names}", use_fast_impl=fast_coco_eval_available()
-        ),
+        L(HTCCOCOEvaluator)(dataset_name="${....test.dataset.names}"),
         L(HTCSemSegEvaluator)(dataset_name="${....test.dataset.names}", num_classes=183),
     ]
 )

@@ -70,7 +70,7 @@ if ! "$py" -c "import torch" 2>/dev/null; then
 fi
 "$py" -m pip install -q "${pip_c[@]}" numpy Pillow setuptools opencv-python-headless pycocotools \
   matplotlib fvcore iopath black omegaconf hydra-core tqdm tensorboard pytest pytest-xdist ruff onnx onnxruntime \
-  submitit
+  submitit faster-coco-eval
 if [ "$detectron2" = main ]; then  # Detectron2's ViT, Swin and MViT import timm (v0.6 has none),
   # fairscale for activation checkpointing (the MViTv2-H configs), shapely to crop polygons (LSJ)
   "$py" -m pip install -q "${pip_c[@]}" timm fairscale shapely

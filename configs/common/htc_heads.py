@@ -79,5 +79,5 @@ def without_semantic(model, dataloader) -> None:
     for split, name in (("train", "coco_2017_train"), ("test", "coco_2017_val")):
         dataloader[split].dataset.names = name
         dataloader[split].mapper.num_semantic_classes = None
-    dataloader.evaluator = dataloader.evaluator.evaluators[0]  # COCOEvaluator
+    dataloader.evaluator = dataloader.evaluator.evaluators[0]  # HTCCOCOEvaluator
     dataloader.evaluator.dataset_name = "${..test.dataset.names}"  # relative to its new place

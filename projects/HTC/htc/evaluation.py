@@ -1,10 +1,18 @@
-"""Evaluation for HTC: semantic segmentation read as training reads it, and panoptic quality."""
+"""Evaluation for HTC: COCO AP by the fastest COCOeval at hand, semantic segmentation read as
+training reads it, and panoptic quality."""
 
+import contextlib
 import inspect
-from typing import Optional
+from typing import Iterator, Optional
 
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import COCOPanopticEvaluator, SemSegEvaluator
+from detectron2.evaluation import (
+    COCOEvaluator,
+    COCOPanopticEvaluator,
+    SemSegEvaluator,
+    coco_evaluation,
+)
+from pycocotools.cocoeval import COCOeval
 
 from .data.label_map import read_label_map
 
@@ -38,6 +46,46 @@ def fast_coco_eval_available() -> bool:
     import detectron2._C as C
 
     return not getattr(C, "STAND_IN", False)
+
+
+def coco_eval_class() -> type:
+    """The COCOeval that COCO AP is computed with: Detectron2's C++ one where ``detectron2._C``
+    is compiled, else faster-coco-eval's where it is installed (the same numbers as pycocotools',
+    several times faster: benchmarks/coco_eval_speed.py), else pycocotools'."""
+    if fast_coco_eval_available():
+        from detectron2.evaluation.fast_eval_api import COCOeval_opt
+
+        return COCOeval_opt
+    try:
+        from faster_coco_eval import COCOeval_faster
+    except ImportError:
+        return COCOeval
+    return COCOeval_faster
+
+
+class HTCCOCOEvaluator(COCOEvaluator):
+    """:class:`COCOEvaluator` computing with :func:`coco_eval_class` unless ``use_fast_impl`` is
+    False (then pycocotools', as Detectron2's)."""
+
+    def __init__(self, dataset_name: str, *args, **kwargs):
+        self._cocoeval = coco_eval_class()
+        kwargs.setdefault("use_fast_impl", self._cocoeval is not COCOeval)
+        with self._cocoeval_in_use():
+            super().__init__(dataset_name, *args, **kwargs)
+
+    def _eval_predictions(self, predictions, img_ids=None):
+        # the parent's "fast" COCOeval is the module's COCOeval_opt, read at the call
+        with self._cocoeval_in_use():
+            super()._eval_predictions(predictions, img_ids)
+
+    @contextlib.contextmanager
+    def _cocoeval_in_use(self) -> Iterator[None]:
+        saved = coco_evaluation.COCOeval_opt
+        coco_evaluation.COCOeval_opt = self._cocoeval
+        try:
+            yield
+        finally:
+            coco_evaluation.COCOeval_opt = saved
 
 
 def panoptic_evaluator(dataset_name: str, output_dir: Optional[str] = None):

@@ -1,0 +1,98 @@
+"""COCO AP by the fastest COCOeval at hand (htc.evaluation.HTCCOCOEvaluator): faster-coco-eval's
+gives pycocotools' numbers, per category included; without it, pycocotools' is used."""
+
+import json
+import sys
+
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.evaluation import COCOEvaluator, coco_evaluation
+from pycocotools.cocoeval import COCOeval
+
+from htc.evaluation import HTCCOCOEvaluator, coco_eval_class
+
+WIDTH, HEIGHT = 200, 160
+
+
+def _ellipse(box: list) -> dict:
+    x, y, w, h = box
+    yy, xx = np.mgrid[:HEIGHT, :WIDTH]
+    inside = ((xx - x - w / 2) / (w / 2)) ** 2 + ((yy - y - h / 2) / (h / 2)) ** 2 <= 1
+    rle = mask_util.encode(np.asfortranarray(inside.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode()
+    return rle
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """30 images of 3 to 8 instances of 4 categories, and predictions: most instances found with
+    jittered boxes and masks (some with the wrong category), plus false positives."""
+    rng = np.random.default_rng(0)
+    images, annotations, predictions = [], [], []
+    for image_id in range(1, 31):
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": WIDTH,
+                       "height": HEIGHT})  # fmt: skip
+        found = []
+        for _ in range(rng.integers(3, 9)):
+            w, h = rng.uniform(6, 130, 2)  # small, medium and large
+            box = [float(rng.uniform(0, WIDTH - w)), float(rng.uniform(0, HEIGHT - h)), w, h]
+            category = int(rng.integers(1, 5))
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "bbox": box,
+                                "category_id": category, "segmentation": _ellipse(box),
+                                "area": w * h * np.pi / 4, "iscrowd": 0})  # fmt: skip
+            if rng.random() < 0.8:
+                shift = rng.normal(0, 0.05, 2) * [w, h]
+                jittered = [box[0] + shift[0], box[1] + shift[1], w, h]
+                category = category if rng.random() < 0.9 else int(rng.integers(1, 5))
+                found.append((jittered, category))
+        found += [([float(x) for x in rng.uniform(0, 150, 2)] + [30.0, 20.0], 1) for _ in range(2)]
+        predictions.append({"image_id": image_id, "instances": [
+            {"image_id": image_id, "category_id": category, "bbox": box,
+             "score": float(rng.random()), "segmentation": _ellipse(box)}
+            for box, category in found
+        ]})  # fmt: skip
+    categories = [{"id": k, "name": f"class{k}"} for k in range(1, 5)]
+    path = tmp_path / "instances.json"
+    coco = {"images": images, "annotations": annotations, "categories": categories}
+    path.write_text(json.dumps(coco))
+    name = f"coco_eval_test_{tmp_path.name}"
+    register_coco_instances(name, {}, str(path), str(tmp_path))
+    yield name, predictions
+    DatasetCatalog.remove(name)
+    MetadataCatalog.remove(name)
+
+
+def _evaluate(evaluator, predictions) -> dict:
+    evaluator.reset()
+    evaluator._predictions = [dict(p) for p in predictions]
+    return evaluator.evaluate()
+
+
+def test_faster_coco_eval_gives_pycocotools_numbers(dataset):
+    from faster_coco_eval import COCOeval_faster
+
+    name, predictions = dataset
+    official = _evaluate(COCOEvaluator(name, use_fast_impl=False), predictions)
+    fast = HTCCOCOEvaluator(name)
+    assert fast._cocoeval is COCOeval_faster and fast._use_fast_impl
+    got = _evaluate(fast, predictions)
+    assert coco_evaluation.COCOeval_opt is not COCOeval_faster  # restored
+    for task in ("bbox", "segm"):
+        assert got[task].keys() == official[task].keys()
+        assert 20 < official[task]["AP"] < 90
+        for metric, value in official[task].items():
+            assert got[task][metric] == pytest.approx(value, abs=1e-9), metric
+
+
+def test_without_faster_coco_eval_pycocotools_computes(dataset, monkeypatch):
+    monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # as if not installed
+    assert coco_eval_class() is COCOeval
+    name, predictions = dataset
+    evaluator = HTCCOCOEvaluator(name)
+    assert not evaluator._use_fast_impl
+    official = _evaluate(COCOEvaluator(name, use_fast_impl=False), predictions)
+    got = _evaluate(evaluator, predictions)
+    assert got == official and all(np.isfinite(list(got["segm"].values())))
