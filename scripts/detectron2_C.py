@@ -142,7 +142,10 @@ def modulated_deform_conv_backward(
 
 # --- not available without the compiled extension ----------------------------------------------
 
-_COCOEVAL = "use COCOEvaluator(..., use_fast_impl=False): the same AP through pycocotools"
+_COCOEVAL = (
+    "use htc.evaluation.HTCCOCOEvaluator (faster-coco-eval, else pycocotools) or "
+    "COCOEvaluator(..., use_fast_impl=False): the same AP"
+)
 _ROTATED = "rotated boxes are not used by HTC; build Detectron2 from source for them"
 _ALTERNATIVES = {
     "COCOevalEvaluateImages": _COCOEVAL,

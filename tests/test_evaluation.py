@@ -1,5 +1,6 @@
 """COCO AP by the fastest COCOeval at hand (htc.evaluation.HTCCOCOEvaluator): faster-coco-eval's
-gives pycocotools' numbers, per category included; without it, pycocotools' is used."""
+gives pycocotools' numbers, per category and on a subset of images included; keypoints and a
+machine without it get pycocotools'."""
 
 import json
 import sys
@@ -12,6 +13,7 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.evaluation import COCOEvaluator, coco_evaluation
 from pycocotools.cocoeval import COCOeval
 
+import htc.evaluation
 from htc.evaluation import HTCCOCOEvaluator, coco_eval_class
 
 WIDTH, HEIGHT = 200, 160
@@ -42,7 +44,8 @@ def dataset(tmp_path):
             category = int(rng.integers(1, 5))
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "bbox": box,
                                 "category_id": category, "segmentation": _ellipse(box),
-                                "area": w * h * np.pi / 4, "iscrowd": 0})  # fmt: skip
+                                "area": w * h * np.pi / 4,
+                                "iscrowd": int(rng.random() < 0.1)})  # fmt: skip
             if rng.random() < 0.8:
                 shift = rng.normal(0, 0.05, 2) * [w, h]
                 jittered = [box[0] + shift[0], box[1] + shift[1], w, h]
@@ -59,35 +62,53 @@ def dataset(tmp_path):
     coco = {"images": images, "annotations": annotations, "categories": categories}
     path.write_text(json.dumps(coco))
     name = f"coco_eval_test_{tmp_path.name}"
-    register_coco_instances(name, {}, str(path), str(tmp_path))
+    thing_classes = [c["name"] for c in categories]  # per-category AP in the results
+    register_coco_instances(name, {"thing_classes": thing_classes}, str(path), str(tmp_path))
     yield name, predictions
     DatasetCatalog.remove(name)
     MetadataCatalog.remove(name)
 
 
-def _evaluate(evaluator, predictions) -> dict:
+@pytest.fixture
+def without_detectron2_cocoeval(monkeypatch):
+    """As the setup installs Detectron2: no compiled C++ COCOeval."""
+    monkeypatch.setattr(htc.evaluation, "fast_coco_eval_available", lambda: False)
+
+
+def _evaluate(evaluator, predictions, img_ids=None) -> dict:
     evaluator.reset()
     evaluator._predictions = [dict(p) for p in predictions]
-    return evaluator.evaluate()
+    return evaluator.evaluate(img_ids)
 
 
-def test_faster_coco_eval_gives_pycocotools_numbers(dataset):
-    from faster_coco_eval import COCOeval_faster
-
+@pytest.mark.parametrize("img_ids", [None, list(range(5, 25))])
+def test_faster_coco_eval_gives_pycocotools_numbers(dataset, img_ids, without_detectron2_cocoeval):
+    pytest.importorskip("faster_coco_eval")
     name, predictions = dataset
-    official = _evaluate(COCOEvaluator(name, use_fast_impl=False), predictions)
+    official = _evaluate(COCOEvaluator(name, use_fast_impl=False), predictions, img_ids)
     fast = HTCCOCOEvaluator(name)
-    assert fast._cocoeval is COCOeval_faster and fast._use_fast_impl
-    got = _evaluate(fast, predictions)
-    assert coco_evaluation.COCOeval_opt is not COCOeval_faster  # restored
+    assert fast._cocoeval is not COCOeval and fast._use_fast_impl
+    got = _evaluate(fast, predictions, img_ids)
+    assert coco_evaluation.COCOeval_opt is not fast._cocoeval  # restored
     for task in ("bbox", "segm"):
-        assert got[task].keys() == official[task].keys()
+        assert got[task].keys() == official[task].keys() > {"AP", "APl", "AP-class1", "AP-class4"}
         assert 20 < official[task]["AP"] < 90
         for metric, value in official[task].items():
             assert got[task][metric] == pytest.approx(value, abs=1e-9), metric
 
 
-def test_without_faster_coco_eval_pycocotools_computes(dataset, monkeypatch):
+def test_keypoints_go_to_pycocotools(dataset, without_detectron2_cocoeval):
+    pytest.importorskip("faster_coco_eval")
+    name, predictions = dataset
+    gt = COCOEvaluator(name, use_fast_impl=False)._coco_api
+    dt = gt.loadRes([dict(i, keypoints=[]) for p in predictions for i in p["instances"]])
+    assert type(coco_eval_class()(gt, dt, "keypoints")) is COCOeval
+    assert type(coco_eval_class()(gt, dt, "bbox")) is not COCOeval
+
+
+def test_without_faster_coco_eval_pycocotools_computes(
+    dataset, monkeypatch, without_detectron2_cocoeval
+):
     monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # as if not installed
     assert coco_eval_class() is COCOeval
     name, predictions = dataset

@@ -6,6 +6,7 @@ of their small variants, the HTC++ recipes' settings; on Detectron2 v0.6, an imm
 naming what they need (the ResNet HTC++ configs run there too)."""
 
 import functools
+import inspect
 import json
 import runpy
 import subprocess
@@ -261,21 +262,29 @@ def _small(name: str):
 
 
 def _model_key(cfg) -> str:
-    """The model a LazyConfig builds, as text: functions by where they are written (each load
-    of a config makes new function objects)."""
+    """The model a LazyConfig builds, as text: interpolations resolved, functions by where they
+    are written with their defaults and closures (each load of a config makes new function
+    objects), classes by name; anything else is refused rather than keyed by its repr."""
+    return repr(_named(OmegaConf.to_container(cfg.model, resolve=True)))
 
-    def named(node):
-        if isinstance(node, dict):
-            return {key: named(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [named(value) for value in node]
-        if isinstance(node, functools.partial):
-            return [named(node.func), named(list(node.args)), named(dict(node.keywords))]
-        if hasattr(node, "__code__"):
-            return f"{node.__code__.co_filename}:{node.__code__.co_firstlineno}"
-        return f"{node.__module__}.{node.__qualname__}" if callable(node) else node
 
-    return repr(named(OmegaConf.to_container(cfg.model)))
+def _named(node):
+    if isinstance(node, dict):
+        return {key: _named(value) for key, value in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_named(value) for value in node]
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return node
+    if isinstance(node, functools.partial):
+        return ["partial", _named(node.func), _named(node.args), _named(node.keywords)]
+    if inspect.isfunction(node):
+        code, cells = node.__code__, [cell.cell_contents for cell in node.__closure__ or ()]
+        where = f"{code.co_filename}:{code.co_firstlineno}"
+        return [where, _named(node.__defaults__ or ()), _named(node.__kwdefaults__ or {}),
+                _named(cells)]  # fmt: skip
+    if (isinstance(node, type) or inspect.isbuiltin(node)) and "<locals>" not in node.__qualname__:
+        return f"{node.__module__}.{node.__qualname__}"
+    raise TypeError(f"no key for {node!r} ({type(node).__name__})")
 
 
 @functools.lru_cache

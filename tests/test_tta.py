@@ -82,7 +82,8 @@ def _reference_tta():
 def test_merges_as_the_reference_2x_aug_test():
     """Multi-scale (3 sizes) and flip: the merged proposals, the 100 detections (each with its
     twin: same class, IoU > 0.999), their scores, the merged mask probabilities on the same boxes
-    and the pasted masks, pixel for pixel."""
+    and the pasted masks, pixel for pixel. Measured 6e-5 px, 6e-7 and 6e-8; the bounds leave
+    room for another machine's rounding."""
     tta, ref = _reference_tta()
     image = parity_reference("small")["image_rgb"]
     size = tuple(image.shape[1:])
@@ -94,8 +95,8 @@ def test_merges_as_the_reference_2x_aug_test():
         reference_boxes.pred_classes = ref["det_labels"]
         masks = tta._averaged_masks(views, tfms, reference_boxes)
     assert len(proposals) == len(ref["proposals"]) == 1000
-    twins = pairwise_iou(Boxes(ref["proposals"]), Boxes(proposals)).max(dim=1).values
-    assert (twins > 0.9999).all()
+    best, twin = pairwise_iou(Boxes(ref["proposals"]), Boxes(proposals)).max(dim=1)
+    assert (best > 0.9999).all() and len(set(twin.tolist())) == 1000  # one to one
     torch.testing.assert_close(masks[:, 0], ref["mask_probabilities"], rtol=0, atol=1e-6)
 
     got = tta([_input(image)])[0]["instances"]

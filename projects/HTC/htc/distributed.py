@@ -103,10 +103,11 @@ def _cpu_worker(
 def _run_then_destroy_groups(main_func: Callable, *args) -> None:
     """``main_func``, then every process group destroyed: left to the interpreter's teardown,
     gloo's threads still hold the tensors of finished work, and freeing them then aborts the
-    process now and then ("terminate called without an active exception")."""
-    try:
-        main_func(*args)
-    finally:
+    process now and then ("terminate called without an active exception"). Not after an
+    error: other ranks may still be in a collective, where a destroy can hang (NCCL), and the
+    error must reach ``mp.spawn``, which ends them."""
+    main_func(*args)
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

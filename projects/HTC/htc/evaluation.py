@@ -3,7 +3,7 @@ training reads it, and panoptic quality."""
 
 import contextlib
 import inspect
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import (
@@ -48,10 +48,11 @@ def fast_coco_eval_available() -> bool:
     return not getattr(C, "STAND_IN", False)
 
 
-def coco_eval_class() -> type:
+def coco_eval_class() -> Callable:
     """The COCOeval that COCO AP is computed with: Detectron2's C++ one where ``detectron2._C``
     is compiled, else faster-coco-eval's where it is installed (the same numbers as pycocotools',
-    several times faster: benchmarks/coco_eval_speed.py), else pycocotools'."""
+    3.5x to 9x faster: benchmarks/coco_eval_speed.py), else pycocotools'. Keypoints always go
+    to pycocotools' under faster-coco-eval, which needs its own ground-truth class for them."""
     if fast_coco_eval_available():
         from detectron2.evaluation.fast_eval_api import COCOeval_opt
 
@@ -60,7 +61,13 @@ def coco_eval_class() -> type:
         from faster_coco_eval import COCOeval_faster
     except ImportError:
         return COCOeval
-    return COCOeval_faster
+
+    def cocoeval(coco_gt, coco_dt, iou_type: str):
+        if iou_type == "keypoints":
+            return COCOeval(coco_gt, coco_dt, iou_type)
+        return COCOeval_faster(coco_gt, coco_dt, iou_type, print_function=print)
+
+    return cocoeval
 
 
 class HTCCOCOEvaluator(COCOEvaluator):
