@@ -27,9 +27,9 @@ from mmdet.structures import DetDataSample
 from mmdet.utils import register_all_modules
 from mmengine.config import Config
 from mmengine.structures import PixelData
+from narrow import SMALL, narrow
 
 MASK_DETECTIONS = 30
-SMALL = dict(stem=16, base=8, fpn=32, fc=64, mask=32, sem=32, classes=3, sem_classes=5)
 
 
 def resnext(groups, base_width):
@@ -71,25 +71,6 @@ FAMILIES = {
     "soft_nms": ("htc_r50_fpn_1x_coco.py", soft_nms),
     "htcpp_heads": ("htc_r50_fpn_1x_coco.py", htcpp_heads),
 }
-
-
-def narrow(cfg, s):
-    m = cfg.model
-    m.backbone.update(stem_channels=s["stem"], base_channels=s["base"])
-    m.neck.update(in_channels=[s["base"] * 4 * 2**i for i in range(4)], out_channels=s["fpn"])
-    m.rpn_head.update(in_channels=s["fpn"], feat_channels=s["fpn"])
-    r = m.roi_head
-    for key in ("bbox_roi_extractor", "mask_roi_extractor", "semantic_roi_extractor"):
-        if key in r:
-            r[key].out_channels = s["fpn"]
-    for head in r.bbox_head:
-        head.update(in_channels=s["fpn"], fc_out_channels=s["fc"], num_classes=s["classes"])
-    for head in r.mask_head:
-        head.update(in_channels=s["fpn"], conv_out_channels=s["mask"], num_classes=s["classes"])
-    if "semantic_head" in r:
-        r.semantic_head.update(
-            in_channels=s["fpn"], conv_out_channels=s["sem"], num_classes=s["sem_classes"]
-        )
 
 
 # predictor layers scaled down so class logits are O(5) and box deltas O(1) (not saturated)

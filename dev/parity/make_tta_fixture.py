@@ -21,8 +21,8 @@ import torch
 from mmcv import Config
 from mmdet.models import build_detector
 from mmdet.models.roi_heads import htc_roi_head
+from narrow import SMALL, narrow
 
-SMALL = dict(stem=16, base=8, fpn=32, fc=64, mask=32, sem=32, classes=3, sem_classes=5)
 MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
 STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
 
@@ -30,21 +30,9 @@ STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
 def reference_model(state_dict):
     """2.x's HTC R-50 narrowed as make_fixture.py's "small", with ``state_dict``."""
     cfg = Config.fromfile(f"{mmdet.__path__[0]}/.mim/configs/htc/htc_r50_fpn_1x_coco.py")
-    m, s = cfg.model, SMALL
-    m.backbone.update(stem_channels=s["stem"], base_channels=s["base"], init_cfg=None)
-    m.neck.update(in_channels=[s["base"] * 4 * 2**i for i in range(4)], out_channels=s["fpn"])
-    m.rpn_head.update(in_channels=s["fpn"], feat_channels=s["fpn"])
-    r = m.roi_head
-    for key in ("bbox_roi_extractor", "mask_roi_extractor", "semantic_roi_extractor"):
-        r[key].out_channels = s["fpn"]
-    for head in r.bbox_head:
-        head.update(in_channels=s["fpn"], fc_out_channels=s["fc"], num_classes=s["classes"])
-    for head in r.mask_head:
-        head.update(in_channels=s["fpn"], conv_out_channels=s["mask"], num_classes=s["classes"])
-    r.semantic_head.update(
-        in_channels=s["fpn"], conv_out_channels=s["sem"], num_classes=s["sem_classes"]
-    )
-    model = build_detector(m)
+    cfg.model.backbone.init_cfg = None
+    narrow(cfg, SMALL)
+    model = build_detector(cfg.model)
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
 

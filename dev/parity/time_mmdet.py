@@ -12,11 +12,11 @@ import time
 
 import mmdet
 import torch
-from make_fixture import SMALL, narrow
 from mmdet.registry import MODELS
 from mmdet.structures import DetDataSample
 from mmdet.utils import register_all_modules
 from mmengine.config import Config
+from narrow import SMALL, narrow
 
 
 def main():
