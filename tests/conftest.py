@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import functools
 import importlib.util
 import json
 import os
@@ -305,8 +306,10 @@ def dev_parity_module(name: str):
     return module
 
 
+@functools.lru_cache
 def parity_reference(family: str) -> dict:
-    """The reference's record of a parity family (tests/fixtures/htc_parity_<family>.pth)."""
+    """The reference's record of a parity family (tests/fixtures/htc_parity_<family>.pth), read
+    once per process (not to be changed)."""
     fixtures = dev_parity_module("fixtures")
     return fixtures.load_reference(ROOT / f"tests/fixtures/htc_parity_{family}.pth")
 

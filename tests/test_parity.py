@@ -11,7 +11,8 @@ import torch
 from detectron2.structures import BitMasks, Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 
-from conftest import parity_model, parity_reference
+from conftest import parity_model
+from conftest import parity_reference as reference
 from htc import SEMANTIC_FEATURE
 
 FAMILIES = ["small", "x101_32x4d", "x101_64x4d_dcn", "without_semantic", "soft_nms", "htcpp_heads"]
@@ -25,11 +26,6 @@ def assert_near(got: torch.Tensor, want: torch.Tensor) -> None:
     plus 1e-5 of the largest magnitude compared (the semantic feature reaches ~70)."""
     atol = 1e-4 + 1e-5 * float(want.abs().max()) if want.numel() else 0.0
     torch.testing.assert_close(got, want, rtol=0, atol=atol)
-
-
-@functools.lru_cache
-def reference(family: str) -> dict:
-    return parity_reference(family)
 
 
 @functools.lru_cache
