@@ -8,7 +8,6 @@ python train_net.py --config-file configs/htc_R_50_FPN_1x.yaml --slurm --nodes 2
 
 import os
 from collections import OrderedDict
-from typing import List
 
 from detectron2.config import get_cfg
 from detectron2.data import (
@@ -30,7 +29,7 @@ from htc.checkpoint import HTCCheckpointer
 from htc.data import register_builtin
 from htc.data.resumable import build_resumable_train_loader
 from htc.distributed import argument_parser, cpu_capable_ddp, launch_from_args
-from htc.evaluation import HTCCOCOEvaluator, HTCSemSegEvaluator, panoptic_evaluator
+from htc.evaluation import build_evaluators
 from htc.panoptic import class_to_stuff
 from htc.resume import ExactResume, kept_rngs
 from htc.slurm import PreemptionHook, add_slurm_arguments, submit
@@ -151,26 +150,18 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """COCO bbox + segm AP, plus the semantic branch's mIoU where the dataset has labels and
-        PQ where it has panoptic ground truth and the model outputs panoptic segmentation."""
+        """The dataset's evaluators by its kind (COCO, LVIS, Cityscapes), with the semantic
+        branch's mIoU and PQ where the dataset has their ground truth."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        evaluators: List = [HTCCOCOEvaluator(dataset_name, output_dir=output_folder)]
-        meta = MetadataCatalog.get(dataset_name)
-        if cfg.MODEL.HTC.SEMANTIC_ON and meta.get("sem_seg_root"):
-            num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-            evaluators.append(
-                HTCSemSegEvaluator(dataset_name, num_classes, output_dir=output_folder)
-            )
-        if cfg.MODEL.HTC.PANOPTIC_ON and meta.get("panoptic_json"):
-            evaluators.append(panoptic_evaluator(dataset_name, output_folder))
-        return DatasetEvaluators(evaluators)
+        return DatasetEvaluators(build_evaluators(cfg, dataset_name, output_folder))
 
     @classmethod
     def test_with_TTA(cls, cfg, model):
-        """COCO AP with HTC's test-time augmentation (TEST.AUG.MIN_SIZES, MAX_SIZE, FLIP)."""
+        """Instance AP with HTC's test-time augmentation (TEST.AUG.MIN_SIZES, MAX_SIZE, FLIP)."""
+        folders = {n: os.path.join(cfg.OUTPUT_DIR, "inference_TTA", n) for n in cfg.DATASETS.TEST}
         evaluators = [
-            HTCCOCOEvaluator(name, output_dir=os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name))
-            for name in cfg.DATASETS.TEST
+            build_evaluators(cfg, name, folder, instances_only=True)[0]
+            for name, folder in folders.items()
         ]
         results = cls.test(cfg, HybridTaskCascadeWithTTA(cfg, model), evaluators)
         return OrderedDict((f"{k}_TTA", v) for k, v in results.items())

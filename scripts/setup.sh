@@ -72,9 +72,16 @@ fi
   matplotlib fvcore iopath black omegaconf hydra-core tqdm tensorboard pytest pytest-xdist ruff onnx onnxruntime \
   submitit faster-coco-eval
 if [ "$detectron2" = main ]; then  # Detectron2's ViT, Swin and MViT import timm (v0.6 has none),
-  # fairscale for activation checkpointing (the MViTv2-H configs), shapely to crop polygons (LSJ)
-  "$py" -m pip install -q "${pip_c[@]}" timm fairscale shapely
+  # fairscale for activation checkpointing (the MViTv2-H configs)
+  "$py" -m pip install -q "${pip_c[@]}" timm fairscale
 fi
+# shapely: Detectron2's Cityscapes loader (polygons) and its crop of polygon masks (LSJ);
+# pyquaternion: what cityscapesscripts' evaluation imports beyond numpy and Pillow.
+"$py" -m pip install -q "${pip_c[@]}" shapely pyquaternion
+# Cityscapes' and LVIS's official evaluation, as Detectron2 calls them, without the dependencies
+# their metadata declares: cityscapesscripts' are the typing backport, requests and GUI tools
+# (not what its evaluation imports), lvis's opencv-python would clash with opencv-python-headless.
+"$py" -m pip install -q "${pip_c[@]}" --no-deps cityscapesscripts lvis
 # The COCO panoptic API for COCOPanopticEvaluator; its metadata's numpy<2 and scikit-image are not
 # what its code imports (numpy, Pillow), so it comes without them and pip check overlooks it.
 "$py" -m pip install -q "${pip_c[@]}" --no-deps panopticapi-lite
@@ -82,7 +89,7 @@ fi
   ${source:+--source "$source"}
 "$py" -m pip install -q "${pip_c[@]}" --no-build-isolation --no-deps -e "$root"
 if ! problems="$("$py" -m pip check)"; then
-  problems="$(grep -v '^panopticapi-lite ' <<<"$problems" || true)"
+  problems="$(grep -iv '^\(panopticapi-lite\|cityscapesscripts\|lvis\) ' <<<"$problems" || true)"
   if [ -n "$problems" ]; then echo "$problems" >&2; exit 1; fi
 fi
 echo "$want" > "$stamp"

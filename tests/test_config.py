@@ -25,6 +25,7 @@ from conftest import (
     train_losses,
 )
 from htc import set_deterministic, set_float32_precision
+from htc.roi_heads import HAS_FED_LOSS
 
 
 @pytest.mark.parametrize(
@@ -56,6 +57,10 @@ def test_shipped_config_builds(name):
     cfg = load_cfg(CONFIGS / name)
     if "swin" in str(name) and not HAS_MODERN_BACKBONES:
         with pytest.raises(ImportError, match="SwinTransformer.*v0.6 release"):
+            build_model(cfg)
+        return
+    if cfg.MODEL.ROI_BOX_HEAD.USE_FED_LOSS and not HAS_FED_LOSS:
+        with pytest.raises(ValueError, match="USE_FED_LOSS.*after v0.6"):
             build_model(cfg)
         return
     model = build_on_meta(cfg)

@@ -134,12 +134,17 @@ def test_zeroing_semantic_feature_changes_outputs_only_where_fused(fusion):
     assert (not torch.equal(mask_a, mask_b)) == ("mask" in fusion)
 
 
-def test_inference_averages_stage_logits_then_softmax():
+@pytest.mark.parametrize("sigmoid", [False, True])
+def test_inference_averages_stage_logits_then_softmax(sigmoid):
+    """A softmax of the stages' mean logits, or their sigmoid where the predictors learn with
+    sigmoid cross-entropy (the federated loss of the LVIS configs)."""
     cfg = tiny_cfg()
     model = build_model(cfg).eval()
     heads = model.roi_heads
     for predictor in heads.box_predictor:  # logits of O(1), where the two rules differ
         torch.nn.init.normal_(predictor.cls_score.weight, std=0.5)
+        predictor.use_sigmoid_ce = sigmoid
+    to_probs = torch.sigmoid if sigmoid else lambda x: F.softmax(x, dim=-1)
     boxes = torch.tensor([[5.0, 5.0, 60.0, 70.0], [30.0, 10.0, 90.0, 50.0], [0, 0, 95, 95]])
     with torch.no_grad():
         features, _ = model._features(model.preprocess_image(make_batch(num_images=1)))
@@ -155,12 +160,12 @@ def test_inference_averages_stage_logits_then_softmax():
             )
             props = [Instances((96, 96), proposal_boxes=Boxes(refined).clone())]
             props[0].proposal_boxes.clip((96, 96))
-        probs = F.softmax(sum(logits) / 3, dim=-1)
+        probs = to_probs(sum(logits) / 3)
         last = heads.box_predictor[-1]
         want, _ = fast_rcnn_inference(
             [refined], [probs], [(96, 96)], last.test_score_thresh, last.test_nms_thresh, 100
         )
-        mean_of_probs = sum(F.softmax(x, dim=-1) for x in logits) / 3
+        mean_of_probs = sum(to_probs(x) for x in logits) / 3
     torch.testing.assert_close(got.scores, want[0].scores)
     torch.testing.assert_close(got.pred_boxes.tensor, want[0].pred_boxes.tensor)
     assert not torch.allclose(probs, mean_of_probs, atol=1e-2)  # the rule matters here

@@ -95,6 +95,12 @@ def add_htc_config(cfg: CN) -> None:
         # fp32 matmuls and convs on CUDA: "highest" (no TF32), "high" (TF32) or "medium"; ""
         # leaves PyTorch's settings as they are. Applied by set_float32_precision.
         cfg.FLOAT32_PRECISION = ""
+    if "USE_FED_LOSS" not in cfg.MODEL.ROI_BOX_HEAD:  # Detectron2 main's keys, given to v0.6
+        # so that the LVIS configs load there, to be refused with the reason (roi_heads.py)
+        cfg.MODEL.ROI_BOX_HEAD.USE_FED_LOSS = False
+        cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE = False
+        cfg.MODEL.ROI_BOX_HEAD.FED_LOSS_FREQ_WEIGHT_POWER = 0.5
+        cfg.MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES = 50
     # Bit-identical training runs (with a fixed SEED): applied by set_deterministic.
     cfg.DETERMINISTIC = False
     # A data order and augmentations that --resume continues exactly, with each process's RNG

@@ -1,23 +1,127 @@
-"""Evaluation for HTC: COCO AP by the fastest COCOeval at hand, semantic segmentation read as
-training reads it, and panoptic quality."""
+"""Evaluation for HTC: the evaluators of a dataset by its kind (COCO AP by the fastest COCOeval
+at hand, LVIS AP, Cityscapes' official instance and semantic scores), semantic segmentation read
+as training reads it, and panoptic quality."""
 
 import contextlib
 import inspect
-from typing import Callable, Iterator, Optional
+import json
+import os
+from typing import Callable, Iterator, List, Optional
 
+import numpy as np
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import (
+    CityscapesInstanceEvaluator,
+    CityscapesSemSegEvaluator,
     COCOEvaluator,
     COCOPanopticEvaluator,
+    DatasetEvaluator,
+    LVISEvaluator,
     SemSegEvaluator,
     coco_evaluation,
 )
 from pycocotools.cocoeval import COCOeval
 
+from .data.cityscapes import alias_cityscapesscripts
 from .data.label_map import read_label_map
 
 # Detectron2 after v0.6 takes the ground-truth reader as an argument.
 _TAKES_LOADING_FN = "sem_seg_loading_fn" in inspect.signature(SemSegEvaluator.__init__).parameters
+CITYSCAPES_KINDS = ("cityscapes_htc", "cityscapes_instance")
+
+
+def build_evaluators(
+    cfg, dataset_name: str, output_dir: Optional[str] = None, instances_only: bool = False
+) -> List[DatasetEvaluator]:
+    """The evaluators of ``dataset_name`` by its metadata's ``evaluator_type``: instances by
+    COCO AP ("coco"), LVIS AP ("lvis", at most TEST.DETECTIONS_PER_IMAGE per image) or
+    Cityscapes' instance AP ("cityscapes_htc", "cityscapes_instance"); unless
+    ``instances_only``, the semantic branch's mIoU where the dataset has label maps
+    (Cityscapes': cityscapesscripts' on its 19 classes) and PQ where it has panoptic ground
+    truth and the model outputs panoptic segmentation."""
+    meta = MetadataCatalog.get(dataset_name)
+    kind = meta.get("evaluator_type", "coco")
+    semantic = cfg.MODEL.HTC.SEMANTIC_ON and meta.get("sem_seg_root") and not instances_only
+    if kind in CITYSCAPES_KINDS:
+        alias_cityscapesscripts()
+        evaluators: List[DatasetEvaluator] = [HTCCityscapesInstanceEvaluator(dataset_name)]
+        return evaluators + ([HTCCityscapesSemSegEvaluator(dataset_name)] if semantic else [])
+    if kind == "lvis":
+        evaluators = [HTCLVISEvaluator(dataset_name, cfg.TEST.DETECTIONS_PER_IMAGE, output_dir)]
+    else:
+        evaluators = [HTCCOCOEvaluator(dataset_name, output_dir=output_dir)]
+    if semantic:
+        num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        evaluators.append(HTCSemSegEvaluator(dataset_name, num_classes, output_dir=output_dir))
+    if cfg.MODEL.HTC.PANOPTIC_ON and meta.get("panoptic_json") and not instances_only:
+        evaluators.append(panoptic_evaluator(dataset_name, output_dir))
+    return evaluators
+
+
+class OnTodaysNumpy:
+    """Mixin for an evaluator whose official evaluation calls names NumPy removed: lvis 0.5.3
+    (its newest release, 2020) calls ``np.float``, gone in NumPy 1.24; cityscapesscripts
+    2.3.0 (2026) ``np.in1d``, gone in 2.4. Its ``evaluate`` runs with those that this NumPy
+    lacks put back, and removed after."""
+
+    def evaluate(self):
+        with _removed_numpy_names():
+            return super().evaluate()
+
+
+def _in1d(ar1, ar2, assume_unique: bool = False, invert: bool = False) -> np.ndarray:
+    return np.isin(ar1, ar2, assume_unique=assume_unique, invert=invert).ravel()
+
+
+_REMOVED_FROM_NUMPY = {"float": float, "in1d": _in1d}
+
+
+@contextlib.contextmanager
+def _removed_numpy_names() -> Iterator[None]:
+    missing = [name for name in _REMOVED_FROM_NUMPY if name not in vars(np)]
+    for name in missing:
+        setattr(np, name, _REMOVED_FROM_NUMPY[name])
+    try:
+        yield
+    finally:
+        for name in missing:
+            delattr(np, name)
+
+
+class HTCLVISEvaluator(OnTodaysNumpy, LVISEvaluator):
+    """:class:`LVISEvaluator` (at most ``max_dets_per_image`` per image) on today's NumPy."""
+
+    def __init__(self, dataset_name: str, max_dets_per_image: int, output_dir: Optional[str]):
+        super().__init__(dataset_name, output_dir=output_dir, max_dets_per_image=max_dets_per_image)
+
+
+class HTCCityscapesInstanceEvaluator(OnTodaysNumpy, CityscapesInstanceEvaluator):
+    """:class:`CityscapesInstanceEvaluator` on today's NumPy. cityscapesscripts' evaluation
+    also writes its matches to ``matches.json`` in the current folder, with NumPy integers
+    (from NumPy 2's ``count_nonzero``) that its json writer cannot write: it runs in the
+    evaluator's temporary folder, which is removed after, writing them as Python numbers."""
+
+    def evaluate(self):
+        from cityscapesscripts.evaluation import evalInstanceLevelSemanticLabeling as official
+
+        saved, cwd = official.writeDict2JSON, os.getcwd()
+        official.writeDict2JSON = _write_json
+        os.chdir(self._temp_dir)
+        try:
+            return super().evaluate()
+        finally:
+            os.chdir(cwd)
+            official.writeDict2JSON = saved
+
+
+def _write_json(data, path: str) -> None:
+    """cityscapesscripts' ``writeDict2JSON``, with NumPy scalars written as numbers."""
+    with open(path, "w") as f:
+        json.dump(data, f, default=lambda o: o.item() if isinstance(o, np.generic) else vars(o))
+
+
+class HTCCityscapesSemSegEvaluator(OnTodaysNumpy, CityscapesSemSegEvaluator):
+    """:class:`CityscapesSemSegEvaluator` on today's NumPy."""
 
 
 class HTCSemSegEvaluator(SemSegEvaluator):

@@ -6,6 +6,7 @@ semantic branch's RoI feature summed into every box and mask RoI feature); at te
 stages' class logits and masks are averaged. A :class:`CascadeROIHeads` that overrides the
 methods whose HTC behaviour differs, each saying why."""
 
+import inspect
 import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -15,7 +16,7 @@ from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling import ROI_HEADS_REGISTRY
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.roi_heads import ROI_MASK_HEAD_REGISTRY, CascadeROIHeads
-from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
+from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, fast_rcnn_inference
 from detectron2.modeling.roi_heads.mask_head import mask_rcnn_loss
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
@@ -35,6 +36,8 @@ SEMANTIC_FEATURE = "htc_semantic"
 FUSION_TARGETS = ("bbox", "mask")
 MASK_MERGE_RULES = ("mean", "last")
 TEST_NMS = ("nms", "soft_linear", "soft_gaussian")
+# Sigmoid cross-entropy and the federated loss came after Detectron2 v0.6.
+HAS_FED_LOSS = "use_sigmoid_ce" in inspect.signature(FastRCNNOutputLayers.__init__).parameters
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -48,8 +51,8 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
       3. interleaved: the refined boxes are assigned and sampled again with stage t's matcher
          and stage t's mask head learns on their foreground (else on the RoIs of step 1);
       4. box and mask losses are multiplied by the stage's loss weight.
-    Inference: the stages' class logits are averaged before one softmax, boxes come from the last
-    stage, and the masks of all stages' heads on the final boxes are merged.
+    Inference: the stages' class logits are averaged before one softmax (or sigmoid), boxes come
+    from the last stage, and the masks of all stages' heads on the final boxes are merged.
     """
 
     @configurable
@@ -143,6 +146,12 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             raise ValueError(
                 f"MODEL.ROI_BOX_CASCADE_HEAD: {len(cascade.IOUS)} IOUS but "
                 f"{len(cascade.BBOX_REG_WEIGHTS)} BBOX_REG_WEIGHTS; give one per stage"
+            )
+        box_head = cfg.MODEL.ROI_BOX_HEAD
+        if (box_head.USE_FED_LOSS or box_head.USE_SIGMOID_CE) and not HAS_FED_LOSS:
+            raise ValueError(
+                "MODEL.ROI_BOX_HEAD.USE_FED_LOSS and USE_SIGMOID_CE (the LVIS configs) need "
+                "Detectron2 after v0.6: its FastRCNNOutputLayers has neither"
             )
         ret = super().from_config(cfg, input_shape)
         htc = cfg.MODEL.HTC
@@ -350,8 +359,10 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         self, features: Dict[str, torch.Tensor], proposals: List[Instances]
     ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Inference of the box cascade before NMS: per image, the last stage's (R, 4) boxes and
-        (R, K+1) class probabilities, a softmax of the stages' averaged logits (the parent
-        averages the stages' probabilities)."""
+        (R, K+1) class probabilities of the stages' averaged logits (the parent averages the
+        stages' probabilities): a softmax, or each class's sigmoid where the box predictors learn
+        with sigmoid cross-entropy (MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE, which the federated loss
+        of the LVIS configs needs; Detectron2 v0.6 has neither)."""
         assert not self.training, "training runs through _forward_train"
         image_sizes, sizes = [x.image_size for x in proposals], [len(x) for x in proposals]
         stage_logits, lost = [], None
@@ -366,7 +377,9 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             if stage < self.num_cascade_stages - 1:
                 refined = torch.where(lost[:, None], 0.0, boxes).split(sizes)
                 proposals = self._create_proposals_from_boxes(refined, image_sizes)
-        scores = F.softmax(sum(stage_logits) / len(stage_logits), dim=-1)
+        logits = sum(stage_logits) / len(stage_logits)
+        sigmoid = getattr(self.box_predictor[-1], "use_sigmoid_ce", False)
+        scores = logits.sigmoid() if sigmoid else F.softmax(logits, dim=-1)
         boxes = torch.where(lost[:, None], float("nan"), boxes)
         return list(boxes.split(sizes)), list(scores.split(sizes))
 

@@ -53,10 +53,12 @@ def register_htc_instances(
 
 def register_with_loader(name: str, loader: Callable[[], List[dict]], **metadata) -> None:
     """Register ``loader`` under ``name`` with the metadata HTC's evaluators read
-    (``ignore_label``: the unlabeled value of its semantic maps, 255 unless given)."""
+    (``ignore_label``: the unlabeled value of its semantic maps, 255 unless given;
+    ``evaluator_type``: "coco" unless given, see :func:`htc.evaluation.build_evaluators`)."""
     DatasetCatalog.register(name, loader)
     metadata.setdefault("ignore_label", IGNORE_LABEL)
-    MetadataCatalog.get(name).set(evaluator_type="coco", **metadata)
+    metadata.setdefault("evaluator_type", "coco")
+    MetadataCatalog.get(name).set(**metadata)
 
 
 def register_coco_htc(root: Optional[Path] = None) -> None:

@@ -1,0 +1,110 @@
+"""Cityscapes for HTC: the fine instance annotations (8 thing classes) joined, image by image,
+with the 19-class train-id label maps of the same images for the semantic branch. Both come
+from Detectron2's own loader and metadata; the evaluators are Detectron2's Cityscapes instance
+and semantic ones (cityscapesscripts underneath).
+
+Layout under $DETECTRON2_DATASETS, as Cityscapes ships it plus cityscapesscripts' train-id maps::
+
+    cityscapes/leftImg8bit/{train,val}/<city>/<city>_<seq>_<frame>_leftImg8bit.png
+    cityscapes/gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_{polygons.json,
+        instanceIds.png,labelIds.png,labelTrainIds.png}
+"""
+
+import importlib
+import importlib.util
+import sys
+import types
+from pathlib import Path
+from typing import List, Optional
+
+from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
+
+from .register import datasets_root, register_with_loader
+
+SPLITS = ("train", "val")
+IMAGE_SUFFIX = "leftImg8bit.png"
+TRAIN_ID_SUFFIX = "gtFine_labelTrainIds.png"
+# Where Detectron2's main branch (2026-06) imports cityscapesscripts from: a path inside Meta
+# that no installed package provides (facebookresearch/detectron2#5436). v0.6 imports
+# ``cityscapesscripts`` itself.
+_META_PATH = "deeplearning.projects.cityscapesApi.cityscapesscripts"
+_DETECTRON2_IMPORTS = (
+    "helpers.labels",
+    "evaluation.evalInstanceLevelSemanticLabeling",
+    "evaluation.evalPixelLevelSemanticLabeling",
+)
+
+
+def alias_cityscapesscripts() -> None:
+    """Make the installed ``cityscapesscripts`` importable under the path Detectron2's main
+    branch imports it from, unless a package of that path exists. Its loader's worker
+    processes inherit the alias where they are forked (Linux's default before Python 3.14)."""
+    try:
+        package = importlib.import_module("cityscapesscripts")
+    except ImportError as e:
+        raise ImportError(
+            "Cityscapes' loaders and evaluators need cityscapesscripts: pip install "
+            "cityscapesscripts==2.3.0 --no-deps pyquaternion (what scripts/setup.sh installs)"
+        ) from e
+    parts = _META_PATH.split(".")
+    if parts[0] in sys.modules or importlib.util.find_spec(parts[0]) is not None:
+        return  # aliased already, or Meta's own package
+    names = [".".join(parts[:depth]) for depth in range(1, len(parts) + 1)]
+    for name in names[:-1]:
+        sys.modules[name] = types.ModuleType(name)
+        sys.modules[name].__path__ = []  # a package, so that Python looks below it
+    sys.modules[names[-1]] = package
+    for submodule in _DETECTRON2_IMPORTS:
+        real = importlib.import_module(f"cityscapesscripts.{submodule}")
+        sys.modules[f"{_META_PATH}.{submodule}"] = real
+    for parent, child, attribute in zip(names, names[1:], parts[1:]):
+        setattr(sys.modules[parent], attribute, sys.modules[child])  # "import a.b as m" reads them
+
+
+def train_id_map(image_file: str, gt_dir: str) -> str:
+    """The ``_gtFine_labelTrainIds.png`` of the image ``.../<city>/<name>_leftImg8bit.png``."""
+    image = Path(image_file)
+    name = image.name[: -len(IMAGE_SUFFIX)] + TRAIN_ID_SUFFIX
+    return str(Path(gt_dir) / image.parent.name / name)
+
+
+def load_cityscapes_htc(image_dir: str, gt_dir: str) -> List[dict]:
+    """Detectron2's Cityscapes instances (polygons from ``_gtFine_polygons.json``, crowd
+    ``*group`` regions kept) with ``sem_seg_file_name``: the train-id map of each image (labels
+    0-18, 255 = ignored)."""
+    from detectron2.data.datasets.cityscapes import load_cityscapes_instances
+
+    for path in (image_dir, gt_dir):
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"Cityscapes: no folder {path}")
+    alias_cityscapesscripts()
+    dicts = load_cityscapes_instances(image_dir, gt_dir, from_json=True, to_polygons=True)
+    for record in dicts:
+        record["sem_seg_file_name"] = train_id_map(record["file_name"], gt_dir)
+        if not Path(record["sem_seg_file_name"]).is_file():
+            raise FileNotFoundError(
+                f"{record['sem_seg_file_name']}: missing. Make the train-id maps with "
+                "cityscapesscripts (CITYSCAPES_DATASET=<the cityscapes folder> "
+                "csCreateTrainIdLabelImgs)"
+            )
+    return dicts
+
+
+def register_cityscapes_htc(root: Optional[Path] = None) -> None:
+    """``cityscapes_fine_{train,val}_htc``: instances + train-id semantic maps, evaluated by
+    Detectron2's Cityscapes instance and semantic evaluators (``evaluator_type``
+    "cityscapes_htc"; see :func:`htc.evaluation.build_evaluators`)."""
+    cityscapes = (root or datasets_root()) / "cityscapes"
+    meta = _get_builtin_metadata("cityscapes")  # thing_classes (8), stuff_classes (19)
+    for split in SPLITS:
+        image_dir = str(cityscapes / "leftImg8bit" / split)
+        gt_dir = str(cityscapes / "gtFine" / split)
+        register_with_loader(
+            f"cityscapes_fine_{split}_htc",
+            lambda x=image_dir, y=gt_dir: load_cityscapes_htc(x, y),
+            image_dir=image_dir,
+            gt_dir=gt_dir,
+            sem_seg_root=gt_dir,
+            evaluator_type="cityscapes_htc",
+            **meta,
+        )

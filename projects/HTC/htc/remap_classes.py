@@ -1,0 +1,70 @@
+"""Start HTC on other classes from a COCO checkpoint: each new class's rows of the class layers
+copied from a COCO class.
+
+    python -m htc.remap_classes --to cityscapes htc_coco.pth htc_coco_for_cityscapes.pth
+
+The class layers are every stage's classifier (K+1 rows, background last) and mask predictor
+(a channel a class); the cascade's box regression is class-agnostic. For Cityscapes the rows are
+those of Detectron's Mask R-CNN recipe (Cityscapes from COCO, a rider starting as a person).
+Detectron2's own Cityscapes recipe starts these layers at random (its loader skips what does
+not fit): set MODEL.HTC.SKIP_MISMATCHED_WEIGHTS True on the COCO checkpoint for that. Other
+layers that do not fit (the semantic branch's classes) are left to that setting as well.
+"""
+
+import argparse
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES, _get_builtin_metadata
+
+COCO_THINGS = [c["name"] for c in COCO_CATEGORIES if c["isthing"]]
+TARGETS = ("cityscapes",)  # Detectron2's metadata names their classes
+NOT_IN_COCO = {"rider": "person"}  # each other class is COCO's of the same name
+
+
+def coco_sources(target: str) -> List[int]:
+    """The COCO class of each class of ``target``, in its order."""
+    classes = _get_builtin_metadata(target)["thing_classes"]
+    return [COCO_THINGS.index(NOT_IN_COCO.get(name, name)) for name in classes]
+
+
+def remap_class_rows(
+    model: Dict[str, torch.Tensor], sources: Sequence[int]
+) -> Dict[str, torch.Tensor]:
+    """``model`` with its class layers cut to ``len(sources)`` classes, class ``k`` taking the
+    rows of class ``sources[k]``; the classifiers keep their background row (the last). The
+    class count is read from the classifiers (``...cls_score.weight``: K+1 rows)."""
+    classifiers = [k for k in model if k.endswith("cls_score.weight")]
+    if not classifiers:
+        raise ValueError("no box classifier (a ...cls_score.weight) in the checkpoint")
+    num_classes = model[classifiers[0]].shape[0] - 1
+    if max(sources) >= num_classes:
+        raise ValueError(f"class {max(sources)} asked for, the checkpoint has {num_classes}")
+    index = torch.as_tensor(list(sources))
+    out = {}
+    for key, value in model.items():
+        rows = value.shape[0] if value.ndim else 0
+        if ".cls_score." in key and rows == num_classes + 1:
+            value = value[torch.cat([index, torch.tensor([num_classes])])]
+        elif "mask_head" in key and ".predictor." in key and rows == num_classes:
+            value = value[index]
+        out[key] = value.clone()
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--to", required=True, choices=TARGETS, help="the target's classes")
+    parser.add_argument("input", help="an HTC checkpoint on COCO's 80 classes (.pth)")
+    parser.add_argument("output", help="where to write the remapped checkpoint")
+    args = parser.parse_args(argv)
+    checkpoint = torch.load(args.input, map_location="cpu", weights_only=False)
+    model = checkpoint.get("model", checkpoint)
+    sources = coco_sources(args.to)
+    torch.save({"model": remap_class_rows(model, sources)}, args.output)
+    print(f"{args.output}: class layers of {args.to} ({len(sources)} classes) from COCO's")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,189 @@
+"""Cityscapes and LVIS v1 end to end on small datasets in their real layouts
+(tests/real_layouts.py): loaded by Detectron2's own loaders, trained for a few iterations by
+train_net.py with the shipped configs at small widths, and scored by the official evaluators;
+the ground truth fed as the prediction scores 100 in each."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog
+from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
+from detectron2.evaluation import DatasetEvaluators
+from detectron2.modeling import build_model
+from detectron2.structures import BitMasks, Boxes, BoxMode, Instances, PolygonMasks
+from PIL import Image
+from real_layouts import THINGS, write_cityscapes, write_lvis
+from torch.nn import functional as F
+
+from conftest import CONFIGS, ROOT, SMALL, TINY_OPTS, child_env, load_cfg, tiny_cfg
+from htc.data.cityscapes import load_cityscapes_htc
+from htc.data.lvis import register_lvis_htc
+from htc.data.register import register_with_loader
+from htc.evaluation import build_evaluators
+from htc.roi_heads import HAS_FED_LOSS
+
+# The shipped configs at the widths of the other tests, on 128 x 256 images.
+SMALL_MODEL = [str(v) for v in TINY_OPTS] + [
+    "MODEL.WEIGHTS", "", "SOLVER.MAX_ITER", "2", "SOLVER.BASE_LR", "0.001",
+    "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()", "INPUT.MIN_SIZE_TRAIN", "(128,)",
+    "INPUT.MAX_SIZE_TRAIN", "256", "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "256",
+]  # fmt: skip
+NO_FED_LOSS = [
+    "MODEL.ROI_BOX_HEAD.USE_FED_LOSS",
+    "False",
+    "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE",
+    "False",
+]
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real_layouts")
+    write_cityscapes(root)
+    write_lvis(root)
+    return root
+
+
+def _train_net(config: str, datasets, output, *opts) -> str:
+    command = [
+        sys.executable, str(ROOT / "train_net.py"), "--config-file", str(CONFIGS / config),
+        *SMALL, *SMALL_MODEL, "OUTPUT_DIR", str(output), *opts,
+    ]  # fmt: skip
+    env = child_env(DETECTRON2_DATASETS=str(datasets))
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def _cityscapes_dirs(datasets, split: str):
+    root = datasets / "cityscapes"
+    return str(root / "leftImg8bit" / split), str(root / "gtFine" / split)
+
+
+def test_cityscapes_instances_come_with_their_train_id_maps(datasets):
+    """Detectron2's loader reads the polygons (its own 8 classes); each image gets the
+    ``_labelTrainIds.png`` of the same frame, labels 0-18 or 255."""
+    from cityscapesscripts.helpers.labels import name2label
+
+    dicts = load_cityscapes_htc(*_cityscapes_dirs(datasets, "train"))
+    things = _get_builtin_metadata("cityscapes")["thing_classes"]
+    assert len(dicts) == 2
+    for record in dicts:
+        frame = record["file_name"].rsplit("/", 1)[1].replace("leftImg8bit.png", "")
+        assert record["sem_seg_file_name"].endswith(f"/{frame}gtFine_labelTrainIds.png")
+        labels = np.unique(np.asarray(Image.open(record["sem_seg_file_name"])))
+        assert set(labels) <= set(range(19)) | {255} and {0, 2, 10} <= set(labels)
+        drawn = np.asarray(Image.open(record["sem_seg_file_name"].replace("TrainIds", "Ids")))
+        assert {name2label[n].id for n in ("road", "building", "sky")} <= set(np.unique(drawn))
+        classes = sorted(things[a["category_id"]] for a in record["annotations"])
+        assert len(classes) == 3 and set(classes) <= set(THINGS)
+
+
+def test_cityscapes_evaluators_score_the_ground_truth_100(datasets, tmp_path):
+    """The instances of ``_instanceIds.png`` and the classes of ``_labelTrainIds.png`` as the
+    prediction: 100 AP by cityscapesscripts' instance evaluation, 100 IoU by its pixel one."""
+    from cityscapesscripts.helpers.labels import id2label
+
+    image_dir, gt_dir = _cityscapes_dirs(datasets, "val")
+    name = "cityscapes_val_as_predicted"
+    meta = _get_builtin_metadata("cityscapes")
+    register_with_loader(
+        name, lambda: load_cityscapes_htc(image_dir, gt_dir), image_dir=image_dir,
+        gt_dir=gt_dir, sem_seg_root=gt_dir, evaluator_type="cityscapes_htc", **meta,
+    )  # fmt: skip
+    cfg = tiny_cfg()
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 19
+    evaluator = DatasetEvaluators(build_evaluators(cfg, name, str(tmp_path)))
+    evaluator.reset()
+    for record in DatasetCatalog.get(name):
+        gt = record["sem_seg_file_name"].replace("labelTrainIds", "instanceIds")
+        ids = np.asarray(Image.open(gt))
+        instances = [i for i in np.unique(ids) if i >= 1000]
+        masks = torch.stack([torch.from_numpy(ids == i) for i in instances])
+        classes = [meta["thing_classes"].index(id2label[i // 1000].name) for i in instances]
+        predicted = Instances(
+            ids.shape,
+            pred_masks=masks,
+            pred_boxes=BitMasks(masks).get_bounding_boxes(),
+            scores=torch.ones(len(instances)),
+            pred_classes=torch.tensor(classes),
+        )
+        train_ids = np.asarray(Image.open(record["sem_seg_file_name"])).astype("int64")
+        train_ids = torch.from_numpy(train_ids)
+        scores = F.one_hot(torch.where(train_ids == 255, 0, train_ids), 19).permute(2, 0, 1).float()
+        evaluator.process([record], [{"instances": predicted, "sem_seg": scores}])
+    results = evaluator.evaluate()
+    assert results["segm"]["AP"] == pytest.approx(100) and results["segm"]["AP50"] == pytest.approx(
+        100
+    )
+    assert results["sem_seg"]["IoU"] == pytest.approx(100)
+
+
+def test_cityscapes_config_trains_and_is_scored_by_the_cityscapes_evaluators(datasets, tmp_path):
+    classes = ["MODEL.ROI_HEADS.NUM_CLASSES", "8", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "19"]
+    log = _train_net("cityscapes/htc_R_50_FPN.yaml", datasets, tmp_path / "out", *classes)
+    for task in ("segm", "sem_seg"):
+        assert f"copypaste: Task: {task}" in log  # CityscapesInstance/SemSegEvaluator's results
+    assert (tmp_path / "out" / "model_final.pth").is_file()
+
+
+def test_lvis_evaluator_scores_the_ground_truth_100(datasets, tmp_path):
+    """LVIS's annotations as the prediction (its polygons drawn as masks): 100 box and mask AP,
+    and 100 in each frequency group (rare, common, frequent)."""
+    name = "lvis_v1_val_as_predicted"
+    register_lvis_htc(name, str(datasets / "lvis/lvis_v1_val.json"), str(datasets / "coco"))
+    cfg = tiny_cfg()
+    cfg.TEST.DETECTIONS_PER_IMAGE = 300
+    (evaluator,) = build_evaluators(cfg, name, str(tmp_path), instances_only=True)
+    evaluator.reset()
+    for record in DatasetCatalog.get(name):
+        annotations = record["annotations"]
+        size = (record["height"], record["width"])
+        polygons = PolygonMasks([a["segmentation"] for a in annotations])
+        boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annotations]
+        predicted = Instances(
+            size,
+            pred_masks=BitMasks.from_polygon_masks(polygons, *size).tensor,
+            pred_boxes=Boxes(torch.tensor(boxes)),
+            scores=torch.ones(len(annotations)),
+            pred_classes=torch.tensor([a["category_id"] for a in annotations]),
+        )
+        evaluator.process([record], [{"instances": predicted}])
+    results = evaluator.evaluate()
+    for task in ("bbox", "segm"):
+        for key in ("AP", "APr", "APc", "APf"):
+            assert results[task][key] == pytest.approx(100), (task, key)
+
+
+def test_lvis_config_learns_with_the_federated_loss_at_every_stage():
+    cfg = load_cfg(CONFIGS / "lvis/htc_R_50_FPN_1x.yaml")
+    cfg.merge_from_list(TINY_OPTS + ["MODEL.ROI_HEADS.NUM_CLASSES", 1203])
+    if not HAS_FED_LOSS:
+        with pytest.raises(ValueError, match="after v0.6"):
+            build_model(cfg)
+        pytest.skip("Detectron2 v0.6 has no federated loss: the LVIS configs are refused")
+    register_lvis_htc("lvis_v1_fed_loss_weights", "unused.json", "unused")
+    cfg.DATASETS.TRAIN = ("lvis_v1_fed_loss_weights",)  # the class weights: LVIS v1's counts
+    predictors = build_model(cfg).roi_heads.box_predictor
+    assert len(predictors) == 3
+    assert all(p.use_fed_loss and p.use_sigmoid_ce for p in predictors)
+    assert all(p.fed_loss_cls_weights.shape == (1203,) for p in predictors)
+
+
+def test_lvis_config_trains_and_is_scored_by_the_lvis_evaluator(datasets, tmp_path):
+    """Repeat-factor sampling on LVIS's categories, 300 detections per image, LVISEvaluator
+    (AP by frequency group) and the semantic branch's mIoU on COCO-Stuff's maps; on v0.6 without
+    the federated loss, which it does not have."""
+    opts = [
+        "MODEL.ROI_HEADS.NUM_CLASSES", "1203", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "183",
+        "TEST.DETECTIONS_PER_IMAGE", "20",  # each detection's masks of 1203 classes
+    ]  # fmt: skip
+    opts += [] if HAS_FED_LOSS else NO_FED_LOSS
+    log = _train_net("lvis/htc_R_50_FPN_1x.yaml", datasets, tmp_path / "out", *opts)
+    assert "RepeatFactorTrainingSampler" in log
+    for task in ("bbox", "segm", "sem_seg"):
+        assert f"copypaste: Task: {task}" in log
+    assert "APr" in log and "APf" in log

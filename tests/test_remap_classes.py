@@ -1,0 +1,37 @@
+"""htc.remap_classes: a COCO checkpoint's class layers cut to another dataset's classes."""
+
+import torch
+from detectron2.modeling import build_model
+
+from conftest import tiny_cfg
+from htc.remap_classes import coco_sources, main
+
+
+def test_cityscapes_classes_take_their_coco_rows_and_the_rest_is_kept(tmp_path):
+    assert coco_sources("cityscapes") == [0, 0, 2, 7, 5, 6, 3, 1]  # rider from person
+    coco = tiny_cfg()
+    coco.merge_from_list(["MODEL.ROI_HEADS.NUM_CLASSES", 80])
+    state = build_model(coco).state_dict()
+    torch.save({"model": state}, tmp_path / "coco.pth")
+    assert main(["--to", "cityscapes", str(tmp_path / "coco.pth"), str(tmp_path / "out.pth")]) == 0
+    got = torch.load(tmp_path / "out.pth")["model"]
+
+    cityscapes = tiny_cfg()
+    cityscapes.merge_from_list(["MODEL.ROI_HEADS.NUM_CLASSES", 8])
+    model = build_model(cityscapes)
+    assert {k: v.shape for k, v in got.items()} == {
+        k: v.shape for k, v in model.state_dict().items()
+    }
+    rows = torch.tensor([0, 0, 2, 7, 5, 6, 3, 1])
+    for stage in range(3):
+        box = f"roi_heads.box_predictor.{stage}"
+        cls = state[f"{box}.cls_score.weight"]
+        assert torch.equal(
+            got[f"{box}.cls_score.weight"], cls[torch.cat([rows, torch.tensor([80])])]
+        )
+        assert torch.equal(got[f"{box}.bbox_pred.weight"], state[f"{box}.bbox_pred.weight"])
+        mask = f"roi_heads.mask_head.{stage}.predictor.bias"
+        assert torch.equal(got[mask], state[mask][rows])
+    backbone = "backbone.bottom_up.stem.conv1.weight"
+    assert torch.equal(got[backbone], state[backbone])
+    model.load_state_dict(got)  # every key and shape fits
