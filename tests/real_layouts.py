@@ -2,8 +2,9 @@
 
 Cityscapes: ``leftImg8bit/`` and ``gtFine/`` with each image's ``_polygons.json`` and the PNGs
 that cityscapesscripts' own preparation scripts draw from it (``_labelIds``, ``_labelTrainIds``,
-``_instanceIds``). LVIS v1: COCO-named images under ``coco/{train2017,val2017}`` with
-COCO-Stuff maps, and ``lvis/lvis_v1_{train,val}.json`` with LVIS v1's 1203 categories (their
+``_instanceIds``), and the panoptic ground truth its ``createPanopticImgs`` makes.
+LVIS v1: COCO-named images under ``coco/{train2017,val2017}`` with COCO-Stuff maps, and
+``lvis/lvis_v1_{train,val}.json`` with LVIS v1's 1203 categories (their
 ``frequency``), ``not_exhaustive_category_ids`` and ``neg_category_ids``.
 """
 
@@ -83,6 +84,9 @@ def write_cityscapes(root: Path, images_per_split: int = 2, seed: int = 0) -> Pa
             annotation.fromJsonFile(str(polygons))
             ids = np.asarray(createInstanceImage(annotation, "ids")).astype(np.uint16)
             Image.fromarray(ids).save(gt / f"{base}_gtFine_instanceIds.png")
+    from cityscapesscripts.preparation.createPanopticImgs import convert2panoptic
+
+    convert2panoptic(str(cityscapes / "gtFine"), setNames=list(CITIES))  # cityscapes_panoptic_*
     return cityscapes
 
 

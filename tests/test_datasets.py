@@ -19,10 +19,11 @@ from real_layouts import THINGS, write_cityscapes, write_lvis
 from torch.nn import functional as F
 
 from conftest import CONFIGS, ROOT, SMALL, TINY_OPTS, child_env, load_cfg, tiny_cfg
-from htc.data.cityscapes import load_cityscapes_htc
+from htc.data.cityscapes import load_cityscapes_htc, panoptic_metadata
 from htc.data.lvis import register_lvis_htc
 from htc.data.register import register_with_loader
 from htc.evaluation import build_evaluators
+from htc.panoptic import PanopticFusion, class_to_stuff
 from htc.roi_heads import HAS_FED_LOSS
 
 # The shipped configs at the widths of the other tests, on 128 x 256 images.
@@ -84,19 +85,22 @@ def test_cityscapes_instances_come_with_their_train_id_maps(datasets):
 
 def test_cityscapes_evaluators_score_the_ground_truth_100(datasets, tmp_path):
     """The instances of ``_instanceIds.png`` and the classes of ``_labelTrainIds.png`` as the
-    prediction: 100 AP by cityscapesscripts' instance evaluation, 100 IoU by its pixel one."""
+    prediction: 100 AP by cityscapesscripts' instance evaluation, 100 IoU by its pixel one, and
+    their panoptic fusion 100 PQ against csCreatePanopticImgs' ground truth."""
     from cityscapesscripts.helpers.labels import id2label
 
     image_dir, gt_dir = _cityscapes_dirs(datasets, "val")
     name = "cityscapes_val_as_predicted"
     meta = _get_builtin_metadata("cityscapes")
+    panoptic = panoptic_metadata(datasets / "cityscapes" / "gtFine", "val")
     register_with_loader(
         name, lambda: load_cityscapes_htc(image_dir, gt_dir), image_dir=image_dir,
-        gt_dir=gt_dir, sem_seg_root=gt_dir, evaluator_type="cityscapes_htc", **meta,
+        gt_dir=gt_dir, sem_seg_root=gt_dir, evaluator_type="cityscapes_htc", **meta, **panoptic,
     )  # fmt: skip
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(panoptic_on=True)
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 19
     evaluator = DatasetEvaluators(build_evaluators(cfg, name, str(tmp_path)))
+    fusion = PanopticFusion(class_to_stuff=class_to_stuff(name, 19), stuff_area_limit=64)
     evaluator.reset()
     for record in DatasetCatalog.get(name):
         gt = record["sem_seg_file_name"].replace("labelTrainIds", "instanceIds")
@@ -113,20 +117,24 @@ def test_cityscapes_evaluators_score_the_ground_truth_100(datasets, tmp_path):
         )
         train_ids = np.asarray(Image.open(record["sem_seg_file_name"])).astype("int64")
         train_ids = torch.from_numpy(train_ids)
-        scores = F.one_hot(torch.where(train_ids == 255, 0, train_ids), 19).permute(2, 0, 1).float()
-        evaluator.process([record], [{"instances": predicted, "sem_seg": scores}])
+        # confident logits: the panoptic fusion weighs a stuff class against all things
+        scores = 30.0 * F.one_hot(torch.where(train_ids == 255, 0, train_ids), 19).permute(2, 0, 1)
+        output = {"instances": predicted, "sem_seg": scores}
+        output["panoptic_seg"] = fusion(predicted, scores)
+        evaluator.process([record], [output])
     results = evaluator.evaluate()
-    assert results["segm"]["AP"] == pytest.approx(100) and results["segm"]["AP50"] == pytest.approx(
-        100
-    )
+    assert results["segm"]["AP"] == pytest.approx(100)
+    assert results["segm"]["AP50"] == pytest.approx(100)
     assert results["sem_seg"]["IoU"] == pytest.approx(100)
+    assert results["panoptic_seg"]["PQ"] == pytest.approx(100)
+    assert results["panoptic_seg"]["PQ_th"] == pytest.approx(100)
 
 
 def test_cityscapes_config_trains_and_is_scored_by_the_cityscapes_evaluators(datasets, tmp_path):
     classes = ["MODEL.ROI_HEADS.NUM_CLASSES", "8", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "19"]
     log = _train_net("cityscapes/htc_R_50_FPN.yaml", datasets, tmp_path / "out", *classes)
-    for task in ("segm", "sem_seg"):
-        assert f"copypaste: Task: {task}" in log  # CityscapesInstance/SemSegEvaluator's results
+    for task in ("segm", "sem_seg", "panoptic_seg"):  # Cityscapes' AP and IoU, and PQ
+        assert f"copypaste: Task: {task}" in log
     assert (tmp_path / "out" / "model_final.pth").is_file()
 
 

@@ -37,22 +37,26 @@ def build_evaluators(
     COCO AP ("coco"), LVIS AP ("lvis", at most TEST.DETECTIONS_PER_IMAGE per image) or
     Cityscapes' instance AP ("cityscapes_htc", "cityscapes_instance"); unless
     ``instances_only``, the semantic branch's mIoU where the dataset has label maps
-    (Cityscapes': cityscapesscripts' on its 19 classes) and PQ where it has panoptic ground
-    truth and the model outputs panoptic segmentation."""
+    (Cityscapes': cityscapesscripts' on its 19 classes) and PQ (Detectron2's
+    COCOPanopticEvaluator) where it has panoptic ground truth and the model outputs panoptic
+    segmentation."""
     meta = MetadataCatalog.get(dataset_name)
     kind = meta.get("evaluator_type", "coco")
     semantic = cfg.MODEL.HTC.SEMANTIC_ON and meta.get("sem_seg_root") and not instances_only
     if kind in CITYSCAPES_KINDS:
         alias_cityscapesscripts()
         evaluators: List[DatasetEvaluator] = [HTCCityscapesInstanceEvaluator(dataset_name)]
-        return evaluators + ([HTCCityscapesSemSegEvaluator(dataset_name)] if semantic else [])
-    if kind == "lvis":
-        evaluators = [HTCLVISEvaluator(dataset_name, cfg.TEST.DETECTIONS_PER_IMAGE, output_dir)]
+        if semantic:
+            evaluators.append(HTCCityscapesSemSegEvaluator(dataset_name))
     else:
-        evaluators = [HTCCOCOEvaluator(dataset_name, output_dir=output_dir)]
-    if semantic:
-        num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-        evaluators.append(HTCSemSegEvaluator(dataset_name, num_classes, output_dir=output_dir))
+        if kind == "lvis":
+            max_dets = cfg.TEST.DETECTIONS_PER_IMAGE
+            evaluators = [HTCLVISEvaluator(dataset_name, max_dets, output_dir)]
+        else:
+            evaluators = [HTCCOCOEvaluator(dataset_name, output_dir=output_dir)]
+        if semantic:
+            num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+            evaluators.append(HTCSemSegEvaluator(dataset_name, num_classes, output_dir=output_dir))
     if cfg.MODEL.HTC.PANOPTIC_ON and meta.get("panoptic_json") and not instances_only:
         evaluators.append(panoptic_evaluator(dataset_name, output_dir))
     return evaluators

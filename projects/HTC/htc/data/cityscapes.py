@@ -15,7 +15,7 @@ import importlib.util
 import sys
 import types
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 
@@ -71,7 +71,8 @@ def train_id_map(image_file: str, gt_dir: str) -> str:
 def load_cityscapes_htc(image_dir: str, gt_dir: str) -> List[dict]:
     """Detectron2's Cityscapes instances (polygons from ``_gtFine_polygons.json``, crowd
     ``*group`` regions kept) with ``sem_seg_file_name``: the train-id map of each image (labels
-    0-18, 255 = ignored)."""
+    0-18, 255 = ignored); ``image_id`` is the frame's name (``<city>_<seq>_<frame>``), as in
+    Cityscapes' panoptic json."""
     from detectron2.data.datasets.cityscapes import load_cityscapes_instances
 
     for path in (image_dir, gt_dir):
@@ -80,6 +81,7 @@ def load_cityscapes_htc(image_dir: str, gt_dir: str) -> List[dict]:
     alias_cityscapesscripts()
     dicts = load_cityscapes_instances(image_dir, gt_dir, from_json=True, to_polygons=True)
     for record in dicts:
+        record["image_id"] = Path(record["file_name"]).name[: -len(IMAGE_SUFFIX) - 1]
         record["sem_seg_file_name"] = train_id_map(record["file_name"], gt_dir)
         if not Path(record["sem_seg_file_name"]).is_file():
             raise FileNotFoundError(
@@ -90,15 +92,49 @@ def load_cityscapes_htc(image_dir: str, gt_dir: str) -> List[dict]:
     return dicts
 
 
+def panoptic_metadata(gt_root: Path, split: str) -> Dict:
+    """What panoptic output and COCOPanopticEvaluator read: the categories are Cityscapes' label
+    ids; the semantic branch's class k (train id k) belongs to the category of that train id
+    (things: 11-18, the 8 thing classes in order; stuff: 0-10, stuff category k). With
+    ``panoptic_json`` and ``panoptic_root`` where cityscapesscripts' ``csCreatePanopticImgs``
+    made them (``gtFine/cityscapes_panoptic_<split>.json`` and folder)."""
+    alias_cityscapesscripts()
+    from cityscapesscripts.helpers.labels import labels
+
+    classes = sorted(
+        (c for c in labels if 0 <= c.trainId < 255 and not c.ignoreInEval),
+        key=lambda c: c.trainId,
+    )  # the semantic branch's 19
+    things = [c for c in classes if c.hasInstances]
+    stuff = [c for c in classes if not c.hasInstances]
+    meta = {
+        "semantic_to_panoptic": [c.id for c in classes],
+        "thing_dataset_id_to_contiguous_id": {c.id: i for i, c in enumerate(things)},
+        "stuff_dataset_id_to_contiguous_id": {c.id: i for i, c in enumerate(stuff)},
+    }
+    panoptic_json = gt_root / f"cityscapes_panoptic_{split}.json"
+    if panoptic_json.is_file():
+        meta.update(
+            panoptic_json=str(panoptic_json),
+            panoptic_root=str(gt_root / f"cityscapes_panoptic_{split}"),
+        )
+    return meta
+
+
 def register_cityscapes_htc(root: Optional[Path] = None) -> None:
     """``cityscapes_fine_{train,val}_htc``: instances + train-id semantic maps, evaluated by
     Detectron2's Cityscapes instance and semantic evaluators (``evaluator_type``
-    "cityscapes_htc"; see :func:`htc.evaluation.build_evaluators`)."""
+    "cityscapes_htc"; see :func:`htc.evaluation.build_evaluators`), and by PQ where the
+    panoptic ground truth is there when this is called (:func:`panoptic_metadata`)."""
     cityscapes = (root or datasets_root()) / "cityscapes"
     meta = _get_builtin_metadata("cityscapes")  # thing_classes (8), stuff_classes (19)
     for split in SPLITS:
         image_dir = str(cityscapes / "leftImg8bit" / split)
         gt_dir = str(cityscapes / "gtFine" / split)
+        try:
+            panoptic = panoptic_metadata(cityscapes / "gtFine", split)
+        except ImportError:  # named when the dataset is loaded or evaluated
+            panoptic = {}
         register_with_loader(
             f"cityscapes_fine_{split}_htc",
             lambda x=image_dir, y=gt_dir: load_cityscapes_htc(x, y),
@@ -107,4 +143,5 @@ def register_cityscapes_htc(root: Optional[Path] = None) -> None:
             sem_seg_root=gt_dir,
             evaluator_type="cityscapes_htc",
             **meta,
+            **panoptic,
         )
