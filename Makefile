@@ -18,5 +18,7 @@ setup:
 demo: setup
 	$(PY) scripts/main_job.py
 
+# --dist worksteal: a process that runs out of tests takes the other's queued ones (the
+# default hands out fixed batches; the suite's long tests left one process idle at the end).
 test: setup
-	$(PY) -m pytest -p no:cacheprovider -n $(TEST_PROCESSES)
+	$(PY) -m pytest -p no:cacheprovider -n $(TEST_PROCESSES) --dist worksteal
