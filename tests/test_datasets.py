@@ -5,6 +5,7 @@ the ground truth fed as the prediction scores 100 in each."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,13 +84,14 @@ def test_cityscapes_instances_come_with_their_train_id_maps(datasets):
         assert len(classes) == 3 and set(classes) <= set(THINGS)
 
 
-def test_cityscapes_evaluators_score_the_ground_truth_100(datasets, tmp_path):
+def test_cityscapes_evaluators_score_the_ground_truth_100(datasets, tmp_path, monkeypatch):
     """The instances of ``_instanceIds.png`` and the classes of ``_labelTrainIds.png`` as the
     prediction: 100 AP by cityscapesscripts' instance evaluation, 100 IoU by its pixel one, and
     their panoptic fusion 100 PQ against csCreatePanopticImgs' ground truth."""
     from cityscapesscripts.helpers.labels import id2label
 
-    image_dir, gt_dir = _cityscapes_dirs(datasets, "val")
+    monkeypatch.chdir(datasets)  # folders relative to it, as DETECTRON2_DATASETS' default
+    image_dir, gt_dir = _cityscapes_dirs(Path("."), "val")
     name = "cityscapes_val_as_predicted"
     meta = _get_builtin_metadata("cityscapes")
     panoptic = panoptic_metadata(datasets / "cityscapes" / "gtFine", "val")

@@ -74,6 +74,7 @@ class OnTodaysNumpy:
 
 
 def _in1d(ar1, ar2, assume_unique: bool = False, invert: bool = False) -> np.ndarray:
+    """NumPy's ``in1d`` (before 2.4): ``isin`` of the flattened ``ar1``."""
     return np.isin(ar1, ar2, assume_unique=assume_unique, invert=invert).ravel()
 
 
@@ -82,6 +83,7 @@ _REMOVED_FROM_NUMPY = {"float": float, "in1d": _in1d}
 
 @contextlib.contextmanager
 def _removed_numpy_names() -> Iterator[None]:
+    """NumPy with the names of ``_REMOVED_FROM_NUMPY`` that it lacks, for the block."""
     missing = [name for name in _REMOVED_FROM_NUMPY if name not in vars(np)]
     for name in missing:
         setattr(np, name, _REMOVED_FROM_NUMPY[name])
@@ -102,19 +104,17 @@ class HTCLVISEvaluator(OnTodaysNumpy, LVISEvaluator):
 class HTCCityscapesInstanceEvaluator(OnTodaysNumpy, CityscapesInstanceEvaluator):
     """:class:`CityscapesInstanceEvaluator` on today's NumPy. cityscapesscripts' evaluation
     also writes its matches to ``matches.json`` in the current folder, with NumPy integers
-    (from NumPy 2's ``count_nonzero``) that its json writer cannot write: it runs in the
-    evaluator's temporary folder, which is removed after, writing them as Python numbers."""
+    (from NumPy 2's ``count_nonzero``) that its json writer cannot write: it writes them, as
+    Python numbers, into the evaluator's temporary folder, which is removed after."""
 
     def evaluate(self):
         from cityscapesscripts.evaluation import evalInstanceLevelSemanticLabeling as official
 
-        saved, cwd = official.writeDict2JSON, os.getcwd()
-        official.writeDict2JSON = _write_json
-        os.chdir(self._temp_dir)
+        saved, folder = official.writeDict2JSON, self._temp_dir
+        official.writeDict2JSON = lambda data, path: _write_json(data, os.path.join(folder, path))
         try:
             return super().evaluate()
         finally:
-            os.chdir(cwd)
             official.writeDict2JSON = saved
 
 

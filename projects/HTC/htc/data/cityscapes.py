@@ -17,7 +17,7 @@ import types
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
+from detectron2.data.datasets.builtin_meta import CITYSCAPES_CATEGORIES, _get_builtin_metadata
 
 from .register import datasets_root, register_with_loader
 
@@ -49,16 +49,18 @@ def alias_cityscapesscripts() -> None:
     parts = _META_PATH.split(".")
     if parts[0] in sys.modules or importlib.util.find_spec(parts[0]) is not None:
         return  # aliased already, or Meta's own package
+    modules = {
+        f"{_META_PATH}.{m}": importlib.import_module(f"cityscapesscripts.{m}")
+        for m in _DETECTRON2_IMPORTS
+    }
     names = [".".join(parts[:depth]) for depth in range(1, len(parts) + 1)]
     for name in names[:-1]:
-        sys.modules[name] = types.ModuleType(name)
-        sys.modules[name].__path__ = []  # a package, so that Python looks below it
-    sys.modules[names[-1]] = package
-    for submodule in _DETECTRON2_IMPORTS:
-        real = importlib.import_module(f"cityscapesscripts.{submodule}")
-        sys.modules[f"{_META_PATH}.{submodule}"] = real
+        modules[name] = types.ModuleType(name)
+        modules[name].__path__ = []  # a package, so that Python looks below it
+    modules[names[-1]] = package
     for parent, child, attribute in zip(names, names[1:], parts[1:]):
-        setattr(sys.modules[parent], attribute, sys.modules[child])  # "import a.b as m" reads them
+        setattr(modules[parent], attribute, modules[child])  # "import a.b as m" reads them
+    sys.modules.update(modules)  # all at once, after every import succeeded
 
 
 def train_id_map(image_file: str, gt_dir: str) -> str:
@@ -98,19 +100,13 @@ def panoptic_metadata(gt_root: Path, split: str) -> Dict:
     (things: 11-18, the 8 thing classes in order; stuff: 0-10, stuff category k). With
     ``panoptic_json`` and ``panoptic_root`` where cityscapesscripts' ``csCreatePanopticImgs``
     made them (``gtFine/cityscapes_panoptic_<split>.json`` and folder)."""
-    alias_cityscapesscripts()
-    from cityscapesscripts.helpers.labels import labels
-
-    classes = sorted(
-        (c for c in labels if 0 <= c.trainId < 255 and not c.ignoreInEval),
-        key=lambda c: c.trainId,
-    )  # the semantic branch's 19
-    things = [c for c in classes if c.hasInstances]
-    stuff = [c for c in classes if not c.hasInstances]
+    classes = sorted(CITYSCAPES_CATEGORIES, key=lambda c: c["trainId"])  # the branch's 19
+    things = [c for c in classes if c["isthing"]]
+    stuff = [c for c in classes if not c["isthing"]]
     meta = {
-        "semantic_to_panoptic": [c.id for c in classes],
-        "thing_dataset_id_to_contiguous_id": {c.id: i for i, c in enumerate(things)},
-        "stuff_dataset_id_to_contiguous_id": {c.id: i for i, c in enumerate(stuff)},
+        "semantic_to_panoptic": [c["id"] for c in classes],
+        "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(things)},
+        "stuff_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(stuff)},
     }
     panoptic_json = gt_root / f"cityscapes_panoptic_{split}.json"
     if panoptic_json.is_file():
@@ -131,10 +127,7 @@ def register_cityscapes_htc(root: Optional[Path] = None) -> None:
     for split in SPLITS:
         image_dir = str(cityscapes / "leftImg8bit" / split)
         gt_dir = str(cityscapes / "gtFine" / split)
-        try:
-            panoptic = panoptic_metadata(cityscapes / "gtFine", split)
-        except ImportError:  # named when the dataset is loaded or evaluated
-            panoptic = {}
+        panoptic = panoptic_metadata(cityscapes / "gtFine", split)
         register_with_loader(
             f"cityscapes_fine_{split}_htc",
             lambda x=image_dir, y=gt_dir: load_cityscapes_htc(x, y),

@@ -9,7 +9,7 @@ Layout under $DETECTRON2_DATASETS, as Detectron2's LVIS datasets and COCO-Stuff 
 """
 
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from detectron2.data.datasets.lvis import get_lvis_instances_meta, load_lvis_json
 
@@ -48,18 +48,15 @@ def load_lvis_htc(
 
 
 def register_lvis_htc(
-    name: str,
-    json_file: str,
-    image_root: str,
-    stuff_root: Optional[str] = None,
-    metadata: Optional[Dict] = None,
+    name: str, json_file: str, image_root: str, stuff_root: Optional[str] = None
 ) -> None:
     """Register an LVIS-format dataset for HTC, evaluated by :class:`LVISEvaluator`.
 
     Args:
-        name: Detectron2's LVIS loader takes the category table by the name: "v1" in it gives
-            LVIS v1's (its 1203 categories, and the image counts the federated loss weighs
-            classes by), "v0.5" LVIS v0.5's.
+        name: Detectron2's LVIS loader takes the category table by the name, and the json's
+            category ids must be that table's: "v1" in the name gives LVIS v1's (its 1203
+            categories, and the image counts the federated loss weighs classes by), "v0.5"
+            LVIS v0.5's; any other name is refused.
         stuff_root: COCO-Stuff's ``stuffthingmaps`` folder (labels 0-181, 255 = unlabeled), or
             None for a model without the semantic branch.
     """
@@ -70,7 +67,7 @@ def register_lvis_htc(
         image_root=image_root,
         sem_seg_root=stuff_root,
         evaluator_type="lvis",
-        **{**get_lvis_instances_meta(name), **(metadata or {})},
+        **get_lvis_instances_meta(name),
     )
 
 
