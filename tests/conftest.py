@@ -221,15 +221,14 @@ def child_env(*first_on_path: Path, **overrides: str) -> dict:
     return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p), **overrides)
 
 
-def train_net_command(*args) -> list:
-    return [sys.executable, str(ROOT / "train_net.py"), "--config-file", str(DEMO_CONFIG), *args]
+def train_net_command(*args, config: Path = DEMO_CONFIG) -> list:
+    return [sys.executable, str(ROOT / "train_net.py"), "--config-file", str(config), *args]
 
 
-def run_train_net(workspace, *args) -> str:
+def run_train_net(workspace, *args, config: Path = DEMO_CONFIG) -> str:
     env = child_env(DETECTRON2_DATASETS=str(workspace))
-    result = subprocess.run(
-        train_net_command(*args), capture_output=True, text=True, env=env, timeout=900
-    )
+    command = train_net_command(*args, config=config)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 

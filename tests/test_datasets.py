@@ -3,8 +3,6 @@
 train_net.py with the shipped configs at small widths, and scored by the official evaluators;
 the ground truth fed as the prediction scores 100 in each."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from PIL import Image
 from real_layouts import THINGS, write_cityscapes, write_lvis
 from torch.nn import functional as F
 
-from conftest import CONFIGS, ROOT, SMALL, TINY_OPTS, child_env, load_cfg, tiny_cfg
+from conftest import CONFIGS, SMALL, TINY_OPTS, load_cfg, run_train_net, tiny_cfg
 from htc.data.cityscapes import load_cityscapes_htc, panoptic_metadata
 from htc.data.lvis import register_lvis_htc
 from htc.data.register import register_with_loader
@@ -50,14 +48,8 @@ def datasets(tmp_path_factory):
 
 
 def _train_net(config: str, datasets, output, *opts) -> str:
-    command = [
-        sys.executable, str(ROOT / "train_net.py"), "--config-file", str(CONFIGS / config),
-        *SMALL, *SMALL_MODEL, "OUTPUT_DIR", str(output), *opts,
-    ]  # fmt: skip
-    env = child_env(DETECTRON2_DATASETS=str(datasets))
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
+    opts = (*SMALL, *SMALL_MODEL, "OUTPUT_DIR", str(output), *opts)
+    return run_train_net(datasets, *opts, config=CONFIGS / config)
 
 
 def _cityscapes_dirs(datasets, split: str):

@@ -22,8 +22,8 @@ from detectron2.data.datasets.builtin_meta import CITYSCAPES_CATEGORIES, _get_bu
 from .register import datasets_root, register_with_loader
 
 SPLITS = ("train", "val")
-IMAGE_SUFFIX = "leftImg8bit.png"
-TRAIN_ID_SUFFIX = "gtFine_labelTrainIds.png"
+IMAGE_SUFFIX = "_leftImg8bit.png"
+TRAIN_ID_SUFFIX = "_gtFine_labelTrainIds.png"
 # Where Detectron2's main branch (2026-06) imports cityscapesscripts from: a path inside Meta
 # that no installed package provides (facebookresearch/detectron2#5436). v0.6 imports
 # ``cityscapesscripts`` itself.
@@ -63,11 +63,15 @@ def alias_cityscapesscripts() -> None:
     sys.modules.update(modules)  # all at once, after every import succeeded
 
 
+def frame_name(image_file: str) -> str:
+    """``<city>_<seq>_<frame>`` of the image ``.../<city>_<seq>_<frame>_leftImg8bit.png``."""
+    return Path(image_file).name[: -len(IMAGE_SUFFIX)]
+
+
 def train_id_map(image_file: str, gt_dir: str) -> str:
     """The ``_gtFine_labelTrainIds.png`` of the image ``.../<city>/<name>_leftImg8bit.png``."""
     image = Path(image_file)
-    name = image.name[: -len(IMAGE_SUFFIX)] + TRAIN_ID_SUFFIX
-    return str(Path(gt_dir) / image.parent.name / name)
+    return str(Path(gt_dir) / image.parent.name / f"{frame_name(image_file)}{TRAIN_ID_SUFFIX}")
 
 
 def load_cityscapes_htc(image_dir: str, gt_dir: str) -> List[dict]:
@@ -83,7 +87,7 @@ def load_cityscapes_htc(image_dir: str, gt_dir: str) -> List[dict]:
     alias_cityscapesscripts()
     dicts = load_cityscapes_instances(image_dir, gt_dir, from_json=True, to_polygons=True)
     for record in dicts:
-        record["image_id"] = Path(record["file_name"]).name[: -len(IMAGE_SUFFIX) - 1]
+        record["image_id"] = frame_name(record["file_name"])
         record["sem_seg_file_name"] = train_id_map(record["file_name"], gt_dir)
         if not Path(record["sem_seg_file_name"]).is_file():
             raise FileNotFoundError(
