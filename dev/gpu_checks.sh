@@ -8,7 +8,8 @@
 # the RoIAlign per call (the default kernel's crossover); the RoIAlign backward; speed.py's GPU
 # rows (precisions, 2 and 8 images, 4 and 20 boxes per image, peak memory, syncs, the train
 # step's parts, determinism); its latency rows at 800x1333; then, when named in STEPS, the
-# matching memory of crowded images (matching) and torch.compile beside eager (compile).
+# matching memory of crowded images (matching), torch.compile beside eager (compile) and the
+# mask heads' logits of each RoI's class alone beside every class's (mask_classes).
 set -u
 out="${OUT:-gpu-checks}"
 repeats="${REPEATS:-10}"  # median of this many runs in every benchmark
@@ -41,6 +42,8 @@ step matching "${MATCHING_S:-60}" python3 benchmarks/matching_memory.py --device
   --repeats "$repeats"
 step compile "${COMPILE_S:-300}" python3 benchmarks/compile_speed.py --device cuda --size 800 \
   --repeats "$repeats" --json "$out/compile.json"
+step mask_classes "${MASK_CLASSES_S:-120}" python3 benchmarks/mask_classes.py --device cuda \
+  --repeats "$repeats"
 # kernels Triton compiled in all the checks: a few per kernel (constexprs, dtypes), not one per
 # feature size or RoI count
 echo "Triton kernels compiled: $(find "$TRITON_CACHE_DIR" -name '*.cubin' | wc -l)" \

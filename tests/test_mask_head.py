@@ -12,7 +12,7 @@ from detectron2.utils.events import EventStorage
 
 from conftest import make_batch, tiny_cfg
 from htc import HTCMaskHead
-from htc.mask_head import mask_loss, mask_targets
+from htc.mask_head import class_logits, mask_loss, mask_targets
 
 RATES = ("accuracy", "false_positive", "false_negative")
 
@@ -20,6 +20,15 @@ RATES = ("accuracy", "false_positive", "false_negative")
 @ROI_MASK_HEAD_REGISTRY.register()
 class _ChainableTestHead(HTCMaskHead):
     pass
+
+
+class _ClassLogits(torch.nn.Module):
+    def __init__(self, predictor: torch.nn.Conv2d):
+        super().__init__()
+        self.predictor = predictor
+
+    def forward(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return class_logits(self.predictor, x, classes)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +67,37 @@ def test_chain_passes_the_feature_to_the_next_stage(heads):
     assert not torch.equal(alone, next_feat)  # the previous stage's feature went in
     with pytest.raises(ValueError, match="no res_conv"):
         heads[0].chain(_rois(), feat)
+
+
+def test_chain_with_classes_computes_each_rois_class_alone():
+    """Inference and the mask loss use one class per RoI: its channel alone equals the full
+    predictor's (eagerly and in traced, exported graphs), and only those classes' predictor
+    rows receive a gradient."""
+    head = build_model(tiny_cfg()).roi_heads.mask_head[0]
+    torch.nn.init.normal_(head.predictor.bias)  # Detectron2 starts it at 0
+    classes = torch.tensor([2, 0, 2])
+    every, feat = head.chain(_rois(), None)
+    alone, feat_alone = head.chain(_rois(), None, classes=classes)
+    assert alone.shape == (3, 1, 28, 28) and torch.equal(feat, feat_alone)
+    torch.testing.assert_close(alone[:, 0], every[torch.arange(3), classes], rtol=0, atol=1e-6)
+    x = head.deconv_relu(head.deconv(feat)).detach()
+    traced = torch.jit.trace(_ClassLogits(head.predictor), (x, classes))
+    torch.testing.assert_close(traced(x, classes), alone, rtol=0, atol=1e-5)
+    alone.sum().backward()
+    grad = head.predictor.weight.grad.flatten(1).abs().sum(1)
+    assert (grad > 0).tolist() == [True, False, True]
+    assert head.predictor.bias.grad.tolist() == [28 * 28, 0, 2 * 28 * 28]
+    empty, _ = head.chain(_rois(0), None, classes=classes[:0])
+    assert empty.shape == (0, 1, 28, 28)
+
+
+def test_class_agnostic_heads_ignore_the_classes():
+    cfg = tiny_cfg()
+    cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK = True
+    head = build_model(cfg).roi_heads.mask_head[0]
+    every, _ = head.chain(_rois(), None)
+    alone, _ = head.chain(_rois(), None, classes=torch.tensor([2, 0, 1]))
+    assert every.shape == alone.shape == (3, 1, 28, 28) and torch.equal(every, alone)
 
 
 def test_every_stage_is_built_from_the_configured_head():

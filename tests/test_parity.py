@@ -110,14 +110,19 @@ def test_final_detections(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stage_mask_probabilities(family):
+    """Every class's masks, and each detection's class alone (what inference computes)."""
     model, ref, (_, feats, _, _) = reference_model(family), reference(family), features(family)
     n = len(ref["stage_mask_logits"][0])
-    boxes = Boxes(ref["det_boxes"][:n])
+    boxes, classes = Boxes(ref["det_boxes"][:n]), ref["det_labels"][:n]
     with torch.no_grad():
-        ours = model.roi_heads._run_mask_heads(feats, [boxes], 2, keep_all=True)
-    assert len(ours) == len(ref["stage_mask_logits"]) == 3
-    for got, want in zip(ours, ref["stage_mask_logits"]):  # 0 at the same machine and threads
+        every = model.roi_heads._run_mask_heads(feats, [boxes], 2, keep_all=True)
+        alone = model.roi_heads._run_mask_heads(feats, [boxes], 2, True, classes)
+    assert len(every) == len(alone) == len(ref["stage_mask_logits"]) == 3
+    for got, one, want in zip(every, alone, ref["stage_mask_logits"]):
+        # 0 at the same machine and threads; 3e-7 with one class (a matmul, not the conv)
         torch.testing.assert_close(got.sigmoid(), want.sigmoid(), rtol=0, atol=5e-5)
+        want_one = want[torch.arange(n), classes][:, None]
+        torch.testing.assert_close(one.sigmoid(), want_one.sigmoid(), rtol=0, atol=5e-5)
 
 
 def test_mask_rules_2x_mean_and_3x_last():

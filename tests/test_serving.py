@@ -143,7 +143,7 @@ def _poison(rows, value):
 POISONS = {
     "box deltas (every stage)": ("bbox_pred", float("inf")),
     "class logits (every stage)": ("cls_score", float("nan")),
-    "mask logits (every stage)": ("mask", float("nan")),
+    "mask features, so logits (every stage)": ("mask", float("nan")),
 }
 
 
@@ -163,7 +163,7 @@ def test_non_finite_rows_are_dropped_with_a_warning(variant, poison, caplog, mon
     layer, value = POISONS[poison]
     heads = model.roi_heads
     if layer == "mask":
-        modules = [head.predictor for head in heads.mask_head]
+        modules = [head.deconv for head in heads.mask_head]
     else:
         modules = [getattr(predictor, layer) for predictor in heads.box_predictor]
     for module in modules:

@@ -143,7 +143,7 @@ def test_non_finite_loss_stops_the_trainer_before_the_optimizer_step():
     """Detectron2's own trainer check (v0.6 and later alike) names the loss and the iteration."""
     model = build_model(tiny_cfg())
     model.train()
-    head = model.roi_heads.mask_head[1].predictor
+    head = model.roi_heads.mask_head[1].deconv
     head.register_forward_hook(lambda module, inputs, output: output * float("nan"))
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

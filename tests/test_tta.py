@@ -95,8 +95,9 @@ def test_merges_as_the_reference_2x_aug_test():
         reference_boxes.pred_classes = ref["det_labels"]
         masks = tta._averaged_masks(views, tfms, reference_boxes)
     assert len(proposals) == len(ref["proposals"]) == 1000
-    best, twin = pairwise_iou(Boxes(ref["proposals"]), Boxes(proposals)).max(dim=1)
-    assert (best > 0.9999).all() and len(set(twin.tolist())) == 1000  # one to one
+    # by distance, not IoU: some proposals are under a pixel wide, where 4e-5 px is IoU 0.9995
+    gap, twin = torch.cdist(ref["proposals"], proposals, p=1).min(dim=1)
+    assert gap.max() < 4e-3 and len(set(twin.tolist())) == 1000  # one to one
     torch.testing.assert_close(masks[:, 0], ref["mask_probabilities"], rtol=0, atol=1e-6)
 
     got = tta([_input(image)])[0]["instances"]

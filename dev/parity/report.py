@@ -113,12 +113,21 @@ def report(path: str) -> None:
     )
     rows.append(("detections: boxes", diff(det.pred_boxes.tensor[o], ref["det_boxes"][r])))
     n = len(ref["stage_mask_logits"][0])
-    ours = heads._run_mask_heads(feats, [Boxes(ref["det_boxes"][:n])], 2, keep_all=True)
-    for stage, (got, want) in enumerate(zip(ours, ref["stage_mask_logits"])):
+    boxes, classes = Boxes(ref["det_boxes"][:n]), ref["det_labels"][:n]
+    every = heads._run_mask_heads(feats, [boxes], 2, keep_all=True)
+    alone = heads._run_mask_heads(feats, [boxes], 2, True, classes)
+    for stage, (got, one, want) in enumerate(zip(every, alone, ref["stage_mask_logits"])):
         rows.append(
             (
-                f"stage {stage} mask probabilities ({n} detections)",
+                f"stage {stage} mask probabilities ({n} detections), every class",
                 diff(got.sigmoid(), want.sigmoid()),
+            )
+        )
+        want_one = want[torch.arange(n), classes][:, None]
+        rows.append(
+            (
+                f"stage {stage} mask probabilities, each detection's class (inference)",
+                diff(one.sigmoid(), want_one.sigmoid()),
             )
         )
     if logits is not None:

@@ -204,8 +204,8 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         if not callable(getattr(first, "chain", None)):
             raise ValueError(
                 f"MODEL.ROI_MASK_HEAD.NAME={cfg.MODEL.ROI_MASK_HEAD.NAME!r} cannot pass features "
-                "from stage to stage: HTC needs a head with chain(x, res_feat, with_logits), "
-                "such as HTCMaskHead"
+                "from stage to stage: HTC needs a head with chain(x, res_feat, with_logits, "
+                "classes), such as HTCMaskHead"
             )
         resolution = cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION
         channels = input_shape[cfg.MODEL.ROI_HEADS.IN_FEATURES[0]].channels
@@ -262,7 +262,8 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         rates (:func:`htc.mask_head.mask_loss`); on the iterations that draw pictures of the
         masks, Detectron2's ``mask_rcnn_loss`` draws them and logs the rates itself (then None)."""
         boxes = [x.proposal_boxes for x in instances]
-        (logits,) = self._run_mask_heads(features, boxes, stage, keep_all=False)
+        classes = cat([x.gt_classes for x in instances])
+        (logits,) = self._run_mask_heads(features, boxes, stage, False, classes)
         vis_period = self.mask_head[stage].vis_period
         storage = get_event_storage()
         if vis_period > 0 and storage.iter % vis_period == 0:
@@ -428,11 +429,8 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         """(R, 1, 2M, 2M) sigmoid masks of ``classes`` on ``boxes``: of every stage ("mean") or
         of the last ("last")."""
         keep_all = self.mask_merge == "mean"
-        stage_logits = self._run_mask_heads(features, boxes, self.num_cascade_stages - 1, keep_all)
-        if stage_logits[0].shape[1] == 1:  # class-agnostic masks
-            classes = torch.zeros_like(classes)
-        rows = torch.arange(len(classes), device=classes.device)
-        return [x[rows, classes][:, None].sigmoid() for x in stage_logits]
+        last = self.num_cascade_stages - 1
+        return [x.sigmoid() for x in self._run_mask_heads(features, boxes, last, keep_all, classes)]
 
     def _run_mask_heads(
         self,
@@ -440,10 +438,12 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         boxes: List[Boxes],
         last_stage: int,
         keep_all: bool,
+        classes: Optional[torch.Tensor] = None,
     ) -> List[torch.Tensor]:
         """Mask heads 0..``last_stage`` on the same RoIs: with mask information flow each head
         receives the previous head's 14x14 feature (earlier heads run convs only unless
-        ``keep_all``). Returns the (R, K, 2M, 2M) logits of the last head, or of every head.
+        ``keep_all``). Returns the logits of the last head, or of every head: (R, 1, 2M, 2M)
+        those of the (R,) ``classes``, or (R, K, 2M, 2M) every class's without them.
         """
         x = self.mask_pooler([features[f] for f in self.mask_in_features], boxes)
         if "mask" in self.semantic_fusion:
@@ -452,7 +452,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         logits, res_feat = [], None
         for stage in range(first, last_stage + 1):
             with_logits = keep_all or stage == last_stage
-            stage_logits, feat = self.mask_head[stage].chain(x, res_feat, with_logits)
+            stage_logits, feat = self.mask_head[stage].chain(x, res_feat, with_logits, classes)
             res_feat = feat if self.mask_info_flow else None
             if with_logits:
                 logits.append(stage_logits)
