@@ -82,8 +82,8 @@ def _reference_tta():
 def test_merges_as_the_reference_2x_aug_test():
     """Multi-scale (3 sizes) and flip: the merged proposals, the 100 detections (each with its
     twin: same class, IoU > 0.999), their scores, the merged mask probabilities on the same boxes
-    and the pasted masks, pixel for pixel. Measured 6e-5 px, 6e-7 and 6e-8; the bounds leave
-    room for another machine's rounding."""
+    and the pasted masks, pixel for pixel but at the threshold. Measured 6e-5 px, 6e-7 and 6e-8;
+    the bounds leave room for another machine's rounding."""
     tta, ref = _reference_tta()
     image = parity_reference("small")["image_rgb"]
     size = tuple(image.shape[1:])
@@ -109,4 +109,7 @@ def test_merges_as_the_reference_2x_aug_test():
     torch.testing.assert_close(got.pred_boxes.tensor[twin], ref["det_boxes"], rtol=0, atol=1e-3)
     torch.testing.assert_close(got.scores[twin], ref["det_scores"], rtol=0, atol=1e-5)
     pasted = np.unpackbits(ref["masks_packed"].numpy(), axis=-1)[..., : ref["mask_width"]]
-    assert np.array_equal(got.pred_masks[twin].numpy(), pasted.astype(bool))
+    # a pixel whose probability sits at the 0.5 threshold may flip with the summation order:
+    # 1 of 41,537 in one thread, none in two (measured)
+    flipped = (got.pred_masks[twin].numpy() != pasted.astype(bool)).sum()
+    assert flipped <= pasted.sum() // 10_000
