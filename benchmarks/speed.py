@@ -150,9 +150,10 @@ def component_of(name: str) -> str:
 
 
 def hook_components(model, device: str, spent: Dict[str, float]) -> Callable[[], None]:
-    """Add each component's forward time to ``spent`` (modules by hooks, the semantic box
-    pooling, which is a method, by wrapping it); returns the function that removes them."""
-    starts, handles = {}, []
+    """Add each component's forward time to ``spent`` (modules by hooks; the semantic box
+    pooling and HTC's mask heads, which run as methods, ``_semantic_box_rois`` and ``chain``,
+    by wrapping them); returns the function that removes them."""
+    starts, handles, wrapped = {}, [], []
 
     def before(name):
         def hook(*_):
@@ -168,28 +169,35 @@ def hook_components(model, device: str, spent: Dict[str, float]) -> Callable[[],
 
         return hook
 
+    def wrap(owner, method_name: str, name: str, component: str) -> None:
+        method = getattr(owner, method_name)
+
+        def timed(*args, **kwargs):
+            before(name)()
+            out = method(*args, **kwargs)
+            after(name, component)()
+            return out
+
+        setattr(owner, method_name, timed)
+        wrapped.append((owner, method_name))
+
     for name, module in model.named_modules():
         component = outermost_component(name)
         if component:
             handles.append(module.register_forward_pre_hook(before(name)))
             handles.append(module.register_forward_hook(after(name, component)))
-    heads = model.roi_heads
+            if hasattr(module, "chain"):
+                wrap(module, "chain", name, component)
+    if hasattr(model.roi_heads, "_semantic_box_rois"):
+        name = "roi_heads._semantic_box_rois"
+        wrap(model.roi_heads, "_semantic_box_rois", name, component_of(name))
 
     def remove():
         for handle in handles:
             handle.remove()
-        heads.__dict__.pop("_semantic_box_rois", None)
+        for owner, method_name in wrapped:
+            owner.__dict__.pop(method_name)
 
-    if hasattr(heads, "_semantic_box_rois"):
-        method, name = heads._semantic_box_rois, "roi_heads._semantic_box_rois"
-
-        def wrapped(*args, **kwargs):
-            before(name)()
-            out = method(*args, **kwargs)
-            after(name, component_of(name))()
-            return out
-
-        heads._semantic_box_rois = wrapped
     return remove
 
 
