@@ -17,16 +17,13 @@ a fresh process per method on CPU.
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from typing import Callable, Dict, List, Tuple
 
 import torch
 from common import htc_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
-from speed import alternate, medians, peak_memory_mb
+from speed import alternate, fresh_process_peak_mb, medians, peak_memory_mb
 
 from htc import SEMANTIC_FEATURE
 from htc.mask_head import mask_loss
@@ -110,10 +107,7 @@ def measured_peak(args, step: str, row: str, name: str) -> float:
         fn = method(step, row, name, args.device)
         fn()
         return peak_memory_mb(fn, args.device)
-    command = [sys.executable, __file__, "--peak-of", step, row, name]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.splitlines()[-1])["peak_mb"]
+    return fresh_process_peak_mb(__file__, "--peak-of", step, row, name)
 
 
 def measure(args, step: str, row: str) -> Dict[str, Tuple[float, float]]:

@@ -14,15 +14,12 @@ fresh process whose allocator returns every block of 64 KiB or more to the syste
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from typing import Callable, Dict, List, Tuple
 
 import torch
 from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Boxes, pairwise_iou
-from speed import alternate, medians, peak_memory_mb
+from speed import alternate, fresh_process_peak_mb, medians, peak_memory_mb
 
 from htc import sampling
 
@@ -85,11 +82,8 @@ def measured_peak(args, name: str, gt: int) -> float:
     if args.device == "cuda":
         images = crowded_images(args.images, args.candidates, gt, args.device)
         return peak_mb(method(name, images), args.device)
-    command = [sys.executable, __file__, "--peak-of", name, "--gt", str(gt)]
-    command += ["--images", str(args.images), "--candidates", str(args.candidates)]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.splitlines()[-1])["peak_mb"]
+    sizes = ["--images", str(args.images), "--candidates", str(args.candidates)]
+    return fresh_process_peak_mb(__file__, "--peak-of", name, "--gt", str(gt), *sizes)
 
 
 def row(args, gt: int) -> Dict[str, float]:

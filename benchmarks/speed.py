@@ -136,6 +136,16 @@ def peak_memory_mb(fn: Callable, device: str) -> float:
     return _status_mb("VmHWM") - before
 
 
+def fresh_process_peak_mb(script: str, *argv: str) -> float:
+    """The ``peak_mb`` that ``script`` prints (a JSON line, its last) when run with ``argv`` in a
+    fresh process whose allocator returns every block of 64 KiB or more to the system at once
+    (MALLOC_MMAP_THRESHOLD_), so that the CPU high-water mark is the measured call's alone."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    command = [sys.executable, script, *argv]
+    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.splitlines()[-1])["peak_mb"]
+
+
 def outermost_component(name: str) -> str:
     """The component of module ``name`` if its parent module belongs to none."""
     parent = name.rsplit(".", 1)[0] if "." in name else ""
