@@ -76,37 +76,42 @@ def _patch_the_language_once_per_launch() -> None:
     kernel's globals) and restores it at the end. Triton 3.x maps it again at every call of a
     ``@triton.jit`` helper (thousands per launch), which repeats the same mapping for the same
     module's globals. Here each module's globals are mapped once per launch. Triton versions
-    without this internal keep their own behaviour."""
+    without these internals keep their own behaviour."""
     try:
         from triton.runtime import interpreter
     except ImportError:
         return
-    patch = getattr(interpreter, "_patch_lang", None)
-    if patch is None or getattr(patch, "once_per_launch", False):
+    needed = ("_patch_lang", "_LangPatchScope", "GridExecutor")
+    if not all(hasattr(interpreter, name) for name in needed):
         return
-    mapped: list = []  # the globals mapped in the running launch (launches do not nest)
-
-    class _Launch:
-        def __init__(self, scope):
-            self.scope = scope
-
-        def restore(self) -> None:
-            mapped.clear()
-            self.scope.restore()
+    patch, launch = interpreter._patch_lang, interpreter.GridExecutor.__call__
+    if getattr(launch, "maps_once", False):
+        return
+    state: dict = {"mapped": None}  # the globals mapped in the running launch; None outside
 
     class _AlreadyMapped:
         def restore(self) -> None:
             pass
 
     def once_per_launch(fn):
+        mapped = state["mapped"]
+        if mapped is None:  # outside a launch: as Triton does
+            return patch(fn)
         if any(fn.__globals__ is done for done in mapped):
             return _AlreadyMapped()
-        scope = patch(fn)
         mapped.append(fn.__globals__)
-        return _Launch(scope) if len(mapped) == 1 else scope
+        return patch(fn)
 
-    once_per_launch.once_per_launch = True
+    def launch_mapping_once(self, *args, **kwargs):
+        state["mapped"] = []  # launches do not nest
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            state["mapped"] = None
+
+    launch_mapping_once.maps_once = True
     interpreter._patch_lang = once_per_launch
+    interpreter.GridExecutor.__call__ = launch_mapping_once
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":

@@ -32,7 +32,7 @@ class _ImportingDataset(torch.utils.data.Dataset):
 def test_imports_in_spawned_process_as_a_dataloader_worker():
     """A data-loader worker started by spawn: a spawned process of its own."""
     loader = torch.utils.data.DataLoader(
-        _ImportingDataset(), num_workers=1, multiprocessing_context="spawn"
+        _ImportingDataset(), num_workers=1, multiprocessing_context="spawn", timeout=300
     )
     assert [int(x) for x in loader] == [0]
 

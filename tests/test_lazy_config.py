@@ -430,13 +430,14 @@ for path in sys.argv[1:]:
     sys.stdout.flush()
     if os.fork() == 0:
         try:
-            print(path, "built", *build(path), flush=True)
+            print(path, "built", *build(path))
         except Exception as error:
-            traceback.print_exc()
+            print(f"--- {path}:", traceback.format_exc(), file=sys.stderr)
             print(path, "failed", type(error).__name__, str(error).replace(chr(10), " "))
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     os.wait()
 """
 
@@ -456,6 +457,7 @@ def test_a_process_that_imports_only_the_config_builds_its_data(coco_layout):
     result = subprocess.run(
         [sys.executable, "-c", BUILD_DATA, *(str(CONFIGS / n) for n in BUILDS_DATA)],
         capture_output=True, text=True, env=child_env(DETECTRON2_DATASETS=str(coco_layout)),
+        timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line.split(maxsplit=1) for line in result.stdout.splitlines()]
@@ -465,4 +467,4 @@ def test_a_process_that_imports_only_the_config_builds_its_data(coco_layout):
         if "vitdet" in name and not HAS_MODERN_BACKBONES:
             assert re.match(r"failed ImportError .*ViT.*v0\.6 release", outcome), outcome
         else:
-            assert outcome == f"built 2 1 {semantic} 1", (name, result.stderr[-3000:])
+            assert outcome == f"built 2 1 {semantic} 1", f"{name}: {outcome}\n{result.stderr}"
