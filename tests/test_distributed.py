@@ -4,6 +4,7 @@ of one process each on this box, and a rendezvous that one machine never reaches
 import contextlib
 import datetime
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -144,6 +145,19 @@ def test_a_machine_that_never_arrives_is_named_within_the_timeout(tmp_path):
     assert f"rank 0 of 2: the rendezvous at {url} failed within 1 s" in result.stderr
     assert "1/2 clients joined" in result.stderr
     assert time.monotonic() - start < 60  # 1 s of waiting, and the start-up
+
+
+def test_a_machine_of_one_process_runs_it_in_this_process(monkeypatch):
+    """Without CUDA, the one process of a machine is the launching one (no spawned copy)."""
+    from htc import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed, "_cpu_worker", lambda *a: calls.append((os.getpid(), a)))
+    monkeypatch.setattr(distributed.mp, "spawn", lambda *a, **k: pytest.fail("spawned"))
+    url, timeout = "tcp://127.0.0.1:1", datetime.timedelta(seconds=5)
+    distributed.launch(print, 1, num_machines=2, machine_rank=1, dist_url=url, timeout=timeout)
+    assert calls == [(os.getpid(), (0, print, 2, 1, 1, url, (), timeout))]
 
 
 @pytest.fixture

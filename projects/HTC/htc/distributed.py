@@ -34,7 +34,8 @@ def launch(
     timeout: datetime.timedelta = DEFAULT_TIMEOUT,
 ) -> None:
     """Detectron2's ``launch``; on a machine without CUDA, one gloo process per
-    ``num_processes_per_machine`` with the ranks and local process group Detectron2 gives.
+    ``num_processes_per_machine`` with the ranks and local process group Detectron2 gives (a
+    machine of one process runs it in this process: a spawned one would only add its start-up).
     ``timeout`` bounds the wait for every machine's processes at the rendezvous, and then each
     collective operation. Each process destroys its process groups when ``main_func`` ends."""
     world_size = num_machines * num_processes_per_machine
@@ -51,20 +52,13 @@ def launch(
         if num_machines != 1:
             raise ValueError("--dist-url auto works on one machine; give tcp://HOST:PORT")
         dist_url = f"tcp://127.0.0.1:{_free_port()}"
-    mp.spawn(
-        _cpu_worker,
-        nprocs=num_processes_per_machine,
-        args=(
-            main_func,
-            world_size,
-            num_processes_per_machine,
-            machine_rank,
-            dist_url,
-            args,
-            timeout,
-        ),
-        daemon=False,
-    )
+    worker_args = (
+        main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args, timeout,
+    )  # fmt: skip
+    if num_processes_per_machine == 1:
+        _cpu_worker(0, *worker_args)
+        return
+    mp.spawn(_cpu_worker, nprocs=num_processes_per_machine, args=worker_args, daemon=False)
 
 
 def _free_port() -> int:
