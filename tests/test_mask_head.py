@@ -12,7 +12,7 @@ from detectron2.utils.events import EventStorage
 
 from conftest import make_batch, tiny_cfg
 from htc import HTCMaskHead
-from htc.mask_head import class_logits, mask_loss, mask_targets
+from htc.mask_head import class_logits, mask_loss, mask_targets, plain_1x1_conv
 
 RATES = ("accuracy", "false_positive", "false_negative")
 
@@ -89,6 +89,32 @@ def test_chain_with_classes_computes_each_rois_class_alone():
     assert head.predictor.bias.grad.tolist() == [28 * 28, 0, 2 * 28 * 28]
     empty, _ = head.chain(_rois(0), None, classes=classes[:0])
     assert empty.shape == (0, 1, 28, 28)
+
+
+class _Shifted(torch.nn.Conv2d):
+    """A predictor whose call adds to the convolution (as a LoRA wrapper's does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + 1
+
+
+def test_a_predictor_that_is_not_the_plain_conv_is_called():
+    """Where the predictor's call is not the 1x1 convolution alone (a subclass with its own
+    forward, a hook), each RoI's class is selected from that call's output, and hooks fire.
+    The predictor as built is the plain one, whose classes are computed alone."""
+    head = build_model(tiny_cfg()).roi_heads.mask_head[0]
+    assert plain_1x1_conv(head.predictor)
+    classes = torch.tensor([2, 0, 2])
+    want = head.chain(_rois(), None)[0][torch.arange(3), classes][:, None]
+    calls = []
+    hook = head.predictor.register_forward_hook(lambda *_: calls.append(1))
+    torch.testing.assert_close(head.chain(_rois(), None, classes=classes)[0], want)
+    assert calls == [1]
+    hook.remove()
+    conv = head.predictor
+    head.predictor = _Shifted(conv.in_channels, conv.out_channels, 1)
+    head.predictor.load_state_dict(conv.state_dict())
+    torch.testing.assert_close(head.chain(_rois(), None, classes=classes)[0], want + 1)
 
 
 def test_class_agnostic_heads_ignore_the_classes():

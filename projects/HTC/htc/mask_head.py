@@ -70,12 +70,19 @@ class HTCMaskHead(MaskRCNNConvUpsampleHead):
 
         Returns:
             (R, K, 28, 28) mask logits of every class; with ``classes`` (or class-agnostic
-            masks), (R, 1, 28, 28) the logits of each RoI's class.
+            masks), (R, 1, 28, 28) the logits of each RoI's class: computed alone where the
+            predictor is the parent's 1x1 convolution as built (:func:`plain_1x1_conv`), else
+            selected from its own output (a wrapper, a parametrization or a hook changes what
+            its call computes).
         """
         x = self.deconv_relu(self.deconv(feat))
-        if classes is None or self.predictor.out_channels == 1:
-            return self.predictor(x)
-        return class_logits(self.predictor, x, classes)
+        if classes is not None and plain_1x1_conv(self.predictor):
+            if self.predictor.out_channels > 1:
+                return class_logits(self.predictor, x, classes)
+        logits = self.predictor(x)
+        if classes is None or logits.shape[1] == 1:
+            return logits
+        return logits[torch.arange(len(classes), device=logits.device), classes][:, None]
 
     def chain(
         self,
@@ -101,6 +108,23 @@ class HTCMaskHead(MaskRCNNConvUpsampleHead):
         """
         feat = self.conv_features(x, res_feat)
         return (self.predict(feat, classes) if with_logits else None), feat
+
+
+HOOKS = ("forward_pre", "forward", "backward_pre", "backward")  # nn.Module's, fired by its call
+
+
+def plain_1x1_conv(module: nn.Module) -> bool:
+    """Whether ``module`` is a 1x1 convolution as the parent builds its predictor, whose call
+    computes nothing else: exactly torch's or Detectron2's class (no subclass, wrapper or
+    parametrization), stride 1, no padding or groups, no norm or activation, no hooks."""
+    return (
+        type(module) in (nn.Conv2d, Conv2d)
+        and (module.kernel_size, module.stride, module.padding) == ((1, 1), (1, 1), (0, 0))
+        and module.groups == 1
+        and getattr(module, "norm", None) is None
+        and getattr(module, "activation", None) is None
+        and not any(getattr(module, f"_{kind}_hooks") for kind in HOOKS)
+    )
 
 
 def class_logits(predictor: nn.Conv2d, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
