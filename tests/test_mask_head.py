@@ -117,6 +117,28 @@ def test_a_predictor_that_is_not_the_plain_conv_is_called():
     torch.testing.assert_close(head.chain(_rois(), None, classes=classes)[0], want + 1)
 
 
+@ROI_MASK_HEAD_REGISTRY.register()
+class _EveryClassTestHead(HTCMaskHead):
+    """A custom head whose ``chain`` returns every class's logits whatever ``classes``."""
+
+    def chain(self, x, res_feat, with_logits=True, classes=None):
+        return super().chain(x, res_feat, with_logits)
+
+
+def test_a_head_that_returns_every_class_gives_the_masks_of_each_rois_class():
+    cfg = tiny_cfg()
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    want_model = build_model(cfg).eval()
+    cfg.MODEL.ROI_MASK_HEAD.NAME = "_EveryClassTestHead"
+    model = build_model(cfg).eval()
+    model.load_state_dict(want_model.state_dict())
+    batch = make_batch(1, with_gt=False)
+    with torch.no_grad():
+        want, got = (m(batch)[0]["instances"] for m in (want_model, model))
+    assert len(want) > 0 and len(set(want.pred_classes.tolist())) > 1
+    torch.testing.assert_close(got.pred_masks, want.pred_masks)
+
+
 def test_class_agnostic_heads_ignore_the_classes():
     cfg = tiny_cfg()
     cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK = True

@@ -80,9 +80,7 @@ class HTCMaskHead(MaskRCNNConvUpsampleHead):
             if self.predictor.out_channels > 1:
                 return class_logits(self.predictor, x, classes)
         logits = self.predictor(x)
-        if classes is None or logits.shape[1] == 1:
-            return logits
-        return logits[torch.arange(len(classes), device=logits.device), classes][:, None]
+        return logits if classes is None else of_classes(logits, classes)
 
     def chain(
         self,
@@ -125,6 +123,14 @@ def plain_1x1_conv(module: nn.Module) -> bool:
         and getattr(module, "activation", None) is None
         and not any(getattr(module, f"_{kind}_hooks") for kind in HOOKS)
     )
+
+
+def of_classes(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """(R, 1, S, S): the channel ``classes[i]`` of RoI i's (R, K, S, S) ``logits``; ``logits``
+    themselves where they have one channel (class-agnostic, or computed for the classes)."""
+    if logits.shape[1] == 1:
+        return logits
+    return logits[torch.arange(len(classes), device=logits.device), classes][:, None]
 
 
 def class_logits(predictor: nn.Conv2d, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

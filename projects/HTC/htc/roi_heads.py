@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from .host import host_tensor, repeat_rows
 from .layers import roi_align_kernel, shared_levels
-from .mask_head import mask_loss
+from .mask_head import mask_loss, of_classes
 from .poolers import HTCROIPooler
 from .sampling import RoISample, foreground_rois, sample_rois
 from .soft_nms import soft_nms_inference
@@ -454,8 +454,10 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             with_logits = keep_all or stage == last_stage
             stage_logits, feat = self.mask_head[stage].chain(x, res_feat, with_logits, classes)
             res_feat = feat if self.mask_info_flow else None
-            if with_logits:
-                logits.append(stage_logits)
+            if with_logits:  # a head may return every class's logits whatever ``classes``
+                logits.append(
+                    stage_logits if classes is None else of_classes(stage_logits, classes)
+                )
         return logits
 
 
