@@ -246,6 +246,7 @@ SMALL = [
     "MODEL.DEVICE", "cpu", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.CHECKPOINT_PERIOD", "2",
     "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0",
     "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",  # an untrained model still predicts something
+    "TEST.DETECTIONS_PER_IMAGE", "20",  # every route as with 100, at a fraction of the time
 ]  # fmt: skip
 
 

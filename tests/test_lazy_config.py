@@ -94,6 +94,7 @@ base = LazyConfig.load("{r50}")
 model = runpy.run_path("{model_file}")["htc_fpn"](**{demo_model})
 for predictor in model.roi_heads.box_predictors:  # an untrained model still predicts something
     predictor.test_score_thresh = 0.0
+    predictor.test_topk_per_image = 20  # every route as with 100, at a fraction of the time
 dataloader, optimizer, lr_multiplier, train = (
     base.dataloader, base.optimizer, base.lr_multiplier, base.train
 )

@@ -60,7 +60,7 @@ def test_train_eval_only_and_resume(workspace, tmp_path):
             sys.executable, "-m", "htc.demo", "--config-file", str(CONFIG),
             "--input", str(workspace / "htc_demo" / "val"), "--output", str(vis),
             "--opts", "MODEL.WEIGHTS", str(output / "model_final.pth"),
-            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "20",
         ],
         capture_output=True, text=True, timeout=600,
         env=child_env(DETECTRON2_DATASETS=str(workspace)),
