@@ -15,9 +15,16 @@ IMPORTS = (
 )
 
 
-def test_imports_in_fresh_interpreter():
-    result = subprocess.run([sys.executable, "-c", IMPORTS], capture_output=True, text=True)
+def test_imports_in_fresh_interpreter_registering_no_dataset():
+    """Also: importing htc (and Detectron2) puts no dataset in the catalog; the entry points
+    register them (htc.data.register_builtin)."""
+    code = IMPORTS + (
+        "\nfrom detectron2.data import DatasetCatalog\n"
+        "print([n for n in DatasetCatalog.list() if 'htc' in n])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 class _ImportingDataset(torch.utils.data.Dataset):
