@@ -2,6 +2,7 @@
 mask information flow: the previous stage's head's 14x14 feature, through a 1x1 conv, summed
 into this head's RoI features, and this head's feature passed on to the next."""
 
+import warnings
 from typing import List, Optional, Tuple
 
 import fvcore.nn.weight_init as weight_init
@@ -128,8 +129,10 @@ def plain_1x1_conv(module: nn.Module) -> bool:
 def of_classes(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """(R, 1, S, S): the channel ``classes[i]`` of RoI i's (R, K, S, S) ``logits``; ``logits``
     themselves where they have one channel (class-agnostic, or computed for the classes)."""
-    if logits.shape[1] == 1:
-        return logits
+    with warnings.catch_warnings():  # traced, the channel count is the model's constant
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        if logits.shape[1] == 1:
+            return logits
     return logits[torch.arange(len(classes), device=logits.device), classes][:, None]
 
 
