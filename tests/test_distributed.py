@@ -171,6 +171,37 @@ def in_this_process():
         comm.create_local_process_group.cache_clear()
 
 
+def test_a_machine_of_one_process_leaves_no_process_group_behind(monkeypatch, in_this_process):
+    """The worker run in this process takes its process groups with it when it ends, by an
+    error too, as a spawned one would: a later launch in the process starts afresh."""
+    from detectron2.utils import comm
+
+    from htc import distributed
+
+    worker = distributed._cpu_worker
+
+    def alone(local_rank, main, world, per_machine, machine, *rest):  # a world of this process
+        worker(local_rank, main, 1, 1, 0, *rest)
+
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed, "_cpu_worker", alone)
+    seen = []
+
+    def main(fails: bool) -> None:
+        seen.append((torch.distributed.get_world_size(), comm.get_local_size()))
+        if fails:
+            raise ValueError("the job failed")
+
+    for fails in (True, False, False):
+        url, timeout = f"tcp://127.0.0.1:{_free_port()}", datetime.timedelta(seconds=60)
+        with pytest.raises(ValueError) if fails else contextlib.nullcontext():
+            distributed.launch(
+                main, 1, num_machines=2, dist_url=url, args=(fails,), timeout=timeout
+            )
+        assert not torch.distributed.is_initialized()
+    assert seen == [(1, 1)] * 3
+
+
 @pytest.mark.parametrize("fails", [False, True])
 def test_a_worker_destroys_its_groups_when_its_job_ends(fails, in_this_process):
     """Left to the interpreter's teardown, gloo's groups abort the process now and then; after an

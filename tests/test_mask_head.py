@@ -91,6 +91,15 @@ def test_chain_with_classes_computes_each_rois_class_alone():
     assert empty.shape == (0, 1, 28, 28)
 
 
+class _StageLogits(torch.nn.Module):
+    def __init__(self, head: HTCMaskHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return self.head.chain(x, None, classes=classes)[0]
+
+
 class _Shifted(torch.nn.Conv2d):
     """A predictor whose call adds to the convolution (as a LoRA wrapper's does)."""
 
@@ -112,9 +121,17 @@ def test_a_predictor_that_is_not_the_plain_conv_is_called():
     assert calls == [1]
     hook.remove()
     conv = head.predictor
+    conv.forward = lambda x: torch.nn.Conv2d.forward(conv, x) + 1  # set on the instance
+    assert not plain_1x1_conv(conv)
+    torch.testing.assert_close(head.chain(_rois(), None, classes=classes)[0], want + 1)
+    del conv.forward
     head.predictor = _Shifted(conv.in_channels, conv.out_channels, 1)
     head.predictor.load_state_dict(conv.state_dict())
     torch.testing.assert_close(head.chain(_rois(), None, classes=classes)[0], want + 1)
+    # traced (export) for 3 RoIs, the graph takes any number
+    traced = torch.jit.trace(_StageLogits(head), (_rois(), classes))
+    five = torch.tensor([1, 2, 0, 0, 2])
+    torch.testing.assert_close(traced(_rois(5), five), head.chain(_rois(5), None, classes=five)[0])
 
 
 @ROI_MASK_HEAD_REGISTRY.register()

@@ -2,6 +2,7 @@
 stopped anywhere, by SIGKILL or by submitit's preemption signal, resumes and trains the weights
 of the uninterrupted run, bit for bit, with the same evaluation."""
 
+import argparse
 import contextlib
 import itertools
 import os
@@ -10,6 +11,7 @@ import re
 import signal
 import subprocess
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from filelock import FileLock
 from torch.utils.data import DataLoader
 
 from conftest import SMALL, child_env, metrics_entries, train_net_command, training_iterations
+from htc import slurm
 from htc.data.resumable import PositionBatchSampler, PositionMappedDataset
 
 RUN = [
@@ -148,6 +151,24 @@ def test_a_preempted_slurm_job_requeues_and_trains_the_uninterrupted_weights(
     assert (jobs / f"{job}_0_result.pkl").is_file(), "the requeued job completed"
     assert training_iterations(output) == sorted(set(training_iterations(output)))
     _assert_same_result(_result(output), uninterrupted)
+
+
+def test_a_job_whose_training_fails_after_the_stop_signal_is_requeued(monkeypatch):
+    """The stop signal reached a training process that then failed (before its checkpoint): the
+    job is requeued from the last checkpoint, also where the job's process trained (one
+    process per node on CPU), whose own handler records the signal."""
+    env = SimpleNamespace(num_nodes=1, node=0)
+    monkeypatch.setattr(slurm, "_submitit", lambda: SimpleNamespace(JobEnvironment=lambda: env))
+
+    def training(main, args):
+        monkeypatch.setattr(slurm, "_stop_signalled", True)  # run_preemptible's handler ran
+        raise OSError("the disk went away")
+
+    monkeypatch.setattr(slurm, "launch_from_args", training)
+    raised = []
+    monkeypatch.setattr(slurm.signal, "raise_signal", raised.append)
+    slurm.PreemptibleTraining(("", "os", "getcwd"), argparse.Namespace())()
+    assert raised == [slurm.STOP_SIGNAL]  # submitit's handler: checkpoint() and requeue
 
 
 def test_batches_group_as_detectron2_does_and_start_anywhere():

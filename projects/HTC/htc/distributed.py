@@ -56,7 +56,10 @@ def launch(
         main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args, timeout,
     )  # fmt: skip
     if num_processes_per_machine == 1:
-        _cpu_worker(0, *worker_args)
+        try:
+            _cpu_worker(0, *worker_args)
+        finally:
+            _forget_process_groups()
         return
     mp.spawn(_cpu_worker, nprocs=num_processes_per_machine, args=worker_args, daemon=False)
 
@@ -99,10 +102,22 @@ def _run_then_destroy_groups(main_func: Callable, *args) -> None:
     gloo's threads still hold the tensors of finished work, and freeing them then aborts the
     process now and then ("terminate called without an active exception"). Not after an
     error: other ranks may still be in a collective, where a destroy can hang (NCCL), and the
-    error must reach ``mp.spawn``, which ends them."""
+    error must reach ``mp.spawn``, which ends them (or the caller, where the worker is the
+    launching process)."""
     main_func(*args)
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _forget_process_groups() -> None:
+    """After a worker run in the launching process, whatever its end, the process groups that a
+    spawned worker's end would take with it: gloo's destroyed (on CPU no destroy waits for a
+    peer), Detectron2's local group forgotten, so that a later launch starts afresh."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    comm._LOCAL_PROCESS_GROUP = None
+    if hasattr(comm, "create_local_process_group"):  # not in v0.6
+        comm.create_local_process_group.cache_clear()
 
 
 def _set_local_process_group(world_size: int, per_machine: int, machine_rank: int) -> None:

@@ -115,9 +115,12 @@ HOOKS = ("forward_pre", "forward", "backward_pre", "backward")  # nn.Module's, f
 def plain_1x1_conv(module: nn.Module) -> bool:
     """Whether ``module`` is a 1x1 convolution as the parent builds its predictor, whose call
     computes nothing else: exactly torch's or Detectron2's class (no subclass, wrapper or
-    parametrization), stride 1, no padding or groups, no norm or activation, no hooks."""
+    parametrization) and its ``forward`` (none set on the instance), stride 1, no padding or
+    groups, no norm or activation, no hooks of its own (global module hooks, which trackers
+    such as FlopCounterMode's install, are not its call's computation)."""
     return (
         type(module) in (nn.Conv2d, Conv2d)
+        and "forward" not in vars(module)
         and (module.kernel_size, module.stride, module.padding) == ((1, 1), (1, 1), (0, 0))
         and module.groups == 1
         and getattr(module, "norm", None) is None
@@ -129,11 +132,20 @@ def plain_1x1_conv(module: nn.Module) -> bool:
 def of_classes(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """(R, 1, S, S): the channel ``classes[i]`` of RoI i's (R, K, S, S) ``logits``; ``logits``
     themselves where they have one channel (class-agnostic, or computed for the classes)."""
-    with warnings.catch_warnings():  # traced, the channel count is the model's constant
+    if _channels(logits) == 1:
+        return logits
+    rois = torch.arange(classes.shape[0], device=logits.device)  # traced: the count stays symbolic
+    return logits[rois, classes][:, None]
+
+
+def _channels(logits: torch.Tensor) -> int:
+    """``logits.shape[1]``; under tracing without the warning that a shape made a Python value:
+    the channel count is the model's constant."""
+    if not torch.jit.is_tracing():
+        return logits.shape[1]
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        if logits.shape[1] == 1:
-            return logits
-    return logits[torch.arange(len(classes), device=logits.device), classes][:, None]
+        return int(logits.shape[1])
 
 
 def class_logits(predictor: nn.Conv2d, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

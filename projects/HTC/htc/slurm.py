@@ -144,7 +144,8 @@ class PreemptibleTraining:
             launch_from_args(run_preemptible, args)
         except Exception:
             # a process the signal reached before its handler was set: its last checkpoint
-            if not stop.is_set():
+            # (the signal sets ``stop``, or ``_stop_signalled`` where this process trained)
+            if not (stop.is_set() or _stop_signalled):
                 raise
             logger.exception("A training process ended on the stop signal")
             saved.set()
