@@ -30,7 +30,9 @@ def _cfg(variant: str):
     cfg = tiny_cfg(**VARIANTS[variant])
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
     cfg.TEST.DETECTIONS_PER_IMAGE = 20  # every route as with 100, at a fraction of the time
-    cfg.TEST.AUG.MIN_SIZES, cfg.TEST.AUG.MAX_SIZE, cfg.TEST.AUG.FLIP = (96, 128), 1000, True
+    # one scale (the image resized) and its flip: the merging of views of several sizes is
+    # test_tta's, against the reference
+    cfg.TEST.AUG.MIN_SIZES, cfg.TEST.AUG.MAX_SIZE, cfg.TEST.AUG.FLIP = (128,), 1000, True
     if variant == "panoptic":
         cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 6
         cfg.DATASETS.TEST = ("htc_demo_val",)
