@@ -192,8 +192,9 @@ def check_against_model(converted: Dict[str, torch.Tensor], config_file: str) ->
     cfg = get_cfg()
     add_htc_config(cfg)
     cfg.merge_from_file(config_file)
-    cfg.MODEL.DEVICE = "cpu"
-    expected = build_model(cfg).state_dict()
+    cfg.MODEL.DEVICE = "meta"  # names and shapes: nothing allocated or initialised
+    with torch.device("meta"):
+        expected = build_model(cfg).state_dict()
     missing = [k for k in expected if k not in converted]
     unexpected = [k for k in converted if k not in expected]
     shapes = [
