@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import time
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -169,6 +170,27 @@ def test_a_job_whose_training_fails_after_the_stop_signal_is_requeued(monkeypatc
     monkeypatch.setattr(slurm.signal, "raise_signal", raised.append)
     slurm.PreemptibleTraining(("", "os", "getcwd"), argparse.Namespace())()
     assert raised == [slurm.STOP_SIGNAL]  # submitit's handler: checkpoint() and requeue
+
+
+def test_the_training_process_ignores_sigterm_and_its_forked_children_do_not():
+    """SIGTERM (sent to every process of a preempted job) is ignored where the job trains; its
+    forked children (loader and evaluator workers) have the default from the fork on, so that
+    a pool can end them (a Python handler in them let panopticapi's pool hang now and then)."""
+    seen = {}
+
+    def train_main(args):
+        seen["training"] = signal.getsignal(signal.SIGTERM) is slurm._ignore
+        with warnings.catch_warnings():  # a fork of pytest's threaded worker that runs no code
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:
+            os._exit(0 if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else 1)
+        seen["child"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+    before = signal.getsignal(signal.SIGTERM)
+    slurm.run_preemptible(argparse.Namespace(train_main=train_main))
+    assert seen == {"training": True, "child": True}
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_batches_group_as_detectron2_does_and_start_anywhere():

@@ -12,6 +12,7 @@ continues the schedule, the data order (``DATALOADER.RESUMABLE``, set for every 
 
 import argparse
 import copy
+import functools
 import importlib
 import logging
 import os
@@ -35,7 +36,7 @@ STOP_SIGNAL = signal.SIGUSR2  # submitit's signal for a preemption or time-out (
 # Set by this process's signal handler, which must not take the Event's lock: the handler runs
 # in the thread that may hold it (in Event.is_set).
 _stop_signalled = False
-_training_pid = 0  # the process whose SIGTERM is ignored; its forked workers keep the default
+_training_pid = 0  # the process whose SIGTERM is ignored; its forked children keep the default
 
 
 class TrainingPreempted(Exception):
@@ -72,11 +73,25 @@ class _DropPreempted(logging.Filter):
 
 
 def _ignore(signum: int, frame: Any) -> None:
-    if os.getpid() != _training_pid:  # a forked child (a loader's or an evaluator's worker)
+    if os.getpid() != _training_pid:  # a child that the signal reached before its reset ran
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
     logger.warning("Ignored %s: the job stops at the end of an iteration", signal.strsignal(signum))
+
+
+def _terminable_child() -> None:
+    """In a forked child of the training process (a loader's or an evaluator's worker), SIGTERM
+    terminates again from the fork on. A pool ends its workers with it (panopticapi's PQ pool
+    when it is collected); a worker that had to run a Python handler to end missed it now and
+    then (the pool then waited on it forever: one in about a thousand pools)."""
+    if signal.getsignal(signal.SIGTERM) is _ignore:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@functools.cache
+def _reset_sigterm_in_children() -> None:
+    os.register_at_fork(after_in_child=_terminable_child)
 
 
 def _signalled(signum: int, frame: Any) -> None:
@@ -87,9 +102,11 @@ def _signalled(signum: int, frame: Any) -> None:
 def run_preemptible(args: argparse.Namespace) -> Any:
     """``args.train_main(args)`` in one training process: SLURM's end-of-job signal (sent to
     every process of the job) asks for the stop, SIGTERM (sent before it on a preemption) is
-    ignored, as submitit ignores it in the job's own process."""
+    ignored, as submitit ignores it in the job's own process (not in the process's forked
+    children)."""
     global _training_pid
     _training_pid = os.getpid()
+    _reset_sigterm_in_children()
     previous = {s: signal.getsignal(s) for s in (STOP_SIGNAL, signal.SIGTERM)}
     signal.signal(STOP_SIGNAL, _signalled)
     signal.signal(signal.SIGTERM, _ignore)
