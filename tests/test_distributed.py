@@ -163,12 +163,10 @@ def test_a_machine_of_one_process_runs_it_in_this_process(monkeypatch):
 @pytest.fixture
 def in_this_process():
     """Detectron2's local process group is made once per process: forgotten after the test."""
-    from detectron2.utils import comm
+    from htc.distributed import _forget_process_groups
 
     yield
-    comm._LOCAL_PROCESS_GROUP = None
-    if hasattr(comm, "create_local_process_group"):  # not in v0.6
-        comm.create_local_process_group.cache_clear()
+    _forget_process_groups()
 
 
 def test_a_machine_of_one_process_leaves_no_process_group_behind(monkeypatch, in_this_process):

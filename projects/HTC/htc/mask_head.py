@@ -77,9 +77,9 @@ class HTCMaskHead(MaskRCNNConvUpsampleHead):
             its call computes).
         """
         x = self.deconv_relu(self.deconv(feat))
-        if classes is not None and plain_1x1_conv(self.predictor):
-            if self.predictor.out_channels > 1:
-                return class_logits(self.predictor, x, classes)
+        plain = classes is not None and plain_1x1_conv(self.predictor)
+        if plain and self.predictor.out_channels > 1:
+            return class_logits(self.predictor, x, classes)
         logits = self.predictor(x)
         return logits if classes is None else of_classes(logits, classes)
 
@@ -186,11 +186,7 @@ def mask_loss(
     if not instances:
         return logits.sum() * 0, None
     targets = mask_targets(instances, side).to(logits.device)
-    if logits.shape[1] == 1:
-        logits = logits[:, 0]
-    else:
-        classes = torch.cat([x.gt_classes for x in instances]).long()
-        logits = logits[torch.arange(len(classes), device=logits.device), classes]
+    logits = of_classes(logits, torch.cat([x.gt_classes for x in instances]).long())[:, 0]
     truth = targets if targets.dtype == torch.bool else targets > 0.5
     wrong = (logits > 0) != truth
     positives = truth.sum()
