@@ -198,6 +198,38 @@ def test_missing_semantic_map_is_named(dataset):
         load(root)
 
 
+def test_semantic_maps_mirror_the_image_folders(dataset):
+    """Two images of one name in two folders take the maps of their folders, not one map."""
+    root, coco = dataset
+    for folder, image in zip("ab", coco["images"][:2]):
+        for kind in ("train", "train_sem"):
+            (root / kind / folder).mkdir()
+            (root / kind / image["file_name"]).rename(root / kind / folder / "00001.png")
+        image["file_name"] = f"{folder}/00001.png"
+    records = load(root, coco)
+    assert [r["sem_seg_file_name"] for r in records[:2]] == [
+        str(root / "train_sem" / folder / "00001.png") for folder in "ab"
+    ]
+
+
+def test_images_that_would_share_a_semantic_map_are_refused(dataset):
+    root, coco = dataset
+    second = coco["images"][1]
+    (root / "train" / second["file_name"]).rename(root / "train" / "00001.jpg")
+    second["file_name"] = "00001.jpg"
+    with pytest.raises(ValueError, match=r"00001.png and .*00001.jpg would share .*00001.png"):
+        load(root, coco)
+
+
+def test_integral_float_sizes_load_as_integers(dataset):
+    """As some tools write them; mask pasting at evaluation needs integers."""
+    root, coco = dataset
+    coco["images"][0].update(height=256.0, width=256.0)
+    record = load(root, coco)[0]
+    assert (record["height"], record["width"]) == (256, 256)
+    assert type(record["height"]) is type(record["width"]) is int
+
+
 def test_missing_files_are_named(tmp_path, tiny_dataset):
     with pytest.raises(FileNotFoundError, match="annotation file.*nope.json"):
         load_htc_json(str(tmp_path / "nope.json"), str(tmp_path), "x")

@@ -2,9 +2,11 @@
 bad image and label files are named when they are read."""
 
 import numpy as np
+import pycocotools.mask as mask_util
 import pytest
 import torch
 from detectron2.data import transforms as T
+from detectron2.structures import BoxMode
 from PIL import Image
 
 from conftest import CONFIGS, first_image, load, map_all, tiny_cfg, truncate
@@ -128,6 +130,39 @@ def test_derived_semantic_labels(tiny_dataset):
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 6
     with pytest.raises(ValueError, match="NUM_CLASSES to 4"):
         HTCDatasetMapper(cfg, is_train=True, augmentations=[])
+
+
+def test_derived_semantic_labels_ignore_crowd_regions(tiny_dataset):
+    """A crowd's pixels are its class or the background between its members: neither is
+    taught. Its RLE is flipped with the image; the instances paint over it."""
+    register_htc_instances(
+        "test_derived_crowd", str(tiny_dataset / "train.json"), str(tiny_dataset / "train"),
+        derive_semantic=True,
+    )  # fmt: skip
+    cfg = tiny_cfg()
+    cfg.INPUT.MASK_FORMAT = "bitmask"
+    cfg.DATASETS.TRAIN = ("test_derived_crowd",)
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 4
+    mapper = HTCDatasetMapper(cfg, is_train=True, augmentations=[T.RandomFlip(prob=1.0)])
+    record = load_htc_json(str(tiny_dataset / "train.json"), str(tiny_dataset / "train"), "t")[0]
+    crowd = np.zeros((256, 256), np.uint8, order="F")
+    crowd[:40, :30] = 1
+    rle = mask_util.encode(crowd)
+    rle["counts"] = rle["counts"].decode()
+    record["annotations"].append(
+        {"iscrowd": 1, "bbox": [0, 0, 30, 40], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0,
+         "segmentation": rle}
+    )  # fmt: skip
+    out = mapper(record)
+    sem, inst = out["sem_seg"], out["instances"]
+    assert len(inst) == len(record["annotations"]) - 1  # the crowd is no target
+    masks = inst.gt_masks.tensor
+    painted = masks.any(dim=0)
+    flipped = torch.from_numpy(crowd[:, ::-1].astype(bool))
+    assert (sem[flipped & ~painted] == 255).all() and (flipped & ~painted).sum() > 0
+    assert (sem[~flipped & ~painted] == 3).all()
+    for mask, cls in zip(masks, inst.gt_classes):
+        assert (sem[mask] == cls).all()
 
 
 def test_multiscale_config_draws_short_side_in_400_1400_long_side_1600():

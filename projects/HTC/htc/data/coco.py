@@ -41,11 +41,12 @@ def load_htc_json(
     missing = [r["file_name"] for r in records if not os.path.isfile(r["file_name"])]
     if missing:
         raise FileNotFoundError(f"{json_file}: {len(missing)} images not found, e.g. {missing[0]}")
+    for record in records:  # integral floats passed the checks; mask pasting needs ints
+        record["height"], record["width"] = int(record["height"]), int(record["width"])
     records = check_annotations(records, json_file)
     if sem_seg_root is not None:
         root = _require(Path(sem_seg_root), f"{dataset_name}: semantic map folder")
-        for record in records:
-            path = root / (Path(record["file_name"]).stem + ".png")
+        for record, path in zip(records, semantic_map_paths(records, image_root, root)):
             record["sem_seg_file_name"] = str(
                 _require(path, f"semantic map of {record['file_name']}")
             )
@@ -53,6 +54,27 @@ def load_htc_json(
                 record["sem_seg_file_name"], record["height"], record["width"], record["file_name"]
             )
     return records
+
+
+def semantic_map_paths(records: List[dict], image_root: str, sem_seg_root: Path) -> List[Path]:
+    """Each record's label map: its image's path under ``image_root``, under ``sem_seg_root``
+    with ".png" (subfolders kept, as Detectron2's ``load_sem_seg`` pairs them; an image outside
+    ``image_root`` by its name). Two images that would share a map (``a.jpg`` and ``a.png``)
+    raise ValueError naming both."""
+    paths, owner = [], {}
+    for record in records:
+        relative = Path(os.path.relpath(record["file_name"], image_root))
+        if relative.parts[0] == os.pardir:
+            relative = Path(relative.name)
+        path = sem_seg_root / relative.with_suffix(".png")
+        if path in owner:
+            raise ValueError(
+                f"{owner[path]} and {record['file_name']} would share the semantic map {path}: "
+                "rename one of the images"
+            )
+        owner[path] = record["file_name"]
+        paths.append(path)
+    return paths
 
 
 def _require(path: Path, what: str) -> Path:

@@ -94,15 +94,18 @@ class HTCDatasetMapper(DatasetMapper):
         if not self.is_train:
             dataset_dict.pop("annotations", None)
             return dataset_dict
+        crowds = None
         if "annotations" in dataset_dict:
             try:
+                if self.derive_semantic and "sem_seg" not in dataset_dict:
+                    crowds = self._crowd_masks(dataset_dict, transforms, image_shape)
                 self._transform_annotations(dataset_dict, transforms, image_shape)
             except (AssertionError, ValueError, IndexError) as e:
                 raise ValueError(
                     f"{dataset_dict['file_name']}: its annotations cannot be transformed: {e!r}"
                 ) from e
         if "sem_seg" not in dataset_dict and self.derive_semantic:
-            dataset_dict["sem_seg"] = self._derived_semantic(dataset_dict)
+            dataset_dict["sem_seg"] = self._derived_semantic(dataset_dict, crowds)
         return dataset_dict
 
     def _read(self, dataset_dict: dict) -> Tuple[np.ndarray, Optional[np.ndarray]]:
@@ -135,11 +138,26 @@ class HTCDatasetMapper(DatasetMapper):
                 f"{self.ignore_value} (MODEL.SEM_SEG_HEAD.IGNORE_VALUE)"
             )
 
-    def _derived_semantic(self, out: dict) -> torch.Tensor:
+    @staticmethod
+    def _crowd_masks(dataset_dict: dict, transforms, image_shape) -> Optional[torch.Tensor]:
+        """(N, H, W) bool masks of the crowd annotations, transformed as the image; None if
+        none. The parent drops crowds from the targets; a derived map still needs them."""
+        crowds = [obj for obj in dataset_dict["annotations"] if obj.get("iscrowd", 0)]
+        if not crowds:
+            return None
+        crowds = [
+            utils.transform_instance_annotations(obj, transforms, image_shape) for obj in crowds
+        ]
+        return utils.annotations_to_instances(crowds, image_shape, "bitmask").gt_masks.tensor
+
+    def _derived_semantic(self, out: dict, crowds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(H, W) labels: the class of the last instance (annotation order) covering a pixel,
-        else background (= K, the last semantic class)."""
+        else the ignore value in a crowd region (``crowds``, (N, H, W) bool: its class is known,
+        which of its pixels show it is not), else background (= K, the last semantic class)."""
         height, width = out["image"].shape[-2:]
         sem = torch.full((height, width), self.num_semantic_classes - 1, dtype=torch.long)
+        if crowds is not None:
+            sem[crowds.any(dim=0)] = self.ignore_value
         instances = out.get("instances")
         if instances is None or len(instances) == 0:
             return sem

@@ -28,10 +28,12 @@ def register_htc_instances(
     """Register a COCO-format instance dataset for HTC in one call.
 
     Args:
-        sem_seg_root: folder of semantic label PNGs named like the images (255 = unlabeled,
-            unless ``metadata`` gives another ``ignore_label``).
+        sem_seg_root: folder of semantic label PNGs at the images' paths under
+            ``image_root``, with ".png" (255 = unlabeled, unless ``metadata`` gives another
+            ``ignore_label``).
         derive_semantic: without ``sem_seg_root``, derive the semantic labels from the instance
-            masks: thing class ids 0..K-1 and background K (set SEM_SEG_HEAD.NUM_CLASSES = K+1).
+            masks: thing class ids 0..K-1, background K (set SEM_SEG_HEAD.NUM_CLASSES = K+1),
+            the ignore value in crowd regions.
         metadata: more metadata. Panoptic output (MODEL.HTC.PANOPTIC_ON) on this dataset takes
             its ``semantic_to_panoptic`` and ``stuff_dataset_id_to_contiguous_id``, else default
             categories (:func:`htc.panoptic.set_default_panoptic_categories`) unless
