@@ -1,8 +1,13 @@
-"""htc.demo: the pictures name what each panel shows."""
+"""htc.demo: the pictures name what each panel shows, whatever the masks' format, each under a
+name of its own."""
 
 import numpy as np
+import pycocotools.mask as mask_util
+import torch
+from detectron2.data import MetadataCatalog
+from detectron2.structures import BitMasks, Instances
 
-from htc.demo import TITLE_HEIGHT, titled
+from htc.demo import TITLE_HEIGHT, draw_prediction, picture_names, titled
 
 
 def test_a_titled_panel_keeps_the_panel_under_a_band_with_its_title():
@@ -15,3 +20,47 @@ def test_a_titled_panel_keeps_the_panel_under_a_band_with_its_title():
         assert (band < 100).any() and (band == 255).mean() > 0.7  # dark text on white
     first, second = (p[:TITLE_HEIGHT] for p in pictures.values())
     assert (first < 100).sum() < (second < 100).sum()  # a longer title, more ink
+
+
+def _instances(masks: np.ndarray, scores, rle: bool) -> Instances:
+    instances = Instances(masks.shape[1:], scores=torch.tensor(scores))
+    instances.pred_classes = torch.zeros(len(scores), dtype=torch.long)
+    instances.pred_boxes = BitMasks(torch.from_numpy(masks)).get_bounding_boxes()
+    if rle:
+        instances.pred_masks_rle = [
+            mask_util.encode(np.asfortranarray(mask.astype(np.uint8))) for mask in masks
+        ]
+    else:
+        instances.pred_masks = torch.from_numpy(masks)
+    return instances
+
+
+def test_pictures_of_rle_masks_are_those_of_bitmasks():
+    """MODEL.HTC.MASK_OUTPUT rle gives a list of RLEs, which the instances above the threshold
+    are selected from as the masks are."""
+    masks = np.zeros((3, 64, 80), bool)
+    masks[0, 5:30, 5:40], masks[1, 20:60, 30:70], masks[2, 40:50, 10:20] = True, True, True
+    image = np.full((64, 80, 3), 128, np.uint8)
+    metadata = MetadataCatalog.get("__unused")
+    pictures = []
+    for rle in (False, True):
+        np.random.seed(0)  # the Visualizer's colours
+        instances = _instances(masks, [0.9, 0.2, 0.7], rle)
+        pictures.append(draw_prediction(image, {"instances": instances}, metadata))
+    assert np.array_equal(*pictures) and not np.array_equal(pictures[0][TITLE_HEIGHT:], image)
+    none = draw_prediction(image, {"instances": _instances(masks, [0.1] * 3, True)}, metadata)
+    assert np.array_equal(none[TITLE_HEIGHT:], image)
+
+
+def test_pictures_of_images_of_one_name_have_names_of_their_own(tmp_path):
+    files = [
+        tmp_path / "a" / "x.png",
+        tmp_path / "b" / "x.png",
+        tmp_path / "x.jpg",
+        tmp_path / "y.png",
+    ]
+    names = picture_names(files)
+    assert names[files[3]] == "y"
+    assert len(set(names.values())) == 4 and all(
+        n.startswith("x_") for n in list(names.values())[:3]
+    )

@@ -111,6 +111,7 @@ def test_postprocess_gives_the_models_outputs(tiny):
         (["MODEL.HTC.TEST_NMS", "soft_linear"], "onnx", 17, "TEST_NMS nms"),
         (["MODEL.RESNETS.DEFORM_ON_PER_STAGE", [False, True, True, True]], "onnx", 17,
          "deformable"),
+        (["MODEL.MASK_ON", False], "torchscript", 17, "MASK_ON False"),
         ([], "onnx", 15, "aligned=True"),
         ([], "coreml", 17, "--format"),
     ],

@@ -24,9 +24,9 @@ from pycocotools.cocoeval import COCOeval
 
 from conftest import DEMO_CONFIG, child_env, truncate
 from htc import register_htc_instances
-from htc.data.inputs import find_inputs, video_frames
+from htc.data.inputs import find_inputs, read_image_or_reason, video_frames
 from htc.demo import load_predictor_cfg
-from htc.predict import RECORDS, predict, video_names
+from htc.predict import RECORDS, dataset_image_ids, image_ids, predict, video_names
 
 
 @pytest.fixture
@@ -73,24 +73,42 @@ def test_inputs_are_files_folders_and_globs(photos, tmp_path):
         find_inputs([str(tmp_path / "missing")])
 
 
-def test_results_are_coco_and_bad_files_are_named_and_skipped(photos, tmp_path, caplog):
+def test_results_are_coco_and_bad_files_are_named_and_skipped(photos, caplog):
+    """Also with the output in the input folder: its pictures are no inputs of the next run."""
     logging.getLogger("htc").propagate = True
+    out = photos / "out"
     with caplog.at_level(logging.WARNING, logger="htc"):
-        counts = _run(photos, tmp_path / "out", draw=True)
+        counts = _run(photos, out, draw=True)
     assert counts == {
         "images": 3, "skipped": 3, "this run": 6, "results": 15, "videos": 0, "frames": 0,
     }  # fmt: skip
     for bad in ("cut.png", "empty.jpg: empty file", "notes.png"):
         assert f"{photos}" in caplog.text and bad in caplog.text
-    images = json.loads((tmp_path / "out" / "images.json").read_text())
-    results = json.loads((tmp_path / "out" / "coco_results.json").read_text())
+    images = json.loads((out / "images.json").read_text())
+    results = json.loads((out / "coco_results.json").read_text())
     assert sorted(i["file_name"].split("/")[-1] for i in images) == ["a.png", "b.png", "c.png"]
     assert {r["image_id"] for r in results} == {i["id"] for i in images}
     for result in results:
         assert result["category_id"] in (1, 2, 3)  # the demo dataset's ids
         assert len(result["bbox"]) == 4 and 0 <= result["score"] <= 1
         assert isinstance(result["segmentation"]["counts"], str)
-    assert len(list((tmp_path / "out" / "pictures").glob("*.png"))) == 3
+    assert len(list((out / "pictures").glob("*.png"))) == 3
+    assert _run(photos, out, draw=True) == dict(counts, **{"this run": 0})
+
+
+def test_unreadable_inputs_are_reasons_not_errors(tmp_path, monkeypatch):
+    """Each is skipped by name, in this run and the next, instead of ending the run."""
+    wide = tmp_path / "16bit.png"
+    Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(wide)
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nothing.png")
+    big = tmp_path / "big.png"
+    Image.new("RGB", (40, 40)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1,600 pixels: over twice the limit
+    reasons = {path.name: read_image_or_reason(path) for path in (wide, tmp_path / "gone.png", big)}
+    assert all(image is None for image, _ in reasons.values())
+    assert reasons["16bit.png"][1] == "I;16 pixels: the model reads 8 bits per channel"
+    assert reasons["gone.png"][1].startswith("FileNotFoundError")
+    assert reasons["big.png"][1].startswith("DecompressionBombError")
 
 
 def test_a_stopped_run_resumes_where_it_stopped(photos, tmp_path):
@@ -107,6 +125,28 @@ def test_a_stopped_run_resumes_where_it_stopped(photos, tmp_path):
     counts = _run(photos, stopped)
     assert counts["this run"] == len(lines) - 1 and counts["images"] == 3
     assert json.loads((stopped / "coco_results.json").read_text()) == want
+
+
+def test_image_ids_are_the_dataset_entries_that_end_each_path(tmp_path):
+    dataset = tmp_path / "dataset.json"
+    entries = [("cam1/001.jpg", 10), ("cam2/001.jpg", 20), ("002.jpg", 30), ("x/002.jpg", 40)]
+    entries += [("dup.jpg", 50), ("dup.jpg", 60)]
+    dataset.write_text(json.dumps({"images": [{"file_name": f, "id": i} for f, i in entries]}))
+    data = tmp_path / "data"
+    files = [data / "cam1/001.jpg", data / "cam2/001.jpg", data / "002.jpg", data / "x/002.jpg"]
+    ids = dataset_image_ids(files, str(dataset))
+    assert ids == {str(f): i for f, (_, i) in zip(files, entries)}
+    for inputs, message in [
+        ([data / "cam3/001.jpg"], "cam3/001.jpg is not an image of"),
+        ([data / "dup.jpg"], r"dup.jpg matches two images of .* alike: \['dup.jpg', 'dup.jpg'\]"),
+        ([data / "002.jpg", data / "y/002.jpg"], r"002.jpg and .*y/002.jpg both match image 30"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            dataset_image_ids(inputs, str(dataset))
+    done = [{"file_name": str(files[2]), "image_id": 1, "results": []}]  # an automatic id
+    with pytest.raises(ValueError, match="002.jpg: its results in the output have image id 1"):
+        image_ids(files, done, str(dataset))
+    assert image_ids(files, [dict(done[0], image_id=30)], str(dataset)) == ids
 
 
 def test_the_results_are_what_coco_evaluator_scores(tiny_dataset, tmp_path):

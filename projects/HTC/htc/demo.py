@@ -7,8 +7,10 @@
 
 import argparse
 import functools
+import hashlib
+from collections import Counter
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
@@ -16,6 +18,7 @@ from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
+from detectron2.structures import Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image, ImageDraw, ImageFont
 
@@ -73,8 +76,7 @@ def draw_prediction(
     """Titled panels side by side: the predicted instances (score above ``threshold``) over the
     image, then the predicted semantic map and panoptic segmentation, each if the outputs have
     it."""
-    instances = outputs["instances"].to("cpu")
-    confident = instances[instances.scores > threshold]
+    confident = _confident(outputs["instances"].to("cpu"), threshold)
     panels = [
         titled(
             Visualizer(image_rgb, metadata, instance_mode=ColorMode.IMAGE)
@@ -95,6 +97,35 @@ def draw_prediction(
     return np.concatenate(panels, axis=1)
 
 
+def _confident(instances: Instances, threshold: float) -> Instances:
+    """The instances scored above ``threshold``. ``pred_masks_rle`` (MODEL.HTC.MASK_OUTPUT rle) is
+    a list, which Instances cannot index with a tensor: its RLEs go to ``pred_masks``, which
+    the Visualizer decodes."""
+    keep = torch.nonzero(instances.scores > threshold).squeeze(1)
+    if not instances.has("pred_masks_rle"):
+        return instances[keep]
+    fields = instances.get_fields()
+    rles = fields.pop("pred_masks_rle")
+    confident = Instances(instances.image_size, **fields)[keep]
+    confident.pred_masks = [rles[k] for k in keep.tolist()]
+    return confident
+
+
+def picture_names(files: List[Path]) -> Dict[Path, str]:
+    """Each image's picture name: its stem, with a hash of its path where stems repeat
+    (``a/x.png``, ``b/x.png``, ``x.jpg``), so that no picture overwrites another."""
+    stems = Counter(path.stem for path in files)
+    return {
+        path: path.stem if stems[path.stem] == 1 else f"{path.stem}_{path_hash(path)}"
+        for path in files
+    }
+
+
+def path_hash(path: Path) -> str:
+    """8 hex digits that name the file at ``path`` apart from others of its name."""
+    return hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="HTC inference on images")
     parser.add_argument("--config-file", required=True)
@@ -110,11 +141,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for path in image_files(args.input):
+    for path, name in picture_names(image_files(args.input)).items():
         image_bgr = read_image(str(path), format="BGR")
         outputs = predictor(image_bgr)
         picture = draw_prediction(image_bgr[:, :, ::-1], outputs, metadata)
-        target = out_dir / f"{path.stem}.png"
+        target = out_dir / f"{name}.png"
         Image.fromarray(picture).save(target)
         print(f"{path}: {len(outputs['instances'])} instances -> {target}")
 

@@ -78,6 +78,8 @@ def check_exportable(cfg: CfgNode, fmt: str, opset: int) -> None:
     """Raise ValueError naming what in ``cfg`` (or the opset) cannot be exported."""
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: use one of {FORMATS}")
+    if not cfg.MODEL.MASK_ON:
+        raise ValueError("MODEL.MASK_ON False: the exported model's outputs include the masks")
     if cfg.MODEL.HTC.TEST_NMS != "nms":
         raise ValueError(
             f"MODEL.HTC.TEST_NMS={cfg.MODEL.HTC.TEST_NMS!r}: Soft-NMS is a data-dependent loop "

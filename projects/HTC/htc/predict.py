@@ -24,7 +24,6 @@ one warning and skipped; the summary counts it.
 
 import argparse
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -47,7 +46,7 @@ from .checkpoint import HTCCheckpointer
 from .config import set_float32_precision
 from .data import register_builtin
 from .data.inputs import PredictionInputs, find_inputs, frame_count, inputs_loader, is_video
-from .demo import draw_prediction, load_predictor_cfg
+from .demo import draw_prediction, load_predictor_cfg, path_hash
 from .distributed import add_timeout_argument, launch_from_args
 from .video import write_drawn_video
 
@@ -127,17 +126,21 @@ def _dataset_category_ids(name: str) -> Optional[Dict[int, int]]:
 
 
 def image_ids(files: List[Path], done: List[dict], dataset_json: Optional[str]) -> Dict[str, int]:
-    """Each image file's id: from ``dataset_json`` by file name where given (to score against
-    its ground truth), else as an earlier run gave it, else the next free id."""
+    """Each image file's id: from ``dataset_json`` where given (to score against its ground
+    truth; see :func:`dataset_image_ids`), else as an earlier run gave it, else the next free
+    id. An earlier run's results under other ids than ``dataset_json``'s raise ValueError."""
     images = [f for f in files if not is_video(f)]
-    if dataset_json:
-        entries = json.loads(Path(dataset_json).read_text())["images"]
-        by_name = {Path(image["file_name"]).name: image["id"] for image in entries}
-        missing = [f for f in images if f.name not in by_name]
-        if missing:
-            raise ValueError(f"{len(missing)} images are not in {dataset_json}, e.g. {missing[0]}")
-        return {str(f): by_name[f.name] for f in images}
     ids = {r["file_name"]: r["image_id"] for r in done if "image_id" in r and "frame" not in r}
+    if dataset_json:
+        wanted = dataset_image_ids(images, dataset_json)
+        for record in done:
+            name = record["file_name"]
+            if "results" in record and name in wanted and ids[name] != wanted[name]:
+                raise ValueError(
+                    f"{name}: its results in the output have image id {ids[name]}, not "
+                    f"{wanted[name]} of {dataset_json}: predict into another output folder"
+                )
+        return wanted
     next_id = max(ids.values(), default=0) + 1
     for f in images:
         if str(f) not in ids:
@@ -145,13 +148,39 @@ def image_ids(files: List[Path], done: List[dict], dataset_json: Optional[str]) 
     return ids
 
 
+def dataset_image_ids(images: List[Path], dataset_json: str) -> Dict[str, int]:
+    """Each image file's id in the COCO json ``dataset_json``: that of the entry whose
+    ``file_name`` ends the file's path (``cam1/001.jpg`` matches ``data/cam1/001.jpg``), the
+    longest where several do. ValueError names an image that no entry or two entries match, or
+    two images that match one entry."""
+    entries = defaultdict(list)
+    for image in json.loads(Path(dataset_json).read_text())["images"]:
+        parts = Path(image["file_name"]).parts
+        entries[parts[-1]].append((parts, image["id"]))
+    ids, owner = {}, {}
+    for f in images:
+        path = Path(os.path.abspath(f)).parts
+        matches = [(len(p), i, p) for p, i in entries.get(f.name, []) if path[-len(p) :] == p]
+        if not matches:
+            raise ValueError(f"{f} is not an image of {dataset_json}")
+        matches.sort(reverse=True)
+        if len(matches) > 1 and matches[0][0] == matches[1][0]:
+            names = [str(Path(*m[2])) for m in matches[:2]]
+            raise ValueError(f"{f} matches two images of {dataset_json} alike: {names}")
+        _, image_id, parts = matches[0]
+        if image_id in owner:
+            raise ValueError(
+                f"{owner[image_id]} and {f} both match image {image_id} ({Path(*parts)}) of "
+                f"{dataset_json}: give one of them as input"
+            )
+        ids[str(f)], owner[image_id] = image_id, f
+    return ids
+
+
 def video_names(files: List[Path]) -> Dict[str, str]:
     """Each video's name in OUTPUT/videos: its stem and a hash of its absolute path, the same in
     every run whatever else the inputs are."""
-    return {
-        str(path): f"{path.stem}_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
-        for path in filter(is_video, files)
-    }
+    return {str(path): f"{path.stem}_{path_hash(path)}" for path in filter(is_video, files)}
 
 
 def predict(args: argparse.Namespace) -> Optional[dict]:
@@ -175,7 +204,7 @@ def predict_process(args: argparse.Namespace) -> Optional[dict]:
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     dataset_ids = _dataset_category_ids(metadata.name)
     output = Path(args.output)
-    files = find_inputs(args.input)
+    files = find_inputs(args.input, exclude=output)
     _check_outputs(cfg, args, files)
     if comm.is_main_process():
         asked = {"pictures": args.draw, "semantic": args.semantic, "panoptic": args.panoptic}
@@ -190,13 +219,13 @@ def predict_process(args: argparse.Namespace) -> Optional[dict]:
     rank, world = comm.get_rank(), comm.get_world_size()
     patient = _patient_group() if world > 1 else None
     ran = _predict_share(cfg, args, shard[rank::world], done_frames, metadata, dataset_ids)
-    if args.draw:  # this process's videos: their frames are in its records or earlier runs'
-        mine = [f for f in files[rank::world] if is_video(f)]
-        _draw_videos(mine, video_names(files), load_records(output), args, metadata, dataset_ids)
     if patient is not None:
         counts = [0] * world
         dist.all_gather_object(counts, ran, group=patient)  # also waits for every share
         ran = sum(counts)
+    if args.draw:  # every frame is recorded now, whichever process predicted it
+        mine = [f for f in files[rank::world] if is_video(f)]
+        _draw_videos(mine, video_names(files), load_records(output), args, metadata, dataset_ids)
     if not comm.is_main_process():
         return None
     return _write_results(output, files, load_records(output), ran)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -27,12 +28,14 @@ def is_video(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_SUFFIXES
 
 
-def find_inputs(inputs: Iterable[str]) -> List[Path]:
+def find_inputs(inputs: Iterable[str], exclude: Optional[Path] = None) -> List[Path]:
     """The image and video files named by ``inputs``: files, folders (recursively, by extension)
     and glob patterns, sorted and each once. A file of another extension in a folder is left
-    out; an input that names nothing raises FileNotFoundError naming it."""
+    out, and so is what a folder or pattern finds under ``exclude`` (the output, whose pictures
+    would be read as inputs by the next run); an input that names nothing raises
+    FileNotFoundError naming it."""
     wanted = IMAGE_SUFFIXES | VIDEO_SUFFIXES
-    found = set()
+    named, found = set(), set()
     for item in inputs:
         matches = [Path(item)] if Path(item).exists() else []
         matches = matches or [Path(p) for p in sorted(glob.glob(item, recursive=True))]
@@ -41,21 +44,34 @@ def find_inputs(inputs: Iterable[str]) -> List[Path]:
         for path in matches:
             if path.is_dir():
                 found.update(p for p in path.rglob("*") if p.suffix.lower() in wanted)
-            elif path.suffix.lower() in wanted or not glob.has_magic(item):
+            elif not glob.has_magic(item):
+                named.add(path)
+            elif path.suffix.lower() in wanted:
                 found.add(path)
+    if exclude is not None:
+        excluded = exclude.resolve()
+        found = {p for p in found if excluded not in p.resolve().parents}
+    found |= named
     if not found:
         raise FileNotFoundError(f"no images or videos in {list(inputs)}")
     return sorted(found)
 
 
+# 16- and 32-bit pixels: Detectron2's reader clips them to 8 bits (a 16-bit photo turns white)
+WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
 def read_image_or_reason(path: Path) -> Tuple[Optional[np.ndarray], str]:
     """The (H, W, 3) BGR image at ``path`` and "", or None and why it cannot be read."""
-    if path.stat().st_size == 0:
-        return None, "empty file"
     try:
+        if path.stat().st_size == 0:
+            return None, "empty file"
+        with Image.open(path) as header:  # reads the header only
+            if header.mode in WIDE_MODES:
+                return None, f"{header.mode} pixels: the model reads 8 bits per channel"
         return read_image(str(path), format="BGR"), ""
-    except (OSError, SyntaxError, ValueError) as error:  # what PIL raises for bad files
-        return None, f"{type(error).__name__}: {error}"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        return None, f"{type(error).__name__}: {error}"  # what PIL raises for bad files
 
 
 def video_frames(path: Path) -> Iterator[np.ndarray]:
