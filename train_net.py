@@ -64,6 +64,12 @@ def check_dataset(cfg, name: str, is_train: bool) -> None:
         )
     if cfg.MODEL.HTC.PANOPTIC_ON and not is_train:
         check_panoptic_dataset(cfg, name)
+    rle = meta.get("rle_mask_example")  # set by htc's loader
+    if is_train and cfg.MODEL.MASK_ON and cfg.INPUT.MASK_FORMAT == "polygon" and rle:
+        raise ValueError(
+            f"dataset {name!r} has masks as RLE ({rle}), which INPUT.MASK_FORMAT polygon cannot "
+            "hold: set INPUT.MASK_FORMAT bitmask"
+        )
     has_labels = meta.get("sem_seg_root") or meta.get("derive_semantic")
     if is_train and cfg.MODEL.HTC.SEMANTIC_ON and not has_labels:
         raise ValueError(

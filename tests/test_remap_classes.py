@@ -1,5 +1,6 @@
 """htc.remap_classes: a COCO checkpoint's class layers cut to another dataset's classes."""
 
+import pytest
 import torch
 from detectron2.modeling import build_model
 
@@ -7,7 +8,7 @@ from conftest import tiny_cfg
 from htc.remap_classes import coco_sources, main
 
 
-def test_cityscapes_classes_take_their_coco_rows_and_the_rest_is_kept(tmp_path):
+def test_cityscapes_classes_take_their_coco_rows_and_the_rest_is_kept(tmp_path, capsys):
     assert coco_sources("cityscapes") == [0, 0, 2, 7, 5, 6, 3, 1]  # rider from person
     coco = tiny_cfg()
     coco.merge_from_list(["MODEL.ROI_HEADS.NUM_CLASSES", 80])
@@ -35,3 +36,7 @@ def test_cityscapes_classes_take_their_coco_rows_and_the_rest_is_kept(tmp_path):
     backbone = "backbone.bottom_up.stem.conv1.weight"
     assert torch.equal(got[backbone], state[backbone])
     model.load_state_dict(got)  # every key and shape fits
+    with pytest.raises(SystemExit):  # remapped already: its rows are no longer COCO's
+        main(["--to", "cityscapes", str(tmp_path / "out.pth"), str(tmp_path / "again.pth")])
+    assert not (tmp_path / "again.pth").exists()
+    assert "out.pth has 8 classes, not COCO's 80" in capsys.readouterr().err

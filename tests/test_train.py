@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from detectron2.data import DatasetCatalog
 from detectron2.engine import SimpleTrainer
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
@@ -170,6 +171,21 @@ def test_semantic_branch_without_semantic_labels_is_refused(tiny_dataset):
     check_dataset(cfg, "test_no_sem", is_train=False)  # inference needs no labels
     cfg.MODEL.HTC.SEMANTIC_ON = False
     check_dataset(cfg, "test_no_sem", is_train=True)
+
+
+def test_rle_masks_with_the_polygon_format_are_refused_before_training(tiny_dataset):
+    """Detectron2's mapper fails on them at the first image sampled with one, hours in maybe."""
+    name = "test_rle_masks"
+    register_htc_instances(name, str(tiny_dataset / "train.json"), str(tiny_dataset / "train"))
+    DatasetCatalog.get(name)  # loading names the first RLE mask in the metadata
+    cfg = tiny_cfg()
+    cfg.MODEL.HTC.SEMANTIC_ON = False
+    cfg.INPUT.MASK_FORMAT = "bitmask"
+    check_dataset(cfg, name, is_train=True)
+    cfg.INPUT.MASK_FORMAT = "polygon"
+    check_dataset(cfg, name, is_train=False)  # inference reads no masks
+    with pytest.raises(ValueError, match=r"\(annotation 1 of .*00001.png\).*MASK_FORMAT bitmask"):
+        check_dataset(cfg, name, is_train=True)
 
 
 def test_ignore_value_that_is_not_the_datasets_is_refused(tiny_dataset):

@@ -28,16 +28,21 @@ def coco_sources(target: str) -> List[int]:
     return [COCO_THINGS.index(NOT_IN_COCO.get(name, name)) for name in classes]
 
 
+def class_count(model: Dict[str, torch.Tensor]) -> int:
+    """K, the classes of ``model``'s box classifiers (``...cls_score.weight``: K+1 rows)."""
+    classifiers = [k for k in model if k.endswith("cls_score.weight")]
+    if not classifiers:
+        raise ValueError("no box classifier (a ...cls_score.weight) in the checkpoint")
+    return model[classifiers[0]].shape[0] - 1
+
+
 def remap_class_rows(
     model: Dict[str, torch.Tensor], sources: Sequence[int]
 ) -> Dict[str, torch.Tensor]:
     """``model`` with its class layers cut to ``len(sources)`` classes, class ``k`` taking the
     rows of class ``sources[k]``; the classifiers keep their background row (the last). The
     class count is read from the classifiers (``...cls_score.weight``: K+1 rows)."""
-    classifiers = [k for k in model if k.endswith("cls_score.weight")]
-    if not classifiers:
-        raise ValueError("no box classifier (a ...cls_score.weight) in the checkpoint")
-    num_classes = model[classifiers[0]].shape[0] - 1
+    num_classes = class_count(model)
     if max(sources) >= num_classes:
         raise ValueError(f"class {max(sources)} asked for, the checkpoint has {num_classes}")
     index = torch.as_tensor(list(sources))
@@ -60,6 +65,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     checkpoint = torch.load(args.input, map_location="cpu", weights_only=False)
     model = checkpoint.get("model", checkpoint)
+    if class_count(model) != len(COCO_THINGS):  # another dataset's, or remapped already
+        parser.error(f"{args.input} has {class_count(model)} classes, not COCO's 80")
     sources = coco_sources(args.to)
     torch.save({"model": remap_class_rows(model, sources)}, args.output)
     print(f"{args.output}: class layers of {args.to} ({len(sources)} classes) from COCO's")

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import List, Optional
 
+from detectron2.data import MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.utils.file_io import PathManager
 
@@ -44,6 +45,9 @@ def load_htc_json(
     for record in records:  # integral floats passed the checks; mask pasting needs ints
         record["height"], record["width"] = int(record["height"]), int(record["width"])
     records = check_annotations(records, json_file)
+    rle = _first_rle_mask(records)
+    if rle:  # INPUT.MASK_FORMAT polygon cannot hold it: train_net checks before training
+        MetadataCatalog.get(dataset_name).set(rle_mask_example=rle)
     if sem_seg_root is not None:
         root = _require(Path(sem_seg_root), f"{dataset_name}: semantic map folder")
         for record, path in zip(records, semantic_map_paths(records, image_root, root)):
@@ -75,6 +79,15 @@ def semantic_map_paths(records: List[dict], image_root: str, sem_seg_root: Path)
         owner[path] = record["file_name"]
         paths.append(path)
     return paths
+
+
+def _first_rle_mask(records: List[dict]) -> Optional[str]:
+    """The first annotation that is no crowd and whose mask is an RLE, named; None if none."""
+    for record in records:
+        for obj in record["annotations"]:
+            if not obj.get("iscrowd") and isinstance(obj.get("segmentation"), dict):
+                return f"annotation {obj.get('id')} of {record['file_name']}"
+    return None
 
 
 def _require(path: Path, what: str) -> Path:
