@@ -5,6 +5,7 @@ of the uninterrupted run, bit for bit, with the same evaluation."""
 import argparse
 import contextlib
 import itertools
+import logging
 import os
 import random
 import re
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader
 from conftest import SMALL, child_env, metrics_entries, train_net_command, training_iterations
 from htc import slurm
 from htc.data.resumable import PositionBatchSampler, PositionMappedDataset
+from htc.resume import ExactResume
 
 RUN = [
     *SMALL, "SOLVER.MAX_ITER", "8", "DETERMINISTIC", "True", "SEED", "3",
@@ -211,6 +213,30 @@ def test_batches_group_as_detectron2_does_and_start_anywhere():
 
     ours.start = 11
     assert list(itertools.islice(ours, 19)) == got[11:]
+
+
+def _resumed_batches(images_per_batch: int, start: int, checkpoint: dict) -> list:
+    """The first batches of a one-process run resumed at ``start`` from ``checkpoint``."""
+    sampler = PositionBatchSampler(TrainingSampler(40, seed=5), images_per_batch)
+    loader = DataLoader(range(40), batch_sampler=sampler)  # never iterated here
+    hook = ExactResume(checkpoint_period=10)
+    hook.trainer = SimpleNamespace(start_iter=start, _trainer=SimpleNamespace(data_loader=loader))
+    hook.load_state_dict(checkpoint)
+    hook.before_train()
+    return list(itertools.islice(sampler, 6))
+
+
+def test_a_resume_with_another_batch_size_continues_after_the_images_trained_on(caplog):
+    """Not the batches of the new size that the first run never made: the images after those
+    it trained on (batches of 4 for 5 iterations: 20 images), in batches of the new size."""
+    uninterrupted = list(itertools.islice(PositionBatchSampler(TrainingSampler(40, seed=5), 4), 11))
+    images = [key for batch in uninterrupted[5:] for key in batch]
+    assert _resumed_batches(4, 5, {"images_per_batch": 4}) == uninterrupted[5:11]
+    with caplog.at_level(logging.WARNING, logger="htc.resume"):
+        resumed = _resumed_batches(2, 5, {"images_per_batch": 4})
+    assert resumed == [images[k : k + 2] for k in range(0, 12, 2)]
+    assert "IMS_PER_BATCH is 2, and 4 in the run of the checkpoint" in caplog.text
+    assert _resumed_batches(2, 5, {})[0][0][0] == 10  # an older checkpoint: batches skipped
 
 
 def _draws(d: dict):

@@ -67,6 +67,7 @@ class ExactResume(HookBase):
         self.checkpoint_period = checkpoint_period
         self._gathered: Optional[List[Dict[str, Any]]] = None
         self._loaded: Optional[List[Dict[str, Any]]] = None
+        self._loaded_images_per_batch: Optional[int] = None
 
     def gather(self) -> None:
         """Every rank's states, for the next checkpoint (a collective: all ranks call it)."""
@@ -78,18 +79,25 @@ class ExactResume(HookBase):
         if (iteration + 1) % self.checkpoint_period == 0 or iteration >= self.trainer.max_iter - 1:
             self.gather()
 
+    def _images_per_batch(self) -> int:
+        """SOLVER.IMS_PER_BATCH, from the loader's batches and the processes."""
+        return self.trainer._trainer.data_loader.batch_sampler.batch_size * comm.get_world_size()
+
     def state_dict(self) -> Dict[str, Any]:
-        return {"rng_states": self._gathered} if self._gathered else {}
+        if not self._gathered:
+            return {}
+        return {"rng_states": self._gathered, "images_per_batch": self._images_per_batch()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self._loaded = state.get("rng_states")
+        self._loaded_images_per_batch = state.get("images_per_batch")
 
     def before_train(self) -> None:
         start = self.trainer.start_iter
         if start == 0:
             return
         simple_trainer = self.trainer._trainer
-        simple_trainer.data_loader.batch_sampler.start = start
+        self._start_data(simple_trainer.data_loader.batch_sampler, start)
         restart_data_loader(simple_trainer)
         if self._loaded is None or len(self._loaded) != comm.get_world_size():
             logger.warning(
@@ -99,3 +107,18 @@ class ExactResume(HookBase):
             return
         set_rng_states(self._loaded[comm.get_rank()])
         logger.info("Resumed the data order and RNG states at iteration %d", start)
+
+    def _start_data(self, batches, start: int) -> None:
+        """Skip the batches of ``start`` iterations; where the checkpoint's run had batches of
+        another size, skip the images it trained on instead (each rank its share)."""
+        before, now = self._loaded_images_per_batch, self._images_per_batch()
+        if before is None or before == now:
+            batches.start = start
+            return
+        batches.start_position = start * before // comm.get_world_size()
+        logger.warning(
+            "SOLVER.IMS_PER_BATCH is %d, and %d in the run of the checkpoint: the data continues "
+            "after the %d images that run trained on, in batches of %d; the iterations (the "
+            "schedule) continue from %d. No uninterrupted run trains these weights",
+            now, before, start * before, now, start,
+        )  # fmt: skip

@@ -26,11 +26,12 @@ Key = Tuple[int, int]  # (position in the rank's stream, index in the dataset)
 class PositionBatchSampler(Sampler):
     """Batches of (position, index) from an infinite index ``sampler``: consecutive positions,
     or, with ``buckets`` (one id per dataset index), positions grouped by bucket as Detectron2's
-    ``AspectRatioGroupedDataset`` groups mapped images; the first ``start`` batches skipped."""
+    ``AspectRatioGroupedDataset`` groups mapped images; the first ``start_position`` positions,
+    then the first ``start`` batches skipped."""
 
     def __init__(self, sampler: Sampler, batch_size: int, buckets: Optional[Sequence[int]] = None):
         self.sampler, self.batch_size, self.buckets = sampler, batch_size, buckets
-        self.start = 0
+        self.start = self.start_position = 0
 
     def __iter__(self) -> Iterator[List[Key]]:
         batches = self._batches()
@@ -41,6 +42,8 @@ class PositionBatchSampler(Sampler):
     def _batches(self) -> Iterator[List[Key]]:
         pending: dict = {}
         for position, index in enumerate(self.sampler):
+            if position < self.start_position:
+                continue
             bucket = pending.setdefault(0 if self.buckets is None else self.buckets[index], [])
             bucket.append((position, int(index)))
             if len(bucket) == self.batch_size:
