@@ -27,6 +27,7 @@ from detectron2.utils.logger import setup_logger
 from htc import HTCDatasetMapper, add_htc_config, set_deterministic, set_float32_precision
 from htc.checkpoint import HTCCheckpointer
 from htc.data import register_builtin
+from htc.data.coco import RLE_MASK_EXAMPLES
 from htc.data.resumable import build_resumable_train_loader
 from htc.distributed import argument_parser, cpu_capable_ddp, launch_from_args
 from htc.evaluation import build_evaluators
@@ -64,7 +65,7 @@ def check_dataset(cfg, name: str, is_train: bool) -> None:
         )
     if cfg.MODEL.HTC.PANOPTIC_ON and not is_train:
         check_panoptic_dataset(cfg, name)
-    rle = meta.get("rle_mask_example")  # set by htc's loader
+    rle = RLE_MASK_EXAMPLES.get(name)  # of datasets loaded by htc's COCO loader
     if is_train and cfg.MODEL.MASK_ON and cfg.INPUT.MASK_FORMAT == "polygon" and rle:
         raise ValueError(
             f"dataset {name!r} has masks as RLE ({rle}), which INPUT.MASK_FORMAT polygon cannot "

@@ -199,7 +199,8 @@ def test_missing_semantic_map_is_named(dataset):
 
 
 def test_semantic_maps_mirror_the_image_folders(dataset):
-    """Two images of one name in two folders take the maps of their folders, not one map."""
+    """Two images of one name in two folders take the maps of their folders, not one map; maps
+    in one folder are found by the images' names, where those differ."""
     root, coco = dataset
     for folder, image in zip("ab", coco["images"][:2]):
         for kind in ("train", "train_sem"):
@@ -209,6 +210,16 @@ def test_semantic_maps_mirror_the_image_folders(dataset):
     records = load(root, coco)
     assert [r["sem_seg_file_name"] for r in records[:2]] == [
         str(root / "train_sem" / folder / "00001.png") for folder in "ab"
+    ]
+    (root / "train_sem" / "a" / "00001.png").rename(root / "train_sem" / "00001.png")
+    (root / "train_sem" / "b" / "00001.png").rename(root / "train_sem" / "00002.png")
+    with pytest.raises(ValueError, match=r"a/00001.png and .*b/00001.png would share"):
+        load(root, coco)  # maps in one folder, by the images' names alone: two images, one map
+    coco["images"][1]["file_name"] = "b/00002.png"
+    (root / "train" / "b" / "00001.png").rename(root / "train" / "b" / "00002.png")
+    records = load(root, coco)
+    assert [r["sem_seg_file_name"] for r in records[:2]] == [
+        str(root / "train_sem" / name) for name in ("00001.png", "00002.png")
     ]
 
 

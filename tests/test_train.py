@@ -177,7 +177,7 @@ def test_rle_masks_with_the_polygon_format_are_refused_before_training(tiny_data
     """Detectron2's mapper fails on them at the first image sampled with one, hours in maybe."""
     name = "test_rle_masks"
     register_htc_instances(name, str(tiny_dataset / "train.json"), str(tiny_dataset / "train"))
-    DatasetCatalog.get(name)  # loading names the first RLE mask in the metadata
+    DatasetCatalog.get(name)  # loading names the first RLE mask
     cfg = tiny_cfg()
     cfg.MODEL.HTC.SEMANTIC_ON = False
     cfg.INPUT.MASK_FORMAT = "bitmask"

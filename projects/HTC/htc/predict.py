@@ -52,6 +52,7 @@ from .video import write_drawn_video
 
 logger = logging.getLogger("htc.predict")  # also when run as __main__
 RECORDS = "predictions.jsonl"
+OUTPUT_FOLDERS = ("pictures", "semantic", "panoptic", "videos")  # of images and videos written
 
 
 def coco_results(outputs: dict, image_id: int, dataset_ids: Optional[Dict[int, int]]) -> list:
@@ -149,10 +150,11 @@ def image_ids(files: List[Path], done: List[dict], dataset_json: Optional[str]) 
 
 
 def dataset_image_ids(images: List[Path], dataset_json: str) -> Dict[str, int]:
-    """Each image file's id in the COCO json ``dataset_json``: that of the entry whose
-    ``file_name`` ends the file's path (``cam1/001.jpg`` matches ``data/cam1/001.jpg``), the
-    longest where several do. ValueError names an image that no entry or two entries match, or
-    two images that match one entry."""
+    """Each image file's id in the COCO json ``dataset_json``: that of the entry of its name
+    whose ``file_name`` ends the file's path, the longest such; else the entry that shares the
+    longest ending with it (``data/cam1/001.jpg`` takes ``cam1/001.jpg``, or
+    ``/elsewhere/cam1/001.jpg``, over ``cam2/001.jpg``). ValueError names an image that no entry
+    or two entries alike match, or two images that match one entry."""
     entries = defaultdict(list)
     for image in json.loads(Path(dataset_json).read_text())["images"]:
         parts = Path(image["file_name"]).parts
@@ -160,10 +162,11 @@ def dataset_image_ids(images: List[Path], dataset_json: str) -> Dict[str, int]:
     ids, owner = {}, {}
     for f in images:
         path = Path(os.path.abspath(f)).parts
-        matches = [(len(p), i, p) for p, i in entries.get(f.name, []) if path[-len(p) :] == p]
+        matches = sorted(
+            ((_common_ending(path, p), i, p) for p, i in entries.get(f.name, [])), reverse=True
+        )
         if not matches:
             raise ValueError(f"{f} is not an image of {dataset_json}")
-        matches.sort(reverse=True)
         if len(matches) > 1 and matches[0][0] == matches[1][0]:
             names = [str(Path(*m[2])) for m in matches[:2]]
             raise ValueError(f"{f} matches two images of {dataset_json} alike: {names}")
@@ -175,6 +178,15 @@ def dataset_image_ids(images: List[Path], dataset_json: str) -> Dict[str, int]:
             )
         ids[str(f)], owner[image_id] = image_id, f
     return ids
+
+
+def _common_ending(path: Tuple[str, ...], entry: Tuple[str, ...]) -> Tuple[bool, int]:
+    """Whether ``entry`` ends ``path`` (all its parts alike), and how many parts they end with
+    alike."""
+    count = 0
+    while count < min(len(path), len(entry)) and path[-1 - count] == entry[-1 - count]:
+        count += 1
+    return count == len(entry), count
 
 
 def video_names(files: List[Path]) -> Dict[str, str]:
@@ -204,7 +216,7 @@ def predict_process(args: argparse.Namespace) -> Optional[dict]:
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     dataset_ids = _dataset_category_ids(metadata.name)
     output = Path(args.output)
-    files = find_inputs(args.input, exclude=output)
+    files = find_inputs(args.input, exclude=[output / name for name in OUTPUT_FOLDERS])
     _check_outputs(cfg, args, files)
     if comm.is_main_process():
         asked = {"pictures": args.draw, "semantic": args.semantic, "panoptic": args.panoptic}

@@ -97,7 +97,7 @@ class ExactResume(HookBase):
         if start == 0:
             return
         simple_trainer = self.trainer._trainer
-        self._start_data(simple_trainer.data_loader.batch_sampler, start)
+        same_batches = self._start_data(simple_trainer.data_loader.batch_sampler, start)
         restart_data_loader(simple_trainer)
         if self._loaded is None or len(self._loaded) != comm.get_world_size():
             logger.warning(
@@ -106,15 +106,18 @@ class ExactResume(HookBase):
             )  # fmt: skip
             return
         set_rng_states(self._loaded[comm.get_rank()])
-        logger.info("Resumed the data order and RNG states at iteration %d", start)
+        what = "data order and RNG states" if same_batches else "RNG states"
+        logger.info("Resumed the %s at iteration %d", what, start)
 
-    def _start_data(self, batches, start: int) -> None:
+    def _start_data(self, batches, start: int) -> bool:
         """Skip the batches of ``start`` iterations; where the checkpoint's run had batches of
-        another size, skip the images it trained on instead (each rank its share)."""
+        another size, skip as many images as it trained on instead (each rank its share; with
+        aspect-ratio grouping, the images of an unfinished group are skipped and others
+        repeated, at most a batch of each group). Whether the batches are the same."""
         before, now = self._loaded_images_per_batch, self._images_per_batch()
         if before is None or before == now:
             batches.start = start
-            return
+            return True
         batches.start_position = start * before // comm.get_world_size()
         logger.warning(
             "SOLVER.IMS_PER_BATCH is %d, and %d in the run of the checkpoint: the data continues "
@@ -122,3 +125,4 @@ class ExactResume(HookBase):
             "schedule) continue from %d. No uninterrupted run trains these weights",
             now, before, start * before, now, start,
         )  # fmt: skip
+        return False

@@ -6,9 +6,8 @@ import logging
 import os
 from collections import Counter
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
-from detectron2.data import MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.utils.file_io import PathManager
 
@@ -16,6 +15,9 @@ from .coco_checks import check_coco_json
 from .label_map import check_label_map
 
 logger = logging.getLogger(__name__)
+# dataset name -> its first mask (no crowd) given as an RLE, named, as last loaded in this
+# process: INPUT.MASK_FORMAT polygon cannot hold it (train_net checks before training)
+RLE_MASK_EXAMPLES: Dict[str, Optional[str]] = {}
 
 
 def load_htc_json(
@@ -45,9 +47,7 @@ def load_htc_json(
     for record in records:  # integral floats passed the checks; mask pasting needs ints
         record["height"], record["width"] = int(record["height"]), int(record["width"])
     records = check_annotations(records, json_file)
-    rle = _first_rle_mask(records)
-    if rle:  # INPUT.MASK_FORMAT polygon cannot hold it: train_net checks before training
-        MetadataCatalog.get(dataset_name).set(rle_mask_example=rle)
+    RLE_MASK_EXAMPLES[dataset_name] = _first_rle_mask(records)
     if sem_seg_root is not None:
         root = _require(Path(sem_seg_root), f"{dataset_name}: semantic map folder")
         for record, path in zip(records, semantic_map_paths(records, image_root, root)):
@@ -62,15 +62,16 @@ def load_htc_json(
 
 def semantic_map_paths(records: List[dict], image_root: str, sem_seg_root: Path) -> List[Path]:
     """Each record's label map: its image's path under ``image_root``, under ``sem_seg_root``
-    with ".png" (subfolders kept, as Detectron2's ``load_sem_seg`` pairs them; an image outside
-    ``image_root`` by its name). Two images that would share a map (``a.jpg`` and ``a.png``)
-    raise ValueError naming both."""
+    with ".png" (subfolders kept, as Detectron2's ``load_sem_seg`` pairs them), else by the
+    image's name alone (maps in one folder, or an image outside ``image_root``). Two images that
+    would share a map (``a.jpg`` and ``a.png``, or ``a/1.jpg`` and ``b/1.jpg`` with maps in one
+    folder) raise ValueError naming both."""
     paths, owner = [], {}
     for record in records:
-        relative = Path(os.path.relpath(record["file_name"], image_root))
-        if relative.parts[0] == os.pardir:
-            relative = Path(relative.name)
-        path = sem_seg_root / relative.with_suffix(".png")
+        relative = Path(os.path.relpath(record["file_name"], image_root)).with_suffix(".png")
+        path = sem_seg_root / relative
+        if relative.parts[0] == os.pardir or (len(relative.parts) > 1 and not path.exists()):
+            path = sem_seg_root / relative.name
         if path in owner:
             raise ValueError(
                 f"{owner[path]} and {record['file_name']} would share the semantic map {path}: "

@@ -142,12 +142,15 @@ class HTCDatasetMapper(DatasetMapper):
     def _crowd_masks(dataset_dict: dict, transforms, image_shape) -> Optional[torch.Tensor]:
         """(N, H, W) bool masks of the crowd annotations, transformed as the image; None if
         none. The parent drops crowds from the targets; a derived map still needs them."""
-        crowds = [obj for obj in dataset_dict["annotations"] if obj.get("iscrowd", 0)]
+        keys = ("bbox", "bbox_mode", "category_id", "segmentation")  # no keypoints to flip
+        crowds = [
+            {k: obj[k] for k in keys}
+            for obj in dataset_dict["annotations"]
+            if obj.get("iscrowd", 0) and obj.get("segmentation")
+        ]
         if not crowds:
             return None
-        crowds = [
-            utils.transform_instance_annotations(obj, transforms, image_shape) for obj in crowds
-        ]
+        crowds = [utils.transform_instance_annotations(c, transforms, image_shape) for c in crowds]
         return utils.annotations_to_instances(crowds, image_shape, "bitmask").gt_masks.tensor
 
     def _derived_semantic(self, out: dict, crowds: Optional[torch.Tensor] = None) -> torch.Tensor:

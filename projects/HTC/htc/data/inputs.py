@@ -28,12 +28,12 @@ def is_video(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_SUFFIXES
 
 
-def find_inputs(inputs: Iterable[str], exclude: Optional[Path] = None) -> List[Path]:
+def find_inputs(inputs: Iterable[str], exclude: Sequence[Path] = ()) -> List[Path]:
     """The image and video files named by ``inputs``: files, folders (recursively, by extension)
     and glob patterns, sorted and each once. A file of another extension in a folder is left
-    out, and so is what a folder or pattern finds under ``exclude`` (the output, whose pictures
-    would be read as inputs by the next run); an input that names nothing raises
-    FileNotFoundError naming it."""
+    out, and so is what a folder or pattern finds in the folders ``exclude`` (the pictures and
+    videos a run writes, which the next run would read as inputs); an input that names nothing
+    raises FileNotFoundError naming it."""
     wanted = IMAGE_SUFFIXES | VIDEO_SUFFIXES
     named, found = set(), set()
     for item in inputs:
@@ -48,9 +48,9 @@ def find_inputs(inputs: Iterable[str], exclude: Optional[Path] = None) -> List[P
                 named.add(path)
             elif path.suffix.lower() in wanted:
                 found.add(path)
-    if exclude is not None:
-        excluded = exclude.resolve()
-        found = {p for p in found if excluded not in p.resolve().parents}
+    if exclude:
+        excluded = {folder.resolve() for folder in exclude}
+        found = {p for p in found if excluded.isdisjoint(p.resolve().parents)}
     found |= named
     if not found:
         raise FileNotFoundError(f"no images or videos in {list(inputs)}")

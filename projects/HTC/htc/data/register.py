@@ -29,8 +29,9 @@ def register_htc_instances(
 
     Args:
         sem_seg_root: folder of semantic label PNGs at the images' paths under
-            ``image_root``, with ".png" (255 = unlabeled, unless ``metadata`` gives another
-            ``ignore_label``).
+            ``image_root``, with ".png", or by the images' names (see
+            :func:`htc.data.coco.semantic_map_paths`); 255 = unlabeled, unless ``metadata``
+            gives another ``ignore_label``.
         derive_semantic: without ``sem_seg_root``, derive the semantic labels from the instance
             masks: thing class ids 0..K-1, background K (set SEM_SEG_HEAD.NUM_CLASSES = K+1),
             the ignore value in crowd regions.
