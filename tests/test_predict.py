@@ -118,11 +118,14 @@ def test_unreadable_inputs_are_reasons_not_errors(tmp_path, monkeypatch):
     assert reasons["big.png"][1].startswith("DecompressionBombError")
 
 
-def test_a_stopped_run_resumes_where_it_stopped(photos, tmp_path):
+def test_a_stopped_run_resumes_where_it_stopped(photos, tmp_path, caplog):
     full = tmp_path / "full"
     _run(photos, full)
     want = json.loads((full / "coco_results.json").read_text())
-    assert _run(photos, full)["this run"] == 0  # nothing redone
+    logging.getLogger("htc").propagate = True
+    with caplog.at_level(logging.WARNING, logger="htc"):
+        assert _run(photos, full, semantic=True)["this run"] == 0  # nothing redone
+    assert "lack these outputs, which are not made for them now: {'semantic': 3}" in caplog.text
     assert json.loads((full / "coco_results.json").read_text()) == want
 
     stopped = tmp_path / "stopped"

@@ -219,7 +219,7 @@ def predict_process(args: argparse.Namespace) -> Optional[dict]:
     files = find_inputs(args.input, exclude=[output / name for name in OUTPUT_FOLDERS])
     _check_outputs(cfg, args, files)
     if comm.is_main_process():
-        asked = {"pictures": args.draw, "semantic": args.semantic, "panoptic": args.panoptic}
+        asked = _asked_pngs(args)
         asked["videos"] = any(map(is_video, files))
         for folder in [output] + [output / name for name, on in asked.items() if on]:
             folder.mkdir(parents=True, exist_ok=True)
@@ -227,6 +227,8 @@ def predict_process(args: argparse.Namespace) -> Optional[dict]:
     comm.synchronize()
     done = load_records(output)
     comm.synchronize()  # every process has read the records before any is appended
+    if comm.is_main_process():
+        _warn_of_outputs_not_asked_then(output, done, args)
     shard, done_frames = _plan(files, done, args.image_ids)
     rank, world = comm.get_rank(), comm.get_world_size()
     patient = _patient_group() if world > 1 else None
@@ -258,6 +260,26 @@ def _config(args: argparse.Namespace):
     if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:  # the cores shared, not contended
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
     return cfg
+
+
+def _asked_pngs(args: argparse.Namespace) -> Dict[str, bool]:
+    """Each folder of PNGs per image: whether it is asked."""
+    return {"pictures": args.draw, "semantic": args.semantic, "panoptic": args.panoptic}
+
+
+def _warn_of_outputs_not_asked_then(output: Path, done: List[dict], args) -> None:
+    """Name the PNGs asked now that images done by earlier runs lack: those are not redone."""
+    images = [r for r in done if "results" in r and "frame" not in r]
+    lacking = {}
+    for name, on in _asked_pngs(args).items():
+        missing = sum(not (output / name / f"{r['image_id']}.png").exists() for r in images)
+        if on and missing:
+            lacking[name] = missing
+    if lacking:
+        logger.warning(
+            f"images that earlier runs predicted into {output} lack these outputs, which are "
+            f"not made for them now: {lacking}; predict into another output folder for them"
+        )
 
 
 def _check_outputs(cfg, args: argparse.Namespace, files: List[Path]) -> None:
