@@ -21,8 +21,13 @@ from htc.data import load_htc_json
         (lambda p: p.write_bytes(b"no image"), OSError, r"cannot read .*00001.png.*identify"),
         (lambda p: p.write_bytes(b""), OSError, r"cannot read .*00001.png"),
         (truncate, OSError, r"cannot read .*00001.png.*truncated"),
+        (
+            lambda p: Image.fromarray(np.full((256, 256), 999, np.uint16)).save(p),
+            ValueError,
+            r"00001.png: I(;16)? pixels, which Detectron2's reader clips to 8 bits",
+        ),
     ],
-    ids=["missing", "not-an-image", "empty-file", "truncated"],
+    ids=["missing", "not-an-image", "empty-file", "truncated", "16-bit"],
 )
 def test_bad_image_files_are_named(dataset, damage, error, message):
     root, _ = dataset

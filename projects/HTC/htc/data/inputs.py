@@ -57,7 +57,8 @@ def find_inputs(inputs: Iterable[str], exclude: Sequence[Path] = ()) -> List[Pat
     return sorted(found)
 
 
-# 16- and 32-bit pixels: Detectron2's reader clips them to 8 bits (a 16-bit photo turns white)
+# 16- and 32-bit pixels (PIL's modes): Detectron2's reader clips them to 8 bits (a 16-bit photo
+# turns white); refused where images are read, here and in training
 WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
