@@ -1,13 +1,16 @@
 """Train and evaluate HTC from a LazyConfig (.py) config, as Detectron2's
-tools/lazyconfig_train_net.py does for its own: with HTC's datasets registered, HTC's checkpointer
-(atomic writes, weights of other shapes refused) and DDP on CPU too.
+tools/lazyconfig_train_net.py does for its own: with HTC's datasets registered and checked
+against the model (class count, mask format), HTC's checkpointer (atomic writes, weights of
+other shapes refused) and DDP on CPU too.
 
     .venv/bin/python lazyconfig_train_net.py --config-file configs/htc_R_50_FPN_1x.py \\
         [--num-gpus N] [--resume] [--eval-only] [key=value ...]
 
-``key=value`` overrides the config, e.g. ``train.max_iter=100``. ``train.float32_precision``
-and ``train.deterministic=True`` (with ``train.seed``) are the yacs configs' FLOAT32_PRECISION
-and DETERMINISTIC.
+``key=value`` overrides the config, e.g. ``train.max_iter=100``. ``train.float32_precision``,
+``train.deterministic=True`` (with ``train.seed``) and ``train.skip_mismatched_weights=True``
+are the yacs configs' FLOAT32_PRECISION, DETERMINISTIC and MODEL.HTC.SKIP_MISMATCHED_WEIGHTS.
+``--eval-only --resume`` evaluates the last checkpoint of ``train.output_dir``, as
+``train_net.py`` does.
 """
 
 import logging
@@ -20,14 +23,14 @@ from detectron2.engine import (
     default_writers,
     hooks,
 )
-from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from htc import set_deterministic, set_float32_precision
 from htc.checkpoint import HTCCheckpointer
 from htc.data import register_builtin
-from htc.distributed import argument_parser, cpu_capable_ddp, launch_from_args
+from htc.data.checks import check_mask_format, check_thing_classes
+from htc.distributed import argument_parser, create_ddp_model, launch_from_args
 
 logger = logging.getLogger("htc")
 # The datasets the shipped configs name; every process registers them (DDP workers import this).
@@ -45,16 +48,33 @@ def evaluate(cfg, model) -> dict:
     return results
 
 
+def check_training_data(cfg, model) -> None:
+    """Refuse training data that does not fit ``model`` (call after the loader is built, which
+    loads the datasets): train_net.py's checks of the class count and the mask format."""
+    names = cfg.dataloader.train.dataset.names
+    mapper = cfg.dataloader.train.mapper
+    for name in [names] if isinstance(names, str) else names:
+        check_thing_classes(name, model.roi_heads.num_classes, "model.roi_heads.num_classes")
+        if mapper.get("use_instance_mask", False):
+            key = "dataloader.train.mapper.instance_mask_format"
+            check_mask_format(name, mapper.get("instance_mask_format", "polygon"), key)
+
+
+def _checkpointer(cfg, model, **checkpointables) -> HTCCheckpointer:
+    skip = cfg.train.get("skip_mismatched_weights", False)
+    return HTCCheckpointer(model, cfg.train.output_dir, skip_mismatched=skip, **checkpointables)
+
+
 def train(cfg, resume: bool) -> None:
     model = instantiate(cfg.model).to(cfg.train.device)
     logger.info("Model:\n%s", model)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     loader = instantiate(cfg.dataloader.train)
-    with cpu_capable_ddp():  # Detectron2 gives DDP CUDA device ids even for a CPU model
-        model = create_ddp_model(model, **cfg.train.ddp)
+    check_training_data(cfg, model)
+    model = create_ddp_model(model, **cfg.train.ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, loader, optimizer)
-    checkpointer = HTCCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = _checkpointer(cfg, model, trainer=trainer)
     main_process = comm.is_main_process()
     trainer.register_hooks(
         [
@@ -86,7 +106,7 @@ def main(args) -> None:
         train(cfg, args.resume)
         return
     model = instantiate(cfg.model).to(cfg.train.device)
-    HTCCheckpointer(model).load(cfg.train.init_checkpoint)
+    _checkpointer(cfg, model).resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     model.eval()
     evaluate(cfg, create_ddp_model(model))
 

@@ -27,7 +27,7 @@ from detectron2.utils.logger import setup_logger
 from htc import HTCDatasetMapper, add_htc_config, set_deterministic, set_float32_precision
 from htc.checkpoint import HTCCheckpointer
 from htc.data import register_builtin
-from htc.data.coco import RLE_MASK_EXAMPLES
+from htc.data.checks import check_mask_format, check_thing_classes
 from htc.data.resumable import build_resumable_train_loader
 from htc.distributed import argument_parser, cpu_capable_ddp, launch_from_args
 from htc.evaluation import build_evaluators
@@ -55,22 +55,11 @@ def check_dataset(cfg, name: str, is_train: bool) -> None:
             f"dataset {name!r} marks unlabeled pixels {ignore} (its ignore_label) but "
             f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE is {cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE}"
         )
-    # COCO panoptic's "standard" metadata names all 133 categories thing_classes; its things are
-    # those of thing_dataset_id_to_contiguous_id.
-    things = meta.get("thing_dataset_id_to_contiguous_id") or meta.get("thing_classes")
-    if things is not None and len(things) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
-        raise ValueError(
-            f"dataset {name!r} has {len(things)} thing classes but MODEL.ROI_HEADS.NUM_CLASSES "
-            f"is {cfg.MODEL.ROI_HEADS.NUM_CLASSES}"
-        )
+    check_thing_classes(name, cfg.MODEL.ROI_HEADS.NUM_CLASSES, "MODEL.ROI_HEADS.NUM_CLASSES")
     if cfg.MODEL.HTC.PANOPTIC_ON and not is_train:
         check_panoptic_dataset(cfg, name)
-    rle = RLE_MASK_EXAMPLES.get(name)  # of datasets loaded by htc's COCO loader
-    if is_train and cfg.MODEL.MASK_ON and cfg.INPUT.MASK_FORMAT == "polygon" and rle:
-        raise ValueError(
-            f"dataset {name!r} has masks as RLE ({rle}), which INPUT.MASK_FORMAT polygon cannot "
-            "hold: set INPUT.MASK_FORMAT bitmask"
-        )
+    if is_train and cfg.MODEL.MASK_ON:
+        check_mask_format(name, cfg.INPUT.MASK_FORMAT, "INPUT.MASK_FORMAT")
     has_labels = meta.get("sem_seg_root") or meta.get("derive_semantic")
     if is_train and cfg.MODEL.HTC.SEMANTIC_ON and not has_labels:
         raise ValueError(

@@ -160,6 +160,17 @@ def test_a_machine_of_one_process_runs_it_in_this_process(monkeypatch):
     assert calls == [(os.getpid(), (0, print, 2, 1, 1, url, (), timeout))]
 
 
+def test_no_processes_asked_runs_in_this_process(monkeypatch):
+    """--num-gpus 0 trains here, as Detectron2's launch does (spawning 0 processes did nothing
+    and exited 0)."""
+    from htc import distributed
+
+    monkeypatch.setattr(distributed.mp, "spawn", lambda *a, **k: pytest.fail("spawned"))
+    ran = []
+    distributed.launch(lambda: ran.append(os.getpid()), 0)
+    assert ran == [os.getpid()]
+
+
 @pytest.fixture
 def in_this_process():
     """Detectron2's local process group is made once per process: forgotten after the test."""

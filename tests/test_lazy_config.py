@@ -12,16 +12,19 @@ import re
 import runpy
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
+from detectron2.data import DatasetCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.layers import ShapeSpec
 from omegaconf import ListConfig, OmegaConf
 from PIL import Image
 
+import lazyconfig_train_net  # the repository root is on sys.path (conftest)
 from conftest import (
     CONFIGS,
     DEMO_CONFIG,
@@ -35,6 +38,7 @@ from conftest import (
     reference_parameter_count,
     train_losses,
 )
+from htc import register_htc_instances
 
 LAZY_R50 = CONFIGS / "htc_R_50_FPN_1x.py"
 htc_fpn = runpy.run_path(str(CONFIGS / "common" / "htc_model.py"))["htc_fpn"]
@@ -115,9 +119,7 @@ train.update(
 """
 
 
-def test_small_lazy_config_trains_and_evaluates(workspace, tmp_path):
-    """lazyconfig_train_net.py on the demo data: 3 iterations, checkpoints, COCO AP + mIoU."""
-    output = tmp_path / "out"
+def _small_lazy_config(tmp_path, output):
     config = tmp_path / "small.py"
     config.write_text(
         SMALL_LAZY_CONFIG.format(
@@ -127,11 +129,26 @@ def test_small_lazy_config_trains_and_evaluates(workspace, tmp_path):
             output=output,
         )  # fmt: skip
     )
+    return config
+
+
+def _lazyconfig_train_net(workspace, config, *args: str) -> str:
     command = [sys.executable, str(ROOT / "lazyconfig_train_net.py"), "--config-file", str(config)]
     env = child_env(DETECTRON2_DATASETS=str(workspace))
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    result = subprocess.run(
+        command + list(args), capture_output=True, text=True, env=env, timeout=900
+    )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
+    return log
+
+
+def test_small_lazy_config_trains_and_evaluates(workspace, tmp_path, monkeypatch):
+    """lazyconfig_train_net.py on the demo data in 2 CPU processes (DDP on gloo): 3 iterations,
+    checkpoints, COCO AP + mIoU; then ``--eval-only --resume`` evaluates its last checkpoint."""
+    output = tmp_path / "out"
+    config = _small_lazy_config(tmp_path, output)
+    log = _lazyconfig_train_net(workspace, config, "--num-gpus", "2")
     for name in ("model_0000001.pth", "model_final.pth", "last_checkpoint", "metrics.json"):
         assert (output / name).is_file(), name
     for task in ("bbox", "segm", "sem_seg"):
@@ -140,6 +157,38 @@ def test_small_lazy_config_trains_and_evaluates(workspace, tmp_path):
         entries = [json.loads(line) for line in f if line.strip()]
     assert max(e["iteration"] for e in entries if "total_loss" in e) == 2
     assert any("loss_mask_stage2" in e and "loss_sem_seg" in e for e in entries)
+
+    evaluated = []
+    monkeypatch.setattr(
+        lazyconfig_train_net, "evaluate", lambda cfg, model: evaluated.append(model)
+    )
+    # in this process: no loggers set up (they would stop propagating to pytest's capture)
+    monkeypatch.setattr(lazyconfig_train_net, "default_setup", lambda cfg, args: None)
+    args = lazyconfig_train_net.argument_parser().parse_args(
+        ["--config-file", str(config), "--eval-only", "--resume"]
+    )
+    lazyconfig_train_net.main(args)
+    want = torch.load(output / "model_final.pth", weights_only=False)["model"]
+    assert all(torch.equal(v, want[k]) for k, v in evaluated[0].state_dict().items())
+
+
+def test_lazy_training_data_that_does_not_fit_the_model_is_refused(tiny_dataset, tmp_path):
+    """train_net.py's checks: the class count, and RLE masks under the polygon format."""
+    name = "test_lazy_data"
+    register_htc_instances(name, str(tiny_dataset / "train.json"), str(tiny_dataset / "train"))
+    DatasetCatalog.get(name)  # as the loader loads it
+    cfg = LazyConfig.load(str(_small_lazy_config(tmp_path, tmp_path / "out")))
+    cfg.dataloader.train.dataset.names = name
+    model = SimpleNamespace(roi_heads=SimpleNamespace(num_classes=3))
+    lazyconfig_train_net.check_training_data(cfg, model)
+    cfg.dataloader.train.mapper.instance_mask_format = "polygon"
+    with pytest.raises(
+        ValueError, match="set dataloader.train.mapper.instance_mask_format bitmask"
+    ):
+        lazyconfig_train_net.check_training_data(cfg, model)
+    model.roi_heads.num_classes = 2
+    with pytest.raises(ValueError, match="3 thing classes but model.roi_heads.num_classes is 2"):
+        lazyconfig_train_net.check_training_data(cfg, model)
 
 
 def _small_vit(cfg) -> None:
@@ -417,6 +466,7 @@ def coco_layout(tmp_path_factory):
 BUILD_DATA = """
 import os, sys, traceback
 from detectron2.config import LazyConfig, instantiate
+from detectron2.data import DatasetCatalog
 
 def build(path):
     cfg = LazyConfig.load(path)

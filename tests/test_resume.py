@@ -156,6 +156,18 @@ def test_a_preempted_slurm_job_requeues_and_trains_the_uninterrupted_weights(
     _assert_same_result(_result(output), uninterrupted)
 
 
+def test_a_slurm_job_resumes_unless_it_only_evaluates():
+    """An evaluation evaluates MODEL.WEIGHTS as named, not the last checkpoint of OUTPUT_DIR."""
+    args = argparse.Namespace(resume=False, eval_only=False, gpus_per_node=2, opts=["A", "1"])
+    job = slurm.job_arguments(args, seed=7)
+    assert job.resume and job.num_gpus == 2 and not job.slurm
+    assert job.opts == ["A", "1", "DATALOADER.RESUMABLE", "True", "SEED", "7"]
+    evaluation = argparse.Namespace(**dict(vars(args), eval_only=True))
+    assert not slurm.job_arguments(evaluation, seed=7).resume
+    evaluation.resume = True  # the last checkpoint, asked for
+    assert slurm.job_arguments(evaluation, seed=7).resume
+
+
 def test_a_job_whose_training_fails_after_the_stop_signal_is_requeued(monkeypatch):
     """The stop signal reached a training process that then failed (before its checkpoint): the
     job is requeued from the last checkpoint, also where the job's process trained (one

@@ -70,7 +70,8 @@ class HTCCheckpointer(DetectionCheckpointer):
             )
             raise ValueError(
                 f"{len(incompatible.incorrect_shapes)} parameters of the checkpoint do not fit "
-                f"the model's shapes:\n{shapes}\nSet MODEL.HTC.SKIP_MISMATCHED_WEIGHTS True to "
-                "leave them at their initialization (fine-tuning on other classes)"
+                f"the model's shapes:\n{shapes}\nSet MODEL.HTC.SKIP_MISMATCHED_WEIGHTS True "
+                "(LazyConfig: train.skip_mismatched_weights=True) to leave them at their "
+                "initialization (fine-tuning on other classes)"
             )
         return incompatible

@@ -39,7 +39,7 @@ def launch(
     ``timeout`` bounds the wait for every machine's processes at the rendezvous, and then each
     collective operation. Each process destroys its process groups when ``main_func`` ends."""
     world_size = num_machines * num_processes_per_machine
-    if world_size == 1:
+    if world_size <= 1:  # --num-gpus 0 too, as Detectron2's
         main_func(*args)
         return
     if torch.cuda.is_available():

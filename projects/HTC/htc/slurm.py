@@ -241,10 +241,11 @@ def _executor(args: argparse.Namespace):
 def job_arguments(args: argparse.Namespace, seed: int) -> argparse.Namespace:
     """The arguments of the job's training processes: the node's processes, ``--resume`` (every
     run of the job, also one SLURM requeues without submitit, continues the last checkpoint in
-    OUTPUT_DIR), the resumable data order, and a seed fixed at submission (``seed`` < 0: drawn
-    now) that every requeue keeps."""
+    OUTPUT_DIR; not with ``--eval-only``, which evaluates MODEL.WEIGHTS as named), the
+    resumable data order, and a seed fixed at submission (``seed`` < 0: drawn now) that every
+    requeue keeps."""
     job = copy.copy(args)
-    job.slurm, job.resume = False, True
+    job.slurm, job.resume = False, args.resume or not args.eval_only
     if args.gpus_per_node > 0:
         job.num_gpus = args.gpus_per_node
     if seed < 0:
