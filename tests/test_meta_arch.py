@@ -69,20 +69,29 @@ def test_without_semantic_branch():
     assert "loss_sem_seg" not in losses and "loss_mask_stage2" in losses
 
 
-def test_rle_mask_output_decodes_to_the_bitmasks():
-    """MODEL.HTC.MASK_OUTPUT "rle": the same masks as COCO RLEs, no full-size pred_masks."""
+@pytest.mark.parametrize("off_image", [False, True])
+def test_rle_mask_output_decodes_to_the_bitmasks(off_image):
+    """MODEL.HTC.MASK_OUTPUT "rle": the same masks as COCO RLEs, no full-size pred_masks; also
+    where the postprocessing drops boxes clipped to nothing (pushed off the image here)."""
     model = build_model(tiny_cfg()).eval()
+    if off_image:
+        with torch.no_grad():
+            model.roi_heads.box_predictor[-1].bbox_pred.bias[0] = 60.0
     batch = make_batch(num_images=2)
     batch[1]["height"], batch[1]["width"] = 192, 144
     with torch.no_grad():
+        detected = [len(x) for x in model.inference(batch, do_postprocess=False)]
         full = model(batch)
         model.mask_output = "rle"
         rle = model(batch)
+    kept = [len(x["instances"]) for x in full]
+    assert (kept != detected) == off_image and sum(kept) > 0
     for a, b in zip(full, rle):
         masks, inst = a["instances"].pred_masks, b["instances"]
-        assert not inst.has("pred_masks") and len(inst.pred_masks_rle) == len(masks) > 0
-        decoded = mask_util.decode(inst.pred_masks_rle)  # (H, W, N)
-        assert np.array_equal(decoded.transpose(2, 0, 1).astype(bool), masks.numpy())
+        assert not inst.has("pred_masks") and len(inst.pred_masks_rle) == len(masks)
+        if len(masks):
+            decoded = mask_util.decode(inst.pred_masks_rle)  # (H, W, N)
+            assert np.array_equal(decoded.transpose(2, 0, 1).astype(bool), masks.numpy())
         assert torch.equal(inst.pred_boxes.tensor, a["instances"].pred_boxes.tensor)
 
 

@@ -205,9 +205,10 @@ def _masks(kind: str, gt: torch.Tensor, size: int):
 
 @pytest.mark.parametrize("masks", ["polygons", "bitmaps", "bitmaps of one size"])
 def test_roi_heads_sample_each_image_against_its_own_targets(masks):
-    """HTC's ``_label_and_sample`` on two images with targets and one without, some proposals
-    not valid (refined GT boxes or empty): every sampled RoI carries its own image's matched
-    GT box and class, as Detectron2's matcher finds them, and every foreground RoI its mask."""
+    """HTC's ``_label_and_sample`` on two images with targets and one without (nor masks),
+    some proposals not valid (refined GT boxes or empty): every sampled RoI carries its own
+    image's matched GT box and class, as Detectron2's matcher finds them, and every foreground
+    RoI its mask."""
     heads = build_model(tiny_cfg()).roi_heads
     heads.batch_size_per_image = 64
     g = torch.Generator().manual_seed(0)
@@ -217,7 +218,8 @@ def test_roi_heads_sample_each_image_against_its_own_targets(masks):
         gt = _boxes(count, g)
         classes = torch.randint(0, 3, (count,), generator=g)
         target = Instances((size, size), gt_boxes=Boxes(gt), gt_classes=classes)
-        target.gt_masks = _masks(masks, gt, size)
+        if count:  # Detectron2's mapper gives an image without annotations no gt_masks
+            target.gt_masks = _masks(masks, gt, size)
         candidates = torch.cat([_boxes(50, g), gt + 1])  # some near the GT boxes
         valid = torch.rand(len(candidates), generator=g) > 0.3
         props = Instances((size, size), proposal_boxes=Boxes(candidates), valid=valid)

@@ -92,8 +92,9 @@ def test_stopping_after_k_picks_gives_the_top_k_of_the_full_loop(method):
     boxes = torch.cat([xy, xy + 20 + torch.rand(300, 2, generator=g) * 60], dim=1)
     scores = torch.rand(300, generator=g)
     full = soft_nms(boxes, scores, method, 0.3, 0.5, min_score=0.0)
-    top = soft_nms(boxes, scores, method, 0.3, 0.5, min_score=0.0, max_picks=25)
-    assert torch.equal(top[0], full[0][:25]) and torch.equal(top[1], full[1][:25])
+    for k in (25, 0):  # 0: TEST.DETECTIONS_PER_IMAGE 0, no detection as with hard NMS
+        top = soft_nms(boxes, scores, method, 0.3, 0.5, min_score=0.0, max_picks=k)
+        assert torch.equal(top[0], full[0][:k]) and torch.equal(top[1], full[1][:k])
     assert torch.all(full[1][:-1] >= full[1][1:])
 
 

@@ -17,6 +17,9 @@ from .postprocessing import MASK_OUTPUTS, paste_masks_as_rle
 from .roi_heads import SEMANTIC_FEATURE
 from .semantic_head import FusedSemanticHead
 
+# "rle" output: the instances' (N, 1, M, M) masks through the parent's postprocessing, unpasted
+HELD_MASKS = "held_box_masks"
+
 
 @META_ARCH_REGISTRY.register()
 class HybridTaskCascade(GeneralizedRCNN):
@@ -148,13 +151,11 @@ class HybridTaskCascade(GeneralizedRCNN):
         results, semantic_logits = self.detect(images, detected_instances)
         if not do_postprocess:
             return results
-        box_masks = [self._take_box_masks(r) for r in results]
+        for r in results:
+            self._hold_box_masks(r)
         outputs = GeneralizedRCNN._postprocess(results, batched_inputs, images.image_sizes)
-        for out, masks in zip(outputs, box_masks):
-            if masks is not None:
-                inst = out["instances"]
-                height, width = inst.image_size
-                inst.pred_masks_rle = paste_masks_as_rle(masks, inst.pred_boxes, height, width)
+        for out in outputs:
+            _paste_held_masks_as_rle(out["instances"])
         if semantic_logits is not None:
             self._add_semantic_outputs(outputs, semantic_logits, batched_inputs, images)
         return outputs
@@ -195,14 +196,23 @@ class HybridTaskCascade(GeneralizedRCNN):
             results = self.roi_heads.forward_with_given_boxes(features, detected_instances)
         return results, semantic_logits
 
-    def _take_box_masks(self, results: Instances) -> Optional[torch.Tensor]:
-        """With "rle" output, the (N, 1, M, M) masks taken out of ``results`` before the parent's
-        postprocessing pastes them all at full resolution; else None."""
-        if self.mask_output != "rle" or not results.has("pred_masks"):
-            return None
-        masks = results.pred_masks
-        results.remove("pred_masks")
-        return masks
+    def _hold_box_masks(self, results: Instances) -> None:
+        """With "rle" output, the (N, 1, M, M) ``pred_masks`` of ``results`` renamed, so that the
+        parent's postprocessing keeps them with their boxes (it drops boxes clipped to nothing)
+        and does not paste them all at full resolution."""
+        if self.mask_output == "rle" and results.has("pred_masks"):
+            results.set(HELD_MASKS, results.pred_masks)
+            results.remove("pred_masks")
+
+
+def _paste_held_masks_as_rle(instances: Instances) -> None:
+    """The held masks of :meth:`HybridTaskCascade._hold_box_masks` pasted into ``instances``'
+    image, a few at a time, as ``pred_masks_rle``."""
+    if instances.has(HELD_MASKS):
+        masks = instances.get(HELD_MASKS)
+        instances.remove(HELD_MASKS)
+        height, width = instances.image_size
+        instances.pred_masks_rle = paste_masks_as_rle(masks, instances.pred_boxes, height, width)
 
 
 def _check_panoptic(semantic_head, mask_output: str, mask_on: bool) -> None:

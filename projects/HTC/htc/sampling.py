@@ -263,12 +263,16 @@ def _set_matched_targets(
 ) -> None:
     """Sets the fields ``names`` of the matched targets on each image's ``rois``, from their
     (R,) indices ``matched`` into the targets of all images. An image without targets gets
-    none, as in Detectron2."""
-    if all(len(x) == 0 for x in targets):
+    none, as in Detectron2 (its targets may lack the fields: Detectron2's mapper gives an image
+    without annotations no ``gt_masks``)."""
+    having = next((x for x in targets if len(x) > 0), None)
+    if having is None:
         return
     sizes = [len(x) for x in rois]
     for name in names:
-        values = _matched_values([x.get(name) for x in targets], matched, sizes)
+        empty = having.get(name)[:0]
+        values = [x.get(name) if len(x) else empty for x in targets]
+        values = _matched_values(values, matched, sizes)
         for x, value in zip(rois, values):
             if value is not None:  # an image with targets
                 x.set(name, value)

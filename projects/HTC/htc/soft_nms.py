@@ -62,7 +62,7 @@ def soft_nms(
         scores[order] *= decay
         order = _drop_as_mmcv(order, scores[order] >= min_score)
     if not keep:
-        return order, scores[:0]
+        return order[:0], scores[:0]  # no boxes, or max_picks 0
     return torch.stack(keep), torch.stack(kept_scores)
 
 
