@@ -271,9 +271,9 @@ def _warn_of_outputs_not_asked_then(output: Path, done: List[dict], args) -> Non
     """Name the PNGs asked now that images done by earlier runs lack: those are not redone."""
     images = [r for r in done if "results" in r and "frame" not in r]
     lacking = {}
-    for name, on in _asked_pngs(args).items():
+    for name in (name for name, on in _asked_pngs(args).items() if on):
         missing = sum(not (output / name / f"{r['image_id']}.png").exists() for r in images)
-        if on and missing:
+        if missing:
             lacking[name] = missing
     if lacking:
         logger.warning(

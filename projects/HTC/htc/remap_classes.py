@@ -65,8 +65,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     checkpoint = torch.load(args.input, map_location="cpu", weights_only=False)
     model = checkpoint.get("model", checkpoint)
-    if class_count(model) != len(COCO_THINGS):  # another dataset's, or remapped already
-        parser.error(f"{args.input} has {class_count(model)} classes, not COCO's 80")
+    classes = class_count(model)
+    if classes != len(COCO_THINGS):  # another dataset's, or remapped already
+        parser.error(f"{args.input} has {classes} classes, not COCO's 80")
     sources = coco_sources(args.to)
     torch.save({"model": remap_class_rows(model, sources)}, args.output)
     print(f"{args.output}: class layers of {args.to} ({len(sources)} classes) from COCO's")
