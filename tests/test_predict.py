@@ -178,6 +178,10 @@ def test_the_results_are_what_coco_evaluator_scores(tiny_dataset, tmp_path):
     args = dict(input=[str(tiny_dataset / "train")], image_ids=str(tiny_dataset / "train.json"))
     _run(None, tmp_path / "out", opts=opts, **args)
     ours = json.loads((tmp_path / "out" / "coco_results.json").read_text())
+    with pytest.raises(
+        ValueError, match="image ids of .*train.json, and this run's would have numbered"
+    ):
+        _run(None, tmp_path / "out", opts=opts, **dict(args, image_ids=None))  # new ids over them
 
     cfg = load_predictor_cfg(str(DEMO_CONFIG), opts + ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
     torch.manual_seed(0)  # the weights of _run's model

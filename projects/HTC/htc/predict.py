@@ -52,6 +52,7 @@ from .video import write_drawn_video
 
 logger = logging.getLogger("htc.predict")  # also when run as __main__
 RECORDS = "predictions.jsonl"
+ID_SOURCE = "image_ids.json"  # where the output's image ids come from
 OUTPUT_FOLDERS = ("pictures", "semantic", "panoptic", "videos")  # of images and videos written
 
 
@@ -218,11 +219,13 @@ def predict_process(args: argparse.Namespace) -> Optional[dict]:
     output = Path(args.output)
     files = find_inputs(args.input, exclude=[output / name for name in OUTPUT_FOLDERS])
     _check_outputs(cfg, args, files)
+    id_source = _check_id_source(output, args.image_ids)
     if comm.is_main_process():
         asked = _asked_pngs(args)
         asked["videos"] = any(map(is_video, files))
         for folder in [output] + [output / name for name, on in asked.items() if on]:
             folder.mkdir(parents=True, exist_ok=True)
+        (output / ID_SOURCE).write_text(json.dumps(id_source))
         load_records(output, repair=True)
     comm.synchronize()
     done = load_records(output)
@@ -260,6 +263,25 @@ def _config(args: argparse.Namespace):
     if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:  # the cores shared, not contended
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
     return cfg
+
+
+def _check_id_source(output: Path, dataset_json: Optional[str]) -> dict:
+    """Where the image ids come from (``--image-ids``' json, or numbered by the runs), which
+    must be where they came from in the runs before: a run without ``--image-ids`` after one
+    with it would number new images over the dataset's ids. A ValueError names both."""
+    source = {"image_ids": str(Path(dataset_json).resolve()) if dataset_json else None}
+    marker = output / ID_SOURCE
+    earlier = json.loads(marker.read_text()) if marker.exists() else source
+    if earlier != source:
+        raise ValueError(
+            f"{output} holds results with {_ids_of(earlier)}, and this run's would have "
+            f"{_ids_of(source)}: give the --image-ids of the runs before, or another output folder"
+        )
+    return source
+
+
+def _ids_of(source: dict) -> str:
+    return f"the image ids of {source['image_ids']}" if source["image_ids"] else "numbered ids"
 
 
 def _asked_pngs(args: argparse.Namespace) -> Dict[str, bool]:
