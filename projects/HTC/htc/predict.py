@@ -225,7 +225,8 @@ def predict_process(args: argparse.Namespace) -> Optional[dict]:
         asked["videos"] = any(map(is_video, files))
         for folder in [output] + [output / name for name, on in asked.items() if on]:
             folder.mkdir(parents=True, exist_ok=True)
-        (output / ID_SOURCE).write_text(json.dumps(id_source))
+        (output / f"{ID_SOURCE}.tmp").write_text(json.dumps(id_source))
+        os.replace(output / f"{ID_SOURCE}.tmp", output / ID_SOURCE)  # others may read it now
         load_records(output, repair=True)
     comm.synchronize()
     done = load_records(output)
