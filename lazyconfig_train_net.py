@@ -51,7 +51,7 @@ def evaluate(cfg, model) -> dict:
 def check_training_data(cfg, model) -> None:
     """Refuse training data that does not fit ``model`` (call after the loader is built, which
     loads the datasets): train_net.py's checks of the class count and the mask format."""
-    names = cfg.dataloader.train.dataset.names
+    names = cfg.dataloader.train.dataset.get("names", ())  # none: not a registered dataset
     mapper = cfg.dataloader.train.mapper
     for name in [names] if isinstance(names, str) else names:
         check_thing_classes(name, model.roi_heads.num_classes, "model.roi_heads.num_classes")

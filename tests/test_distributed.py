@@ -165,6 +165,7 @@ def test_no_processes_asked_runs_in_this_process(monkeypatch):
     and exited 0)."""
     from htc import distributed
 
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(distributed.mp, "spawn", lambda *a, **k: pytest.fail("spawned"))
     ran = []
     distributed.launch(lambda: ran.append(os.getpid()), 0)

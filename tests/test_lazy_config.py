@@ -466,7 +466,6 @@ def coco_layout(tmp_path_factory):
 BUILD_DATA = """
 import os, sys, traceback
 from detectron2.config import LazyConfig, instantiate
-from detectron2.data import DatasetCatalog
 
 def build(path):
     cfg = LazyConfig.load(path)

@@ -176,7 +176,11 @@ def test_the_results_are_what_coco_evaluator_scores(tiny_dataset, tmp_path):
         "False",
     ]
     args = dict(input=[str(tiny_dataset / "train")], image_ids=str(tiny_dataset / "train.json"))
-    _run(None, tmp_path / "out", opts=opts, **args)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"images": [{"file_name": "x.png", "id": 1}]}))
+    with pytest.raises(ValueError, match="00001.png is not an image of .*other.json"):
+        _run(None, tmp_path / "out", opts=opts, **dict(args, image_ids=str(other)))
+    _run(None, tmp_path / "out", opts=opts, **args)  # not bound by a run that made no results
     ours = json.loads((tmp_path / "out" / "coco_results.json").read_text())
     with pytest.raises(
         ValueError, match="image ids of .*train.json, and this run's would have numbered"

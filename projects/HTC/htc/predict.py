@@ -219,14 +219,11 @@ def predict_process(args: argparse.Namespace) -> Optional[dict]:
     output = Path(args.output)
     files = find_inputs(args.input, exclude=[output / name for name in OUTPUT_FOLDERS])
     _check_outputs(cfg, args, files)
-    id_source = _check_id_source(output, args.image_ids)
     if comm.is_main_process():
         asked = _asked_pngs(args)
         asked["videos"] = any(map(is_video, files))
         for folder in [output] + [output / name for name, on in asked.items() if on]:
             folder.mkdir(parents=True, exist_ok=True)
-        (output / f"{ID_SOURCE}.tmp").write_text(json.dumps(id_source))
-        os.replace(output / f"{ID_SOURCE}.tmp", output / ID_SOURCE)  # others may read it now
         load_records(output, repair=True)
     comm.synchronize()
     done = load_records(output)
@@ -234,6 +231,7 @@ def predict_process(args: argparse.Namespace) -> Optional[dict]:
     if comm.is_main_process():
         _warn_of_outputs_not_asked_then(output, done, args)
     shard, done_frames = _plan(files, done, args.image_ids)
+    _check_id_source(output, args.image_ids, done)
     rank, world = comm.get_rank(), comm.get_world_size()
     patient = _patient_group() if world > 1 else None
     ran = _predict_share(cfg, args, shard[rank::world], done_frames, metadata, dataset_ids)
@@ -266,19 +264,24 @@ def _config(args: argparse.Namespace):
     return cfg
 
 
-def _check_id_source(output: Path, dataset_json: Optional[str]) -> dict:
-    """Where the image ids come from (``--image-ids``' json, or numbered by the runs), which
-    must be where they came from in the runs before: a run without ``--image-ids`` after one
-    with it would number new images over the dataset's ids. A ValueError names both."""
+def _check_id_source(output: Path, dataset_json: Optional[str], done: List[dict]) -> None:
+    """Where the image ids come from (``--image-ids``' json, or numbered by the runs) must be
+    where the output's results took theirs from (OUTPUT/image_ids.json): a run without
+    ``--image-ids`` after one with it would number new images over the dataset's ids. A
+    ValueError names both. An output without results yet records this run's (the first
+    process writes it; outputs of versions before it record none, and are not checked)."""
     source = {"image_ids": str(Path(dataset_json).resolve()) if dataset_json else None}
     marker = output / ID_SOURCE
-    earlier = json.loads(marker.read_text()) if marker.exists() else source
-    if earlier != source:
-        raise ValueError(
-            f"{output} holds results with {_ids_of(earlier)}, and this run's would have "
-            f"{_ids_of(source)}: give the --image-ids of the runs before, or another output folder"
-        )
-    return source
+    if any("results" in r for r in done):
+        earlier = json.loads(marker.read_text()) if marker.exists() else source
+        if earlier != source:
+            raise ValueError(
+                f"{output} holds results with {_ids_of(earlier)}, and this run's would have "
+                f"{_ids_of(source)}: give the --image-ids of the runs before, or another output "
+                "folder"
+            )
+    elif comm.is_main_process():
+        marker.write_text(json.dumps(source))
 
 
 def _ids_of(source: dict) -> str:

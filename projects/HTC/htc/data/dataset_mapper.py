@@ -12,6 +12,7 @@ from detectron2.data import DatasetMapper, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, PolygonMasks
+from detectron2.utils.file_io import PathManager
 from PIL import Image
 
 from .inputs import WIDE_MODES
@@ -113,7 +114,7 @@ class HTCDatasetMapper(DatasetMapper):
         """The image (H, W, C) in the model's format and its label map (H, W) or None."""
         file_name, sem_file = dataset_dict["file_name"], dataset_dict.get("sem_seg_file_name")
         try:
-            with Image.open(file_name) as header:  # reads the header only
+            with PathManager.open(file_name, "rb") as f, Image.open(f) as header:  # the header
                 if header.mode in WIDE_MODES:
                     raise ValueError(
                         f"{file_name}: {header.mode} pixels, which Detectron2's reader clips to "
