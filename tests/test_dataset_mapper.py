@@ -113,17 +113,23 @@ def test_mapper_rejects_bad_semantic_maps(tiny_dataset, tmp_path):
         mapper(dict(records[0], sem_seg_file_name=str(bad_label)))
 
 
-def test_derived_semantic_labels(tiny_dataset):
+def _derived(tiny_dataset, name: str, augmentations: list):
+    """The config, the mapper and the first record of the tiny dataset registered as ``name``
+    with derived semantic labels (3 things + background)."""
     register_htc_instances(
-        "test_derived", str(tiny_dataset / "train.json"), str(tiny_dataset / "train"),
-        derive_semantic=True,
-    )  # fmt: skip
+        name, str(tiny_dataset / "train.json"), str(tiny_dataset / "train"), derive_semantic=True
+    )
     cfg = tiny_cfg()
     cfg.INPUT.MASK_FORMAT = "bitmask"
-    cfg.DATASETS.TRAIN = ("test_derived",)
-    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 4  # 3 things + background
-    mapper = HTCDatasetMapper(cfg, is_train=True, augmentations=[])
+    cfg.DATASETS.TRAIN = (name,)
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 4
+    mapper = HTCDatasetMapper(cfg, is_train=True, augmentations=augmentations)
     record = load_htc_json(str(tiny_dataset / "train.json"), str(tiny_dataset / "train"), "t")[0]
+    return cfg, mapper, record
+
+
+def test_derived_semantic_labels(tiny_dataset):
+    cfg, mapper, record = _derived(tiny_dataset, "test_derived", augmentations=[])
     out = mapper(record)
     sem, inst = out["sem_seg"], out["instances"]
     assert sem.shape == out["image"].shape[-2:]
@@ -142,16 +148,7 @@ def test_derived_semantic_labels_ignore_crowd_regions(tiny_dataset):
     taught. Its RLE is flipped with the image; the instances paint over it. A crowd without a
     mask paints nothing; keypoints (which a flip cannot map without their flip indices) are
     not read."""
-    register_htc_instances(
-        "test_derived_crowd", str(tiny_dataset / "train.json"), str(tiny_dataset / "train"),
-        derive_semantic=True,
-    )  # fmt: skip
-    cfg = tiny_cfg()
-    cfg.INPUT.MASK_FORMAT = "bitmask"
-    cfg.DATASETS.TRAIN = ("test_derived_crowd",)
-    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 4
-    mapper = HTCDatasetMapper(cfg, is_train=True, augmentations=[T.RandomFlip(prob=1.0)])
-    record = load_htc_json(str(tiny_dataset / "train.json"), str(tiny_dataset / "train"), "t")[0]
+    _, mapper, record = _derived(tiny_dataset, "test_derived_crowd", [T.RandomFlip(prob=1.0)])
     crowd = np.zeros((256, 256), np.uint8, order="F")
     crowd[:40, :30] = 1
     rle = mask_util.encode(crowd)

@@ -12,10 +12,9 @@ from detectron2.data import DatasetMapper, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, PolygonMasks
-from detectron2.utils.file_io import PathManager
 from PIL import Image
 
-from .inputs import WIDE_MODES
+from .inputs import wide_pixels
 from .label_map import check_same_size, read_label_map
 
 _EXIF_ORIENTATION = 0x0112
@@ -114,12 +113,12 @@ class HTCDatasetMapper(DatasetMapper):
         """The image (H, W, C) in the model's format and its label map (H, W) or None."""
         file_name, sem_file = dataset_dict["file_name"], dataset_dict.get("sem_seg_file_name")
         try:
-            with PathManager.open(file_name, "rb") as f, Image.open(f) as header:  # the header
-                if header.mode in WIDE_MODES:
-                    raise ValueError(
-                        f"{file_name}: {header.mode} pixels, which Detectron2's reader clips to "
-                        "8 bits: convert the images to 8 bits per channel"
-                    )
+            mode = wide_pixels(file_name)
+            if mode:
+                raise ValueError(
+                    f"{file_name}: {mode} pixels, which Detectron2's reader clips to 8 bits: "
+                    "convert the images to 8 bits per channel"
+                )
             image = utils.read_image(file_name, format=self.image_format)
         except OSError as e:  # PIL's messages do not always name the file
             raise OSError(f"cannot read {file_name}: {e}") from e

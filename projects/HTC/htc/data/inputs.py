@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
+from detectron2.utils.file_io import PathManager
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -62,14 +63,21 @@ def find_inputs(inputs: Iterable[str], exclude: Sequence[Path] = ()) -> List[Pat
 WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
+def wide_pixels(file_name: str) -> Optional[str]:
+    """The PIL mode of the image at ``file_name`` where it is one of :data:`WIDE_MODES`, else
+    None; read from its header, through ``PathManager`` as Detectron2's ``read_image``."""
+    with PathManager.open(file_name, "rb") as f, Image.open(f) as header:
+        return header.mode if header.mode in WIDE_MODES else None
+
+
 def read_image_or_reason(path: Path) -> Tuple[Optional[np.ndarray], str]:
     """The (H, W, 3) BGR image at ``path`` and "", or None and why it cannot be read."""
     try:
         if path.stat().st_size == 0:
             return None, "empty file"
-        with Image.open(path) as header:  # reads the header only
-            if header.mode in WIDE_MODES:
-                return None, f"{header.mode} pixels: the model reads 8 bits per channel"
+        mode = wide_pixels(str(path))
+        if mode:
+            return None, f"{mode} pixels: the model reads 8 bits per channel"
         return read_image(str(path), format="BGR"), ""
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         return None, f"{type(error).__name__}: {error}"  # what PIL raises for bad files
