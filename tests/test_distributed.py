@@ -5,10 +5,12 @@ import contextlib
 import datetime
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,9 +61,17 @@ def one_machine(data, tmp_path_factory):
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below the ephemeral range: the connections of the tests running beside this
+    one take their ports from that range, and could take one found free there before it is
+    bound."""
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
+    for port in random.SystemRandom().sample(range(20000, low), 100):
+        with socket.socket() as sock:
+            with contextlib.suppress(OSError):
+                sock.bind(("127.0.0.1", port))
+                return port
+    raise RuntimeError(f"no free port in 100 tries between 20000 and {low}")
 
 
 def test_two_processes_train_to_identical_weights_using_every_parameter(one_machine):
@@ -158,6 +168,26 @@ def test_a_machine_of_one_process_runs_it_in_this_process(monkeypatch):
     url, timeout = "tcp://127.0.0.1:1", datetime.timedelta(seconds=5)
     distributed.launch(print, 1, num_machines=2, machine_rank=1, dist_url=url, timeout=timeout)
     assert calls == [(os.getpid(), (0, print, 2, 1, 1, url, (), timeout))]
+
+
+def test_processes_of_one_machine_meet_at_a_file_not_a_port(monkeypatch):
+    """--dist-url auto: the workers meet at a file in a folder of their own, removed when they
+    end (a port found free and let go could be taken by another process before they bind it)."""
+    from htc import distributed
+
+    spawned = []
+
+    def spawn(worker, nprocs, args, daemon):
+        url = args[4]
+        folder = Path(url.removeprefix("file://")).parent
+        spawned.append((nprocs, args[1:4], url.startswith("file://"), folder.is_dir(), folder))
+
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed.mp, "spawn", spawn)
+    distributed.launch(print, 2)
+    [(nprocs, world_per_machine_rank, is_file, existed, folder)] = spawned
+    assert (nprocs, world_per_machine_rank, is_file, existed) == (2, (2, 2, 0), True, True)
+    assert not folder.exists()
 
 
 def test_no_processes_asked_runs_in_this_process(monkeypatch):

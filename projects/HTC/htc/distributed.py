@@ -11,7 +11,7 @@ Detectron2's.
 import argparse
 import contextlib
 import datetime
-import socket
+import tempfile
 from typing import Callable, Iterator
 
 import detectron2.engine.defaults as d2_defaults
@@ -51,23 +51,28 @@ def launch(
     if dist_url == "auto":
         if num_machines != 1:
             raise ValueError("--dist-url auto works on one machine; give tcp://HOST:PORT")
-        dist_url = f"tcp://127.0.0.1:{_free_port()}"
-    worker_args = (
-        main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args, timeout,
-    )  # fmt: skip
-    if num_processes_per_machine == 1:
+        # A file, not a free TCP port: a port found free and let go can be taken by another
+        # process's connection in the seconds before the workers bind it.
+        with tempfile.TemporaryDirectory(prefix="htc-rendezvous-") as folder:
+            url = f"file://{folder}/store"
+            _cpu_launch((main_func, world_size, num_processes_per_machine, 0, url, args, timeout))
+        return
+    _cpu_launch(
+        (main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args, timeout)
+    )
+
+
+def _cpu_launch(worker_args: tuple) -> None:
+    """This machine's gloo workers of ``_cpu_worker(local_rank, *worker_args)``: spawned, or
+    run in this process where the machine has one."""
+    per_machine = worker_args[2]
+    if per_machine == 1:
         try:
             _cpu_worker(0, *worker_args)
         finally:
             _forget_process_groups()
         return
-    mp.spawn(_cpu_worker, nprocs=num_processes_per_machine, args=worker_args, daemon=False)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
+    mp.spawn(_cpu_worker, nprocs=per_machine, args=worker_args, daemon=False)
 
 
 def _cpu_worker(
