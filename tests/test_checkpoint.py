@@ -3,12 +3,16 @@ tests/test_resume.py)."""
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 from detectron2.modeling import build_model
+from PIL import Image
 
-from conftest import tiny_cfg
+from conftest import CONFIGS, TINY_OPTS, tiny_cfg
+from htc import demo
 from htc.checkpoint import HTCCheckpointer, atomic_open
+from htc.export import build_for_export
 
 
 def test_interrupted_write_keeps_the_previous_file(tmp_path):
@@ -62,3 +66,35 @@ def test_missing_and_unexpected_keys_are_reported(tmp_path, caplog):
         HTCCheckpointer(_model()).load(str(path))
     assert "semantic_head.conv_logits.weight" in caplog.text
     assert "semantic_head.extra.weight" in caplog.text
+
+
+@pytest.mark.parametrize("entry", ["htc.demo", "htc.export"])
+def test_inference_entries_check_the_weights_as_training_does(entry, tmp_path, capsys):
+    """Both loaded MODEL.WEIGHTS with Detectron2's checkpointer (htc.demo through
+    DefaultPredictor), which leaves a class layer of another shape at random with a warning: now
+    refused as in training and htc.predict, and random weights are said."""
+    path = tmp_path / "five_classes.pth"
+    torch.save({"model": _model(**{"MODEL.ROI_HEADS.NUM_CLASSES": 5}).state_dict()}, path)
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.full((64, 80, 3), 128, np.uint8)).save(image)
+
+    def run(weights: str) -> None:
+        if entry == "htc.export":
+            cfg = tiny_cfg()
+            cfg.MODEL.WEIGHTS = weights
+            build_for_export(cfg)
+            return
+        opts = [str(v) for v in TINY_OPTS] + ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", weights]
+        opts += ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "80"]
+        config = str(CONFIGS / "htc_R_50_FPN_1x.yaml")
+        output = str(tmp_path / "pictures")
+        demo.main(
+            ["--config-file", config, "--input", str(image), "--output", output, "--opts", *opts]
+        )
+
+    with pytest.raises(ValueError, match=r"12 parameters .* do not fit"):
+        run(str(path))
+    run("")
+    assert "MODEL.WEIGHTS is empty: the model runs on randomly initialized weights" in (
+        capsys.readouterr().out
+    )

@@ -79,7 +79,8 @@ def test_inputs_are_files_folders_and_globs(photos, tmp_path):
 
 
 def test_results_are_coco_and_bad_files_are_named_and_skipped(photos, caplog):
-    """Also with the output in the input folder: its pictures are no inputs of the next run."""
+    """Also with the output in the input folder: its pictures are no inputs of the next run.
+    Random weights (MODEL.WEIGHTS empty) are said."""
     logging.getLogger("htc").propagate = True
     out = photos / "out"
     with caplog.at_level(logging.WARNING, logger="htc"):
@@ -89,6 +90,7 @@ def test_results_are_coco_and_bad_files_are_named_and_skipped(photos, caplog):
     }  # fmt: skip
     for bad in ("cut.png", "empty.jpg: empty file", "notes.png"):
         assert f"{photos}" in caplog.text and bad in caplog.text
+    assert "MODEL.WEIGHTS is empty: the model runs on randomly initialized weights" in caplog.text
     images = json.loads((out / "images.json").read_text())
     results = json.loads((out / "coco_results.json").read_text())
     assert sorted(i["file_name"].split("/")[-1] for i in images) == ["a.png", "b.png", "c.png"]

@@ -8,8 +8,9 @@ for writing appear under its name only once completely written (temporary file, 
 
 import contextlib
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 
@@ -75,3 +76,14 @@ class HTCCheckpointer(DetectionCheckpointer):
                 "initialization (fine-tuning on other classes)"
             )
         return incompatible
+
+
+def load_weights(model: torch.nn.Module, cfg: Any, announce: Callable[[str], None] = print) -> None:
+    """``cfg.MODEL.WEIGHTS`` into ``model`` for inference, with the shapes checked as in
+    training (Detectron2's checkpointer would leave a mismatched class layer at random); an
+    empty MODEL.WEIGHTS keeps the random initialization, said through ``announce``."""
+    if not cfg.MODEL.WEIGHTS:
+        announce("MODEL.WEIGHTS is empty: the model runs on randomly initialized weights")
+        return
+    skip = cfg.MODEL.HTC.SKIP_MISMATCHED_WEIGHTS
+    HTCCheckpointer(model, skip_mismatched=skip).load(cfg.MODEL.WEIGHTS)

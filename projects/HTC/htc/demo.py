@@ -14,7 +14,7 @@ from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
-from detectron2.config import get_cfg
+from detectron2.config import CfgNode, get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
@@ -22,6 +22,7 @@ from detectron2.structures import Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image, ImageDraw, ImageFont
 
+from .checkpoint import load_weights
 from .config import add_htc_config, set_float32_precision
 from .data import register_builtin
 from .data.inputs import IMAGE_SUFFIXES
@@ -126,6 +127,16 @@ def path_hash(path: Path) -> str:
     return hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
 
 
+def _without_weights(cfg: CfgNode) -> CfgNode:
+    """``cfg`` with an empty MODEL.WEIGHTS: DefaultPredictor's checkpointer would skip weights of
+    other shapes with only a warning, so the weights are loaded after it (``load_weights``)."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = ""
+    cfg.freeze()
+    return cfg
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="HTC inference on images")
     parser.add_argument("--config-file", required=True)
@@ -137,7 +148,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     register_builtin()  # the class names of the configs' datasets
     cfg = load_predictor_cfg(args.config_file, args.opts)
     set_float32_precision(cfg)
-    predictor = DefaultPredictor(cfg)
+    predictor = DefaultPredictor(_without_weights(cfg))
+    load_weights(predictor.model, cfg)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)

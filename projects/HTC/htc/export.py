@@ -36,7 +36,6 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import detectron2
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
@@ -45,6 +44,7 @@ from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_pos
 from detectron2.structures import Boxes, Instances
 from torch.nn import functional as F
 
+from .checkpoint import load_weights
 from .demo import load_predictor_cfg
 
 
@@ -249,10 +249,7 @@ def build_for_export(cfg: CfgNode):
     """The model of ``cfg`` in eval mode on CPU with MODEL.WEIGHTS loaded (random weights,
     announced, when empty)."""
     model = build_model(cfg).eval()
-    if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    else:
-        print("MODEL.WEIGHTS is empty: exporting randomly initialized weights")
+    load_weights(model, cfg)
     return model
 
 

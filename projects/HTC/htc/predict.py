@@ -42,7 +42,7 @@ from detectron2.utils.logger import setup_logger
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import HTCCheckpointer
+from .checkpoint import load_weights
 from .config import set_float32_precision
 from .data import register_builtin
 from .data.inputs import PredictionInputs, find_inputs, frame_count, inputs_loader, is_video
@@ -340,9 +340,7 @@ def _predict_share(cfg, args, share, done_frames, metadata, dataset_ids) -> int:
     """Predict ``share`` in batches, appending each batch's records as soon as it is done: how
     many images and frames were read."""
     model = build_model(cfg).eval()
-    HTCCheckpointer(model, skip_mismatched=cfg.MODEL.HTC.SKIP_MISMATCHED_WEIGHTS).load(
-        cfg.MODEL.WEIGHTS
-    )
+    load_weights(model, cfg, announce=logger.warning)
     inputs = PredictionInputs(
         share, done_frames, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, cfg.INPUT.FORMAT,
         keep_original=args.draw,
