@@ -6,6 +6,7 @@ the ground truth fed as the prediction scores 100 in each."""
 from pathlib import Path
 
 import numpy as np
+import pycocotools.mask as mask_util
 import pytest
 import torch
 from detectron2.data import DatasetCatalog
@@ -132,10 +133,12 @@ def test_cityscapes_config_trains_and_is_scored_by_the_cityscapes_evaluators(dat
     assert (tmp_path / "out" / "model_final.pth").is_file()
 
 
-def test_lvis_evaluator_scores_the_ground_truth_100(datasets, tmp_path):
-    """LVIS's annotations as the prediction (its polygons drawn as masks): 100 box and mask AP,
-    and 100 in each frequency group (rare, common, frequent)."""
-    name = "lvis_v1_val_as_predicted"
+@pytest.mark.parametrize("mask_output", ["bitmask", "rle"])
+def test_lvis_evaluator_scores_the_ground_truth_100(datasets, tmp_path, mask_output):
+    """LVIS's annotations as the prediction (its polygons drawn as masks, or their RLEs as
+    MODEL.HTC.MASK_OUTPUT rle gives them): 100 box and mask AP, and 100 in each frequency group
+    (rare, common, frequent)."""
+    name = f"lvis_v1_val_as_predicted_{mask_output}"
     register_lvis_htc(name, str(datasets / "lvis/lvis_v1_val.json"), str(datasets / "coco"))
     cfg = tiny_cfg()
     cfg.TEST.DETECTIONS_PER_IMAGE = 300
@@ -148,11 +151,18 @@ def test_lvis_evaluator_scores_the_ground_truth_100(datasets, tmp_path):
         boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annotations]
         predicted = Instances(
             size,
-            pred_masks=BitMasks.from_polygon_masks(polygons, *size).tensor,
             pred_boxes=Boxes(torch.tensor(boxes)),
             scores=torch.ones(len(annotations)),
             pred_classes=torch.tensor([a["category_id"] for a in annotations]),
         )
+        masks = BitMasks.from_polygon_masks(polygons, *size).tensor
+        if mask_output == "rle":
+            columns = np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8))
+            predicted.pred_masks_rle = mask_util.encode(columns)
+            for rle in predicted.pred_masks_rle:
+                rle["counts"] = rle["counts"].decode()
+        else:
+            predicted.pred_masks = masks
         evaluator.process([record], [{"instances": predicted}])
     results = evaluator.evaluate()
     for task in ("bbox", "segm"):

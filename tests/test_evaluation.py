@@ -1,20 +1,24 @@
 """COCO AP by the fastest COCOeval at hand (htc.evaluation.HTCCOCOEvaluator): faster-coco-eval's
 gives pycocotools' numbers, per category and on a subset of images included; keypoints and a
-machine without it get pycocotools'."""
+machine without it get pycocotools'. Which evaluators a model's outputs get."""
 
 import json
+import logging
 import sys
 
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
+import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.evaluation import COCOEvaluator, coco_evaluation
+from detectron2.structures import Boxes, BoxMode, Instances
 from pycocotools.cocoeval import COCOeval
 
 import htc.evaluation
-from htc.evaluation import HTCCOCOEvaluator, coco_eval_class
+from conftest import tiny_cfg
+from htc.evaluation import HTCCOCOEvaluator, build_evaluators, coco_eval_class
 
 WIDTH, HEIGHT = 200, 160
 
@@ -117,3 +121,50 @@ def test_without_faster_coco_eval_pycocotools_computes(
     official = _evaluate(COCOEvaluator(name, use_fast_impl=False), predictions)
     got = _evaluate(evaluator, predictions)
     assert got == official and all(np.isfinite(list(got["segm"].values())))
+
+
+def _instances(results: list, rle: bool) -> Instances:
+    """The model's output of the json ``results`` of one image: masks pasted, or as RLEs."""
+    boxes = torch.tensor([r["bbox"] for r in results])
+    instances = Instances((HEIGHT, WIDTH), scores=torch.tensor([r["score"] for r in results]))
+    instances.pred_boxes = Boxes(BoxMode.convert(boxes, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS))
+    instances.pred_classes = torch.tensor([r["category_id"] - 1 for r in results])
+    rles = [r["segmentation"] for r in results]
+    if rle:
+        instances.pred_masks_rle = rles
+    else:
+        instances.pred_masks = torch.from_numpy(mask_util.decode(rles)).permute(2, 0, 1).bool()
+    return instances
+
+
+def test_rle_masks_are_scored_as_pasted_masks(dataset, without_detectron2_cocoeval):
+    """MODEL.HTC.MASK_OUTPUT rle: Detectron2's evaluator reads only pred_masks, and scored the
+    boxes alone; the RLEs now give the mask AP that the pasted masks give."""
+    name, predictions = dataset
+    inputs = [{"image_id": p["image_id"]} for p in predictions]
+    results = []
+    for rle in (False, True):
+        evaluator = HTCCOCOEvaluator(name)
+        evaluator.reset()
+        evaluator.process(
+            inputs, [{"instances": _instances(p["instances"], rle)} for p in predictions]
+        )
+        results.append(evaluator.evaluate())
+    assert results[1].keys() == {"bbox", "segm"} and results[1] == results[0]
+
+
+def test_outputs_the_model_does_not_give_are_not_evaluated(dataset, caplog):
+    """MODEL.HTC.SEMANTIC_OUTPUT False: no mIoU (its evaluator failed on the missing sem_seg at
+    the first image); Cityscapes' instance evaluation, which reads pasted masks, refuses RLEs."""
+    name, _ = dataset
+    MetadataCatalog.get(name).set(sem_seg_root="maps")
+    cfg = tiny_cfg()
+    cfg.MODEL.HTC.SEMANTIC_OUTPUT = False
+    with caplog.at_level(logging.INFO, logger="htc"):
+        assert [type(e) for e in build_evaluators(cfg, name)] == [HTCCOCOEvaluator]
+    assert f"{name}: no mIoU, the model outputs no sem_seg (SEMANTIC_OUTPUT False)" in caplog.text
+    cityscapes = MetadataCatalog.get(f"{name}_cityscapes").set(evaluator_type="cityscapes_htc")
+    cfg.MODEL.HTC.MASK_OUTPUT = "rle"
+    with pytest.raises(ValueError, match="reads pasted masks: evaluate with MODEL.HTC.MASK_OUTPUT"):
+        build_evaluators(cfg, cityscapes.name)
+    MetadataCatalog.remove(cityscapes.name)

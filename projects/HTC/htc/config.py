@@ -59,7 +59,8 @@ def add_htc_config(cfg: CN) -> None:
     cfg.MODEL.HTC.SEMANTIC_OUTPUT = True
     # Instance masks at inference: "bitmask", Detectron2's (N, H, W) pred_masks (H x W bytes each:
     # 1.2 GB for 100 masks of a 12-megapixel photo), or "rle", pred_masks_rle, a COCO RLE per
-    # instance made a few masks at a time (bounded memory; COCOEvaluator needs "bitmask").
+    # instance made a few masks at a time (bounded memory; htc.evaluation's COCO and LVIS
+    # evaluators score them, Detectron2's COCOEvaluator and Cityscapes' need "bitmask").
     cfg.MODEL.HTC.MASK_OUTPUT = "bitmask"
     # Inference also outputs "panoptic_seg" as PanopticFPN does: the instances, then the semantic
     # branch's stuff. The branch's classes are read as the panoptic categories of DATASETS.TEST[0]

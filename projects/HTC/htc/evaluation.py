@@ -5,6 +5,7 @@ as training reads it, and panoptic quality."""
 import contextlib
 import inspect
 import json
+import logging
 import os
 from typing import Callable, Iterator, List, Optional
 
@@ -28,6 +29,7 @@ from .data.label_map import read_label_map
 # Detectron2 after v0.6 takes the ground-truth reader as an argument.
 _TAKES_LOADING_FN = "sem_seg_loading_fn" in inspect.signature(SemSegEvaluator.__init__).parameters
 CITYSCAPES_KINDS = ("cityscapes_htc", "cityscapes_instance")
+logger = logging.getLogger(__name__)
 
 
 def build_evaluators(
@@ -42,8 +44,13 @@ def build_evaluators(
     segmentation."""
     meta = MetadataCatalog.get(dataset_name)
     kind = meta.get("evaluator_type", "coco")
-    semantic = cfg.MODEL.HTC.SEMANTIC_ON and meta.get("sem_seg_root") and not instances_only
+    semantic = _scores_semantic(cfg, meta) and not instances_only
     if kind in CITYSCAPES_KINDS:
+        if cfg.MODEL.HTC.MASK_OUTPUT != "bitmask":
+            raise ValueError(
+                f"Cityscapes' instance evaluation of {dataset_name!r} reads pasted masks: "
+                "evaluate with MODEL.HTC.MASK_OUTPUT bitmask"
+            )
         alias_cityscapesscripts()
         evaluators: List[DatasetEvaluator] = [HTCCityscapesInstanceEvaluator(dataset_name)]
         if semantic:
@@ -60,6 +67,35 @@ def build_evaluators(
     if cfg.MODEL.HTC.PANOPTIC_ON and meta.get("panoptic_json") and not instances_only:
         evaluators.append(panoptic_evaluator(dataset_name, output_dir))
     return evaluators
+
+
+def _scores_semantic(cfg, meta) -> bool:
+    """Whether the semantic branch's mIoU can be scored on the dataset of ``meta``: it has label
+    maps, and the model outputs ``sem_seg`` (said where MODEL.HTC.SEMANTIC_OUTPUT turns it off)."""
+    if not (cfg.MODEL.HTC.SEMANTIC_ON and meta.get("sem_seg_root")):
+        return False
+    if not cfg.MODEL.HTC.SEMANTIC_OUTPUT:
+        logger.info(f"{meta.name}: no mIoU, the model outputs no sem_seg (SEMANTIC_OUTPUT False)")
+    return cfg.MODEL.HTC.SEMANTIC_OUTPUT
+
+
+class ScoresRLEMasks:
+    """Mixin for Detectron2's COCO and LVIS evaluators, whose results take segmentations from
+    ``pred_masks`` only: the COCO RLEs of ``pred_masks_rle`` (MODEL.HTC.MASK_OUTPUT rle) become
+    the segmentations of their instances."""
+
+    def process(self, inputs, outputs):
+        start = len(self._predictions)
+        super().process(inputs, outputs)
+        rles = {
+            image["image_id"]: output["instances"].pred_masks_rle
+            for image, output in zip(inputs, outputs)
+            if "instances" in output and output["instances"].has("pred_masks_rle")
+        }
+        for prediction in self._predictions[start:]:
+            results = prediction.get("instances", [])
+            for result, rle in zip(results, rles.get(prediction["image_id"], [])):
+                result["segmentation"] = rle
 
 
 class OnTodaysNumpy:
@@ -94,8 +130,9 @@ def _removed_numpy_names() -> Iterator[None]:
             delattr(np, name)
 
 
-class HTCLVISEvaluator(OnTodaysNumpy, LVISEvaluator):
-    """:class:`LVISEvaluator` (at most ``max_dets_per_image`` per image) on today's NumPy."""
+class HTCLVISEvaluator(ScoresRLEMasks, OnTodaysNumpy, LVISEvaluator):
+    """:class:`LVISEvaluator` (at most ``max_dets_per_image`` per image) on today's NumPy, RLE
+    masks scored."""
 
     def __init__(self, dataset_name: str, max_dets_per_image: int, output_dir: Optional[str]):
         super().__init__(dataset_name, output_dir=output_dir, max_dets_per_image=max_dets_per_image)
@@ -178,9 +215,9 @@ def coco_eval_class() -> Callable:
     return cocoeval
 
 
-class HTCCOCOEvaluator(COCOEvaluator):
+class HTCCOCOEvaluator(ScoresRLEMasks, COCOEvaluator):
     """:class:`COCOEvaluator` computing with :func:`coco_eval_class` unless ``use_fast_impl`` is
-    False (then pycocotools', as Detectron2's)."""
+    False (then pycocotools', as Detectron2's); RLE masks scored."""
 
     def __init__(self, dataset_name: str, *args, **kwargs):
         self._cocoeval = coco_eval_class()
