@@ -2,6 +2,7 @@
 (recorded by dev/parity/make_tta_fixture.py on the small parity model) and its invariances."""
 
 import numpy as np
+import pytest
 import torch
 from detectron2.data.transforms import HFlipTransform, ResizeTransform, TransformList
 from detectron2.modeling import build_model
@@ -11,8 +12,8 @@ from conftest import ROOT, load_cfg, make_batch, parity_model, parity_reference,
 from htc.tta import HybridTaskCascadeWithTTA
 
 
-def _model_and_cfg(min_sizes, flip):
-    cfg = tiny_cfg()
+def _model_and_cfg(min_sizes, flip, mask_output="bitmask"):
+    cfg = tiny_cfg(MASK_OUTPUT=mask_output)
     cfg.TEST.AUG.MIN_SIZES = min_sizes
     cfg.TEST.AUG.MAX_SIZE = 1000
     cfg.TEST.AUG.FLIP = flip
@@ -26,17 +27,23 @@ def _input(image):
     return {"image": image, "height": image.shape[1], "width": image.shape[2]}
 
 
-def test_one_scale_without_flip_equals_plain_inference():
-    model, cfg = _model_and_cfg((96,), False)
+@pytest.mark.parametrize("mask_output", ["bitmask", "rle"])
+def test_one_scale_without_flip_equals_plain_inference(mask_output):
+    """Masks too in MODEL.HTC.MASK_OUTPUT's form (TTA pasted every mask at full size)."""
+    model, cfg = _model_and_cfg((96,), False, mask_output)
     image = make_batch(num_images=1)[0]["image"]
     with torch.no_grad():
         plain = model([_input(image)])[0]["instances"]
     tta = HybridTaskCascadeWithTTA(cfg, model)([_input(image)])[0]["instances"]
     assert len(tta) == len(plain) > 0
+    assert tta.get_fields().keys() == plain.get_fields().keys()
     torch.testing.assert_close(tta.pred_boxes.tensor, plain.pred_boxes.tensor)
     torch.testing.assert_close(tta.scores, plain.scores)
     assert torch.equal(tta.pred_classes, plain.pred_classes)
-    assert torch.equal(tta.pred_masks, plain.pred_masks)
+    if mask_output == "rle":
+        assert tta.pred_masks_rle == plain.pred_masks_rle
+    else:
+        assert torch.equal(tta.pred_masks, plain.pred_masks)
 
 
 def test_flip_tta_is_invariant_to_flipping_the_input():

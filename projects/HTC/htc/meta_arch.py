@@ -7,6 +7,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_sem_seg_head
+from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
@@ -195,6 +196,15 @@ class HybridTaskCascade(GeneralizedRCNN):
             detected_instances = [x.to(self.device) for x in detected_instances]
             results = self.roi_heads.forward_with_given_boxes(features, detected_instances)
         return results, semantic_logits
+
+    def postprocess_instances(self, instances: Instances, height: int, width: int) -> Instances:
+        """Detectron2's ``detector_postprocess`` of one image's detections to ``height`` x
+        ``width``, with their masks as MODEL.HTC.MASK_OUTPUT asks (what test-time augmentation
+        returns)."""
+        self._hold_box_masks(instances)
+        instances = detector_postprocess(instances, height, width)
+        _paste_held_masks_as_rle(instances)
+        return instances
 
     def _hold_box_masks(self, results: Instances) -> None:
         """With "rle" output, the (N, 1, M, M) ``pred_masks`` of ``results`` renamed, so that the

@@ -18,7 +18,6 @@ import torch
 from detectron2.data.transforms import HFlipTransform, TransformList
 from detectron2.layers import batched_nms
 from detectron2.modeling import GeneralizedRCNNWithTTA
-from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 
 from .roi_heads import with_masks
@@ -54,7 +53,8 @@ class HybridTaskCascadeWithTTA(GeneralizedRCNNWithTTA):
             instances = heads.final_detections([boxes], [scores], [orig_shape])[0]
             if self.cfg.MODEL.MASK_ON:
                 masks = self._averaged_masks(views, tfms, instances)
-                instances = detector_postprocess(with_masks([instances], masks)[0], *orig_shape)
+                instances = with_masks([instances], masks)[0]
+                instances = self.model.postprocess_instances(instances, *orig_shape)
         return {"instances": instances}
 
     def _view(self, augmented_input: dict) -> View:
