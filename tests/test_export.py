@@ -91,12 +91,17 @@ def test_exported_model_agrees_with_eager_on_other_sizes(tiny, fmt, tmp_path):
 
 
 def test_postprocess_gives_the_models_outputs(tiny):
-    """Eager inference at another output size equals postprocess() of the raw outputs."""
+    """Eager inference at another output size equals postprocess() of the raw outputs, which
+    stay as they were (the boxes were scaled in place: a second call scaled them again)."""
     model, images = tiny
     image = images[1]
     with torch.no_grad():
         (want,) = model([{"image": image, "height": 150, "width": 200}])
-    got = postprocess(_eager(model, image), tuple(image.shape[1:]), 150, 200)
+    raw = _eager(model, image)
+    kept = [o.clone() for o in raw]
+    postprocess(raw, tuple(image.shape[1:]), 150, 200)
+    assert all(torch.equal(o, k) for o, k in zip(raw, kept))
+    got = postprocess(raw, tuple(image.shape[1:]), 150, 200)
     a, b = got["instances"], want["instances"]
     assert a.image_size == b.image_size == (150, 200)
     assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)

@@ -172,7 +172,7 @@ def postprocess(
     tensors = [torch.as_tensor(o) for o in outputs]
     boxes, scores, classes, masks = tensors[:4]
     instances = Instances(image_size)
-    instances.pred_boxes = Boxes(boxes)
+    instances.pred_boxes = Boxes(boxes.clone())  # scaled and clipped in place below
     instances.scores = scores
     instances.pred_classes = classes
     instances.pred_masks = masks
