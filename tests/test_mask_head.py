@@ -69,6 +69,23 @@ def test_chain_passes_the_feature_to_the_next_stage(heads):
         heads[0].chain(_rois(), feat)
 
 
+@pytest.mark.parametrize("norm", ["", "GN", "LN"])
+def test_information_flow_conv_takes_the_heads_norm(norm):
+    """The reference's conv_res is a ConvModule of the head's norm_cfg: a 1x1 conv (with a bias
+    only without a norm), the norm, a ReLU."""
+    cfg = tiny_cfg()
+    cfg.MODEL.ROI_MASK_HEAD.NORM = norm
+    heads = build_model(cfg).roi_heads.mask_head
+    assert heads[0].res_conv is None
+    for head in heads[1:]:
+        conv = head.res_conv
+        assert type(conv.norm) is type(head.mask_fcn1.norm) and (conv.bias is None) == bool(norm)
+        assert conv.kernel_size == (1, 1) and conv.activation is torch.nn.functional.relu
+    conv, feat = heads[1].res_conv, torch.randn(3, 32, 14, 14)
+    expected = torch.nn.functional.conv2d(feat, conv.weight, conv.bias)
+    torch.testing.assert_close(conv(feat), (conv.norm(expected) if norm else expected).relu())
+
+
 def test_chain_with_classes_computes_each_rois_class_alone():
     """Inference and the mask loss use one class per RoI: its channel alone equals the full
     predictor's (eagerly and in traced, exported graphs), and only those classes' predictor

@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 import fvcore.nn.weight_init as weight_init
 import torch
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling.roi_heads import ROI_MASK_HEAD_REGISTRY, MaskRCNNConvUpsampleHead
 from detectron2.structures import BitMasks, Instances, PolygonMasks
 from torch import nn
@@ -21,17 +21,23 @@ class HTCMaskHead(MaskRCNNConvUpsampleHead):
     (:meth:`chain`).
 
     With ``with_res_conv``, the 14x14 feature of the previous stage's head (taken before its
-    deconv) goes through a 1x1 conv + ReLU (``res_conv``) and is summed into the RoI features
-    before this head's convs. Stage 0 has no ``res_conv``.
+    deconv) goes through a 1x1 conv, the head's ``conv_norm`` and a ReLU (``res_conv``, the
+    reference's ``conv_res`` ConvModule) and is summed into the RoI features before this head's
+    convs. Stage 0 has no ``res_conv``.
     """
 
     @configurable
-    def __init__(self, input_shape: ShapeSpec, *, with_res_conv: bool = False, **kwargs):
-        super().__init__(input_shape, **kwargs)
+    def __init__(
+        self, input_shape: ShapeSpec, *, with_res_conv: bool = False, conv_norm="", **kwargs
+    ):
+        super().__init__(input_shape, conv_norm=conv_norm, **kwargs)
         self.res_conv: Optional[Conv2d] = None
         if with_res_conv:
-            dim = self.mask_fcn1.out_channels
-            self.res_conv = Conv2d(dim, input_shape.channels, kernel_size=1, activation=F.relu)
+            dim, channels = self.mask_fcn1.out_channels, input_shape.channels
+            self.res_conv = Conv2d(
+                dim, channels, kernel_size=1, bias=not conv_norm,
+                norm=get_norm(conv_norm, channels), activation=F.relu,
+            )  # fmt: skip
             weight_init.c2_msra_fill(self.res_conv)
 
     @classmethod
