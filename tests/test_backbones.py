@@ -25,15 +25,16 @@ def _shapes(module) -> dict:
 
 
 # builder -> (the LazyConfig whose backbone it builds, yacs options, the classes it needs)
+LSJ = ["INPUT.MAX_SIZE_TRAIN", 1024, "INPUT.MAX_SIZE_TEST", 1024]  # ViTDet's 1024 px squares
 BUILDERS = {
     "build_vit_sfp_backbone": (
         "vitdet/htc_vitdet_b_100ep.py",
-        ["MODEL.FPN.NORM", "LN"],
+        ["MODEL.FPN.NORM", "LN", "MODEL.VIT.SQUARE_PAD", 1024, *LSJ],
         "ViT, SimpleFeaturePyramid",
     ),
     "build_mvit_fpn_backbone": (
         "vitdet/htc_mvitv2_b_in21k_100ep.py",
-        ["MODEL.FPN.NORM", "LN", "MODEL.MVIT.SQUARE_PAD", 1024],
+        ["MODEL.FPN.NORM", "LN", "MODEL.MVIT.SQUARE_PAD", 1024, *LSJ],
         "MViT",
     ),
     "build_swin_fpn_backbone": ("htcpp/htcpp_swin_b_20e.py", [], "SwinTransformer"),
@@ -42,11 +43,11 @@ SMALL = {
     "build_vit_sfp_backbone": [
         "MODEL.VIT.IMG_SIZE", 128, "MODEL.VIT.EMBED_DIM", 64, "MODEL.VIT.DEPTH", 2,
         "MODEL.VIT.NUM_HEADS", 2, "MODEL.VIT.WINDOW_SIZE", 4, "MODEL.VIT.WINDOW_BLOCK_INDEXES",
-        [0], "MODEL.VIT.SQUARE_PAD", 128,
+        [0], "MODEL.VIT.SQUARE_PAD", 128, "INPUT.MAX_SIZE_TRAIN", 128, "INPUT.MAX_SIZE_TEST", 128,
     ],
     "build_mvit_fpn_backbone": [
         "MODEL.MVIT.EMBED_DIM", 16, "MODEL.MVIT.DEPTH", 4, "MODEL.MVIT.LAST_BLOCK_INDEXES",
-        [0, 1, 2, 3], "MODEL.MVIT.SQUARE_PAD", 128,
+        [0, 1, 2, 3], "MODEL.MVIT.SQUARE_PAD", 0,
     ],
     "build_swin_fpn_backbone": [
         "MODEL.SWIN.EMBED_DIM", 16, "MODEL.SWIN.DEPTHS", [1, 1, 1, 1], "MODEL.SWIN.NUM_HEADS",
@@ -97,6 +98,23 @@ def test_small_backbone_trains_a_step_and_infers(builder):
     with torch.no_grad():
         (out,) = model([{"image": batch[0]["image"], "height": 128, "width": 128}])
     assert out["instances"].pred_masks.shape[1:] == (128, 128)
+
+
+@pytest.mark.parametrize("builder", BUILDERS)
+def test_a_square_shorter_than_the_inputs_is_refused(builder):
+    """ViTDet's 1024 px square under yacs inputs of up to 1333 px cropped a lone image silently
+    and failed on a batch (the ViT's default was 1024)."""
+    if not HAS_MODERN_BACKBONES:
+        pytest.skip("this Detectron2 has no ViT/MViT/Swin (v0.6): the test above checks the error")
+    key = {"build_vit_sfp_backbone": "VIT", "build_mvit_fpn_backbone": "MVIT"}.get(builder, "SWIN")
+    cfg = _yacs(builder, *SMALL[builder], f"MODEL.{key}.SQUARE_PAD", 1024)
+    cfg.merge_from_list(["INPUT.MAX_SIZE_TRAIN", 1333, "INPUT.MAX_SIZE_TEST", 128])
+    cfg.merge_from_list(["TEST.AUG.ENABLED", True])
+    longer = r"\{'INPUT.MAX_SIZE_TRAIN': 1333, 'TEST.AUG.MAX_SIZE': 4000\}"
+    with pytest.raises(ValueError, match=rf"{key}.SQUARE_PAD 1024 is shorter .* \({longer}\)"):
+        build_on_meta(cfg)
+    cfg.merge_from_list([f"MODEL.{key}.SQUARE_PAD", 0])
+    build_on_meta(cfg)
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,7 @@ def build_vit_sfp_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
         scale_factors=(4.0, 2.0, 1.0, 0.5),
         top_block=LastLevelMaxPool(),
         norm=cfg.MODEL.FPN.NORM,
-        square_pad=vit.SQUARE_PAD,
+        square_pad=_square_pad(cfg, "VIT"),
     )
 
 
@@ -68,7 +68,7 @@ def build_mvit_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
         use_act_checkpoint=mvit.USE_ACT_CHECKPOINT,
         out_features=("scale2", "scale3", "scale4", "scale5"),
     )
-    return _fpn(cfg, bottom_up, mvit.SQUARE_PAD)
+    return _fpn(cfg, bottom_up, _square_pad(cfg, "MVIT"))
 
 
 @BACKBONE_REGISTRY.register()
@@ -85,7 +85,7 @@ def build_swin_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
         drop_path_rate=swin.DROP_PATH_RATE,
         use_checkpoint=swin.USE_ACT_CHECKPOINT,
     )
-    return _fpn(cfg, bottom_up, swin.SQUARE_PAD)
+    return _fpn(cfg, bottom_up, _square_pad(cfg, "SWIN"))
 
 
 def _fpn(cfg, bottom_up: Backbone, square_pad: int) -> FPN:
@@ -99,3 +99,22 @@ def _fpn(cfg, bottom_up: Backbone, square_pad: int) -> FPN:
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
         square_pad=square_pad,
     )
+
+
+def _square_pad(cfg, key: str) -> int:
+    """``MODEL.<key>.SQUARE_PAD``, refused where an input can be longer: Detectron2's
+    ``ImageList`` would silently crop a lone image to the square and fail on a batch."""
+    pad = cfg.MODEL[key].SQUARE_PAD
+    sizes = {
+        "INPUT.MAX_SIZE_TRAIN": cfg.INPUT.MAX_SIZE_TRAIN,
+        "INPUT.MAX_SIZE_TEST": cfg.INPUT.MAX_SIZE_TEST,
+    }
+    if cfg.TEST.AUG.ENABLED:
+        sizes["TEST.AUG.MAX_SIZE"] = cfg.TEST.AUG.MAX_SIZE
+    longer = {name: size for name, size in sizes.items() if 0 < pad < size}
+    if longer:
+        raise ValueError(
+            f"MODEL.{key}.SQUARE_PAD {pad} is shorter than the inputs can be ({longer}): set it "
+            "to 0 (padding to the backbone's size divisibility) or to the longest input side"
+        )
+    return pad

@@ -114,7 +114,7 @@ def _add_backbone_config(cfg: CN) -> None:
     are the B sizes of Detectron2's ViTDet, MViTv2 and Swin configs."""
     # MODEL.BACKBONE.NAME "build_vit_sfp_backbone": a plain ViT + ViTDet's simple feature pyramid.
     cfg.MODEL.VIT = CN()
-    cfg.MODEL.VIT.IMG_SIZE = 1024  # pretraining image size of its position embedding
+    cfg.MODEL.VIT.IMG_SIZE = 1024  # the input size its global blocks' relative positions span
     cfg.MODEL.VIT.PATCH_SIZE = 16
     cfg.MODEL.VIT.EMBED_DIM = 768
     cfg.MODEL.VIT.DEPTH = 12
@@ -123,7 +123,9 @@ def _add_backbone_config(cfg: CN) -> None:
     cfg.MODEL.VIT.WINDOW_SIZE = 14
     cfg.MODEL.VIT.WINDOW_BLOCK_INDEXES = [0, 1, 3, 4, 6, 7, 9, 10]  # the others: global attention
     cfg.MODEL.VIT.USE_ACT_CHECKPOINT = False
-    cfg.MODEL.VIT.SQUARE_PAD = 1024  # inputs padded to this square (0: to the size divisibility)
+    # Inputs padded to this square, at least their longest side (ViTDet's LSJ recipe: 1024); 0:
+    # to the size divisibility.
+    cfg.MODEL.VIT.SQUARE_PAD = 0
     # "build_mvit_fpn_backbone": MViTv2 + FPN.
     cfg.MODEL.MVIT = CN()
     cfg.MODEL.MVIT.EMBED_DIM = 96
