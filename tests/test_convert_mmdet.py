@@ -109,6 +109,57 @@ def test_cli_refuses_bad_checkpoints(tmp_path, capsys, state, message):
     assert not out.exists()
 
 
+def test_cli_refuses_a_cascade_mask_rcnn_checkpoint(tmp_path, capsys):
+    """MMDetection's Cascade Mask R-CNN is HTC without semantic less the later heads' conv_res:
+    it converted as a proven family, and loaded with the information flow at random."""
+    state = state_of("htc-without-semantic_r50_fpn_1x_coco")
+    state = {k: v for k, v in state.items() if ".conv_res." not in k}
+    out = tmp_path / "out.pth"
+    assert main([str(_save(tmp_path, state)), str(out)]) == 1
+    assert "is a Cascade Mask R-CNN checkpoint, not HTC's" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "content, kind",
+    [(b"", "empty"), (b"notes, not weights\n", "text"), (None, "the first half of a checkpoint")],
+)
+def test_cli_names_a_file_that_is_no_checkpoint(tmp_path, capsys, content, kind):
+    """An empty, a text or a half-written file ended in a traceback (EOFError, KeyError,
+    OSError), not the CLI's error line."""
+    path = _save(tmp_path, state_of("htc_r50_fpn_1x_coco"))
+    if content is None:
+        content = path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(content)
+    assert main([str(path), str(tmp_path / "out.pth")]) == 1, kind
+    assert f"error: {path} is not a complete PyTorch checkpoint" in capsys.readouterr().err
+
+
+def test_cli_fits_a_lazy_config(tmp_path, capsys):
+    """--config takes the LazyConfig (.py) configs as the yacs ones (it crashed on them)."""
+    src = _save(tmp_path, state_of("htc_r50_fpn_1x_coco"))
+    lazy = str(CONFIGS / "htc_R_50_FPN_1x.py")
+    assert main([str(src), str(tmp_path / "out.pth"), "--config", lazy]) == 0
+    wrong = _save(tmp_path, state_of("htc-without-semantic_r50_fpn_1x_coco"), "wrong.pth")
+    assert main([str(wrong), str(tmp_path / "wrong_out.pth"), "--config", lazy]) == 1
+    assert "missing for the model: ['semantic_head." in capsys.readouterr().err
+
+
+def test_an_interrupted_write_leaves_no_output(tmp_path, monkeypatch):
+    """The converted checkpoint appears only whole (atomic_open), as training's do."""
+
+    def interrupted(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    src = tmp_path / "in.pth"
+    torch.serialization.save({"state_dict": state_of("htc-without-semantic_r50_fpn_1x_coco")}, src)
+    with pytest.raises(OSError, match="no space left"):
+        main([str(src), str(tmp_path / "out.pth")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pth"]
+
+
 def test_cli_refuses_shape_mismatch_and_missing(tmp_path, capsys):
     state = state_of("htc_r50_fpn_1x_coco")
     state["roi_head.bbox_head.0.fc_cls.weight"] = torch.zeros(11, 1024)  # 10 classes

@@ -11,10 +11,13 @@ import argparse
 import pickle
 import re
 import sys
+import zipfile
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from .checkpoint import atomic_open
 
 
 def _res(m: re.Match) -> str:
@@ -120,6 +123,10 @@ def rename(key: str) -> Optional[str]:
 
 def load_mmdet_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """The ``state_dict`` of an mmcv checkpoint, loaded with ``weights_only=True``."""
+    with open(path, "rb") as f:
+        pickled = f.read(1) == b"\x80"  # torch's format before 1.6: a pickle
+    if not (pickled or zipfile.is_zipfile(path)):
+        raise ConversionError(f"{path} is not a complete PyTorch checkpoint (no zip, no pickle)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -128,9 +135,16 @@ def load_mmdet_state_dict(path: str) -> Dict[str, torch.Tensor]:
             f"(weights_only=True): {str(e).splitlines()[0]}. A checkpoint with training state can "
             "be reduced to its weights with MMDetection's tools/model_converters/publish_model.py"
         ) from e
+    except (RuntimeError, EOFError, KeyError, ValueError) as e:
+        raise ConversionError(f"{path} is not a complete PyTorch checkpoint: {e!r}") from e
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not state:
         raise ConversionError(f"{path}: no state_dict of tensors found")
+    if _cascade_mask_heads(state):
+        raise ConversionError(
+            f"{path} is a Cascade Mask R-CNN checkpoint, not HTC's: its later mask heads have no "
+            "conv_res (the mask information flow), which would stay at random in HTC"
+        )
     if any(LEGACY_1X.match(k) for k in state):
         raise ConversionError(
             f"{path} is an MMDetection 1.x (2019) HTC checkpoint: its weights follow the legacy "
@@ -138,6 +152,13 @@ def load_mmdet_state_dict(path: str) -> Dict[str, torch.Tensor]:
             "and are not supported; use the v2.0 (2020) checkpoints of the model zoo"
         )
     return state
+
+
+def _cascade_mask_heads(state: Dict[str, torch.Tensor]) -> bool:
+    """Whether ``state`` has mask heads of later stages without HTC's ``conv_res``."""
+    later = {k.split(".")[2] for k in state if re.match(r"roi_head\.mask_head\.[12]\.", k)}
+    flow = {k.split(".")[2] for k in state if re.match(r"roi_head\.mask_head\.[12]\.conv_res\.", k)}
+    return bool(later - flow)
 
 
 def convert(state: Dict[str, torch.Tensor]) -> Tuple["OrderedDict[str, torch.Tensor]", List]:
@@ -182,19 +203,28 @@ def family_of(state: Dict[str, torch.Tensor]) -> str:
     return f"{family}, {heads} box heads"
 
 
-def check_against_model(converted: Dict[str, torch.Tensor], config_file: str) -> None:
-    """Refuse unless ``converted`` fills the model of ``config_file`` exactly."""
-    from detectron2.config import get_cfg
+def _model_state(config_file: str) -> Dict[str, torch.Tensor]:
+    """The state dict of the model of ``config_file``, a yacs (.yaml) or LazyConfig (.py) config,
+    on the meta device (names and shapes: nothing allocated or initialised)."""
+    from detectron2.config import LazyConfig, get_cfg, instantiate
     from detectron2.modeling import build_model
 
     from .config import add_htc_config
 
+    if config_file.endswith(".py"):
+        with torch.device("meta"):
+            return instantiate(LazyConfig.load(config_file).model).state_dict()
     cfg = get_cfg()
     add_htc_config(cfg)
     cfg.merge_from_file(config_file)
-    cfg.MODEL.DEVICE = "meta"  # names and shapes: nothing allocated or initialised
+    cfg.MODEL.DEVICE = "meta"
     with torch.device("meta"):
-        expected = build_model(cfg).state_dict()
+        return build_model(cfg).state_dict()
+
+
+def check_against_model(converted: Dict[str, torch.Tensor], config_file: str) -> None:
+    """Refuse unless ``converted`` fills the model of ``config_file`` exactly."""
+    expected = _model_state(config_file)
     missing = [k for k in expected if k not in converted]
     unexpected = [k for k in converted if k not in expected]
     shapes = [
@@ -238,7 +268,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for old, new, shape in rows:
         print(f"{old:<{width}}  ->  {new}  {list(shape)}")
     print(f"{len(rows)} tensors mapped")
-    torch.save({"model": converted, "__author__": "htc-detectron2 convert_mmdet"}, args.output)
+    with atomic_open(args.output, "wb") as f:
+        torch.save({"model": converted, "__author__": "htc-detectron2 convert_mmdet"}, f)
     print(f"wrote {args.output}")
     return 0
 

@@ -12,10 +12,13 @@ layers that do not fit (the semantic branch's classes) are left to that setting 
 """
 
 import argparse
+import pickle
 from typing import Dict, List, Optional, Sequence
 
 import torch
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES, _get_builtin_metadata
+
+from .checkpoint import atomic_open
 
 COCO_THINGS = [c["name"] for c in COCO_CATEGORIES if c["isthing"]]
 TARGETS = ("cityscapes",)  # Detectron2's metadata names their classes
@@ -63,13 +66,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("input", help="an HTC checkpoint on COCO's 80 classes (.pth)")
     parser.add_argument("output", help="where to write the remapped checkpoint")
     args = parser.parse_args(argv)
-    checkpoint = torch.load(args.input, map_location="cpu", weights_only=False)
+    try:
+        checkpoint = torch.load(args.input, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        parser.error(
+            f"{args.input}: refusing to unpickle objects other than tensors and plain containers "
+            f"(weights_only=True): {str(e).splitlines()[0]}. Keep its weights alone, if you trust "
+            "the file: torch.save({'model': torch.load(IN, weights_only=False)['model']}, OUT)"
+        )
     model = checkpoint.get("model", checkpoint)
     classes = class_count(model)
     if classes != len(COCO_THINGS):  # another dataset's, or remapped already
         parser.error(f"{args.input} has {classes} classes, not COCO's 80")
     sources = coco_sources(args.to)
-    torch.save({"model": remap_class_rows(model, sources)}, args.output)
+    with atomic_open(args.output, "wb") as f:
+        torch.save({"model": remap_class_rows(model, sources)}, f)
     print(f"{args.output}: class layers of {args.to} ({len(sources)} classes) from COCO's")
     return 0
 
