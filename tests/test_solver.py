@@ -50,6 +50,25 @@ def test_adamw_with_its_parameter_groups():
     }
 
 
+def test_sgd_without_weight_decay_where_named():
+    """SOLVER.ZERO_WEIGHT_DECAY under SGD (Detectron2's builder takes no overrides: it was
+    ignored); otherwise the SGD of Detectron2's builder, group for group."""
+    cfg = tiny_cfg()
+    cfg.merge_from_list(
+        ["SOLVER.WEIGHT_DECAY", 0.05, "SOLVER.WEIGHT_DECAY_NORM", 0.0, "SOLVER.MOMENTUM", 0.8,
+         "SOLVER.NESTEROV", True, "SOLVER.CLIP_GRADIENTS.ENABLED", True]
+    )  # fmt: skip
+    model = _Toy()
+    plain = build_optimizer(cfg, model)
+    cfg.SOLVER.ZERO_WEIGHT_DECAY = ["pos_embed"]
+    optimizer = build_optimizer(cfg, model)
+    assert isinstance(optimizer, torch.optim.SGD) and type(optimizer) is not torch.optim.SGD
+    assert _decay_of(optimizer, model) == dict(_decay_of(plain, model), pos_embed=0.0)
+    assert _decay_of(plain, model)["pos_embed"] == 0.05
+    for group in optimizer.param_groups:
+        assert (group["lr"], group["momentum"], group["nesterov"]) == (0.02, 0.8, True)
+
+
 def test_unknown_optimizer_is_refused():
     cfg = tiny_cfg()
     cfg.SOLVER.OPTIMIZER = "Adam"

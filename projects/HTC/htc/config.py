@@ -87,8 +87,9 @@ def add_htc_config(cfg: CN) -> None:
     cfg.MODEL.SEM_SEG_HEAD.NUM_CONVS = 4
     cfg.MODEL.SEM_SEG_HEAD.EMBED_DIM = 256
     _add_backbone_config(cfg)
-    # "SGD" (Detectron2's) or "AdamW" (betas BETAS; the same parameter groups and clipping; no
-    # weight decay on the parameters whose own names are in ZERO_WEIGHT_DECAY): htc/solver.py.
+    # "SGD" (Detectron2's) or "AdamW" (betas BETAS; the same parameter groups and clipping); with
+    # either, no weight decay on the parameters whose own names are in ZERO_WEIGHT_DECAY
+    # (htc/solver.py).
     cfg.SOLVER.OPTIMIZER = "SGD"
     cfg.SOLVER.BETAS = (0.9, 0.999)
     cfg.SOLVER.ZERO_WEIGHT_DECAY = []
