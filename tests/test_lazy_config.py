@@ -14,6 +14,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import detectron2.data.transforms as T
 import numpy as np
 import pytest
 import torch
@@ -347,9 +348,9 @@ def _trained_keys() -> set:
 
 @pytest.mark.parametrize("name", MODERN)
 def test_modern_backbone_config_counts_its_parameters(name):
-    """With Detectron2's main branch: the config's parameter count and schedule, and its small
-    variant is one that the next test trains. On v0.6: loading it fails at once, naming the
-    missing classes and the Detectron2 it needs."""
+    """With Detectron2's main branch: the config's parameter count, schedule and LSJ padding,
+    and its small variant is one that the next test trains. On v0.6: loading it fails at once,
+    naming the missing classes and the Detectron2 it needs."""
     count, needs, _ = MODERN[name]
     if needs and not HAS_MODERN_BACKBONES:
         with pytest.raises(ImportError, match=f"{needs}.*v0.6 release"):
@@ -361,6 +362,9 @@ def test_modern_backbone_config_counts_its_parameters(name):
     schedule = next(v for k, v in MAX_ITER.items() if name.endswith(f"{k}.py"))
     assert cfg.train.max_iter == schedule
     assert max(cfg.lr_multiplier.scheduler.milestones) <= schedule
+    crops = [a for a in cfg.dataloader.train.mapper.augmentations if a._target_ is T.FixedSizeCrop]
+    for crop in crops:  # LSJ: ViTDet's backbone pads its square, the MViTv2 project's crop does
+        assert crop.pad == name.startswith("mvitv2/")
     semantic = "without_semantic" not in name
     assert ("semantic_head" in cfg.model) == semantic
     if not semantic:

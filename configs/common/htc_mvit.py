@@ -5,6 +5,7 @@ heads, made HTC; and the MViTv2 sizes those configs use."""
 
 from functools import partial
 
+import detectron2.data.transforms as T
 import torch.nn as nn
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
@@ -57,3 +58,13 @@ def mvit_htc(size: str, norm):
     model.proposal_generator.head.conv_dims = [-1, -1]  # 2 convs
     model.roi_heads.box_head.update(conv_dims=[256] * 4, fc_dims=[1024], conv_norm=norm)
     return to_htc(model, mask_norm=norm)
+
+
+def project_lsj(dataloader) -> None:
+    """The MViTv2 project's LSJ data (its coco_loader_lsj), in place, from ViTDet's: the crop
+    padded to its 1024 px square (the project's FPN pads no square, ViTDet's backbone does), and
+    testing as the project's other configs (short side 800, long side <= 1333)."""
+    dataloader.train.mapper.augmentations[2].pad = True
+    dataloader.test.mapper.augmentations = [
+        L(T.ResizeShortestEdge)(short_edge_length=800, max_size=1333)
+    ]

@@ -3,8 +3,9 @@
 4conv1fc box heads without norm, training at short side 400-1400 (long side <= 1600), testing at
 1400, linear Soft-NMS at 0.5 from score 0.001, AdamW (lr 1e-4, weight decay 0.05, none on norms
 and biases) over 16 images per iteration, 36 epochs with lr x0.1 at 27 and 33. Left out of that
-recipe: its BEiT-Adapter backbone and layer-wise lr decay (a ViT's), InstaBoost and the extra
-global attention neck (ExtraAttention).
+recipe: its BEiT-Adapter backbone and layer-wise lr decay (a ViT's), InstaBoost, the extra
+global attention neck (ExtraAttention) and Soft-NMS among the RPN's proposals (Detectron2's RPN
+keeps hard NMS at 0.7).
 
     .venv/bin/python lazyconfig_train_net.py --config-file configs/htcpp/htcpp_R_50_FPN_3x.py
 """

@@ -4,16 +4,11 @@ MViTv2-H (80 blocks, width 192, 3 heads, stages ending at 3, 11, 71, 79, drop pa
 activation checkpointing) and LSJ at 1024 (64 images per iteration); the 3x schedule and AdamW
 lr 1.6e-4 kept."""
 
-import detectron2.data.transforms as T
-from detectron2.config import LazyCall as L
-
 from ..common.htc_lsj_100ep import dataloader
-from ..common.htc_mvit import MVITV2
+from ..common.htc_mvit import MVITV2, project_lsj
 from .htc_mvitv2_b_3x import lr_multiplier, model, optimizer, train  # noqa: F401
 
 model.backbone.bottom_up.update(**MVITV2["H"])
-dataloader.test.mapper.augmentations = [  # the project's LSJ configs test as its others
-    L(T.ResizeShortestEdge)(short_edge_length=800, max_size=1333)
-]
+project_lsj(dataloader)
 train.init_checkpoint = "detectron2://ImageNetPretrained/mvitv2/MViTv2_H_in21k.pyth"
 train.output_dir = "./output/htc_mvitv2_h_in21k_lsj_3x"

@@ -4,19 +4,16 @@ htc_mvitv2_b_3x.py with MViTv2-L (48 blocks, width 144, 2 heads, stages ending a
 drop path 0.5), LSJ at 1024 (64 images per iteration), 50 epochs (92,187 iterations, steps at
 81,944 and 88,773) and AdamW lr 1e-4."""
 
-import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from ..common.htc_lsj_100ep import dataloader
-from ..common.htc_mvit import MVITV2
+from ..common.htc_mvit import MVITV2, project_lsj
 from .htc_mvitv2_b_3x import model, optimizer, train
 
 model.backbone.bottom_up.update(**MVITV2["L"])
-dataloader.test.mapper.augmentations = [  # the project's LSJ configs test as its others
-    L(T.ResizeShortestEdge)(short_edge_length=800, max_size=1333)
-]
+project_lsj(dataloader)
 train.init_checkpoint = "detectron2://ImageNetPretrained/mvitv2/MViTv2_L_in21k.pyth"
 train.output_dir = "./output/htc_mvitv2_l_in21k_lsj_50ep"
 train.max_iter = 184375 // 2
