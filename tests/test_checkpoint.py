@@ -2,6 +2,9 @@
 tests/test_resume.py)."""
 
 import logging
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -27,6 +30,22 @@ def test_interrupted_write_keeps_the_previous_file(tmp_path):
     with atomic_open(str(path), "wb") as f:
         f.write(b"new")
     assert path.read_bytes() == b"new"
+
+
+def test_writes_of_killed_processes_are_removed_at_the_next_start(tmp_path):
+    """A SIGKILL mid-write leaves atomic_open's temporary file (no cleanup runs); the next
+    checkpointer of the folder removes those of processes that no longer run, and no other."""
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()
+    orphan = tmp_path / f"model_0000999.pth.tmp.{ended.pid}"
+    live = tmp_path / f"model_0001999.pth.tmp.{os.getpid()}"
+    kept = [live, tmp_path / "model_0000499.pth", tmp_path / "notes.tmp.txt"]
+    for path in [orphan, *kept]:
+        path.write_bytes(b"x")
+    HTCCheckpointer(torch.nn.Linear(1, 1), save_dir=str(tmp_path), save_to_disk=False)
+    assert orphan.exists()  # only the process that saves cleans up
+    HTCCheckpointer(torch.nn.Linear(1, 1), save_dir=str(tmp_path))
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
 
 
 def _model(**opts):

@@ -7,11 +7,15 @@ for writing appear under its name only once completely written (temporary file, 
 """
 
 import contextlib
+import glob
+import logging
 import os
 from typing import Any, Callable, Iterator
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -27,6 +31,27 @@ def atomic_open(path: str, mode: str) -> Iterator[Any]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_orphaned_writes(folder: str) -> None:
+    """The temporary files of :func:`atomic_open` in ``folder`` whose writer no longer runs on
+    this machine, removed: a SIGKILL mid-write (a preemption) runs no cleanup, and each is up to a
+    checkpoint's size."""
+    for path in glob.glob(os.path.join(glob.escape(folder), "*.tmp.*")):
+        pid = path.rsplit(".", 1)[1]
+        if pid.isdigit() and not _running(int(pid)):
+            logger.info(f"Removing {path}, the write of a process that was killed")
+            os.remove(path)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 class AtomicWrites:
@@ -54,6 +79,8 @@ class HTCCheckpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, **kwargs)
         self.skip_mismatched = skip_mismatched
         self.path_manager = AtomicWrites(self.path_manager)
+        if self.save_to_disk and save_dir:
+            remove_orphaned_writes(save_dir)
 
     def _load_model(self, checkpoint: Any):
         if not checkpoint.get("matching_heuristics", False):  # those names are matched later
