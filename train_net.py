@@ -30,7 +30,7 @@ from htc.data import register_builtin
 from htc.data.checks import check_mask_format, check_thing_classes
 from htc.data.resumable import build_resumable_train_loader
 from htc.distributed import argument_parser, cpu_capable_ddp, launch_from_args
-from htc.evaluation import build_evaluators
+from htc.evaluation import build_evaluators, check_mask_output
 from htc.panoptic import class_to_stuff
 from htc.resume import ExactResume, kept_rngs
 from htc.slurm import PreemptionHook, add_slurm_arguments, submit
@@ -183,6 +183,8 @@ def setup(args):
 
 def main(args):
     cfg = setup(args)
+    for name in cfg.DATASETS.TEST:  # before training: its evaluation comes at the end
+        check_mask_output(cfg, name)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         HTCCheckpointer(

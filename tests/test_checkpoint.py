@@ -3,8 +3,8 @@ tests/test_resume.py)."""
 
 import logging
 import os
-import subprocess
-import sys
+import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,20 +32,25 @@ def test_interrupted_write_keeps_the_previous_file(tmp_path):
     assert path.read_bytes() == b"new"
 
 
-def test_writes_of_killed_processes_are_removed_at_the_next_start(tmp_path):
-    """A SIGKILL mid-write leaves atomic_open's temporary file (no cleanup runs); the next
-    checkpointer of the folder removes those of processes that no longer run, and no other."""
-    ended = subprocess.Popen([sys.executable, "-c", ""])
-    ended.wait()
-    orphan = tmp_path / f"model_0000999.pth.tmp.{ended.pid}"
-    live = tmp_path / f"model_0001999.pth.tmp.{os.getpid()}"
-    kept = [live, tmp_path / "model_0000499.pth", tmp_path / "notes.tmp.txt"]
+def test_writes_of_killed_processes_are_removed_by_the_next_save(tmp_path):
+    """A SIGKILL mid-write leaves atomic_open's temporary file (no cleanup runs); a training's next
+    save removes those of this machine's processes that no longer run, and nothing else (a
+    checkpointer that only loads, as --eval-only's beside a running training, removes nothing)."""
+    host, pid_max = socket.gethostname(), int(Path("/proc/sys/kernel/pid_max").read_text())
+    orphan = tmp_path / f"model_0000999.pth.tmp.{host}.{pid_max}"  # no process has this pid
+    kept = [
+        tmp_path / f"model_0001999.pth.tmp.{host}.{os.getpid()}",  # a write in progress
+        tmp_path / f"model_0001999.pth.tmp.another-{host}.{pid_max}",  # another machine's
+        tmp_path / "train_log.tmp.20261207",  # not atomic_open's
+    ]
     for path in [orphan, *kept]:
         path.write_bytes(b"x")
-    HTCCheckpointer(torch.nn.Linear(1, 1), save_dir=str(tmp_path), save_to_disk=False)
-    assert orphan.exists()  # only the process that saves cleans up
-    HTCCheckpointer(torch.nn.Linear(1, 1), save_dir=str(tmp_path))
-    assert sorted(tmp_path.iterdir()) == sorted(kept)
+    checkpointer = HTCCheckpointer(torch.nn.Linear(1, 1), save_dir=str(tmp_path))
+    checkpointer.resume_or_load("", resume=True)
+    assert orphan.exists()
+    checkpointer.save("model_0002999")
+    assert sorted(tmp_path.iterdir()) == sorted([*kept, tmp_path / "model_0002999.pth",
+                                                 tmp_path / "last_checkpoint"])  # fmt: skip
 
 
 def _model(**opts):

@@ -10,6 +10,7 @@ import torch
 from conftest import CONFIGS, ROOT, dev_parity_module
 from htc.convert_mmdet import PROVEN_FAMILIES, check_against_model, convert, family_of, main
 
+WITHOUT_SEMANTIC = "htc-without-semantic_r50_fpn_1x_coco"
 KEYS = json.loads((ROOT / "tests/fixtures/mmdet_htc_keys.json").read_text())
 PAIRS = {
     "htc_r50_fpn_1x_coco": "htc_R_50_FPN_1x.yaml",
@@ -111,13 +112,17 @@ def test_cli_refuses_bad_checkpoints(tmp_path, capsys, state, message):
 
 def test_cli_refuses_a_cascade_mask_rcnn_checkpoint(tmp_path, capsys):
     """MMDetection's Cascade Mask R-CNN is HTC without semantic less the later heads' conv_res:
-    it converted as a proven family, and loaded with the information flow at random."""
-    state = state_of("htc-without-semantic_r50_fpn_1x_coco")
-    state = {k: v for k, v in state.items() if ".conv_res." not in k}
-    out = tmp_path / "out.pth"
-    assert main([str(_save(tmp_path, state)), str(out)]) == 1
+    it converted as a proven family, and loaded with the information flow at random; refused
+    unless --config names the model it fits."""
+    state = {k: v for k, v in state_of(WITHOUT_SEMANTIC).items() if ".conv_res." not in k}
+    out, src = tmp_path / "out.pth", str(_save(tmp_path, state))
+    assert main([src, str(out)]) == 1
     assert "is a Cascade Mask R-CNN checkpoint, not HTC's" in capsys.readouterr().err
+    assert main([src, str(out), "--config", str(CONFIGS / PAIRS[WITHOUT_SEMANTIC])]) == 1
+    assert "missing for the model: ['roi_heads.mask_head.1.res_conv" in capsys.readouterr().err
     assert not out.exists()
+    cascade = str(CONFIGS / "ablations/cascade_mask_rcnn_R_50_FPN_1x.yaml")
+    assert main([src, str(out), "--config", cascade]) == 0  # the model it is for
 
 
 @pytest.mark.parametrize(

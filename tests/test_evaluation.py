@@ -5,6 +5,7 @@ machine without it get pycocotools'. Which evaluators a model's outputs get."""
 import json
 import logging
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -17,6 +18,7 @@ from detectron2.structures import Boxes, BoxMode, Instances
 from pycocotools.cocoeval import COCOeval
 
 import htc.evaluation
+import train_net  # the repository root is on sys.path (conftest)
 from conftest import tiny_cfg
 from htc.evaluation import HTCCOCOEvaluator, build_evaluators, coco_eval_class
 
@@ -153,9 +155,10 @@ def test_rle_masks_are_scored_as_pasted_masks(dataset, without_detectron2_cocoev
     assert results[1].keys() == {"bbox", "segm"} and results[1] == results[0]
 
 
-def test_outputs_the_model_does_not_give_are_not_evaluated(dataset, caplog):
+def test_outputs_the_model_does_not_give_are_not_evaluated(dataset, caplog, monkeypatch):
     """MODEL.HTC.SEMANTIC_OUTPUT False: no mIoU (its evaluator failed on the missing sem_seg at
-    the first image); Cityscapes' instance evaluation, which reads pasted masks, refuses RLEs."""
+    the first image); Cityscapes' instance evaluation, which reads pasted masks, refuses RLEs,
+    and train_net.py does so before it trains."""
     name, _ = dataset
     MetadataCatalog.get(name).set(sem_seg_root="maps")
     cfg = tiny_cfg()
@@ -164,7 +167,15 @@ def test_outputs_the_model_does_not_give_are_not_evaluated(dataset, caplog):
         assert [type(e) for e in build_evaluators(cfg, name)] == [HTCCOCOEvaluator]
     assert f"{name}: no mIoU, the model outputs no sem_seg (SEMANTIC_OUTPUT False)" in caplog.text
     cityscapes = MetadataCatalog.get(f"{name}_cityscapes").set(evaluator_type="cityscapes_htc")
-    cfg.MODEL.HTC.MASK_OUTPUT = "rle"
-    with pytest.raises(ValueError, match="reads pasted masks: evaluate with MODEL.HTC.MASK_OUTPUT"):
-        build_evaluators(cfg, cityscapes.name)
-    MetadataCatalog.remove(cityscapes.name)
+    try:
+        cfg.MODEL.HTC.MASK_OUTPUT = "rle"
+        refused = "reads pasted masks: evaluate with MODEL.HTC.MASK_OUTPUT bitmask"
+        with pytest.raises(ValueError, match=refused):
+            build_evaluators(cfg, cityscapes.name)
+        cfg.DATASETS.TEST = (cityscapes.name,)
+        monkeypatch.setattr(train_net, "setup", lambda args: cfg)
+        monkeypatch.setattr(train_net, "Trainer", None)  # nothing built, nothing trained
+        with pytest.raises(ValueError, match=refused):
+            train_net.main(SimpleNamespace(eval_only=False))
+    finally:
+        MetadataCatalog.remove(cityscapes.name)

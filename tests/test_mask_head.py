@@ -69,7 +69,7 @@ def test_chain_passes_the_feature_to_the_next_stage(heads):
         heads[0].chain(_rois(), feat)
 
 
-@pytest.mark.parametrize("norm", ["", "GN", "LN"])
+@pytest.mark.parametrize("norm", ["", "GN", "BN"])
 def test_information_flow_conv_takes_the_heads_norm(norm):
     """The reference's conv_res is a ConvModule of the head's norm_cfg: a 1x1 conv (with a bias
     only without a norm), the norm, a ReLU."""

@@ -21,7 +21,7 @@ def build_vit_sfp_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     """A plain ViT (``MODEL.VIT``) and ViTDet's simple feature pyramid (p2-p6 from its last
     feature at scales 4, 2, 1, 1/2), as Detectron2's ``common/models/mask_rcnn_vitdet.py``."""
     ViT, SimpleFeaturePyramid = require_detectron2("ViT", "SimpleFeaturePyramid")
-    vit = cfg.MODEL.VIT
+    vit, square_pad = cfg.MODEL.VIT, _square_pad(cfg, "VIT")  # refused before a large build
     net = ViT(
         img_size=vit.IMG_SIZE,
         patch_size=vit.PATCH_SIZE,
@@ -47,7 +47,7 @@ def build_vit_sfp_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
         scale_factors=(4.0, 2.0, 1.0, 0.5),
         top_block=LastLevelMaxPool(),
         norm=cfg.MODEL.FPN.NORM,
-        square_pad=_square_pad(cfg, "VIT"),
+        square_pad=square_pad,
     )
 
 
@@ -55,7 +55,7 @@ def build_vit_sfp_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
 def build_mvit_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     """MViTv2 (``MODEL.MVIT``) with an FPN over its 4 scales, as Detectron2's MViTv2 configs."""
     (MViT,) = require_detectron2("MViT")
-    mvit = cfg.MODEL.MVIT
+    mvit, square_pad = cfg.MODEL.MVIT, _square_pad(cfg, "MVIT")
     bottom_up = MViT(
         in_chans=input_shape.channels,
         embed_dim=mvit.EMBED_DIM,
@@ -68,14 +68,14 @@ def build_mvit_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
         use_act_checkpoint=mvit.USE_ACT_CHECKPOINT,
         out_features=("scale2", "scale3", "scale4", "scale5"),
     )
-    return _fpn(cfg, bottom_up, _square_pad(cfg, "MVIT"))
+    return _fpn(cfg, bottom_up, square_pad)
 
 
 @BACKBONE_REGISTRY.register()
 def build_swin_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     """Swin Transformer (``MODEL.SWIN``) with an FPN over its 4 stages."""
     (SwinTransformer,) = require_detectron2("SwinTransformer")
-    swin = cfg.MODEL.SWIN
+    swin, square_pad = cfg.MODEL.SWIN, _square_pad(cfg, "SWIN")
     bottom_up = SwinTransformer(
         in_chans=input_shape.channels,
         embed_dim=swin.EMBED_DIM,
@@ -85,7 +85,7 @@ def build_swin_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
         drop_path_rate=swin.DROP_PATH_RATE,
         use_checkpoint=swin.USE_ACT_CHECKPOINT,
     )
-    return _fpn(cfg, bottom_up, _square_pad(cfg, "SWIN"))
+    return _fpn(cfg, bottom_up, square_pad)
 
 
 def _fpn(cfg, bottom_up: Backbone, square_pad: int) -> FPN:

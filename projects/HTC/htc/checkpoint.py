@@ -10,18 +10,22 @@ import contextlib
 import glob
 import logging
 import os
+import socket
 from typing import Any, Callable, Iterator
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 logger = logging.getLogger(__name__)
+# what atomic_open puts between a file's name and its writer's pid: the machine, whose processes
+# alone this one can tell running or not
+_TEMPORARY = f".tmp.{socket.gethostname()}."
 
 
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str) -> Iterator[Any]:
     """Like ``open(path, mode)`` for writing, but ``path`` changes only if the block succeeds."""
-    tmp = f"{path}.tmp.{os.getpid()}"
+    tmp = f"{path}{_TEMPORARY}{os.getpid()}"
     try:
         with open(tmp, mode) as f:
             yield f
@@ -34,14 +38,15 @@ def atomic_open(path: str, mode: str) -> Iterator[Any]:
 
 
 def remove_orphaned_writes(folder: str) -> None:
-    """The temporary files of :func:`atomic_open` in ``folder`` whose writer no longer runs on
-    this machine, removed: a SIGKILL mid-write (a preemption) runs no cleanup, and each is up to a
-    checkpoint's size."""
-    for path in glob.glob(os.path.join(glob.escape(folder), "*.tmp.*")):
-        pid = path.rsplit(".", 1)[1]
+    """The temporary files of :func:`atomic_open` in ``folder`` whose writer, a process of this
+    machine, no longer runs: a SIGKILL mid-write (a preemption) runs no cleanup, and each is up
+    to a checkpoint's size."""
+    for path in glob.glob(os.path.join(glob.escape(folder), f"*{glob.escape(_TEMPORARY)}*")):
+        pid = path.rsplit(_TEMPORARY, 1)[1]
         if pid.isdigit() and not _running(int(pid)):
             logger.info(f"Removing {path}, the write of a process that was killed")
-            os.remove(path)
+            with contextlib.suppress(OSError):
+                os.remove(path)
 
 
 def _running(pid: int) -> bool:
@@ -79,8 +84,14 @@ class HTCCheckpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, **kwargs)
         self.skip_mismatched = skip_mismatched
         self.path_manager = AtomicWrites(self.path_manager)
-        if self.save_to_disk and save_dir:
-            remove_orphaned_writes(save_dir)
+
+    def save(self, name: str, **kwargs) -> None:
+        """The parent's, then the writes of this folder that a killed process left behind removed
+        (by a training's checkpointer only: one that only loads, as ``--eval-only``'s, may share
+        the folder with a training that is writing)."""
+        super().save(name, **kwargs)
+        if self.save_to_disk:
+            remove_orphaned_writes(self.save_dir)
 
     def _load_model(self, checkpoint: Any):
         if not checkpoint.get("matching_heuristics", False):  # those names are matched later

@@ -140,11 +140,6 @@ def load_mmdet_state_dict(path: str) -> Dict[str, torch.Tensor]:
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not state:
         raise ConversionError(f"{path}: no state_dict of tensors found")
-    if _cascade_mask_heads(state):
-        raise ConversionError(
-            f"{path} is a Cascade Mask R-CNN checkpoint, not HTC's: its later mask heads have no "
-            "conv_res (the mask information flow), which would stay at random in HTC"
-        )
     if any(LEGACY_1X.match(k) for k in state):
         raise ConversionError(
             f"{path} is an MMDetection 1.x (2019) HTC checkpoint: its weights follow the legacy "
@@ -254,6 +249,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         converted, rows = convert(state)
         if args.config:
             check_against_model(converted, args.config)
+        elif _cascade_mask_heads(state):
+            raise ConversionError(
+                f"{args.input} is a Cascade Mask R-CNN checkpoint, not HTC's: its later mask "
+                "heads have no conv_res (the mask information flow), which would stay at random "
+                "in HTC. Give the model it is for with --config (e.g. "
+                "configs/ablations/cascade_mask_rcnn_R_50_FPN_1x.yaml)"
+            )
     except (ConversionError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

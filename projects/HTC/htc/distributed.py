@@ -55,17 +55,18 @@ def launch(
         # process's connection in the seconds before the workers bind it.
         with tempfile.TemporaryDirectory(prefix="htc-rendezvous-") as folder:
             url = f"file://{folder}/store"
-            _cpu_launch((main_func, world_size, num_processes_per_machine, 0, url, args, timeout))
+            worker_args = (main_func, world_size, num_processes_per_machine, 0, url, args, timeout)
+            _cpu_launch(num_processes_per_machine, worker_args)
         return
-    _cpu_launch(
-        (main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args, timeout)
-    )
+    worker_args = (
+        main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args, timeout,
+    )  # fmt: skip
+    _cpu_launch(num_processes_per_machine, worker_args)
 
 
-def _cpu_launch(worker_args: tuple) -> None:
-    """This machine's gloo workers of ``_cpu_worker(local_rank, *worker_args)``: spawned, or
-    run in this process where the machine has one."""
-    per_machine = worker_args[2]
+def _cpu_launch(per_machine: int, worker_args: tuple) -> None:
+    """This machine's ``per_machine`` gloo workers ``_cpu_worker(local_rank, *worker_args)``:
+    spawned, or run in this process where the machine has one."""
     if per_machine == 1:
         try:
             _cpu_worker(0, *worker_args)

@@ -45,12 +45,8 @@ def build_evaluators(
     meta = MetadataCatalog.get(dataset_name)
     kind = meta.get("evaluator_type", "coco")
     semantic = _scores_semantic(cfg, meta) and not instances_only
+    check_mask_output(cfg, dataset_name)
     if kind in CITYSCAPES_KINDS:
-        if cfg.MODEL.HTC.MASK_OUTPUT != "bitmask":
-            raise ValueError(
-                f"Cityscapes' instance evaluation of {dataset_name!r} reads pasted masks: "
-                "evaluate with MODEL.HTC.MASK_OUTPUT bitmask"
-            )
         alias_cityscapesscripts()
         evaluators: List[DatasetEvaluator] = [HTCCityscapesInstanceEvaluator(dataset_name)]
         if semantic:
@@ -67,6 +63,17 @@ def build_evaluators(
     if cfg.MODEL.HTC.PANOPTIC_ON and meta.get("panoptic_json") and not instances_only:
         evaluators.append(panoptic_evaluator(dataset_name, output_dir))
     return evaluators
+
+
+def check_mask_output(cfg, dataset_name: str) -> None:
+    """Refuse masks as RLEs (MODEL.HTC.MASK_OUTPUT rle) for Cityscapes' instance evaluation of
+    ``dataset_name``, which reads pasted masks (train_net.py checks before it trains)."""
+    kind = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
+    if kind in CITYSCAPES_KINDS and cfg.MODEL.HTC.MASK_OUTPUT != "bitmask":
+        raise ValueError(
+            f"Cityscapes' instance evaluation of {dataset_name!r} reads pasted masks: evaluate "
+            "with MODEL.HTC.MASK_OUTPUT bitmask"
+        )
 
 
 def _scores_semantic(cfg, meta) -> bool:

@@ -172,7 +172,7 @@ def postprocess(
     tensors = [torch.as_tensor(o) for o in outputs]
     boxes, scores, classes, masks = tensors[:4]
     instances = Instances(image_size)
-    instances.pred_boxes = Boxes(boxes.clone())  # scaled and clipped in place below
+    instances.pred_boxes = Boxes(boxes.clone())  # detector_postprocess scales them in place
     instances.scores = scores
     instances.pred_classes = classes
     instances.pred_masks = masks

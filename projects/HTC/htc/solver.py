@@ -29,7 +29,7 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     if solver.OPTIMIZER == "SGD":  # Detectron2's, which takes no overrides
         return maybe_add_gradient_clipping(cfg, torch.optim.SGD)(
             params, lr=solver.BASE_LR, momentum=solver.MOMENTUM, nesterov=solver.NESTEROV,
-            weight_decay=solver.WEIGHT_DECAY,
+            weight_decay=solver.WEIGHT_DECAY, foreach=True,
         )  # fmt: skip
     return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
         params, lr=solver.BASE_LR, betas=tuple(solver.BETAS), weight_decay=solver.WEIGHT_DECAY
