@@ -1,4 +1,5 @@
-"""train_net.py end to end on a small copy of the demo dataset: train, --eval-only, --resume."""
+"""train_net.py end to end on a small copy of the demo dataset: the main job, --eval-only and
+--resume."""
 
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from PIL import Image
 
 from conftest import DEMO_CONFIG as CONFIG
 from conftest import (
+    ROOT,
     SMALL,
     child_env,
     load_cfg,
@@ -31,11 +33,27 @@ from train_net import check_dataset
 NO_EVALUATION = ["DATASETS.TEST", "()", "MODEL.HTC.PANOPTIC_ON", "False"]
 
 
-def test_train_eval_only_and_resume(workspace, tmp_path):
+def _main_job(workspace, output, *opts) -> str:
+    """The README's first command, scripts/main_job.py, on the small demo copy."""
+    command = [sys.executable, str(ROOT / "scripts/main_job.py"), "--output", str(output), *opts]
+    env = child_env(DETECTRON2_DATASETS=str(workspace))
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def test_main_job_then_eval_only_and_resume(workspace, tmp_path):
+    """The main job trains through train_net.py, then draws its curves and pictures; the run's
+    checkpoint is evaluated with --eval-only, drawn by htc.demo and resumed."""
     output = tmp_path / "out"
-    log = run_train_net(workspace, *SMALL, "SOLVER.MAX_ITER", "4", "OUTPUT_DIR", str(output))
+    log = _main_job(workspace, output, *SMALL, "SOLVER.MAX_ITER", "4")
     for name in ["model_final.pth", "model_0000001.pth", "last_checkpoint", "metrics.json"]:
         assert (output / name).is_file(), name
+    assert (output / "training_curves.png").is_file()
+    assert sorted(p.name for p in (output / "pictures").iterdir()) == [
+        "00001.png", "00002.png", "00003.png",
+    ]  # fmt: skip
+    assert "[main job] done in" in log and "  segm/AP " in log
     assert list(output.glob("events.out.tfevents.*"))
     for task in ["bbox", "segm", "sem_seg", "panoptic_seg"]:
         assert f"copypaste: Task: {task}" in log
