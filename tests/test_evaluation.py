@@ -20,7 +20,12 @@ from pycocotools.cocoeval import COCOeval
 import htc.evaluation
 import train_net  # the repository root is on sys.path (conftest)
 from conftest import tiny_cfg
-from htc.evaluation import HTCCOCOEvaluator, build_evaluators, coco_eval_class
+from htc.evaluation import (
+    HTCCOCOEvaluator,
+    HTCSemSegEvaluator,
+    build_evaluators,
+    coco_eval_class,
+)
 
 WIDTH, HEIGHT = 200, 160
 
@@ -179,3 +184,19 @@ def test_outputs_the_model_does_not_give_are_not_evaluated(dataset, caplog, monk
             train_net.main(SimpleNamespace(eval_only=False))
     finally:
         MetadataCatalog.remove(cityscapes.name)
+
+
+def test_the_miou_evaluator_names_a_model_without_semantic_output(tmp_path):
+    """A LazyConfig lists its evaluators itself: with model.semantic_output=False, the mIoU
+    evaluator's KeyError now says what to change."""
+    name = f"semantic_eval_test_{tmp_path.name}"
+    DatasetCatalog.register(name, lambda: [{"file_name": "a.png", "sem_seg_file_name": "a.png"}])
+    MetadataCatalog.get(name).set(ignore_label=255)
+    try:
+        evaluator = HTCSemSegEvaluator(name, num_classes=3)
+        evaluator.reset()
+        with pytest.raises(ValueError, match="outputs no sem_seg .* model.semantic_output=False"):
+            evaluator.process([{"file_name": "a.png"}], [{"instances": Instances((8, 8))}])
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)

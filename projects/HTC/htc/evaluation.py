@@ -191,6 +191,16 @@ class HTCSemSegEvaluator(SemSegEvaluator):
         # categories (htc.panoptic), not these labels.
         self._contiguous_id_to_dataset_id = None
 
+    def process(self, inputs, outputs):
+        """The parent's, refusing outputs without ``sem_seg`` by name (the parent's KeyError
+        named no option)."""
+        if any("sem_seg" not in output for output in outputs):
+            raise ValueError(
+                "the model outputs no sem_seg (MODEL.HTC.SEMANTIC_OUTPUT False; LazyConfig: "
+                "model.semantic_output=False): leave the mIoU evaluator out"
+            )
+        super().process(inputs, outputs)
+
 
 def fast_coco_eval_available() -> bool:
     """Whether ``COCOEvaluator(use_fast_impl=True)`` can run: Detectron2's C++ COCOeval exists
