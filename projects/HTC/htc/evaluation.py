@@ -44,7 +44,7 @@ def build_evaluators(
     segmentation."""
     meta = MetadataCatalog.get(dataset_name)
     kind = meta.get("evaluator_type", "coco")
-    semantic = _scores_semantic(cfg, meta) and not instances_only
+    semantic = not instances_only and _scores_semantic(cfg, meta)
     check_mask_output(cfg, dataset_name)
     if kind in CITYSCAPES_KINDS:
         alias_cityscapesscripts()
