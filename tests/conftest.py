@@ -330,6 +330,19 @@ def truncate(path):
     path.write_bytes(path.read_bytes()[:400])
 
 
+class PrintsWhenUnpickled:
+    """An object whose unpickling runs code (prints "unpickled!"): what weights_only refuses."""
+
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def save_cut_off(obj, f, *args, **kwargs):
+    """``torch.save`` stopped by a full disk after half a checkpoint."""
+    f.write(b"half a checkpoint")
+    raise OSError("no space left on device")
+
+
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from conftest import CONFIGS, ROOT, dev_parity_module
+from conftest import CONFIGS, ROOT, PrintsWhenUnpickled, dev_parity_module, save_cut_off
 from htc.convert_mmdet import PROVEN_FAMILIES, check_against_model, convert, family_of, main
 
 WITHOUT_SEMANTIC = "htc-without-semantic_r50_fpn_1x_coco"
@@ -152,12 +152,7 @@ def test_cli_fits_a_lazy_config(tmp_path, capsys):
 
 def test_an_interrupted_write_leaves_no_output(tmp_path, monkeypatch):
     """The converted checkpoint appears only whole (atomic_open), as training's do."""
-
-    def interrupted(obj, f, *args, **kwargs):
-        f.write(b"half a checkpoint")
-        raise OSError("no space left on device")
-
-    monkeypatch.setattr(torch, "save", interrupted)
+    monkeypatch.setattr(torch, "save", save_cut_off)
     src = tmp_path / "in.pth"
     torch.serialization.save({"state_dict": state_of("htc-without-semantic_r50_fpn_1x_coco")}, src)
     with pytest.raises(OSError, match="no space left"):
@@ -187,14 +182,9 @@ def test_cli_refuses_shape_mismatch_and_missing(tmp_path, capsys):
     assert not out.exists()
 
 
-class _Evil:
-    def __reduce__(self):
-        return (print, ("unpickled!",))
-
-
 def test_cli_loads_safely(tmp_path, capsys):
     path = tmp_path / "evil.pth"
-    torch.save({"state_dict": {"a": torch.zeros(1)}, "meta": _Evil()}, path)
+    torch.save({"state_dict": {"a": torch.zeros(1)}, "meta": PrintsWhenUnpickled()}, path)
     assert main([str(path), str(tmp_path / "out.pth")]) == 1
     captured = capsys.readouterr()
     assert "weights_only" in captured.err and "unpickled!" not in captured.out

@@ -4,7 +4,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
-from conftest import tiny_cfg
+from conftest import PrintsWhenUnpickled, save_cut_off, tiny_cfg
 from htc.remap_classes import coco_sources, main
 
 
@@ -42,16 +42,11 @@ def test_cityscapes_classes_take_their_coco_rows_and_the_rest_is_kept(tmp_path, 
     assert "out.pth has 8 classes, not COCO's 80" in capsys.readouterr().err
 
 
-class _Evil:
-    def __reduce__(self):
-        return (print, ("unpickled!",))
-
-
 def test_the_input_is_loaded_safely_and_the_output_written_whole(tmp_path, capsys, monkeypatch):
     """weights_only (any object's code ran while loading), and atomic writes (an interrupted
     write left a truncated checkpoint)."""
     path = tmp_path / "evil.pth"
-    torch.save({"model": {"a": torch.zeros(1)}, "x": _Evil()}, path)
+    torch.save({"model": {"a": torch.zeros(1)}, "x": PrintsWhenUnpickled()}, path)
     with pytest.raises(SystemExit):
         main(["--to", "cityscapes", str(path), str(tmp_path / "out.pth")])
     captured = capsys.readouterr()
@@ -59,12 +54,7 @@ def test_the_input_is_loaded_safely_and_the_output_written_whole(tmp_path, capsy
     coco = tiny_cfg()
     coco.merge_from_list(["MODEL.ROI_HEADS.NUM_CLASSES", 80])
     torch.save({"model": build_model(coco).state_dict()}, tmp_path / "coco.pth")
-
-    def interrupted(obj, f, *args, **kwargs):
-        f.write(b"half a checkpoint")
-        raise OSError("no space left on device")
-
-    monkeypatch.setattr(torch, "save", interrupted)
+    monkeypatch.setattr(torch, "save", save_cut_off)
     with pytest.raises(OSError, match="no space left"):
         main(["--to", "cityscapes", str(tmp_path / "coco.pth"), str(tmp_path / "out.pth")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["coco.pth", "evil.pth"]

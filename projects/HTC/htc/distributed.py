@@ -48,32 +48,31 @@ def launch(
             dist_url, (main_func, *args), timeout=timeout,
         )  # fmt: skip
         return
-    if dist_url == "auto":
-        if num_machines != 1:
-            raise ValueError("--dist-url auto works on one machine; give tcp://HOST:PORT")
-        # A file, not a free TCP port: a port found free and let go can be taken by another
-        # process's connection in the seconds before the workers bind it.
-        with tempfile.TemporaryDirectory(prefix="htc-rendezvous-") as folder:
-            url = f"file://{folder}/store"
-            worker_args = (main_func, world_size, num_processes_per_machine, 0, url, args, timeout)
-            _cpu_launch(num_processes_per_machine, worker_args)
-        return
-    worker_args = (
-        main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args, timeout,
-    )  # fmt: skip
-    _cpu_launch(num_processes_per_machine, worker_args)
+    with _rendezvous(dist_url, num_machines) as url:
+        worker_args = (
+            main_func, world_size, num_processes_per_machine, machine_rank, url, args, timeout,
+        )  # fmt: skip
+        if num_processes_per_machine == 1:
+            try:
+                _cpu_worker(0, *worker_args)
+            finally:
+                _forget_process_groups()
+            return
+        mp.spawn(_cpu_worker, nprocs=num_processes_per_machine, args=worker_args, daemon=False)
 
 
-def _cpu_launch(per_machine: int, worker_args: tuple) -> None:
-    """This machine's ``per_machine`` gloo workers ``_cpu_worker(local_rank, *worker_args)``:
-    spawned, or run in this process where the machine has one."""
-    if per_machine == 1:
-        try:
-            _cpu_worker(0, *worker_args)
-        finally:
-            _forget_process_groups()
+@contextlib.contextmanager
+def _rendezvous(dist_url: str, num_machines: int) -> Iterator[str]:
+    """``dist_url``; for "auto", a file in a folder of its own, removed after the block (not a
+    free TCP port: one found free and let go can be taken by another process's connection in
+    the seconds before the workers bind it)."""
+    if dist_url != "auto":
+        yield dist_url
         return
-    mp.spawn(_cpu_worker, nprocs=per_machine, args=worker_args, daemon=False)
+    if num_machines != 1:
+        raise ValueError("--dist-url auto works on one machine; give tcp://HOST:PORT")
+    with tempfile.TemporaryDirectory(prefix="htc-rendezvous-") as folder:
+        yield f"file://{folder}/store"
 
 
 def _cpu_worker(

@@ -53,7 +53,8 @@ from .video import write_drawn_video
 logger = logging.getLogger("htc.predict")  # also when run as __main__
 RECORDS = "predictions.jsonl"
 ID_SOURCE = "image_ids.json"  # where the output's image ids come from
-OUTPUT_FOLDERS = ("pictures", "semantic", "panoptic", "videos")  # of images and videos written
+PNG_FOLDERS = ("pictures", "semantic", "panoptic")  # --draw, --semantic, --panoptic: PNG per image
+OUTPUT_FOLDERS = (*PNG_FOLDERS, "videos")  # of images and videos written
 
 
 def coco_results(outputs: dict, image_id: int, dataset_ids: Optional[Dict[int, int]]) -> list:
@@ -290,7 +291,7 @@ def _ids_of(source: dict) -> str:
 
 def _asked_pngs(args: argparse.Namespace) -> Dict[str, bool]:
     """Each folder of PNGs per image: whether it is asked."""
-    return {"pictures": args.draw, "semantic": args.semantic, "panoptic": args.panoptic}
+    return dict(zip(PNG_FOLDERS, (args.draw, args.semantic, args.panoptic)))
 
 
 def _warn_of_outputs_not_asked_then(output: Path, done: List[dict], args) -> None:
