@@ -1,6 +1,5 @@
 """Shared helpers: a tiny HTC (same architecture, small widths) and synthetic batches."""
 
-import contextlib
 import copy
 import functools
 import importlib.util
@@ -10,11 +9,9 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 if not torch.cuda.is_available():
     # Triton kernels (htc.layers.roi_align_triton) run in Triton's interpreter on CPU tensors.
@@ -34,6 +31,7 @@ from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 from htc import HTCDatasetMapper, add_htc_config  # noqa: E402
+from htc.convert_mmdet import on_meta  # noqa: E402
 from htc.data import load_htc_json  # noqa: E402
 from htc.data.demo_data import VERSION, generate_split  # noqa: E402
 
@@ -159,24 +157,6 @@ def tiny_cfg(**htc) -> CfgNode:
     for key, value in htc.items():
         cfg.MODEL.HTC[key.upper()] = value
     return cfg
-
-
-class _SchedulesOnHost(TorchFunctionMode):
-    """``torch.linspace`` on the CPU: ViT, MViT and Swin read their drop-path schedules with
-    ``.item()``, which a meta tensor cannot answer."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.linspace:
-            kwargs = dict(kwargs or {}, device="cpu")
-        return func(*args, **(kwargs or {}))
-
-
-@contextlib.contextmanager
-def on_meta() -> Iterator[None]:
-    """Modules built within hold meta tensors: names, shapes and parameter counts of full-size
-    models without allocating or initialising their weights."""
-    with torch.device("meta"), _SchedulesOnHost():
-        yield
 
 
 def build_on_meta(cfg: CfgNode):

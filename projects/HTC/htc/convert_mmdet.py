@@ -8,14 +8,16 @@ find its place with the same shape and every model tensor must be given, else no
 """
 
 import argparse
+import contextlib
 import pickle
 import re
 import sys
 import zipfile
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from .checkpoint import atomic_open
 
@@ -198,6 +200,24 @@ def family_of(state: Dict[str, torch.Tensor]) -> str:
     return f"{family}, {heads} box heads"
 
 
+class _SchedulesOnHost(TorchFunctionMode):
+    """``torch.linspace`` on the CPU: ViT, MViT and Swin read their drop-path schedules with
+    ``.item()``, which a meta tensor cannot answer."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.linspace:
+            kwargs = dict(kwargs or {}, device="cpu")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def on_meta() -> Iterator[None]:
+    """Modules built within hold meta tensors: names, shapes and parameter counts of full-size
+    models of every backbone, without allocating or initialising their weights."""
+    with torch.device("meta"), _SchedulesOnHost():
+        yield
+
+
 def _model_state(config_file: str) -> Dict[str, torch.Tensor]:
     """The state dict of the model of ``config_file``, a yacs (.yaml) or LazyConfig (.py) config,
     on the meta device (names and shapes: nothing allocated or initialised)."""
@@ -207,13 +227,13 @@ def _model_state(config_file: str) -> Dict[str, torch.Tensor]:
     from .config import add_htc_config
 
     if config_file.endswith(".py"):
-        with torch.device("meta"):
+        with on_meta():
             return instantiate(LazyConfig.load(config_file).model).state_dict()
     cfg = get_cfg()
     add_htc_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.MODEL.DEVICE = "meta"
-    with torch.device("meta"):
+    with on_meta():
         return build_model(cfg).state_dict()
 
 
@@ -256,7 +276,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "in HTC. Give the model it is for with --config (e.g. "
                 "configs/ablations/cascade_mask_rcnn_R_50_FPN_1x.yaml)"
             )
-    except (ConversionError, FileNotFoundError) as e:
+    except (ConversionError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     family = family_of(state)
