@@ -6,6 +6,8 @@ import re
 
 import pytest
 import torch
+import torchvision
+from detectron2.modeling import build_backbone
 
 from conftest import (
     CONFIGS,
@@ -13,9 +15,20 @@ from conftest import (
     ROOT,
     PrintsWhenUnpickled,
     dev_parity_module,
+    load_cfg,
+    on_meta,
     save_cut_off,
 )
-from htc.convert_mmdet import PROVEN_FAMILIES, check_against_model, convert, family_of, main
+from htc.checkpoint import HTCCheckpointer
+from htc.convert_mmdet import (
+    PROVEN_FAMILIES,
+    ConversionError,
+    backbone_as_mmdet,
+    check_against_model,
+    convert,
+    family_of,
+    main,
+)
 
 WITHOUT_SEMANTIC = "htc-without-semantic_r50_fpn_1x_coco"
 KEYS = json.loads((ROOT / "tests/fixtures/mmdet_htc_keys.json").read_text())
@@ -175,6 +188,61 @@ def test_cli_names_what_a_transformer_backbone_config_lacks(tmp_path, capsys, co
     else:
         assert re.search(r"^error: .*v0\.6 release", err, re.M), err
     assert not (tmp_path / "out.pth").exists()
+
+
+def _torchvision_stages(classifier, x) -> list:
+    x = classifier.maxpool(classifier.relu(classifier.bn1(classifier.conv1(x))))
+    stages = []
+    for layer in (classifier.layer1, classifier.layer2, classifier.layer3, classifier.layer4):
+        x = layer(x)
+        stages.append(x)
+    return stages
+
+
+def test_an_imagenet_resnet_becomes_the_backbone_of_the_configs(tmp_path, capsys):
+    """torchvision's ResNet-50, converted to the configs' pretrained/R-50.pkl, loads into HTC's
+    backbone through Detectron2's checkpointer; res2-res5 then compute torchvision's layer1-4
+    (the 3x3 conv strides, as STRIDE_IN_1X1 False says)."""
+    torch.manual_seed(0)
+    classifier = torchvision.models.resnet50().eval()
+    with torch.no_grad():
+        for bn in (m for m in classifier.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            for stat, low, high in ((bn.running_mean, -0.2, 0.2), (bn.running_var, 0.5, 2.0)):
+                stat.uniform_(low, high)
+            bn.weight.uniform_(0.2, 0.6)
+    src, out = tmp_path / "resnet50.pth", tmp_path / "R-50.pkl"
+    torch.save(classifier.state_dict(), src)
+    config = CONFIGS / "htc_R_50_FPN_1x.yaml"
+    assert main([str(src), str(out), "--config", str(config)]) == 0
+    assert "an ImageNet ResNet-50: the backbone's weights alone" in capsys.readouterr().out
+    holder = torch.nn.Module()
+    holder.backbone = build_backbone(load_cfg(config))
+    HTCCheckpointer(holder).load(str(out), checkpointables=[])
+    bottom_up = holder.backbone.bottom_up.eval()
+    image = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        got, want = bottom_up(image), _torchvision_stages(classifier, image)
+    for name, stage in zip(["res2", "res3", "res4", "res5"], want):
+        torch.testing.assert_close(got[name], stage, rtol=1e-4, atol=1e-4 * stage.abs().max())
+
+
+@pytest.mark.parametrize(
+    "config",
+    ["htc_X_101_64x4d_FPN_20e.yaml", "htc_X_101_64x4d_dconv_c3-c5_FPN_ms_400-1400_20e.yaml"],
+)
+def test_an_imagenet_resnext_fits_its_configs(config):
+    """A ResNeXt-101 64x4d classifier fills the backbone of its configs (deformable offsets
+    start at zero); the R-50's does not fit the R-101's, and the refusal names the blocks."""
+    with on_meta():
+        resnext = torchvision.models.resnext101_64x4d().state_dict()
+        resnet50 = torchvision.models.resnet50().state_dict()
+    converted, _ = convert(backbone_as_mmdet(resnext))
+    assert not any(k.startswith("backbone.bottom_up.fc") for k in converted)
+    check_against_model(converted, str(CONFIGS / config), backbone=True)
+    with pytest.raises(
+        ConversionError, match=r"missing for the model: \['backbone.bottom_up.res4.6"
+    ):
+        check_against_model(convert(backbone_as_mmdet(resnet50))[0], str(CONFIGS / config), True)
 
 
 def test_an_interrupted_write_leaves_no_output(tmp_path, monkeypatch):

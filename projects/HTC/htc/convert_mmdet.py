@@ -1,10 +1,17 @@
-"""Convert an MMDetection 2.x/3.x HTC checkpoint into a Detectron2 checkpoint of this project.
+"""Convert an MMDetection 2.x/3.x HTC checkpoint, or the ImageNet ResNet or ResNeXt that the
+reference's configs start from, into a Detectron2 checkpoint of this project.
 
     python -m htc.convert_mmdet INPUT.pth OUTPUT.pth [--config configs/htc_R_50_FPN_1x.yaml]
+    python -m htc.convert_mmdet resnet50-0676ba61.pth pretrained/R-50.pkl \
+        --config configs/htc_R_50_FPN_1x.yaml
 
 Only names change (no tensor is permuted): the anchor, delta and class layouts already agree.
-With ``--config`` the result is checked against the model that config builds: every tensor must
-find its place with the same shape and every model tensor must be given, else nothing is written.
+An ImageNet classifier (torchvision's ResNets, open-mmlab's ResNeXts: ``conv1``, ``layer1-4``,
+``fc``) gives the backbone's ``bottom_up`` and loses its ``fc``. With ``--config`` the result is
+checked against the model that config builds: every tensor must find its place with the same
+shape and every model tensor must be given (of a backbone: every ``bottom_up`` tensor but the
+deformable convolutions' offsets, which start at zero), else nothing is written. An OUTPUT
+ending in ``.pkl`` is written in Detectron2's model-zoo format (the configs' ``pretrained/*.pkl``).
 """
 
 import argparse
@@ -151,6 +158,18 @@ def load_mmdet_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return state
 
 
+def is_imagenet_backbone(state: Dict[str, torch.Tensor]) -> bool:
+    """Whether ``state`` is an ImageNet classifier's ResNet or ResNeXt, named as torchvision and
+    MMDetection's backbones name them (no ``backbone.`` prefix)."""
+    return "conv1.weight" in state and "layer1.0.conv1.weight" in state
+
+
+def backbone_as_mmdet(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """An ImageNet classifier's tensors under the names of an MMDetection HTC's backbone; its
+    classifier (``fc``) dropped."""
+    return {f"backbone.{k}": v for k, v in state.items() if not k.startswith("fc.")}
+
+
 def _cascade_mask_heads(state: Dict[str, torch.Tensor]) -> bool:
     """Whether ``state`` has mask heads of later stages without HTC's ``conv_res``."""
     later = {k.split(".")[2] for k in state if re.match(r"roi_head\.mask_head\.[12]\.", k)}
@@ -237,10 +256,19 @@ def _model_state(config_file: str) -> Dict[str, torch.Tensor]:
         return build_model(cfg).state_dict()
 
 
-def check_against_model(converted: Dict[str, torch.Tensor], config_file: str) -> None:
-    """Refuse unless ``converted`` fills the model of ``config_file`` exactly."""
+def _from_imagenet(key: str) -> bool:
+    """Whether the model's tensor ``key`` comes from an ImageNet backbone."""
+    return key.startswith("backbone.bottom_up.") and ".conv2_offset." not in key
+
+
+def check_against_model(
+    converted: Dict[str, torch.Tensor], config_file: str, backbone: bool = False
+) -> None:
+    """Refuse unless ``converted`` fills the model of ``config_file`` exactly (``backbone``:
+    its ImageNet-initialised tensors)."""
     expected = _model_state(config_file)
-    missing = [k for k in expected if k not in converted]
+    given = [k for k in expected if _from_imagenet(k)] if backbone else expected
+    missing = [k for k in given if k not in converted]
     unexpected = [k for k in converted if k not in expected]
     shapes = [
         f"{k}: {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
@@ -259,16 +287,19 @@ def check_against_model(converted: Dict[str, torch.Tensor], config_file: str) ->
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("input", help="MMDetection HTC checkpoint (.pth)")
     parser.add_argument("output", help="Detectron2 checkpoint to write (.pth)")
     parser.add_argument("--config", help="our config the checkpoint must fit")
     args = parser.parse_args(argv)
     try:
         state = load_mmdet_state_dict(args.input)
+        backbone = is_imagenet_backbone(state)
+        if backbone:
+            state = backbone_as_mmdet(state)
         converted, rows = convert(state)
         if args.config:
-            check_against_model(converted, args.config)
+            check_against_model(converted, args.config, backbone)
         elif _cascade_mask_heads(state):
             raise ConversionError(
                 f"{args.input} is a Cascade Mask R-CNN checkpoint, not HTC's: its later mask "
@@ -280,7 +311,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     family = family_of(state)
-    if family not in PROVEN_FAMILIES:
+    if backbone:
+        print(f"an ImageNet {family.split(',')[0]}: the backbone's weights alone")
+    elif family not in PROVEN_FAMILIES:
         print(
             f"warning: {family}: no parity test against MMDetection covers this family; its "
             "names and shapes fit, its numbers are not proven (tests/test_parity.py)",
@@ -290,10 +323,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     for old, new, shape in rows:
         print(f"{old:<{width}}  ->  {new}  {list(shape)}")
     print(f"{len(rows)} tensors mapped")
-    with atomic_open(args.output, "wb") as f:
-        torch.save({"model": converted, "__author__": "htc-detectron2 convert_mmdet"}, f)
+    _write(converted, args.output)
     print(f"wrote {args.output}")
     return 0
+
+
+def _write(converted: Dict[str, torch.Tensor], path: str) -> None:
+    """A ``.pth`` checkpoint, or for ``.pkl`` Detectron2's model-zoo pickle of NumPy arrays
+    (which its checkpointer reads by the extension); exact names, no matching heuristics."""
+    author = "htc-detectron2 convert_mmdet"
+    with atomic_open(path, "wb") as f:
+        if path.endswith(".pkl"):
+            model = {k: v.numpy() for k, v in converted.items()}
+            pickle.dump({"model": model, "__author__": author, "matching_heuristics": False}, f)
+        else:
+            torch.save({"model": converted, "__author__": author}, f)
 
 
 if __name__ == "__main__":
