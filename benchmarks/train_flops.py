@@ -1,6 +1,6 @@
 """FLOPs of one train step (forward and backward), HTC R50-FPN next to Detectron2's Cascade Mask
 R-CNN R50-FPN, on the batches of ``speed.py``'s train rows: square images with 4 ground-truth
-boxes each (the benchmark's batch) and with 20 (a COCO-like count of positives), and the
+boxes each (the benchmark's batch), with 20 (a COCO-like count of positives) and with 64, and the
 positive RoIs that each stage samples, per image. HTC trains a mask head on each stage's
 positives, and its mask information flow runs the earlier stages' heads again, where Cascade
 trains one mask head on the last stage's, so the ratio grows with the positives.

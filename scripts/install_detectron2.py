@@ -247,7 +247,7 @@ def requested(version: str, source: Optional[str]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only report a compiled Detectron2")
     parser.add_argument("--version", choices=["main", "0.6"], default="main")
     parser.add_argument("--source", help="git URL, source archive, source folder or wheel (main)")

@@ -107,7 +107,7 @@ def draw_pictures(config: Path, output: Path) -> list:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", default=str(CONFIG))
     parser.add_argument("--output", help="default: the config's OUTPUT_DIR")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")

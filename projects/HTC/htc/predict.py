@@ -463,7 +463,7 @@ def _write_video_results(output: Path, files: List[Path], records: List[dict]) -
 
 
 def main(argv: Optional[List[str]] = None) -> Optional[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--input", nargs="+", required=True, help="files, folders, globs")
     parser.add_argument("--output", required=True, help="folder of the results")

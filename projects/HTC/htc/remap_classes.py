@@ -61,7 +61,7 @@ def remap_class_rows(
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--to", required=True, choices=TARGETS, help="the target's classes")
     parser.add_argument("input", help="an HTC checkpoint on COCO's 80 classes (.pth)")
     parser.add_argument("output", help="where to write the remapped checkpoint")
