@@ -42,9 +42,12 @@ def _eager(model, image):
 def tiny():
     """A random-weight tiny HTC whose score threshold lies between the best score on a flat
     image (so: no detection there) and the TOP_K-th best on a noise image (so: TOP_K there),
-    and its images: the traced one, then other sizes (noise and flat)."""
+    and its images: the traced one, then other sizes (noise and flat), each with its own count
+    of proposals (the shipped configs' top-k, which no image here fills: a count frozen by the
+    trace fails the others)."""
     torch.manual_seed(0)
     cfg = tiny_cfg()
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 1000
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
     cfg.TEST.DETECTIONS_PER_IMAGE = 1000
     model = build_model(cfg).eval()
@@ -56,7 +59,15 @@ def tiny():
         predictor.test_score_thresh = (best_flat + kth_noise) / 2
         predictor.test_topk_per_image = TOP_K
     images = [traced, _noise(96, 128, seed=1), _noise(160, 100, seed=2), flat]
+    counts = [len(_proposals(model, image)) for image in images]
+    assert len(set(counts)) == len(images) and max(counts) < 1000, counts
     return model, images
+
+
+def _proposals(model, image: torch.Tensor):
+    with torch.no_grad():
+        images = model.preprocess_image([{"image": image}])
+        return model.proposal_generator(images, model.backbone(images.tensor), None)[0][0]
 
 
 def _assert_agrees(ours, eager):

@@ -73,8 +73,14 @@ class HTCROIPooler(ROIPooler):
         self, x: List[torch.Tensor], box_lists: List[Boxes], size: Tuple[int, int]
     ) -> torch.Tensor:
         """(R, C, *size): the pooler's output average-pooled to ``size``. A one-level pooler asks
-        its kernel, which may pool without the full-size RoI features."""
-        if len(self.level_poolers) != 1 or not hasattr(self.level_poolers[0], "pooled"):
+        its kernel, which may pool without the full-size RoI features; not under tracing, which
+        would freeze :func:`pooler_format`'s box counts into the graph."""
+        exporting = torch.jit.is_tracing() or torch.jit.is_scripting()
+        if (
+            exporting
+            or len(self.level_poolers) != 1
+            or not hasattr(self.level_poolers[0], "pooled")
+        ):
             return nn.functional.adaptive_avg_pool2d(self(x, box_lists), size)
         return self.level_poolers[0].pooled(x[0], pooler_format(box_lists), size)
 
