@@ -7,6 +7,8 @@ import torch
 from detectron2.modeling.box_regression import Box2BoxTransform
 from torch import nn
 
+from .host import host_tensor
+
 
 class ReferenceBox2BoxTransform(Box2BoxTransform):
     """``Box2BoxTransform`` with dw, dh (after their weights) clamped to [-scale_clamp,
@@ -16,7 +18,8 @@ class ReferenceBox2BoxTransform(Box2BoxTransform):
         """deltas (N, k*4), boxes (N, 4) XYXY -> (N, k*4) decoded boxes."""
         _, _, ww, wh = self.weights
         inf = float("inf")
-        lower = deltas.new_tensor([-inf, -inf, -self.scale_clamp * ww, -self.scale_clamp * wh])
+        bounds = [-inf, -inf, -self.scale_clamp * ww, -self.scale_clamp * wh]
+        lower = host_tensor(bounds, deltas.device, deltas.dtype)  # no sync: 8 calls a step
         # one row of bounds for all k boxes: no reshape of the rows (exporters keep them dynamic)
         deltas = torch.maximum(deltas, lower.repeat(deltas.shape[1] // 4))
         return super().apply_deltas(deltas, boxes)
