@@ -137,6 +137,23 @@ def test_deterministic_on_cuda_takes_the_atomic_free_kernels(
     assert torch.are_deterministic_algorithms_enabled()
 
 
+def test_deterministic_on_cuda_refuses_a_gpu_that_triton_does_not_compile_for(
+    monkeypatch, deterministic_settings
+):
+    """A GPU older than Volta takes torchvision's RoIAlign (Triton cannot compile for it),
+    whose backward accumulates with atomics."""
+    pytest.importorskip("triton")
+    import htc.layers.roi_align as kernels
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels, "triton_runs_on", lambda device: device.type != "cuda")
+    cfg = tiny_cfg()
+    cfg.merge_from_list(["DETERMINISTIC", True, "SEED", 3, "MODEL.DEVICE", "cuda"])
+    with pytest.raises(ValueError, match="compute capability 7.0 or newer"):
+        set_deterministic(cfg)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 @pytest.mark.parametrize(
     "opts, message",
     [

@@ -320,6 +320,41 @@ def test_triton_roi_align_routes_its_device_to_triton(monkeypatch):
     assert module._route(x, rois) == "torchvision"
 
 
+@pytest.mark.parametrize(
+    "capability, hip, runs", [((6, 0), None, False), ((7, 0), None, True), ((6, 0), "6.2", True)]
+)
+def test_triton_runs_on_volta_and_newer(monkeypatch, capability, hip, runs):
+    """PyTorch's bound for Triton (Inductor's): CUDA compute capability 7.0; ROCm; and any
+    device of Triton's interpreter."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    kernels._cuda_capability.cache_clear()
+    try:
+        assert kernels.triton_runs_on(torch.device("cuda", 1)) is runs
+        assert kernels.triton_runs_on(torch.device("cuda")) is runs
+        assert kernels.triton_runs_on(torch.device("cpu"))
+    finally:
+        kernels._cuda_capability.cache_clear()
+
+
+def test_a_device_that_triton_does_not_compile_for_takes_the_other_kernels(monkeypatch):
+    """ "auto" takes the other kernels, every call; "triton" too, and says why."""
+    cpu_route = kernels.parallel_roi_align
+    calls = _count_triton_calls(monkeypatch)
+    monkeypatch.setattr(kernels, "parallel_roi_align", cpu_route)
+    monkeypatch.setattr(kernels, "triton_runs_on", lambda device: False)
+    x, rois = _case(seed=4, num_rois=3)
+    levels = torch.zeros(len(rois), dtype=torch.long, device=DEVICE)
+    auto = FastROIAlign((4, 4), 0.25, 0, True)
+    assert auto._route(x, rois, pool=2) != "triton"
+    assert auto.all_levels([x, x[:, :, ::2, ::2]], rois, levels, [0.25, 0.125]) is None
+    with pytest.warns(RuntimeWarning, match="compute capability 7.0 and newer"):
+        out = TritonROIAlign((4, 4), 0.25, 0, True)(x, rois)
+    torch.testing.assert_close(out, roi_align(x, rois, (4, 4), 0.25, 0, True))
+    assert calls == []
+
+
 def test_auto_takes_the_kernel_measured_faster_per_call(monkeypatch):
     """FastROIAlign ("auto") on TRITON_DEVICES: torchvision's kernel for a small one-level
     call, Triton for a pooled one, for several levels and for every call under deterministic

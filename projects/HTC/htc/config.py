@@ -195,17 +195,25 @@ def set_deterministic(cfg: Union[CN, DictConfig]) -> None:
     roi_align_key, roi_align = _setting(cfg, "MODEL.HTC.ROI_ALIGN")
     roi_align = layers.roi_align_kernel(roi_align, roi_align_key)
     if torch.device(device).type == "cuda" and (
-        roi_align not in ("auto", "triton") or layers.roi_align.triton_kernels() is None
+        roi_align not in ("auto", "triton")
+        or layers.roi_align.triton_kernels() is None
+        or not _triton_compiles_for(torch.device(device))
     ):
         raise ValueError(
-            f"{key} on CUDA needs {roi_align_key} 'auto' or 'triton' with Triton installed: "
-            "torchvision's RoIAlign backward accumulates with atomics"
+            f"{key} on CUDA needs {roi_align_key} 'auto' or 'triton' with Triton installed, on a "
+            "GPU of compute capability 7.0 or newer: torchvision's RoIAlign backward "
+            "accumulates with atomics"
         )
     # read when cuBLAS starts, which is after this in train_net.py's processes
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     logging.getLogger(__name__).info(f"{key}: deterministic algorithms only")
+
+
+def _triton_compiles_for(device: torch.device) -> bool:
+    """:func:`htc.layers.roi_align.triton_runs_on`, where CUDA can be asked."""
+    return not torch.cuda.is_available() or layers.roi_align.triton_runs_on(device)
 
 
 def require_detectron2(*names: str) -> List[type]:

@@ -384,6 +384,21 @@ def triton_kernels() -> Optional[ModuleType]:
     return roi_align_triton
 
 
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether Triton compiles for ``device``: a CUDA GPU of compute capability 7.0 (Volta) or
+    newer, the bound of PyTorch's own Triton users (Inductor); ROCm; any device of Triton's
+    interpreter (the tests')."""
+    if device.type != "cuda" or torch.version.hip:
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_capability(index) >= (7, 0)
+
+
+@functools.cache
+def _cuda_capability(index: int) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def device_of(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     """``tensor``'s CUDA device made current: Triton launches on the current device, which a
     model on another GPU (``MODEL.DEVICE cuda:1``) need not have made current. (The backward
@@ -418,6 +433,11 @@ def triton_is_faster(
     return samples + (num * channels * height * width if grad else 0) >= TRITON_CROSSOVER
 
 
+def _triton_here(device: torch.device) -> bool:
+    """Whether this module's Triton kernels can run on ``device``."""
+    return device.type in TRITON_DEVICES and triton_kernels() is not None and triton_runs_on(device)
+
+
 class FastROIAlign(ROIAlign):
     """:class:`ROIAlign` that picks the faster kernel per call ("auto"): on CPU the parallel
     forward and sparse backward; on CUDA (with Triton) the Triton kernels where
@@ -449,7 +469,7 @@ class FastROIAlign(ROIAlign):
         than a thread pool or a Triton launch."""
         if torch.jit.is_tracing() or torch.jit.is_scripting():
             return "torchvision"
-        if input.device.type in TRITON_DEVICES and triton_kernels() is not None:
+        if _triton_here(input.device):
             return "triton" if self._prefers_triton(input, rois, pool, levels) else "torchvision"
         return "cpu" if input.device.type == "cpu" and self.cpu_kernels else "torchvision"
 
@@ -534,10 +554,14 @@ class TritonROIAlign(FastROIAlign):
         self, input: torch.Tensor, rois: torch.Tensor, pool: int = 1, levels: int = 1
     ) -> str:
         route = super()._route(input, rois, pool, levels)
-        if route == "torchvision" and input.is_cuda and triton_kernels() is None:
+        exporting = torch.jit.is_tracing() or torch.jit.is_scripting()
+        if route == "torchvision" and input.device.type in TRITON_DEVICES and not exporting:
+            if triton_kernels() is None:
+                why = "Triton is not installed (pip install triton)"
+            else:
+                why = f"Triton compiles for compute capability 7.0 and newer, not {input.device}'s"
             warnings.warn(
-                "MODEL.HTC.ROI_ALIGN='triton' on CUDA, but Triton is not installed: "
-                "torchvision's RoIAlign runs instead (pip install triton)",
+                f"MODEL.HTC.ROI_ALIGN='triton', but {why}: torchvision's RoIAlign runs instead",
                 RuntimeWarning,
                 stacklevel=2,
             )
