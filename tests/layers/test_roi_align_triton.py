@@ -338,18 +338,25 @@ def test_triton_runs_on_volta_and_newer(monkeypatch, capability, hip, runs):
         kernels._cuda_capability.cache_clear()
 
 
-def test_a_device_that_triton_does_not_compile_for_takes_the_other_kernels(monkeypatch):
-    """ "auto" takes the other kernels, every call; "triton" too, and says why."""
+@pytest.mark.parametrize(
+    "case, message", [("older GPU", "compute capability 7.0 and newer"), ("float64", "float64")]
+)
+def test_what_triton_cannot_compute_takes_the_other_kernels(monkeypatch, case, message):
+    """A GPU that Triton does not compile for, a float64 input (the kernels compute in
+    float32): "auto" takes the other kernels, every call; "triton" too, and says why."""
     cpu_route = kernels.parallel_roi_align
     calls = _count_triton_calls(monkeypatch)
     monkeypatch.setattr(kernels, "parallel_roi_align", cpu_route)
-    monkeypatch.setattr(kernels, "triton_runs_on", lambda device: False)
     x, rois = _case(seed=4, num_rois=3)
+    if case == "float64":
+        x, rois = x.double(), rois.double()
+    else:
+        monkeypatch.setattr(kernels, "triton_runs_on", lambda device: False)
     levels = torch.zeros(len(rois), dtype=torch.long, device=DEVICE)
     auto = FastROIAlign((4, 4), 0.25, 0, True)
     assert auto._route(x, rois, pool=2) != "triton"
     assert auto.all_levels([x, x[:, :, ::2, ::2]], rois, levels, [0.25, 0.125]) is None
-    with pytest.warns(RuntimeWarning, match="compute capability 7.0 and newer"):
+    with pytest.warns(RuntimeWarning, match=message):
         out = TritonROIAlign((4, 4), 0.25, 0, True)(x, rois)
     torch.testing.assert_close(out, roi_align(x, rois, (4, 4), 0.25, 0, True))
     assert calls == []

@@ -433,9 +433,15 @@ def triton_is_faster(
     return samples + (num * channels * height * width if grad else 0) >= TRITON_CROSSOVER
 
 
-def _triton_here(device: torch.device) -> bool:
-    """Whether this module's Triton kernels can run on ``device``."""
-    return device.type in TRITON_DEVICES and triton_kernels() is not None and triton_runs_on(device)
+def _why_not_triton(input: torch.Tensor) -> Optional[str]:
+    """Why this module's Triton kernels cannot pool ``input`` of TRITON_DEVICES, or None."""
+    if triton_kernels() is None:
+        return "Triton is not installed (pip install triton)"
+    if not triton_runs_on(input.device):
+        return f"Triton compiles for compute capability 7.0 and newer, not {input.device}'s"
+    if input.dtype == torch.float64:
+        return "its kernels compute in float32, and the input is float64"
+    return None
 
 
 class FastROIAlign(ROIAlign):
@@ -469,7 +475,7 @@ class FastROIAlign(ROIAlign):
         than a thread pool or a Triton launch."""
         if torch.jit.is_tracing() or torch.jit.is_scripting():
             return "torchvision"
-        if _triton_here(input.device):
+        if input.device.type in TRITON_DEVICES and _why_not_triton(input) is None:
             return "triton" if self._prefers_triton(input, rois, pool, levels) else "torchvision"
         return "cpu" if input.device.type == "cpu" and self.cpu_kernels else "torchvision"
 
@@ -556,12 +562,9 @@ class TritonROIAlign(FastROIAlign):
         route = super()._route(input, rois, pool, levels)
         exporting = torch.jit.is_tracing() or torch.jit.is_scripting()
         if route == "torchvision" and input.device.type in TRITON_DEVICES and not exporting:
-            if triton_kernels() is None:
-                why = "Triton is not installed (pip install triton)"
-            else:
-                why = f"Triton compiles for compute capability 7.0 and newer, not {input.device}'s"
             warnings.warn(
-                f"MODEL.HTC.ROI_ALIGN='triton', but {why}: torchvision's RoIAlign runs instead",
+                f"MODEL.HTC.ROI_ALIGN='triton', but {_why_not_triton(input)}: torchvision's "
+                "RoIAlign runs instead",
                 RuntimeWarning,
                 stacklevel=2,
             )
