@@ -44,7 +44,8 @@ def _main_job(workspace, output, *opts) -> str:
 
 def test_main_job_then_eval_only_and_resume(workspace, tmp_path):
     """The main job trains through train_net.py, then draws its curves and pictures; the run's
-    checkpoint is evaluated with --eval-only, drawn by htc.demo and resumed."""
+    checkpoint is evaluated with --eval-only and drawn by htc.demo (``--resume``:
+    tests/test_resume.py)."""
     output = tmp_path / "out"
     log = _main_job(workspace, output, *SMALL, "SOLVER.MAX_ITER", "4")
     for name in ["model_final.pth", "model_0000001.pth", "last_checkpoint", "metrics.json"]:
@@ -89,11 +90,6 @@ def test_main_job_then_eval_only_and_resume(workspace, tmp_path):
     assert [p.name for p in pictures] == ["00001.png", "00002.png", "00003.png"]
     width, height = Image.open(pictures[0]).size
     assert (width, height) == (3 * 256, 256 + TITLE_HEIGHT)  # instances | semantic | panoptic
-
-    resume = ["--resume", *SMALL, "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", str(output)]
-    log = run_train_net(workspace, *resume, *NO_EVALUATION)  # evaluated above
-    assert "Starting training from iteration 4" in log
-    assert max(training_iterations(output)) == 5
 
 
 def test_custom_dataset_entry_script_of_the_readme(workspace, tmp_path):
