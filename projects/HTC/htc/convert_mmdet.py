@@ -288,8 +288,8 @@ def check_against_model(
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("input", help="MMDetection HTC checkpoint (.pth)")
-    parser.add_argument("output", help="Detectron2 checkpoint to write (.pth)")
+    parser.add_argument("input", help="MMDetection HTC checkpoint, or ImageNet ResNet(Xt) (.pth)")
+    parser.add_argument("output", help="Detectron2 checkpoint to write (.pth; .pkl: model zoo's)")
     parser.add_argument("--config", help="our config the checkpoint must fit")
     args = parser.parse_args(argv)
     try:
