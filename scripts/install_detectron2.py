@@ -20,6 +20,7 @@ Usage: python scripts/install_detectron2.py [--check] [--version {main,0.6}] [--
 import argparse
 import hashlib
 import importlib.machinery
+import importlib.util
 import json
 import re
 import shutil
@@ -105,8 +106,9 @@ def sha256(path: Path) -> str:
 
 
 def find_detectron2_dir() -> Optional[Path]:
-    """The importable ``detectron2`` package directory, found without importing it."""
-    spec = importlib.machinery.PathFinder.find_spec("detectron2")
+    """The importable ``detectron2`` package directory, found without importing it (by every
+    finder of ``sys.meta_path``: an editable install, ``pip install -e``, has its own)."""
+    spec = importlib.util.find_spec("detectron2")
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0])
@@ -179,7 +181,22 @@ def unpack(archive: Path, work: Path) -> tuple[Path, str]:
 
 
 def obtain(source: str, work: Path) -> tuple[Path, str]:
-    """A writable source tree from ``source`` and a line saying what it is."""
+    """A writable source tree from ``source`` and a line saying what it is; a source that cannot
+    be read or cloned ends the run with one line that says why."""
+    try:
+        return _obtain(source, work)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
+        raise SystemExit(f"--source {source}: not a readable archive or wheel ({e})") from e
+    except subprocess.CalledProcessError as e:
+        lines = (e.stderr or "").strip().splitlines()
+        fatal = [line for line in lines if line.startswith("fatal:")]
+        why = (fatal or lines or [f"exit status {e.returncode}"])[0]
+        raise SystemExit(f"--source {source}: git cannot clone it ({why})") from e
+    except subprocess.TimeoutExpired as e:
+        raise SystemExit(f"--source {source}: git took over {GIT_TIMEOUT_S} s to clone it") from e
+
+
+def _obtain(source: str, work: Path) -> tuple[Path, str]:
     path = Path(source).expanduser()
     if path.is_dir():
         tree = work / "detectron2-copy"

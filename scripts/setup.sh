@@ -2,7 +2,8 @@
 # One entry point that makes the venv: torch, Detectron2 (an existing compiled one, else the newest
 # sources or v0.6, with our pure-Python _C), the project (editable) and its test tools.
 # Idempotent; needs only the package registries (and GitHub, where reachable).
-#   bash scripts/setup.sh [PYTHON]          PYTHON: the interpreter to build on (default python3)
+#   bash scripts/setup.sh [PYTHON]          PYTHON: the interpreter to build on (default: the
+#                                           venv's own where it works, else python3)
 # Environment:
 #   DETECTRON2=main|0.6   main (default): Detectron2's newest sources, Python 3.10-3.13, venv .venv
 #                         0.6: Detectron2 v0.6 of 2021-11, Python 3.10-3.11, venv .venv-detectron2-0.6
@@ -11,10 +12,15 @@
 #   VENV=DIR              the venv to make (default: by DETECTRON2, as above)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-python="${1:-${PYTHON:-python3}}"
+python="${1:-${PYTHON:-}}"
 detectron2="${DETECTRON2:-main}"
 source="${DETECTRON2_SOURCE:-}"
 if [ -e "$source" ]; then source="$(realpath "$source")"; fi  # a path given from the caller's folder
+if [ -n "$source" ] && [ ! -e "$source" ] \
+    && ! [[ "$source" =~ ^(git\+)?(https?|ssh|git|file):// || "$source" == *.git ]]; then
+  echo "[setup] DETECTRON2_SOURCE=$source: no such file or folder, and not a git URL" >&2
+  exit 2
+fi
 venv="${VENV:+$(realpath -m "$VENV")}"
 cd "$root"
 case "$detectron2" in
@@ -29,9 +35,27 @@ if [ "$detectron2" = 0.6 ] && [ -n "$source" ]; then
 fi
 [ -n "${VENV:-}" ] || venv="$root/$default_venv"
 start=$SECONDS
+version_of() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])'; }
 
-if ! version="$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)"; then
-  echo "[setup] cannot run the interpreter '$python': give one as bash scripts/setup.sh PYTHON" >&2
+remake() {  # the venv removed, to be made anew: only a venv (one with pyvenv.cfg) is removed
+  if [ ! -f "$venv/pyvenv.cfg" ]; then
+    echo "[setup] $venv is no venv (no pyvenv.cfg), so it is left alone: give another VENV" >&2
+    exit 2
+  fi
+  echo "[setup] $venv $1; making it anew"
+  rm -rf "$venv"
+}
+if [ -e "$venv" ] && ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
+  if [ -n "$(ls -A "$venv")" ]; then remake "does not run pip (an interrupted setup?)"; fi
+fi
+venv_version="$(version_of "$venv/bin/python" 2>/dev/null || true)"
+[ -n "$python" ] || python="${venv_version:+$venv/bin/python}"  # a later run keeps its Python
+python="${python:-python3}"
+
+if ! version="$(version_of "$python" 2>/dev/null)"; then
+  why="$("$python" -c '' 2>&1 | grep . | head -n 4 || true)"
+  echo "[setup] cannot run the interpreter '$python'${why:+: $why}" >&2
+  echo "[setup] name one that runs: make demo PYTHON=/path/to/python3.X" >&2
   exit 2
 fi
 if [[ " $supported " != *" $version "* ]]; then
@@ -39,23 +63,37 @@ if [[ " $supported " != *" $version "* ]]; then
   exit 2
 fi
 
-venv_version="$("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)"
 if [ -n "$venv_version" ] && [ "$venv_version" != "$version" ]; then
-  echo "[setup] $venv is Python $venv_version; making it anew for Python $version"
-  rm -rf "$venv"
+  remake "is Python $venv_version, Python $version is asked"
 fi
-if [ ! -x "$venv/bin/python" ]; then
-  # A compiled Detectron2 in the base interpreter (a user's own CUDA build) is used as it is.
-  if "$python" "$root/scripts/install_detectron2.py" --check >/dev/null 2>&1; then
-    echo "[setup] found a compiled Detectron2 in $python: the venv will see it (--system-site-packages)"
-    "$python" -m venv --system-site-packages "$venv"
-  else
-    "$python" -m venv "$venv"
+compiled=""  # a compiled Detectron2 in the base interpreter (a user's own CUDA build), used as it is
+if [ -x "$venv/bin/python" ]; then
+  if "$venv/bin/python" "$root/scripts/install_detectron2.py" --check >/dev/null 2>&1; then compiled=1; fi
+elif "$python" "$root/scripts/install_detectron2.py" --check >/dev/null 2>&1; then
+  if "$python" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
+    echo "[setup] $python is a venv's, with a compiled Detectron2 that a new venv would not see:" \
+      "install the project into that venv (pip install -e .), or name its base interpreter" >&2
+    exit 2
   fi
+  echo "[setup] found a compiled Detectron2 in $python: the venv will see it (--system-site-packages)"
+  "$python" -m venv --system-site-packages "$venv"
+  compiled=1
+else
+  "$python" -m venv "$venv"
 fi
 py="$venv/bin/python"
+record="$venv/detectron2-source.txt"
+if [ "$detectron2" = main ] && [ -z "$source" ] && [ -f "$record" ]; then
+  recorded="$(sed -n '1s/^main from //p' "$record")"  # the source of an earlier run, kept
+  if [ -n "$recorded" ]; then
+    source="$recorded"
+    echo "[setup] Detectron2 from $source, as before (DETECTRON2_SOURCE replaces it)"
+  fi
+fi
+content=""  # an archive or wheel changes under its path: its bytes are part of the stamp
+if [ -f "$source" ]; then content="$(sha256sum "$source" | cut -d' ' -f1)"; fi
 stamp="$venv/.htc-setup-stamp"
-want="$( (echo "$version $detectron2 $source"
+want="$( (echo "$version $detectron2 $source $content"
           cat "$constraints" setup.cfg pyproject.toml scripts/setup.sh scripts/install_detectron2.py \
               scripts/detectron2_C.py) | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c "import htc, detectron2.engine" 2>/dev/null; then
@@ -64,8 +102,12 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c "import htc, d
 fi
 
 pip_c=(-c "$constraints")
+if [ -n "$compiled" ]; then  # its torch is the one its _C was built against: not pinned over
+  grep -v '^\(torch\|torchvision\)==' "$constraints" > "$venv/constraints-without-torch.txt"
+  pip_c=(-c "$venv/constraints-without-torch.txt")
+fi
 "$py" -m pip install -q "${pip_c[@]}" pip
-if ! "$py" -c "import torch" 2>/dev/null; then
+if [ -z "$compiled" ]; then  # pinned, also over a torch of an earlier pin
   "$py" -m pip install -q "${pip_c[@]}" torch torchvision
 fi
 "$py" -m pip install -q "${pip_c[@]}" numpy Pillow setuptools opencv-python-headless pycocotools \

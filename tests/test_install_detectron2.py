@@ -1,6 +1,7 @@
 """scripts/install_detectron2.py: which Detectron2 it installs from which source, and how it makes
 any of them installable without a compiler."""
 
+import importlib.abc
 import importlib.machinery
 import importlib.util
 import subprocess
@@ -126,12 +127,40 @@ def test_bad_sources_are_named(tmp_path):
     empty.mkdir()
     with pytest.raises(SystemExit, match="no detectron2/__init__.py"):
         inst.obtain(str(empty), tmp_path / "work")
-    with pytest.raises(subprocess.CalledProcessError):
-        inst.clone(f"file://{tmp_path}/nothing.git", tmp_path)
+    with pytest.raises(SystemExit, match="git cannot clone it .*nothing.git"):
+        inst.obtain(f"file://{tmp_path}/nothing.git", tmp_path)
     not_a_tar = tmp_path / "x.tar.gz"
     not_a_tar.write_bytes(b"garbage")
-    with pytest.raises(tarfile.ReadError):
+    with pytest.raises(SystemExit, match="not a readable archive or wheel"):
         inst.obtain(str(not_a_tar), tmp_path / "work2")
+    archive = tmp_path / "cut.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(SCRIPT, arcname="detectron2/__init__.py")
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])  # a cut download
+    with pytest.raises(SystemExit, match="not a readable archive or wheel"):
+        inst.obtain(str(archive), tmp_path / "work3")
+
+
+def test_an_editable_detectron2_is_found(tmp_path, monkeypatch):
+    """Detectron2's own route, ``pip install -e``, puts a finder on sys.meta_path rather than
+    the package on sys.path: its compiled _C is found through it."""
+    pkg = tmp_path / "checkout" / "detectron2"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / SO).write_bytes(b"\x7fELF fake compiled extension")
+
+    class EditableFinder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "detectron2":
+                return importlib.util.spec_from_file_location(
+                    name, pkg / "__init__.py", submodule_search_locations=[str(pkg)]
+                )
+            return None
+
+    monkeypatch.setattr(sys, "meta_path", [EditableFinder(), *sys.meta_path])
+    monkeypatch.delitem(sys.modules, "detectron2", raising=False)
+    assert inst.find_detectron2_dir() == pkg
+    assert inst.compiled_extension(pkg) == pkg / SO
 
 
 def test_setup_leaves_a_compiled_detectron2_alone(tmp_path):
@@ -165,3 +194,34 @@ def test_setup_recognises_what_it_installed():
     if not compiled:
         run = _installer(*_args_of_this_venv())
         assert run.returncode == 0 and "already installed" in run.stdout, run.stdout + run.stderr
+
+
+def _setup(tmp_path, *args, **env):
+    """scripts/setup.sh on the default stack, whatever this suite's, with VENV in ``tmp_path``."""
+    env = {"DETECTRON2": "main", "DETECTRON2_SOURCE": "", "VENV": str(tmp_path / "venv"), **env}
+    return subprocess.run(
+        ["bash", str(ROOT / "scripts/setup.sh"), *args],
+        capture_output=True, text=True, timeout=60, env=child_env(**env),
+    )  # fmt: skip
+
+
+def test_setup_leaves_a_folder_that_is_no_venv_alone(tmp_path):
+    """VENV names a folder of the user's whose bin/python is of another Python: refused, not
+    deleted and remade."""
+    folder = tmp_path / "venv"
+    (folder / "bin").mkdir(parents=True)
+    (folder / "bin" / "python").write_text("#!/bin/sh\necho 3.9\n")
+    (folder / "bin" / "python").chmod(0o755)
+    (folder / "results.csv").write_text("1,2\n")
+    run = _setup(tmp_path, sys.executable)
+    assert run.returncode == 2 and "is no venv (no pyvenv.cfg), so it is left alone" in run.stderr
+    assert (folder / "results.csv").read_text() == "1,2\n"
+
+
+def test_setup_names_what_it_cannot_use_before_making_a_venv(tmp_path):
+    run = _setup(tmp_path, str(tmp_path / "no" / "python3"))
+    assert run.returncode == 2 and "cannot run the interpreter" in run.stderr
+    assert "make demo PYTHON=" in run.stderr
+    run = _setup(tmp_path, sys.executable, DETECTRON2_SOURCE=str(tmp_path / "d2.tar.gz"))
+    assert run.returncode == 2 and "no such file or folder, and not a git URL" in run.stderr
+    assert not (tmp_path / "venv").exists()
