@@ -182,32 +182,41 @@ def unpack(archive: Path, work: Path) -> tuple[Path, str]:
 
 def obtain(source: str, work: Path) -> tuple[Path, str]:
     """A writable source tree from ``source`` and a line saying what it is; a source that cannot
-    be read or cloned ends the run with one line that says why."""
-    try:
-        return _obtain(source, work)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
-        raise SystemExit(f"--source {source}: not a readable archive or wheel ({e})") from e
-    except subprocess.CalledProcessError as e:
-        lines = (e.stderr or "").strip().splitlines()
-        fatal = [line for line in lines if line.startswith("fatal:")]
-        why = (fatal or lines or [f"exit status {e.returncode}"])[0]
-        raise SystemExit(f"--source {source}: git cannot clone it ({why})") from e
-    except subprocess.TimeoutExpired as e:
-        raise SystemExit(f"--source {source}: git took over {GIT_TIMEOUT_S} s to clone it") from e
-
-
-def _obtain(source: str, work: Path) -> tuple[Path, str]:
+    be read, copied or cloned ends the run with one line that says why."""
     path = Path(source).expanduser()
     if path.is_dir():
         tree = work / "detectron2-copy"
         ignore = shutil.ignore_patterns(".git", "build", "*.so", "__pycache__")
-        shutil.copytree(source_root(path.resolve()), tree, ignore=ignore)
+        try:
+            shutil.copytree(source_root(path.resolve()), tree, ignore=ignore)
+        except (shutil.Error, OSError) as e:
+            raise SystemExit(f"--source {source}: the folder cannot be copied ({e})") from e
         return tree, f"folder {path.resolve()}"
     if path.is_file():
-        return unpack(path.resolve(), work)
+        try:
+            return unpack(path.resolve(), work)
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
+            raise SystemExit(f"--source {source}: not a readable archive or wheel ({e})") from e
     if re.match(r"(git\+)?(https?|ssh|git|file)://", source) or source.endswith(".git"):
-        return clone(source, work)
+        return _clone_named(source, work)
     raise SystemExit(f"--source {source!r}: no such file or folder, and not a git URL")
+
+
+def _clone_named(url: str, work: Path) -> tuple[Path, str]:
+    """:func:`clone`, its failures said in one line."""
+    try:
+        return clone(url, work)
+    except FileNotFoundError as e:
+        raise SystemExit(
+            f"--source {url}: git is not installed, and the source is a git URL"
+        ) from e
+    except subprocess.CalledProcessError as e:
+        lines = (e.stderr or "").strip().splitlines()
+        fatal = [line for line in lines if line.startswith("fatal:")]
+        why = (fatal or lines or [f"exit status {e.returncode}"])[0]
+        raise SystemExit(f"--source {url}: git cannot clone it ({why})") from e
+    except subprocess.TimeoutExpired as e:
+        raise SystemExit(f"--source {url}: git took over {GIT_TIMEOUT_S} s to clone it") from e
 
 
 def obtain_main(work: Path) -> tuple[Path, str]:
@@ -263,6 +272,22 @@ def requested(version: str, source: Optional[str]) -> str:
     return f"{version} from {source}" if source else version
 
 
+def source_digest(source: Optional[str]) -> str:
+    """The sha256 of a source that is a file (an archive or wheel changes under its path)."""
+    path = Path(source).expanduser() if source else None
+    return sha256(path) if path is not None and path.is_file() else ""
+
+
+def installed_as_asked(record: Path, want: str, digest: str) -> Optional[str]:
+    """What ``record`` says is installed, where that is what ``want`` (and ``digest``) ask."""
+    if not record.is_file():
+        return None
+    lines = record.read_text().splitlines()
+    asked, installed = (lines + ["", ""])[:2]
+    recorded_digest = lines[2] if len(lines) > 2 else ""
+    return installed if asked == want and recorded_digest == digest else None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only report a compiled Detectron2")
@@ -281,12 +306,11 @@ def main() -> int:
     if compiled:
         print(f"[detectron2] using the compiled Detectron2 at {compiled}; installing nothing")
         return 0
-    want = requested(args.version, args.source)
-    if pkg and stand_in_is_current(pkg) and RECORD.is_file():
-        asked, _, installed = RECORD.read_text().partition("\n")
-        if asked == want:
-            print(f"[detectron2] already installed at {pkg}: {installed.strip()}")
-            return 0
+    want, digest = requested(args.version, args.source), source_digest(args.source)
+    installed = installed_as_asked(RECORD, want, digest)
+    if pkg and stand_in_is_current(pkg) and installed is not None:
+        print(f"[detectron2] already installed at {pkg}: {installed}")
+        return 0
     with tempfile.TemporaryDirectory(prefix="htc-d2-") as tmp:
         work = Path(tmp)
         if args.version == "0.6":
@@ -298,7 +322,7 @@ def main() -> int:
             tree, what = obtain_main(work)
         print(f"[detectron2] installing {what} with the pure-Python _C")
         install(tree, args.constraints)
-    RECORD.write_text(f"{want}\n{what}\n")
+    RECORD.write_text(f"{want}\n{what}\n{digest}\n")
     return 0
 
 

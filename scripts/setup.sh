@@ -15,6 +15,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${1:-${PYTHON:-}}"
 detectron2="${DETECTRON2:-main}"
 source="${DETECTRON2_SOURCE:-}"
+source="${source/#\~/$HOME}"
 if [ -e "$source" ]; then source="$(realpath "$source")"; fi  # a path given from the caller's folder
 if [ -n "$source" ] && [ ! -e "$source" ] \
     && ! [[ "$source" =~ ^(git\+)?(https?|ssh|git|file):// || "$source" == *.git ]]; then
@@ -37,9 +38,19 @@ fi
 start=$SECONDS
 version_of() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])'; }
 
-remake() {  # the venv removed, to be made anew: only a venv (one with pyvenv.cfg) is removed
-  if [ ! -f "$venv/pyvenv.cfg" ]; then
-    echo "[setup] $venv is no venv (no pyvenv.cfg), so it is left alone: give another VENV" >&2
+made="$venv/.htc-setup-made"  # this setup made the venv (a later one may remake it)
+record="$venv/detectron2-source.txt"
+if [ "$detectron2" = main ] && [ -z "$source" ] && [ -f "$record" ]; then
+  recorded="$(sed -n '1s/^main from //p' "$record")"  # the source of an earlier run, kept
+  if [ -n "$recorded" ]; then
+    source="$recorded"
+    echo "[setup] Detectron2 from $source, as before (DETECTRON2_SOURCE replaces it)"
+  fi
+fi
+remake() {  # the venv removed, to be made anew: only one that this setup made
+  if [ ! -f "$made" ] && [ ! -f "$venv/.htc-setup-stamp" ]; then
+    echo "[setup] $venv $1, and this setup did not make it, so it is left alone: give" \
+      "another VENV, or remove it" >&2
     exit 2
   fi
   echo "[setup] $venv $1; making it anew"
@@ -76,20 +87,14 @@ elif "$python" "$root/scripts/install_detectron2.py" --check >/dev/null 2>&1; th
     exit 2
   fi
   echo "[setup] found a compiled Detectron2 in $python: the venv will see it (--system-site-packages)"
+  mkdir -p "$venv" && touch "$made"  # first: an interrupted venv is this setup's to remake
   "$python" -m venv --system-site-packages "$venv"
   compiled=1
 else
+  mkdir -p "$venv" && touch "$made"
   "$python" -m venv "$venv"
 fi
 py="$venv/bin/python"
-record="$venv/detectron2-source.txt"
-if [ "$detectron2" = main ] && [ -z "$source" ] && [ -f "$record" ]; then
-  recorded="$(sed -n '1s/^main from //p' "$record")"  # the source of an earlier run, kept
-  if [ -n "$recorded" ]; then
-    source="$recorded"
-    echo "[setup] Detectron2 from $source, as before (DETECTRON2_SOURCE replaces it)"
-  fi
-fi
 content=""  # an archive or wheel changes under its path: its bytes are part of the stamp
 if [ -f "$source" ]; then content="$(sha256sum "$source" | cut -d' ' -f1)"; fi
 stamp="$venv/.htc-setup-stamp"
@@ -102,8 +107,10 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c "import htc, d
 fi
 
 pip_c=(-c "$constraints")
-if [ -n "$compiled" ]; then  # its torch is the one its _C was built against: not pinned over
-  grep -v '^\(torch\|torchvision\)==' "$constraints" > "$venv/constraints-without-torch.txt"
+if [ -n "$compiled" ]; then  # its torch is the one its _C was built against: neither it nor
+  # what it pins (Triton, CUDA's libraries) is pinned over
+  grep -Ev '^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z-]+)==' "$constraints" \
+    > "$venv/constraints-without-torch.txt"
   pip_c=(-c "$venv/constraints-without-torch.txt")
 fi
 "$py" -m pip install -q "${pip_c[@]}" pip

@@ -149,7 +149,7 @@ def test_deterministic_on_cuda_refuses_a_gpu_that_triton_does_not_compile_for(
     monkeypatch.setattr(kernels, "triton_runs_on", lambda device: device.type != "cuda")
     cfg = tiny_cfg()
     cfg.merge_from_list(["DETERMINISTIC", True, "SEED", 3, "MODEL.DEVICE", "cuda"])
-    with pytest.raises(ValueError, match="compute capability 7.0 or newer"):
+    with pytest.raises(ValueError, match="compute capability 7.0 and newer, not cuda's"):
         set_deterministic(cfg)
     assert not torch.are_deterministic_algorithms_enabled()
 
@@ -159,8 +159,8 @@ def test_deterministic_on_cuda_refuses_a_gpu_that_triton_does_not_compile_for(
     [
         (["SEED", -1], "fixed SEED"),
         (["CUDNN_BENCHMARK", True], "CUDNN_BENCHMARK"),
-        (["MODEL.DEVICE", "cuda", "MODEL.HTC.ROI_ALIGN", "torchvision"], "ROI_ALIGN 'auto' or"),
-        (["MODEL.DEVICE", "cuda", "MODEL.HTC.ROI_ALIGN", "cpu_parallel"], "ROI_ALIGN 'auto' or"),
+        (["MODEL.DEVICE", "cuda", "MODEL.HTC.ROI_ALIGN", "torchvision"], "'torchvision' runs"),
+        (["MODEL.DEVICE", "cuda", "MODEL.HTC.ROI_ALIGN", "cpu_parallel"], "'cpu_parallel' runs"),
     ],
 )
 def test_deterministic_refuses_what_would_not_be(deterministic_settings, opts, message):
@@ -187,9 +187,9 @@ def _lazy_cfg(**settings):
         ({"train.seed": 3, "train.device": "cpu", "train.cudnn_benchmark": True},
          "train.deterministic and train.cudnn_benchmark"),
         ({"train.seed": 3, "model.roi_heads.roi_align": "torchvision"},
-         "model.roi_heads.roi_align 'auto' or 'triton'"),
+         "model.roi_heads.roi_align 'torchvision' runs torchvision's kernels"),
         ({"train.seed": 3, "model.roi_heads.roi_align": "cpu_parallel"},
-         "model.roi_heads.roi_align 'auto' or 'triton'"),
+         "model.roi_heads.roi_align 'cpu_parallel' runs torchvision's kernels"),
     ],
 )  # fmt: skip
 def test_lazy_config_deterministic_refuses_what_would_not_be(

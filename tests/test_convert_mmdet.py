@@ -215,6 +215,7 @@ def test_an_imagenet_resnet_becomes_the_backbone_of_the_configs(tmp_path, capsys
     config = CONFIGS / "htc_R_50_FPN_1x.yaml"
     assert main([str(src), str(out), "--config", str(config)]) == 0
     assert "an ImageNet ResNet-50: the backbone's weights alone" in capsys.readouterr().out
+    assert b"numpy" not in out.read_bytes()  # NumPy 2's pickles do not load under NumPy 1 (v0.6)
     holder = torch.nn.Module()
     holder.backbone = build_backbone(load_cfg(config))
     HTCCheckpointer(holder).load(str(out), checkpointables=[])
@@ -243,6 +244,19 @@ def test_an_imagenet_resnext_fits_its_configs(config):
         ConversionError, match=r"missing for the model: \['backbone.bottom_up.res4.6"
     ):
         check_against_model(convert(backbone_as_mmdet(resnet50))[0], str(CONFIGS / config), True)
+
+
+@pytest.mark.parametrize(
+    "name, family",
+    [("resnet18", "ResNet-18"), ("resnet34", "ResNet-34"), ("resnet101", "ResNet-101"),
+     ("resnext101_32x8d", "ResNeXt-101")],
+)  # fmt: skip
+def test_imagenet_classifiers_are_named_by_their_depth(name, family):
+    """Basic blocks (ResNet-18, 34) are told apart from bottlenecks, 34 and 50 having the same
+    block counts."""
+    with on_meta():
+        state = getattr(torchvision.models, name)().state_dict()
+    assert family_of(backbone_as_mmdet(state)).split(",")[0] == family
 
 
 def test_an_interrupted_write_leaves_no_output(tmp_path, monkeypatch):

@@ -196,12 +196,12 @@ def test_setup_recognises_what_it_installed():
         assert run.returncode == 0 and "already installed" in run.stdout, run.stdout + run.stderr
 
 
-def _setup(tmp_path, *args, **env):
+def _setup(tmp_path, *args, pythonpath=(), **env):
     """scripts/setup.sh on the default stack, whatever this suite's, with VENV in ``tmp_path``."""
     env = {"DETECTRON2": "main", "DETECTRON2_SOURCE": "", "VENV": str(tmp_path / "venv"), **env}
     return subprocess.run(
         ["bash", str(ROOT / "scripts/setup.sh"), *args],
-        capture_output=True, text=True, timeout=60, env=child_env(**env),
+        capture_output=True, text=True, timeout=60, env=child_env(*pythonpath, **env),
     )  # fmt: skip
 
 
@@ -214,7 +214,7 @@ def test_setup_leaves_a_folder_that_is_no_venv_alone(tmp_path):
     (folder / "bin" / "python").chmod(0o755)
     (folder / "results.csv").write_text("1,2\n")
     run = _setup(tmp_path, sys.executable)
-    assert run.returncode == 2 and "is no venv (no pyvenv.cfg), so it is left alone" in run.stderr
+    assert run.returncode == 2 and "this setup did not make it, so it is left alone" in run.stderr
     assert (folder / "results.csv").read_text() == "1,2\n"
 
 
@@ -224,4 +224,42 @@ def test_setup_names_what_it_cannot_use_before_making_a_venv(tmp_path):
     assert "make demo PYTHON=" in run.stderr
     run = _setup(tmp_path, sys.executable, DETECTRON2_SOURCE=str(tmp_path / "d2.tar.gz"))
     assert run.returncode == 2 and "no such file or folder, and not a git URL" in run.stderr
+    assert not (tmp_path / "venv").exists()
+
+
+def test_an_archive_changed_under_its_path_is_installed_again(tmp_path):
+    """The record holds the source's bytes' sha256: the same path with other bytes is not
+    'already installed'."""
+    archive, record = tmp_path / "d2.tar.gz", tmp_path / "detectron2-source.txt"
+    archive.write_bytes(b"first")
+    want, digest = inst.requested("main", str(archive)), inst.source_digest(str(archive))
+    record.write_text(f"{want}\nd2.tar.gz (sha256 …)\n{digest}\n")
+    assert inst.installed_as_asked(record, want, digest) == "d2.tar.gz (sha256 …)"
+    archive.write_bytes(b"second")
+    assert inst.installed_as_asked(record, want, inst.source_digest(str(archive))) is None
+    assert inst.installed_as_asked(record, inst.requested("main", None), "") is None
+
+
+def test_setup_leaves_a_venv_it_did_not_make_alone(tmp_path):
+    """A venv without pip that this setup did not make (uv makes them so) is refused, not
+    deleted; one it made and that cannot run pip (an interrupted setup) would be made anew."""
+    folder = tmp_path / "venv"
+    (folder / "bin").mkdir(parents=True)
+    (folder / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (folder / "bin" / "python").write_text("#!/bin/sh\nexit 1\n")
+    (folder / "bin" / "python").chmod(0o755)
+    run = _setup(tmp_path, sys.executable)
+    assert run.returncode == 2 and "this setup did not make it, so it is left alone" in run.stderr
+    assert (folder / "pyvenv.cfg").is_file()
+
+
+def test_setup_refuses_a_venvs_interpreter_with_a_compiled_detectron2(tmp_path):
+    """A new venv on a venv's interpreter would not see that venv's packages."""
+    pkg = tmp_path / "site" / "detectron2"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / SO).write_bytes(b"\x7fELF fake compiled extension")
+    assert sys.prefix != sys.base_prefix  # the suite runs in a venv
+    run = _setup(tmp_path, sys.executable, pythonpath=[tmp_path / "site"])
+    assert run.returncode == 2 and "is a venv's, with a compiled Detectron2" in run.stderr
     assert not (tmp_path / "venv").exists()

@@ -6,7 +6,7 @@ import functools
 import logging
 import os
 from pathlib import Path
-from typing import Any, List, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import detectron2
 import torch
@@ -194,16 +194,13 @@ def set_deterministic(cfg: Union[CN, DictConfig]) -> None:
     device = _setting(cfg, "MODEL.DEVICE")[1]
     roi_align_key, roi_align = _setting(cfg, "MODEL.HTC.ROI_ALIGN")
     roi_align = layers.roi_align_kernel(roi_align, roi_align_key)
-    if torch.device(device).type == "cuda" and (
-        roi_align not in ("auto", "triton")
-        or layers.roi_align.triton_kernels() is None
-        or not _triton_compiles_for(torch.device(device))
-    ):
-        raise ValueError(
-            f"{key} on CUDA needs {roi_align_key} 'auto' or 'triton' with Triton installed, on a "
-            "GPU of compute capability 7.0 or newer: torchvision's RoIAlign backward "
-            "accumulates with atomics"
-        )
+    if torch.device(device).type == "cuda":
+        why = _why_not_atomic_free(roi_align_key, roi_align, torch.device(device))
+        if why:
+            raise ValueError(
+                f"{key} on CUDA: {why}, and torchvision's RoIAlign backward accumulates with "
+                "atomics"
+            )
     # read when cuBLAS starts, which is after this in train_net.py's processes
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
@@ -211,9 +208,16 @@ def set_deterministic(cfg: Union[CN, DictConfig]) -> None:
     logging.getLogger(__name__).info(f"{key}: deterministic algorithms only")
 
 
-def _triton_compiles_for(device: torch.device) -> bool:
-    """:func:`htc.layers.roi_align.triton_runs_on`, where CUDA can be asked."""
-    return not torch.cuda.is_available() or layers.roi_align.triton_runs_on(device)
+def _why_not_atomic_free(key: str, roi_align: str, device: torch.device) -> Optional[str]:
+    """Why the RoIAlign kernel ``roi_align`` (the value of ``key``) would take torchvision's
+    kernels on the CUDA ``device``, or None where it runs the Triton kernels."""
+    if roi_align not in ("auto", "triton"):
+        return f"{key} {roi_align!r} runs torchvision's kernels (give 'auto' or 'triton')"
+    if layers.roi_align.triton_kernels() is None:
+        return "Triton is not installed (pip install triton)"
+    if torch.cuda.is_available() and not layers.roi_align.triton_runs_on(device):
+        return f"Triton compiles for compute capability 7.0 and newer, not {device}'s"
+    return None
 
 
 def require_detectron2(*names: str) -> List[type]:

@@ -114,7 +114,8 @@ PROVEN_FAMILIES = {
     "ResNeXt-101, semantic branch, 2fc box heads",
     "ResNeXt-101 with DCN in res3-res5, semantic branch, 2fc box heads",
 }
-DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
+DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}  # of bottleneck blocks
+BASIC_DEPTHS = {(2, 2, 2, 2): 18, (3, 4, 6, 3): 34}  # of basic blocks (no conv3)
 
 
 class ConversionError(ValueError):
@@ -206,10 +207,11 @@ def family_of(state: Dict[str, torch.Tensor]) -> str:
         state.get("backbone.layer1.0.conv1.weight"),
         state.get("backbone.layer1.0.conv2.weight"),
     )
-    if blocks not in DEPTHS or conv1 is None or conv2 is None:
+    depths = DEPTHS if "backbone.layer1.0.conv3.weight" in state else BASIC_DEPTHS
+    if blocks not in depths or conv1 is None or conv2 is None:
         return "an unrecognised backbone"
     kind = "ResNeXt" if conv2.shape[1] < conv1.shape[0] else "ResNet"  # grouped 3x3
-    family = f"{kind}-{DEPTHS[blocks]}"
+    family = f"{kind}-{depths[blocks]}"
     deformable = sorted({int(k[len("backbone.layer")]) + 1 for k in state if ".conv_offset." in k})
     if deformable:
         family += f" with DCN in res{deformable[0]}-res{deformable[-1]}"
@@ -329,13 +331,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _write(converted: Dict[str, torch.Tensor], path: str) -> None:
-    """A ``.pth`` checkpoint, or for ``.pkl`` Detectron2's model-zoo pickle of NumPy arrays
-    (which its checkpointer reads by the extension); exact names, no matching heuristics."""
+    """A ``.pth`` checkpoint, or for ``.pkl`` Detectron2's model-zoo pickle (which its
+    checkpointer reads by the extension) of tensors, not NumPy arrays: NumPy 2 pickles name
+    ``numpy._core``, which the NumPy 1 of Detectron2 v0.6 cannot load; exact names, no matching
+    heuristics."""
     author = "htc-detectron2 convert_mmdet"
     with atomic_open(path, "wb") as f:
         if path.endswith(".pkl"):
-            model = {k: v.numpy() for k, v in converted.items()}
-            pickle.dump({"model": model, "__author__": author, "matching_heuristics": False}, f)
+            checkpoint = {"model": dict(converted), "__author__": author}
+            pickle.dump({**checkpoint, "matching_heuristics": False}, f)
         else:
             torch.save({"model": converted, "__author__": author}, f)
 

@@ -548,8 +548,9 @@ class FastROIAlign(ROIAlign):
 
 
 class TritonROIAlign(FastROIAlign):
-    """The Triton kernels for every call on a device that runs them (CUDA with Triton);
-    torchvision's elsewhere, with a warning on CUDA (Triton missing)."""
+    """The Triton kernels for every call they can compute (CUDA of compute capability 7.0 and
+    newer with Triton, float32 and narrower); torchvision's elsewhere, with a warning naming
+    the reason on CUDA (:func:`_why_not_triton`)."""
 
     cpu_kernels = False
 
