@@ -152,11 +152,10 @@ class HybridTaskCascade(GeneralizedRCNN):
         results, semantic_logits = self.detect(images, detected_instances)
         if not do_postprocess:
             return results
-        for r in results:
-            self._hold_box_masks(r)
-        outputs = GeneralizedRCNN._postprocess(results, batched_inputs, images.image_sizes)
-        for out in outputs:
-            _paste_held_masks_as_rle(out["instances"])
+        outputs = [
+            {"instances": self.postprocess_instances(r, *_output_size(x, size))}
+            for r, x, size in zip(results, batched_inputs, images.image_sizes)
+        ]
         if semantic_logits is not None:
             self._add_semantic_outputs(outputs, semantic_logits, batched_inputs, images)
         return outputs
@@ -174,8 +173,7 @@ class HybridTaskCascade(GeneralizedRCNN):
             return
         scores = self.semantic_head.upsample_logits(semantic_logits)
         for out, score, x, size in zip(outputs, scores, batched_inputs, images.image_sizes):
-            height, width = x.get("height", size[0]), x.get("width", size[1])
-            score = _resize_to_output(score, size, height, width)
+            score = _resize_to_output(score, size, *_output_size(x, size))
             if self.semantic_output:
                 out["sem_seg"] = score
             if self.panoptic_fusion is not None:
@@ -199,8 +197,8 @@ class HybridTaskCascade(GeneralizedRCNN):
 
     def postprocess_instances(self, instances: Instances, height: int, width: int) -> Instances:
         """Detectron2's ``detector_postprocess`` of one image's detections to ``height`` x
-        ``width``, with their masks as MODEL.HTC.MASK_OUTPUT asks (what test-time augmentation
-        returns)."""
+        ``width``, with their masks as MODEL.HTC.MASK_OUTPUT asks (what :meth:`inference` and
+        test-time augmentation return)."""
         self._hold_box_masks(instances)
         instances = detector_postprocess(instances, height, width)
         _paste_held_masks_as_rle(instances)
@@ -213,6 +211,11 @@ class HybridTaskCascade(GeneralizedRCNN):
         if self.mask_output == "rle" and results.has("pred_masks"):
             results.set(HELD_MASKS, results.pred_masks)
             results.remove("pred_masks")
+
+
+def _output_size(batched_input: dict, image_size: Tuple[int, int]) -> Tuple[int, int]:
+    """The (height, width) an input asks its outputs at, by default its resized image's."""
+    return batched_input.get("height", image_size[0]), batched_input.get("width", image_size[1])
 
 
 def _paste_held_masks_as_rle(instances: Instances) -> None:
