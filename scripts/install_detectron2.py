@@ -189,7 +189,14 @@ def obtain(source: str, work: Path) -> tuple[Path, str]:
         ignore = shutil.ignore_patterns(".git", "build", "*.so", "__pycache__")
         try:
             shutil.copytree(source_root(path.resolve()), tree, ignore=ignore)
-        except (shutil.Error, OSError) as e:
+        except shutil.Error as e:  # every file that failed: the first one said
+            failures = e.args[0]
+            first, _, why = failures[0]
+            raise SystemExit(
+                f"--source {source}: {len(failures)} files of the folder cannot be copied, the "
+                f"first {first} ({why})"
+            ) from e
+        except OSError as e:
             raise SystemExit(f"--source {source}: the folder cannot be copied ({e})") from e
         return tree, f"folder {path.resolve()}"
     if path.is_file():

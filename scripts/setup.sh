@@ -15,10 +15,10 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${1:-${PYTHON:-}}"
 detectron2="${DETECTRON2:-main}"
 source="${DETECTRON2_SOURCE:-}"
-source="${source/#\~/$HOME}"
+case "$source" in "~" | "~/"*) source="${HOME:?}${source:1}" ;; esac
 if [ -e "$source" ]; then source="$(realpath "$source")"; fi  # a path given from the caller's folder
-if [ -n "$source" ] && [ ! -e "$source" ] \
-    && ! [[ "$source" =~ ^(git\+)?(https?|ssh|git|file):// || "$source" == *.git ]]; then
+is_git_url() { [[ "$1" =~ ^(git\+)?(https?|ssh|git|file):// || "$1" == *.git ]]; }
+if [ -n "$source" ] && [ ! -e "$source" ] && ! is_git_url "$source"; then
   echo "[setup] DETECTRON2_SOURCE=$source: no such file or folder, and not a git URL" >&2
   exit 2
 fi
@@ -42,19 +42,28 @@ made="$venv/.htc-setup-made"  # this setup made the venv (a later one may remake
 record="$venv/detectron2-source.txt"
 if [ "$detectron2" = main ] && [ -z "$source" ] && [ -f "$record" ]; then
   recorded="$(sed -n '1s/^main from //p' "$record")"  # the source of an earlier run, kept
+  if [ -n "$recorded" ] && [ ! -e "$recorded" ] && ! is_git_url "$recorded"; then
+    echo "[setup] $venv has Detectron2 from $recorded, which is gone: give DETECTRON2_SOURCE" >&2
+    exit 2
+  fi
   if [ -n "$recorded" ]; then
     source="$recorded"
     echo "[setup] Detectron2 from $source, as before (DETECTRON2_SOURCE replaces it)"
   fi
 fi
+made_here() {  # this setup made the venv: it says so, or (made before it said so) it is the
+  # default venv with this setup's stamp; a stamp alone is also in a VENV of the user's
+  [ -f "$made" ] || { [ "$venv" = "$root/$default_venv" ] && [ -f "$venv/.htc-setup-stamp" ]; }
+}
 remake() {  # the venv removed, to be made anew: only one that this setup made
-  if [ ! -f "$made" ] && [ ! -f "$venv/.htc-setup-stamp" ]; then
+  if ! made_here; then
     echo "[setup] $venv $1, and this setup did not make it, so it is left alone: give" \
       "another VENV, or remove it" >&2
     exit 2
   fi
   echo "[setup] $venv $1; making it anew"
-  rm -rf "$venv"
+  mv "$venv" "$venv.removing.$$"  # an interrupted removal leaves no venv without its marks
+  rm -rf "$venv.removing.$$"
 }
 if [ -e "$venv" ] && ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
   if [ -n "$(ls -A "$venv")" ]; then remake "does not run pip (an interrupted setup?)"; fi

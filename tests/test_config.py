@@ -154,6 +154,17 @@ def test_deterministic_on_cuda_refuses_a_gpu_that_triton_does_not_compile_for(
     assert not torch.are_deterministic_algorithms_enabled()
 
 
+def test_deterministic_on_cuda_refuses_where_triton_is_missing(monkeypatch, deterministic_settings):
+    import htc.layers.roi_align as kernels
+
+    monkeypatch.setattr(kernels, "triton_kernels", lambda: None)
+    cfg = tiny_cfg()
+    cfg.merge_from_list(["DETERMINISTIC", True, "SEED", 3, "MODEL.DEVICE", "cuda"])
+    with pytest.raises(ValueError, match=r"Triton is not installed \(pip install triton\)"):
+        set_deterministic(cfg)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 @pytest.mark.parametrize(
     "opts, message",
     [

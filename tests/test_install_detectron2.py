@@ -127,6 +127,12 @@ def test_bad_sources_are_named(tmp_path):
     empty.mkdir()
     with pytest.raises(SystemExit, match="no detectron2/__init__.py"):
         inst.obtain(str(empty), tmp_path / "work")
+    checkout = tmp_path / "checkout"
+    _package(checkout)
+    for name in ("a.py", "b.py"):
+        (checkout / "detectron2" / name).symlink_to(tmp_path / "nowhere")
+    with pytest.raises(SystemExit, match=r"2 files of the folder cannot be copied, the first \S+"):
+        inst.obtain(str(checkout), tmp_path / "work1")
     with pytest.raises(SystemExit, match="git cannot clone it .*nothing.git"):
         inst.obtain(f"file://{tmp_path}/nothing.git", tmp_path)
     not_a_tar = tmp_path / "x.tar.gz"
@@ -240,17 +246,40 @@ def test_an_archive_changed_under_its_path_is_installed_again(tmp_path):
     assert inst.installed_as_asked(record, inst.requested("main", None), "") is None
 
 
-def test_setup_leaves_a_venv_it_did_not_make_alone(tmp_path):
-    """A venv without pip that this setup did not make (uv makes them so) is refused, not
-    deleted; one it made and that cannot run pip (an interrupted setup) would be made anew."""
+@pytest.mark.parametrize("marks", [(), (".htc-setup-stamp",), (".htc-setup-made",)])
+def test_setup_remakes_only_a_venv_it_made(tmp_path, marks):
+    """A venv without pip (uv makes them so; an interrupted setup leaves one) is made anew only
+    where this setup made it: its stamp alone is also written into a VENV of the user's that
+    it installed into. (The interpreter then asked for cannot run, so nothing is installed.)"""
     folder = tmp_path / "venv"
     (folder / "bin").mkdir(parents=True)
     (folder / "pyvenv.cfg").write_text("home = /usr/bin\n")
     (folder / "bin" / "python").write_text("#!/bin/sh\nexit 1\n")
     (folder / "bin" / "python").chmod(0o755)
+    for mark in marks:
+        (folder / mark).write_text("")
+    run = _setup(tmp_path, str(tmp_path / "no" / "python3"))
+    assert run.returncode == 2
+    if marks == (".htc-setup-made",):
+        assert "does not run pip (an interrupted setup?); making it anew" in run.stdout
+        assert not folder.exists() and "cannot run the interpreter" in run.stderr
+        assert list(tmp_path.iterdir()) == [], "the removal left nothing behind"
+    else:
+        assert "this setup did not make it, so it is left alone" in run.stderr
+        assert (folder / "pyvenv.cfg").is_file()
+
+
+def test_setup_names_a_recorded_source_that_is_gone(tmp_path):
+    """A later run takes the source of the first from the venv's record: gone, it is named
+    before anything is installed."""
+    folder = tmp_path / "venv"
+    folder.mkdir()
+    gone = tmp_path / "moved" / "d2.tar.gz"
+    (folder / "detectron2-source.txt").write_text(f"main from {gone}\nd2.tar.gz\n")
     run = _setup(tmp_path, sys.executable)
-    assert run.returncode == 2 and "this setup did not make it, so it is left alone" in run.stderr
-    assert (folder / "pyvenv.cfg").is_file()
+    assert run.returncode == 2
+    assert f"has Detectron2 from {gone}, which is gone: give DETECTRON2_SOURCE" in run.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["detectron2-source.txt"]
 
 
 def test_setup_refuses_a_venvs_interpreter_with_a_compiled_detectron2(tmp_path):
@@ -259,7 +288,8 @@ def test_setup_refuses_a_venvs_interpreter_with_a_compiled_detectron2(tmp_path):
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / SO).write_bytes(b"\x7fELF fake compiled extension")
-    assert sys.prefix != sys.base_prefix  # the suite runs in a venv
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("the suite runs outside a venv: its interpreter is no venv's")
     run = _setup(tmp_path, sys.executable, pythonpath=[tmp_path / "site"])
     assert run.returncode == 2 and "is a venv's, with a compiled Detectron2" in run.stderr
     assert not (tmp_path / "venv").exists()
