@@ -19,20 +19,24 @@ Usage: python scripts/install_detectron2.py [--check] [--version {main,0.6}] [--
 
 import argparse
 import hashlib
+import html
 import importlib.machinery
 import importlib.util
 import json
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List, Optional
+from urllib.parse import urljoin, urlsplit
 
 STAND_IN = Path(__file__).resolve().parent / "detectron2_C.py"
 GITHUB = "https://github.com/facebookresearch/detectron2.git"
@@ -40,35 +44,106 @@ GIT_TIMEOUT_S = 300
 RECORD = Path(sys.prefix) / "detectron2-source.txt"
 
 
+PYPI_SIMPLE = "https://pypi.org/simple"
+
+
 @dataclass(frozen=True)
 class PyPIFile:
-    """One pinned file of a PyPI project, found through the simple index's JSON API (``pip
-    download`` cannot fetch either: pb1's metadata has a direct-URL extra that newer pip refuses,
-    and sal's wheel is tagged for CPython 3.10 only)."""
+    """One pinned file of a PyPI project, found on the simple indexes pip is configured with,
+    then PyPI's (``pip download`` cannot fetch either: pb1's metadata has a direct-URL extra that
+    newer pip refuses, and sal's wheel is tagged for CPython 3.10 only). Its sha256 is checked
+    whichever index serves it."""
 
     project: str
     filename: str
     sha256: str
 
     def fetch(self, dest: Path) -> Path:
-        index = f"https://pypi.org/simple/{self.project}/"
-        accept = {"Accept": "application/vnd.pypi.simple.v1+json"}
-        with urllib.request.urlopen(
-            urllib.request.Request(index, headers=accept), timeout=120
-        ) as r:
-            files = json.load(r)["files"]
-        entry = next((f for f in files if f["filename"] == self.filename), None)
-        if entry is None:
-            raise SystemExit(f"{self.filename} is not listed at {index}")
-        path = dest / self.filename
-        with urllib.request.urlopen(entry["url"], timeout=600) as response:
+        config = pip_config()
+        opener, indexes, failures = url_opener(config), simple_indexes(config), []
+        for index in indexes:
+            try:
+                url = self._link(opener, index)
+            except (OSError, ValueError) as e:  # unreachable, or not an index page
+                failures.append(f"{index}: {e}")
+                continue
+            if url is not None:
+                return self._download(opener, url, dest / self.filename)
+            failures.append(f"{index}: not listed")
+        raise SystemExit(f"{self.filename} cannot be fetched: " + "; ".join(failures))
+
+    def _link(self, opener: urllib.request.OpenerDirector, index: str) -> Optional[str]:
+        """The URL of this file on the simple index ``index`` (PEP 691 JSON or PEP 503 HTML),
+        or None where the project does not list it."""
+        page = f"{index.rstrip('/')}/{self.project}/"
+        if page.startswith("file:"):
+            page += "index.html"
+        accept = {"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"}
+        try:
+            with opener.open(urllib.request.Request(page, headers=accept), timeout=120) as r:
+                kind, body = r.headers.get("Content-Type", ""), r.read().decode()
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return None
+            raise
+        except urllib.error.URLError as e:  # a file: index without the project
+            if isinstance(e.reason, FileNotFoundError):
+                return None
+            raise
+        if "json" in kind:
+            links = [(f["filename"], f["url"]) for f in json.loads(body)["files"]]
+        else:
+            hrefs = re.findall(r"""<a\s[^>]*href=["']([^"']+)["']""", body, flags=re.IGNORECASE)
+            links = [(Path(urlsplit(h).path).name, html.unescape(h)) for h in hrefs]
+        found = [url for name, url in links if name == self.filename]
+        return urljoin(page, found[0]) if found else None
+
+    def _download(self, opener: urllib.request.OpenerDirector, url: str, path: Path) -> Path:
+        with opener.open(url, timeout=600) as response:
             path.write_bytes(response.read())
         digest = sha256(path)
         if digest != self.sha256:
             raise SystemExit(
-                f"{self.filename}: sha256 {digest} differs from the pinned {self.sha256}"
+                f"{self.filename} from {url}: sha256 {digest} differs from the pinned {self.sha256}"
             )
         return path
+
+
+def pip_config() -> Dict[str, str]:
+    """pip's settings as ``pip config list`` gives them (its files, then PIP_* variables, the
+    later winning), by name: ``index-url``, ``proxy``, ``cert``, ..."""
+    try:
+        listed = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    settings = {}
+    for line in listed.splitlines():
+        key, _, value = line.partition("=")
+        section, _, name = key.rpartition(".")
+        if section in ("global", "install", "download", ":env:"):
+            settings[name] = value.strip("'\"")
+    return settings
+
+
+def simple_indexes(config: Dict[str, str]) -> List[str]:
+    """pip's index-url and extra-index-urls, then PyPI's, each once."""
+    urls = [config.get("index-url", ""), *config.get("extra-index-url", "").split(), PYPI_SIMPLE]
+    return list(dict.fromkeys(url.rstrip("/") for url in urls if url))
+
+
+def url_opener(config: Dict[str, str]) -> urllib.request.OpenerDirector:
+    """urllib with pip's proxy and certificate bundle, where pip has them."""
+    handlers: List[urllib.request.BaseHandler] = []
+    if config.get("proxy"):
+        proxy = config["proxy"]
+        handlers.append(urllib.request.ProxyHandler({"http": proxy, "https": proxy}))
+    if config.get("cert"):
+        context = ssl.create_default_context(cafile=config["cert"])
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    return urllib.request.build_opener(*handlers)
 
 
 V06_SDIST = PyPIFile(

@@ -1,12 +1,17 @@
 """scripts/install_detectron2.py: which Detectron2 it installs from which source, and how it makes
 any of them installable without a compiler."""
 
+import hashlib
+import http.server
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import json
 import subprocess
 import sys
 import tarfile
+import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -145,6 +150,76 @@ def test_bad_sources_are_named(tmp_path):
     archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])  # a cut download
     with pytest.raises(SystemExit, match="not a readable archive or wheel"):
         inst.obtain(str(archive), tmp_path / "work3")
+
+
+@pytest.fixture
+def json_index():
+    """A PEP 691 simple index over HTTP that lists "served" alone: (its URL, the files'
+    bytes by name, to fill)."""
+    files = {}
+
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/simple/served/":
+                listed = [{"filename": name, "url": f"/files/{name}"} for name in files]
+                body, kind = json.dumps({"files": listed}).encode(), "application/json"
+            elif self.path.removeprefix("/files/") in files:
+                body, kind = files[self.path.removeprefix("/files/")], "application/octet-stream"
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/simple", files
+    server.shutdown()
+
+
+def test_pinned_files_come_from_the_indexes_pip_is_configured_with(
+    tmp_path, monkeypatch, json_index
+):
+    """pip's index-url and extra-index-urls are asked before PyPI's (a mirror, where PyPI
+    cannot be reached): an index without the project is passed over; PEP 503 HTML and PEP 691
+    JSON pages are read; the sha256 is checked whoever serves the file."""
+    data = b"the sdist's bytes"
+    digest = hashlib.sha256(data).hexdigest()
+    html_index = tmp_path / "html" / "simple"
+    (html_index / "local").mkdir(parents=True)
+    (tmp_path / "html" / "files").mkdir()
+    (tmp_path / "html" / "files" / "local-1.0.tar.gz").write_bytes(data)
+    (html_index / "local" / "index.html").write_text(
+        f"<html><body><a href='../../files/local-1.0.tar.gz#sha256={digest}'>x</a></body></html>"
+    )
+    url, served = json_index
+    served["served-1.0.tar.gz"] = data
+    monkeypatch.setenv("PIP_INDEX_URL", url)
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", html_index.as_uri())
+    assert inst.simple_indexes(inst.pip_config()) == [url, html_index.as_uri(), inst.PYPI_SIMPLE]
+
+    for project in ("served", "local"):
+        (tmp_path / project).mkdir()
+        pinned = inst.PyPIFile(project, f"{project}-1.0.tar.gz", digest)
+        assert pinned.fetch(tmp_path / project).read_bytes() == data
+    served["served-1.0.tar.gz"] = b"other bytes"
+    host = url.removesuffix("/simple")
+    with pytest.raises(SystemExit, match=f"from {host}/files/served-1.0.tar.gz: sha256"):
+        inst.PyPIFile("served", "served-1.0.tar.gz", digest).fetch(tmp_path / "served")
+
+
+def test_pip_proxy_and_certificates_are_used():
+    proxy = "http://proxy.example:3128"
+    opener = inst.url_opener({"proxy": proxy})
+    proxies = [h for h in opener.handlers if isinstance(h, urllib.request.ProxyHandler)]
+    assert proxies[0].proxies == {"http": proxy, "https": proxy}
+    with pytest.raises(FileNotFoundError):  # the bundle named is the one loaded
+        inst.url_opener({"cert": "/nonexistent/ca-bundle.crt"})
 
 
 def test_an_editable_detectron2_is_found(tmp_path, monkeypatch):
