@@ -354,20 +354,26 @@ def requested(version: str, source: Optional[str]) -> str:
     return f"{version} from {source}" if source else version
 
 
-def source_digest(source: Optional[str]) -> str:
-    """The sha256 of a source that is a file (an archive or wheel changes under its path)."""
-    path = Path(source).expanduser() if source else None
-    return sha256(path) if path is not None and path.is_file() else ""
+def source_digest(source: Optional[str]) -> Optional[str]:
+    """The sha256 of a source that is a file (an archive or wheel changes under its path); ""
+    for none or another kind of source; None for a path that is gone (removed since)."""
+    if not source or re.match(r"(git\+)?(https?|ssh|git|file)://", source):
+        return ""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return sha256(path)
+    return "" if path.exists() else None
 
 
-def installed_as_asked(record: Path, want: str, digest: str) -> Optional[str]:
-    """What ``record`` says is installed, where that is what ``want`` (and ``digest``) ask."""
+def installed_as_asked(record: Path, want: str, digest: Optional[str]) -> Optional[str]:
+    """What ``record`` says is installed, where that is what ``want`` and ``digest`` ask (a
+    digest of None, a source gone since, asks the copy installed from it)."""
     if not record.is_file():
         return None
     lines = record.read_text().splitlines()
     asked, installed = (lines + ["", ""])[:2]
     recorded_digest = lines[2] if len(lines) > 2 else ""
-    return installed if asked == want and recorded_digest == digest else None
+    return installed if asked == want and digest in (None, recorded_digest) else None
 
 
 def main() -> int:
@@ -391,7 +397,8 @@ def main() -> int:
     want, digest = requested(args.version, args.source), source_digest(args.source)
     installed = installed_as_asked(RECORD, want, digest)
     if pkg and stand_in_is_current(pkg) and installed is not None:
-        print(f"[detectron2] already installed at {pkg}: {installed}")
+        gone = f"; {args.source} is gone since, the copy is kept" if digest is None else ""
+        print(f"[detectron2] already installed at {pkg}: {installed}{gone}")
         return 0
     with tempfile.TemporaryDirectory(prefix="htc-d2-") as tmp:
         work = Path(tmp)
@@ -404,7 +411,7 @@ def main() -> int:
             tree, what = obtain_main(work)
         print(f"[detectron2] installing {what} with the pure-Python _C")
         install(tree, args.constraints)
-    RECORD.write_text(f"{want}\n{what}\n{digest}\n")
+    RECORD.write_text(f"{want}\n{what}\n{digest or ''}\n")
     return 0
 
 

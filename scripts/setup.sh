@@ -43,13 +43,13 @@ record="$venv/detectron2-source.txt"
 if [ "$detectron2" = main ] && [ -z "$source" ] && [ -f "$record" ]; then
   recorded="$(sed -n '1s/^main from //p' "$record")"  # the source of an earlier run, kept
   if [ -n "$recorded" ] && [ ! -e "$recorded" ] && ! is_git_url "$recorded"; then
-    echo "[setup] $venv has Detectron2 from $recorded, which is gone: give DETECTRON2_SOURCE" >&2
-    exit 2
+    gone="$recorded"  # removed since: the copy installed from it is kept, as its sha256 says
+    echo "[setup] Detectron2 from $gone, which is gone since: the installed copy is kept" \
+      "(DETECTRON2_SOURCE replaces it)"
+  elif [ -n "$recorded" ]; then
+    echo "[setup] Detectron2 from $recorded, as before (DETECTRON2_SOURCE replaces it)"
   fi
-  if [ -n "$recorded" ]; then
-    source="$recorded"
-    echo "[setup] Detectron2 from $source, as before (DETECTRON2_SOURCE replaces it)"
-  fi
+  source="${recorded:-}"
 fi
 made_here() {  # this setup made the venv: it says so, or (made before it said so) it is the
   # default venv with this setup's stamp; a stamp alone is also in a VENV of the user's
@@ -59,6 +59,11 @@ remake() {  # the venv removed, to be made anew: only one that this setup made
   if ! made_here; then
     echo "[setup] $venv $1, and this setup did not make it, so it is left alone: give" \
       "another VENV, or remove it" >&2
+    exit 2
+  fi
+  if [ -n "${gone:-}" ]; then
+    echo "[setup] $venv $1, and its Detectron2 came from $gone, which is gone: give" \
+      "DETECTRON2_SOURCE" >&2
     exit 2
   fi
   echo "[setup] $venv $1; making it anew"
@@ -106,6 +111,7 @@ fi
 py="$venv/bin/python"
 content=""  # an archive or wheel changes under its path: its bytes are part of the stamp
 if [ -f "$source" ]; then content="$(sha256sum "$source" | cut -d' ' -f1)"; fi
+if [ -n "${gone:-}" ]; then content="$(sed -n 3p "$record")"; fi  # as when it was installed
 stamp="$venv/.htc-setup-stamp"
 want="$( (echo "$version $detectron2 $source $content"
           cat "$constraints" setup.cfg pyproject.toml scripts/setup.sh scripts/install_detectron2.py \

@@ -319,6 +319,9 @@ def test_an_archive_changed_under_its_path_is_installed_again(tmp_path):
     archive.write_bytes(b"second")
     assert inst.installed_as_asked(record, want, inst.source_digest(str(archive))) is None
     assert inst.installed_as_asked(record, inst.requested("main", None), "") is None
+    archive.unlink()  # gone since: what was installed from it stands
+    gone = inst.source_digest(str(archive))
+    assert gone is None and inst.installed_as_asked(record, want, gone) == "d2.tar.gz (sha256 …)"
 
 
 @pytest.mark.parametrize("marks", [(), (".htc-setup-stamp",), (".htc-setup-made",)])
@@ -344,17 +347,20 @@ def test_setup_remakes_only_a_venv_it_made(tmp_path, marks):
         assert (folder / "pyvenv.cfg").is_file()
 
 
-def test_setup_names_a_recorded_source_that_is_gone(tmp_path):
-    """A later run takes the source of the first from the venv's record: gone, it is named
-    before anything is installed."""
+def test_setup_keeps_a_venv_whose_recorded_source_is_gone(tmp_path):
+    """A later run takes the source of the first from the venv's record. Removed since (a
+    downloaded archive cleaned up), the installed copy is kept; a venv to be made anew is not
+    removed, as nothing could install its Detectron2 again."""
     folder = tmp_path / "venv"
     folder.mkdir()
+    (folder / ".htc-setup-made").write_text("")
     gone = tmp_path / "moved" / "d2.tar.gz"
-    (folder / "detectron2-source.txt").write_text(f"main from {gone}\nd2.tar.gz\n")
+    (folder / "detectron2-source.txt").write_text(f"main from {gone}\nd2.tar.gz\nab12\n")
     run = _setup(tmp_path, sys.executable)
+    assert f"Detectron2 from {gone}, which is gone since: the installed copy is kept" in run.stdout
     assert run.returncode == 2
-    assert f"has Detectron2 from {gone}, which is gone: give DETECTRON2_SOURCE" in run.stderr
-    assert sorted(p.name for p in folder.iterdir()) == ["detectron2-source.txt"]
+    assert f"its Detectron2 came from {gone}, which is gone: give DETECTRON2_SOURCE" in run.stderr
+    assert sorted(p.name for p in folder.iterdir()) == [".htc-setup-made", "detectron2-source.txt"]
 
 
 def test_setup_refuses_a_venvs_interpreter_with_a_compiled_detectron2(tmp_path):
