@@ -279,9 +279,13 @@ def obtain(source: str, work: Path) -> tuple[Path, str]:
             return unpack(path.resolve(), work)
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
             raise SystemExit(f"--source {source}: not a readable archive or wheel ({e})") from e
-    if re.match(r"(git\+)?(https?|ssh|git|file)://", source) or source.endswith(".git"):
+    if is_git_url(source):
         return _clone_named(source, work)
     raise SystemExit(f"--source {source!r}: no such file or folder, and not a git URL")
+
+
+def is_git_url(source: str) -> bool:
+    return bool(re.match(r"(git\+)?(https?|ssh|git|file)://", source)) or source.endswith(".git")
 
 
 def _clone_named(url: str, work: Path) -> tuple[Path, str]:
@@ -357,12 +361,12 @@ def requested(version: str, source: Optional[str]) -> str:
 def source_digest(source: Optional[str]) -> Optional[str]:
     """The sha256 of a source that is a file (an archive or wheel changes under its path); ""
     for none or another kind of source; None for a path that is gone (removed since)."""
-    if not source or re.match(r"(git\+)?(https?|ssh|git|file)://", source):
+    if not source:
         return ""
     path = Path(source).expanduser()
     if path.is_file():
         return sha256(path)
-    return "" if path.exists() else None
+    return "" if path.exists() or is_git_url(source) else None
 
 
 def installed_as_asked(record: Path, want: str, digest: Optional[str]) -> Optional[str]:

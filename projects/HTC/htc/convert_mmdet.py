@@ -338,8 +338,8 @@ def _write(converted: Dict[str, torch.Tensor], path: str) -> None:
     author = "htc-detectron2 convert_mmdet"
     with atomic_open(path, "wb") as f:
         if path.endswith(".pkl"):
-            checkpoint = {"model": dict(converted), "__author__": author}
-            pickle.dump({**checkpoint, "matching_heuristics": False}, f)
+            model = dict(converted)
+            pickle.dump({"model": model, "__author__": author, "matching_heuristics": False}, f)
         else:
             torch.save({"model": converted, "__author__": author}, f)
 
