@@ -9,6 +9,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from torch.nn import functional as F
 
 from conftest import make_batch, tiny_cfg, train_losses
+from htc import HybridTaskCascade
 
 
 @pytest.mark.parametrize("with_gt", [True, False], ids=["positives", "no-positives"])
@@ -67,6 +68,23 @@ def test_without_semantic_branch():
     assert set(outputs[0]) == {"instances"}
     losses = train_losses(model, make_batch())
     assert "loss_sem_seg" not in losses and "loss_mask_stage2" in losses
+
+
+def test_semantic_fusion_without_the_semantic_branch_is_named():
+    """The ROI heads' semantic fusion takes HybridTaskCascade's semantic feature: Detectron2's
+    GeneralizedRCNN (which has no semantic branch) around them, and a model built without the
+    branch (as a LazyConfig can), are refused by name, not with a KeyError."""
+    cfg = tiny_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    model = build_model(cfg)
+    message = "semantic fusion .*'htc_semantic'.*META_ARCHITECTURE 'HybridTaskCascade'"
+    with pytest.raises(ValueError, match=message):
+        train_losses(model, make_batch())
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        model.eval()(make_batch(num_images=1, with_gt=False))
+    parts = HybridTaskCascade.from_config(tiny_cfg())
+    with pytest.raises(ValueError, match=r"\['bbox', 'mask'\] .*no semantic branch"):
+        HybridTaskCascade(**{**parts, "semantic_head": None})
 
 
 @pytest.mark.parametrize("off_image", [False, True])

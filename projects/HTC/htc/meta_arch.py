@@ -55,6 +55,14 @@ class HybridTaskCascade(GeneralizedRCNN):
         use_reference_decoding(self)
         if self.proposal_generator is None:
             raise ValueError("HybridTaskCascade needs an RPN (MODEL.PROPOSAL_GENERATOR.NAME)")
+        fusion = getattr(self.roi_heads, "semantic_fusion", ())
+        if fusion and semantic_head is None:
+            raise ValueError(
+                f"the ROI heads sum the semantic feature into {list(fusion)} RoI features "
+                "(semantic_fusion), but the model has no semantic branch (semantic_head None): "
+                "give it one (MODEL.HTC.SEMANTIC_ON True) or set the ROI heads' semantic_fusion "
+                "to [] (MODEL.HTC.SEMANTIC_FUSION [])"
+            )
         self.semantic_head = semantic_head
         self.semantic_output = semantic_output
         if mask_output not in MASK_OUTPUTS:

@@ -40,6 +40,19 @@ TEST_NMS = ("nms", "soft_linear", "soft_gaussian")
 HAS_FED_LOSS = "use_sigmoid_ce" in inspect.signature(FastRCNNOutputLayers.__init__).parameters
 
 
+def _semantic_feature(features: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """(N, C, H/s, W/s): the semantic branch's feature, which only :class:`HybridTaskCascade`
+    puts among the features (Detectron2's ``GeneralizedRCNN`` has no semantic branch)."""
+    if SEMANTIC_FEATURE not in features:
+        raise ValueError(
+            "HTC's semantic fusion (MODEL.HTC.SEMANTIC_FUSION) needs the feature of the semantic "
+            f"branch, {SEMANTIC_FEATURE!r}, which the model did not give the ROI heads: use "
+            "MODEL.META_ARCHITECTURE 'HybridTaskCascade' with MODEL.HTC.SEMANTIC_ON True, or "
+            "set MODEL.HTC.SEMANTIC_FUSION [] and MODEL.HTC.SEMANTIC_ON False"
+        )
+    return features[SEMANTIC_FEATURE]
+
+
 @ROI_HEADS_REGISTRY.register()
 class HybridTaskCascadeROIHeads(CascadeROIHeads):
     """The cascade of HTC: box stages with interleaved mask stages, mask information flow and
@@ -321,7 +334,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
 
     def _semantic_rois(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]) -> torch.Tensor:
         """(R, C, M, M) RoIAlign of the semantic feature, M = the mask pooler resolution."""
-        return self.semantic_pooler([features[SEMANTIC_FEATURE]], boxes)
+        return self.semantic_pooler([_semantic_feature(features)], boxes)
 
     def _semantic_box_rois(
         self, features: Dict[str, torch.Tensor], boxes: List[Boxes]
@@ -330,7 +343,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         box pooler's resolution Sb, as the reference computes it (a fixed size, as exporters
         need)."""
         size = tuple(self.box_pooler.output_size)
-        return self.semantic_pooler.pooled([features[SEMANTIC_FEATURE]], boxes, size)
+        return self.semantic_pooler.pooled([_semantic_feature(features)], boxes, size)
 
     def box_stage(
         self, features: Dict[str, torch.Tensor], proposals: List[Instances], stage: int
