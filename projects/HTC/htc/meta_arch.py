@@ -203,10 +203,12 @@ class HybridTaskCascade(GeneralizedRCNN):
             results = self.roi_heads.forward_with_given_boxes(features, detected_instances)
         return results, semantic_logits
 
+    @torch.compiler.disable
     def postprocess_instances(self, instances: Instances, height: int, width: int) -> Instances:
         """Detectron2's ``detector_postprocess`` of one image's detections to ``height`` x
         ``width``, with their masks as MODEL.HTC.MASK_OUTPUT asks (what :meth:`inference` and
-        test-time augmentation return)."""
+        test-time augmentation return). Eager under ``torch.compile``: the pasting's shapes and
+        chunks depend on the detections."""
         self._hold_box_masks(instances)
         instances = detector_postprocess(instances, height, width)
         _paste_held_masks_as_rle(instances)

@@ -30,11 +30,14 @@ class HTCROIPooler(ROIPooler):
         )
         return new
 
+    @torch.compiler.disable
     def forward(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
         """The parent's (R, C, M, M) output with one host sync where the parent has one per
         level (a ``nonzero`` selects each level's boxes) plus one (the boxes' image indices):
         boxes are grouped by level with one count; a kernel that pools all levels in one pass
-        (:meth:`FastROIAlign.all_levels`, Triton on CUDA) needs no grouping and no sync."""
+        (:meth:`FastROIAlign.all_levels`, Triton on CUDA) needs no grouping and no sync. Eager
+        under ``torch.compile``: its kernels run eagerly anyway, and the grouping is counted on
+        the host (one graph break for the call rather than one for each)."""
         exporting = torch.jit.is_tracing() or torch.jit.is_scripting()
         mismatched = len(x) != len(self.level_poolers) or len(box_lists) != x[0].size(0)
         if not box_lists or exporting or mismatched:  # the parent's checks name a mismatch
@@ -69,12 +72,14 @@ class HTCROIPooler(ROIPooler):
         # of an index by its inverse a scatter-add (single-threaded on CPU)
         return torch.empty_like(pooled).index_copy_(0, order, pooled)
 
+    @torch.compiler.disable
     def pooled(
         self, x: List[torch.Tensor], box_lists: List[Boxes], size: Tuple[int, int]
     ) -> torch.Tensor:
         """(R, C, *size): the pooler's output average-pooled to ``size``. A one-level pooler asks
         its kernel, which may pool without the full-size RoI features; not under tracing, which
-        would freeze :func:`pooler_format`'s box counts into the graph."""
+        would freeze :func:`pooler_format`'s box counts into the graph. Eager under
+        ``torch.compile``, as :meth:`forward`."""
         exporting = torch.jit.is_tracing() or torch.jit.is_scripting()
         if (
             exporting

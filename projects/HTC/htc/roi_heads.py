@@ -285,9 +285,11 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         return mask_loss(logits, instances)
 
     @staticmethod
+    @torch.compiler.disable
     def _log_mask_rates(rates: Dict[int, Optional[torch.Tensor]]) -> None:
         """The stages' mask accuracy, false-positive and false-negative rates, as
-        ``mask_rcnn_loss`` names them (under "stage{t}/"), read from the device at once."""
+        ``mask_rcnn_loss`` names them (under "stage{t}/"), read from the device at once (eager
+        under ``torch.compile``, which cannot trace the read)."""
         rates = {stage: r for stage, r in rates.items() if r is not None}
         if not rates:
             return

@@ -180,6 +180,7 @@ class RoISample(NamedTuple):
     matched: torch.Tensor
 
 
+@torch.compiler.disable
 @torch.no_grad()
 def sample_rois(
     proposals: List[Instances],
@@ -195,7 +196,8 @@ def sample_rois(
     ``num_samples`` RoIs per image at ``positive_fraction``. Proposals with a ``valid`` field
     False are never sampled. The RoIs get ``proposal_boxes``, ``gt_classes``, ``from_gt`` and the
     matched ``gt_boxes``; the other ``gt_*`` fields (masks) only the foreground needs:
-    :func:`foreground_rois` gathers them."""
+    :func:`foreground_rois` gathers them. Eager under ``torch.compile``: every step's shapes
+    depend on the data, so Dynamo would only break its graphs and trace it again."""
     boxes, counts, from_gt, valid = _candidates(proposals, targets, append_gt)
     image = repeat_rows(torch.arange(len(counts), device=boxes.device), counts)
     matched, matcher_labels = match(matcher, boxes, counts, [x.gt_boxes.tensor for x in targets])
@@ -219,10 +221,12 @@ def sample_rois(
     return RoISample(rois, num_pos, matched)
 
 
+@torch.compiler.disable
 def foreground_rois(sample: RoISample, targets: List[Instances]) -> List[Instances]:
     """Per image, the positive RoIs of ``sample`` (they come first) with every ``gt_*`` field
     of their matched targets, gathered for these RoIs only (a mask per sampled RoI would be
-    a copy of the image's size for each of them)."""
+    a copy of the image's size for each of them). Eager under ``torch.compile``, as
+    :func:`sample_rois`."""
     positives = [x[:n] for x, n in zip(sample.rois, sample.num_fg)]
     matched = sample.matched.split([len(x) for x in sample.rois])
     matched = torch.cat([m[:n] for m, n in zip(matched, sample.num_fg)])
