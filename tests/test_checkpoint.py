@@ -3,6 +3,7 @@ tests/test_resume.py)."""
 
 import logging
 import os
+import pickle
 import socket
 from pathlib import Path
 
@@ -71,6 +72,45 @@ def test_weights_of_other_shapes_are_refused_or_skipped_on_request(tmp_path):
     before = model.roi_heads.box_predictor[0].cls_score.weight.clone()
     HTCCheckpointer(model, skip_mismatched=True).load(str(path))
     assert torch.equal(model.roi_heads.box_predictor[0].cls_score.weight, before)
+
+
+@pytest.mark.parametrize("level", [logging.WARNING, logging.ERROR], ids=["warnings", "errors only"])
+def test_weights_the_name_matching_skips_for_their_shape_are_refused(tmp_path, level):
+    """A file that Detectron2 loads by its name-matching heuristics (Caffe2's and pycls' ImageNet
+    backbones, "matching_heuristics" files) has its misfit weights skipped with only a warning:
+    they are refused as the others, also where Detectron2's logging is set above warnings; an
+    ImageNet backbone that fits loads."""
+    other = {
+        k: v.numpy()
+        for k, v in _model(**{"MODEL.RESNETS.STEM_OUT_CHANNELS": 16}).state_dict().items()
+    }
+    path = tmp_path / "backbone.pkl"
+    bottom_up = "backbone.bottom_up."
+    weights = {k[len(bottom_up) :]: v for k, v in other.items() if k.startswith(bottom_up)}
+    with open(path, "wb") as f:
+        pickle.dump({"model": weights, "__author__": "test", "matching_heuristics": True}, f)
+    logger = logging.getLogger("detectron2")
+    level_before = logger.level
+    logger.setLevel(level)
+    try:
+        with pytest.raises(ValueError, match="6 parameters .* do not fit") as error:
+            HTCCheckpointer(_model()).load(str(path))
+    finally:
+        logger.setLevel(level_before)
+    lines = str(error.value).splitlines()
+    assert "  backbone.bottom_up.stem.conv1.norm.bias: checkpoint (16,), model (64,)" in lines
+    assert (
+        "  backbone.bottom_up.stem.conv1.weight: checkpoint (16, 3, 7, 7), model (64, 3, 7, 7)"
+        in lines
+    )
+    model = _model()
+    HTCCheckpointer(model, skip_mismatched=True).load(str(path))
+    res3 = model.backbone.bottom_up.res3[0].conv1.weight
+    assert torch.equal(res3, torch.from_numpy(weights["res3.0.conv1.weight"]))
+    fitting = {k: v for k, v in weights.items() if not k.startswith(("stem.", "res2.0."))}
+    with open(path, "wb") as f:
+        pickle.dump({"model": fitting, "__author__": "test", "matching_heuristics": True}, f)
+    HTCCheckpointer(_model()).load(str(path))
 
 
 def test_weights_of_another_model_are_refused(tmp_path):

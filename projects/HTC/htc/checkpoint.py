@@ -10,8 +10,9 @@ import contextlib
 import glob
 import logging
 import os
+import re
 import socket
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, List, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -20,6 +21,12 @@ logger = logging.getLogger(__name__)
 # what atomic_open puts between a file's name and its writer's pid: the machine, whose processes
 # alone this one can tell running or not
 _TEMPORARY = f".tmp.{socket.gethostname()}."
+# Detectron2's name-matching heuristics (Caffe2, pycls and other "matching_heuristics" files) skip
+# a weight whose shape does not fit the model with this warning, and report it nowhere else.
+_HEURISTICS_LOGGER = "detectron2.checkpoint.c2_model_loading"
+_SKIPPED_SHAPE = re.compile(
+    r"Shape of \S+ in checkpoint is (.+), while shape of (\S+) in model is (.+)\.$"
+)
 
 
 @contextlib.contextmanager
@@ -59,6 +66,43 @@ def _running(pid: int) -> bool:
     return True
 
 
+class _SkippedShapes(logging.Handler):
+    """Collects (model key, checkpoint shape, model shape) of the weights that the heuristics
+    skipped for their shape."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.skipped: List[Tuple[str, str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = _SKIPPED_SHAPE.match(record.getMessage())
+        if match:
+            theirs, key, ours = match.groups()
+            self.skipped.append((key, _shape(theirs), _shape(ours)))
+
+
+def _shape(text: str) -> str:
+    """ "torch.Size([64, 3, 7, 7])" as "(64, 3, 7, 7)", as a tuple prints."""
+    match = re.fullmatch(r"torch\.Size\(\[(.*)\]\)", text)
+    return str(tuple(int(n) for n in match.group(1).split(",") if n.strip())) if match else text
+
+
+@contextlib.contextmanager
+def _skipped_by_heuristics() -> Iterator[List[Tuple[str, str, str]]]:
+    """The list that the heuristics' shape warnings fill within the block (heard even where
+    Detectron2's logging is set above warnings)."""
+    logger, handler = logging.getLogger(_HEURISTICS_LOGGER), _SkippedShapes()
+    level = logger.level
+    if not logger.isEnabledFor(logging.WARNING):
+        logger.setLevel(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield handler.skipped
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 class AtomicWrites:
     """A path manager that delegates to ``base`` and writes local files atomically."""
 
@@ -77,7 +121,8 @@ class AtomicWrites:
 class HTCCheckpointer(DetectionCheckpointer):
     """A :class:`DetectionCheckpointer` that writes atomically and refuses weights whose shapes
     do not fit the model (the parent skips them with a warning, which silently leaves e.g. a
-    class-count mismatch at random initialization) unless ``skip_mismatched`` is set for
+    class-count mismatch at random initialization), also those that its name-matching heuristics
+    skip (ImageNet backbones of another width), unless ``skip_mismatched`` is set for
     fine-tuning. Missing and unexpected keys are logged by the parent as before."""
 
     def __init__(self, model, save_dir: str = "", *, skip_mismatched: bool = False, **kwargs):
@@ -101,15 +146,19 @@ class HTCCheckpointer(DetectionCheckpointer):
                     "the checkpoint holds none of this model's parameters: is it a checkpoint "
                     "of another model? (MMDetection's: python -m htc.convert_mmdet IN OUT)"
                 )
-        incompatible = super()._load_model(checkpoint)
-        if incompatible.incorrect_shapes and not self.skip_mismatched:
+        with _skipped_by_heuristics() as skipped:
+            incompatible = super()._load_model(checkpoint)
+        mismatched = [
+            (key, str(tuple(theirs)), str(tuple(ours)))
+            for key, theirs, ours in incompatible.incorrect_shapes
+        ] + skipped
+        if mismatched and not self.skip_mismatched:
             shapes = "\n".join(
-                f"  {key}: checkpoint {tuple(theirs)}, model {tuple(ours)}"
-                for key, theirs, ours in incompatible.incorrect_shapes
+                f"  {key}: checkpoint {theirs}, model {ours}" for key, theirs, ours in mismatched
             )
             raise ValueError(
-                f"{len(incompatible.incorrect_shapes)} parameters of the checkpoint do not fit "
-                f"the model's shapes:\n{shapes}\nSet MODEL.HTC.SKIP_MISMATCHED_WEIGHTS True "
+                f"{len(mismatched)} parameters of the checkpoint do not fit the model's shapes:"
+                f"\n{shapes}\nSet MODEL.HTC.SKIP_MISMATCHED_WEIGHTS True "
                 "(LazyConfig: train.skip_mismatched_weights=True) to leave them at their "
                 "initialization (fine-tuning on other classes)"
             )
