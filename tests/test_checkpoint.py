@@ -75,11 +75,12 @@ def test_weights_of_other_shapes_are_refused_or_skipped_on_request(tmp_path):
 
 
 @pytest.mark.parametrize("level", [logging.WARNING, logging.ERROR], ids=["warnings", "errors only"])
-def test_weights_the_name_matching_skips_for_their_shape_are_refused(tmp_path, level):
+def test_weights_the_name_matching_skips_for_their_shape_are_refused(tmp_path, caplog, level):
     """A file that Detectron2 loads by its name-matching heuristics (Caffe2's and pycls' ImageNet
     backbones, "matching_heuristics" files) has its misfit weights skipped with only a warning:
-    they are refused as the others, also where Detectron2's logging is set above warnings; an
-    ImageNet backbone that fits loads."""
+    they are refused as the others, also where Detectron2's logging is set above warnings, and
+    where none fits. A backbone that fits loads, also where a short name of the file matches
+    weights elsewhere by chance."""
     other = {
         k: v.numpy()
         for k, v in _model(**{"MODEL.RESNETS.STEM_OUT_CHANNELS": 16}).state_dict().items()
@@ -107,10 +108,20 @@ def test_weights_the_name_matching_skips_for_their_shape_are_refused(tmp_path, l
     HTCCheckpointer(model, skip_mismatched=True).load(str(path))
     res3 = model.backbone.bottom_up.res3[0].conv1.weight
     assert torch.equal(res3, torch.from_numpy(weights["res3.0.conv1.weight"]))
+    stem = {k: v for k, v in weights.items() if k.startswith("stem.")}  # nothing fits
+    with open(path, "wb") as f:
+        pickle.dump({"model": stem, "__author__": "test", "matching_heuristics": True}, f)
+    with pytest.raises(ValueError, match="5 parameters .* do not fit"):
+        HTCCheckpointer(_model()).load(str(path))
+    # without the stem and res2.0, but with a classifier's final norm, whose name the stem's
+    # and res2.0's norms end with: chance matches, which Detectron2 skips and so does this
     fitting = {k: v for k, v in weights.items() if not k.startswith(("stem.", "res2.0."))}
+    fitting["norm.weight"] = np.ones(768, dtype=np.float32)
     with open(path, "wb") as f:
         pickle.dump({"model": fitting, "__author__": "test", "matching_heuristics": True}, f)
-    HTCCheckpointer(_model()).load(str(path))
+    with caplog.at_level(logging.WARNING):
+        HTCCheckpointer(_model()).load(str(path))
+    assert "Shape of norm.weight in checkpoint is" in caplog.text
 
 
 def test_weights_of_another_model_are_refused(tmp_path):

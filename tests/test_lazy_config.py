@@ -8,6 +8,7 @@ naming what they need (the ResNet HTC++ configs run there too)."""
 import functools
 import inspect
 import json
+import pickle
 import re
 import runpy
 import subprocess
@@ -40,6 +41,7 @@ from conftest import (
     train_losses,
 )
 from htc import register_htc_instances
+from htc.checkpoint import HTCCheckpointer
 
 LAZY_R50 = CONFIGS / "htc_R_50_FPN_1x.py"
 htc_fpn = runpy.run_path(str(CONFIGS / "common" / "htc_model.py"))["htc_fpn"]
@@ -402,6 +404,51 @@ def test_modern_backbone_config_trains_a_step_and_infers(name):
         assert out["sem_seg"].shape == (5, 128, 128)
     else:
         assert "sem_seg" not in out
+
+
+@pytest.mark.parametrize(
+    "name, backbone",
+    [
+        ("vitdet/htc_vitdet_b_100ep.py", "backbone.net."),
+        ("vitdet/htc_mvitv2_b_in21k_100ep.py", "backbone.bottom_up."),
+        ("vitdet/htc_swin_b_in21k_50ep.py", "backbone.bottom_up."),
+    ],
+)
+def test_an_imagenet_classifier_loads_by_name_matching(tmp_path, name, backbone):
+    """The configs' ImageNet weights (MAE's and pycls' files) load by Detectron2's name-matching
+    heuristics: the backbone's weights and a classifier's final norm and head, whose "norm.*"
+    ends the names of the FPN's and heads' norms by chance. Those chance matches are skipped, as
+    Detectron2 does, not refused as misfits (the refusal: tests/test_checkpoint.py)."""
+    if not HAS_MODERN_BACKBONES:
+        pytest.skip("this Detectron2 has no ViT/MViT/Swin (v0.6)")
+    model = instantiate(_small(name).model)
+    weights = {
+        key[len(backbone) :]: value.numpy().copy()
+        for key, value in model.state_dict().items()
+        if key.startswith(backbone) and "rel_pos" not in key  # ImageNet ViTs have none
+    }
+    classifier = {
+        "norm.weight": np.ones(999),
+        "norm.bias": np.zeros(999),
+        "head.weight": np.ones((9, 999)),
+    }
+    path = tmp_path / "imagenet.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(
+            {
+                "model": {**weights, **classifier},
+                "__author__": "pycls",
+                "matching_heuristics": True,
+            },
+            f,
+        )
+    with torch.no_grad():
+        for parameter in model.backbone.parameters():
+            parameter.zero_()
+    HTCCheckpointer(model).load(str(path))
+    state = model.state_dict()
+    for key, value in weights.items():
+        assert np.array_equal(state[backbone + key].numpy(), value), key
 
 
 @pytest.mark.parametrize("name", [n for n in MODERN if n.startswith("htcpp/")])

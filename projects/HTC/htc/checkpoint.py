@@ -25,7 +25,7 @@ _TEMPORARY = f".tmp.{socket.gethostname()}."
 # a weight whose shape does not fit the model with this warning, and report it nowhere else.
 _HEURISTICS_LOGGER = "detectron2.checkpoint.c2_model_loading"
 _SKIPPED_SHAPE = re.compile(
-    r"Shape of \S+ in checkpoint is (.+), while shape of (\S+) in model is (.+)\.$"
+    r"Shape of (\S+) in checkpoint is (.+), while shape of (\S+) in model is (.+)\.$"
 )
 
 
@@ -67,18 +67,37 @@ def _running(pid: int) -> bool:
 
 
 class _SkippedShapes(logging.Handler):
-    """Collects (model key, checkpoint shape, model shape) of the weights that the heuristics
-    skipped for their shape."""
+    """Collects (checkpoint key, model key, checkpoint shape, model shape) of the weights that
+    the heuristics skipped for their shape."""
 
     def __init__(self):
         super().__init__(logging.WARNING)
-        self.skipped: List[Tuple[str, str, str]] = []
+        self.skipped: List[Tuple[str, str, str, str]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         match = _SKIPPED_SHAPE.match(record.getMessage())
         if match:
-            theirs, key, ours = match.groups()
-            self.skipped.append((key, _shape(theirs), _shape(ours)))
+            theirs_key, theirs, key, ours = match.groups()
+            self.skipped.append((theirs_key, key, _shape(theirs), _shape(ours)))
+
+
+def _misfits(
+    skipped: List[Tuple[str, str, str, str]], loaded: List[str]
+) -> List[Tuple[str, str, str]]:
+    """(model key, checkpoint shape, model shape) of the skipped weights that belong to the
+    module that the checkpoint loaded into (where the checkpoint key is attached, other weights
+    were loaded): a backbone of another width. The others are chance matches of a short name, as
+    an ImageNet classifier's final "norm.weight" with every "*.norm.weight" of the FPN and heads,
+    which Detectron2 rightly skips; but where nothing was loaded (a backbone of another width
+    throughout), every skipped weight counts."""
+    if not loaded:
+        return [(key, theirs, ours) for _, key, theirs, ours in skipped]
+    misfits = []
+    for theirs_key, key, theirs, ours in skipped:
+        home = key[: len(key) - len(theirs_key)]
+        if any(k.startswith(home) for k in loaded):
+            misfits.append((key, theirs, ours))
+    return misfits
 
 
 def _shape(text: str) -> str:
@@ -88,7 +107,7 @@ def _shape(text: str) -> str:
 
 
 @contextlib.contextmanager
-def _skipped_by_heuristics() -> Iterator[List[Tuple[str, str, str]]]:
+def _skipped_by_heuristics() -> Iterator[List[Tuple[str, str, str, str]]]:
     """The list that the heuristics' shape warnings fill within the block (heard even where
     Detectron2's logging is set above warnings)."""
     logger, handler = logging.getLogger(_HEURISTICS_LOGGER), _SkippedShapes()
@@ -151,7 +170,7 @@ class HTCCheckpointer(DetectionCheckpointer):
         mismatched = [
             (key, str(tuple(theirs)), str(tuple(ours)))
             for key, theirs, ours in incompatible.incorrect_shapes
-        ] + skipped
+        ] + _misfits(skipped, self._loaded_keys(incompatible))
         if mismatched and not self.skip_mismatched:
             shapes = "\n".join(
                 f"  {key}: checkpoint {theirs}, model {ours}" for key, theirs, ours in mismatched
@@ -163,6 +182,16 @@ class HTCCheckpointer(DetectionCheckpointer):
                 "initialization (fine-tuning on other classes)"
             )
         return incompatible
+
+    def _loaded_keys(self, incompatible: Any) -> List[str]:
+        """The model's keys that the checkpoint gave; a BatchNorm's ``num_batches_tracked`` is
+        never reported missing (PyTorch fills it in), so it tells nothing."""
+        missing = set(incompatible.missing_keys)
+        return [
+            key
+            for key in self.model.state_dict()
+            if key not in missing and not key.endswith("num_batches_tracked")
+        ]
 
 
 def load_weights(model: torch.nn.Module, cfg: Any, announce: Callable[[str], None] = print) -> None:
