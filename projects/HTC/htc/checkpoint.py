@@ -10,9 +10,8 @@ import contextlib
 import glob
 import logging
 import os
-import re
 import socket
-from typing import Any, Callable, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -21,12 +20,6 @@ logger = logging.getLogger(__name__)
 # what atomic_open puts between a file's name and its writer's pid: the machine, whose processes
 # alone this one can tell running or not
 _TEMPORARY = f".tmp.{socket.gethostname()}."
-# Detectron2's name-matching heuristics (Caffe2, pycls and other "matching_heuristics" files) skip
-# a weight whose shape does not fit the model with this warning, and report it nowhere else.
-_HEURISTICS_LOGGER = "detectron2.checkpoint.c2_model_loading"
-_SKIPPED_SHAPE = re.compile(
-    r"Shape of (\S+) in checkpoint is (.+), while shape of (\S+) in model is (.+)\.$"
-)
 
 
 @contextlib.contextmanager
@@ -66,60 +59,50 @@ def _running(pid: int) -> bool:
     return True
 
 
-class _SkippedShapes(logging.Handler):
-    """Collects (checkpoint key, model key, checkpoint shape, model shape) of the weights that
-    the heuristics skipped for their shape."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.skipped: List[Tuple[str, str, str, str]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        match = _SKIPPED_SHAPE.match(record.getMessage())
-        if match:
-            theirs_key, theirs, key, ours = match.groups()
-            self.skipped.append((theirs_key, key, _shape(theirs), _shape(ours)))
+Misfit = Tuple[str, Tuple[int, ...], Tuple[int, ...]]  # model key, checkpoint shape, model shape
 
 
-def _misfits(
-    skipped: List[Tuple[str, str, str, str]], loaded: List[str]
-) -> List[Tuple[str, str, str]]:
-    """(model key, checkpoint shape, model shape) of the skipped weights that belong to the
-    module that the checkpoint loaded into (where the checkpoint key is attached, other weights
-    were loaded): a backbone of another width. The others are chance matches of a short name, as
-    an ImageNet classifier's final "norm.weight" with every "*.norm.weight" of the FPN and heads,
-    which Detectron2 rightly skips; but where nothing was loaded (a backbone of another width
-    throughout), every skipped weight counts."""
-    if not loaded:
-        return [(key, theirs, ours) for _, key, theirs, ours in skipped]
+def _heuristic_misfits(
+    model: Dict[str, torch.Tensor], handed: Dict[str, torch.Tensor]
+) -> List[Misfit]:
+    """The weights of a file loaded by Detectron2's name-matching heuristics (Caffe2's, pycls',
+    ``matching_heuristics`` files) that it skipped for their shape, which it only logs: of the
+    state dict ``handed`` to ``load_state_dict`` (matched names renamed to the model's ``model``
+    keys, the others kept), each model key left out whose longest "."-suffix among the kept
+    names has another shape. Counted where the file loaded other weights under the same prefix
+    (a backbone of another width), or loaded nothing; not a chance match of a short name
+    elsewhere, as an ImageNet classifier's final "norm.weight" with every "*.norm.weight" of the
+    FPN and heads. Names equal to a model key are not counted here: fvcore reports them."""
+    kept = [name for name in handed if name not in model]
+    loaded = [key for key in handed if key in model]
     misfits = []
-    for theirs_key, key, theirs, ours in skipped:
-        home = key[: len(key) - len(theirs_key)]
-        if any(k.startswith(home) for k in loaded):
-            misfits.append((key, theirs, ours))
+    for key, ours in model.items():
+        matches = [name for name in kept if key.endswith("." + name)]
+        if key in handed or not matches:
+            continue
+        name = max(matches, key=len)
+        home = key[: len(key) - len(name)]
+        theirs = tuple(handed[name].shape)
+        if theirs != tuple(ours.shape) and (not loaded or any(k.startswith(home) for k in loaded)):
+            misfits.append((key, theirs, tuple(ours.shape)))
     return misfits
 
 
-def _shape(text: str) -> str:
-    """ "torch.Size([64, 3, 7, 7])" as "(64, 3, 7, 7)", as a tuple prints."""
-    match = re.fullmatch(r"torch\.Size\(\[(.*)\]\)", text)
-    return str(tuple(int(n) for n in match.group(1).split(",") if n.strip())) if match else text
-
-
 @contextlib.contextmanager
-def _skipped_by_heuristics() -> Iterator[List[Tuple[str, str, str, str]]]:
-    """The list that the heuristics' shape warnings fill within the block (heard even where
-    Detectron2's logging is set above warnings)."""
-    logger, handler = logging.getLogger(_HEURISTICS_LOGGER), _SkippedShapes()
-    level = logger.level
-    if not logger.isEnabledFor(logging.WARNING):
-        logger.setLevel(logging.WARNING)
-    logger.addHandler(handler)
+def _handed_state_dict(model: torch.nn.Module) -> Iterator[Dict[str, torch.Tensor]]:
+    """The state dict that ``model.load_state_dict`` receives within the block, as received
+    (modules such as FrozenBatchNorm2d add their missing entries to it as they load)."""
+    handed: Dict[str, torch.Tensor] = {}
+
+    def keep(module: torch.nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        if not prefix:
+            handed.update(state_dict)
+
+    handle = model.register_load_state_dict_pre_hook(keep)
     try:
-        yield handler.skipped
+        yield handed
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+        handle.remove()
 
 
 class AtomicWrites:
@@ -158,40 +141,36 @@ class HTCCheckpointer(DetectionCheckpointer):
             remove_orphaned_writes(self.save_dir)
 
     def _load_model(self, checkpoint: Any):
-        if not checkpoint.get("matching_heuristics", False):  # those names are matched later
+        heuristics = checkpoint.get("matching_heuristics", False)
+        if not heuristics:  # those names are matched later
             names = {key.removeprefix("module.") for key in checkpoint["model"]}
             if not names & self.model.state_dict().keys():
                 raise ValueError(
                     "the checkpoint holds none of this model's parameters: is it a checkpoint "
                     "of another model? (MMDetection's: python -m htc.convert_mmdet IN OUT)"
                 )
-        with _skipped_by_heuristics() as skipped:
+        with _handed_state_dict(self.model) as handed:
             incompatible = super()._load_model(checkpoint)
-        mismatched = [
-            (key, str(tuple(theirs)), str(tuple(ours)))
-            for key, theirs, ours in incompatible.incorrect_shapes
-        ] + _misfits(skipped, self._loaded_keys(incompatible))
-        if mismatched and not self.skip_mismatched:
-            shapes = "\n".join(
-                f"  {key}: checkpoint {theirs}, model {ours}" for key, theirs, ours in mismatched
-            )
-            raise ValueError(
-                f"{len(mismatched)} parameters of the checkpoint do not fit the model's shapes:"
-                f"\n{shapes}\nSet MODEL.HTC.SKIP_MISMATCHED_WEIGHTS True "
-                "(LazyConfig: train.skip_mismatched_weights=True) to leave them at their "
-                "initialization (fine-tuning on other classes)"
-            )
+        misfits = [
+            (k, tuple(theirs), tuple(ours)) for k, theirs, ours in incompatible.incorrect_shapes
+        ]
+        if heuristics:
+            misfits += _heuristic_misfits(self.model.state_dict(), handed)
+        if misfits and not self.skip_mismatched:
+            raise ValueError(_refusal(misfits))
         return incompatible
 
-    def _loaded_keys(self, incompatible: Any) -> List[str]:
-        """The model's keys that the checkpoint gave; a BatchNorm's ``num_batches_tracked`` is
-        never reported missing (PyTorch fills it in), so it tells nothing."""
-        missing = set(incompatible.missing_keys)
-        return [
-            key
-            for key in self.model.state_dict()
-            if key not in missing and not key.endswith("num_batches_tracked")
-        ]
+
+def _refusal(misfits: List[Misfit]) -> str:
+    shapes = "\n".join(
+        f"  {key}: checkpoint {theirs}, model {ours}" for key, theirs, ours in misfits
+    )
+    return (
+        f"{len(misfits)} parameters of the checkpoint do not fit the model's shapes:\n{shapes}\n"
+        "A backbone of another depth or width needs its own weights; to fine-tune on other "
+        "classes, set MODEL.HTC.SKIP_MISMATCHED_WEIGHTS True (LazyConfig: "
+        "train.skip_mismatched_weights=True), which leaves these at their initialization"
+    )
 
 
 def load_weights(model: torch.nn.Module, cfg: Any, announce: Callable[[str], None] = print) -> None:

@@ -55,14 +55,7 @@ class HybridTaskCascade(GeneralizedRCNN):
         use_reference_decoding(self)
         if self.proposal_generator is None:
             raise ValueError("HybridTaskCascade needs an RPN (MODEL.PROPOSAL_GENERATOR.NAME)")
-        fusion = getattr(self.roi_heads, "semantic_fusion", ())
-        if fusion and semantic_head is None:
-            raise ValueError(
-                f"the ROI heads sum the semantic feature into {list(fusion)} RoI features "
-                "(semantic_fusion), but the model has no semantic branch (semantic_head None): "
-                "give it one (MODEL.HTC.SEMANTIC_ON True) or set the ROI heads' semantic_fusion "
-                "to [] (MODEL.HTC.SEMANTIC_FUSION [])"
-            )
+        _check_semantic_fusion(self.roi_heads, semantic_head)
         self.semantic_head = semantic_head
         self.semantic_output = semantic_output
         if mask_output not in MASK_OUTPUTS:
@@ -236,6 +229,21 @@ def _paste_held_masks_as_rle(instances: Instances) -> None:
         instances.remove(HELD_MASKS)
         height, width = instances.image_size
         instances.pred_masks_rle = paste_masks_as_rle(masks, instances.pred_boxes, height, width)
+
+
+def _check_semantic_fusion(
+    roi_heads: torch.nn.Module, semantic_head: Optional[torch.nn.Module]
+) -> None:
+    """Refuse ROI heads that fuse the semantic feature into a model without the branch (a
+    LazyConfig can build one)."""
+    fusion = getattr(roi_heads, "semantic_fusion", ())
+    if fusion and semantic_head is None:
+        raise ValueError(
+            f"the ROI heads sum the semantic feature into {list(fusion)} RoI features "
+            "(semantic_fusion), but the model has no semantic branch (semantic_head None): "
+            "give it one (MODEL.HTC.SEMANTIC_ON True) or set the ROI heads' semantic_fusion "
+            "to [] (MODEL.HTC.SEMANTIC_FUSION [])"
+        )
 
 
 def _check_panoptic(semantic_head, mask_output: str, mask_on: bool) -> None:
