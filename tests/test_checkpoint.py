@@ -4,6 +4,7 @@ tests/test_resume.py)."""
 import logging
 import os
 import pickle
+import re
 import socket
 from pathlib import Path
 
@@ -124,11 +125,67 @@ def test_weights_the_name_matching_skips_for_their_shape_are_refused(tmp_path, c
         HTCCheckpointer(_model(**opts)).load(path)
 
 
+def _caffe2_names(state: dict) -> dict:
+    """The ResNet of ``state`` named as the MSRA ImageNet files of Detectron2's model zoo (no
+    author: Detectron2 renames them with its Caffe2 conversion), FrozenBN's scale and shift only,
+    with the classifier and a solver blob."""
+    blobs = {"fc1000_w": np.ones((1000, 512)), "fc1000_b": np.zeros(1000), "conv1_w_momentum": 0}
+    parts = {"conv1": "branch2a", "conv2": "branch2b", "shortcut": "branch1"}
+    suffixes = {"weight": "_w", "norm.weight": "_bn_s", "norm.bias": "_bn_b"}
+    for key, value in state.items():
+        stem = re.fullmatch(
+            r"backbone\.bottom_up\.stem\.conv1\.(weight|norm\.weight|norm\.bias)", key
+        )
+        block = re.fullmatch(
+            r"backbone\.bottom_up\.res(\d)\.(\d+)\.(conv1|conv2|shortcut)\.(weight|norm\.weight|norm\.bias)",
+            key,
+        )
+        if stem:
+            blobs[
+                {
+                    "weight": "conv1_w",
+                    "norm.weight": "res_conv1_bn_s",
+                    "norm.bias": "res_conv1_bn_b",
+                }[stem[1]]
+            ] = value.numpy()
+        elif block:
+            blobs[f"res{block[1]}_{block[2]}_{parts[block[3]]}{suffixes[block[4]]}"] = value.numpy()
+    return blobs
+
+
+def test_an_msra_imagenet_file_loads_and_one_of_another_width_is_refused(tmp_path):
+    """Detectron2's Caffe2 conversion of a model-zoo ImageNet file (R-50.pkl's layout) loads
+    into FrozenBN backbones; the same file of a narrower stem is refused, not half-loaded."""
+    frozen = {"MODEL.RESNETS.NORM": "FrozenBN"}
+    source = _model(**frozen).state_dict()
+    for value in source.values():
+        value.add_(torch.rand_like(value))  # FrozenBN's shifts start at 0, as a new model's
+    path = tmp_path / "R-18.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(_caffe2_names(source), f)
+    model = _model(**frozen)
+    HTCCheckpointer(model).load(str(path))
+    for key in (
+        "backbone.bottom_up.res3.1.conv2.weight",
+        "backbone.bottom_up.stem.conv1.norm.bias",
+    ):
+        assert torch.equal(model.state_dict()[key], source[key]), key
+    narrow = _model(**frozen, **{"MODEL.RESNETS.STEM_OUT_CHANNELS": 16}).state_dict()
+    with open(path, "wb") as f:
+        pickle.dump(_caffe2_names(narrow), f)
+    with pytest.raises(ValueError, match="stem.conv1.weight: checkpoint \\(16, 3, 7, 7\\)"):
+        HTCCheckpointer(_model(**frozen)).load(str(path))
+
+
 def test_weights_of_another_model_are_refused(tmp_path):
+    """Also in a file that Detectron2 matches by name heuristics (it only warns)."""
     path = tmp_path / "other.pth"
     torch.save({"model": {"encoder.layer1.weight": torch.zeros(3)}}, path)
     with pytest.raises(ValueError, match="none of this model's parameters"):
         HTCCheckpointer(_model()).load(str(path))
+    path = _heuristics_file(tmp_path / "other.pkl", {"encoder.layer1.weight": np.zeros(3)})
+    with pytest.raises(ValueError, match="none of this model's parameters"):
+        HTCCheckpointer(_model(), skip_mismatched=True).load(path)
 
 
 def test_missing_and_unexpected_keys_are_reported(tmp_path, caplog):

@@ -11,7 +11,7 @@ import glob
 import logging
 import os
 import socket
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Set, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -63,7 +63,7 @@ Misfit = Tuple[str, Tuple[int, ...], Tuple[int, ...]]  # model key, checkpoint s
 
 
 def _heuristic_misfits(
-    model: Dict[str, torch.Tensor], handed: Dict[str, torch.Tensor]
+    model: Dict[str, torch.Tensor], handed: Dict[str, torch.Tensor], reported: Set[str]
 ) -> List[Misfit]:
     """The weights of a file loaded by Detectron2's name-matching heuristics (Caffe2's, pycls',
     ``matching_heuristics`` files) that it skipped for their shape, which it only logs: of the
@@ -72,13 +72,15 @@ def _heuristic_misfits(
     names has another shape. Counted where the file loaded other weights under the same prefix
     (a backbone of another width), or loaded nothing; not a chance match of a short name
     elsewhere, as an ImageNet classifier's final "norm.weight" with every "*.norm.weight" of the
-    FPN and heads. Names equal to a model key are not counted here: fvcore reports them."""
+    FPN and heads. The keys ``reported`` (by fvcore: names equal to a model key) are left out."""
     kept = [name for name in handed if name not in model]
     loaded = [key for key in handed if key in model]
     misfits = []
     for key, ours in model.items():
+        if key in handed or key in reported:
+            continue
         matches = [name for name in kept if key.endswith("." + name)]
-        if key in handed or not matches:
+        if not matches:
             continue
         name = max(matches, key=len)
         home = key[: len(key) - len(name)]
@@ -142,23 +144,30 @@ class HTCCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint: Any):
         heuristics = checkpoint.get("matching_heuristics", False)
-        if not heuristics:  # those names are matched later
-            names = {key.removeprefix("module.") for key in checkpoint["model"]}
-            if not names & self.model.state_dict().keys():
-                raise ValueError(
-                    "the checkpoint holds none of this model's parameters: is it a checkpoint "
-                    "of another model? (MMDetection's: python -m htc.convert_mmdet IN OUT)"
-                )
+        if not heuristics:  # those names are matched in the parent's
+            self._check_names({key.removeprefix("module.") for key in checkpoint["model"]})
         with _handed_state_dict(self.model) as handed:
             incompatible = super()._load_model(checkpoint)
         misfits = [
             (k, tuple(theirs), tuple(ours)) for k, theirs, ours in incompatible.incorrect_shapes
         ]
         if heuristics:
-            misfits += _heuristic_misfits(self.model.state_dict(), handed)
+            reported = {key for key, _, _ in misfits}
+            misfits += _heuristic_misfits(self.model.state_dict(), handed, reported)
         if misfits and not self.skip_mismatched:
             raise ValueError(_refusal(misfits))
+        if heuristics:
+            self._check_names(handed.keys())
         return incompatible
+
+    def _check_names(self, names: Iterable[str]) -> None:
+        """Refuse a checkpoint that gives none of the model's names (for a file matched by
+        heuristics: once matched; Detectron2 only warns)."""
+        if not set(names) & self.model.state_dict().keys():
+            raise ValueError(
+                "the checkpoint holds none of this model's parameters: is it a checkpoint "
+                "of another model? (MMDetection's: python -m htc.convert_mmdet IN OUT)"
+            )
 
 
 def _refusal(misfits: List[Misfit]) -> str:
