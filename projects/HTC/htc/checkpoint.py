@@ -92,8 +92,9 @@ def _heuristic_misfits(
 
 @contextlib.contextmanager
 def _handed_state_dict(model: torch.nn.Module) -> Iterator[Dict[str, torch.Tensor]]:
-    """The state dict that ``model.load_state_dict`` receives within the block, as received
-    (modules such as FrozenBatchNorm2d add their missing entries to it as they load)."""
+    """The state dict that ``model.load_state_dict`` receives within the block, as the root
+    module's pre-hook sees it: before any module fills in what the file lacks (FrozenBatchNorm2d
+    its running statistics), which would pass for loaded weights."""
     handed: Dict[str, torch.Tensor] = {}
 
     def keep(module: torch.nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
@@ -171,6 +172,7 @@ class HTCCheckpointer(DetectionCheckpointer):
 
 
 def _refusal(misfits: List[Misfit]) -> str:
+    """The error of a checkpoint whose ``misfits`` are not to be skipped."""
     shapes = "\n".join(
         f"  {key}: checkpoint {theirs}, model {ours}" for key, theirs, ours in misfits
     )
