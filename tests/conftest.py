@@ -5,6 +5,7 @@ import functools
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -157,6 +158,14 @@ def tiny_cfg(**htc) -> CfgNode:
     for key, value in htc.items():
         cfg.MODEL.HTC[key.upper()] = value
     return cfg
+
+
+def heuristics_file(path: Path, weights: dict) -> str:
+    """``weights`` as a file that Detectron2 loads by its name-matching heuristics (as pycls'
+    and MAE's ImageNet files)."""
+    with open(path, "wb") as f:
+        pickle.dump({"model": weights, "__author__": "test", "matching_heuristics": True}, f)
+    return str(path)
 
 
 def build_on_meta(cfg: CfgNode):

@@ -14,7 +14,7 @@ import torch
 from detectron2.modeling import build_model
 from PIL import Image
 
-from conftest import CONFIGS, TINY_OPTS, tiny_cfg
+from conftest import CONFIGS, TINY_OPTS, heuristics_file, tiny_cfg
 from htc import demo
 from htc.checkpoint import HTCCheckpointer, atomic_open
 from htc.export import build_for_export
@@ -75,13 +75,6 @@ def test_weights_of_other_shapes_are_refused_or_skipped_on_request(tmp_path):
     assert torch.equal(model.roi_heads.box_predictor[0].cls_score.weight, before)
 
 
-def _heuristics_file(path: Path, weights: dict) -> str:
-    """``weights`` as a file that Detectron2 loads by its name-matching heuristics."""
-    with open(path, "wb") as f:
-        pickle.dump({"model": weights, "__author__": "test", "matching_heuristics": True}, f)
-    return str(path)
-
-
 @pytest.mark.parametrize("norm", ["BN", "FrozenBN"])
 def test_weights_the_name_matching_skips_for_their_shape_are_refused(tmp_path, caplog, norm):
     """A file that Detectron2 loads by its name-matching heuristics (Caffe2's and pycls' ImageNet
@@ -93,7 +86,7 @@ def test_weights_the_name_matching_skips_for_their_shape_are_refused(tmp_path, c
     narrow = _model(**opts, **{"MODEL.RESNETS.STEM_OUT_CHANNELS": 16}).state_dict()
     bottom_up = "backbone.bottom_up."
     weights = {k[len(bottom_up) :]: v.numpy() for k, v in narrow.items() if k.startswith(bottom_up)}
-    path = _heuristics_file(tmp_path / "backbone.pkl", weights)
+    path = heuristics_file(tmp_path / "backbone.pkl", weights)
     with pytest.raises(ValueError, match="6 parameters .* do not fit") as error:
         HTCCheckpointer(_model(**opts)).load(path)
     lines = str(error.value).splitlines()
@@ -107,20 +100,20 @@ def test_weights_the_name_matching_skips_for_their_shape_are_refused(tmp_path, c
 
     stem_only = {k: v for k, v in weights.items() if k.startswith("stem.")}
     with pytest.raises(ValueError, match="5 parameters .* do not fit"):
-        HTCCheckpointer(_model(**opts)).load(_heuristics_file(tmp_path / "stem.pkl", stem_only))
+        HTCCheckpointer(_model(**opts)).load(heuristics_file(tmp_path / "stem.pkl", stem_only))
 
     # without the stem and res2.0, but with a classifier's final norm, whose name the stem's
     # and res2.0's norms end with: chance matches, which Detectron2 skips and so does this
     fitting = {k: v for k, v in weights.items() if not k.startswith(("stem.", "res2.0."))}
     fitting["norm.weight"] = np.ones(768, dtype=np.float32)
     with caplog.at_level(logging.WARNING):
-        HTCCheckpointer(_model(**opts)).load(_heuristics_file(tmp_path / "fit.pkl", fitting))
+        HTCCheckpointer(_model(**opts)).load(heuristics_file(tmp_path / "fit.pkl", fitting))
     assert "Shape of norm.weight in checkpoint is" in caplog.text
 
     # the names of the model itself: each misfit listed once (Detectron2 hands a skipped weight
     # back under its name, which fvcore then reports too)
     five = _model(**opts, **{"MODEL.ROI_HEADS.NUM_CLASSES": 5}).state_dict()
-    path = _heuristics_file(tmp_path / "five.pkl", {k: v.numpy() for k, v in five.items()})
+    path = heuristics_file(tmp_path / "five.pkl", {k: v.numpy() for k, v in five.items()})
     with pytest.raises(ValueError, match="12 parameters .* do not fit"):
         HTCCheckpointer(_model(**opts)).load(path)
 
@@ -132,24 +125,16 @@ def _caffe2_names(state: dict) -> dict:
     blobs = {"fc1000_w": np.ones((1000, 512)), "fc1000_b": np.zeros(1000), "conv1_w_momentum": 0}
     parts = {"conv1": "branch2a", "conv2": "branch2b", "shortcut": "branch1"}
     suffixes = {"weight": "_w", "norm.weight": "_bn_s", "norm.bias": "_bn_b"}
+    blob = r"(weight|norm\.weight|norm\.bias)"
     for key, value in state.items():
-        stem = re.fullmatch(
-            r"backbone\.bottom_up\.stem\.conv1\.(weight|norm\.weight|norm\.bias)", key
-        )
-        block = re.fullmatch(
-            r"backbone\.bottom_up\.res(\d)\.(\d+)\.(conv1|conv2|shortcut)\.(weight|norm\.weight|norm\.bias)",
-            key,
-        )
-        if stem:
-            blobs[
-                {
-                    "weight": "conv1_w",
-                    "norm.weight": "res_conv1_bn_s",
-                    "norm.bias": "res_conv1_bn_b",
-                }[stem[1]]
-            ] = value.numpy()
-        elif block:
-            blobs[f"res{block[1]}_{block[2]}_{parts[block[3]]}{suffixes[block[4]]}"] = value.numpy()
+        key = key.removeprefix("backbone.bottom_up.")
+        if stem := re.fullmatch(rf"stem\.conv1\.{blob}", key):
+            name = "conv1_w" if stem[1] == "weight" else f"res_conv1{suffixes[stem[1]]}"
+        elif block := re.fullmatch(rf"res(\d)\.(\d+)\.(conv1|conv2|shortcut)\.{blob}", key):
+            name = f"res{block[1]}_{block[2]}_{parts[block[3]]}{suffixes[block[4]]}"
+        else:
+            continue
+        blobs[name] = value.numpy()
     return blobs
 
 
@@ -183,7 +168,7 @@ def test_weights_of_another_model_are_refused(tmp_path):
     torch.save({"model": {"encoder.layer1.weight": torch.zeros(3)}}, path)
     with pytest.raises(ValueError, match="none of this model's parameters"):
         HTCCheckpointer(_model()).load(str(path))
-    path = _heuristics_file(tmp_path / "other.pkl", {"encoder.layer1.weight": np.zeros(3)})
+    path = heuristics_file(tmp_path / "other.pkl", {"encoder.layer1.weight": np.zeros(3)})
     with pytest.raises(ValueError, match="none of this model's parameters"):
         HTCCheckpointer(_model(), skip_mismatched=True).load(path)
 

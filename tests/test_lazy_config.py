@@ -9,7 +9,6 @@ import functools
 import inspect
 import json
 import logging
-import pickle
 import re
 import runpy
 import subprocess
@@ -35,6 +34,7 @@ from conftest import (
     ROOT,
     build_on_meta,
     child_env,
+    heuristics_file,
     load_cfg,
     make_batch,
     on_meta,
@@ -433,21 +433,12 @@ def test_an_imagenet_classifier_loads_by_name_matching(tmp_path, caplog, name, b
         "norm.bias": np.zeros(999),
         "head.weight": np.ones((9, 999)),
     }
-    path = tmp_path / "imagenet.pkl"
-    with open(path, "wb") as f:
-        pickle.dump(
-            {
-                "model": {**weights, **classifier},
-                "__author__": "pycls",
-                "matching_heuristics": True,
-            },
-            f,
-        )
+    path = heuristics_file(tmp_path / "imagenet.pkl", {**weights, **classifier})
     with torch.no_grad():
         for parameter in model.backbone.parameters():
             parameter.zero_()
     with caplog.at_level(logging.WARNING):
-        HTCCheckpointer(model).load(str(path))
+        HTCCheckpointer(model).load(path)
     assert "Shape of norm.weight in checkpoint is" in caplog.text  # a chance match
     state = model.state_dict()
     for key, value in weights.items():

@@ -145,8 +145,9 @@ class HTCCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint: Any):
         heuristics = checkpoint.get("matching_heuristics", False)
+        state = self.model.state_dict()  # the shapes the load keeps
         if not heuristics:  # those names are matched in the parent's
-            self._check_names({key.removeprefix("module.") for key in checkpoint["model"]})
+            _check_names({key.removeprefix("module.") for key in checkpoint["model"]}, state)
         with _handed_state_dict(self.model) as handed:
             incompatible = super()._load_model(checkpoint)
         misfits = [
@@ -154,21 +155,22 @@ class HTCCheckpointer(DetectionCheckpointer):
         ]
         if heuristics:
             reported = {key for key, _, _ in misfits}
-            misfits += _heuristic_misfits(self.model.state_dict(), handed, reported)
+            misfits += _heuristic_misfits(state, handed, reported)
         if misfits and not self.skip_mismatched:
             raise ValueError(_refusal(misfits))
         if heuristics:
-            self._check_names(handed.keys())
+            _check_names(handed.keys(), state)
         return incompatible
 
-    def _check_names(self, names: Iterable[str]) -> None:
-        """Refuse a checkpoint that gives none of the model's names (for a file matched by
-        heuristics: once matched; Detectron2 only warns)."""
-        if not set(names) & self.model.state_dict().keys():
-            raise ValueError(
-                "the checkpoint holds none of this model's parameters: is it a checkpoint "
-                "of another model? (MMDetection's: python -m htc.convert_mmdet IN OUT)"
-            )
+
+def _check_names(names: Iterable[str], model: Dict[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint that gives none of the names of the ``model``'s state dict (for a file
+    matched by heuristics: once matched; Detectron2 only warns)."""
+    if not set(names) & model.keys():
+        raise ValueError(
+            "the checkpoint holds none of this model's parameters: is it a checkpoint "
+            "of another model? (MMDetection's: python -m htc.convert_mmdet IN OUT)"
+        )
 
 
 def _refusal(misfits: List[Misfit]) -> str:
