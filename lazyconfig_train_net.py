@@ -28,6 +28,7 @@ from detectron2.utils import comm
 
 from htc import set_deterministic, set_float32_precision
 from htc.checkpoint import HTCCheckpointer
+from htc.config import check_device
 from htc.data import register_builtin
 from htc.data.checks import check_mask_format, check_thing_classes
 from htc.distributed import argument_parser, create_ddp_model, launch_from_args
@@ -99,6 +100,7 @@ def train(cfg, resume: bool) -> None:
 
 def main(args) -> None:
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    check_device(cfg)
     default_setup(cfg, args)
     set_float32_precision(cfg)  # train.float32_precision: default_setup of Detectron2 v0.6 does not
     set_deterministic(cfg)  # train.deterministic

@@ -26,6 +26,7 @@ from detectron2.utils.logger import setup_logger
 
 from htc import HTCDatasetMapper, add_htc_config, set_deterministic, set_float32_precision
 from htc.checkpoint import HTCCheckpointer
+from htc.config import check_device
 from htc.data import register_builtin
 from htc.data.checks import check_mask_format, check_thing_classes
 from htc.data.resumable import build_resumable_train_loader
@@ -174,6 +175,7 @@ def load_config(args):
 
 def setup(args):
     cfg = load_config(args)
+    check_device(cfg)
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="htc")
     set_float32_precision(cfg)  # default_setup of Detectron2 v0.6 does not

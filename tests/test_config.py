@@ -11,6 +11,7 @@ from detectron2.modeling import build_model
 from omegaconf import OmegaConf
 
 import lazyconfig_train_net  # the repository root is on sys.path (conftest)
+import train_net
 from conftest import (
     CONFIGS,
     HAS_MODERN_BACKBONES,
@@ -37,6 +38,10 @@ from htc.roi_heads import HAS_FED_LOSS
         (["MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead"], "HTCMaskHead"),
         (["MODEL.SEM_SEG_HEAD.COMMON_STRIDE", 6], "COMMON_STRIDE"),
         (["MODEL.SEM_SEG_HEAD.EMBED_DIM", 16], "EMBED_DIM"),
+        (["MODEL.SEM_SEG_HEAD.NAME", "SemSegFPNHead"], "must be a FusedSemanticHead"),
+        (["MODEL.KEYPOINT_ON", True], "no keypoint head"),
+        (["MODEL.HTC.STAGE_LOSS_WEIGHTS", [1.0, -0.5, 0.25]], "cannot be negative"),
+        (["MODEL.HTC.TEST_NMS", "soft_gaussian", "MODEL.HTC.SOFT_NMS_SIGMA", 0.0], "SIGMA"),
     ],
 )
 def test_config_errors_are_clear(opts, message):
@@ -44,6 +49,20 @@ def test_config_errors_are_clear(opts, message):
     cfg.merge_from_list(opts)
     with pytest.raises(ValueError, match=message):
         build_model(cfg)
+
+
+@pytest.mark.parametrize("info_flow", [True, False])
+def test_mask_heads_without_convs_train_and_infer(info_flow):
+    """NUM_CONV 0: the deconv takes the RoI features, and so does the next stage's 1x1 conv."""
+    cfg = tiny_cfg(MASK_INFO_FLOW=info_flow)
+    cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = 0
+    model = build_model(cfg)
+    assert not model.roi_heads.mask_head[1].conv_norm_relus
+    losses = train_losses(model, make_batch(1))
+    assert all(torch.isfinite(v) for v in losses.values())
+    with torch.no_grad():
+        (out,) = model.eval()(make_batch(1, with_gt=False))
+    assert out["instances"].pred_masks.shape[1:] == (96, 96)
 
 
 SHIPPED = sorted(p.relative_to(CONFIGS) for p in CONFIGS.rglob("*.yaml"))
@@ -231,11 +250,29 @@ def test_lazyconfig_train_net_applies_the_settings(tmp_path, monkeypatch):
     seed it stops at once, naming the key."""
     args = lazyconfig_train_net.argument_parser().parse_args([
         "--config-file", str(CONFIGS / "htc_R_50_FPN_1x.py"), "--eval-only",
-        f"train.output_dir={tmp_path}", "train.deterministic=True",
+        f"train.output_dir={tmp_path}", "train.deterministic=True", "train.device=cpu",
     ])  # fmt: skip
     monkeypatch.setattr(lazyconfig_train_net, "default_setup", lambda cfg, args: None)  # loggers
     monkeypatch.setattr(lazyconfig_train_net, "instantiate", None)  # nothing built
     with pytest.raises(ValueError, match="train.deterministic needs a fixed train.seed"):
+        lazyconfig_train_net.main(args)
+
+
+def test_a_cuda_device_without_cuda_is_named_before_anything_is_built(tmp_path, monkeypatch):
+    """Both training scripts stop at once on a CUDA device that the machine lacks (Detectron2's
+    default MODEL.DEVICE), naming the key and the override that runs on the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for script in (train_net, lazyconfig_train_net):
+        monkeypatch.setattr(script, "default_setup", None)  # nothing set up
+    args = train_net.argument_parser().parse_args(
+        ["--config-file", str(CONFIGS / "htc_R_50_FPN_1x.yaml"), "OUTPUT_DIR", str(tmp_path)]
+    )
+    with pytest.raises(ValueError, match="MODEL.DEVICE='cuda'.*'MODEL.DEVICE cpu'"):
+        train_net.setup(args)
+    args = lazyconfig_train_net.argument_parser().parse_args(
+        ["--config-file", str(CONFIGS / "htc_R_50_FPN_1x.py"), "train.device=cuda:1"]
+    )
+    with pytest.raises(ValueError, match="train.device='cuda:1'.*'train.device=cpu'"):
         lazyconfig_train_net.main(args)
 
 

@@ -211,7 +211,7 @@ def test_an_imagenet_resnet_becomes_the_backbone_of_the_configs(tmp_path, capsys
             for stat, low, high in ((bn.running_mean, -0.2, 0.2), (bn.running_var, 0.5, 2.0)):
                 stat.uniform_(low, high)
             bn.weight.uniform_(0.2, 0.6)
-    src, out = tmp_path / "resnet50.pth", tmp_path / "R-50.pkl"
+    src, out = tmp_path / "resnet50.pth", tmp_path / "pretrained" / "R-50.pkl"  # a new folder
     torch.save(classifier.state_dict(), src)
     config = CONFIGS / "htc_R_50_FPN_1x.yaml"
     assert main([str(src), str(out), "--config", str(config)]) == 0

@@ -121,6 +121,22 @@ def test_postprocess_gives_the_models_outputs(tiny):
     torch.testing.assert_close(got["sem_seg"], want["sem_seg"], rtol=1e-5, atol=1e-5)
 
 
+def test_postprocess_takes_the_semantic_stride_and_refuses_a_smaller_one():
+    """A model whose semantic branch works at stride 16: postprocess at that stride gives its
+    sem_seg; at the default 8 the logits would cover a quarter of the image, which is named."""
+    cfg = tiny_cfg()
+    cfg.MODEL.SEM_SEG_HEAD.COMMON_STRIDE = 16
+    model = build_model(cfg).eval()
+    image = _noise(96, 128, seed=3)
+    with torch.no_grad():
+        (want,) = model([{"image": image, "height": 120, "width": 160}])
+    raw = _eager(model, image)
+    got = postprocess(raw, (96, 128), 120, 160, semantic_stride=16)
+    torch.testing.assert_close(got["sem_seg"], want["sem_seg"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pass the model's MODEL.SEM_SEG_HEAD.COMMON_STRIDE"):
+        postprocess(raw, (96, 128), 120, 160)
+
+
 @pytest.mark.parametrize(
     "opts, fmt, opset, message",
     [

@@ -14,8 +14,9 @@ def test_cityscapes_classes_take_their_coco_rows_and_the_rest_is_kept(tmp_path, 
     coco.merge_from_list(["MODEL.ROI_HEADS.NUM_CLASSES", 80])
     state = build_model(coco).state_dict()
     torch.save({"model": state}, tmp_path / "coco.pth")
-    assert main(["--to", "cityscapes", str(tmp_path / "coco.pth"), str(tmp_path / "out.pth")]) == 0
-    got = torch.load(tmp_path / "out.pth")["model"]
+    out = tmp_path / "pretrained" / "out.pth"  # in a folder that the command makes
+    assert main(["--to", "cityscapes", str(tmp_path / "coco.pth"), str(out)]) == 0
+    got = torch.load(out)["model"]
 
     cityscapes = tiny_cfg()
     cityscapes.merge_from_list(["MODEL.ROI_HEADS.NUM_CLASSES", 8])
@@ -37,7 +38,7 @@ def test_cityscapes_classes_take_their_coco_rows_and_the_rest_is_kept(tmp_path, 
     assert torch.equal(got[backbone], state[backbone])
     model.load_state_dict(got)  # every key and shape fits
     with pytest.raises(SystemExit):  # remapped already: its rows are no longer COCO's
-        main(["--to", "cityscapes", str(tmp_path / "out.pth"), str(tmp_path / "again.pth")])
+        main(["--to", "cityscapes", str(out), str(tmp_path / "again.pth")])
     assert not (tmp_path / "again.pth").exists()
     assert "out.pth has 8 classes, not COCO's 80" in capsys.readouterr().err
 

@@ -24,7 +24,9 @@ _TEMPORARY = f".tmp.{socket.gethostname()}."
 
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str) -> Iterator[Any]:
-    """Like ``open(path, mode)`` for writing, but ``path`` changes only if the block succeeds."""
+    """Like ``open(path, mode)`` for writing, but ``path`` changes only if the block succeeds;
+    its folder is made where missing."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}{_TEMPORARY}{os.getpid()}"
     try:
         with open(tmp, mode) as f:

@@ -156,6 +156,18 @@ def _setting(cfg: Union[CN, DictConfig], key: str) -> Tuple[str, Any]:
     return name, OmegaConf.select(cfg, name, default=default)
 
 
+def check_device(cfg: Union[CN, DictConfig]) -> None:
+    """Refuse a CUDA ``MODEL.DEVICE`` (a LazyConfig's ``train.device``) on a machine without
+    CUDA, naming the key, before anything is built (Detectron2's default device is "cuda")."""
+    key, device = _setting(cfg, "MODEL.DEVICE")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        override = f"{key} cpu" if isinstance(cfg, CN) else f"{key}=cpu"
+        raise ValueError(
+            f"{key}={device!r}, but PyTorch finds no CUDA GPU on this machine: run on the CPU "
+            f"with {override!r}"
+        )
+
+
 def set_float32_precision(cfg: Union[CN, DictConfig]) -> None:
     """Apply ``cfg.FLOAT32_PRECISION`` (a LazyConfig's ``train.float32_precision``) to this
     process, as Detectron2 main's ``default_setup`` does (v0.6's does not):

@@ -8,14 +8,15 @@ writes ``DIR/model.ts`` or ``DIR/model.onnx``, then runs it on the sample image 
 detections next to eager PyTorch's.
 
 The exported model (batch size 1) takes ``image``: (3, H, W) float32 pixels in
-``cfg.INPUT.FORMAT`` (BGR for the shipped configs), already resized as ``DefaultPredictor``
+``cfg.INPUT.FORMAT`` (RGB for the shipped configs), already resized as ``DefaultPredictor``
 resizes them (ResizeShortestEdge to INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST); H and W are free.
 Its outputs, in this order (:data:`OUTPUT_NAMES`):
 
 * ``boxes`` (N, 4) in the pixels of the given image, ``scores`` (N,), ``classes`` (N,) int64;
 * ``mask_probs`` (N, 1, M, M): the stage-merged mask probabilities on the boxes (M = 28);
-* ``sem_logits`` (1, K, Hp/s, Wp/s): the semantic logits at stride s = 8 of the padded image,
-  only for models with the semantic branch.
+* ``sem_logits`` (1, K, Hp/s, Wp/s): the semantic logits of the padded image at stride s
+  (MODEL.SEM_SEG_HEAD.COMMON_STRIDE, 8 in the shipped configs), only for models with the
+  semantic branch.
 
 :func:`postprocess` turns them (from PyTorch or onnxruntime alike) into ``{"instances",
 "sem_seg"}`` at the output size, as the model's own inference does: masks pasted at 0.5, boxes
@@ -168,7 +169,9 @@ def postprocess(
     """Detectron2's outputs from the exported model's ``outputs`` on one image of
     ``image_size`` (H, W: the image given to the model): ``instances`` at (height, width) with
     pred_boxes, scores, pred_classes and pred_masks (N, height, width) bool, and with the
-    semantic logits ``sem_seg`` (K, height, width), as the model's own inference gives them."""
+    semantic logits ``sem_seg`` (K, height, width), as the model's own inference gives them.
+    ``semantic_stride`` is the model's MODEL.SEM_SEG_HEAD.COMMON_STRIDE (8 in every shipped
+    config); a stride under it is refused, the logits then covering less than the image."""
     tensors = [torch.as_tensor(o) for o in outputs]
     boxes, scores, classes, masks = tensors[:4]
     instances = Instances(image_size)
@@ -181,6 +184,12 @@ def postprocess(
         logits = F.interpolate(
             tensors[4], scale_factor=semantic_stride, mode="bilinear", align_corners=False
         )[0]
+        if logits.shape[-2] < image_size[0] or logits.shape[-1] < image_size[1]:
+            raise ValueError(
+                f"sem_logits {tuple(tensors[4].shape)} at semantic_stride {semantic_stride} "
+                f"cover {tuple(logits.shape[-2:])} pixels, less than the {tuple(image_size)} "
+                "image: pass the model's MODEL.SEM_SEG_HEAD.COMMON_STRIDE as semantic_stride"
+            )
         result["sem_seg"] = sem_seg_postprocess(logits, image_size, height, width)
     return result
 

@@ -33,7 +33,8 @@ class HTCMaskHead(MaskRCNNConvUpsampleHead):
         super().__init__(input_shape, conv_norm=conv_norm, **kwargs)
         self.res_conv: Optional[Conv2d] = None
         if with_res_conv:
-            dim, channels = self.mask_fcn1.out_channels, input_shape.channels
+            # what the deconv takes: the last conv's output, or the input without convs
+            dim, channels = self.deconv.in_channels, input_shape.channels
             self.res_conv = Conv2d(
                 dim, channels, kernel_size=1, bias=not conv_norm,
                 norm=get_norm(conv_norm, channels), activation=F.relu,

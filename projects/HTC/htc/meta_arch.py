@@ -55,6 +55,7 @@ class HybridTaskCascade(GeneralizedRCNN):
         use_reference_decoding(self)
         if self.proposal_generator is None:
             raise ValueError("HybridTaskCascade needs an RPN (MODEL.PROPOSAL_GENERATOR.NAME)")
+        _check_semantic_head(semantic_head)
         _check_semantic_fusion(self.roi_heads, semantic_head)
         self.semantic_head = semantic_head
         self.semantic_output = semantic_output
@@ -229,6 +230,17 @@ def _paste_held_masks_as_rle(instances: Instances) -> None:
         instances.remove(HELD_MASKS)
         height, width = instances.image_size
         instances.pred_masks_rle = paste_masks_as_rle(masks, instances.pred_boxes, height, width)
+
+
+def _check_semantic_head(semantic_head: Optional[torch.nn.Module]) -> None:
+    """Refuse a semantic branch that is not HTC's: the model needs its (logits, feature) pair,
+    and another head (Detectron2's default ``SemSegFPNHead``) fails deep in its forward."""
+    if semantic_head is not None and not isinstance(semantic_head, FusedSemanticHead):
+        raise ValueError(
+            f"HTC's semantic branch must be a FusedSemanticHead, not {type(semantic_head).__name__}"
+            ": set MODEL.SEM_SEG_HEAD.NAME 'FusedSemanticHead' (the configs based on "
+            "configs/htc_R_50_FPN_1x.yaml do)"
+        )
 
 
 def _check_semantic_fusion(

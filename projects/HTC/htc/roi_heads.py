@@ -145,6 +145,21 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
                 "HTC's RoI sampling (htc.sampling.match) takes no low-quality matches: give "
                 "the ROI heads matchers with allow_low_quality_matches=False"
             )
+        if self.keypoint_on:
+            raise ValueError(
+                "HTC has no keypoint head: its cascade would leave one untrained; set "
+                "MODEL.KEYPOINT_ON False"
+            )
+        if any(w < 0 for w in self.stage_loss_weights):
+            raise ValueError(
+                f"MODEL.HTC.STAGE_LOSS_WEIGHTS={self.stage_loss_weights}: weights cannot be "
+                "negative"
+            )
+        if self.test_nms == "soft_gaussian" and not self.soft_nms_sigma > 0:
+            raise ValueError(
+                f"MODEL.HTC.SOFT_NMS_SIGMA={self.soft_nms_sigma}: the Gaussian Soft-NMS divides "
+                "by it, give a positive value"
+            )
         if self.test_nms not in TEST_NMS:
             raise ValueError(f"MODEL.HTC.TEST_NMS={self.test_nms!r}: use one of {TEST_NMS}")
         if self.mask_merge not in MASK_MERGE_RULES:
