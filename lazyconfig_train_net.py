@@ -14,6 +14,7 @@ are the yacs configs' FLOAT32_PRECISION, DETERMINISTIC and MODEL.HTC.SKIP_MISMAT
 """
 
 import logging
+from typing import List
 
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (
@@ -30,7 +31,7 @@ from htc import set_deterministic, set_float32_precision
 from htc.checkpoint import HTCCheckpointer
 from htc.config import check_device
 from htc.data import register_builtin
-from htc.data.checks import check_mask_format, check_thing_classes
+from htc.data.checks import check_mask_format, check_same_thing_classes, check_thing_classes
 from htc.distributed import argument_parser, create_ddp_model, launch_from_args
 
 logger = logging.getLogger("htc")
@@ -43,18 +44,26 @@ def evaluate(cfg, model) -> dict:
     if "evaluator" not in cfg.dataloader:
         return {}
     loader, evaluator = instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    trained = _dataset_names(cfg.dataloader.get("train"))
+    for name in _dataset_names(cfg.dataloader.test) if trained else ():
+        check_same_thing_classes(name, trained[0])
     results = inference_on_dataset(model, loader, evaluator)
     if comm.is_main_process():
         print_csv_format(results)
     return results
 
 
+def _dataset_names(loader) -> List[str]:
+    """The registered datasets a loader's config reads (none where it builds its own)."""
+    names = loader.dataset.get("names", ()) if loader is not None else ()
+    return [names] if isinstance(names, str) else list(names)
+
+
 def check_training_data(cfg, model) -> None:
     """Refuse training data that does not fit ``model`` (call after the loader is built, which
     loads the datasets): train_net.py's checks of the class count and the mask format."""
-    names = cfg.dataloader.train.dataset.get("names", ())  # none: not a registered dataset
     mapper = cfg.dataloader.train.mapper
-    for name in [names] if isinstance(names, str) else names:
+    for name in _dataset_names(cfg.dataloader.train):
         check_thing_classes(name, model.roi_heads.num_classes, "model.roi_heads.num_classes")
         if mapper.get("use_instance_mask", False):
             key = "dataloader.train.mapper.instance_mask_format"

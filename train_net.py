@@ -28,7 +28,7 @@ from htc import HTCDatasetMapper, add_htc_config, set_deterministic, set_float32
 from htc.checkpoint import HTCCheckpointer
 from htc.config import check_device
 from htc.data import register_builtin
-from htc.data.checks import check_mask_format, check_thing_classes
+from htc.data.checks import check_mask_format, check_same_thing_classes, check_thing_classes
 from htc.data.resumable import build_resumable_train_loader
 from htc.distributed import argument_parser, cpu_capable_ddp, launch_from_args
 from htc.evaluation import build_evaluators, check_mask_output
@@ -57,6 +57,8 @@ def check_dataset(cfg, name: str, is_train: bool) -> None:
             f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE is {cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE}"
         )
     check_thing_classes(name, cfg.MODEL.ROI_HEADS.NUM_CLASSES, "MODEL.ROI_HEADS.NUM_CLASSES")
+    if not is_train and cfg.DATASETS.TRAIN:
+        check_same_thing_classes(name, cfg.DATASETS.TRAIN[0])
     if cfg.MODEL.HTC.PANOPTIC_ON and not is_train:
         check_panoptic_dataset(cfg, name)
     if is_train and cfg.MODEL.MASK_ON:

@@ -49,6 +49,10 @@ def _duplicate(key):
     return edit
 
 
+def _second_image_of_the_first_file(coco):
+    coco["images"][1]["file_name"] = "./" + coco["images"][0]["file_name"]
+
+
 def _truncated_rle(coco):
     counts = coco["annotations"][0]["segmentation"]["counts"]
     coco["annotations"][0]["segmentation"]["counts"] = counts[: len(counts) // 2]
@@ -88,6 +92,10 @@ MALFORMED = {
         r"train.json: annotation id 1 is used twice",
     ),
     "category-id-twice": (_duplicate("categories"), r"train.json: category id 1 is used twice"),
+    "image-file-twice": (
+        _second_image_of_the_first_file,
+        r"train.json: images 1 and 2 are the same file 00001.png",
+    ),
     "image-id-text": (_first_image(id="1"), r"image #0 has id '1' \(str\): ids are integers"),
     "image-id-float": (_first_image(id=1.0), r"image #0 has id 1.0 \(float\)"),
     "annotation-id-missing": (_first_annotation(id=None), r"annotation #0 has id None"),

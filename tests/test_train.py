@@ -1,6 +1,7 @@
 """train_net.py end to end on a small copy of the demo dataset: the main job, --eval-only and
 --resume."""
 
+import json
 import subprocess
 import sys
 
@@ -10,8 +11,10 @@ from detectron2.data import DatasetCatalog
 from detectron2.engine import SimpleTrainer
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
+from omegaconf import OmegaConf
 from PIL import Image
 
+import lazyconfig_train_net
 from conftest import DEMO_CONFIG as CONFIG
 from conftest import (
     ROOT,
@@ -200,6 +203,37 @@ def test_rle_masks_with_the_polygon_format_are_refused_before_training(tiny_data
     check_dataset(cfg, name, is_train=False)  # inference reads no masks
     with pytest.raises(ValueError, match=r"\(annotation 1 of .*00001.png\).*MASK_FORMAT bitmask"):
         check_dataset(cfg, name, is_train=True)
+
+
+def test_a_test_dataset_ordering_the_classes_otherwise_is_refused(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    """The same images exported with other category ids: as many classes, the same names, in
+    another order; the model's class 0 would be scored as the test data's class 0."""
+    coco = json.loads((tiny_dataset / "train.json").read_text())
+    ids = sorted(c["id"] for c in coco["categories"])
+    swap = dict(zip(ids, [ids[1], ids[0], *ids[2:]]))
+    for item in coco["categories"] + coco["annotations"]:
+        key = "id" if "name" in item else "category_id"
+        item[key] = swap[item[key]]
+    (tmp_path / "swapped.json").write_text(json.dumps(coco))
+    for name, path in (("test_order_train", tiny_dataset / "train.json"),
+                       ("test_order_val", tmp_path / "swapped.json")):  # fmt: skip
+        register_htc_instances(name, str(path), str(tiny_dataset / "train"))
+        DatasetCatalog.get(name)  # loading sets thing_classes
+    cfg = tiny_cfg()
+    cfg.DATASETS.TRAIN = ("test_order_train",)
+    check_dataset(cfg, "test_order_train", is_train=False)
+    refused = "'test_order_val' orders its thing classes unlike.* 0 there, 1 here.*the same ids"
+    with pytest.raises(ValueError, match=refused):
+        check_dataset(cfg, "test_order_val", is_train=False)
+    lazy = OmegaConf.create({"dataloader": {
+        "train": {"dataset": {"names": ["test_order_train"]}},
+        "test": {"dataset": {"names": "test_order_val"}}, "evaluator": {},
+    }})  # fmt: skip
+    monkeypatch.setattr(lazyconfig_train_net, "instantiate", lambda cfg: None)  # nothing built
+    with pytest.raises(ValueError, match=refused):
+        lazyconfig_train_net.evaluate(lazy, model=None)
 
 
 def test_ignore_value_that_is_not_the_datasets_is_refused(tiny_dataset):

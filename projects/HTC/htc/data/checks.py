@@ -20,6 +20,28 @@ def check_thing_classes(name: str, num_classes: int, key: str) -> None:
         )
 
 
+def check_same_thing_classes(name: str, trained_on: str) -> None:
+    """Refuse test dataset ``name`` whose thing classes are those of the training dataset
+    ``trained_on`` in another order: the model's class k is the k-th of the training data's, so
+    its detections would be scored as other classes. A no-op where either has not set its
+    ``thing_classes`` yet (they are set when a dataset is loaded) or their counts differ (COCO
+    panoptic's metadata names all its categories; the count is :func:`check_thing_classes`'s)."""
+    tested, trained = (MetadataCatalog.get(n).get("thing_classes") for n in (name, trained_on))
+    if tested is None or trained is None or len(tested) != len(trained):
+        return
+    if list(tested) != list(trained) and sorted(tested) == sorted(trained):
+        moved = [
+            f"{c!r} is class {i} there, {list(tested).index(c)} here"
+            for i, c in enumerate(trained)
+            if tested[i] != c
+        ]
+        raise ValueError(
+            f"dataset {name!r} orders its thing classes unlike the training dataset "
+            f"{trained_on!r}, whose order the model learned ({'; '.join(moved[:3])}): give the "
+            "categories of both jsons the same ids"
+        )
+
+
 def check_mask_format(name: str, mask_format: str, key: str) -> None:
     """Refuse the "polygon" mask format (the config's ``key``) for a dataset, loaded by
     :func:`htc.data.load_htc_json`, with masks given as RLE: Detectron2's mapper fails at the

@@ -1,7 +1,8 @@
 """What a COCO instances json must satisfy before Detectron2 and pycocotools read it.
 
 pycocotools trusts the file: duplicated image ids merge two images into one (one image then
-trains on the other's masks, the other is dropped), annotations of an unknown image are dropped
+trains on the other's masks, the other is dropped), one file listed twice trains each copy on
+half its objects, annotations of an unknown image are dropped
 without a word, a polygon coordinate of 1e12 makes its rasterizer allocate without bound, and
 RLE counts that do not add up to the mask's size make its decoder write past its buffer. Every
 field the loader and the mapper use is checked here, from the json alone (no image is decoded),
@@ -9,6 +10,7 @@ and each refusal names the file, the image or annotation id, and the problem.
 """
 
 import math
+import os
 from numbers import Integral, Real
 from typing import Any, Dict, List, Optional
 
@@ -180,6 +182,20 @@ def _is_finite(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check_unique_files(images: Dict[int, dict], where: str) -> None:
+    """Refuse an image file listed under two ids: each record would train the other's objects
+    as background."""
+    seen: Dict[str, int] = {}
+    for image_id, image in images.items():
+        name = os.path.normpath(image["file_name"])
+        if name in seen:
+            raise CocoFormatError(
+                f"{where}: images {seen[name]} and {image_id} are the same file {name}: list each "
+                "image once, with all its annotations"
+            )
+        seen[name] = image_id
+
+
 def check_coco_json(data: Any, where: str) -> None:
     """Refuse a COCO instances dict that the loader or the mapper would misread.
 
@@ -195,6 +211,7 @@ def check_coco_json(data: Any, where: str) -> None:
     images = _unique_int_ids(data["images"], "image", where)
     for image in images.values():
         _check_image(image, where)
+    _check_unique_files(images, where)
     categories = _unique_int_ids(data["categories"], "category", where)
     annotations = _unique_int_ids(data["annotations"], "annotation", where)
     for ann in annotations.values():
