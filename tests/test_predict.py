@@ -378,3 +378,93 @@ def test_two_processes_give_the_merged_json_of_one(photos, weights, tmp_path):
     images = json.loads((tmp_path / "two" / "images.json").read_text())
     assert images == json.loads((tmp_path / "one" / "images.json").read_text())
     assert len(images) == one["images"] == 3
+
+
+def test_a_run_with_other_settings_is_refused_not_mixed_in(photos, weights, tmp_path):
+    """Another threshold or other weights into an output with results would mix two models'
+    results in one file; the weights count by content, not by path."""
+    out = tmp_path / "out"
+    _run(photos, out, opts=weights)
+    want = _results(out)
+    with pytest.raises(ValueError, match=r"other settings \(MODEL.ROI_HEADS.SCORE_THRESH_TEST "
+                                         r"0.0 then, 0.99 now\)"):  # fmt: skip
+        _run(photos, out, opts=weights, confidence_threshold=0.99)
+    moved = tmp_path / "moved.pth"
+    shutil.copy(weights[-1], moved)
+    assert _run(photos, out, opts=[*weights, "MODEL.WEIGHTS", str(moved)])["this run"] == 0
+    other = tmp_path / "other.pth"
+    state = torch.load(moved, weights_only=True)
+    state["model"]["roi_heads.box_predictor.0.cls_score.bias"] += 1
+    torch.save(state, other)
+    with pytest.raises(ValueError, match="MODEL.WEIGHTS sha256 '[0-9a-f]{64}' then"):
+        _run(photos, out, opts=[*weights, "MODEL.WEIGHTS", str(other)])
+    assert _results(out) == want
+
+
+def test_a_second_run_into_an_output_in_use_is_refused(photos, tmp_path):
+    """Two runs appending to one output at once would record each image twice."""
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+         "fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
+         str(out / ".predict.lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(RuntimeError, match="another htc.predict is writing into .*out"):
+            _run(photos, out)
+        assert not (out / RECORDS).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _run(photos, out)["images"] == 3
+
+
+def test_category_ids_of_a_dataset_that_is_not_registered_or_does_not_fit(photos, tmp_path):
+    """Results take DATASETS.TEST[0]'s category ids: a name this process has not registered (a
+    wrapper script forgotten) and a class count other than the model's are refused before the
+    model runs, instead of contiguous ids or a KeyError at the first result."""
+    opts = ["MODEL.DEVICE", "cpu", "DATASETS.TEST", "('mine_val',)"]
+    with pytest.raises(ValueError, match="'mine_val'.*is not registered in this process"):
+        _run(photos, tmp_path / "a", opts=opts)
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.NUM_CLASSES", "5"]
+    with pytest.raises(
+        ValueError, match="has 3 thing classes but MODEL.ROI_HEADS.NUM_CLASSES is 5"
+    ):
+        _run(photos, tmp_path / "b", opts=opts)
+    assert not (tmp_path / "b" / RECORDS).exists()
+
+
+def test_inputs_are_the_same_files_from_any_working_folder(photos, tmp_path, monkeypatch):
+    """A relative input names another file from another folder, and the same file by another
+    spelling: records are kept by absolute path."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, image in ((first, photos / "a.png"), (second, photos / "b.png")):
+        (folder / "in").mkdir(parents=True)
+        shutil.copy(image, folder / "in" / "x.png")
+    out = tmp_path / "out"
+    monkeypatch.chdir(first)
+    assert _run(None, out, input=["in/x.png"])["this run"] == 1
+    assert _run(None, out, input=[str(first / "in" / "x.png")])["this run"] == 0
+    monkeypatch.chdir(second)
+    counts = _run(None, out, input=["in/x.png"])
+    assert counts["this run"] == 1 and counts["images"] == 1
+    images = json.loads((out / "images.json").read_text())
+    assert [i["file_name"] for i in images] == [str(second / "in" / "x.png")]
+
+
+def test_a_record_that_is_not_json_is_named_and_a_thin_image_skipped(photos, tmp_path, caplog):
+    out = tmp_path / "out"
+    thin = tmp_path / "thin"
+    thin.mkdir()
+    Image.new("RGB", (3000, 1)).save(thin / "line.png")  # 1 px high: 0 px once resized
+    logging.getLogger("htc").propagate = True
+    with caplog.at_level(logging.WARNING, logger="htc"):
+        assert _run(thin, out)["skipped"] == 1
+    assert "skipped" in caplog.text and "too thin to predict" in caplog.text
+    lines = (out / RECORDS).read_text().splitlines()
+    (out / RECORDS).write_text("{not json\n" + "\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"predictions.jsonl, line 1, is not a record"):
+        _run(thin, out)

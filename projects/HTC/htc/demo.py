@@ -8,6 +8,7 @@
 import argparse
 import functools
 import hashlib
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
@@ -16,7 +17,6 @@ import numpy as np
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import MetadataCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .checkpoint import load_weights
 from .config import add_htc_config, set_float32_precision
 from .data import register_builtin
-from .data.inputs import IMAGE_SUFFIXES
+from .data.inputs import IMAGE_SUFFIXES, read_image_or_reason
 
 TITLE_HEIGHT = 24  # pixels of the band that names a panel
 
@@ -154,7 +154,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     for path, name in picture_names(image_files(args.input)).items():
-        image_bgr = read_image(str(path), format="BGR")
+        image_bgr, reason = read_image_or_reason(path)
+        if image_bgr is None:  # as htc.predict: named and skipped, not clipped or fatal
+            print(f"{path}: skipped, {reason}", file=sys.stderr)
+            continue
         outputs = predictor(image_bgr)
         picture = draw_prediction(image_bgr[:, :, ::-1], outputs, metadata)
         target = out_dir / f"{name}.png"

@@ -10,7 +10,8 @@ batched through a data loader, on many GPUs or CPU processes.
 Inputs are image and video files, folders (searched recursively by extension) and glob patterns.
 Each batch's results are appended to ``OUTPUT/predictions.jsonl`` (``predictions.R.jsonl`` for
 process R > 0) as soon as it is done, so a run that is stopped loses at most the batch in flight,
-and a second run with the same output skips what is already there. At the end
+and a second run with the same output skips what is already there (a run with other settings
+or weights, or while another writes into it, is refused). At the end
 ``OUTPUT/coco_results.json`` holds every image's results in COCO's results format (boxes XYWH,
 scores, masks as RLE, the training dataset's category ids), ``OUTPUT/images.json`` the images'
 ids, file names and sizes, and ``OUTPUT/videos/NAME.json`` each video's results, whose image ids
@@ -23,13 +24,16 @@ one warning and skipped; the summary counts it.
 """
 
 import argparse
+import contextlib
 import datetime
+import fcntl
+import hashlib
 import json
 import logging
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -45,6 +49,7 @@ from tqdm import tqdm
 from .checkpoint import load_weights
 from .config import set_float32_precision
 from .data import register_builtin
+from .data.checks import check_thing_classes
 from .data.inputs import PredictionInputs, find_inputs, frame_count, inputs_loader, is_video
 from .demo import draw_prediction, load_predictor_cfg, path_hash
 from .distributed import add_timeout_argument, launch_from_args
@@ -53,6 +58,8 @@ from .video import write_drawn_video
 logger = logging.getLogger("htc.predict")  # also when run as __main__
 RECORDS = "predictions.jsonl"
 ID_SOURCE = "image_ids.json"  # where the output's image ids come from
+SETTINGS = "settings.json"  # what the output's results were predicted with
+LOCK = ".predict.lock"  # held by the first process of the run that writes into the output
 PNG_FOLDERS = ("pictures", "semantic", "panoptic")  # --draw, --semantic, --panoptic: PNG per image
 OUTPUT_FOLDERS = (*PNG_FOLDERS, "videos")  # of images and videos written
 
@@ -103,7 +110,9 @@ def records_file(output: Path, rank: int) -> Path:
 def load_records(output: Path, repair: bool = False) -> List[dict]:
     """The records of earlier runs, from every process's file. A last line cut short by a kill
     is cut from its file where ``repair`` (the next record would be appended to it) and its
-    input is redone; without ``repair`` it is only left out."""
+    input is redone; without ``repair`` it is only left out. Another line that is not JSON
+    raises ValueError naming it. Relative file names (of versions before inputs were absolute)
+    are taken from the working folder, as those runs took them."""
     records = []
     for path in sorted(output.glob(RECORDS.replace(".jsonl", "*.jsonl"))):
         text = path.read_text()
@@ -111,19 +120,44 @@ def load_records(output: Path, repair: bool = False) -> List[dict]:
         if complete != text and repair:
             logger.warning(f"{path}: an incomplete last line (a stopped run's) is redone")
             os.truncate(path, len(complete.encode()))
-        records += [json.loads(line) for line in complete.splitlines()]
+        records += [_record_of(line, path, n) for n, line in enumerate(complete.splitlines(), 1)]
     return records
 
 
-def _dataset_category_ids(name: str) -> Optional[Dict[int, int]]:
-    """Contiguous class id -> the dataset's category id, from the metadata of the dataset the
-    config names, which Detectron2's COCO loader sets when the dataset is first loaded."""
+def _record_of(line: str, path: Path, number: int) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path}, line {number}, is not a record ({error}): remove the line to redo its "
+            "input, or predict into another output folder"
+        ) from None
+    record["file_name"] = os.path.abspath(record["file_name"])
+    return record
+
+
+def _dataset_category_ids(cfg) -> Optional[Dict[int, int]]:
+    """Contiguous class id -> the category id of the dataset the config names (DATASETS.TEST[0];
+    None without one), from its metadata, which Detectron2's COCO loader sets when the dataset
+    is first loaded. A dataset that is not registered in this process, or whose class count is
+    not the model's, raises ValueError."""
+    if not cfg.DATASETS.TEST:
+        return None
+    name = cfg.DATASETS.TEST[0]
+    if name not in DatasetCatalog:
+        raise ValueError(
+            f"DATASETS.TEST[0] {name!r}, whose category ids the results take, is not registered "
+            "in this process: register it and call htc.predict.main from your script (as "
+            "docs/datasets.md's wrapper does for train_net.py), or set DATASETS.TEST () for the "
+            "model's contiguous class ids"
+        )
     metadata = MetadataCatalog.get(name)
-    if not metadata.get("thing_dataset_id_to_contiguous_id") and name in DatasetCatalog:
+    if not metadata.get("thing_dataset_id_to_contiguous_id"):
         try:
             DatasetCatalog.get(name)
         except (OSError, ValueError) as error:
             logger.warning(f"category ids are the model's contiguous ids: {name}: {error}")
+    check_thing_classes(name, cfg.MODEL.ROI_HEADS.NUM_CLASSES, "MODEL.ROI_HEADS.NUM_CLASSES")
     mapping = metadata.get("thing_dataset_id_to_contiguous_id")
     return {v: k for k, v in mapping.items()} if mapping else None
 
@@ -158,7 +192,7 @@ def dataset_image_ids(images: List[Path], dataset_json: str) -> Dict[str, int]:
     ``/elsewhere/cam1/001.jpg``, over ``cam2/001.jpg``). ValueError names an image that no entry
     or two entries alike match, or two images that match one entry."""
     entries = defaultdict(list)
-    for image in json.loads(Path(dataset_json).read_text())["images"]:
+    for image in _json_images(dataset_json):
         parts = Path(image["file_name"]).parts
         entries[parts[-1]].append((parts, image["id"]))
     ids, owner = {}, {}
@@ -180,6 +214,18 @@ def dataset_image_ids(images: List[Path], dataset_json: str) -> Dict[str, int]:
             )
         ids[str(f)], owner[image_id] = image_id, f
     return ids
+
+
+def _json_images(dataset_json: str) -> List[dict]:
+    """The "images" of the COCO json ``dataset_json``; ValueError naming the file where it is
+    not one."""
+    try:
+        images = json.loads(Path(dataset_json).read_text())["images"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"--image-ids {dataset_json}: not a COCO json with 'images' ({error!r})"
+        ) from None
+    return images
 
 
 def _common_ending(path: Tuple[str, ...], entry: Tuple[str, ...]) -> Tuple[bool, int]:
@@ -212,12 +258,39 @@ def _logged_predict_process(args: argparse.Namespace) -> None:
 
 
 def predict_process(args: argparse.Namespace) -> Optional[dict]:
-    """One process's share of :func:`predict`; the counts on the first process."""
+    """One process's share of :func:`predict`; the counts on the first process, which holds the
+    output's lock for the run."""
     register_builtin()
     cfg = _config(args)
-    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
-    dataset_ids = _dataset_category_ids(metadata.name)
     output = Path(args.output)
+    if not comm.is_main_process():
+        return _predict_into(cfg, args, output)
+    with exclusive(output):
+        return _predict_into(cfg, args, output)
+
+
+@contextlib.contextmanager
+def exclusive(output: Path) -> Iterator[None]:
+    """Hold ``output``'s lock: a second run writing into it at the same time would record its
+    images twice. RuntimeError where another process holds it. A POSIX lock (``lockf``): the
+    data-loader workers, forked with its file open, do not hold it, so a killed run's workers
+    that outlive it briefly do not keep the next run out."""
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / LOCK, "a") as lock:
+        try:
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB, 0, 0, os.SEEK_SET)  # the whole file
+        except OSError:
+            raise RuntimeError(
+                f"another htc.predict is writing into {output}: let it end, or predict into "
+                "another output folder"
+            ) from None
+        yield
+
+
+def _predict_into(cfg, args: argparse.Namespace, output: Path) -> Optional[dict]:
+    """:func:`predict_process` once the output is this run's."""
+    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
+    dataset_ids = _dataset_category_ids(cfg)
     files = find_inputs(args.input, exclude=[output / name for name in OUTPUT_FOLDERS])
     _check_outputs(cfg, args, files)
     if comm.is_main_process():
@@ -233,6 +306,7 @@ def predict_process(args: argparse.Namespace) -> Optional[dict]:
         _warn_of_outputs_not_asked_then(output, done, args)
     shard, done_frames = _plan(files, done, args.image_ids)
     _check_id_source(output, args.image_ids, done)
+    _check_settings(output, run_settings(cfg), done)
     rank, world = comm.get_rank(), comm.get_world_size()
     patient = _patient_group() if world > 1 else None
     ran = _predict_share(cfg, args, shard[rank::world], done_frames, metadata, dataset_ids)
@@ -283,6 +357,64 @@ def _check_id_source(output: Path, dataset_json: Optional[str], done: List[dict]
             )
     elif comm.is_main_process():
         marker.write_text(json.dumps(source))
+
+
+def run_settings(cfg) -> Dict[str, object]:
+    """What an image's results depend on, by key: the model's config (MODEL but its DEVICE), the
+    test-time input sizes and format, the detections per image, the dataset whose category ids
+    the results take, and the weights, by their content (where MODEL.WEIGHTS is a file)."""
+    flat = dict(_flattened(cfg))
+    settings = {k: v for k, v in flat.items() if k.startswith("MODEL.") and k not in UNSETTLED}
+    settings.update((k, flat[k]) for k in RESULT_KEYS)
+    settings["MODEL.WEIGHTS sha256"] = _sha256(cfg.MODEL.WEIGHTS)
+    return json.loads(json.dumps(settings))  # tuples as lists, as read back
+
+
+UNSETTLED = ("MODEL.DEVICE", "MODEL.WEIGHTS")  # where and from which path: not what is computed
+RESULT_KEYS = (
+    "INPUT.MIN_SIZE_TEST", "INPUT.MAX_SIZE_TEST", "INPUT.FORMAT", "TEST.DETECTIONS_PER_IMAGE",
+    "DATASETS.TEST",
+)  # fmt: skip
+
+
+def _flattened(node, prefix: str = "") -> Iterator[Tuple[str, object]]:
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _flattened(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _sha256(path: str) -> Optional[str]:
+    """The sha256 of the file ``path``, or None where it is none (no weights, or a URL)."""
+    if not os.path.isfile(path):
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_settings(output: Path, settings: Dict[str, object], done: List[dict]) -> None:
+    """This run's :func:`run_settings` must be those of the output's results
+    (OUTPUT/settings.json): another threshold, config or weights would mix two models' results
+    in one file. A ValueError names what differs. An output without results yet records this
+    run's (the first process writes it; outputs of versions before it record none, and are not
+    checked)."""
+    marker = output / SETTINGS
+    if not any("results" in r for r in done):
+        if comm.is_main_process():
+            marker.write_text(json.dumps(settings))
+        return
+    earlier = json.loads(marker.read_text()) if marker.exists() else settings
+    changed = [k for k in sorted(set(earlier) | set(settings)) if earlier.get(k) != settings.get(k)]
+    if changed:
+        named = "; ".join(f"{k} {earlier.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
+        raise ValueError(
+            f"{output} holds results predicted with other settings ({named}): predict into "
+            "another output folder, or with the settings of the runs before"
+        )
 
 
 def _ids_of(source: dict) -> str:

@@ -9,6 +9,7 @@ that could not be read (``skipped``, the reason).
 """
 
 import glob
+import os
 from pathlib import Path
 from typing import Collection, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -31,7 +32,8 @@ def is_video(path: Path) -> bool:
 
 def find_inputs(inputs: Iterable[str], exclude: Sequence[Path] = ()) -> List[Path]:
     """The image and video files named by ``inputs``: files, folders (recursively, by extension)
-    and glob patterns, sorted and each once. A file of another extension in a folder is left
+    and glob patterns, as absolute paths (a file is the same input from any working folder),
+    sorted and each once. A file of another extension in a folder is left
     out, and so is what a folder or pattern finds in the folders ``exclude`` (the pictures and
     videos a run writes, which the next run would read as inputs); an input that names nothing
     raises FileNotFoundError naming it."""
@@ -55,7 +57,7 @@ def find_inputs(inputs: Iterable[str], exclude: Sequence[Path] = ()) -> List[Pat
     found |= named
     if not found:
         raise FileNotFoundError(f"no images or videos in {list(inputs)}")
-    return sorted(found)
+    return sorted({Path(os.path.abspath(p)) for p in found})
 
 
 # 16- and 32-bit pixels (PIL's modes): Detectron2's reader clips them to 8 bits (a 16-bit photo
@@ -149,7 +151,10 @@ class PredictionInputs(IterableDataset):
         image, reason = read_image_or_reason(path)
         if image is None:
             return dict(item, skipped=reason)
-        item.update(self.model_input(image))
+        try:
+            item.update(self.model_input(image))
+        except ValueError as error:
+            return dict(item, skipped=str(error))
         if self.keep_original:
             item["original"] = image[:, :, ::-1]
         return item
@@ -168,9 +173,16 @@ class PredictionInputs(IterableDataset):
             yield {"file_name": str(path), "frames": frames}
 
     def model_input(self, image_bgr: np.ndarray) -> dict:
-        """The model's input for an (H, W, 3) BGR image, as ``DefaultPredictor`` makes it."""
+        """The model's input for an (H, W, 3) BGR image, as ``DefaultPredictor`` makes it;
+        ValueError for an image so thin that the resize leaves it no pixel across."""
         image = image_bgr[:, :, ::-1] if self.image_format == "RGB" else image_bgr
-        resized = self.resize.get_transform(image).apply_image(image)
+        transform = self.resize.get_transform(image)
+        if min(transform.new_h, transform.new_w) < 1:
+            raise ValueError(
+                f"{image.shape[1]}x{image.shape[0]} pixels resize to {transform.new_w}x"
+                f"{transform.new_h} (INPUT.MIN_SIZE_TEST, MAX_SIZE_TEST): too thin to predict"
+            )
+        resized = transform.apply_image(image)
         tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
         return {"image": tensor, "height": image.shape[0], "width": image.shape[1]}
 
