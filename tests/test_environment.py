@@ -17,14 +17,16 @@ IMPORTS = (
 
 def test_imports_in_fresh_interpreter_registering_no_dataset():
     """Also: importing htc (and Detectron2) puts no dataset in the catalog; the entry points
-    register them (htc.data.register_builtin)."""
+    register them (htc.data.register_builtin). Importing htc.export imports nothing of
+    detectron2.export (on Detectron2 v0.6 it would stand in for that package) until an export."""
     code = IMPORTS + (
-        "\nfrom detectron2.data import DatasetCatalog\n"
-        "print([n for n in DatasetCatalog.list() if 'htc' in n])"
+        "\nimport sys, htc.export\nfrom detectron2.data import DatasetCatalog\n"
+        "print([n for n in DatasetCatalog.list() if 'htc' in n], "
+        "'detectron2.export' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert result.stdout.strip() == "[] False"
 
 
 class _ImportingDataset(torch.utils.data.Dataset):

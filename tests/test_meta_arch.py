@@ -87,6 +87,16 @@ def test_semantic_fusion_without_the_semantic_branch_is_named():
         HybridTaskCascade(**{**parts, "semantic_head": None})
 
 
+def test_a_training_input_without_semantic_labels_is_named():
+    """Every input is checked, not the first alone (the second's missing labels were a bare
+    KeyError)."""
+    model = build_model(tiny_cfg())
+    batch = make_batch(2)
+    del batch[1]["sem_seg"]
+    with pytest.raises(ValueError, match="input 1 has no 'sem_seg'.*SEMANTIC_ON False"):
+        train_losses(model, batch)
+
+
 @pytest.mark.parametrize("off_image", [False, True])
 def test_rle_mask_output_decodes_to_the_bitmasks(off_image):
     """MODEL.HTC.MASK_OUTPUT "rle": the same masks as COCO RLEs, no full-size pred_masks; also

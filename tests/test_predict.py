@@ -16,7 +16,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
-from detectron2.data import DatasetCatalog, build_detection_test_loader
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
 from PIL import Image
@@ -28,6 +28,7 @@ from htc import register_htc_instances
 from htc.data.inputs import find_inputs, read_image_or_reason, video_frames
 from htc.demo import load_predictor_cfg
 from htc.predict import RECORDS, dataset_image_ids, image_ids, predict, video_names
+from htc.video import write_drawn_video
 
 
 @pytest.fixture
@@ -468,3 +469,23 @@ def test_a_record_that_is_not_json_is_named_and_a_thin_image_skipped(photos, tmp
     (out / RECORDS).write_text("{not json\n" + "\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"predictions.jsonl, line 1, is not a record"):
         _run(thin, out)
+
+
+def test_an_object_keeps_its_colour_from_frame_to_frame(tmp_path):
+    """One result in every frame of a still video is drawn alike in each (a Visualizer per
+    frame gave it a random colour in each)."""
+    path, target = tmp_path / "still.mp4", tmp_path / "drawn.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 4.0, (96, 64))
+    for _ in range(6):
+        writer.write(np.full((64, 96, 3), 90, np.uint8))
+    writer.release()
+    mask = np.zeros((64, 96), np.uint8, order="F")
+    mask[16:48, 24:72] = 1
+    rle = mask_util.encode(mask)
+    rle["counts"] = rle["counts"].decode()
+    result = {"bbox": [24, 16, 48, 32], "score": 0.9, "category_id": 0, "segmentation": rle}
+    metadata = MetadataCatalog.get("test_colours")  # no thing_colors: colours drawn at random
+    write_drawn_video(path, {i: [result] for i in range(6)}, target, metadata, 0.5, None)
+    inside = [frame[22:44, 30:66].reshape(-1, 3).mean(0) for frame in video_frames(target)]
+    assert len(inside) == 6 and np.abs(inside[0] - 90).max() > 10  # drawn over
+    assert max(np.abs(colour - inside[0]).max() for colour in inside) < 6

@@ -29,6 +29,7 @@ torchvision's exporter), ONNX opsets below 16 (torchvision's RoiAlign export dro
 """
 
 import argparse
+import functools
 import sys
 import types
 from pathlib import Path
@@ -43,16 +44,19 @@ from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_postprocess
 from detectron2.structures import Boxes, Instances
+from torch import nn
 from torch.nn import functional as F
 
 from .checkpoint import load_weights
 from .demo import load_predictor_cfg
 
 
+@functools.cache
 def _tracing_tools() -> tuple:
-    """Detectron2's ``TracingAdapter`` and ``patch_builtin_len``. The ``detectron2.export``
-    package of Detectron2 v0.6 imports caffe2 (gone from PyTorch 2) in its ``__init__``; there
-    the package is entered without that ``__init__``: these two modules need nothing of it."""
+    """Detectron2's ``TracingAdapter`` and ``patch_builtin_len``, imported at the first export,
+    not with this module. The ``detectron2.export`` package of Detectron2 v0.6 imports caffe2
+    (gone from PyTorch 2) in its ``__init__``; there the package is entered without that
+    ``__init__``: these two modules need nothing of it."""
     try:
         from detectron2.export.flatten import TracingAdapter
         from detectron2.export.torchscript_patch import patch_builtin_len
@@ -67,7 +71,6 @@ def _tracing_tools() -> tuple:
     return TracingAdapter, patch_builtin_len
 
 
-TracingAdapter, patch_builtin_len = _tracing_tools()
 FORMATS = ("torchscript", "onnx")
 OUTPUT_NAMES = ("boxes", "scores", "classes", "mask_probs", "sem_logits")
 MIN_ONNX_OPSET = 16
@@ -112,9 +115,11 @@ def raw_inference(model, inputs: List[Dict[str, torch.Tensor]]) -> Tuple[torch.T
     return outputs if semantic_logits is None else (*outputs, semantic_logits)
 
 
-def tracing_adapter(model, image: torch.Tensor) -> TracingAdapter:
-    """``model`` as a module of one image tensor returning a tuple of tensors."""
-    return TracingAdapter(model, ([{"image": image}],), raw_inference)
+def tracing_adapter(model, image: torch.Tensor) -> nn.Module:
+    """``model`` as a module of one image tensor returning a tuple of tensors (Detectron2's
+    ``TracingAdapter``)."""
+    adapter, _ = _tracing_tools()
+    return adapter(model, ([{"image": image}],), raw_inference)
 
 
 def export(model, image: torch.Tensor, fmt: str, output: Path, opset: int = 17) -> Path:
@@ -122,6 +127,7 @@ def export(model, image: torch.Tensor, fmt: str, output: Path, opset: int = 17) 
     ``output/model.onnx``; returns the file."""
     adapter = tracing_adapter(model, image).eval()  # the exporters restore the adapter's mode
     output.mkdir(parents=True, exist_ok=True)
+    _, patch_builtin_len = _tracing_tools()
     with torch.no_grad(), patch_builtin_len(TRACED_LEN_MODULES):
         if fmt == "torchscript":
             path = output / "model.ts"

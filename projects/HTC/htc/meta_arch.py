@@ -118,10 +118,12 @@ class HybridTaskCascade(GeneralizedRCNN):
 
     def _semantic_targets(self, batched_inputs: List[dict], images: ImageList) -> torch.Tensor:
         """(N, H, W) int64 labels padded with the ignore value to the padded image size."""
-        if "sem_seg" not in batched_inputs[0]:
+        lacking = [x.get("file_name", f"input {i}") for i, x in enumerate(batched_inputs)
+                   if "sem_seg" not in x]  # fmt: skip
+        if lacking:
             raise ValueError(
-                "HTC's semantic branch needs per-pixel labels: the inputs have no 'sem_seg'. Give "
-                "the dataset 'sem_seg_file_name', derive labels from the instances "
+                f"HTC's semantic branch needs per-pixel labels: {lacking[0]} has no 'sem_seg'. "
+                "Give the dataset 'sem_seg_file_name', derive labels from the instances "
                 "(docs/datasets.md), or turn the branch off with MODEL.HTC.SEMANTIC_ON False"
             )
         height, width = images.tensor.shape[-2:]

@@ -11,7 +11,8 @@ import numpy as np
 import pycocotools.mask as mask_util
 import torch
 from detectron2.structures import Boxes, BoxMode, Instances
-from detectron2.utils.visualizer import ColorMode, Visualizer
+from detectron2.utils.video_visualizer import VideoVisualizer
+from detectron2.utils.visualizer import ColorMode
 
 from .data.inputs import video_fps, video_frames
 
@@ -44,8 +45,10 @@ def write_drawn_video(
     threshold: float,
     contiguous_ids: Optional[Dict[int, int]],
 ) -> None:
-    """``target`` (.mp4): each frame of ``video`` with its results scored above ``threshold``.
-    Written under a temporary name and renamed, so that ``target`` exists only whole."""
+    """``target`` (.mp4): each frame of ``video`` with its results scored above ``threshold``,
+    drawn by Detectron2's ``VideoVisualizer``, which keeps an object's colour from frame to frame
+    (a ``Visualizer`` per frame draws each in a colour of its own). Written under a temporary
+    name and renamed, so that ``target`` exists only whole."""
     partial = target.with_suffix(".partial.mp4")
     frames = video_frames(video)
     first = next(frames, None)
@@ -55,12 +58,12 @@ def write_drawn_video(
     writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), video_fps(video), size)
     if not writer.isOpened():
         raise RuntimeError(f"OpenCV cannot write {partial} (codec mp4v)")
+    drawer = VideoVisualizer(metadata, instance_mode=ColorMode.IMAGE)
     try:
         for index, frame in enumerate(itertools.chain([first], frames)):
             confident = [r for r in frame_results.get(index, []) if r["score"] > threshold]
             instances = results_to_instances(confident, frame.shape[:2], contiguous_ids)
-            drawn = Visualizer(frame[:, :, ::-1], metadata, instance_mode=ColorMode.IMAGE)
-            picture = drawn.draw_instance_predictions(instances).get_image()
+            picture = drawer.draw_instance_predictions(frame[:, :, ::-1], instances).get_image()
             writer.write(np.ascontiguousarray(picture[:, :, ::-1]))
     finally:
         writer.release()

@@ -250,10 +250,14 @@ def interpolation_matrix(
 
 @functools.cache
 def _executor(threads: int) -> ThreadPoolExecutor:
+    _forget_pools_in_forked_children()
     return ThreadPoolExecutor(threads, thread_name_prefix="roi_align")
 
 
-os.register_at_fork(after_in_child=_executor.cache_clear)  # a forked child has no pool threads
+@functools.cache
+def _forget_pools_in_forked_children() -> None:
+    """Registered with the first pool, not at import: a forked child has none of its threads."""
+    os.register_at_fork(after_in_child=_executor.cache_clear)
 
 
 def in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
