@@ -4,12 +4,14 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
+from detectron2.layers import DeformConv
 from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from torch.nn import functional as F
 
 from conftest import make_batch, tiny_cfg, train_losses
 from htc import HybridTaskCascade
+from htc.layers.deform_conv import TorchvisionDeformConv
 
 
 @pytest.mark.parametrize("with_gt", [True, False], ids=["positives", "no-positives"])
@@ -85,6 +87,19 @@ def test_semantic_fusion_without_the_semantic_branch_is_named():
     parts = HybridTaskCascade.from_config(tiny_cfg())
     with pytest.raises(ValueError, match=r"\['bbox', 'mask'\] .*no semantic branch"):
         HybridTaskCascade(**{**parts, "semantic_head": None})
+
+
+def test_the_deformable_conv_kernels_are_an_argument_of_the_model():
+    """As a LazyConfig builds it (no MODEL.HTC.DEFORM_CONV there): torchvision's kernels by
+    default, which run on CPU; Detectron2's (CUDA only) where asked; another name refused."""
+    kernels = lambda model: {type(m) for m in model.modules() if "Deform" in type(m).__name__}  # noqa: E731
+    for asked, want in (({}, TorchvisionDeformConv), ({"deform_conv": "detectron2"}, DeformConv)):
+        parts = HybridTaskCascade.from_config(tiny_cfg())
+        del parts["deform_conv"]
+        parts["backbone"].bottom_up.add_module("deform", DeformConv(4, 4, 3, padding=1))
+        assert kernels(HybridTaskCascade(**parts, **asked)) == {want}
+    with pytest.raises(ValueError, match="deform_conv.*'cuda': use one of"):
+        HybridTaskCascade(**{**parts, "deform_conv": "cuda"})
 
 
 def test_a_training_input_without_semantic_labels_is_named():

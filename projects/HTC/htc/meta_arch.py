@@ -39,6 +39,7 @@ class HybridTaskCascade(GeneralizedRCNN):
         semantic_output: bool = True,
         mask_output: str = "bitmask",
         panoptic_fusion: Optional[PanopticFusion] = None,
+        deform_conv: str = "torchvision",
         **kwargs,
     ):
         """
@@ -49,9 +50,17 @@ class HybridTaskCascade(GeneralizedRCNN):
                 them; "rle": ``pred_masks_rle``, N COCO RLEs, made a few masks at a time.
             panoptic_fusion: with the semantic branch and "bitmask" masks, adds
                 ``panoptic_seg`` to the inference outputs.
+            deform_conv: the kernels of the backbone's deformable convs: "torchvision" (CPU and
+                CUDA) or "detectron2" (CUDA only).
             kwargs: arguments of :class:`GeneralizedRCNN`.
         """
         super().__init__(**kwargs)
+        if deform_conv not in DEFORM_CONV_KERNELS:
+            raise ValueError(
+                f"MODEL.HTC.DEFORM_CONV (deform_conv) {deform_conv!r}: use one of "
+                f"{sorted(DEFORM_CONV_KERNELS)}"
+            )
+        DEFORM_CONV_KERNELS[deform_conv](self.backbone)
         use_reference_decoding(self)
         if self.proposal_generator is None:
             raise ValueError("HybridTaskCascade needs an RPN (MODEL.PROPOSAL_GENERATOR.NAME)")
@@ -71,12 +80,7 @@ class HybridTaskCascade(GeneralizedRCNN):
         ret = super().from_config(cfg)
         ret["semantic_output"] = cfg.MODEL.HTC.SEMANTIC_OUTPUT
         ret["mask_output"] = cfg.MODEL.HTC.MASK_OUTPUT
-        kernels = cfg.MODEL.HTC.DEFORM_CONV
-        if kernels not in DEFORM_CONV_KERNELS:
-            raise ValueError(
-                f"MODEL.HTC.DEFORM_CONV={kernels!r}: use one of {sorted(DEFORM_CONV_KERNELS)}"
-            )
-        DEFORM_CONV_KERNELS[kernels](ret["backbone"])
+        ret["deform_conv"] = cfg.MODEL.HTC.DEFORM_CONV
         if cfg.MODEL.HTC.SEMANTIC_ON:
             ret["semantic_head"] = build_sem_seg_head(cfg, ret["backbone"].output_shape())
         if cfg.MODEL.HTC.PANOPTIC_ON:
