@@ -437,15 +437,21 @@ def triton_is_faster(
     return samples + (num * channels * height * width if grad else 0) >= TRITON_CROSSOVER
 
 
-def _why_not_triton(input: torch.Tensor) -> Optional[str]:
-    """Why this module's Triton kernels cannot pool ``input`` of TRITON_DEVICES, or None."""
+def why_triton_cannot_run_on(device: torch.device) -> Optional[str]:
+    """Why this module's Triton kernels cannot run on ``device`` of TRITON_DEVICES, or None."""
     if triton_kernels() is None:
         return "Triton is not installed (pip install triton)"
-    if not triton_runs_on(input.device):
-        return f"Triton compiles for compute capability 7.0 and newer, not {input.device}'s"
-    if input.dtype == torch.float64:
-        return "its kernels compute in float32, and the input is float64"
+    if not triton_runs_on(device):
+        return f"Triton compiles for compute capability 7.0 and newer, not {device}'s"
     return None
+
+
+def _why_not_triton(input: torch.Tensor) -> Optional[str]:
+    """Why this module's Triton kernels cannot pool ``input`` of TRITON_DEVICES, or None."""
+    why = why_triton_cannot_run_on(input.device)
+    if why is None and input.dtype == torch.float64:
+        return "its kernels compute in float32, and the input is float64"
+    return why
 
 
 class FastROIAlign(ROIAlign):
