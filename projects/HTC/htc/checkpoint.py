@@ -146,6 +146,7 @@ class HTCCheckpointer(DetectionCheckpointer):
             remove_orphaned_writes(self.save_dir)
 
     def _load_model(self, checkpoint: Any):
+        """The parent's load, refusing what it skips for shape with only a warning."""
         heuristics = checkpoint.get("matching_heuristics", False)
         state = self.model.state_dict()  # the shapes the load keeps
         if not heuristics:  # those names are matched in the parent's

@@ -92,6 +92,7 @@ class ScoresRLEMasks:
     the segmentations of their instances."""
 
     def process(self, inputs, outputs):
+        """The parent's, with the segmentations from ``pred_masks_rle`` (it reads none)."""
         start = len(self._predictions)
         super().process(inputs, outputs)
         rles = {
@@ -112,6 +113,7 @@ class OnTodaysNumpy:
     lacks put back, and removed after."""
 
     def evaluate(self):
+        """The parent's, with the NumPy names it calls put back."""
         with _removed_numpy_names():
             return super().evaluate()
 
@@ -152,6 +154,7 @@ class HTCCityscapesInstanceEvaluator(OnTodaysNumpy, CityscapesInstanceEvaluator)
     Python numbers, into the evaluator's temporary folder, which is removed after."""
 
     def evaluate(self):
+        """The parent's, with the official writer's json redirected (see the class)."""
         from cityscapesscripts.evaluation import evalInstanceLevelSemanticLabeling as official
 
         saved, folder = official.writeDict2JSON, self._temp_dir

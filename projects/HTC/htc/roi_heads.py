@@ -435,7 +435,8 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
     def _forward_box(
         self, features: Dict[str, torch.Tensor], proposals: List[Instances], targets=None
     ) -> List[Instances]:
-        """Inference of the boxes (training runs through ``_forward_train``)."""
+        """Inference of the boxes: the parent's averages the stages' class probabilities, HTC
+        (the reference) their logits, before one softmax. Training runs ``_forward_train``."""
         boxes, scores = self.cascade_boxes_and_scores(features, proposals)
         return self.final_detections(boxes, scores, [x.image_size for x in proposals])
 

@@ -43,6 +43,9 @@ class HybridTaskCascadeWithTTA(GeneralizedRCNNWithTTA):
     """``HybridTaskCascadeWithTTA(cfg, model)``: augmentations from ``TEST.AUG``."""
 
     def _inference_one_image(self, input: dict) -> dict:
+        """The reference's ``aug_test`` merging: the views' proposals merged, the boxes and
+        scores each view computes on them averaged before one NMS, then the masks averaged (the
+        parent runs NMS over the union of each view's final detections)."""
         orig_shape = (input["height"], input["width"])
         augmented_inputs, tfms = self._get_augmented_inputs(input)
         with torch.no_grad():

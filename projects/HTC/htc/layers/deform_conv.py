@@ -18,6 +18,7 @@ class TorchvisionDeformConv(DeformConv):
     """DCNv1: ``forward(x, offset)``, offset (N, 2*kh*kw*deformable_groups, H', W')."""
 
     def forward(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """torchvision's kernel: the parent's has none on CPU. (N, C, H, W) -> (N, C', H', W')."""
         x = deform_conv2d(
             x, offset, self.weight, stride=self.stride, padding=self.padding, dilation=self.dilation
         )
@@ -32,6 +33,7 @@ class TorchvisionModulatedDeformConv(ModulatedDeformConv):
     """DCNv2: ``forward(x, offset, mask)``, mask (N, kh*kw*deformable_groups, H', W')."""
 
     def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """torchvision's kernel: the parent's has none on CPU. (N, C, H, W) -> (N, C', H', W')."""
         x = deform_conv2d(
             x, offset, self.weight, self.bias, stride=self.stride, padding=self.padding,
             dilation=self.dilation, mask=mask,

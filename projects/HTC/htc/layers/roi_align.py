@@ -491,6 +491,8 @@ class FastROIAlign(ROIAlign):
 
     @torch.compiler.disable
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """The parent's RoIAlign, by the kernel :meth:`_route` picks (the parent has one).
+        input (N, C, H, W), rois (R, 5) -> (R, C, *output_size)."""
         assert rois.dim() == 2 and rois.size(1) == 5
         if half_on_cpu(input):
             return self.forward(input.float(), rois).to(input.dtype)
