@@ -109,6 +109,20 @@ def test_stage2_mask_loss_reaches_earlier_mask_heads_only_with_info_flow(info_fl
     assert model.roi_heads.mask_head[0].res_conv is None
 
 
+def test_a_stage_learns_on_the_boxes_before_it_without_reaching_their_box_head():
+    """The refined boxes are constants to the next stage (the reference refines them under
+    no_grad): its losses reach no earlier box head, whose regression would otherwise also learn
+    from the later stages' targets."""
+    model = build_model(tiny_cfg())
+    losses = train_losses(model, make_batch())
+    later = [v for k, v in losses.items() if k.endswith(("stage1", "stage2"))]
+    sum(later).backward()
+    heads = model.roi_heads
+    assert heads.box_predictor[1].bbox_pred.weight.grad.abs().sum() > 0
+    assert heads.box_predictor[0].bbox_pred.weight.grad is None
+    assert heads.box_head[0].fcs[0].weight.grad is None
+
+
 def _stage_outputs(model, features, boxes):
     heads = model.roi_heads
     proposals = [Instances((96, 96), proposal_boxes=Boxes(boxes))]

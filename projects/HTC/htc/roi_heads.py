@@ -18,7 +18,7 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.roi_heads import ROI_MASK_HEAD_REGISTRY, CascadeROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, fast_rcnn_inference
 from detectron2.modeling.roi_heads.mask_head import mask_rcnn_loss
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import log_first_n
 from torch import nn
@@ -246,7 +246,13 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         ret["mask_head"] = nn.ModuleList([first, *later])
         return ret
 
-    def forward(self, images, features, proposals, targets=None):
+    def forward(
+        self,
+        images: ImageList,
+        features: Dict[str, torch.Tensor],
+        proposals: List[Instances],
+        targets: Optional[List[Instances]] = None,
+    ) -> Tuple[List[Instances], Dict[str, torch.Tensor]]:
         """Same contract as the parent; training runs the interleaved cascade of the class doc.
         All poolings of the call share their features' layout copies (:func:`shared_levels`)."""
         del images
@@ -262,6 +268,18 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         proposals: List[Instances],
         targets: List[Instances],
     ) -> Dict[str, torch.Tensor]:
+        """The interleaved cascade's losses, "{loss}_stage{t}" weighted by the stage's loss
+        weight. Stage t samples the RoIs of its IoU threshold from ``proposals`` (the RPN's at
+        stage 0, then the previous stage's refined boxes, constants to this stage), learns its
+        box head on them, refines them, and, interleaved, samples the refined boxes again for its
+        mask head, which learns on their foreground with the earlier heads' information flow.
+
+        Args:
+            features: the backbone's levels (N, C, Hl, Wl) and, with the semantic branch,
+                ``SEMANTIC_FEATURE`` (N, C, H/s, W/s).
+            proposals: per image, the RPN's proposals (R_i boxes).
+            targets: per image, its ground truth.
+        """
         losses, mask_rates = {}, {}
         storage = get_event_storage()
         for stage in range(self.num_cascade_stages):
