@@ -262,3 +262,29 @@ def test_missing_files_are_named(tmp_path, tiny_dataset):
         load_htc_json(
             str(tiny_dataset / "train.json"), str(tiny_dataset / "train"), "x", str(partial)
         )
+
+
+@pytest.mark.parametrize("mask", ["rle", "polygon"])
+@pytest.mark.parametrize(
+    "box, how",
+    [(lambda x, y, w, h: [x, y, x + w, y + h], "box written as (x1, y1, x2, y2)"),
+     (lambda x, y, w, h: [x + 2 * w, y, w, h], "box not around its mask")],
+    ids=["xyxy", "elsewhere"],
+)  # fmt: skip
+def test_boxes_that_do_not_frame_their_masks_are_named(dataset, caplog, box, how, mask):
+    """The box heads and the mask heads would learn different objects: one warning counts
+    them, by kind, naming one; they are kept (amodal boxes are meant so)."""
+    root, coco = dataset
+    first = coco["annotations"][0]
+    x, y, w, h = first["bbox"]
+    if mask == "polygon":
+        first["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+    with caplog.at_level(logging.WARNING):
+        load(root, coco)
+    assert "frame their masks" not in caplog.text  # the generated boxes fit
+    first["bbox"] = box(x, y, w, h)
+    with caplog.at_level(logging.WARNING):
+        records = load(root, coco)
+    assert f"1 of {len(coco['annotations'])} boxes do not frame their masks" in caplog.text
+    assert f"{{'{how}': 1}}), e.g. annotation 1 of {first_image(root)}" in caplog.text
+    assert 1 in [obj["id"] for r in records for obj in r["annotations"]]

@@ -477,7 +477,8 @@ def test_htcpp_configs_are_their_recipes(name):
 @pytest.fixture(scope="module")
 def coco_layout(tmp_path_factory):
     """DETECTRON2_DATASETS with COCO 2017 and COCO-Stuff's layout: 2 images per split, each with
-    one 'person' rectangle, its stuff map labelling it 0 and the rest 255."""
+    one 'person' rectangle, its stuff map labelling it 0 and the rest 255. The rectangle spans
+    most of the image: every crop of ViTDet's large-scale jitter keeps part of it."""
     root = tmp_path_factory.mktemp("datasets")
     categories = [
         {"id": c["id"], "name": c["name"], "supercategory": "thing"}
@@ -494,12 +495,12 @@ def coco_layout(tmp_path_factory):
                 root / f"coco/{split}/{name}"
             )
             labels = np.full((96, 128), 255, np.uint8)
-            labels[10:40, 20:60] = 0
+            labels[8:80, 8:112] = 0
             Image.fromarray(labels).save(root / f"coco/stuffthingmaps/{split}/{k:012}.png")
             images.append({"id": k, "file_name": name, "height": 96, "width": 128})
             annotations.append(
-                {"id": k, "image_id": k, "category_id": 1, "bbox": [20, 10, 40, 30], "area": 1200,
-                 "iscrowd": 0, "segmentation": [[20, 10, 60, 10, 60, 40, 20, 40]]}
+                {"id": k, "image_id": k, "category_id": 1, "bbox": [8, 8, 104, 72], "area": 7488,
+                 "iscrowd": 0, "segmentation": [[8, 8, 112, 8, 112, 80, 8, 80]]}
             )  # fmt: skip
         coco = {"images": images, "annotations": annotations, "categories": categories}
         (root / f"coco/annotations/instances_{split}.json").write_text(json.dumps(coco))

@@ -6,8 +6,9 @@ import logging
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import pycocotools.mask as mask_util
 from detectron2.data.datasets import load_coco_json
 from detectron2.utils.file_io import PathManager
 
@@ -109,21 +110,57 @@ def _ignored_reason(obj: dict, height: int, width: int) -> Optional[str]:
     return None
 
 
+def _box_misfit(obj: dict, height: int, width: int) -> Optional[str]:
+    """How annotation ``obj``'s XYWH box misses its mask, or None where they agree (IoU of the
+    box with the mask's extent at least 0.5)."""
+    mask = _mask_extent(obj["segmentation"], height, width)
+    x, y, w, h = obj["bbox"]
+    if _iou((x, y, x + w, y + h), mask) >= 0.5:
+        return None
+    if _iou((x, y, w, h), mask) >= 0.5:
+        return "box written as (x1, y1, x2, y2)"
+    return "box not around its mask"
+
+
+def _mask_extent(segmentation, height: int, width: int) -> Tuple[float, float, float, float]:
+    """(x1, y1, x2, y2) that polygons or an RLE span."""
+    if isinstance(segmentation, list):
+        xs = [v for polygon in segmentation for v in polygon[0::2]]
+        ys = [v for polygon in segmentation for v in polygon[1::2]]
+        return min(xs), min(ys), max(xs), max(ys)
+    if isinstance(segmentation["counts"], list):  # uncompressed
+        segmentation = mask_util.frPyObjects(segmentation, height, width)
+    x, y, w, h = mask_util.toBbox(segmentation).tolist()
+    return x, y, x + w, y + h
+
+
+def _iou(a: Sequence[float], b: Sequence[float]) -> float:
+    inter = max(min(a[2], b[2]) - max(a[0], b[0]), 0) * max(min(a[3], b[3]) - max(a[1], b[1]), 0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 def check_annotations(records: List[dict], json_file: str) -> List[dict]:
     """Drop the annotations the reference ignores (boxes under 1 pixel or outside the image, no
     valid polygon or RLE; Detectron2's loader has already dropped polygons of fewer than 3
     points) and name them in one warning. Crowd annotations are kept: the mapper leaves them
-    out of the training targets. ``records`` come from a json that passed
-    :func:`check_coco_json`."""
+    out of the training targets. Boxes that do not frame their masks (the box heads and the
+    mask heads would learn different objects) are named in another warning. ``records`` come
+    from a json that passed :func:`check_coco_json`."""
     ignored: Counter = Counter()
-    example = None
+    misfits: Counter = Counter()
+    example = misfit = None
     for record in records:
         kept = []
+        size = (record["height"], record["width"])
         for obj in record["annotations"]:
-            size = (record["height"], record["width"])
             reason = None if obj.get("iscrowd") else _ignored_reason(obj, *size)
             if reason is None:
                 kept.append(obj)
+                how = None if obj.get("iscrowd") else _box_misfit(obj, *size)
+                if how is not None:
+                    misfits[how] += 1
+                    misfit = misfit or f"annotation {obj.get('id')} of {record['file_name']}"
                 continue
             ignored[reason] += 1
             example = example or f"annotation {obj.get('id')} of {record['file_name']}: {reason}"
@@ -135,5 +172,11 @@ def check_annotations(records: List[dict], json_file: str) -> List[dict]:
         logger.warning(
             f"{json_file}: ignored {sum(ignored.values())} of {total} annotations as the "
             f"reference does ({dict(ignored)}), e.g. {example}"
+        )
+    if misfits:
+        logger.warning(
+            f"{json_file}: {sum(misfits.values())} of {total} boxes do not frame their masks "
+            f"(IoU with the mask's extent under 0.5: {dict(misfits)}), e.g. {misfit}; COCO's "
+            "bbox is (x, y, width, height). Kept as given (amodal boxes are meant so)"
         )
     return records
