@@ -14,7 +14,7 @@ are the yacs configs' FLOAT32_PRECISION, DETERMINISTIC and MODEL.HTC.SKIP_MISMAT
 """
 
 import logging
-from typing import List
+from typing import List, Optional
 
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (
@@ -26,6 +26,7 @@ from detectron2.engine import (
 )
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from omegaconf import DictConfig, OmegaConf
 
 from htc import set_deterministic, set_float32_precision
 from htc.checkpoint import HTCCheckpointer
@@ -53,9 +54,9 @@ def evaluate(cfg, model) -> dict:
     return results
 
 
-def _dataset_names(loader) -> List[str]:
+def _dataset_names(loader: Optional[DictConfig]) -> List[str]:
     """The registered datasets a loader's config reads (none where it builds its own)."""
-    names = loader.dataset.get("names", ()) if loader is not None else ()
+    names = OmegaConf.select(loader, "dataset.names", default=()) if loader is not None else ()
     return [names] if isinstance(names, str) else list(names)
 
 

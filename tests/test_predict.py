@@ -25,9 +25,16 @@ from pycocotools.cocoeval import COCOeval
 
 from conftest import DEMO_CONFIG, child_env, truncate
 from htc import register_htc_instances
-from htc.data.inputs import find_inputs, read_image_or_reason, video_frames
+from htc.data.inputs import PredictionInputs, find_inputs, read_image_or_reason, video_frames
 from htc.demo import load_predictor_cfg
-from htc.predict import RECORDS, dataset_image_ids, image_ids, predict, video_names
+from htc.predict import (
+    RECORDS,
+    dataset_image_ids,
+    image_ids,
+    predict,
+    run_settings,
+    video_names,
+)
 from htc.video import write_drawn_video
 
 
@@ -489,3 +496,40 @@ def test_an_object_keeps_its_colour_from_frame_to_frame(tmp_path):
     inside = [frame[22:44, 30:66].reshape(-1, 3).mean(0) for frame in video_frames(target)]
     assert len(inside) == 6 and np.abs(inside[0] - 90).max() > 10  # drawn over
     assert max(np.abs(colour - inside[0]).max() for colour in inside) < 6
+
+
+def test_settings_name_url_weights_and_compare_only_the_keys_of_both(photos, tmp_path):
+    """Weights from a URL count by name; a key that one side lacks (of another version) or
+    that does not change results (the kernels) lets the run resume."""
+    cfg = load_predictor_cfg(str(DEMO_CONFIG), ["MODEL.WEIGHTS", "https://example.org/a.pth"])
+    settings = run_settings(cfg)
+    assert settings["MODEL.WEIGHTS"] == "https://example.org/a.pth"
+    assert "MODEL.WEIGHTS sha256" not in settings and "MODEL.DEVICE" not in settings
+    out = tmp_path / "out"
+    _run(photos, out)
+    marker = out / "settings.json"
+    earlier = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**earlier, "MODEL.KEY_OF_ANOTHER_VERSION": 1}))
+    opts = [
+        "MODEL.DEVICE",
+        "cpu",
+        "TEST.DETECTIONS_PER_IMAGE",
+        "5",
+        "MODEL.HTC.ROI_ALIGN",
+        "torchvision",
+    ]
+    assert _run(photos, out, opts=opts)["this run"] == 0
+    with pytest.raises(ValueError, match="MODEL.WEIGHTS '' then, 'https://example.org/a.pth' now"):
+        _run(photos, out, opts=[*opts, "MODEL.WEIGHTS", "https://example.org/a.pth"])
+
+
+def test_no_resize_and_too_thin_videos(videos, monkeypatch):
+    """INPUT.MIN_SIZE_TEST 0 keeps the image's size (Detectron2's no-op resize); a video whose
+    frames are too thin to resize is skipped with the reason, not raised from the loader."""
+    image = np.zeros((5, 300, 3), np.uint8)
+    assert PredictionInputs([], {}, 0, 1333, "BGR").model_input(image)["image"].shape == (3, 5, 300)
+    inputs = PredictionInputs([(videos / "clip.mp4", -1)], {}, 128, 128, "BGR")
+    monkeypatch.setattr(
+        inputs, "model_input", lambda frame: (_ for _ in ()).throw(ValueError("thin"))
+    )
+    assert list(inputs) == [{"file_name": str(videos / "clip.mp4"), "skipped": "thin"}]

@@ -121,6 +121,12 @@ def test_a_stage_learns_on_the_boxes_before_it_without_reaching_their_box_head()
     assert heads.box_predictor[1].bbox_pred.weight.grad.abs().sum() > 0
     assert heads.box_predictor[0].bbox_pred.weight.grad is None
     assert heads.box_head[0].fcs[0].weight.grad is None
+    # the refinement itself hands on constants (the sampling after it is no_grad too)
+    rois = [Instances((96, 96), proposal_boxes=Boxes(torch.tensor([[8.0, 8, 40, 40]])),
+                      from_gt=torch.tensor([False]))]  # fmt: skip
+    scores, deltas = torch.zeros(1, 4, requires_grad=True), torch.ones(1, 4, requires_grad=True)
+    (refined,) = heads._refine((scores, deltas), rois, 0)
+    assert not refined.proposal_boxes.tensor.requires_grad
 
 
 def _stage_outputs(model, features, boxes):

@@ -26,7 +26,7 @@ one warning and skipped; the summary counts it.
 import argparse
 import contextlib
 import datetime
-import fcntl
+import errno
 import hashlib
 import json
 import logging
@@ -38,6 +38,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.modeling import build_model
@@ -46,7 +47,7 @@ from detectron2.utils.logger import setup_logger
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import load_weights
+from .checkpoint import atomic_open, load_weights
 from .config import set_float32_precision
 from .data import register_builtin
 from .data.checks import check_thing_classes
@@ -125,6 +126,7 @@ def load_records(output: Path, repair: bool = False) -> List[dict]:
 
 
 def _record_of(line: str, path: Path, number: int) -> dict:
+    """The record of line ``number`` of ``path``, its file name made absolute."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
@@ -259,14 +261,17 @@ def _logged_predict_process(args: argparse.Namespace) -> None:
 
 def predict_process(args: argparse.Namespace) -> Optional[dict]:
     """One process's share of :func:`predict`; the counts on the first process, which holds the
-    output's lock for the run."""
+    output's lock for the run. What can be refused without the output is refused first."""
     register_builtin()
     cfg = _config(args)
+    dataset_ids = _dataset_category_ids(cfg)
     output = Path(args.output)
+    files = find_inputs(args.input, exclude=[output / name for name in OUTPUT_FOLDERS])
+    _check_outputs(cfg, args, files)
     if not comm.is_main_process():
-        return _predict_into(cfg, args, output)
+        return _predict_into(cfg, args, files, dataset_ids)
     with exclusive(output):
-        return _predict_into(cfg, args, output)
+        return _predict_into(cfg, args, files, dataset_ids)
 
 
 @contextlib.contextmanager
@@ -274,25 +279,30 @@ def exclusive(output: Path) -> Iterator[None]:
     """Hold ``output``'s lock: a second run writing into it at the same time would record its
     images twice. RuntimeError where another process holds it. A POSIX lock (``lockf``): the
     data-loader workers, forked with its file open, do not hold it, so a killed run's workers
-    that outlive it briefly do not keep the next run out."""
+    that outlive it briefly do not keep the next run out. Where the file system or the system
+    has no such locks, a warning says the run goes on unguarded."""
     output.mkdir(parents=True, exist_ok=True)
     with open(output / LOCK, "a") as lock:
         try:
+            import fcntl  # POSIX only
+
             fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB, 0, 0, os.SEEK_SET)  # the whole file
-        except OSError:
-            raise RuntimeError(
-                f"another htc.predict is writing into {output}: let it end, or predict into "
-                "another output folder"
-            ) from None
+        except (ImportError, OSError) as error:
+            if getattr(error, "errno", None) in (errno.EACCES, errno.EAGAIN):
+                raise RuntimeError(
+                    f"another htc.predict is writing into {output}: let it end, or predict "
+                    "into another output folder"
+                ) from None
+            logger.warning(f"{output} cannot be locked ({error!r}): run one htc.predict at a time")
         yield
 
 
-def _predict_into(cfg, args: argparse.Namespace, output: Path) -> Optional[dict]:
+def _predict_into(
+    cfg: CfgNode, args: argparse.Namespace, files: List[Path], dataset_ids: Optional[Dict]
+) -> Optional[dict]:
     """:func:`predict_process` once the output is this run's."""
+    output = Path(args.output)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
-    dataset_ids = _dataset_category_ids(cfg)
-    files = find_inputs(args.input, exclude=[output / name for name in OUTPUT_FOLDERS])
-    _check_outputs(cfg, args, files)
     if comm.is_main_process():
         asked = _asked_pngs(args)
         asked["videos"] = any(map(is_video, files))
@@ -359,25 +369,37 @@ def _check_id_source(output: Path, dataset_json: Optional[str], done: List[dict]
         marker.write_text(json.dumps(source))
 
 
-def run_settings(cfg) -> Dict[str, object]:
-    """What an image's results depend on, by key: the model's config (MODEL but its DEVICE), the
-    test-time input sizes and format, the detections per image, the dataset whose category ids
-    the results take, and the weights, by their content (where MODEL.WEIGHTS is a file)."""
-    flat = dict(_flattened(cfg))
-    settings = {k: v for k, v in flat.items() if k.startswith("MODEL.") and k not in UNSETTLED}
-    settings.update((k, flat[k]) for k in RESULT_KEYS)
-    settings["MODEL.WEIGHTS sha256"] = _sha256(cfg.MODEL.WEIGHTS)
-    return json.loads(json.dumps(settings))  # tuples as lists, as read back
-
-
-UNSETTLED = ("MODEL.DEVICE", "MODEL.WEIGHTS")  # where and from which path: not what is computed
+# MODEL keys that do not change an image's results: where the model runs, the kernels (the same
+# results by each), how masks are held, how weights are loaded; MODEL.WEIGHTS counts by content.
+UNSETTLED = (
+    "MODEL.DEVICE", "MODEL.WEIGHTS", "MODEL.HTC.ROI_ALIGN", "MODEL.HTC.DEFORM_CONV",
+    "MODEL.HTC.MASK_OUTPUT", "MODEL.HTC.SKIP_MISMATCHED_WEIGHTS",
+)  # fmt: skip
+# the other keys that do
 RESULT_KEYS = (
     "INPUT.MIN_SIZE_TEST", "INPUT.MAX_SIZE_TEST", "INPUT.FORMAT", "TEST.DETECTIONS_PER_IMAGE",
     "DATASETS.TEST",
 )  # fmt: skip
 
 
-def _flattened(node, prefix: str = "") -> Iterator[Tuple[str, object]]:
+def run_settings(cfg: CfgNode) -> Dict[str, object]:
+    """What an image's results depend on, by key: the model's config (MODEL but
+    :data:`UNSETTLED`), the test-time input sizes and format, the detections per image, the
+    dataset whose category ids the results take, and the weights: by their content where
+    MODEL.WEIGHTS is a file, else by their name (a URL)."""
+    flat = dict(_flattened(cfg))
+    settings = {k: v for k, v in flat.items() if k.startswith("MODEL.") and k not in UNSETTLED}
+    settings.update((k, flat[k]) for k in RESULT_KEYS)
+    digest = _sha256(cfg.MODEL.WEIGHTS)
+    if digest is None:
+        settings["MODEL.WEIGHTS"] = cfg.MODEL.WEIGHTS
+    else:
+        settings["MODEL.WEIGHTS sha256"] = digest
+    return json.loads(json.dumps(settings))  # tuples as lists, as read back
+
+
+def _flattened(node: dict, prefix: str = "") -> Iterator[Tuple[str, object]]:
+    """(dotted key, value) of each leaf of the nested config ``node``."""
     for key, value in node.items():
         if isinstance(value, dict):
             yield from _flattened(value, f"{prefix}{key}.")
@@ -399,16 +421,20 @@ def _sha256(path: str) -> Optional[str]:
 def _check_settings(output: Path, settings: Dict[str, object], done: List[dict]) -> None:
     """This run's :func:`run_settings` must be those of the output's results
     (OUTPUT/settings.json): another threshold, config or weights would mix two models' results
-    in one file. A ValueError names what differs. An output without results yet records this
-    run's (the first process writes it; outputs of versions before it record none, and are not
-    checked)."""
+    in one file. A ValueError names what differs. The keys that only one side has (a config key
+    of another HTC or Detectron2 version) are not compared, but the weights' (a file against a
+    URL). An output without results yet records this run's (the first process writes it;
+    outputs of versions before it record none, and are not checked)."""
     marker = output / SETTINGS
     if not any("results" in r for r in done):
         if comm.is_main_process():
-            marker.write_text(json.dumps(settings))
+            with atomic_open(str(marker), "w") as f:
+                json.dump(settings, f)
         return
     earlier = json.loads(marker.read_text()) if marker.exists() else settings
-    changed = [k for k in sorted(set(earlier) | set(settings)) if earlier.get(k) != settings.get(k)]
+    weights = {"MODEL.WEIGHTS", "MODEL.WEIGHTS sha256"}
+    compared = (set(earlier) & set(settings)) | (weights & (set(earlier) | set(settings)))
+    changed = [k for k in sorted(compared) if earlier.get(k) != settings.get(k)]
     if changed:
         named = "; ".join(f"{k} {earlier.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
         raise ValueError(

@@ -47,8 +47,9 @@ def write_drawn_video(
 ) -> None:
     """``target`` (.mp4): each frame of ``video`` with its results scored above ``threshold``,
     drawn by Detectron2's ``VideoVisualizer``, which keeps an object's colour from frame to frame
-    (a ``Visualizer`` per frame draws each in a colour of its own). Written under a temporary
-    name and renamed, so that ``target`` exists only whole."""
+    (a ``Visualizer`` per frame draws each in a colour of its own) and draws masked objects
+    without their boxes. Written under a temporary name and renamed, so that ``target`` exists
+    only whole."""
     partial = target.with_suffix(".partial.mp4")
     frames = video_frames(video)
     first = next(frames, None)

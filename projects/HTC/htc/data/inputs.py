@@ -165,8 +165,12 @@ class PredictionInputs(IterableDataset):
         for index, frame in enumerate(video_frames(path)):
             frames = index + 1
             if index not in done:
-                item = {"file_name": str(path), "frame": index, "image_id": index}
-                yield dict(item, **self.model_input(frame))
+                try:
+                    resized = self.model_input(frame)
+                except ValueError as error:  # too thin: every frame is
+                    yield {"file_name": str(path), "skipped": str(error)}
+                    return
+                yield {"file_name": str(path), "frame": index, "image_id": index, **resized}
         if frames == 0:
             yield {"file_name": str(path), "skipped": "no frames could be read"}
         else:
@@ -176,8 +180,8 @@ class PredictionInputs(IterableDataset):
         """The model's input for an (H, W, 3) BGR image, as ``DefaultPredictor`` makes it;
         ValueError for an image so thin that the resize leaves it no pixel across."""
         image = image_bgr[:, :, ::-1] if self.image_format == "RGB" else image_bgr
-        transform = self.resize.get_transform(image)
-        if min(transform.new_h, transform.new_w) < 1:
+        transform = self.resize.get_transform(image)  # NoOpTransform for MIN_SIZE_TEST 0
+        if isinstance(transform, T.ResizeTransform) and min(transform.new_h, transform.new_w) < 1:
             raise ValueError(
                 f"{image.shape[1]}x{image.shape[0]} pixels resize to {transform.new_w}x"
                 f"{transform.new_h} (INPUT.MIN_SIZE_TEST, MAX_SIZE_TEST): too thin to predict"
