@@ -1,5 +1,6 @@
-"""htc.predict: images from files, folders and globs; COCO results; bad files skipped by name;
-a stopped run resumed without redoing or losing an image."""
+"""htc.predict and its output folder (htc.prediction_output): images from files, folders and
+globs; COCO results; bad files skipped by name; a stopped run resumed without redoing or losing
+an image; runs that would mix results refused."""
 
 import argparse
 import json
@@ -27,14 +28,8 @@ from conftest import DEMO_CONFIG, child_env, truncate
 from htc import register_htc_instances
 from htc.data.inputs import PredictionInputs, find_inputs, read_image_or_reason, video_frames
 from htc.demo import load_predictor_cfg
-from htc.predict import (
-    RECORDS,
-    dataset_image_ids,
-    image_ids,
-    predict,
-    run_settings,
-    video_names,
-)
+from htc.predict import predict
+from htc.prediction_output import RECORDS, dataset_image_ids, image_ids, run_settings, video_names
 from htc.video import write_drawn_video
 
 

@@ -24,16 +24,13 @@ one warning and skipped; the summary counts it.
 """
 
 import argparse
-import contextlib
 import datetime
-import errno
-import hashlib
 import json
 import logging
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -47,20 +44,27 @@ from detectron2.utils.logger import setup_logger
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import atomic_open, load_weights
+from .checkpoint import load_weights
 from .config import set_float32_precision
 from .data import register_builtin
 from .data.checks import check_thing_classes
 from .data.inputs import PredictionInputs, find_inputs, frame_count, inputs_loader, is_video
-from .demo import draw_prediction, load_predictor_cfg, path_hash
+from .demo import draw_prediction, load_predictor_cfg
 from .distributed import add_timeout_argument, launch_from_args
+from .prediction_output import (
+    check_id_source,
+    check_settings,
+    exclusive,
+    image_ids,
+    load_records,
+    records_file,
+    run_settings,
+    video_names,
+    write_results,
+)
 from .video import write_drawn_video
 
 logger = logging.getLogger("htc.predict")  # also when run as __main__
-RECORDS = "predictions.jsonl"
-ID_SOURCE = "image_ids.json"  # where the output's image ids come from
-SETTINGS = "settings.json"  # what the output's results were predicted with
-LOCK = ".predict.lock"  # held by the first process of the run that writes into the output
 PNG_FOLDERS = ("pictures", "semantic", "panoptic")  # --draw, --semantic, --panoptic: PNG per image
 OUTPUT_FOLDERS = (*PNG_FOLDERS, "videos")  # of images and videos written
 
@@ -103,41 +107,6 @@ def save_panoptic(outputs: dict, target: Path, metadata) -> List[dict]:
     ]  # fmt: skip
 
 
-def records_file(output: Path, rank: int) -> Path:
-    """The records that process ``rank`` appends to."""
-    return output / (RECORDS if rank == 0 else RECORDS.replace(".jsonl", f".{rank}.jsonl"))
-
-
-def load_records(output: Path, repair: bool = False) -> List[dict]:
-    """The records of earlier runs, from every process's file. A last line cut short by a kill
-    is cut from its file where ``repair`` (the next record would be appended to it) and its
-    input is redone; without ``repair`` it is only left out. Another line that is not JSON
-    raises ValueError naming it. Relative file names (of versions before inputs were absolute)
-    are taken from the working folder, as those runs took them."""
-    records = []
-    for path in sorted(output.glob(RECORDS.replace(".jsonl", "*.jsonl"))):
-        text = path.read_text()
-        complete = text[: text.rfind("\n") + 1]
-        if complete != text and repair:
-            logger.warning(f"{path}: an incomplete last line (a stopped run's) is redone")
-            os.truncate(path, len(complete.encode()))
-        records += [_record_of(line, path, n) for n, line in enumerate(complete.splitlines(), 1)]
-    return records
-
-
-def _record_of(line: str, path: Path, number: int) -> dict:
-    """The record of line ``number`` of ``path``, its file name made absolute."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"{path}, line {number}, is not a record ({error}): remove the line to redo its "
-            "input, or predict into another output folder"
-        ) from None
-    record["file_name"] = os.path.abspath(record["file_name"])
-    return record
-
-
 def _dataset_category_ids(cfg) -> Optional[Dict[int, int]]:
     """Contiguous class id -> the category id of the dataset the config names (DATASETS.TEST[0];
     None without one), from its metadata, which Detectron2's COCO loader sets when the dataset
@@ -162,87 +131,6 @@ def _dataset_category_ids(cfg) -> Optional[Dict[int, int]]:
     check_thing_classes(name, cfg.MODEL.ROI_HEADS.NUM_CLASSES, "MODEL.ROI_HEADS.NUM_CLASSES")
     mapping = metadata.get("thing_dataset_id_to_contiguous_id")
     return {v: k for k, v in mapping.items()} if mapping else None
-
-
-def image_ids(files: List[Path], done: List[dict], dataset_json: Optional[str]) -> Dict[str, int]:
-    """Each image file's id: from ``dataset_json`` where given (to score against its ground
-    truth; see :func:`dataset_image_ids`), else as an earlier run gave it, else the next free
-    id. An earlier run's results under other ids than ``dataset_json``'s raise ValueError."""
-    images = [f for f in files if not is_video(f)]
-    ids = {r["file_name"]: r["image_id"] for r in done if "image_id" in r and "frame" not in r}
-    if dataset_json:
-        wanted = dataset_image_ids(images, dataset_json)
-        for record in done:
-            name = record["file_name"]
-            if "results" in record and name in wanted and ids[name] != wanted[name]:
-                raise ValueError(
-                    f"{name}: its results in the output have image id {ids[name]}, not "
-                    f"{wanted[name]} of {dataset_json}: predict into another output folder"
-                )
-        return wanted
-    next_id = max(ids.values(), default=0) + 1
-    for f in images:
-        if str(f) not in ids:
-            ids[str(f)], next_id = next_id, next_id + 1
-    return ids
-
-
-def dataset_image_ids(images: List[Path], dataset_json: str) -> Dict[str, int]:
-    """Each image file's id in the COCO json ``dataset_json``: that of the entry of its name
-    whose ``file_name`` ends the file's path, the longest such; else the entry that shares the
-    longest ending with it (``data/cam1/001.jpg`` takes ``cam1/001.jpg``, or
-    ``/elsewhere/cam1/001.jpg``, over ``cam2/001.jpg``). ValueError names an image that no entry
-    or two entries alike match, or two images that match one entry."""
-    entries = defaultdict(list)
-    for image in _json_images(dataset_json):
-        parts = Path(image["file_name"]).parts
-        entries[parts[-1]].append((parts, image["id"]))
-    ids, owner = {}, {}
-    for f in images:
-        path = Path(os.path.abspath(f)).parts
-        matches = sorted(
-            ((_common_ending(path, p), i, p) for p, i in entries.get(f.name, [])), reverse=True
-        )
-        if not matches:
-            raise ValueError(f"{f} is not an image of {dataset_json}")
-        if len(matches) > 1 and matches[0][0] == matches[1][0]:
-            names = [str(Path(*m[2])) for m in matches[:2]]
-            raise ValueError(f"{f} matches two images of {dataset_json} alike: {names}")
-        _, image_id, parts = matches[0]
-        if image_id in owner:
-            raise ValueError(
-                f"{owner[image_id]} and {f} both match image {image_id} ({Path(*parts)}) of "
-                f"{dataset_json}: give one of them as input"
-            )
-        ids[str(f)], owner[image_id] = image_id, f
-    return ids
-
-
-def _json_images(dataset_json: str) -> List[dict]:
-    """The "images" of the COCO json ``dataset_json``; ValueError naming the file where it is
-    not one."""
-    try:
-        images = json.loads(Path(dataset_json).read_text())["images"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(
-            f"--image-ids {dataset_json}: not a COCO json with 'images' ({error!r})"
-        ) from None
-    return images
-
-
-def _common_ending(path: Tuple[str, ...], entry: Tuple[str, ...]) -> Tuple[bool, int]:
-    """Whether ``entry`` ends ``path`` (all its parts alike), and how many parts they end with
-    alike."""
-    count = 0
-    while count < min(len(path), len(entry)) and path[-1 - count] == entry[-1 - count]:
-        count += 1
-    return count == len(entry), count
-
-
-def video_names(files: List[Path]) -> Dict[str, str]:
-    """Each video's name in OUTPUT/videos: its stem and a hash of its absolute path, the same in
-    every run whatever else the inputs are."""
-    return {str(path): f"{path.stem}_{path_hash(path)}" for path in filter(is_video, files)}
 
 
 def predict(args: argparse.Namespace) -> Optional[dict]:
@@ -274,29 +162,6 @@ def predict_process(args: argparse.Namespace) -> Optional[dict]:
         return _predict_into(cfg, args, files, dataset_ids)
 
 
-@contextlib.contextmanager
-def exclusive(output: Path) -> Iterator[None]:
-    """Hold ``output``'s lock: a second run writing into it at the same time would record its
-    images twice. RuntimeError where another process holds it. A POSIX lock (``lockf``): the
-    data-loader workers, forked with its file open, do not hold it, so a killed run's workers
-    that outlive it briefly do not keep the next run out. Where the file system or the system
-    has no such locks, a warning says the run goes on unguarded."""
-    output.mkdir(parents=True, exist_ok=True)
-    with open(output / LOCK, "a") as lock:
-        try:
-            import fcntl  # POSIX only
-
-            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB, 0, 0, os.SEEK_SET)  # the whole file
-        except (ImportError, OSError) as error:
-            if getattr(error, "errno", None) in (errno.EACCES, errno.EAGAIN):
-                raise RuntimeError(
-                    f"another htc.predict is writing into {output}: let it end, or predict "
-                    "into another output folder"
-                ) from None
-            logger.warning(f"{output} cannot be locked ({error!r}): run one htc.predict at a time")
-        yield
-
-
 def _predict_into(
     cfg: CfgNode, args: argparse.Namespace, files: List[Path], dataset_ids: Optional[Dict]
 ) -> Optional[dict]:
@@ -315,8 +180,8 @@ def _predict_into(
     if comm.is_main_process():
         _warn_of_outputs_not_asked_then(output, done, args)
     shard, done_frames = _plan(files, done, args.image_ids)
-    _check_id_source(output, args.image_ids, done)
-    _check_settings(output, run_settings(cfg), done)
+    check_id_source(output, args.image_ids, done)
+    check_settings(output, run_settings(cfg), done)
     rank, world = comm.get_rank(), comm.get_world_size()
     patient = _patient_group() if world > 1 else None
     ran = _predict_share(cfg, args, shard[rank::world], done_frames, metadata, dataset_ids)
@@ -329,7 +194,7 @@ def _predict_into(
         _draw_videos(mine, video_names(files), load_records(output), args, metadata, dataset_ids)
     if not comm.is_main_process():
         return None
-    return _write_results(output, files, load_records(output), ran)
+    return write_results(output, files, load_records(output), ran)
 
 
 def _patient_group():
@@ -347,104 +212,6 @@ def _config(args: argparse.Namespace):
     if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:  # the cores shared, not contended
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
     return cfg
-
-
-def _check_id_source(output: Path, dataset_json: Optional[str], done: List[dict]) -> None:
-    """Where the image ids come from (``--image-ids``' json, or numbered by the runs) must be
-    where the output's results took theirs from (OUTPUT/image_ids.json): a run without
-    ``--image-ids`` after one with it would number new images over the dataset's ids. A
-    ValueError names both. An output without results yet records this run's (the first
-    process writes it; outputs of versions before it record none, and are not checked)."""
-    source = {"image_ids": str(Path(dataset_json).resolve()) if dataset_json else None}
-    marker = output / ID_SOURCE
-    if any("results" in r for r in done):
-        earlier = json.loads(marker.read_text()) if marker.exists() else source
-        if earlier != source:
-            raise ValueError(
-                f"{output} holds results with {_ids_of(earlier)}, and this run's would have "
-                f"{_ids_of(source)}: give the --image-ids of the runs before, or another output "
-                "folder"
-            )
-    elif comm.is_main_process():
-        marker.write_text(json.dumps(source))
-
-
-# MODEL keys that do not change an image's results: where the model runs, the kernels (the same
-# results by each), how masks are held, how weights are loaded; MODEL.WEIGHTS counts by content.
-UNSETTLED = (
-    "MODEL.DEVICE", "MODEL.WEIGHTS", "MODEL.HTC.ROI_ALIGN", "MODEL.HTC.DEFORM_CONV",
-    "MODEL.HTC.MASK_OUTPUT", "MODEL.HTC.SKIP_MISMATCHED_WEIGHTS",
-)  # fmt: skip
-# the other keys that do
-RESULT_KEYS = (
-    "INPUT.MIN_SIZE_TEST", "INPUT.MAX_SIZE_TEST", "INPUT.FORMAT", "TEST.DETECTIONS_PER_IMAGE",
-    "DATASETS.TEST",
-)  # fmt: skip
-
-
-def run_settings(cfg: CfgNode) -> Dict[str, object]:
-    """What an image's results depend on, by key: the model's config (MODEL but
-    :data:`UNSETTLED`), the test-time input sizes and format, the detections per image, the
-    dataset whose category ids the results take, and the weights: by their content where
-    MODEL.WEIGHTS is a file, else by their name (a URL)."""
-    flat = dict(_flattened(cfg))
-    settings = {k: v for k, v in flat.items() if k.startswith("MODEL.") and k not in UNSETTLED}
-    settings.update((k, flat[k]) for k in RESULT_KEYS)
-    digest = _sha256(cfg.MODEL.WEIGHTS)
-    if digest is None:
-        settings["MODEL.WEIGHTS"] = cfg.MODEL.WEIGHTS
-    else:
-        settings["MODEL.WEIGHTS sha256"] = digest
-    return json.loads(json.dumps(settings))  # tuples as lists, as read back
-
-
-def _flattened(node: dict, prefix: str = "") -> Iterator[Tuple[str, object]]:
-    """(dotted key, value) of each leaf of the nested config ``node``."""
-    for key, value in node.items():
-        if isinstance(value, dict):
-            yield from _flattened(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
-def _sha256(path: str) -> Optional[str]:
-    """The sha256 of the file ``path``, or None where it is none (no weights, or a URL)."""
-    if not os.path.isfile(path):
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _check_settings(output: Path, settings: Dict[str, object], done: List[dict]) -> None:
-    """This run's :func:`run_settings` must be those of the output's results
-    (OUTPUT/settings.json): another threshold, config or weights would mix two models' results
-    in one file. A ValueError names what differs. The keys that only one side has (a config key
-    of another HTC or Detectron2 version) are not compared, but the weights' (a file against a
-    URL). An output without results yet records this run's (the first process writes it;
-    outputs of versions before it record none, and are not checked)."""
-    marker = output / SETTINGS
-    if not any("results" in r for r in done):
-        if comm.is_main_process():
-            with atomic_open(str(marker), "w") as f:
-                json.dump(settings, f)
-        return
-    earlier = json.loads(marker.read_text()) if marker.exists() else settings
-    weights = {"MODEL.WEIGHTS", "MODEL.WEIGHTS sha256"}
-    compared = (set(earlier) & set(settings)) | (weights & (set(earlier) | set(settings)))
-    changed = [k for k in sorted(compared) if earlier.get(k) != settings.get(k)]
-    if changed:
-        named = "; ".join(f"{k} {earlier.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
-        raise ValueError(
-            f"{output} holds results predicted with other settings ({named}): predict into "
-            "another output folder, or with the settings of the runs before"
-        )
-
-
-def _ids_of(source: dict) -> str:
-    return f"the image ids of {source['image_ids']}" if source["image_ids"] else "numbered ids"
 
 
 def _asked_pngs(args: argparse.Namespace) -> Dict[str, bool]:
@@ -572,52 +339,6 @@ def _draw_videos(
 def _threshold(args: argparse.Namespace) -> float:
     """The score above which instances are drawn."""
     return 0.5 if args.confidence_threshold is None else args.confidence_threshold
-
-
-def _write_results(output: Path, files: List[Path], records: List[dict], ran: int) -> dict:
-    """coco_results.json, images.json, panoptic.json and each video's json from every record;
-    the counts of the run."""
-    wanted = {str(f) for f in files}
-    records = [r for r in records if r["file_name"] in wanted]
-    kept = sorted(
-        (r for r in records if "results" in r and "frame" not in r), key=lambda r: r["image_id"]
-    )
-    results = [result for r in kept for result in r["results"]]
-    images = [
-        {"id": r["image_id"], "file_name": r["file_name"], "height": r["height"],
-         "width": r["width"]} for r in kept
-    ]  # fmt: skip
-    (output / "coco_results.json").write_text(json.dumps(results))
-    (output / "images.json").write_text(json.dumps(images))
-    panoptic = [
-        {"image_id": r["image_id"], "file_name": f"{r['image_id']}.png",
-         "segments_info": r["segments_info"]} for r in kept if "segments_info" in r
-    ]  # fmt: skip
-    if panoptic:
-        (output / "panoptic.json").write_text(json.dumps({"annotations": panoptic}))
-    frames = _write_video_results(output, files, records)
-    skipped = sorted(r["file_name"] for r in records if "skipped" in r)
-    counts = {"images": len(kept), "skipped": len(skipped), "this run": ran}
-    counts.update(results=len(results), videos=len(video_names(files)), frames=frames)
-    logger.info(f"done: {counts} -> {output / 'coco_results.json'}")
-    if skipped:
-        logger.warning(f"{len(skipped)} inputs could not be read, e.g. {skipped[0]}")
-    return counts
-
-
-def _write_video_results(output: Path, files: List[Path], records: List[dict]) -> int:
-    """OUTPUT/videos/NAME.json (COCO results, image id = frame index) for each video with
-    predicted frames; how many frames they have."""
-    by_video = defaultdict(list)
-    for record in records:
-        if "frame" in record:
-            by_video[record["file_name"]].append(record)
-    for video, name in video_names(files).items():
-        frames = sorted(by_video.get(video, []), key=lambda r: r["frame"])
-        if frames:
-            results = [result for r in frames for result in r["results"]]
-            (output / "videos" / f"{name}.json").write_text(json.dumps(results))
-    return sum(map(len, by_video.values()))
 
 
 def main(argv: Optional[List[str]] = None) -> Optional[dict]:
