@@ -30,7 +30,9 @@ from .data.inputs import IMAGE_SUFFIXES, read_image_or_reason
 TITLE_HEIGHT = 24  # pixels of the band that names a panel
 
 
-def load_predictor_cfg(config_file: str, opts: Optional[List[str]] = None):
+def load_predictor_cfg(config_file: str, opts: Optional[List[str]] = None) -> CfgNode:
+    """The frozen config of ``config_file`` with ``opts``, HTC's keys added, on the CPU where
+    the machine has no CUDA (the inference entries' rule)."""
     cfg = get_cfg()
     add_htc_config(cfg)
     cfg.merge_from_file(config_file)

@@ -2,7 +2,7 @@
 whose feature map reaches the ROI heads and whose logits give the ``sem_seg`` output (and, with
 the panoptic option, ``panoptic_seg``)."""
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from detectron2.config import configurable
@@ -98,7 +98,7 @@ class HybridTaskCascade(GeneralizedRCNN):
         logits, features[SEMANTIC_FEATURE] = self.semantic_head(features)
         return features, logits
 
-    def forward(self, batched_inputs: List[dict]):
+    def forward(self, batched_inputs: List[dict]) -> Union[Dict[str, torch.Tensor], List[dict]]:
         """Training: the parent's losses plus ``loss_sem_seg``; the parent cannot hand the
         semantic feature to the ROI heads."""
         if not self.training:
@@ -152,7 +152,7 @@ class HybridTaskCascade(GeneralizedRCNN):
         batched_inputs: List[dict],
         detected_instances: Optional[List[Instances]] = None,
         do_postprocess: bool = True,
-    ):
+    ) -> Union[List[dict], List[Instances]]:
         """As the parent's (TTA calls it with ``detected_instances``), with the semantic feature
         handed to the ROI heads and ``sem_seg`` added to the post-processed outputs."""
         assert not self.training

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.catalog import Metadata
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.modeling import build_model
 from detectron2.utils import comm
@@ -262,7 +263,14 @@ def _plan(
     return todo, dict(done_frames)
 
 
-def _predict_share(cfg, args, share, done_frames, metadata, dataset_ids) -> int:
+def _predict_share(
+    cfg: CfgNode,
+    args: argparse.Namespace,
+    share: List[Tuple[Path, int]],
+    done_frames: Dict[str, Set[int]],
+    metadata: Metadata,
+    dataset_ids: Optional[Dict[int, int]],
+) -> int:
     """Predict ``share`` in batches, appending each batch's records as soon as it is done: how
     many images and frames were read."""
     model = build_model(cfg).eval()

@@ -47,7 +47,7 @@ def kept_rngs() -> Iterator[None]:
         set_rng_states(states)
 
 
-def restart_data_loader(simple_trainer) -> None:
+def restart_data_loader(simple_trainer: Any) -> None:
     """Make ``simple_trainer`` (Detectron2's SimpleTrainer) start a new iterator of its loader:
     Detectron2 v0.6 creates it in ``__init__``, before the checkpoint is loaded."""
     loader = simple_trainer.data_loader

@@ -396,7 +396,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             x = x + self._semantic_box_rois(features, boxes)
         return self.box_predictor[stage](self.box_head[stage](x))
 
-    def _run_stage(self, features, proposals, stage):
+    def _run_stage(self, features: List[torch.Tensor], proposals: List[Instances], stage: int):
         """Refused: the parent's signature has a list of features, without the semantic one
         that HTC's box stage sums in (its output would silently not be HTC's)."""
         raise NotImplementedError(
@@ -438,7 +438,8 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         scores: List[torch.Tensor],
         image_sizes: List[Tuple[int, int]],
     ) -> List[Instances]:
-        """Score threshold, class-wise NMS (or Soft-NMS) and top-k of the last box predictor."""
+        """Score threshold, class-wise NMS (or Soft-NMS) and top-k of the last box predictor:
+        per image, (R, 4) ``boxes`` and (R, K+1) ``scores`` -> at most top-k detections."""
         _warn_if_not_finite(boxes, scores)
         last = self.box_predictor[-1]
         thresholds = (last.test_score_thresh, last.test_nms_thresh, last.test_topk_per_image)

@@ -48,7 +48,9 @@ class PreemptionHook(HookBase):
     checkpoint of this iteration is saved with every rank's RNG states and training ends
     (:class:`TrainingPreempted`). Register it last, so that the iteration's other hooks ran."""
 
-    def __init__(self, stop, saved):
+    def __init__(self, stop: Any, saved: Any):
+        """``stop``: the multiprocessing Event the job's signal handler sets; ``saved``: the one
+        this hook sets once the checkpoint is written."""
         self.stop, self.saved = stop, saved
 
     def after_step(self) -> None:

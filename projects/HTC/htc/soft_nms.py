@@ -39,8 +39,8 @@ def soft_nms(
             the highest score left and scores only decay, so later picks score no higher.
 
     Returns:
-        indices of the kept boxes in the order they were picked (scores non-increasing), and
-        their decayed scores.
+        (P,) indices of the kept boxes in the order they were picked (scores non-increasing),
+        and their (P,) decayed scores.
     """
     if method not in METHODS:
         raise ValueError(f"Soft-NMS method {method!r}: use one of {METHODS}")

@@ -26,6 +26,7 @@ View = Tuple[ImageList, dict]  # one augmented image: its ImageList and features
 
 
 def _apply(tfm: TransformList, boxes: torch.Tensor) -> torch.Tensor:
+    """(R, 4) XYXY ``boxes`` through the transforms ``tfm``, as a tensor like ``boxes``."""
     mapped = tfm.apply_box(boxes.detach().cpu().numpy().astype(np.float32))
     return torch.as_tensor(mapped, dtype=boxes.dtype, device=boxes.device)
 

@@ -11,7 +11,7 @@ as ``htc_demo_{train,val}``.
 import json
 import shutil
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -184,7 +184,7 @@ def demo_root() -> Path:
     return datasets_root() / "htc_demo"
 
 
-def ensure_demo_data(root: Path = None) -> Path:
+def ensure_demo_data(root: Optional[Path] = None) -> Path:
     """Generate the demo dataset unless a complete copy of this version is there. Writes into a
     temporary folder renamed at the end, so an interrupted run leaves nothing half-written."""
     root = Path(root or demo_root())
@@ -201,7 +201,7 @@ def ensure_demo_data(root: Path = None) -> Path:
     return root
 
 
-def register_demo(root: Path = None) -> None:
+def register_demo(root: Optional[Path] = None) -> None:
     """``htc_demo_{train,val}``; the data is generated on first use, by the first process of
     each machine while the others wait for it."""
     base = Path(root or demo_root())

@@ -11,10 +11,11 @@ position in the rank's stream. Skipping k batches then costs k draws of the samp
 import contextlib
 import logging
 import random
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from detectron2.config import CfgNode
 from detectron2.data import DatasetFromList, build_detection_train_loader
 from detectron2.data.build import trivial_batch_collator, worker_init_reset_seed
 from detectron2.utils import comm
@@ -107,7 +108,7 @@ def _buckets(dicts: list) -> List[int]:
     return [0 if d["width"] > d["height"] else 1 for d in dicts]
 
 
-def build_resumable_train_loader(cfg, mapper) -> DataLoader:
+def build_resumable_train_loader(cfg: CfgNode, mapper: Callable[[dict], dict]) -> DataLoader:
     """The training loader of ``cfg`` (its datasets, sampler, batch size, grouping and workers,
     as ``build_detection_train_loader`` reads them) with a data order that resumes exactly:
     set ``loader.batch_sampler.start`` to the iteration to begin at."""

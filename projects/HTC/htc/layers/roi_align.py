@@ -261,7 +261,8 @@ def _forget_pools_in_forked_children() -> None:
 
 
 def in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
-    """``fn(rois)`` computed as ``cat([fn(chunk) ...])`` over chunks of :data:`CHUNK` RoIs, on
+    """``fn(rois)`` for (R, 5) ``rois`` and an ``fn`` whose output has a row per RoI (R, ...),
+    computed as ``cat([fn(chunk) ...])`` over chunks of :data:`CHUNK` RoIs, on
     ``torch.get_num_threads()`` threads (torchvision's kernels release the GIL). A tracer
     records only its own thread, so under ``torch.jit`` tracing it runs in one."""
     chunks: List[torch.Tensor] = list(rois.split(CHUNK))
@@ -286,8 +287,9 @@ def parallel_roi_align(
     aligned: bool,
     pool: int = 1,
 ) -> torch.Tensor:
-    """torchvision's CPU ``roi_align``, bit for bit, on all threads; with ``pool`` > 1 followed
-    by ``avg_pool2d(pool)`` chunk by chunk (the full-size RoI features never exist at once)."""
+    """torchvision's CPU ``roi_align``, bit for bit, on all threads: (N, C, H, W) ``input`` and
+    (R, 5) ``rois`` -> (R, C, *output_size); with ``pool`` > 1 followed by ``avg_pool2d(pool)``
+    chunk by chunk (the full-size RoI features never exist at once), (R, C, *output_size / pool)."""
 
     def run(part: torch.Tensor) -> torch.Tensor:
         out = roi_align(input, part, output_size, spatial_scale, sampling_ratio, aligned)
@@ -332,7 +334,7 @@ def sparse_backward(
 
 
 def sparse_grad_roi_align(input: torch.Tensor, rois: torch.Tensor, *geometry) -> torch.Tensor:
-    """:func:`parallel_roi_align` with the :func:`sparse_backward` gradient."""
+    """:func:`parallel_roi_align` (same shapes) with the :func:`sparse_backward` gradient."""
     return ROIAlignFunction.apply(input, rois, geometry, parallel_roi_align, sparse_backward)
 
 
