@@ -46,8 +46,9 @@ def evaluate(cfg, model) -> dict:
         return {}
     loader, evaluator = instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
     trained = _dataset_names(cfg.dataloader.get("train"))
-    for name in _dataset_names(cfg.dataloader.test) if trained else ():
-        check_same_thing_classes(name, trained[0])
+    if trained:
+        for name in _dataset_names(cfg.dataloader.test):
+            check_same_thing_classes(name, trained[0])
     results = inference_on_dataset(model, loader, evaluator)
     if comm.is_main_process():
         print_csv_format(results)

@@ -225,8 +225,6 @@ def _why_not_atomic_free(key: str, roi_align: str, device: torch.device) -> Opti
     kernels on the CUDA ``device``, or None where it runs the Triton kernels."""
     if roi_align not in ("auto", "triton"):
         return f"{key} {roi_align!r} runs torchvision's kernels (give 'auto' or 'triton')"
-    if not torch.cuda.is_available():  # the capability cannot be read; Triton's presence can
-        return layers.roi_align.why_triton_cannot_run_on(torch.device("cpu"))
     return layers.roi_align.why_triton_cannot_run_on(device)
 
 

@@ -101,20 +101,28 @@ def check_id_source(output: Path, dataset_json: Optional[str], done: List[dict])
     """Where the image ids come from (``--image-ids``' json, or numbered by the runs) must be
     where the output's results took theirs from (OUTPUT/image_ids.json): a run without
     ``--image-ids`` after one with it would number new images over the dataset's ids. A
-    ValueError names both. An output without results yet records this run's (the first
-    process writes it; outputs of versions before it record none, and are not checked)."""
+    ValueError names both (see :func:`_recorded` for outputs without the record)."""
     source = {"image_ids": str(Path(dataset_json).resolve()) if dataset_json else None}
-    marker = output / ID_SOURCE
+    earlier = _recorded(output / ID_SOURCE, source, done)
+    if earlier != source:
+        raise ValueError(
+            f"{output} holds results with {_ids_of(earlier)}, and this run's would have "
+            f"{_ids_of(source)}: give the --image-ids of the runs before, or another output "
+            "folder"
+        )
+
+
+def _recorded(marker: Path, current: dict, done: List[dict]) -> dict:
+    """What the file ``marker`` records of the output's results (the records ``done``), to
+    compare with this run's ``current``. An output without results yet records ``current``
+    (the first process writes it, whole or not at all) and gives it back; so do the results of
+    versions before the marker, which are not checked."""
     if any("results" in r for r in done):
-        earlier = json.loads(marker.read_text()) if marker.exists() else source
-        if earlier != source:
-            raise ValueError(
-                f"{output} holds results with {_ids_of(earlier)}, and this run's would have "
-                f"{_ids_of(source)}: give the --image-ids of the runs before, or another output "
-                "folder"
-            )
-    elif comm.is_main_process():
-        marker.write_text(json.dumps(source))
+        return json.loads(marker.read_text()) if marker.exists() else current
+    if comm.is_main_process():
+        with atomic_open(str(marker), "w") as f:
+            json.dump(current, f)
+    return current
 
 
 def _ids_of(source: dict) -> str:
@@ -162,15 +170,8 @@ def check_settings(output: Path, settings: Dict[str, object], done: List[dict]) 
     (OUTPUT/settings.json): another threshold, config or weights would mix two models' results
     in one file. A ValueError names what differs. The keys that only one side has (a config key
     of another HTC or Detectron2 version) are not compared, but the weights' (a file against a
-    URL). An output without results yet records this run's (the first process writes it;
-    outputs of versions before it record none, and are not checked)."""
-    marker = output / SETTINGS
-    if not any("results" in r for r in done):
-        if comm.is_main_process():
-            with atomic_open(str(marker), "w") as f:
-                json.dump(settings, f)
-        return
-    earlier = json.loads(marker.read_text()) if marker.exists() else settings
+    URL). See :func:`_recorded` for outputs without the record."""
+    earlier = _recorded(output / SETTINGS, settings, done)
     weights = {"MODEL.WEIGHTS", "MODEL.WEIGHTS sha256"}
     compared = (set(earlier) & set(settings)) | (weights & (set(earlier) | set(settings)))
     changed = [k for k in sorted(compared) if earlier.get(k) != settings.get(k)]

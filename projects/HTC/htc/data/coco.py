@@ -154,16 +154,21 @@ def check_annotations(records: List[dict], json_file: str) -> List[dict]:
         kept = []
         size = (record["height"], record["width"])
         for obj in record["annotations"]:
-            reason = None if obj.get("iscrowd") else _ignored_reason(obj, *size)
-            if reason is None:
+            if obj.get("iscrowd"):
                 kept.append(obj)
-                how = None if obj.get("iscrowd") else _box_misfit(obj, *size)
-                if how is not None:
-                    misfits[how] += 1
-                    misfit = misfit or f"annotation {obj.get('id')} of {record['file_name']}"
                 continue
-            ignored[reason] += 1
-            example = example or f"annotation {obj.get('id')} of {record['file_name']}: {reason}"
+            reason = _ignored_reason(obj, *size)
+            if reason is not None:
+                ignored[reason] += 1
+                example = example or (
+                    f"annotation {obj.get('id')} of {record['file_name']}: {reason}"
+                )
+                continue
+            kept.append(obj)
+            how = _box_misfit(obj, *size)
+            if how is not None:
+                misfits[how] += 1
+                misfit = misfit or f"annotation {obj.get('id')} of {record['file_name']}"
         record["annotations"] = kept
     total = sum(len(r["annotations"]) for r in records) + sum(ignored.values())
     if total and not any(obj.get("segmentation") for r in records for obj in r["annotations"]):

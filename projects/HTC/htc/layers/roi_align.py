@@ -440,10 +440,12 @@ def triton_is_faster(
 
 
 def why_triton_cannot_run_on(device: torch.device) -> Optional[str]:
-    """Why this module's Triton kernels cannot run on ``device`` of TRITON_DEVICES, or None."""
+    """Why this module's Triton kernels cannot run on ``device`` of TRITON_DEVICES, or None. On
+    a machine without CUDA (a config checked before it runs elsewhere) a CUDA device's compute
+    capability cannot be read: only Triton's presence is."""
     if triton_kernels() is None:
         return "Triton is not installed (pip install triton)"
-    if not triton_runs_on(device):
+    if (device.type != "cuda" or torch.cuda.is_available()) and not triton_runs_on(device):
         return f"Triton compiles for compute capability 7.0 and newer, not {device}'s"
     return None
 
