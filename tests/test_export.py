@@ -2,14 +2,11 @@
 with eager PyTorch on other sizes, with zero detections and with the top-k limit reached;
 postprocess gives the model's own outputs; what cannot be exported is refused by name."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from detectron2.modeling import build_model
 
-from conftest import CONFIGS, ROOT, TINY_OPTS, child_env, load_cfg, tiny_cfg
+from conftest import CONFIGS, TINY_OPTS, load_cfg, tiny_cfg
 from htc.export import (
     OUTPUT_NAMES,
     check_exportable,
@@ -19,6 +16,7 @@ from htc.export import (
     postprocess,
     raw_inference,
 )
+from htc.export import main as export_main
 
 TOP_K = 10
 # max |exported - eager| allowed per output; detections and classes: equal. Boxes are in pixels,
@@ -175,17 +173,15 @@ def test_r50_exports_to_onnx_and_agrees(tmp_path):
     _assert_agrees(run(image), eager)
 
 
-def test_command_exports_and_checks_in_onnxruntime(tmp_path):
+def test_command_exports_and_checks_in_onnxruntime(tmp_path, capsys):
+    """``python -m htc.export``'s main, in this process."""
     opts = [str(v) for v in TINY_OPTS] + ["MODEL.WEIGHTS", ""]
     opts += ["INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128"]
-    command = [
-        sys.executable, "-m", "htc.export", "--config-file",
-        str(CONFIGS / "htc_R_50_FPN_1x.yaml"), "--format", "onnx", "--output", str(tmp_path),
-        "--opts", *opts,
-    ]  # fmt: skip
-    out = subprocess.run(command, capture_output=True, text=True, env=child_env(), cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
+    config = str(CONFIGS / "htc_R_50_FPN_1x.yaml")
+    export_main(["--config-file", config, "--format", "onnx", "--output", str(tmp_path),
+                 "--opts", *opts])  # fmt: skip
+    out = capsys.readouterr().out
     assert (tmp_path / "model.onnx").is_file()
-    assert "MODEL.WEIGHTS is empty" in out.stdout
-    assert "onnxruntime (CPU) on the (96, 128) sample image" in out.stdout
-    assert "against eager PyTorch: the same " in out.stdout
+    assert "MODEL.WEIGHTS is empty" in out
+    assert "onnxruntime (CPU) on the (96, 128) sample image" in out
+    assert "against eager PyTorch: the same " in out

@@ -25,12 +25,11 @@ from conftest import (
     metrics_entries,
     run_train_net,
     tiny_cfg,
-    train_net_command,
     training_iterations,
 )
 from htc import register_htc_instances
 from htc.demo import TITLE_HEIGHT
-from train_net import check_dataset
+from train_net import Trainer, check_dataset
 
 # train_net's options for a run that trains and does not evaluate at its end
 NO_EVALUATION = ["DATASETS.TEST", "()", "MODEL.HTC.PANOPTIC_ON", "False"]
@@ -122,42 +121,53 @@ def test_custom_dataset_entry_script_of_the_readme(workspace, tmp_path):
     assert "Loaded 6 images in COCO format" in log and "copypaste: Task: segm" in log
 
 
-def test_num_classes_that_do_not_fit_the_dataset_are_refused(workspace, tmp_path):
-    env = child_env(DETECTRON2_DATASETS=str(workspace))
-    cmd = train_net_command(
-        *SMALL,
-        "MODEL.ROI_HEADS.NUM_CLASSES",
-        "5",
-        "SOLVER.MAX_ITER",
-        "1",
-        "OUTPUT_DIR",
-        str(tmp_path),
-    )
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode != 0
-    assert (
-        "'htc_demo_train' has 3 thing classes but MODEL.ROI_HEADS.NUM_CLASSES is 5" in result.stderr
-    )
+def _trainer_cfg(tiny_dataset, name: str, output, *opts: str):
+    """The demo config as train_net.py would run it (SMALL), training on ``tiny_dataset``
+    registered as ``name``, with no evaluation."""
+    register_htc_instances(
+        name, str(tiny_dataset / "train.json"), str(tiny_dataset / "train"),
+        sem_seg_root=str(tiny_dataset / "train_sem"),
+    )  # fmt: skip
+    cfg = load_cfg(CONFIG)
+    cfg.merge_from_list([*SMALL, *NO_EVALUATION, "DATASETS.TRAIN", f"('{name}',)", *opts])
+    cfg.OUTPUT_DIR = str(output)
+    return cfg
 
 
-def test_weights_that_do_not_fit_are_refused_unless_skipping_is_asked(workspace, tmp_path):
+def test_num_classes_that_do_not_fit_the_dataset_are_refused(tiny_dataset, tmp_path):
+    """train_net's Trainer refuses them as it builds its data loader, before any training."""
+    cfg = _trainer_cfg(
+        tiny_dataset, "test_num_classes", tmp_path, "MODEL.ROI_HEADS.NUM_CLASSES", "5"
+    )
+    with pytest.raises(ValueError, match="'test_num_classes' has 3 thing classes but "
+                       "MODEL.ROI_HEADS.NUM_CLASSES is 5"):  # fmt: skip
+        Trainer(cfg)
+
+
+def test_weights_that_do_not_fit_are_refused_unless_skipping_is_asked(tiny_dataset, tmp_path):
+    """train_net's Trainer loads MODEL.WEIGHTS with HTCCheckpointer (tests/test_checkpoint.py),
+    skipping the weights of other shapes only under MODEL.HTC.SKIP_MISMATCHED_WEIGHTS."""
     cfg = load_cfg(CONFIG)
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 5
     weights = tmp_path / "five_classes.pth"
-    torch.save({"model": build_model(cfg).state_dict()}, weights)
-    env = child_env(DETECTRON2_DATASETS=str(workspace))
-    opts = [*SMALL, "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(tmp_path), "MODEL.WEIGHTS", weights]
-    result = subprocess.run(
-        train_net_command(*map(str, opts)), capture_output=True, text=True, env=env, timeout=600
-    )
-    assert result.returncode != 0
-    assert "12 parameters of the checkpoint do not fit the model's shapes" in result.stderr
+    checkpoint = build_model(cfg).state_dict()
+    torch.save({"model": checkpoint}, weights)
+    opts = ["MODEL.WEIGHTS", str(weights)]
+    trainer = Trainer(_trainer_cfg(tiny_dataset, "test_weights", tmp_path, *opts))
+    with pytest.raises(ValueError) as refused:
+        trainer.resume_or_load(resume=False)
+    assert "12 parameters of the checkpoint do not fit the model's shapes" in str(refused.value)
     assert "roi_heads.box_predictor.0.cls_score.weight: checkpoint (6, 128), model (4, 128)" in (
-        result.stderr
+        str(refused.value)
     )
-    skip = ["MODEL.HTC.SKIP_MISMATCHED_WEIGHTS", "True", *NO_EVALUATION]
-    run_train_net(workspace, *map(str, opts), *skip)
-    assert training_iterations(tmp_path) == [0]
+    opts += ["MODEL.HTC.SKIP_MISMATCHED_WEIGHTS", "True"]
+    trainer = Trainer(_trainer_cfg(tiny_dataset, "test_weights_skipped", tmp_path, *opts))
+    model = trainer.model.state_dict()
+    kept = model["roi_heads.box_predictor.0.cls_score.weight"].clone()
+    trainer.resume_or_load(resume=False)
+    assert torch.equal(model["roi_heads.box_predictor.0.cls_score.weight"], kept)
+    for key in ("roi_heads.box_predictor.0.bbox_pred.weight", "backbone.fpn_output2.weight"):
+        assert torch.equal(model[key], checkpoint[key]), key
 
 
 def test_non_finite_loss_stops_the_trainer_before_the_optimizer_step():

@@ -27,7 +27,7 @@ def _case(seed: int, num_rois: int = 10, channels: int = 3):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, channels, 11, 14, generator=g)
     boxes = torch.rand(num_rois, 4, generator=g) * 64 - 8
-    boxes[:, 2:] = boxes[:, :2] + torch.rand(num_rois, 2, generator=g) * 40
+    boxes[:, 2:] = boxes[:, :2] + torch.rand(num_rois, 2, generator=g) * 20
     boxes[0, 2:] = boxes[0, :2]
     boxes[1, 2:] = boxes[1, :2] - 3
     batch = torch.randint(0, 2, (num_rois, 1), generator=g).float()
