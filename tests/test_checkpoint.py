@@ -214,6 +214,7 @@ def test_inference_entries_check_the_weights_as_training_does(entry, tmp_path, c
     if entry == "htc.demo":  # beside it, images that htc.predict skips too are skipped by name
         Image.fromarray(np.full((64, 80), 40000, np.uint16)).save(tmp_path / "wide.png")
         (tmp_path / "cut.png").write_bytes(image.read_bytes()[:40])
+        Image.fromarray(np.full((1, 400, 3), 128, np.uint8)).save(tmp_path / "thin.png")
         image = tmp_path
     run("")
     out, err = capsys.readouterr()
@@ -221,4 +222,5 @@ def test_inference_entries_check_the_weights_as_training_does(entry, tmp_path, c
     if entry == "htc.demo":
         assert re.search(r"wide.png: skipped, I(;16)? pixels: the model reads 8 bits", err)
         assert "cut.png: skipped, " in err
+        assert "thin.png: skipped, 400x1 pixels resize to 80x0 (" in err
         assert sorted(p.name for p in (tmp_path / "pictures").iterdir()) == ["photo.png"]

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .checkpoint import load_weights
 from .config import add_htc_config, set_float32_precision
 from .data import register_builtin
-from .data.inputs import IMAGE_SUFFIXES, read_image_or_reason
+from .data.inputs import IMAGE_SUFFIXES, checked_resize, read_image_or_reason
 
 TITLE_HEIGHT = 24  # pixels of the band that names a panel
 
@@ -139,6 +139,16 @@ def _without_weights(cfg: CfgNode) -> CfgNode:
     return cfg
 
 
+def _too_thin(predictor: DefaultPredictor, image_bgr: np.ndarray) -> Optional[str]:
+    """Why ``predictor``'s resize leaves ``image_bgr`` no pixel across; None where it does not
+    (DefaultPredictor would fail inside the model)."""
+    try:
+        checked_resize(predictor.aug, image_bgr)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="HTC inference on images")
     parser.add_argument("--config-file", required=True)
@@ -157,7 +167,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for path, name in picture_names(image_files(args.input)).items():
         image_bgr, reason = read_image_or_reason(path)
-        if image_bgr is None:  # as htc.predict: named and skipped, not clipped or fatal
+        if image_bgr is not None:
+            reason = _too_thin(predictor, image_bgr)
+        if reason:  # as htc.predict: named and skipped, not clipped or fatal
             print(f"{path}: skipped, {reason}", file=sys.stderr)
             continue
         outputs = predictor(image_bgr)

@@ -180,15 +180,21 @@ class PredictionInputs(IterableDataset):
         """The model's input for an (H, W, 3) BGR image, as ``DefaultPredictor`` makes it;
         ValueError for an image so thin that the resize leaves it no pixel across."""
         image = image_bgr[:, :, ::-1] if self.image_format == "RGB" else image_bgr
-        transform = self.resize.get_transform(image)  # NoOpTransform for MIN_SIZE_TEST 0
-        if isinstance(transform, T.ResizeTransform) and min(transform.new_h, transform.new_w) < 1:
-            raise ValueError(
-                f"{image.shape[1]}x{image.shape[0]} pixels resize to {transform.new_w}x"
-                f"{transform.new_h} (INPUT.MIN_SIZE_TEST, MAX_SIZE_TEST): too thin to predict"
-            )
-        resized = transform.apply_image(image)
+        resized = checked_resize(self.resize, image).apply_image(image)
         tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
         return {"image": tensor, "height": image.shape[0], "width": image.shape[1]}
+
+
+def checked_resize(resize: T.Augmentation, image: np.ndarray) -> T.Transform:
+    """``resize``'s transform of an (H, W, C) image (a NoOpTransform for MIN_SIZE_TEST 0);
+    ValueError for an image so thin that it would leave the image no pixel across."""
+    transform = resize.get_transform(image)
+    if isinstance(transform, T.ResizeTransform) and min(transform.new_h, transform.new_w) < 1:
+        raise ValueError(
+            f"{image.shape[1]}x{image.shape[0]} pixels resize to {transform.new_w}x"
+            f"{transform.new_h} (INPUT.MIN_SIZE_TEST, MAX_SIZE_TEST): too thin to predict"
+        )
+    return transform
 
 
 def inputs_loader(dataset: PredictionInputs, batch_size: int, num_workers: int) -> DataLoader:
