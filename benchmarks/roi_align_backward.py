@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from torchvision.ops import roi_align
 
 from htc.layers import FastROIAlign, ROIAlign, TritonROIAlign
-from htc.layers.roi_align import interpolation_entries
+from htc.layers.roi_align_cpu import interpolation_entries
 from htc.poolers import HTCROIPooler
 
 # (images, channels, feature H, W, stride, RoIs, output): demo training, COCO-size training;

@@ -1,5 +1,6 @@
-"""htc.layers.roi_align: the parallel RoIAlign forward and the sparse-matrix backward equal
-torchvision's; the kernels route by device and keep the caller's grad mode in their threads."""
+"""htc.layers.roi_align_cpu: the parallel RoIAlign forward and the sparse-matrix backward equal
+torchvision's; htc.layers.roi_align: the kernels route by device and keep the caller's grad mode
+in their threads."""
 
 import json
 
@@ -8,16 +9,10 @@ import torch
 from torch.nn import functional as F
 from torchvision.ops import roi_align
 
-import htc.layers.roi_align as kernels
+import htc.layers.roi_align_cpu as cpu_kernels
 from conftest import ROOT
-from htc.layers.roi_align import (
-    CHUNK,
-    FastROIAlign,
-    ROIAlign,
-    in_chunks,
-    sparse_grad_roi_align,
-    triton_is_faster,
-)
+from htc.layers.roi_align import FastROIAlign, ROIAlign, triton_is_faster
+from htc.layers.roi_align_cpu import CHUNK, in_chunks, sparse_grad_roi_align
 
 
 def _case(seed, scale, num_rois=40):
@@ -90,7 +85,7 @@ def test_a_cells_samples_share_their_taps(pool):
     is torchvision's (its RoIAlign of the 64 unit images of an 8x8 feature)."""
     rois = torch.tensor([[0, 1.0, 2.0, 25.0, 26.0], [0, 5.0, 3.0, 17.0, 9.0]], dtype=torch.float64)
     geometry = ((4, 4), 0.25, 0, True)  # RoI 0: 6 x 6 pixels, bins of 1.5, 2 x 2 samples
-    pixel, cell, weight = kernels.interpolation_entries(rois, (1, 1, 8, 8), *geometry, pool)
+    pixel, cell, weight = cpu_kernels.interpolation_entries(rois, (1, 1, 8, 8), *geometry, pool)
     n = 2 * pool
     assert (cell < (4 // pool) ** 2).sum() == (4 // pool) ** 2 * (n + 1) ** 2
     matrix = torch.zeros(64, 2 * (4 // pool) ** 2, dtype=torch.float64)
@@ -105,7 +100,7 @@ def test_a_sample_rounded_past_its_taps_keeps_its_position():
     (exact for samples at most a pixel apart); one that rounding puts just past it keeps its
     interpolated position, with weights just outside [0, 1]."""
     pos = torch.tensor([3.0 + 2**-20], dtype=torch.float64)
-    low, high, w_low, w_high = kernels._taps(pos, 10, (torch.tensor([1]), torch.tensor([2])))
+    low, high, w_low, w_high = cpu_kernels._taps(pos, 10, (torch.tensor([1]), torch.tensor([2])))
     assert (low.item(), high.item()) == (2, 3)
     assert w_low + w_high == 1 and w_low < 0
     torch.testing.assert_close(low * w_low + high * w_high, pos, rtol=0, atol=1e-15)
@@ -135,7 +130,7 @@ def test_sparse_backward_forward_records_no_graph_in_threads():
 
 def test_devices_other_than_cpu_take_detectron2s_kernel(monkeypatch):
     """Routing is by device type: a "meta" tensor (as MPS or XPU ones) never takes the CPU path."""
-    monkeypatch.setattr(kernels, "parallel_roi_align", lambda *a: pytest.fail("CPU path taken"))
+    monkeypatch.setattr(FastROIAlign, "_on_cpu", lambda *a: pytest.fail("CPU path taken"))
     module = FastROIAlign((14, 14), 0.25, 0, True)
     x, rois = _case(seed=2, scale=0.25, num_rois=10)
     x, rois = x.float().to("meta"), rois.float().to("meta")

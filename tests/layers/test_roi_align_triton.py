@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torchvision.ops import roi_align
 
 import htc.layers.roi_align as kernels
+import htc.layers.roi_align_cpu as cpu_kernels
 import htc.layers.roi_align_triton as triton_roi_align
 from conftest import child_env
 from htc.layers import FastROIAlign, TritonROIAlign
@@ -86,7 +87,7 @@ def test_entries_equal_the_vectorised_builders(aligned, sampling_ratio, pool):
     geometry = ((6, 4), sampling_ratio, aligned, pool)
     count = triton_roi_align.EntryCount(rois, None, table, geometry)
     got = triton_roi_align.interpolation_entries(rois, None, table, geometry, count)
-    want = kernels.interpolation_entries(rois, tuple(x.shape), (6, 4), 0.25, *geometry[1:])
+    want = cpu_kernels.interpolation_entries(rois, tuple(x.shape), (6, 4), 0.25, *geometry[1:])
     assert len(got[0]) == len(want[0]) > 0
     assert torch.equal(got[0].long(), want[0])
     assert torch.equal(got[1].long(), want[1])
@@ -297,7 +298,7 @@ def _count_triton_calls(monkeypatch) -> list:
     """Routes TRITON_DEVICES' kernels to this module on this test's device; the returned list
     gets the pool of each single-level call."""
     monkeypatch.setattr(kernels, "TRITON_DEVICES", (DEVICE,))
-    monkeypatch.setattr(kernels, "parallel_roi_align", lambda *a: pytest.fail("CPU path taken"))
+    monkeypatch.setattr(FastROIAlign, "_on_cpu", lambda *a: pytest.fail("CPU path taken"))
     monkeypatch.setattr(kernels, "triton_kernels", lambda: triton_roi_align)
     calls = []
     run = triton_roi_align.roi_align
@@ -344,9 +345,9 @@ def test_triton_runs_on_volta_and_newer(monkeypatch, capability, hip, runs):
 def test_what_triton_cannot_compute_takes_the_other_kernels(monkeypatch, case, message):
     """A GPU that Triton does not compile for, a float64 input (the kernels compute in
     float32): "auto" takes the other kernels, every call; "triton" too, and says why."""
-    cpu_route = kernels.parallel_roi_align
+    cpu_route = FastROIAlign._on_cpu
     calls = _count_triton_calls(monkeypatch)
-    monkeypatch.setattr(kernels, "parallel_roi_align", cpu_route)
+    monkeypatch.setattr(FastROIAlign, "_on_cpu", cpu_route)
     x, rois = _case(seed=4, num_rois=3)
     if case == "float64":
         x, rois = x.double(), rois.double()

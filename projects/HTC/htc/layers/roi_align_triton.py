@@ -12,7 +12,7 @@
   comes straight from the 14x14 geometry.
 * Backward: no atomics. One kernel writes the interpolation entries (feature pixel, output
   cell, weight: a cell's y taps times its x taps, each tap summed over the cell's samples, in
-  the order of :func:`htc.layers.roi_align.interpolation_entries`: (n+1)^2 per cell of n x n
+  the order of :func:`htc.layers.roi_align_cpu.interpolation_entries`: (n+1)^2 per cell of n x n
   samples, not 4n^2); they are sorted by pixel (a stable sort), and one program per pixel
   sums its entries' output gradients, eight at a time, in the order of that sort (read through
   it, not gathered), so gradients are bit-identical from run to run. The number of entries is
@@ -20,10 +20,10 @@
   backward is a handful of launches and no host sync.
 
 The geometry is written twice, vectorised over all RoIs in torch for the CPU route
-(:mod:`htc.layers.roi_align`) and per element here (Triton cannot call Python code). The pairs:
+(:mod:`htc.layers.roi_align_cpu`) and per element here (Triton cannot call Python code). The pairs:
 
 ==========================================  =============================  ====================
-quantity (along one axis where it says so)  CPU (``roi_align.py``)          Triton (this module)
+quantity (along one axis where it says so)  CPU (``roi_align_cpu.py``)      Triton (this module)
 ==========================================  =============================  ====================
 RoI start, bin size, samples per bin        ``_bins``                       ``_geometry``
 position of sample k of a RoI (one axis)    ``_sample_positions``           ``_sample``
@@ -172,7 +172,7 @@ def _forward_kernel(
 
 @triton.jit
 def _taps_per_cell(bin_size, grid, POOL: tl.constexpr):
-    """Along one axis, as :func:`htc.layers.roi_align.taps_per_cell`: whether a cell's samples
+    """Along one axis, as :func:`htc.layers.roi_align_cpu.taps_per_cell`: whether a cell's samples
     merge their taps, its samples and its taps."""
     n = tl.maximum(grid, 0) * POOL
     merged = (bin_size >= 0.0) & (bin_size <= grid.to(tl.float32))
@@ -189,7 +189,7 @@ def _sample(start, bin_size, grid, k):
 @triton.jit
 def _axis_tap(start, bin_size, grid, cell, t, size, POOL: tl.constexpr):
     """Row and weight (the sum over the cell's samples, not divided by their count) of tap
-    ``t`` of output cell ``cell`` along one axis, as :func:`htc.layers.roi_align._axis_taps`
+    ``t`` of output cell ``cell`` along one axis, as :func:`htc.layers.roi_align_cpu._axis_taps`
     makes them, the samples summed in the same order."""
     merged, n, _ = _taps_per_cell(bin_size, grid, POOL)
     grid = tl.maximum(grid, 1)
@@ -452,7 +452,7 @@ def interpolation_entries(
     geometry: Geometry,
     count: EntryCount,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The entries of :func:`htc.layers.roi_align.interpolation_entries`, in its order, from one
+    """The entries of :func:`htc.layers.roi_align_cpu.interpolation_entries`, in its order, from one
     kernel: pixel (E,) int32 (of the levels' joint buffer), cell (E,) int32 and weight (E,)
     fp32, E = ``count.total()``."""
     (pooled_h, pooled_w), sampling_ratio, aligned, pool = geometry
