@@ -3,6 +3,7 @@
 train_net.py with the shipped configs at small widths, and scored by the official evaluators;
 the ground truth fed as the prediction scores 100 in each."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,49 @@ def test_cityscapes_instances_come_with_their_train_id_maps(datasets):
         assert {name2label[n].id for n in ("road", "building", "sky")} <= set(np.unique(drawn))
         classes = sorted(things[a["category_id"]] for a in record["annotations"])
         assert len(classes) == 3 and set(classes) <= set(THINGS)
+
+
+@pytest.mark.parametrize(
+    "break_it, error",
+    [
+        ("instanceIds", r"1 ground-truth files .* missing: .*_000000_gtFine_instanceIds.png$"),
+        ("labelTrainIds", r"_000001_gtFine_labelTrainIds.png. Make the train-id maps"),
+        ("image", r"1 frames of .* have no image in .*: frankfurt/frankfurt_000000_000000;"),
+        ("stray", r"files not named \*_leftImg8bit.png in .*README.txt"),
+    ],
+)
+def test_cityscapes_frames_without_their_files_are_refused(datasets, tmp_path, break_it, error):
+    """Each image's ground truth, and each ground-truth frame's image: the evaluators would
+    leave the frame out of the scores (AP 100 for a frame predicted empty) or stop the process
+    at the end of the evaluation."""
+    root = tmp_path / "cityscapes"
+    shutil.copytree(datasets / "cityscapes", root)
+    image_dir, gt_dir = _cityscapes_dirs(tmp_path, "val")
+    load_cityscapes_htc(image_dir, gt_dir)
+    frames = sorted(Path(image_dir).glob("*/*_leftImg8bit.png"))
+    frame = frames[0 if break_it != "labelTrainIds" else 1]
+    gt = Path(gt_dir) / frame.parent.name / frame.name.replace("leftImg8bit.png", "gtFine_")
+    if break_it == "image":
+        frame.unlink()
+    elif break_it == "stray":
+        (frame.parent / "README.txt").write_text("notes")
+    else:
+        Path(f"{gt}{break_it}.png").unlink()
+    with pytest.raises((FileNotFoundError, ValueError), match=error):
+        load_cityscapes_htc(image_dir, gt_dir)
+
+
+def test_a_panoptic_json_without_its_folder_is_refused_before_inference(datasets, tmp_path):
+    gt = tmp_path / "gtFine"
+    shutil.copytree(datasets / "cityscapes" / "gtFine", gt)
+    shutil.rmtree(gt / "cityscapes_panoptic_val")
+    name = "cityscapes_val_without_panoptic_pngs"
+    register_with_loader(
+        name, list, evaluator_type="cityscapes_htc", **panoptic_metadata(gt, "val")
+    )
+    cfg = tiny_cfg(panoptic_on=True)
+    with pytest.raises(FileNotFoundError, match=f"{name}.*no folder .*cityscapes_panoptic_val,"):
+        build_evaluators(cfg, name, str(tmp_path))
 
 
 def test_cityscapes_evaluators_score_the_ground_truth_100(datasets, tmp_path, monkeypatch):

@@ -262,7 +262,8 @@ class HTCCOCOEvaluator(ScoresRLEMasks, COCOEvaluator):
 
 def panoptic_evaluator(dataset_name: str, output_dir: Optional[str] = None):
     """Detectron2's :class:`COCOPanopticEvaluator` (PQ, SQ, RQ of all, things, stuff); an
-    ImportError that says what to install where the COCO panoptic API it calls is missing."""
+    ImportError that says what to install where the COCO panoptic API it calls is missing, and
+    a FileNotFoundError where the folder of the dataset's panoptic PNGs is missing."""
     try:
         import panopticapi.evaluation  # noqa: F401
     except ImportError as e:
@@ -271,4 +272,9 @@ def panoptic_evaluator(dataset_name: str, output_dir: Optional[str] = None):
             "pip install panopticapi-lite==0.2.0 --no-deps (what scripts/setup.sh installs), or "
             "pip install git+https://github.com/cocodataset/panopticapi.git"
         ) from e
+    root = MetadataCatalog.get(dataset_name).get("panoptic_root")
+    if root and not os.path.isdir(root):  # else found at the end of the evaluation
+        raise FileNotFoundError(
+            f"{dataset_name!r}: no folder {root}, the PNGs of its panoptic ground truth"
+        )
     return COCOPanopticEvaluator(dataset_name, output_dir=output_dir)

@@ -24,6 +24,11 @@ from .register import datasets_root, register_with_loader
 SPLITS = ("train", "val")
 IMAGE_SUFFIX = "_leftImg8bit.png"
 TRAIN_ID_SUFFIX = "_gtFine_labelTrainIds.png"
+# Each frame's ground truth: what Detectron2's loader reads, what the instance and pixel
+# evaluators read (they find it by globbing gtFine), and the semantic branch's map.
+GROUND_TRUTH_SUFFIXES = (
+    "_gtFine_polygons.json", "_gtFine_instanceIds.png", "_gtFine_labelIds.png", TRAIN_ID_SUFFIX,
+)  # fmt: skip
 # Where Detectron2's main branch (2026-06) imports cityscapesscripts from: a path inside Meta
 # that no installed package provides (facebookresearch/detectron2#5436). v0.6 imports
 # ``cityscapesscripts`` itself.
@@ -84,18 +89,58 @@ def load_cityscapes_htc(image_dir: str, gt_dir: str) -> List[dict]:
     for path in (image_dir, gt_dir):
         if not Path(path).is_dir():
             raise FileNotFoundError(f"Cityscapes: no folder {path}")
+    check_frames(image_dir, gt_dir)
     alias_cityscapesscripts()
     dicts = load_cityscapes_instances(image_dir, gt_dir, from_json=True, to_polygons=True)
     for record in dicts:
         record["image_id"] = frame_name(record["file_name"])
         record["sem_seg_file_name"] = train_id_map(record["file_name"], gt_dir)
-        if not Path(record["sem_seg_file_name"]).is_file():
-            raise FileNotFoundError(
-                f"{record['sem_seg_file_name']}: missing. Make the train-id maps with "
-                "cityscapesscripts (CITYSCAPES_DATASET=<the cityscapes folder> "
-                "csCreateTrainIdLabelImgs)"
-            )
     return dicts
+
+
+def check_frames(image_dir: str, gt_dir: str) -> None:
+    """Every image has all its ground-truth files and every frame of ``gt_dir`` its image:
+    without them the evaluators leave a frame out of the scores silently, or stop the process
+    at the end of the evaluation (cityscapesscripts' ``sys.exit``). A file in a city folder
+    that is no Cityscapes image is named too (Detectron2's loader asserts on it)."""
+    images = sorted(p for p in Path(image_dir).glob("*/*") if p.is_file())
+    strays = [str(p) for p in images if not p.name.endswith(IMAGE_SUFFIX)]
+    if strays:
+        raise ValueError(f"Cityscapes: files not named *{IMAGE_SUFFIX} in {image_dir}: {strays}")
+    frames = {(p.parent.name, frame_name(str(p))) for p in images}
+    missing = [
+        str(Path(gt_dir, city, f"{frame}{suffix}"))
+        for city, frame in sorted(frames)
+        for suffix in GROUND_TRUTH_SUFFIXES
+        if not Path(gt_dir, city, f"{frame}{suffix}").is_file()
+    ]
+    if missing:
+        hint = ""
+        if any(path.endswith(TRAIN_ID_SUFFIX) for path in missing):
+            hint = (
+                ". Make the train-id maps with cityscapesscripts (CITYSCAPES_DATASET=<the "
+                "cityscapes folder> csCreateTrainIdLabelImgs)"
+            )
+        raise FileNotFoundError(
+            f"Cityscapes: {len(missing)} ground-truth files of the images of {image_dir} are "
+            f"missing: {_some(missing)}{hint}"
+        )
+    globbed = {  # what the evaluators read
+        (p.parent.name, p.name[: -len(suffix)])
+        for suffix in GROUND_TRUTH_SUFFIXES[1:3]
+        for p in Path(gt_dir).glob(f"*/*{suffix}")
+    }
+    orphans = [f"{city}/{frame}" for city, frame in sorted(globbed - frames)]
+    if orphans:
+        raise FileNotFoundError(
+            f"Cityscapes: {len(orphans)} frames of {gt_dir} have no image in {image_dir}: "
+            f"{_some(orphans)}; the evaluators read every frame there"
+        )
+
+
+def _some(paths: List[str], shown: int = 3) -> str:
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return ", ".join(paths[:shown]) + more
 
 
 def panoptic_metadata(gt_root: Path, split: str) -> Dict:
