@@ -3,6 +3,7 @@
 train_net.py with the shipped configs at small widths, and scored by the official evaluators;
 the ground truth fed as the prediction scores 100 in each."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from torch.nn import functional as F
 
 from conftest import CONFIGS, SMALL, TINY_OPTS, load_cfg, run_train_net, tiny_cfg
 from htc.data.cityscapes import load_cityscapes_htc, panoptic_metadata
-from htc.data.lvis import register_lvis_htc
+from htc.data.lvis import load_lvis_htc, register_lvis_htc, stuff_map
 from htc.data.register import register_with_loader
 from htc.evaluation import build_evaluators
 from htc.panoptic import PanopticFusion, class_to_stuff
@@ -212,6 +213,71 @@ def test_lvis_evaluator_scores_the_ground_truth_100(datasets, tmp_path, mask_out
     for task in ("bbox", "segm"):
         for key in ("AP", "APr", "APc", "APf"):
             assert results[task][key] == pytest.approx(100), (task, key)
+
+
+def _zero_based(data: dict) -> None:
+    for item in data["categories"]:
+        item["id"] -= 1
+    for ann in data["annotations"]:
+        ann["category_id"] -= 1
+
+
+LVIS_BREAKS = {  # what breaks an LVIS json -> the start of its refusal
+    "two images of one id": (
+        lambda d: d["images"][1].update(id=d["images"][0]["id"]),
+        "image id 1 is used twice",
+    ),
+    "0-based category ids": (_zero_based, "its categories are not the 1203 of the table"),
+    "an annotation of no image": (
+        lambda d: d["annotations"][0].update(image_id=999),
+        "annotation 1 refers to image_id 999",
+    ),
+    "a category id beyond the table": (
+        lambda d: d["annotations"][0].update(category_id=5000),
+        "annotation 1 of image 1 .* 5000",
+    ),
+    "a category without frequency": (
+        lambda d: d["categories"][0].pop("frequency"),
+        "category 1 .* frequency None",
+    ),
+    "an RLE mask": (
+        lambda d: d["annotations"][0].update(segmentation={"size": [1, 1], "counts": "1"}),
+        "annotation 1 has segmentation dict .* polygons only",
+    ),
+    "a polygon coordinate of NaN": (
+        lambda d: d["annotations"][0]["segmentation"][0].__setitem__(0, float("nan")),
+        "polygon 0 has a coordinate that is not finite",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", LVIS_BREAKS)
+def test_an_lvis_json_that_the_loader_would_misread_is_refused(datasets, tmp_path, case):
+    """Detectron2's LVIS loader and the LVIS API trust the file: two images of one id merge
+    (one trains on the other's objects), 0-based ids shift every class by one, an annotation
+    of an unknown image is dropped; the others fail hours in."""
+    data = json.loads((datasets / "lvis/lvis_v1_train.json").read_text())
+    break_it, error = LVIS_BREAKS[case]
+    break_it(data)
+    path = tmp_path / "lvis_v1_train.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=error):
+        load_lvis_htc(str(path), str(datasets / "coco"), "lvis_v1_train_broken")
+
+
+def test_an_lvis_image_or_map_that_is_missing_or_misfit_is_refused_at_loading(datasets, tmp_path):
+    coco = tmp_path / "coco"
+    shutil.copytree(datasets / "coco", coco)
+    json_file, maps = str(datasets / "lvis/lvis_v1_train.json"), str(coco / "stuffthingmaps")
+    load_lvis_htc(json_file, str(coco), "lvis_v1_train_checked", maps)
+    image = sorted((coco / "train2017").glob("*.jpg"))[0]
+    label_map = Path(stuff_map(str(image), maps))
+    Image.open(label_map).resize((20, 10)).save(label_map)
+    with pytest.raises(ValueError, match=f"{label_map}: semantic map of size \\(10, 20\\)"):
+        load_lvis_htc(json_file, str(coco), "lvis_v1_train_checked", maps)
+    image.unlink()
+    with pytest.raises(FileNotFoundError, match=f"1 images not found, e.g. {image}"):
+        load_lvis_htc(json_file, str(coco), "lvis_v1_train_checked", maps)
 
 
 def test_lvis_config_learns_with_the_federated_loss_at_every_stage():

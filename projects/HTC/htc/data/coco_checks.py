@@ -216,3 +216,72 @@ def check_coco_json(data: Any, where: str) -> None:
     annotations = _unique_int_ids(data["annotations"], "annotation", where)
     for ann in annotations.values():
         _check_annotation(ann, images, categories, where)
+
+
+def check_lvis_json(data: Any, where: str, categories: Dict[int, str], frequencies: bool) -> None:
+    """Refuse an LVIS dict that Detectron2's LVIS loader or the LVIS evaluator would misread:
+    the checks of :func:`check_coco_json` for LVIS's fields (images by ``coco_url``, polygons
+    only), and its categories, which must be the table that the dataset's name picks.
+
+    Args:
+        data: the parsed json.
+        where: the file, for the messages.
+        categories: the table's ``{id: name}``; the loader reads category k as class k - 1.
+        frequencies: whether each category needs LVIS's ``frequency`` ("r", "c" or "f"), which
+            the evaluator groups AP by.
+    """
+    if not isinstance(data, dict):
+        raise CocoFormatError(f"{where}: the json holds a {type(data).__name__}, not an object")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise CocoFormatError(f"{where}: {key!r} is missing or not a list")
+    _check_lvis_categories(_unique_int_ids(data["categories"], "category", where), where,
+                           categories, frequencies)  # fmt: skip
+    images = _unique_int_ids(data["images"], "image", where)
+    for image in images.values():
+        url = image.get("coco_url")
+        if not isinstance(url, str) or url.count("/") < 1:
+            raise CocoFormatError(
+                f"{where}: image {image['id']} has coco_url {url!r}: Detectron2's LVIS loader "
+                "finds the image by its last two parts (<COCO folder>/<file>)"
+            )
+        image["file_name"] = "/".join(url.split("/")[-2:])  # for the messages and checks below
+        _check_image(image, where)
+    _check_unique_files(images, where)
+    for ann in _unique_int_ids(data["annotations"], "annotation", where).values():
+        segmentation = ann.get("segmentation")
+        if isinstance(segmentation, dict) or not segmentation:
+            raise CocoFormatError(
+                f"{where}: annotation {ann['id']} has segmentation {type(segmentation).__name__}"
+                f" {str(segmentation)[:40]}: Detectron2's LVIS loader reads polygons only"
+            )
+        if any(isinstance(p, (list, tuple)) and 0 < len(p) < 6 for p in segmentation):
+            raise CocoFormatError(
+                f"{where}: annotation {ann['id']} has a polygon of fewer than 3 points"
+            )
+        _check_annotation(ann, images, categories, where)
+
+
+def _check_lvis_categories(
+    found: Dict[int, dict], where: str, table: Dict[int, str], frequencies: bool
+) -> None:
+    moved = [
+        f"{i}: {found[i].get('name')!r} here, {table[i]!r} in the table"
+        for i in sorted(set(found) & set(table))
+        if found[i].get("name") != table[i]
+    ]
+    missing, extra = sorted(set(table) - set(found)), sorted(set(found) - set(table))
+    if moved or missing or extra:
+        raise CocoFormatError(
+            f"{where}: its categories are not the {len(table)} of the table that the dataset's "
+            f"name picks (Detectron2's LVIS loader trains category k as class k - 1): "
+            f"{len(missing)} of its ids missing {missing[:5]}, {len(extra)} ids not in it "
+            f"{extra[:5]}, {len(moved)} named otherwise {moved[:3]}"
+        )
+    if frequencies:
+        for category in found.values():
+            if category.get("frequency") not in ("r", "c", "f"):
+                raise CocoFormatError(
+                    f"{where}: category {category['id']} ({category.get('name')}) has frequency "
+                    f"{category.get('frequency')!r}: the LVIS evaluator groups AP by r, c or f"
+                )

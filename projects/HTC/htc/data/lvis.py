@@ -8,11 +8,18 @@ Layout under $DETECTRON2_DATASETS, as Detectron2's LVIS datasets and COCO-Stuff 
     lvis/lvis_v1_{train,val}.json
 """
 
+import json
+import os
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.data.datasets.lvis import get_lvis_instances_meta, load_lvis_json
+from detectron2.data.datasets.lvis_v0_5_categories import LVIS_CATEGORIES as LVIS_V0_5_CATEGORIES
+from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES as LVIS_V1_CATEGORIES
 
+from .coco_checks import check_lvis_json
+from .label_map import check_label_map
 from .register import datasets_root, register_with_loader
 
 SPLITS = ("train", "val")
@@ -29,12 +36,22 @@ def load_lvis_htc(
     json_file: str, image_root: str, dataset_name: str, stuff_root: Optional[str] = None
 ) -> List[dict]:
     """Detectron2's :func:`load_lvis_json` records (with ``not_exhaustive_category_ids`` and
-    ``neg_category_ids``), plus ``sem_seg_file_name`` from ``stuff_root`` where given."""
+    ``neg_category_ids``), plus ``sem_seg_file_name`` from ``stuff_root`` where given. As
+    :func:`htc.data.load_htc_json` does for COCO, the json is checked first
+    (:func:`check_lvis_json`, against the categories that ``dataset_name`` picks), then the
+    images' presence and the maps' headers; no image is decoded."""
     for path, kind in ((json_file, "json file"), (image_root, "image folder")):
         if not Path(path).exists():
             raise FileNotFoundError(f"{dataset_name}: no {kind} {path}")
+    with open(json_file) as f:
+        data = json.load(f)  # read twice (Detectron2 reads it again): checked first, freed
+    check_lvis_json(data, json_file, *category_table(dataset_name))
+    del data
     # Detectron2 joins image_root and the image's COCO folder as strings
     dicts = load_lvis_json(json_file, str(image_root).rstrip("/") + "/", dataset_name)
+    missing = [r["file_name"] for r in dicts if not os.path.isfile(r["file_name"])]
+    if missing:
+        raise FileNotFoundError(f"{json_file}: {len(missing)} images not found, e.g. {missing[0]}")
     if stuff_root is None:
         return dicts
     for record in dicts:
@@ -44,7 +61,25 @@ def load_lvis_htc(
                 f"{dataset_name}: the COCO-Stuff map {record['sem_seg_file_name']} of "
                 f"{record['file_name']} is missing"
             )
+        check_label_map(
+            record["sem_seg_file_name"], record["height"], record["width"], record["file_name"]
+        )
     return dicts
+
+
+def category_table(dataset_name: str) -> Tuple[Dict[int, str], bool]:
+    """The ``{id: name}`` categories that Detectron2's LVIS loader takes for ``dataset_name``
+    (:func:`get_lvis_instances_meta`'s rule), and whether they are LVIS's, with frequencies."""
+    if "cocofied" in dataset_name:
+        return {c["id"]: c["name"] for c in COCO_CATEGORIES if c["isthing"]}, False
+    if "v0.5" in dataset_name:
+        return {c["id"]: c["name"] for c in LVIS_V0_5_CATEGORIES}, True
+    if "v1" in dataset_name:
+        return {c["id"]: c["name"] for c in LVIS_V1_CATEGORIES}, True
+    raise ValueError(
+        f"{dataset_name!r}: the name of an LVIS dataset picks its category table: it holds "
+        "'v1' (LVIS v1), 'v0.5' or 'cocofied' (COCO's 80)"
+    )
 
 
 def register_lvis_htc(
@@ -56,7 +91,8 @@ def register_lvis_htc(
         name: Detectron2's LVIS loader takes the category table by the name, and the json's
             category ids must be that table's: "v1" in the name gives LVIS v1's (its 1203
             categories, and the image counts the federated loss weighs classes by), "v0.5"
-            LVIS v0.5's; any other name is refused.
+            LVIS v0.5's, "cocofied" COCO's 80; any other name is refused. The json's
+            categories are checked against that table when it is loaded.
         stuff_root: COCO-Stuff's ``stuffthingmaps`` folder (labels 0-181, 255 = unlabeled), or
             None for a model without the semantic branch.
     """
