@@ -146,6 +146,43 @@ def test_cli_refuses_a_cascade_mask_rcnn_checkpoint(tmp_path, capsys):
     assert main([src, str(out), "--config", cascade]) == 0  # the model it is for
 
 
+def _without(name: str, *parts: str) -> dict:
+    return {k: v for k, v in state_of(name).items() if not any(p in k for p in parts)}
+
+
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        (_without(WITHOUT_SEMANTIC, "mask_head"), "has no mask heads: a box-only model"),
+        ({"model": {"backbone.bottom_up.stem.conv1.weight": torch.zeros(1)}},
+         "holds a 'model' entry, as Detectron2's checkpoints do"),
+        ({"roi_head.bbox_head.0.fc_cls.weight": [1, 2]}, "fc_cls.weight is a list, not a tensor"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_what_is_not_an_htc_checkpoint(tmp_path, capsys, state, message):
+    """A Cascade R-CNN of boxes only (it converted, and left every mask head at random), a
+    Detectron2 checkpoint, a value that is no tensor (an AttributeError)."""
+    out = tmp_path / "out.pth"
+    assert main([str(_save(tmp_path, state, wrap="model" not in state)), str(out)]) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_names_the_stages_of_a_cascade_other_than_htcs(tmp_path, capsys):
+    """Two stages (or four) converted as the proven 3-stage family, without a warning."""
+    state = _without("htc_r50_fpn_1x_coco", ".bbox_head.2.", ".mask_head.2.")
+    assert main([str(_save(tmp_path, state)), str(tmp_path / "out.pth")]) == 0
+    family = "ResNet-50, semantic branch, 2fc box heads, 2 box and 2 mask stages"
+    assert f"warning: {family}: no parity test" in capsys.readouterr().err
+
+
+def test_cli_takes_a_checkpoint_saved_from_data_parallel(tmp_path, capsys):
+    state = {f"module.{k}": v for k, v in state_of(WITHOUT_SEMANTIC).items()}
+    config = str(CONFIGS / PAIRS[WITHOUT_SEMANTIC])
+    assert main([str(_save(tmp_path, state)), str(tmp_path / "out.pth"), "--config", config]) == 0
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize(
     "content, kind",
     [(b"", "empty"), (b"notes, not weights\n", "text"), (None, "the first half of a checkpoint")],

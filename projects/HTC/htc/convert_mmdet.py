@@ -148,8 +148,15 @@ def load_mmdet_state_dict(path: str) -> Dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, KeyError, ValueError) as e:
         raise ConversionError(f"{path} is not a complete PyTorch checkpoint: {e!r}") from e
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        raise ConversionError(
+            f"{path} holds a 'model' entry, as Detectron2's checkpoints do: give it to "
+            "MODEL.WEIGHTS as it is (this converts MMDetection's)"
+        )
     if not isinstance(state, dict) or not state:
         raise ConversionError(f"{path}: no state_dict of tensors found")
+    if all(str(k).startswith("module.") for k in state):  # saved from (Distributed)DataParallel:
+        state = {k[len("module.") :]: v for k, v in state.items()}  # as mmcv's loader strips it
     if any(LEGACY_1X.match(k) for k in state):
         raise ConversionError(
             f"{path} is an MMDetection 1.x (2019) HTC checkpoint: its weights follow the legacy "
@@ -185,6 +192,8 @@ def convert(state: Dict[str, torch.Tensor]) -> Tuple["OrderedDict[str, torch.Ten
     for key, value in state.items():
         if key.endswith("num_batches_tracked"):
             continue
+        if not isinstance(value, torch.Tensor):
+            raise ConversionError(f"{key} is a {type(value).__name__}, not a tensor")
         new = rename(key)
         if new is None:
             unmapped.append(key)
@@ -218,7 +227,16 @@ def family_of(state: Dict[str, torch.Tensor]) -> str:
     if any(k.startswith("roi_head.semantic_head.") for k in state):
         family += ", semantic branch"
     heads = "4conv1fc" if any(".shared_convs.3." in k for k in state) else "2fc"
-    return f"{family}, {heads} box heads"
+    family += f", {heads} box heads"
+    stages = [_stages(state, f"roi_head.{head}.") for head in ("bbox_head", "mask_head")]
+    if stages != [3, 3]:  # HTC's own
+        family += f", {stages[0]} box and {stages[1]} mask stages"
+    return family
+
+
+def _stages(state: Dict[str, torch.Tensor], prefix: str) -> int:
+    """How many heads ``prefix``.<stage>. names."""
+    return len({k[len(prefix) :].split(".")[0] for k in state if k.startswith(prefix)})
 
 
 class _SchedulesOnHost(TorchFunctionMode):
@@ -302,6 +320,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         converted, rows = convert(state)
         if args.config:
             check_against_model(converted, args.config, backbone)
+        elif not backbone and not _stages(state, "roi_head.mask_head."):
+            raise ConversionError(
+                f"{args.input} has no mask heads: a box-only model (Cascade R-CNN?), not HTC. "
+                "Give the model it is for with --config"
+            )
         elif _cascade_mask_heads(state):
             raise ConversionError(
                 f"{args.input} is a Cascade Mask R-CNN checkpoint, not HTC's: its later mask "
