@@ -72,9 +72,11 @@ def check_training_data(cfg, model) -> None:
             check_mask_format(name, mapper.get("instance_mask_format", "polygon"), key)
 
 
-def _checkpointer(cfg, model, **checkpointables) -> HTCCheckpointer:
+def _checkpointer(cfg, model, complete: bool = False, **checkpointables) -> HTCCheckpointer:
     skip = cfg.train.get("skip_mismatched_weights", False)
-    return HTCCheckpointer(model, cfg.train.output_dir, skip_mismatched=skip, **checkpointables)
+    return HTCCheckpointer(
+        model, cfg.train.output_dir, skip_mismatched=skip, complete=complete, **checkpointables
+    )
 
 
 def train(cfg, resume: bool) -> None:
@@ -119,7 +121,8 @@ def main(args) -> None:
         train(cfg, args.resume)
         return
     model = instantiate(cfg.model).to(cfg.train.device)
-    _checkpointer(cfg, model).resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    checkpointer = _checkpointer(cfg, model, complete=True)
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     model.eval()
     evaluate(cfg, create_ddp_model(model))
 

@@ -191,9 +191,10 @@ def main(args):
         check_mask_output(cfg, name)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        HTCCheckpointer(
-            model, cfg.OUTPUT_DIR, skip_mismatched=cfg.MODEL.HTC.SKIP_MISMATCHED_WEIGHTS
-        ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        skip = cfg.MODEL.HTC.SKIP_MISMATCHED_WEIGHTS
+        HTCCheckpointer(model, cfg.OUTPUT_DIR, skip_mismatched=skip, complete=True).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
         results = Trainer.test(cfg, model)
         if cfg.TEST.AUG.ENABLED:
             results.update(Trainer.test_with_TTA(cfg, model))

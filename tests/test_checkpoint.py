@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import CONFIGS, TINY_OPTS, heuristics_file, tiny_cfg
 from htc import demo
-from htc.checkpoint import HTCCheckpointer, atomic_open
+from htc.checkpoint import HTCCheckpointer, atomic_open, load_weights
 from htc.export import build_for_export
 
 
@@ -73,6 +73,27 @@ def test_weights_of_other_shapes_are_refused_or_skipped_on_request(tmp_path):
     before = model.roi_heads.box_predictor[0].cls_score.weight.clone()
     HTCCheckpointer(model, skip_mismatched=True).load(str(path))
     assert torch.equal(model.roi_heads.box_predictor[0].cls_score.weight, before)
+
+
+def test_inference_refuses_a_checkpoint_that_leaves_parts_of_the_model_out(tmp_path):
+    """A cascade of two stages in a model of three: training starts the third at random (as
+    from ImageNet weights), inference refuses it (Detectron2 logged the keys and inferred with a
+    random third stage); what SKIP_MISMATCHED_WEIGHTS skips is left at random on request."""
+    state = _model().state_dict()
+    path = tmp_path / "two_stages.pth"
+    third = ("box_head.2.", "box_predictor.2.", "mask_head.2.")
+    torch.save({"model": {k: v for k, v in state.items() if not any(t in k for t in third)}}, path)
+    HTCCheckpointer(_model()).load(str(path))
+    with pytest.raises(ValueError, match=r"parameters and buffers of the model are not in the "
+                       r"checkpoint, in \d+ modules: .*roi_heads.mask_head.2.deconv"):  # fmt: skip
+        HTCCheckpointer(_model(), complete=True).load(str(path))
+    cfg = tiny_cfg()
+    cfg.MODEL.WEIGHTS = str(path)
+    with pytest.raises(ValueError, match="Inference would run them at random"):
+        load_weights(_model(), cfg, announce=pytest.fail)
+    five = tmp_path / "five_classes.pth"
+    torch.save({"model": _model(**{"MODEL.ROI_HEADS.NUM_CLASSES": 5}).state_dict()}, five)
+    HTCCheckpointer(_model(), skip_mismatched=True, complete=True).load(str(five))
 
 
 @pytest.mark.parametrize("norm", ["BN", "FrozenBN"])

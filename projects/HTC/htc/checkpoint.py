@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Set, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from fvcore.common.checkpoint import _filter_reused_missing_keys
 
 logger = logging.getLogger(__name__)
 # what atomic_open puts between a file's name and its writer's pid: the machine, whose processes
@@ -130,11 +131,21 @@ class HTCCheckpointer(DetectionCheckpointer):
     do not fit the model (the parent skips them with a warning, which silently leaves e.g. a
     class-count mismatch at random initialization), also those that its name-matching heuristics
     skip (ImageNet backbones of another width), unless ``skip_mismatched`` is set for
-    fine-tuning. Missing and unexpected keys are logged by the parent as before."""
+    fine-tuning. Missing and unexpected keys are logged by the parent as before; with
+    ``complete`` (inference: nothing trains them) missing ones are refused."""
 
-    def __init__(self, model, save_dir: str = "", *, skip_mismatched: bool = False, **kwargs):
+    def __init__(
+        self,
+        model,
+        save_dir: str = "",
+        *,
+        skip_mismatched: bool = False,
+        complete: bool = False,
+        **kwargs,
+    ):
         super().__init__(model, save_dir, **kwargs)
         self.skip_mismatched = skip_mismatched
+        self.complete = complete
         self.path_manager = AtomicWrites(self.path_manager)
 
     def save(self, name: str, **kwargs) -> None:
@@ -163,6 +174,9 @@ class HTCCheckpointer(DetectionCheckpointer):
             raise ValueError(_refusal(misfits))
         if heuristics:
             _check_names(handed.keys(), state)
+        if self.complete:  # what skip_mismatched skipped is left at random on request
+            skipped = {key for key, _, _ in misfits}
+            _check_complete(self.model, [k for k in incompatible.missing_keys if k not in skipped])
         return incompatible
 
 
@@ -173,6 +187,21 @@ def _check_names(names: Iterable[str], model: Dict[str, torch.Tensor]) -> None:
         raise ValueError(
             "the checkpoint holds none of this model's parameters: is it a checkpoint "
             "of another model? (MMDetection's: python -m htc.convert_mmdet IN OUT)"
+        )
+
+
+def _check_complete(model: torch.nn.Module, missing: List[str]) -> None:
+    """Refuse a checkpoint that leaves parameters or statistics of ``model`` out: inference
+    would run them at their random initialization (Detectron2 only logs them)."""
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    missing = _filter_reused_missing_keys(model, missing)  # shared modules: loaded by one name
+    if missing:
+        modules = sorted({key.rsplit(".", 1)[0] for key in missing})
+        raise ValueError(
+            f"{len(missing)} parameters and buffers of the model are not in the checkpoint, in "
+            f"{len(modules)} modules: {', '.join(modules[:8])}{' ...' if len(modules) > 8 else ''}."
+            " Inference would run them at random: is the checkpoint for another config (the "
+            "cascade's stages, the backbone's depth, the semantic branch)?"
         )
 
 
@@ -197,4 +226,4 @@ def load_weights(model: torch.nn.Module, cfg: Any, announce: Callable[[str], Non
         announce("MODEL.WEIGHTS is empty: the model runs on randomly initialized weights")
         return
     skip = cfg.MODEL.HTC.SKIP_MISMATCHED_WEIGHTS
-    HTCCheckpointer(model, skip_mismatched=skip).load(cfg.MODEL.WEIGHTS)
+    HTCCheckpointer(model, skip_mismatched=skip, complete=True).load(cfg.MODEL.WEIGHTS)
