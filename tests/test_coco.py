@@ -207,8 +207,9 @@ def test_missing_semantic_map_is_named(dataset):
 
 
 def test_semantic_maps_mirror_the_image_folders(dataset):
-    """Two images of one name in two folders take the maps of their folders, not one map; maps
-    in one folder are found by the images' names, where those differ."""
+    """Two images of one name in two folders take the maps of their folders, not one map (and
+    where one of them is missing, not a map of its name outside its folder); maps in one folder
+    are found by the images' names, where those differ."""
     root, coco = dataset
     for folder, image in zip("ab", coco["images"][:2]):
         for kind in ("train", "train_sem"):
@@ -220,6 +221,9 @@ def test_semantic_maps_mirror_the_image_folders(dataset):
         str(root / "train_sem" / folder / "00001.png") for folder in "ab"
     ]
     (root / "train_sem" / "a" / "00001.png").rename(root / "train_sem" / "00001.png")
+    with pytest.raises(FileNotFoundError, match=r"semantic map of .*a/00001.png not found: "
+                       r".*train_sem/a/00001.png"):  # fmt: skip
+        load(root, coco)
     (root / "train_sem" / "b" / "00001.png").rename(root / "train_sem" / "00002.png")
     with pytest.raises(ValueError, match=r"a/00001.png and .*b/00001.png would share"):
         load(root, coco)  # maps in one folder, by the images' names alone: two images, one map

@@ -64,14 +64,21 @@ def load_htc_json(
 def semantic_map_paths(records: List[dict], image_root: str, sem_seg_root: Path) -> List[Path]:
     """Each record's label map: its image's path under ``image_root``, under ``sem_seg_root``
     with ".png" (subfolders kept, as Detectron2's ``load_sem_seg`` pairs them), else by the
-    image's name alone (maps in one folder, or an image outside ``image_root``). Two images that
-    would share a map (``a.jpg`` and ``a.png``, or ``a/1.jpg`` and ``b/1.jpg`` with maps in one
-    folder) raise ValueError naming both."""
+    image's name alone (maps in one folder, or an image outside ``image_root``). The layout is
+    the dataset's, not each image's: where any map of an image in a subfolder is at its path,
+    all are looked for at theirs (a missing one is not replaced by a map of its name elsewhere).
+    Two images that would share a map (``a.jpg`` and ``a.png``, or ``a/1.jpg`` and ``b/1.jpg``
+    with maps in one folder) raise ValueError naming both."""
+    relatives = [
+        Path(os.path.relpath(record["file_name"], image_root)).with_suffix(".png")
+        for record in records
+    ]
+    nested = [r for r in relatives if r.parts[0] != os.pardir and len(r.parts) > 1]
+    in_subfolders = any((sem_seg_root / r).exists() for r in nested)
     paths, owner = [], {}
-    for record in records:
-        relative = Path(os.path.relpath(record["file_name"], image_root)).with_suffix(".png")
+    for record, relative in zip(records, relatives):
         path = sem_seg_root / relative
-        if relative.parts[0] == os.pardir or (len(relative.parts) > 1 and not path.exists()):
+        if relative.parts[0] == os.pardir or (len(relative.parts) > 1 and not in_subfolders):
             path = sem_seg_root / relative.name
         if path in owner:
             raise ValueError(

@@ -40,7 +40,9 @@ def register_htc_instances(
             categories (:func:`htc.panoptic.set_default_panoptic_categories`) unless
             ``default_panoptic`` is False.
     """
-    if sem_seg_root and derive_semantic:
+    if sem_seg_root is not None and not str(sem_seg_root):
+        raise ValueError(f"{name}: sem_seg_root is empty: give the maps' folder, or None")
+    if sem_seg_root is not None and derive_semantic:
         raise ValueError(f"{name}: give either sem_seg_root or derive_semantic, not both")
     metadata = {"default_panoptic": True, **(metadata or {})}
     register_with_loader(
