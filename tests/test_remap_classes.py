@@ -1,5 +1,7 @@
 """htc.remap_classes: a COCO checkpoint's class layers cut to another dataset's classes."""
 
+import re
+
 import pytest
 import torch
 from detectron2.modeling import build_model
@@ -59,3 +61,25 @@ def test_the_input_is_loaded_safely_and_the_output_written_whole(tmp_path, capsy
     with pytest.raises(OSError, match="no space left"):
         main(["--to", "cityscapes", str(tmp_path / "coco.pth"), str(tmp_path / "out.pth")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["coco.pth", "evil.pth"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "cannot be read as a checkpoint: .*No such file"),
+        (torch.zeros(3), "holds a Tensor, not a checkpoint's dict"),
+        ({"state_dict": {"roi_head.bbox_head.0.fc_cls.weight": torch.zeros(81, 4)}},
+         "is an MMDetection checkpoint: convert it first"),
+        ({"model": {"backbone.weight": torch.zeros(1)}}, "no box classifier"),
+    ],
+)  # fmt: skip
+def test_what_is_no_detectron2_coco_checkpoint_is_a_usage_error(tmp_path, capsys, content, message):
+    """Tracebacks before (FileNotFoundError, AttributeError, ValueError)."""
+    path = tmp_path / "in.pth"
+    if content is not None:
+        torch.save(content, path)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--to", "cityscapes", str(path), str(tmp_path / "out.pth")])
+    assert stopped.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out.pth").exists()

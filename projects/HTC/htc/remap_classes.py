@@ -74,8 +74,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             f"(weights_only=True): {str(e).splitlines()[0]}. Keep its weights alone, if you trust "
             "the file: torch.save({'model': torch.load(IN, weights_only=False)['model']}, OUT)"
         )
-    model = checkpoint.get("model", checkpoint)
-    classes = class_count(model)
+    except (OSError, RuntimeError, EOFError) as e:  # missing, or not a complete checkpoint
+        parser.error(f"{args.input}: cannot be read as a checkpoint: {e}")
+    model = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(model, dict):
+        parser.error(f"{args.input} holds a {type(checkpoint).__name__}, not a checkpoint's dict")
+    if "state_dict" in model:
+        parser.error(
+            f"{args.input} is an MMDetection checkpoint: convert it first "
+            "(python -m htc.convert_mmdet IN OUT --config configs/htc_R_50_FPN_1x.yaml)"
+        )
+    try:
+        classes = class_count(model)
+    except ValueError as e:
+        parser.error(f"{args.input}: {e}")
     if classes != len(COCO_THINGS):  # another dataset's, or remapped already
         parser.error(f"{args.input} has {classes} classes, not COCO's 80")
     sources = coco_sources(args.to)
