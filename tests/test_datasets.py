@@ -86,6 +86,8 @@ def test_cityscapes_instances_come_with_their_train_id_maps(datasets):
         ("labelTrainIds", r"_000001_gtFine_labelTrainIds.png. Make the train-id maps"),
         ("image", r"1 frames of .* have no image in .*: frankfurt/frankfurt_000000_000000;"),
         ("stray", r"files not named \*_leftImg8bit.png in .*README.txt"),
+        ("polygons", r"_000000_gtFine_polygons.json: not a Cityscapes polygons file"),
+        ("label", r"_000000_gtFine_polygons.json: labels that Cityscapes does not have: \['van'\]"),
     ],
 )
 def test_cityscapes_frames_without_their_files_are_refused(datasets, tmp_path, break_it, error):
@@ -103,6 +105,12 @@ def test_cityscapes_frames_without_their_files_are_refused(datasets, tmp_path, b
         frame.unlink()
     elif break_it == "stray":
         (frame.parent / "README.txt").write_text("notes")
+    elif break_it == "polygons":
+        Path(f"{gt}polygons.json").write_text("{")
+    elif break_it == "label":
+        polygons = json.loads(Path(f"{gt}polygons.json").read_text())
+        polygons["objects"][-1]["label"] = "van"
+        Path(f"{gt}polygons.json").write_text(json.dumps(polygons))
     else:
         Path(f"{gt}{break_it}.png").unlink()
     with pytest.raises((FileNotFoundError, ValueError), match=error):

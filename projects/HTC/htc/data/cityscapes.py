@@ -12,6 +12,7 @@ Layout under $DETECTRON2_DATASETS, as Cityscapes ships it plus cityscapesscripts
 
 import importlib
 import importlib.util
+import json
 import sys
 import types
 from pathlib import Path
@@ -91,7 +92,11 @@ def load_cityscapes_htc(image_dir: str, gt_dir: str) -> List[dict]:
             raise FileNotFoundError(f"Cityscapes: no folder {path}")
     check_frames(image_dir, gt_dir)
     alias_cityscapesscripts()
-    dicts = load_cityscapes_instances(image_dir, gt_dir, from_json=True, to_polygons=True)
+    try:
+        dicts = load_cityscapes_instances(image_dir, gt_dir, from_json=True, to_polygons=True)
+    except Exception:  # raised in a pool's worker, without the file it read
+        _name_the_polygons_file(gt_dir)
+        raise
     for record in dicts:
         record["image_id"] = frame_name(record["file_name"])
         record["sem_seg_file_name"] = train_id_map(record["file_name"], gt_dir)
@@ -136,6 +141,23 @@ def check_frames(image_dir: str, gt_dir: str) -> None:
             f"Cityscapes: {len(orphans)} frames of {gt_dir} have no image in {image_dir}: "
             f"{_some(orphans)}; the evaluators read every frame there"
         )
+
+
+def _name_the_polygons_file(gt_dir: str) -> None:
+    """Raise ValueError naming the first ``_gtFine_polygons.json`` of ``gt_dir`` that Detectron2's
+    loader cannot read: not json, or an object of a label that cityscapesscripts does not know
+    (``<label>group`` is a crowd of ``<label>``). Returns where every file reads."""
+    from cityscapesscripts.helpers.labels import name2label
+
+    for path in sorted(Path(gt_dir).glob(f"*/*{GROUND_TRUTH_SUFFIXES[0]}")):
+        try:
+            objects = json.loads(path.read_text())["objects"]
+            labels = {obj["label"] for obj in objects if "deleted" not in obj}
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}: not a Cityscapes polygons file ({error!r})") from None
+        unknown = sorted(label for label in labels if label.removesuffix("group") not in name2label)
+        if unknown:
+            raise ValueError(f"{path}: labels that Cityscapes does not have: {unknown}")
 
 
 def _some(paths: List[str], shown: int = 3) -> str:
