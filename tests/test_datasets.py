@@ -273,6 +273,27 @@ def test_an_lvis_json_that_the_loader_would_misread_is_refused(datasets, tmp_pat
         load_lvis_htc(str(path), str(datasets / "coco"), "lvis_v1_train_broken")
 
 
+def test_a_cocofied_lvis_json_keeps_lvis_names_under_some_of_cocos_ids(datasets, tmp_path):
+    """As Detectron2's prepare_cocofied_lvis.py writes it: LVIS's categories (names,
+    frequencies) renumbered to COCO's ids, those without instances dropped."""
+    data = json.loads((datasets / "lvis/lvis_v1_train.json").read_text())
+    used = sorted({ann["category_id"] for ann in data["annotations"]})
+    coco_id = dict(zip(used, (1, 2, 3, 4)))  # person, bicycle, car, motorcycle
+    data["categories"] = [
+        dict(c, id=coco_id[c["id"]]) for c in data["categories"] if c["id"] in coco_id
+    ]
+    for ann in data["annotations"]:
+        ann["category_id"] = coco_id[ann["category_id"]]
+    path = tmp_path / "lvis_v1_train_cocofied.json"
+    path.write_text(json.dumps(data))
+    records = load_lvis_htc(str(path), str(datasets / "coco"), "lvis_v1_train_cocofied")
+    assert {a["category_id"] for r in records for a in r["annotations"]} == {0, 1, 2, 3}
+    data["categories"][0]["id"] = 12  # no COCO category has it
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"category ids \[12\] are not in COCO's table"):
+        load_lvis_htc(str(path), str(datasets / "coco"), "lvis_v1_train_cocofied")
+
+
 def test_an_lvis_image_or_map_that_is_missing_or_misfit_is_refused_at_loading(datasets, tmp_path):
     coco = tmp_path / "coco"
     shutil.copytree(datasets / "coco", coco)

@@ -144,7 +144,9 @@ def test_num_classes_that_do_not_fit_the_dataset_are_refused(tiny_dataset, tmp_p
         Trainer(cfg)
 
 
-def test_weights_that_do_not_fit_are_refused_unless_skipping_is_asked(tiny_dataset, tmp_path):
+def test_weights_that_do_not_fit_are_refused_unless_skipping_is_asked(
+    tiny_dataset, tmp_path, monkeypatch
+):
     """train_net's Trainer loads MODEL.WEIGHTS with HTCCheckpointer (tests/test_checkpoint.py),
     skipping the weights of other shapes only under MODEL.HTC.SKIP_MISMATCHED_WEIGHTS."""
     cfg = load_cfg(CONFIG)
@@ -153,6 +155,8 @@ def test_weights_that_do_not_fit_are_refused_unless_skipping_is_asked(tiny_datas
     checkpoint = build_model(cfg).state_dict()
     torch.save({"model": checkpoint}, weights)
     opts = ["MODEL.WEIGHTS", str(weights)]
+    # no writers: their TensorBoard thread and files would stay open for the session
+    monkeypatch.setattr(Trainer, "build_writers", lambda self: [])
     trainer = Trainer(_trainer_cfg(tiny_dataset, "test_weights", tmp_path, *opts))
     with pytest.raises(ValueError) as refused:
         trainer.resume_or_load(resume=False)

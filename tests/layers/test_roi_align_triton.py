@@ -22,15 +22,18 @@ from htc.layers import FastROIAlign, TritonROIAlign
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _case(seed: int, num_rois: int = 10, channels: int = 3):
+def _case(seed: int, num_rois: int = 10, channels: int = 3, wide: bool = False):
     """A feature of 2 images and RoIs of all kinds at stride 4: inside, crossing the border,
-    outside, empty (x2 = x1), inverted."""
+    outside, empty (x2 = x1), inverted; with ``wide``, one whose bins are wider than a fixed
+    sampling ratio's samples (samples of a cell that do not share their bilinear taps)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, channels, 11, 14, generator=g)
     boxes = torch.rand(num_rois, 4, generator=g) * 64 - 8
     boxes[:, 2:] = boxes[:, :2] + torch.rand(num_rois, 2, generator=g) * 20
     boxes[0, 2:] = boxes[0, :2]
     boxes[1, 2:] = boxes[1, :2] - 3
+    if wide:
+        boxes[2, 2:] = boxes[2, :2] + 56
     batch = torch.randint(0, 2, (num_rois, 1), generator=g).float()
     return x.to(DEVICE), torch.cat([batch, boxes], dim=1).to(DEVICE)
 
@@ -47,7 +50,7 @@ def _gradients(fn, x, rois, grad_seed=1):
 @pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("sampling_ratio", [0, 2])
 def test_forward_and_backward_equal_torchvision(aligned, sampling_ratio):
-    x, rois = _case(seed=sampling_ratio + aligned)
+    x, rois = _case(seed=sampling_ratio + aligned, wide=sampling_ratio > 0)
     args = ((5, 4), 0.25, sampling_ratio, aligned)
     out, grad = _gradients(lambda f, r: triton_roi_align.roi_align(f, r, *args, 1), x, rois)
     want, want_grad = _gradients(lambda f, r: roi_align(f, r, *args), x, rois)
@@ -82,7 +85,7 @@ def test_gradients_are_bit_identical_from_run_to_run():
 def test_entries_equal_the_vectorised_builders(aligned, sampling_ratio, pool):
     """The entry kernel writes the entries of the CPU backward's builder, in its order: the
     same pixels and cells, weights within fp32 rounding."""
-    x, rois = _case(seed=11, num_rois=16)
+    x, rois = _case(seed=11, num_rois=16, wide=sampling_ratio > 0)
     table = triton_roi_align.LevelTable([x], [0.25])
     geometry = ((6, 4), sampling_ratio, aligned, pool)
     count = triton_roi_align.EntryCount(rois, None, table, geometry)

@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Set, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+
+# the filter fvcore applies to the missing keys it logs (private; fvcore is pinned: constraints)
 from fvcore.common.checkpoint import _filter_reused_missing_keys
 
 logger = logging.getLogger(__name__)

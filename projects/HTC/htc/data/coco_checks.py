@@ -116,9 +116,10 @@ def _polygon_problem(polygons: list, height: int, width: int) -> Optional[str]:
     for index, polygon in enumerate(polygons):
         if not isinstance(polygon, (list, tuple)):
             return f"polygon {index} is {type(polygon).__name__}, not a list of numbers"
-        if any(isinstance(v, bool) or not isinstance(v, Real) for v in polygon):
+        coords = np.asarray(polygon)  # once per polygon: LVIS has over a million
+        if coords.ndim != 1 or coords.dtype.kind not in "iuf":
             return f"polygon {index} holds something other than numbers"
-        coords = np.asarray(polygon, dtype=np.float64)
+        coords = coords.astype(np.float64)
         if len(coords) % 2:
             return f"polygon {index} has {len(coords)} numbers: x, y pairs need an even count"
         if not np.isfinite(coords).all():
@@ -218,17 +219,19 @@ def check_coco_json(data: Any, where: str) -> None:
         _check_annotation(ann, images, categories, where)
 
 
-def check_lvis_json(data: Any, where: str, categories: Dict[int, str], frequencies: bool) -> None:
+def check_lvis_json(data: Any, where: str, categories: Dict[int, str], exact: bool) -> None:
     """Refuse an LVIS dict that Detectron2's LVIS loader or the LVIS evaluator would misread:
     the checks of :func:`check_coco_json` for LVIS's fields (images by ``coco_url``, polygons
-    only), and its categories, which must be the table that the dataset's name picks.
+    only), and its categories, which must fit the table that the dataset's name picks, each
+    with LVIS's ``frequency`` ("r", "c" or "f"), which the evaluator groups AP by.
 
     Args:
         data: the parsed json.
         where: the file, for the messages.
-        categories: the table's ``{id: name}``; the loader reads category k as class k - 1.
-        frequencies: whether each category needs LVIS's ``frequency`` ("r", "c" or "f"), which
-            the evaluator groups AP by.
+        categories: the table's ``{id: name}``.
+        exact: whether the json's categories must be the table's, ids and names (LVIS's own:
+            the loader trains category k as class k - 1), or some of its ids (a "cocofied"
+            json: LVIS's categories under COCO's ids, the loader mapping them by COCO's table).
     """
     if not isinstance(data, dict):
         raise CocoFormatError(f"{where}: the json holds a {type(data).__name__}, not an object")
@@ -236,7 +239,7 @@ def check_lvis_json(data: Any, where: str, categories: Dict[int, str], frequenci
         if not isinstance(data.get(key), list):
             raise CocoFormatError(f"{where}: {key!r} is missing or not a list")
     _check_lvis_categories(_unique_int_ids(data["categories"], "category", where), where,
-                           categories, frequencies)  # fmt: skip
+                           categories, exact)  # fmt: skip
     images = _unique_int_ids(data["images"], "image", where)
     for image in images.values():
         url = image.get("coco_url")
@@ -263,25 +266,31 @@ def check_lvis_json(data: Any, where: str, categories: Dict[int, str], frequenci
 
 
 def _check_lvis_categories(
-    found: Dict[int, dict], where: str, table: Dict[int, str], frequencies: bool
+    found: Dict[int, dict], where: str, table: Dict[int, str], exact: bool
 ) -> None:
-    moved = [
-        f"{i}: {found[i].get('name')!r} here, {table[i]!r} in the table"
-        for i in sorted(set(found) & set(table))
-        if found[i].get("name") != table[i]
-    ]
-    missing, extra = sorted(set(table) - set(found)), sorted(set(found) - set(table))
-    if moved or missing or extra:
+    extra = sorted(set(found) - set(table))
+    if exact:
+        moved = [
+            f"{i}: {found[i].get('name')!r} here, {table[i]!r} in the table"
+            for i in sorted(set(found) & set(table))
+            if found[i].get("name") != table[i]
+        ]
+        missing = sorted(set(table) - set(found))
+        if moved or missing or extra:
+            raise CocoFormatError(
+                f"{where}: its categories are not the {len(table)} of the table that the "
+                f"dataset's name picks (Detectron2's LVIS loader trains category k as class "
+                f"k - 1): {len(missing)} of its ids missing {missing[:5]}, {len(extra)} ids not "
+                f"in it {extra[:5]}, {len(moved)} named otherwise {moved[:3]}"
+            )
+    elif extra:
         raise CocoFormatError(
-            f"{where}: its categories are not the {len(table)} of the table that the dataset's "
-            f"name picks (Detectron2's LVIS loader trains category k as class k - 1): "
-            f"{len(missing)} of its ids missing {missing[:5]}, {len(extra)} ids not in it "
-            f"{extra[:5]}, {len(moved)} named otherwise {moved[:3]}"
+            f"{where}: category ids {extra[:5]} are not in COCO's table, which Detectron2's LVIS "
+            "loader maps a cocofied dataset's ids by"
         )
-    if frequencies:
-        for category in found.values():
-            if category.get("frequency") not in ("r", "c", "f"):
-                raise CocoFormatError(
-                    f"{where}: category {category['id']} ({category.get('name')}) has frequency "
-                    f"{category.get('frequency')!r}: the LVIS evaluator groups AP by r, c or f"
-                )
+    for category in found.values():
+        if category.get("frequency") not in ("r", "c", "f"):
+            raise CocoFormatError(
+                f"{where}: category {category['id']} ({category.get('name')}) has frequency "
+                f"{category.get('frequency')!r}: the LVIS evaluator groups AP by r, c or f"
+            )

@@ -43,8 +43,11 @@ def load_lvis_htc(
     for path, kind in ((json_file, "json file"), (image_root, "image folder")):
         if not Path(path).exists():
             raise FileNotFoundError(f"{dataset_name}: no {kind} {path}")
-    with open(json_file) as f:
-        data = json.load(f)  # read twice (Detectron2 reads it again): checked first, freed
+    try:
+        with open(json_file) as f:
+            data = json.load(f)  # read twice (Detectron2 reads it again): checked first, freed
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{json_file}: malformed LVIS file: {e}") from e
     check_lvis_json(data, json_file, *category_table(dataset_name))
     del data
     # Detectron2 joins image_root and the image's COCO folder as strings
@@ -69,7 +72,9 @@ def load_lvis_htc(
 
 def category_table(dataset_name: str) -> Tuple[Dict[int, str], bool]:
     """The ``{id: name}`` categories that Detectron2's LVIS loader takes for ``dataset_name``
-    (:func:`get_lvis_instances_meta`'s rule), and whether they are LVIS's, with frequencies."""
+    (:func:`get_lvis_instances_meta`'s rule), and whether a json's must be exactly these (LVIS's
+    tables) or some of their ids (COCO's, for LVIS's categories renumbered by
+    ``prepare_cocofied_lvis.py``)."""
     if "cocofied" in dataset_name:
         return {c["id"]: c["name"] for c in COCO_CATEGORIES if c["isthing"]}, False
     if "v0.5" in dataset_name:
