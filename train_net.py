@@ -101,7 +101,7 @@ class Trainer(DefaultTrainer):
         if self.cfg.DATALOADER.RESUMABLE:  # every rank's RNG states, before rank 0 saves
             kinds = (hooks.PeriodicCheckpointer, hooks.EvalHook)
             at = next((i for i, h in enumerate(hooks_) if isinstance(h, kinds)), len(hooks_))
-            hooks_.insert(at, ExactResume(self.cfg.SOLVER.CHECKPOINT_PERIOD))
+            hooks_.insert(at, ExactResume(self.cfg.SOLVER.CHECKPOINT_PERIOD, self.cfg.SEED))
         return hooks_
 
     def state_dict(self):
@@ -216,7 +216,7 @@ def invoke_main() -> None:
     args = parser.parse_args()
     print("Command Line Args:", args)
     if args.slurm:
-        submit(main, args, seed=load_config(args).SEED)
+        submit(main, args, load_config(args))
     else:
         launch_from_args(main, args)
 

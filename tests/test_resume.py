@@ -168,6 +168,52 @@ def test_a_slurm_job_resumes_unless_it_only_evaluates():
     assert slurm.job_arguments(evaluation, seed=7).resume
 
 
+def _submission(tmp_path, **args) -> argparse.Namespace:
+    jobs = str(tmp_path / "jobs")
+    defaults = dict(resume=False, eval_only=False, gpus_per_node=0, opts=[], local=False,
+                    nodes=1, job_dir=jobs, max_timeouts=3, slurm_option=[])  # fmt: skip
+    return argparse.Namespace(**dict(defaults, **args))
+
+
+def test_a_slurm_submission_that_would_not_do_as_asked_is_refused(tmp_path, monkeypatch):
+    """Without SLURM, submitit ran the job here (8 processes on a login node); a new job into
+    a run's OUTPUT_DIR continued that run (trained nothing, with the new config written over
+    the run's); a job resubmitted with --resume drew a new SEED (the data order did not
+    continue): it keeps the run's."""
+    output = tmp_path / "out"
+    output.mkdir()
+    cfg = SimpleNamespace(OUTPUT_DIR=str(output), SEED=-1)
+    with pytest.raises(ValueError, match="submitit finds no SLURM on this machine.* --local"):
+        slurm.submit(print, _submission(tmp_path), cfg)  # no SLURM where the tests run
+    with pytest.raises(ValueError, match="--slurm-option takes KEY=VALUE: got \\['constraint'\\]"):
+        slurm.submit(print, _submission(tmp_path, local=True, slurm_option=["constraint"]), cfg)
+    (output / "last_checkpoint").write_text("model_0000099.pth")
+    (output / "config.yaml").write_text("SEED: 409212831\nOUTPUT_DIR: out\n")
+    with pytest.raises(ValueError, match="holds a run .*give --resume to continue it"):
+        slurm.submit(print, _submission(tmp_path, local=True), cfg)
+    submitted = []
+    monkeypatch.setattr(slurm, "_executor", lambda args: SimpleNamespace(submit=submitted.append))
+    with pytest.raises(AttributeError):  # the fake job has no id to print
+        slurm.submit(print, _submission(tmp_path, local=True, resume=True), cfg)
+    assert submitted[0].args.opts[-2:] == ["SEED", "409212831"]
+    assert slurm.recorded_seed(tmp_path) == -1
+
+
+def test_a_resume_with_another_seed_is_refused():
+    """Its data order and augmentations would not continue, yet the log said they did."""
+    loader = DataLoader(range(40), batch_sampler=PositionBatchSampler(TrainingSampler(40), 4))
+    trainer = SimpleNamespace(start_iter=5, _trainer=SimpleNamespace(data_loader=loader))
+    for loaded, refused in ((7, False), (None, False), (8, True)):  # None: an older checkpoint
+        hook = ExactResume(checkpoint_period=10, seed=7)
+        hook.trainer = trainer
+        hook.load_state_dict({"images_per_batch": 4, "seed": loaded})
+        if refused:
+            with pytest.raises(ValueError, match="trained with SEED 8, this one has SEED 7"):
+                hook.before_train()
+        else:
+            hook.before_train()
+
+
 def test_a_job_whose_training_fails_after_the_stop_signal_is_requeued(monkeypatch):
     """The stop signal reached a training process that then failed (before its checkpoint): the
     job is requeued from the last checkpoint, also where the job's process trained (one

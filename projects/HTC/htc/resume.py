@@ -63,8 +63,10 @@ class ExactResume(HookBase):
     (:func:`htc.data.resumable.build_resumable_train_loader`) at the start iteration and
     restores this rank's states."""
 
-    def __init__(self, checkpoint_period: int):
+    def __init__(self, checkpoint_period: int, seed: Optional[int] = None):
         self.checkpoint_period = checkpoint_period
+        self.seed = seed  # the config's SEED, which the data order and augmentations follow
+        self._loaded_seed: Optional[int] = None
         self._gathered: Optional[List[Dict[str, Any]]] = None
         self._loaded: Optional[List[Dict[str, Any]]] = None
         self._loaded_images_per_batch: Optional[int] = None
@@ -86,16 +88,27 @@ class ExactResume(HookBase):
     def state_dict(self) -> Dict[str, Any]:
         if not self._gathered:
             return {}
-        return {"rng_states": self._gathered, "images_per_batch": self._images_per_batch()}
+        return {
+            "rng_states": self._gathered,
+            "images_per_batch": self._images_per_batch(),
+            "seed": self.seed,
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self._loaded = state.get("rng_states")
         self._loaded_images_per_batch = state.get("images_per_batch")
+        self._loaded_seed = state.get("seed")
 
     def before_train(self) -> None:
         start = self.trainer.start_iter
         if start == 0:
             return
+        if None not in (self.seed, self._loaded_seed) and self.seed != self._loaded_seed:
+            raise ValueError(
+                f"--resume: the run of the checkpoint trained with SEED {self._loaded_seed}, this "
+                f"one has SEED {self.seed}: its data order and augmentations would not continue. "
+                f"Resume with SEED {self._loaded_seed}"
+            )
         simple_trainer = self.trainer._trainer
         same_batches = self._start_data(simple_trainer.data_loader.batch_sampler, start)
         restart_data_loader(simple_trainer)

@@ -25,6 +25,7 @@ from types import ModuleType
 from typing import Any, Callable, Tuple
 
 import torch.multiprocessing as mp
+import yaml
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
@@ -228,6 +229,14 @@ def _executor(args: argparse.Namespace):
         executor = submitit.AutoExecutor(args.job_dir, cluster="local")
     else:
         executor = submitit.AutoExecutor(args.job_dir, slurm_max_num_timeout=args.max_timeouts)
+        if executor.cluster != "slurm":  # submitit falls back to running the job here
+            raise ValueError(
+                "--slurm: submitit finds no SLURM on this machine; submit from a machine with "
+                "SLURM, or add --local to run the job here"
+            )
+    bad = [option for option in args.slurm_option if "=" not in option]
+    if bad:
+        raise ValueError(f"--slurm-option takes KEY=VALUE: got {bad}")
     extra = dict(option.split("=", 1) for option in args.slurm_option)
     executor.update_parameters(
         name="htc", nodes=args.nodes, tasks_per_node=1, gpus_per_node=args.gpus_per_node,
@@ -256,9 +265,26 @@ def job_arguments(args: argparse.Namespace, seed: int) -> argparse.Namespace:
     return job
 
 
-def submit(train_main: Callable, args: argparse.Namespace, seed: int):
-    """Submit ``train_main(args)`` (train_net's ``main``) as a preemptible job; ``seed`` is the
-    config's SEED. Returns submitit's job."""
+def recorded_seed(output_dir: Path) -> int:
+    """The SEED of the run in ``output_dir`` (its ``config.yaml``; a job's is fixed at its
+    submission), which a job resubmitted with ``--resume`` keeps; -1 where there is none."""
+    path = output_dir / "config.yaml"
+    if not path.is_file():
+        return -1
+    seed = (yaml.safe_load(path.read_text()) or {}).get("SEED", -1)
+    return seed if isinstance(seed, int) else -1
+
+
+def submit(train_main: Callable, args: argparse.Namespace, cfg: Any):
+    """Submit ``train_main(args)`` (train_net's ``main``) as a preemptible job of the config
+    ``cfg``. Returns submitit's job."""
+    output = Path(cfg.OUTPUT_DIR)
+    if (output / "last_checkpoint").exists() and not (args.resume or args.eval_only):
+        raise ValueError(
+            f"OUTPUT_DIR {output} holds a run (last_checkpoint), which the job would continue: "
+            "give --resume to continue it, or another OUTPUT_DIR"
+        )
+    seed = cfg.SEED if cfg.SEED >= 0 or not args.resume else recorded_seed(output)
     job = _executor(args).submit(
         PreemptibleTraining(_function_reference(train_main), job_arguments(args, seed))
     )
