@@ -29,7 +29,7 @@ from detectron2.utils import comm
 from omegaconf import DictConfig, OmegaConf
 
 from htc import set_deterministic, set_float32_precision
-from htc.checkpoint import HTCCheckpointer
+from htc.checkpoint import HTCCheckpointer, load_for_evaluation
 from htc.config import check_device
 from htc.data import register_builtin
 from htc.data.checks import check_mask_format, check_same_thing_classes, check_thing_classes
@@ -122,7 +122,8 @@ def main(args) -> None:
         return
     model = instantiate(cfg.model).to(cfg.train.device)
     checkpointer = _checkpointer(cfg, model, complete=True)
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    weights = cfg.train.init_checkpoint
+    load_for_evaluation(checkpointer, weights, args.resume, "train.init_checkpoint")
     model.eval()
     evaluate(cfg, create_ddp_model(model))
 

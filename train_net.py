@@ -25,7 +25,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from htc import HTCDatasetMapper, add_htc_config, set_deterministic, set_float32_precision
-from htc.checkpoint import HTCCheckpointer
+from htc.checkpoint import HTCCheckpointer, load_for_evaluation
 from htc.config import check_device
 from htc.data import register_builtin
 from htc.data.checks import check_mask_format, check_same_thing_classes, check_thing_classes
@@ -192,9 +192,8 @@ def main(args):
     if args.eval_only:
         model = Trainer.build_model(cfg)
         skip = cfg.MODEL.HTC.SKIP_MISMATCHED_WEIGHTS
-        HTCCheckpointer(model, cfg.OUTPUT_DIR, skip_mismatched=skip, complete=True).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        checkpointer = HTCCheckpointer(model, cfg.OUTPUT_DIR, skip_mismatched=skip, complete=True)
+        load_for_evaluation(checkpointer, cfg.MODEL.WEIGHTS, args.resume, "MODEL.WEIGHTS")
         results = Trainer.test(cfg, model)
         if cfg.TEST.AUG.ENABLED:
             results.update(Trainer.test_with_TTA(cfg, model))

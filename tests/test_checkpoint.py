@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import CONFIGS, TINY_OPTS, heuristics_file, tiny_cfg
 from htc import demo
-from htc.checkpoint import HTCCheckpointer, atomic_open, load_weights
+from htc.checkpoint import HTCCheckpointer, atomic_open, load_for_evaluation, load_weights
 from htc.export import build_for_export
 
 
@@ -94,6 +94,20 @@ def test_inference_refuses_a_checkpoint_that_leaves_parts_of_the_model_out(tmp_p
     five = tmp_path / "five_classes.pth"
     torch.save({"model": _model(**{"MODEL.ROI_HEADS.NUM_CLASSES": 5}).state_dict()}, five)
     HTCCheckpointer(_model(), skip_mismatched=True, complete=True).load(str(five))
+
+
+def test_an_evaluation_with_nothing_to_load_is_refused(tmp_path):
+    """--eval-only with empty weights (and, with --resume, no checkpoint in OUTPUT_DIR) scored
+    the randomly initialized model, silently."""
+    model = torch.nn.Linear(2, 2)
+    checkpointer = HTCCheckpointer(model, str(tmp_path), complete=True)
+    for resume, holds in ((False, ""), (True, f" and {tmp_path} holds no checkpoint")):
+        with pytest.raises(ValueError, match=f"KEY is empty{holds}: the model would be scored"):
+            load_for_evaluation(checkpointer, "", resume, "KEY")
+    trained = torch.nn.Linear(2, 2)
+    HTCCheckpointer(trained, str(tmp_path)).save("model_final")
+    load_for_evaluation(checkpointer, "", True, "KEY")
+    assert torch.equal(model.weight, trained.weight)
 
 
 @pytest.mark.parametrize("norm", ["BN", "FrozenBN"])

@@ -220,6 +220,21 @@ def _refusal(misfits: List[Misfit]) -> str:
     )
 
 
+def load_for_evaluation(
+    checkpointer: HTCCheckpointer, weights: str, resume: bool, key: str
+) -> Dict[str, Any]:
+    """``checkpointer.resume_or_load(weights, resume=resume)`` for ``--eval-only``, refusing
+    where there is nothing to load (``key`` names the weights' setting): Detectron2 would score
+    the randomly initialized model."""
+    if not weights and not (resume and checkpointer.has_checkpoint()):
+        holds = f" and {checkpointer.save_dir} holds no checkpoint" if resume else ""
+        raise ValueError(
+            f"--eval-only: {key} is empty{holds}: the model would be scored on its random "
+            "initialization"
+        )
+    return checkpointer.resume_or_load(weights, resume=resume)
+
+
 def load_weights(model: torch.nn.Module, cfg: Any, announce: Callable[[str], None] = print) -> None:
     """``cfg.MODEL.WEIGHTS`` into ``model`` for inference, with the shapes checked as in
     training (Detectron2's checkpointer would leave a mismatched class layer at random); an
