@@ -245,6 +245,31 @@ def test_lazy_config_settings(deterministic_settings):
         set_float32_precision(_lazy_cfg(**{"train.float32_precision": "tf32"}))
 
 
+@pytest.mark.parametrize(
+    "override, refused",
+    [
+        ("train.max_iterr=10", "train has no 'max_iterr' \\(did you mean max_iter\\?\\)"),
+        ("model.roi_heads.stage_loss_weight=[1,1,1]", "did you mean stage_loss_weights"),
+        ("model.roi_heads.mask_on=True", "model.roi_heads has no 'mask_on'"),
+        ("optimizer.nesterov=True", None),  # an argument of torch's SGD that the config leaves
+        ("+train.note=mine", None),
+        ("train.max_iter=10", None),
+        ("model.roi_heads.box_heads.0.fc_dims=[64]", None),
+    ],
+)
+def test_lazy_overrides_of_keys_that_nothing_reads_are_refused(override, refused):
+    """Detectron2's apply_overrides adds them: ``train.max_iterr=1`` trained the config's
+    schedule, silently."""
+    cfg = LazyConfig.load(str(CONFIGS / "htc_R_50_FPN_1x.py"))
+    assert "nesterov" not in cfg.optimizer
+    if refused:
+        with pytest.raises(KeyError, match=refused):
+            lazyconfig_train_net.check_overrides(cfg, [override])
+    else:
+        lazyconfig_train_net.check_overrides(cfg, [override])
+        LazyConfig.apply_overrides(cfg, [override])
+
+
 def test_lazyconfig_train_net_applies_the_settings(tmp_path, monkeypatch):
     """lazyconfig_train_net.py applies train.deterministic before it builds anything: without a
     seed it stops at once, naming the key."""
