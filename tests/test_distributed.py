@@ -204,6 +204,25 @@ def test_no_processes_asked_runs_in_this_process(monkeypatch):
     assert ran == [os.getpid()]
 
 
+@pytest.mark.parametrize(
+    "per_machine, machines, rank, refused",
+    [
+        (1, 2, 2, "--machine-rank 2 of --num-machines 2: the ranks of the machines are 0 to 1"),
+        (2, 1, 1, "--machine-rank 1 of --num-machines 1"),
+        (0, 2, 1, "--num-machines 2 with --num-gpus 0: each machine needs at least one"),
+    ],
+)
+def test_machines_that_cannot_meet_are_refused_before_anything_runs(
+    per_machine, machines, rank, refused
+):
+    """A rank outside the machines waited the whole --dist-timeout (30 minutes) at the
+    rendezvous; machines of no process trained alone, each as rank 0, each writing."""
+    from htc import distributed
+
+    with pytest.raises(ValueError, match=refused):
+        distributed.launch(pytest.fail, per_machine, machines, rank, "tcp://127.0.0.1:1")
+
+
 @pytest.fixture
 def in_this_process():
     """Detectron2's local process group is made once per process: forgotten after the test."""

@@ -38,6 +38,7 @@ def launch(
     machine of one process runs it in this process: a spawned one would only add its start-up).
     ``timeout`` bounds the wait for every machine's processes at the rendezvous, and then each
     collective operation. Each process destroys its process groups when ``main_func`` ends."""
+    _check_machines(num_processes_per_machine, num_machines, machine_rank)
     world_size = num_machines * num_processes_per_machine
     if world_size <= 1:  # --num-gpus 0 too, as Detectron2's
         main_func(*args)
@@ -59,6 +60,22 @@ def launch(
                 _forget_process_groups()
             return
         mp.spawn(_cpu_worker, nprocs=num_processes_per_machine, args=worker_args, daemon=False)
+
+
+def _check_machines(per_machine: int, num_machines: int, machine_rank: int) -> None:
+    """Refuse machine arguments that cannot meet: a rank outside the machines (it waited the
+    whole timeout at the rendezvous), or several machines of no process (each trained alone,
+    as rank 0)."""
+    if num_machines < 1 or not 0 <= machine_rank < num_machines:
+        raise ValueError(
+            f"--machine-rank {machine_rank} of --num-machines {num_machines}: the ranks of the "
+            f"machines are 0 to {num_machines - 1}"
+        )
+    if num_machines > 1 and per_machine < 1:
+        raise ValueError(
+            f"--num-machines {num_machines} with --num-gpus {per_machine}: each machine needs "
+            "at least one process"
+        )
 
 
 @contextlib.contextmanager
