@@ -89,6 +89,15 @@ def test_semantic_fusion_without_the_semantic_branch_is_named():
         HybridTaskCascade(**{**parts, "semantic_head": None})
 
 
+def test_roi_heads_other_than_htcs_are_refused():
+    """Detectron2's CascadeROIHeads in HTC's model trained and ignored every HTC setting
+    (STAGE_LOSS_WEIGHTS [1, 0, 0] gave losses at every stage) and the semantic feature."""
+    cfg = tiny_cfg()
+    cfg.MODEL.ROI_HEADS.NAME = "CascadeROIHeads"
+    with pytest.raises(ValueError, match="must be HybridTaskCascadeROIHeads, not CascadeROIHeads"):
+        build_model(cfg)
+
+
 def test_the_deformable_conv_kernels_are_an_argument_of_the_model():
     """As a LazyConfig builds it (no MODEL.HTC.DEFORM_CONV there): torchvision's kernels by
     default, which run on CPU; Detectron2's (CUDA only) where asked; another name refused."""

@@ -15,7 +15,7 @@ from .box_coder import use_reference_decoding
 from .layers import DEFORM_CONV_KERNELS, interpolate_bilinear
 from .panoptic import PanopticFusion
 from .postprocessing import MASK_OUTPUTS, paste_masks_as_rle
-from .roi_heads import SEMANTIC_FEATURE
+from .roi_heads import SEMANTIC_FEATURE, HybridTaskCascadeROIHeads
 from .semantic_head import FusedSemanticHead
 
 # "rle" output: the instances' (N, 1, M, M) masks through the parent's postprocessing, unpasted
@@ -64,6 +64,7 @@ class HybridTaskCascade(GeneralizedRCNN):
         use_reference_decoding(self)
         if self.proposal_generator is None:
             raise ValueError("HybridTaskCascade needs an RPN (MODEL.PROPOSAL_GENERATOR.NAME)")
+        _check_roi_heads(self.roi_heads)
         _check_semantic_head(semantic_head)
         _check_semantic_fusion(self.roi_heads, semantic_head)
         self.semantic_head = semantic_head
@@ -236,6 +237,19 @@ def _paste_held_masks_as_rle(instances: Instances) -> None:
         instances.remove(HELD_MASKS)
         height, width = instances.image_size
         instances.pred_masks_rle = paste_masks_as_rle(masks, instances.pred_boxes, height, width)
+
+
+def _check_roi_heads(roi_heads: torch.nn.Module) -> None:
+    """Refuse ROI heads that are not HTC's: Detectron2's CascadeROIHeads built in their place
+    trained, ignoring every HTC setting (stage loss weights, interleaving, information flow,
+    semantic fusion) and the semantic feature."""
+    if not isinstance(roi_heads, HybridTaskCascadeROIHeads):
+        raise ValueError(
+            f"HybridTaskCascade's ROI heads must be HybridTaskCascadeROIHeads, not "
+            f"{type(roi_heads).__name__}, which would ignore HTC's settings: set "
+            "MODEL.ROI_HEADS.NAME 'HybridTaskCascadeROIHeads' (or META_ARCHITECTURE "
+            "'GeneralizedRCNN' for Detectron2's own model)"
+        )
 
 
 def _check_semantic_head(semantic_head: Optional[torch.nn.Module]) -> None:
