@@ -36,7 +36,7 @@ from htc.panoptic import class_to_stuff
 from htc.resume import ExactResume, kept_rngs
 from htc.slurm import PreemptionHook, add_slurm_arguments, submit
 from htc.solver import build_optimizer
-from htc.tta import HybridTaskCascadeWithTTA
+from htc.tta import HybridTaskCascadeWithTTA, check_tta
 
 # The datasets the shipped configs name; every process registers them (DDP workers import this).
 register_builtin()
@@ -189,6 +189,8 @@ def main(args):
     cfg = setup(args)
     for name in cfg.DATASETS.TEST:  # before training: its evaluation comes at the end
         check_mask_output(cfg, name)
+    if cfg.TEST.AUG.ENABLED:
+        check_tta(cfg)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         skip = cfg.MODEL.HTC.SKIP_MISMATCHED_WEIGHTS

@@ -42,6 +42,8 @@ from htc.roi_heads import HAS_FED_LOSS
         (["MODEL.KEYPOINT_ON", True], "no keypoint head"),
         (["MODEL.HTC.STAGE_LOSS_WEIGHTS", [1.0, -0.5, 0.25]], "cannot be negative"),
         (["MODEL.HTC.TEST_NMS", "soft_gaussian", "MODEL.HTC.SOFT_NMS_SIGMA", 0.0], "SIGMA"),
+        (["MODEL.ROI_BOX_CASCADE_HEAD.IOUS", [0.5, 1.5, 0.7]], "stage 1's IoU .* outside"),
+        (["MODEL.ROI_HEADS.NAME", "CascadeROIHeads"], "must be HybridTaskCascadeROIHeads"),
     ],
 )
 def test_config_errors_are_clear(opts, message):

@@ -120,3 +120,17 @@ def test_merges_as_the_reference_2x_aug_test():
     # 1 of 41,537 in one thread, none in two (measured)
     flipped = (got.pred_masks[twin].numpy() != pasted.astype(bool)).sum()
     assert flipped <= pasted.sum() // 10_000
+
+
+@pytest.mark.parametrize(
+    "min_sizes, max_size, refused",
+    [((), 1000, "MIN_SIZES=\\[\\]: give one or more"), ((64, 0), 1000, "positive"),
+     ((400, 800), 10, "MAX_SIZE=10 is under the largest")],
+)  # fmt: skip
+def test_sizes_that_give_no_views_or_shrunk_ones_are_refused(min_sizes, max_size, refused):
+    """No sizes failed in torch.cat after the inference of the first image (in training: after
+    the whole run); a MAX_SIZE of 10 scored AP near 0, silently."""
+    cfg = tiny_cfg()
+    cfg.TEST.AUG.update(ENABLED=True, MIN_SIZES=min_sizes, MAX_SIZE=max_size)
+    with pytest.raises(ValueError, match=refused):
+        HybridTaskCascadeWithTTA(cfg, build_model(cfg))

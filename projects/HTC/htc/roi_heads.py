@@ -140,6 +140,12 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
                 "MODEL.HTC.SEMANTIC_FUSION needs the semantic branch (MODEL.HTC.SEMANTIC_ON True); "
                 "set MODEL.HTC.SEMANTIC_FUSION [] for a model without it"
             )
+        for stage, matcher in enumerate(self.proposal_matchers):
+            if not all(0 < t <= 1 for t in matcher.thresholds[1:-1]):
+                raise ValueError(
+                    f"MODEL.ROI_BOX_CASCADE_HEAD.IOUS: stage {stage}'s IoU threshold "
+                    f"{matcher.thresholds[1:-1]} is outside (0, 1]: it would sample no foreground"
+                )
         if any(m.allow_low_quality_matches for m in self.proposal_matchers):
             raise ValueError(
                 "HTC's RoI sampling (htc.sampling.match) takes no low-quality matches: give "

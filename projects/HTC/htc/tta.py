@@ -15,6 +15,7 @@ from typing import List, Tuple
 
 import numpy as np
 import torch
+from detectron2.config import CfgNode
 from detectron2.data.transforms import HFlipTransform, TransformList
 from detectron2.layers import batched_nms
 from detectron2.modeling import GeneralizedRCNNWithTTA
@@ -40,8 +41,26 @@ def _clipped(boxes: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return torch.where(torch.isfinite(boxes).all(dim=1, keepdim=True), clipped, float("nan"))
 
 
+def check_tta(cfg: CfgNode) -> None:
+    """Refuse ``TEST.AUG`` sizes that give no views (``torch.cat`` of none) or views whose
+    longer side is capped below their shorter side's size (AP near 0, silently)."""
+    sizes, max_size = list(cfg.TEST.AUG.MIN_SIZES), cfg.TEST.AUG.MAX_SIZE
+    if not sizes or min(sizes) <= 0:
+        raise ValueError(f"TEST.AUG.MIN_SIZES={sizes}: give one or more positive sizes")
+    if max_size < max(sizes):
+        raise ValueError(
+            f"TEST.AUG.MAX_SIZE={max_size} is under the largest of TEST.AUG.MIN_SIZES {sizes}: "
+            "every view would be shrunk under its size"
+        )
+
+
 class HybridTaskCascadeWithTTA(GeneralizedRCNNWithTTA):
     """``HybridTaskCascadeWithTTA(cfg, model)``: augmentations from ``TEST.AUG``."""
+
+    def __init__(self, cfg: CfgNode, model: torch.nn.Module, *args, **kwargs):
+        """The parent's, after :func:`check_tta` (the parent takes any sizes)."""
+        check_tta(cfg)
+        super().__init__(cfg, model, *args, **kwargs)
 
     def _inference_one_image(self, input: dict) -> dict:
         """The reference's ``aug_test`` merging: the views' proposals merged, the boxes and
