@@ -122,7 +122,7 @@ def check_overrides(cfg: DictConfig, overrides: List[str]) -> None:
     object its node builds (Detectron2's ``apply_overrides`` adds it, and nothing reads it:
     ``train.max_iterr=10`` trained the config's schedule). ``+key=value`` adds a key on purpose."""
     for override in overrides:
-        key = override.split("=", 1)[0].lstrip("~")
+        key = override.split("=", 1)[0]
         if key.startswith("+") or "=" not in override or key in OPTIONAL_KEYS:
             continue
         parent, _, name = key.rpartition(".")
@@ -165,6 +165,8 @@ def main(args) -> None:
     if not args.eval_only:
         train(cfg, args.resume)
         return
+    if "evaluator" not in cfg.dataloader:  # evaluate() would return nothing, exiting 0
+        raise ValueError("--eval-only: the config has no dataloader.evaluator to evaluate with")
     model = instantiate(cfg.model).to(cfg.train.device)
     checkpointer = _checkpointer(cfg, model, complete=True)
     weights = cfg.train.init_checkpoint

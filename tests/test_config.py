@@ -285,6 +285,24 @@ def test_lazyconfig_train_net_applies_the_settings(tmp_path, monkeypatch):
         lazyconfig_train_net.main(args)
 
 
+def test_a_lazy_evaluation_without_an_evaluator_is_refused(tmp_path, monkeypatch):
+    """It evaluated nothing and exited 0."""
+    config = tmp_path / "no_evaluator.py"
+    config.write_text(
+        "from detectron2.config import LazyConfig\n"
+        f"globals().update(LazyConfig.load({str(CONFIGS / 'htc_R_50_FPN_1x.py')!r}))\n"
+        "del dataloader.evaluator\n"
+    )
+    args = lazyconfig_train_net.argument_parser().parse_args([
+        "--config-file", str(config), "--eval-only", f"train.output_dir={tmp_path}",
+        "train.device=cpu",
+    ])  # fmt: skip
+    monkeypatch.setattr(lazyconfig_train_net, "default_setup", lambda cfg, args: None)  # loggers
+    monkeypatch.setattr(lazyconfig_train_net, "instantiate", None)  # nothing built
+    with pytest.raises(ValueError, match="no dataloader.evaluator to evaluate with"):
+        lazyconfig_train_net.main(args)
+
+
 def test_a_cuda_device_without_cuda_is_named_before_anything_is_built(tmp_path, monkeypatch):
     """Both training scripts stop at once on a CUDA device that the machine lacks (Detectron2's
     default MODEL.DEVICE), naming the key and the override that runs on the CPU."""
