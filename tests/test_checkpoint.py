@@ -110,6 +110,26 @@ def test_an_evaluation_with_nothing_to_load_is_refused(tmp_path):
     assert torch.equal(model.weight, trained.weight)
 
 
+def test_a_resume_onto_the_run_of_another_model_is_refused(tmp_path):
+    """An OUTPUT_DIR holding another config's run (another class count, even with
+    SKIP_MISMATCHED_WEIGHTS; another stage count) failed in torch's optimizer, after loading."""
+    HTCCheckpointer(_model(**{"MODEL.ROI_HEADS.NUM_CLASSES": 5}), str(tmp_path)).save("model_final")
+    resumed = HTCCheckpointer(_model(), str(tmp_path), skip_mismatched=True)
+    with pytest.raises(ValueError, match=f"--resume: the last checkpoint of {tmp_path} is not of "
+                       "this model .*12 parameters of the checkpoint do not fit"):  # fmt: skip
+        resumed.resume_or_load("", resume=True)
+    assert resumed.skip_mismatched  # as it was, for the loads that are no resume
+    skipping = HTCCheckpointer(_model(), str(tmp_path), skip_mismatched=True)
+    skipping.resume_or_load(str(tmp_path / "model_final.pth"), resume=False)
+    third = ("box_head.2.", "box_predictor.2.", "mask_head.2.")
+    state = {k: v for k, v in _model().state_dict().items() if not any(t in k for t in third)}
+    torch.save({"model": state}, tmp_path / "model_final.pth")
+    with pytest.raises(ValueError, match="not of this model .* not in the checkpoint"):
+        HTCCheckpointer(_model(), str(tmp_path)).resume_or_load("", resume=True)
+    HTCCheckpointer(_model(), str(tmp_path)).save("model_final")
+    HTCCheckpointer(_model(), str(tmp_path)).resume_or_load("", resume=True)
+
+
 @pytest.mark.parametrize("norm", ["BN", "FrozenBN"])
 def test_weights_the_name_matching_skips_for_their_shape_are_refused(tmp_path, caplog, norm):
     """A file that Detectron2 loads by its name-matching heuristics (Caffe2's and pycls' ImageNet

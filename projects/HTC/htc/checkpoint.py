@@ -158,6 +158,24 @@ class HTCCheckpointer(DetectionCheckpointer):
         if self.save_to_disk:
             remove_orphaned_writes(self.save_dir)
 
+    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+        """The parent's; a resumed run's checkpoint must be of this very model, complete and of
+        its shapes (else the optimizer's state failed deep in torch, or trained the skipped
+        layers with the old momentum's shapes)."""
+        if not (resume and self.has_checkpoint()):
+            return super().resume_or_load(path, resume=resume)
+        kept = self.complete, self.skip_mismatched
+        self.complete, self.skip_mismatched = True, False
+        try:
+            return super().resume_or_load(path, resume=resume)
+        except ValueError as error:
+            raise ValueError(
+                f"--resume: the last checkpoint of {self.save_dir} is not of this model (another "
+                f"config's run?): {error}"
+            ) from error
+        finally:
+            self.complete, self.skip_mismatched = kept
+
     def _load_model(self, checkpoint: Any):
         """The parent's load, refusing what it skips for shape with only a warning."""
         heuristics = checkpoint.get("matching_heuristics", False)
