@@ -44,6 +44,9 @@ from htc.roi_heads import HAS_FED_LOSS
         (["MODEL.HTC.TEST_NMS", "soft_gaussian", "MODEL.HTC.SOFT_NMS_SIGMA", 0.0], "SIGMA"),
         (["MODEL.ROI_BOX_CASCADE_HEAD.IOUS", [0.5, 1.5, 0.7]], "stage 1's IoU .* outside"),
         (["MODEL.ROI_HEADS.NAME", "CascadeROIHeads"], "must be HybridTaskCascadeROIHeads"),
+        (["MODEL.SEM_SEG_HEAD.NUM_CONVS", -2], "num_convs -2 \\(MODEL.SEM_SEG_HEAD.NUM_CONVS\\)"),
+        (["MODEL.SEM_SEG_HEAD.CONVS_DIM", 0], "conv_dim 0 \\(CONVS_DIM\\)"),
+        (["MODEL.HTC.SOFT_NMS_MIN_SCORE", 2.0], "SOFT_NMS_MIN_SCORE=2.0: a score"),
     ],
 )
 def test_config_errors_are_clear(opts, message):

@@ -97,6 +97,13 @@ def test_fusion_without_stuff_is_refused():
         PanopticFusion(class_to_stuff=[-1, -1])
 
 
+@pytest.mark.parametrize("threshold", ["overlap_threshold", "instances_score_threshold"])
+def test_fusion_thresholds_outside_0_1_are_refused(threshold):
+    """An overlap threshold of 5.0 kept every instance however covered, silently."""
+    with pytest.raises(ValueError, match="=5.0: a fraction, in \\[0, 1\\]"):
+        PanopticFusion(class_to_stuff=[-1, 0], **{threshold: 5.0})
+
+
 def test_coco_stuff_classes_cover_every_panoptic_category_once():
     table = coco_stuff_to_panoptic()
     assert len(table) == 183

@@ -46,6 +46,13 @@ class PanopticFusion(nn.Module):
                 thing classes and classes without a panoptic category.
         """
         super().__init__()
+        thresholds = {
+            "OVERLAP_THRESH": overlap_threshold,
+            "INSTANCES_CONFIDENCE_THRESH": instances_score_threshold,
+        }
+        for name, value in thresholds.items():
+            if not 0 <= value <= 1:
+                raise ValueError(f"MODEL.HTC.PANOPTIC.{name}={value}: a fraction, in [0, 1]")
         stuff_ids = sorted({c for c in class_to_stuff if c >= 0})
         if not stuff_ids:
             raise ValueError("PanopticFusion: no semantic class belongs to a stuff category")

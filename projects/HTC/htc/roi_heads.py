@@ -166,6 +166,10 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
                 f"MODEL.HTC.SOFT_NMS_SIGMA={self.soft_nms_sigma}: the Gaussian Soft-NMS divides "
                 "by it, give a positive value"
             )
+        if not 0 <= self.soft_nms_min_score <= 1:
+            raise ValueError(
+                f"MODEL.HTC.SOFT_NMS_MIN_SCORE={self.soft_nms_min_score}: a score, in [0, 1]"
+            )
         if self.test_nms not in TEST_NMS:
             raise ValueError(f"MODEL.HTC.TEST_NMS={self.test_nms!r}: use one of {TEST_NMS}")
         if self.mask_merge not in MASK_MERGE_RULES:

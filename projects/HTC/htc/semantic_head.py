@@ -57,6 +57,12 @@ class FusedSemanticHead(nn.Module):
                 f"FusedSemanticHead: fusion feature {fusion_feature!r} is not among its inputs "
                 f"{self.in_features}"
             )
+        if num_convs < 0 or min(conv_dim, embed_dim) < 1:
+            raise ValueError(
+                f"FusedSemanticHead: num_convs {num_convs} (MODEL.SEM_SEG_HEAD.NUM_CONVS), "
+                f"conv_dim {conv_dim} (CONVS_DIM) and embed_dim {embed_dim} (EMBED_DIM): give "
+                "0 or more convs of 1 or more channels"
+            )
         self.fusion_feature = fusion_feature
         self.common_stride = input_shape[fusion_feature].stride
         self.loss_weight = loss_weight
