@@ -171,6 +171,11 @@ def test_outputs_the_model_does_not_give_are_not_evaluated(dataset, caplog, monk
     with caplog.at_level(logging.INFO, logger="htc"):
         assert [type(e) for e in build_evaluators(cfg, name)] == [HTCCOCOEvaluator]
     assert f"{name}: no mIoU, the model outputs no sem_seg (SEMANTIC_OUTPUT False)" in caplog.text
+    cfg.MODEL.HTC.SEMANTIC_OUTPUT, cfg.MODEL.META_ARCHITECTURE = True, "GeneralizedRCNN"
+    with caplog.at_level(logging.INFO, logger="htc"):  # it failed after the whole training run
+        assert [type(e) for e in build_evaluators(cfg, name)] == [HTCCOCOEvaluator]
+    assert f"{name}: no mIoU, GeneralizedRCNN has no semantic branch" in caplog.text
+    cfg.MODEL.META_ARCHITECTURE = "HybridTaskCascade"
     cityscapes = MetadataCatalog.get(f"{name}_cityscapes").set(evaluator_type="cityscapes_htc")
     try:
         cfg.MODEL.HTC.MASK_OUTPUT = "rle"

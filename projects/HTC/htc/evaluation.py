@@ -81,6 +81,9 @@ def _scores_semantic(cfg, meta) -> bool:
     maps, and the model outputs ``sem_seg`` (said where MODEL.HTC.SEMANTIC_OUTPUT turns it off)."""
     if not (cfg.MODEL.HTC.SEMANTIC_ON and meta.get("sem_seg_root")):
         return False
+    if cfg.MODEL.META_ARCHITECTURE != "HybridTaskCascade":  # Detectron2's GeneralizedRCNN, ...
+        logger.info(f"{meta.name}: no mIoU, {cfg.MODEL.META_ARCHITECTURE} has no semantic branch")
+        return False
     if not cfg.MODEL.HTC.SEMANTIC_OUTPUT:
         logger.info(f"{meta.name}: no mIoU, the model outputs no sem_seg (SEMANTIC_OUTPUT False)")
     return cfg.MODEL.HTC.SEMANTIC_OUTPUT
@@ -199,8 +202,9 @@ class HTCSemSegEvaluator(SemSegEvaluator):
         named no option)."""
         if any("sem_seg" not in output for output in outputs):
             raise ValueError(
-                "the model outputs no sem_seg (MODEL.HTC.SEMANTIC_OUTPUT False; LazyConfig: "
-                "model.semantic_output=False): leave the mIoU evaluator out"
+                "the model outputs no sem_seg (a model without the semantic branch, or "
+                "MODEL.HTC.SEMANTIC_OUTPUT False; LazyConfig: model.semantic_output=False): leave "
+                "the mIoU evaluator out"
             )
         super().process(inputs, outputs)
 
