@@ -13,8 +13,6 @@ are the yacs configs' FLOAT32_PRECISION, DETERMINISTIC and MODEL.HTC.SKIP_MISMAT
 ``train_net.py`` does.
 """
 
-import difflib
-import inspect
 import logging
 from typing import List, Optional
 
@@ -32,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from htc import set_deterministic, set_float32_precision
 from htc.checkpoint import HTCCheckpointer, load_for_evaluation
-from htc.config import LAZY_SETTINGS, check_device
+from htc.config import apply_overrides, check_device
 from htc.data import register_builtin
 from htc.data.checks import check_mask_format, check_same_thing_classes, check_thing_classes
 from htc.distributed import argument_parser, create_ddp_model, launch_from_args
@@ -113,60 +111,17 @@ def train(cfg, resume: bool) -> None:
     trainer.train(start_iter, cfg.train.max_iter)
 
 
-# the keys read with a default where a config lacks them (htc's settings, Detectron2's setup)
-OPTIONAL_KEYS = {key for key, _ in LAZY_SETTINGS.values()} | {"train.skip_mismatched_weights"}
-
-
-def check_overrides(cfg: DictConfig, overrides: List[str]) -> None:
-    """Refuse an override ``key=value`` whose key is neither in ``cfg`` nor an argument of the
-    object its node builds (Detectron2's ``apply_overrides`` adds it, and nothing reads it:
-    ``train.max_iterr=10`` trained the config's schedule). ``+key=value`` adds a key on purpose."""
-    for override in overrides:
-        key = override.split("=", 1)[0]
-        if key.startswith("+") or "=" not in override or key in OPTIONAL_KEYS:
-            continue
-        parent, _, name = key.rpartition(".")
-        node = OmegaConf.select(cfg, parent) if parent else cfg
-        if not isinstance(node, DictConfig) or name in node or _takes(node.get("_target_"), name):
-            continue
-        close = difflib.get_close_matches(name, [str(k) for k in node.keys()], n=3)
-        raise KeyError(
-            f"override {override!r}: {parent or 'the config'} has no {name!r}"
-            + (f" (did you mean {', '.join(close)}?)" if close else "")
-            + "; +key=value adds a key on purpose"
-        )
-
-
-def _takes(target, name: str) -> bool:
-    """Whether ``target`` (a LazyCall's class or function) takes the argument ``name``; True
-    where that cannot be told (a ``**kwargs`` up to the end of its classes' chain)."""
-    if not callable(target):
-        return False
-    for function in [c.__init__ for c in target.__mro__] if inspect.isclass(target) else [target]:
-        try:
-            parameters = inspect.signature(function).parameters
-        except (TypeError, ValueError):
-            return True
-        if name in parameters:
-            return True
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-            return False
-    return True
-
-
 def main(args) -> None:
-    cfg = LazyConfig.load(args.config_file)
-    check_overrides(cfg, args.opts)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    cfg = apply_overrides(LazyConfig.load(args.config_file), args.opts)
     check_device(cfg)
+    if args.eval_only and "evaluator" not in cfg.dataloader:  # evaluate() would do nothing
+        raise ValueError("--eval-only: the config has no dataloader.evaluator to evaluate with")
     default_setup(cfg, args)
     set_float32_precision(cfg)  # train.float32_precision: default_setup of Detectron2 v0.6 does not
     set_deterministic(cfg)  # train.deterministic
     if not args.eval_only:
         train(cfg, args.resume)
         return
-    if "evaluator" not in cfg.dataloader:  # evaluate() would return nothing, exiting 0
-        raise ValueError("--eval-only: the config has no dataloader.evaluator to evaluate with")
     model = instantiate(cfg.model).to(cfg.train.device)
     checkpointer = _checkpointer(cfg, model, complete=True)
     weights = cfg.train.init_checkpoint

@@ -23,6 +23,7 @@ from conftest import (
     train_losses,
 )
 from htc import set_deterministic, set_float32_precision
+from htc.config import apply_overrides
 from htc.roi_heads import HAS_FED_LOSS
 
 
@@ -251,41 +252,33 @@ def test_lazy_config_settings(deterministic_settings):
 
 
 @pytest.mark.parametrize(
-    "override, refused",
+    "overrides, refused",
     [
-        ("train.max_iterr=10", "train has no 'max_iterr' \\(did you mean max_iter\\?\\)"),
-        ("model.roi_heads.stage_loss_weight=[1,1,1]", "did you mean stage_loss_weights"),
-        ("model.roi_heads.mask_on=True", "model.roi_heads has no 'mask_on'"),
-        ("optimizer.nesterov=True", None),  # an argument of torch's SGD that the config leaves
-        ("+train.note=mine", None),
-        ("train.max_iter=10", None),
-        ("model.roi_heads.box_heads.0.fc_dims=[64]", None),
+        (["train.max_iterr=10"], "train has no 'max_iterr' \\(did you mean max_iter\\?\\)"),
+        (["model.roi_heads.stage_loss_weight=[1,1,1]"], "did you mean stage_loss_weights"),
+        (["model.roi_heads.mask_on=True"], "model.roi_heads has no 'mask_on'"),
+        (["trian.max_iter=10"], "the config has no 'trian'"),
+        (["train.ampp.enabled=True"], "train has no 'ampp'"),
+        (["model.roi_headz.num_classes=3"], "model has no 'roi_headz'"),
+        (["optimizer.nesterov=True"], None),  # an argument of torch's SGD that the config leaves
+        (["optimizer._target_=torch.optim.AdamW", "optimizer.betas=[0.9,0.99]"], None),
+        (["train.ddp.static_graph=True", "train.checkpointer.file_prefix=m"], None),  # kwargs
+        (["train.deterministic=False", "optimizer.params.overrides={}", "+train.note=mine"], None),
+        (["train.max_iter=10", "model.roi_heads.box_heads.0.fc_dims=[64]"], None),
     ],
 )
-def test_lazy_overrides_of_keys_that_nothing_reads_are_refused(override, refused):
+def test_lazy_overrides_of_keys_that_nothing_reads_are_refused(overrides, refused):
     """Detectron2's apply_overrides adds them: ``train.max_iterr=1`` trained the config's
-    schedule, silently."""
+    schedule, silently. Arguments that the config leaves at their defaults, the dicts handed on
+    as keyword arguments and the settings read with defaults pass."""
     cfg = LazyConfig.load(str(CONFIGS / "htc_R_50_FPN_1x.py"))
-    assert "nesterov" not in cfg.optimizer
+    assert "nesterov" not in cfg.optimizer and "ddp" in cfg.train
     if refused:
         with pytest.raises(KeyError, match=refused):
-            lazyconfig_train_net.check_overrides(cfg, [override])
+            apply_overrides(cfg, overrides)
     else:
-        lazyconfig_train_net.check_overrides(cfg, [override])
-        LazyConfig.apply_overrides(cfg, [override])
-
-
-def test_lazyconfig_train_net_applies_the_settings(tmp_path, monkeypatch):
-    """lazyconfig_train_net.py applies train.deterministic before it builds anything: without a
-    seed it stops at once, naming the key."""
-    args = lazyconfig_train_net.argument_parser().parse_args([
-        "--config-file", str(CONFIGS / "htc_R_50_FPN_1x.py"), "--eval-only",
-        f"train.output_dir={tmp_path}", "train.deterministic=True", "train.device=cpu",
-    ])  # fmt: skip
-    monkeypatch.setattr(lazyconfig_train_net, "default_setup", lambda cfg, args: None)  # loggers
-    monkeypatch.setattr(lazyconfig_train_net, "instantiate", None)  # nothing built
-    with pytest.raises(ValueError, match="train.deterministic needs a fixed train.seed"):
-        lazyconfig_train_net.main(args)
+        key = overrides[-1].split("=")[0].lstrip("+")
+        assert OmegaConf.select(apply_overrides(cfg, overrides), key)
 
 
 def test_a_lazy_evaluation_without_an_evaluator_is_refused(tmp_path, monkeypatch):

@@ -183,8 +183,10 @@ def test_a_slurm_submission_that_would_not_do_as_asked_is_refused(tmp_path, monk
     output = tmp_path / "out"
     output.mkdir()
     cfg = SimpleNamespace(OUTPUT_DIR=str(output), SEED=-1)
+    submitit = slurm._submitit()
+    monkeypatch.setattr(submitit.AutoExecutor, "which", staticmethod(lambda: "local"))
     with pytest.raises(ValueError, match="submitit finds no SLURM on this machine.* --local"):
-        slurm.submit(print, _submission(tmp_path), cfg)  # no SLURM where the tests run
+        slurm.submit(print, _submission(tmp_path), cfg)
     with pytest.raises(ValueError, match="--slurm-option takes KEY=VALUE: got \\['constraint'\\]"):
         slurm.submit(print, _submission(tmp_path, local=True, slurm_option=["constraint"]), cfg)
     (output / "last_checkpoint").write_text("model_0000099.pth")
@@ -196,7 +198,9 @@ def test_a_slurm_submission_that_would_not_do_as_asked_is_refused(tmp_path, monk
     with pytest.raises(AttributeError):  # the fake job has no id to print
         slurm.submit(print, _submission(tmp_path, local=True, resume=True), cfg)
     assert submitted[0].args.opts[-2:] == ["SEED", "409212831"]
-    assert slurm.recorded_seed(tmp_path) == -1
+    (output / "config.yaml").write_text("SEED: -1\n")  # overwritten by a run of no seed
+    with pytest.raises(ValueError, match="SEED -1.* not in .*config.yaml: give it"):
+        slurm.submit(print, _submission(tmp_path, local=True, resume=True), cfg)
 
 
 def test_a_resume_with_another_seed_is_refused():

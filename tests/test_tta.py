@@ -125,7 +125,7 @@ def test_merges_as_the_reference_2x_aug_test():
 @pytest.mark.parametrize(
     "min_sizes, max_size, refused",
     [((), 1000, "MIN_SIZES=\\[\\]: give one or more"), ((64, 0), 1000, "positive"),
-     ((400, 800), 10, "MAX_SIZE=10 is under the largest")],
+     ((400, 800), 10, "MAX_SIZE=10 is under every size")],
 )  # fmt: skip
 def test_sizes_that_give_no_views_or_shrunk_ones_are_refused(min_sizes, max_size, refused):
     """No sizes failed in torch.cat after the inference of the first image (in training: after

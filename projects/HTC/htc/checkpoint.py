@@ -23,6 +23,16 @@ logger = logging.getLogger(__name__)
 # what atomic_open puts between a file's name and its writer's pid: the machine, whose processes
 # alone this one can tell running or not
 _TEMPORARY = f".tmp.{socket.gethostname()}."
+# what to do about a refused checkpoint, where it is loaded for fine-tuning or inference
+SHAPE_ADVICE = (
+    "A backbone of another depth or width needs its own weights; to fine-tune on other classes, "
+    "set MODEL.HTC.SKIP_MISMATCHED_WEIGHTS True (LazyConfig: train.skip_mismatched_weights=True),"
+    " which leaves these at their initialization"
+)
+COMPLETE_ADVICE = (
+    "Inference would run them at random: is the checkpoint for another config (the cascade's "
+    "stages, the backbone's depth, the semantic branch)?"
+)
 
 
 @contextlib.contextmanager
@@ -148,6 +158,7 @@ class HTCCheckpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, **kwargs)
         self.skip_mismatched = skip_mismatched
         self.complete = complete
+        self._resuming = False
         self.path_manager = AtomicWrites(self.path_manager)
 
     def save(self, name: str, **kwargs) -> None:
@@ -165,7 +176,7 @@ class HTCCheckpointer(DetectionCheckpointer):
         if not (resume and self.has_checkpoint()):
             return super().resume_or_load(path, resume=resume)
         kept = self.complete, self.skip_mismatched
-        self.complete, self.skip_mismatched = True, False
+        self.complete, self.skip_mismatched, self._resuming = True, False, True
         try:
             return super().resume_or_load(path, resume=resume)
         except ValueError as error:
@@ -174,7 +185,16 @@ class HTCCheckpointer(DetectionCheckpointer):
                 f"config's run?): {error}"
             ) from error
         finally:
-            self.complete, self.skip_mismatched = kept
+            self.complete, self.skip_mismatched, self._resuming = *kept, False
+
+    def _advice(self, loading: str) -> str:
+        """What to do about a refused checkpoint: ``loading``'s advice, or a resume's."""
+        if self._resuming:
+            return (
+                "Resume with the config of that run, or start a new OUTPUT_DIR with MODEL.WEIGHTS "
+                "set to its checkpoint"
+            )
+        return loading
 
     def _load_model(self, checkpoint: Any):
         """The parent's load, refusing what it skips for shape with only a warning."""
@@ -191,12 +211,13 @@ class HTCCheckpointer(DetectionCheckpointer):
             reported = {key for key, _, _ in misfits}
             misfits += _heuristic_misfits(state, handed, reported)
         if misfits and not self.skip_mismatched:
-            raise ValueError(_refusal(misfits))
+            raise ValueError(f"{_refusal(misfits)}\n{self._advice(SHAPE_ADVICE)}")
         if heuristics:
             _check_names(handed.keys(), state)
         if self.complete:  # what skip_mismatched skipped is left at random on request
             skipped = {key for key, _, _ in misfits}
-            _check_complete(self.model, [k for k in incompatible.missing_keys if k not in skipped])
+            missing = [k for k in incompatible.missing_keys if k not in skipped]
+            _check_complete(self.model, missing, self._advice(COMPLETE_ADVICE))
         return incompatible
 
 
@@ -210,7 +231,7 @@ def _check_names(names: Iterable[str], model: Dict[str, torch.Tensor]) -> None:
         )
 
 
-def _check_complete(model: torch.nn.Module, missing: List[str]) -> None:
+def _check_complete(model: torch.nn.Module, missing: List[str], advice: str) -> None:
     """Refuse a checkpoint that leaves parameters or statistics of ``model`` out: inference
     would run them at their random initialization (Detectron2 only logs them)."""
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
@@ -219,9 +240,8 @@ def _check_complete(model: torch.nn.Module, missing: List[str]) -> None:
         modules = sorted({key.rsplit(".", 1)[0] for key in missing})
         raise ValueError(
             f"{len(missing)} parameters and buffers of the model are not in the checkpoint, in "
-            f"{len(modules)} modules: {', '.join(modules[:8])}{' ...' if len(modules) > 8 else ''}."
-            " Inference would run them at random: is the checkpoint for another config (the "
-            "cascade's stages, the backbone's depth, the semantic branch)?"
+            f"{len(modules)} modules: {', '.join(modules[:8])}{' ...' if len(modules) > 8 else ''}"
+            f". {advice}"
         )
 
 
@@ -230,12 +250,7 @@ def _refusal(misfits: List[Misfit]) -> str:
     shapes = "\n".join(
         f"  {key}: checkpoint {theirs}, model {ours}" for key, theirs, ours in misfits
     )
-    return (
-        f"{len(misfits)} parameters of the checkpoint do not fit the model's shapes:\n{shapes}\n"
-        "A backbone of another depth or width needs its own weights; to fine-tune on other "
-        "classes, set MODEL.HTC.SKIP_MISMATCHED_WEIGHTS True (LazyConfig: "
-        "train.skip_mismatched_weights=True), which leaves these at their initialization"
-    )
+    return f"{len(misfits)} parameters of the checkpoint do not fit the model's shapes:\n{shapes}"
 
 
 def load_for_evaluation(

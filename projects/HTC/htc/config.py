@@ -2,7 +2,9 @@
 adds, each with its reason), the process-wide settings a config asks for (float32 precision,
 deterministic algorithms), and the Detectron2 classes the modern backbones' configs need."""
 
+import difflib
 import functools
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -11,6 +13,8 @@ from typing import Any, List, Optional, Tuple, Union
 import detectron2
 import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import LazyConfig
+from detectron2.utils.registry import locate
 from omegaconf import DictConfig, OmegaConf
 
 from . import layers
@@ -243,3 +247,64 @@ def require_detectron2(*names: str) -> List[type]:
             "without DETECTRON2=0.6)."
         )
     return [getattr(modeling, name) for name in names]
+
+
+# the keys read with a default where a LazyConfig lacks them (htc's settings, Detectron2's setup)
+OPTIONAL_KEYS = {key for key, _ in LAZY_SETTINGS.values()} | {"train.skip_mismatched_weights"}
+
+
+def apply_overrides(cfg: DictConfig, overrides: List[str]) -> DictConfig:
+    """Detectron2's ``LazyConfig.apply_overrides``, one override at a time, each refused where
+    its key names nothing that is read (Detectron2 adds it: ``train.max_iterr=10`` trained the
+    config's schedule). ``+key=value`` adds a key on purpose."""
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if "=" in override and not key.startswith("+") and key not in OPTIONAL_KEYS:
+            _check_key(cfg, key, override)
+        cfg = LazyConfig.apply_overrides(cfg, [override])
+    return cfg
+
+
+def _check_key(cfg: DictConfig, key: str, override: str) -> None:
+    """Refuse ``key`` where its first part missing from ``cfg`` is missing from a node whose
+    keys are known: the root, ``train`` (what the training script reads), or a LazyCall's node
+    (the config's keys and its object's arguments). Other dicts are open (kwargs)."""
+    parts = key.split(".")
+    node, depth = cfg, 0
+    while depth < len(parts) - 1 and isinstance(node, DictConfig) and parts[depth] in node:
+        node, depth = node[parts[depth]], depth + 1
+    if not isinstance(node, DictConfig) or parts[depth] in node:
+        return
+    where = ".".join(parts[:depth])
+    closed = where in ("", "train") or "_target_" in node
+    if not closed or _takes(node.get("_target_"), parts[depth]):
+        return
+    close = difflib.get_close_matches(parts[depth], [str(k) for k in node.keys()], n=3)
+    raise KeyError(
+        f"override {override!r}: {where or 'the config'} has no {parts[depth]!r}"
+        + (f" (did you mean {', '.join(close)}?)" if close else "")
+        + "; +key=value adds a key on purpose"
+    )
+
+
+def _takes(target: Any, name: str) -> bool:
+    """Whether ``target`` (a LazyCall's class or function, or its name) takes the argument
+    ``name``; True where that cannot be told (``**kwargs`` up its classes' chain)."""
+    if isinstance(target, str):
+        try:
+            target = locate(target)
+        except Exception:  # Detectron2's locate raises what the import raised
+            return True
+    if target is None:
+        return False
+    functions = [c.__init__ for c in target.__mro__] if inspect.isclass(target) else [target]
+    for function in functions:
+        try:
+            parameters = inspect.signature(function).parameters
+        except (TypeError, ValueError):
+            return True
+        if name in parameters:
+            return True
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            return False
+    return True

@@ -66,7 +66,9 @@ def _check_machines(per_machine: int, num_machines: int, machine_rank: int) -> N
     """Refuse machine arguments that cannot meet: a rank outside the machines (it waited the
     whole timeout at the rendezvous), or several machines of no process (each trained alone,
     as rank 0)."""
-    if num_machines < 1 or not 0 <= machine_rank < num_machines:
+    if num_machines < 1:
+        raise ValueError(f"--num-machines {num_machines}: give 1 or more")
+    if not 0 <= machine_rank < num_machines:
         raise ValueError(
             f"--machine-rank {machine_rank} of --num-machines {num_machines}: the ranks of the "
             f"machines are 0 to {num_machines - 1}"

@@ -21,10 +21,12 @@ from detectron2.evaluation import (
     SemSegEvaluator,
     coco_evaluation,
 )
+from detectron2.modeling import META_ARCH_REGISTRY
 from pycocotools.cocoeval import COCOeval
 
 from .data.cityscapes import alias_cityscapesscripts
 from .data.label_map import read_label_map
+from .meta_arch import HybridTaskCascade
 
 # Detectron2 after v0.6 takes the ground-truth reader as an argument.
 _TAKES_LOADING_FN = "sem_seg_loading_fn" in inspect.signature(SemSegEvaluator.__init__).parameters
@@ -81,12 +83,21 @@ def _scores_semantic(cfg, meta) -> bool:
     maps, and the model outputs ``sem_seg`` (said where MODEL.HTC.SEMANTIC_OUTPUT turns it off)."""
     if not (cfg.MODEL.HTC.SEMANTIC_ON and meta.get("sem_seg_root")):
         return False
-    if cfg.MODEL.META_ARCHITECTURE != "HybridTaskCascade":  # Detectron2's GeneralizedRCNN, ...
+    if not _has_semantic_branch(cfg.MODEL.META_ARCHITECTURE):
         logger.info(f"{meta.name}: no mIoU, {cfg.MODEL.META_ARCHITECTURE} has no semantic branch")
         return False
     if not cfg.MODEL.HTC.SEMANTIC_OUTPUT:
         logger.info(f"{meta.name}: no mIoU, the model outputs no sem_seg (SEMANTIC_OUTPUT False)")
     return cfg.MODEL.HTC.SEMANTIC_OUTPUT
+
+
+def _has_semantic_branch(meta_architecture: str) -> bool:
+    """Whether the registered ``meta_architecture`` is HTC's (or a subclass): Detectron2's
+    GeneralizedRCNN around HTC's ROI heads outputs no ``sem_seg``."""
+    try:
+        return issubclass(META_ARCH_REGISTRY.get(meta_architecture), HybridTaskCascade)
+    except KeyError:  # not registered: the model cannot be built either
+        return False
 
 
 class ScoresRLEMasks:

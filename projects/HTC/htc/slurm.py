@@ -26,6 +26,7 @@ from typing import Any, Callable, Tuple
 
 import torch.multiprocessing as mp
 import yaml
+from detectron2.config import CfgNode
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
@@ -275,7 +276,7 @@ def recorded_seed(output_dir: Path) -> int:
     return seed if isinstance(seed, int) else -1
 
 
-def submit(train_main: Callable, args: argparse.Namespace, cfg: Any):
+def submit(train_main: Callable, args: argparse.Namespace, cfg: CfgNode):
     """Submit ``train_main(args)`` (train_net's ``main``) as a preemptible job of the config
     ``cfg``. Returns submitit's job."""
     output = Path(cfg.OUTPUT_DIR)
@@ -285,6 +286,11 @@ def submit(train_main: Callable, args: argparse.Namespace, cfg: Any):
             "give --resume to continue it, or another OUTPUT_DIR"
         )
     seed = cfg.SEED if cfg.SEED >= 0 or not args.resume else recorded_seed(output)
+    if seed < 0 and args.resume and (output / "last_checkpoint").exists():
+        raise ValueError(
+            f"--resume with SEED {cfg.SEED}: the run's SEED is not in {output / 'config.yaml'}: "
+            "give it (SEED N), or the resumed job's data order would not continue"
+        )
     job = _executor(args).submit(
         PreemptibleTraining(_function_reference(train_main), job_arguments(args, seed))
     )

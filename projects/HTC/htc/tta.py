@@ -47,9 +47,9 @@ def check_tta(cfg: CfgNode) -> None:
     sizes, max_size = list(cfg.TEST.AUG.MIN_SIZES), cfg.TEST.AUG.MAX_SIZE
     if not sizes or min(sizes) <= 0:
         raise ValueError(f"TEST.AUG.MIN_SIZES={sizes}: give one or more positive sizes")
-    if max_size < max(sizes):
+    if max_size < min(sizes):
         raise ValueError(
-            f"TEST.AUG.MAX_SIZE={max_size} is under the largest of TEST.AUG.MIN_SIZES {sizes}: "
+            f"TEST.AUG.MAX_SIZE={max_size} is under every size of TEST.AUG.MIN_SIZES {sizes}: "
             "every view would be shrunk under its size"
         )
 
