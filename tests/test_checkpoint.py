@@ -132,6 +132,25 @@ def test_a_resume_onto_the_run_of_another_model_is_refused(tmp_path):
     HTCCheckpointer(_model(), str(tmp_path)).resume_or_load("", resume=True)
 
 
+@pytest.mark.parametrize(
+    "break_it, problem",
+    [
+        (lambda d: (d / "last_checkpoint").write_text(""), "names no file"),
+        (lambda d: (d / "last_checkpoint").write_text("model_0000009.pth"), "which is missing"),
+        (lambda d: (d / "model_final.pth").write_bytes(b"half a checkpoint"), "no complete"),
+    ],
+)
+def test_a_last_checkpoint_that_names_no_readable_file_is_named(tmp_path, break_it, problem):
+    """fvcore said "Checkpoint .../ not found!" or torch "failed reading zip archive", without
+    the checkpoints there were to resume from."""
+    model = torch.nn.Linear(2, 2)
+    HTCCheckpointer(model, str(tmp_path)).save("model_0000004")
+    HTCCheckpointer(model, str(tmp_path)).save("model_final")
+    break_it(tmp_path)
+    with pytest.raises(ValueError, match=f"last_checkpoint .*{problem}.*'model_0000004.pth'"):
+        HTCCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
+
+
 @pytest.mark.parametrize("norm", ["BN", "FrozenBN"])
 def test_weights_the_name_matching_skips_for_their_shape_are_refused(tmp_path, caplog, norm):
     """A file that Detectron2 loads by its name-matching heuristics (Caffe2's and pycls' ImageNet

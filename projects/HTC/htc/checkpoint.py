@@ -11,6 +11,7 @@ import glob
 import logging
 import os
 import socket
+import zipfile
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Set, Tuple
 
 import torch
@@ -175,6 +176,7 @@ class HTCCheckpointer(DetectionCheckpointer):
         layers with the old momentum's shapes)."""
         if not (resume and self.has_checkpoint()):
             return super().resume_or_load(path, resume=resume)
+        self._check_last_checkpoint()
         kept = self.complete, self.skip_mismatched
         self.complete, self.skip_mismatched, self._resuming = True, False, True
         try:
@@ -186,6 +188,26 @@ class HTCCheckpointer(DetectionCheckpointer):
             ) from error
         finally:
             self.complete, self.skip_mismatched, self._resuming = *kept, False
+
+    def _check_last_checkpoint(self) -> None:
+        """Refuse a ``last_checkpoint`` that names no readable checkpoint (empty, or its file
+        missing or cut short: fvcore and torch said "not found" or "failed reading zip
+        archive"), naming the checkpoints of the folder to resume from instead."""
+        last = self.get_checkpoint_file()
+        problem = (
+            "names no file" if os.path.normpath(last) == os.path.normpath(self.save_dir) else ""
+        )
+        if not problem and not os.path.isfile(last):
+            problem = f"names {last}, which is missing"
+        if not problem and not zipfile.is_zipfile(last):
+            problem = f"names {last}, which is no complete checkpoint"
+        if problem:
+            others = sorted(glob.glob(os.path.join(self.save_dir, "model_*.pth")))
+            raise ValueError(
+                f"--resume: {os.path.join(self.save_dir, 'last_checkpoint')} {problem}; the "
+                f"folder's checkpoints: {[os.path.basename(o) for o in others]} (write the name "
+                "of the one to resume from into last_checkpoint)"
+            )
 
     def _advice(self, loading: str) -> str:
         """What to do about a refused checkpoint: ``loading``'s advice, or a resume's."""
