@@ -175,6 +175,14 @@ def test_outputs_the_model_does_not_give_are_not_evaluated(dataset, caplog, monk
     with caplog.at_level(logging.INFO, logger="htc"):  # it failed after the whole training run
         assert [type(e) for e in build_evaluators(cfg, name)] == [HTCCOCOEvaluator]
     assert f"{name}: no mIoU, GeneralizedRCNN has no semantic branch" in caplog.text
+    cfg.MODEL.HTC.PANOPTIC_ON = True
+    MetadataCatalog.get(name).set(panoptic_json="panoptic.json")
+    with caplog.at_level(
+        logging.INFO, logger="htc"
+    ):  # no panoptic_seg output: failed after training
+        assert [type(e) for e in build_evaluators(cfg, name)] == [HTCCOCOEvaluator]
+    assert f"{name}: no PQ, GeneralizedRCNN has no semantic branch" in caplog.text
+    cfg.MODEL.HTC.PANOPTIC_ON = False
     cfg.MODEL.META_ARCHITECTURE = "HybridTaskCascade"
     cityscapes = MetadataCatalog.get(f"{name}_cityscapes").set(evaluator_type="cityscapes_htc")
     try:

@@ -63,7 +63,12 @@ def build_evaluators(
             num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
             evaluators.append(HTCSemSegEvaluator(dataset_name, num_classes, output_dir=output_dir))
     if cfg.MODEL.HTC.PANOPTIC_ON and meta.get("panoptic_json") and not instances_only:
-        evaluators.append(panoptic_evaluator(dataset_name, output_dir))
+        if _has_semantic_branch(cfg.MODEL.META_ARCHITECTURE):  # whose stuff the fusion takes
+            evaluators.append(panoptic_evaluator(dataset_name, output_dir))
+        else:
+            logger.info(
+                f"{dataset_name}: no PQ, {cfg.MODEL.META_ARCHITECTURE} has no semantic branch"
+            )
     return evaluators
 
 
