@@ -48,6 +48,7 @@ from htc.roi_heads import HAS_FED_LOSS
         (["MODEL.SEM_SEG_HEAD.NUM_CONVS", -2], "num_convs -2 \\(MODEL.SEM_SEG_HEAD.NUM_CONVS\\)"),
         (["MODEL.SEM_SEG_HEAD.CONVS_DIM", 0], "conv_dim 0 \\(CONVS_DIM\\)"),
         (["MODEL.HTC.SOFT_NMS_MIN_SCORE", 2.0], "SOFT_NMS_MIN_SCORE=2.0: a score"),
+        (["MODEL.HTC.STAGE_LOSS_WEIGHTS", ["a", 0.5, 0.25]], "give a number per stage"),
     ],
 )
 def test_config_errors_are_clear(opts, message):

@@ -8,6 +8,7 @@ methods whose HTC behaviour differs, each saying why."""
 
 import inspect
 import logging
+from numbers import Real
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -110,6 +111,10 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         if semantic_pooler is not None:
             semantic_pooler = HTCROIPooler.from_pooler(semantic_pooler, roi_align)
         super().__init__(**kwargs)
+        if not all(isinstance(w, Real) and not isinstance(w, bool) for w in stage_loss_weights):
+            raise ValueError(
+                f"MODEL.HTC.STAGE_LOSS_WEIGHTS={list(stage_loss_weights)}: give a number per stage"
+            )
         self.stage_loss_weights = [float(w) for w in stage_loss_weights]
         self.interleaved = interleaved
         self.mask_info_flow = mask_info_flow
