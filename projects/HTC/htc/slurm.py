@@ -280,13 +280,14 @@ def submit(train_main: Callable, args: argparse.Namespace, cfg: CfgNode):
     """Submit ``train_main(args)`` (train_net's ``main``) as a preemptible job of the config
     ``cfg``. Returns submitit's job."""
     output = Path(cfg.OUTPUT_DIR)
-    if (output / "last_checkpoint").exists() and not (args.resume or args.eval_only):
+    holds_run = (output / "last_checkpoint").exists()
+    if holds_run and not (args.resume or args.eval_only):
         raise ValueError(
             f"OUTPUT_DIR {output} holds a run (last_checkpoint), which the job would continue: "
             "give --resume to continue it, or another OUTPUT_DIR"
         )
     seed = cfg.SEED if cfg.SEED >= 0 or not args.resume else recorded_seed(output)
-    if seed < 0 and args.resume and (output / "last_checkpoint").exists():
+    if seed < 0 and args.resume and holds_run:
         raise ValueError(
             f"--resume with SEED {cfg.SEED}: the run's SEED is not in {output / 'config.yaml'}: "
             "give it (SEED N), or the resumed job's data order would not continue"

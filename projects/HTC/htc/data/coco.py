@@ -6,7 +6,7 @@ import logging
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pycocotools.mask as mask_util
 from detectron2.data.datasets import load_coco_json
@@ -34,17 +34,9 @@ def load_htc_json(
     missing file or folder and ``ValueError`` naming the file, the id and the problem."""
     _require(Path(json_file), f"{dataset_name}: annotation file")
     _require(Path(image_root), f"{dataset_name}: image folder")
-    try:
-        with PathManager.open(json_file) as f:
-            data = json.load(f)  # read twice (Detectron2 reads it again): checked first
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{json_file}: malformed COCO instances file: {e}") from e
-    check_coco_json(data, json_file)
-    del data
+    check_coco_json(read_json(json_file, "COCO instances"), json_file)
     records = load_coco_json(json_file, image_root, dataset_name, extra_annotation_keys=["id"])
-    missing = [r["file_name"] for r in records if not os.path.isfile(r["file_name"])]
-    if missing:
-        raise FileNotFoundError(f"{json_file}: {len(missing)} images not found, e.g. {missing[0]}")
+    check_images_found(records, json_file)
     for record in records:  # integral floats passed the checks; mask pasting needs ints
         record["height"], record["width"] = int(record["height"]), int(record["width"])
     records = check_annotations(records, json_file)
@@ -59,6 +51,23 @@ def load_htc_json(
                 record["sem_seg_file_name"], record["height"], record["width"], record["file_name"]
             )
     return records
+
+
+def read_json(json_file: str, kind: str) -> Any:
+    """The parsed ``json_file`` (a ``kind`` file), for the checks before Detectron2 reads it
+    again; ValueError naming it where it is malformed."""
+    try:
+        with PathManager.open(json_file) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{json_file}: malformed {kind} file: {e}") from e
+
+
+def check_images_found(records: List[dict], json_file: str) -> None:
+    """Refuse records of ``json_file`` whose image file is missing."""
+    missing = [r["file_name"] for r in records if not os.path.isfile(r["file_name"])]
+    if missing:
+        raise FileNotFoundError(f"{json_file}: {len(missing)} images not found, e.g. {missing[0]}")
 
 
 def semantic_map_paths(records: List[dict], image_root: str, sem_seg_root: Path) -> List[Path]:

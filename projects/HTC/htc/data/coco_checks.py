@@ -197,6 +197,15 @@ def _check_unique_files(images: Dict[int, dict], where: str) -> None:
         seen[name] = image_id
 
 
+def _check_lists(data: Any, where: str) -> None:
+    """Refuse a json that is not an object of the three lists."""
+    if not isinstance(data, dict):
+        raise CocoFormatError(f"{where}: the json holds a {type(data).__name__}, not an object")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise CocoFormatError(f"{where}: {key!r} is missing or not a list")
+
+
 def check_coco_json(data: Any, where: str) -> None:
     """Refuse a COCO instances dict that the loader or the mapper would misread.
 
@@ -204,11 +213,7 @@ def check_coco_json(data: Any, where: str) -> None:
         data: the parsed json.
         where: the file, for the messages.
     """
-    if not isinstance(data, dict):
-        raise CocoFormatError(f"{where}: the json holds a {type(data).__name__}, not an object")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise CocoFormatError(f"{where}: {key!r} is missing or not a list")
+    _check_lists(data, where)
     images = _unique_int_ids(data["images"], "image", where)
     for image in images.values():
         _check_image(image, where)
@@ -233,11 +238,7 @@ def check_lvis_json(data: Any, where: str, categories: Dict[int, str], exact: bo
             the loader trains category k as class k - 1), or some of its ids (a "cocofied"
             json: LVIS's categories under COCO's ids, the loader mapping them by COCO's table).
     """
-    if not isinstance(data, dict):
-        raise CocoFormatError(f"{where}: the json holds a {type(data).__name__}, not an object")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise CocoFormatError(f"{where}: {key!r} is missing or not a list")
+    _check_lists(data, where)
     _check_lvis_categories(_unique_int_ids(data["categories"], "category", where), where,
                            categories, exact)  # fmt: skip
     images = _unique_int_ids(data["images"], "image", where)

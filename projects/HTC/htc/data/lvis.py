@@ -8,8 +8,6 @@ Layout under $DETECTRON2_DATASETS, as Detectron2's LVIS datasets and COCO-Stuff 
     lvis/lvis_v1_{train,val}.json
 """
 
-import json
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -18,6 +16,7 @@ from detectron2.data.datasets.lvis import get_lvis_instances_meta, load_lvis_jso
 from detectron2.data.datasets.lvis_v0_5_categories import LVIS_CATEGORIES as LVIS_V0_5_CATEGORIES
 from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES as LVIS_V1_CATEGORIES
 
+from .coco import check_images_found, read_json
 from .coco_checks import check_lvis_json
 from .label_map import check_label_map
 from .register import datasets_root, register_with_loader
@@ -43,18 +42,10 @@ def load_lvis_htc(
     for path, kind in ((json_file, "json file"), (image_root, "image folder")):
         if not Path(path).exists():
             raise FileNotFoundError(f"{dataset_name}: no {kind} {path}")
-    try:
-        with open(json_file) as f:
-            data = json.load(f)  # read twice (Detectron2 reads it again): checked first, freed
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{json_file}: malformed LVIS file: {e}") from e
-    check_lvis_json(data, json_file, *category_table(dataset_name))
-    del data
+    check_lvis_json(read_json(json_file, "LVIS"), json_file, *category_table(dataset_name))
     # Detectron2 joins image_root and the image's COCO folder as strings
     dicts = load_lvis_json(json_file, str(image_root).rstrip("/") + "/", dataset_name)
-    missing = [r["file_name"] for r in dicts if not os.path.isfile(r["file_name"])]
-    if missing:
-        raise FileNotFoundError(f"{json_file}: {len(missing)} images not found, e.g. {missing[0]}")
+    check_images_found(dicts, json_file)
     if stuff_root is None:
         return dicts
     for record in dicts:
