@@ -11,14 +11,29 @@ import torch
 from detectron2.structures import BitMasks, Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 
-from conftest import parity_model
+from conftest import dev_parity_module, parity_model
 from conftest import parity_reference as reference
 from htc import SEMANTIC_FEATURE
 
-FAMILIES = ["small", "x101_32x4d", "x101_64x4d_dcn", "without_semantic", "soft_nms", "htcpp_heads"]
+FAMILIES = [
+    "small",
+    "r101",
+    "x101_32x4d",
+    "x101_64x4d_dcn",
+    "without_semantic",
+    "soft_nms",
+    "htcpp_heads",
+]
 # the families whose own fixture has these (the others' equal the base's by construction)
-OWN_SEMANTIC_LOSS = ["small", "x101_32x4d", "x101_64x4d_dcn"]
-OWN_TRAINING_LOSSES = ["small", "x101_32x4d", "x101_64x4d_dcn", "without_semantic", "htcpp_heads"]
+OWN_SEMANTIC_LOSS = ["small", "r101", "x101_32x4d", "x101_64x4d_dcn"]
+OWN_TRAINING_LOSSES = [
+    "small",
+    "r101",
+    "x101_32x4d",
+    "x101_64x4d_dcn",
+    "without_semantic",
+    "htcpp_heads",
+]
 
 
 def assert_near(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -98,11 +113,7 @@ def test_final_detections(family):
     ref, (images, feats, _, _) = reference(family), features(family)
     det = _detections_on_reference_proposals(reference_model(family), ref, images, feats)
     assert len(det) == len(ref["det_boxes"]) == (1000 if family == "soft_nms" else 100)
-    # each reference detection's twin: same class, the closest box (scores equal up to rounding
-    # may be ordered otherwise, so the lists are not compared in order)
-    iou = pairwise_iou(Boxes(ref["det_boxes"]), det.pred_boxes)
-    iou[ref["det_labels"][:, None] != det.pred_classes[None]] = -1
-    best, twin = iou.max(dim=1)
+    twin = dev_parity_module("fixtures").twins(det, ref)
     assert twin.unique().numel() == len(det)
     assert_near(det.scores[twin], ref["det_scores"])
     assert_near(det.pred_boxes.tensor[twin], ref["det_boxes"])

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import torch
+from detectron2.structures import Boxes, Instances, pairwise_iou
 
 
 def _load(path: Path) -> dict:
@@ -25,3 +26,12 @@ def load_reference(path: Path) -> dict:
     merged.update({k: v for k, v in ref.items() if k not in ("absent", "absent_weights")})
     merged["state_dict"] = state
     return merged
+
+
+def twins(detections: Instances, ref: dict) -> torch.Tensor:
+    """(D,) the index in ``detections`` of each of the reference's D detections' twin: the same
+    class, the closest box. Scores equal up to rounding may be ordered otherwise, so the two
+    lists are paired, not compared in order."""
+    iou = pairwise_iou(Boxes(ref["det_boxes"]), detections.pred_boxes)
+    iou[ref["det_labels"][:, None] != detections.pred_classes[None]] = -1
+    return iou.argmax(dim=1)

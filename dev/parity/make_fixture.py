@@ -3,8 +3,9 @@
     .venv-mmdet/bin/python dev/parity/make_fixture.py --size small \\
         --out tests/fixtures/htc_parity_small.pth
     .venv-mmdet/bin/python dev/parity/make_fixture.py --size r50 --out /tmp/htc_parity_r50.pth
-    .venv-mmdet/bin/python dev/parity/make_fixture.py --size x101_32x4d \\
-        --out tests/fixtures/htc_parity_x101_32x4d.pth   # and each family of FAMILIES
+    .venv-mmdet/bin/python dev/parity/make_fixture.py --size r101 \\
+        --weights tests/fixtures/htc_parity_small.pth \\
+        --out tests/fixtures/htc_parity_r101.pth   # and each other family of FAMILIES
 
 Builds the reference HTC (configs/htc/htc_r50_fpn_1x_coco.py, or the config of a family of
 FAMILIES; every size but "r50" narrows every width and uses 3 thing / 5 semantic classes, same
@@ -62,6 +63,7 @@ def htcpp_heads(cfg):
 FAMILIES = {
     "small": ("htc_r50_fpn_1x_coco.py", None),
     "r50": ("htc_r50_fpn_1x_coco.py", None),
+    "r101": ("htc_r101_fpn_20e_coco.py", None),
     "x101_32x4d": ("htc_x101-32x4d_fpn_16xb1-20e_coco.py", resnext(4, 4)),
     "x101_64x4d_dcn": (
         "htc_x101-64x4d-dconv-c3-c5_fpn_ms-400-1400-16xb1-20e_coco.py",

@@ -13,7 +13,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
-from fixtures import load_reference
+from fixtures import load_reference, twins
 
 from htc import SEMANTIC_FEATURE, add_htc_config
 from htc.convert_mmdet import convert
@@ -103,15 +103,15 @@ def report(path: str) -> None:
         )
 
     det = heads._forward_box(feats, [Instances(size, proposal_boxes=Boxes(ref["rpn_boxes"]))])[0]
-    o, r = det.scores.argsort(descending=True), ref["det_scores"].argsort(descending=True)
-    same = len(det) == len(r) and torch.equal(det.pred_classes[o], ref["det_labels"][r])
+    twin = twins(det, ref)
+    paired = len(det) == len(twin) and twin.unique().numel() == len(det)
     rows.append(
         (
-            f"detections ({len(det)} vs {len(r)}, same classes: {same}): scores",
-            diff(det.scores[o], ref["det_scores"][r]),
+            f"detections ({len(det)} vs {len(twin)}, paired one to one: {paired}): scores",
+            diff(det.scores[twin], ref["det_scores"]),
         )
     )
-    rows.append(("detections: boxes", diff(det.pred_boxes.tensor[o], ref["det_boxes"][r])))
+    rows.append(("detections: boxes", diff(det.pred_boxes.tensor[twin], ref["det_boxes"])))
     n = len(ref["stage_mask_logits"][0])
     boxes, classes = Boxes(ref["det_boxes"][:n]), ref["det_labels"][:n]
     every = heads._run_mask_heads(feats, [boxes], 2, keep_all=True)

@@ -111,6 +111,7 @@ PROVEN_FAMILIES = {
     "ResNet-50, semantic branch, 2fc box heads",
     "ResNet-50, 2fc box heads",
     "ResNet-50, semantic branch, 4conv1fc box heads",
+    "ResNet-101, semantic branch, 2fc box heads",
     "ResNeXt-101, semantic branch, 2fc box heads",
     "ResNeXt-101 with DCN in res3-res5, semantic branch, 2fc box heads",
 }
