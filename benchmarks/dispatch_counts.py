@@ -2,7 +2,7 @@
 HTC next to Detectron2's Cascade Mask R-CNN (R50-FPN, 2 images, random weights).
 
 Every op dispatched to PyTorch is counted, views and allocations aside (on CUDA nearly each of
-the rest launches one kernel), and every launch of a Triton kernel. FastROIAlign takes its CUDA
+the rest launches one kernel), and every launch of a Triton kernel. AutoROIAlign takes its CUDA
 route (HTC's Triton kernels) on CPU tensors, with the kernels replaced by stand-ins that write
 zeros (ones for the sample counts): the ops around them are those of a GPU run; the values are
 not computed. Host reads, each a wait for the GPU on CUDA: ``aten::_local_scalar_dense``

@@ -1,6 +1,6 @@
 """RoIAlign backward: torchvision's kernel (as Detectron2's ROIAlign), htc.layers'
 TritonROIAlign (CUDA: the Triton kernels, entry build included; CPU: torchvision's) and
-FastROIAlign ("auto": CPU, the sparse-matrix backward; CUDA, the one of the two that its rule
+AutoROIAlign ("auto": CPU, the sparse-matrix backward; CUDA, the one of the two that its rule
 picks), side by side in one run (same inputs, same output gradient), with the max gradient
 difference of "auto" and the number of interpolation entries (the sparse matrix's, the Triton
 backward's);
@@ -21,7 +21,7 @@ from detectron2.structures import Boxes
 from torch.nn import functional as F
 from torchvision.ops import roi_align
 
-from htc.layers import FastROIAlign, ROIAlign, TritonROIAlign
+from htc.layers import AutoROIAlign, ROIAlign, TritonROIAlign
 from htc.layers.roi_align_cpu import interpolation_entries
 from htc.poolers import HTCROIPooler
 
@@ -87,7 +87,7 @@ def main():
         geometry = ((out, out), 1.0 / stride, 0, True)
         t_tv, g_tv = backward_time(ROIAlign(*geometry), x, rois, device, args.repeats)
         t_tr, _ = backward_time(TritonROIAlign(*geometry), x, rois, device, args.repeats)
-        t_fa, g_fa = backward_time(FastROIAlign(*geometry), x, rois, device, args.repeats)
+        t_fa, g_fa = backward_time(AutoROIAlign(*geometry), x, rois, device, args.repeats)
         weight = interpolation_entries(rois.cpu(), tuple(x.shape), *geometry)[2]
         print(
             f"| {n}, {c}, {h}, {w}, {stride}, {r}, {out} | {t_tv * 1e3:.2f} | {t_tr * 1e3:.2f} "
@@ -101,7 +101,7 @@ def main():
 
 def pooler_row(device: str, repeats: int) -> None:
     """Forward + backward of a box pooler of 4 levels (P2-P5 of two 800x1344 images, 1000 RoIs,
-    7x7): Detectron2's ROIPooler (level by level) vs HTC's with FastROIAlign (CUDA: all levels
+    7x7): Detectron2's ROIPooler (level by level) vs HTC's with AutoROIAlign (CUDA: all levels
     in one pass)."""
     g = torch.Generator().manual_seed(2)
     features = [torch.randn(2, 256, 800 // s, 1344 // s, generator=g).to(device)

@@ -1,4 +1,4 @@
-"""Dev only: one HTC train step on FastROIAlign's CUDA route (the Triton kernels, every pooler,
+"""Dev only: one HTC train step on AutoROIAlign's CUDA route (the Triton kernels, every pooler,
 the shared level buffers) run on CPU in Triton's interpreter, next to the CPU route and to
 Detectron2's RoIAlign: the losses and, per parameter, the largest gradient difference relative
 to that gradient's largest entry. The tests check the kernels one by one; this checks the

@@ -9,7 +9,7 @@ from detectron2.structures import Boxes
 from torch.nn import functional as F
 
 from conftest import tiny_cfg
-from htc.layers import FastROIAlign, ParallelCPUROIAlign, ROIAlign, TritonROIAlign
+from htc.layers import AutoROIAlign, ParallelCPUROIAlign, ROIAlign, TritonROIAlign
 from htc.poolers import HTCROIPooler, pooler_format
 
 
@@ -22,7 +22,7 @@ def _features_and_boxes():
 
 
 KERNELS = [
-    ("auto", FastROIAlign),
+    ("auto", AutoROIAlign),
     ("triton", TritonROIAlign),
     ("cpu_parallel", ParallelCPUROIAlign),
     ("torchvision", ROIAlign),
@@ -56,7 +56,7 @@ def test_unknown_kernel_is_named():
         HTCROIPooler.from_pooler(pooler, "cuda")
 
 
-@pytest.mark.parametrize("old, cls", [("fast", FastROIAlign), ("detectron2", ROIAlign)])
+@pytest.mark.parametrize("old, cls", [("fast", AutoROIAlign), ("detectron2", ROIAlign)])
 def test_deprecated_kernel_names_still_work_and_say_their_successor(monkeypatch, old, cls):
     """An old name builds its successor's kernel and warns, once per process."""
     import htc.layers.roi_align as kernels
@@ -116,7 +116,7 @@ def test_pooler_format_is_detectron2s_without_a_sync():
 
 
 def test_levels_are_pooled_in_one_pass_where_the_kernel_can(monkeypatch):
-    """Where FastROIAlign runs Triton (CUDA; here its interpreter on CPU), a multi-level pooler
+    """Where AutoROIAlign runs Triton (CUDA; here its interpreter on CPU), a multi-level pooler
     (which "auto" always gives to Triton) pools every level in one pass, no per-level call and
     no host sync, with the parent's output and gradients."""
     import htc.layers.roi_align as kernels

@@ -11,7 +11,7 @@ from torchvision.ops import roi_align
 
 import htc.layers.roi_align_cpu as cpu_kernels
 from conftest import ROOT
-from htc.layers.roi_align import FastROIAlign, ROIAlign, triton_is_faster
+from htc.layers.roi_align import AutoROIAlign, ROIAlign, triton_is_faster
 from htc.layers.roi_align_cpu import CHUNK, in_chunks, sparse_grad_roi_align
 
 
@@ -48,7 +48,7 @@ def test_backward_equals_torchvision(aligned, sampling_ratio, scale, output_size
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_parallel_forward_is_bit_identical(threads):
-    module = FastROIAlign((14, 14), 0.25, 0, True)
+    module = AutoROIAlign((14, 14), 0.25, 0, True)
     x, rois = _case(seed=3, scale=0.25, num_rois=3 * CHUNK + 5)
     x, rois = x.float(), rois.float()
     before = torch.get_num_threads()
@@ -66,7 +66,7 @@ def test_parallel_forward_is_bit_identical(threads):
 
 
 def test_pooled_gradient_equals_pooling_after_roi_align():
-    module = FastROIAlign((14, 14), 0.125, 0, True)
+    module = AutoROIAlign((14, 14), 0.125, 0, True)
     x, rois = _case(seed=5, scale=0.125, num_rois=CHUNK + 9)
     leaf, ref_leaf = x.clone().requires_grad_(), x.clone().requires_grad_()
     ours = module.pooled(leaf, rois, (7, 7))
@@ -123,15 +123,15 @@ def test_pool_threads_run_in_the_callers_grad_mode(grad_mode):
 
 def test_sparse_backward_forward_records_no_graph_in_threads():
     x, rois = _case(seed=1, scale=0.25, num_rois=2 * CHUNK)
-    out = FastROIAlign((14, 14), 0.25, 0, True).pooled(x.requires_grad_(), rois, (7, 7))
+    out = AutoROIAlign((14, 14), 0.25, 0, True).pooled(x.requires_grad_(), rois, (7, 7))
     assert type(out.grad_fn).__name__ == "ROIAlignFunctionBackward"
     assert out.grad_fn.next_functions[0][0] is not None  # the input leaf, no inner graph
 
 
 def test_devices_other_than_cpu_take_detectron2s_kernel(monkeypatch):
     """Routing is by device type: a "meta" tensor (as MPS or XPU ones) never takes the CPU path."""
-    monkeypatch.setattr(FastROIAlign, "_on_cpu", lambda *a: pytest.fail("CPU path taken"))
-    module = FastROIAlign((14, 14), 0.25, 0, True)
+    monkeypatch.setattr(AutoROIAlign, "_on_cpu", lambda *a: pytest.fail("CPU path taken"))
+    module = AutoROIAlign((14, 14), 0.25, 0, True)
     x, rois = _case(seed=2, scale=0.25, num_rois=10)
     x, rois = x.float().to("meta"), rois.float().to("meta")
     assert module(x, rois).shape == (10, 5, 14, 14)

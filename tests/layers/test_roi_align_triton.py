@@ -1,4 +1,4 @@
-"""htc.layers.roi_align_triton: the CUDA RoIAlign of FastROIAlign equals torchvision's (forward
+"""htc.layers.roi_align_triton: the CUDA RoIAlign of AutoROIAlign equals torchvision's (forward
 within fp32 rounding, pooled outputs, gradients), keeps fp16/bf16 without round-trip casts and
 gives bit-identical gradients. Without a GPU the kernels run in Triton's interpreter on CPU
 (TRITON_INTERPRET=1, set by conftest), and Triton's compiler builds them for the GPU."""
@@ -17,7 +17,7 @@ import htc.layers.roi_align as kernels
 import htc.layers.roi_align_cpu as cpu_kernels
 import htc.layers.roi_align_triton as triton_roi_align
 from conftest import child_env
-from htc.layers import FastROIAlign, TritonROIAlign
+from htc.layers import AutoROIAlign, TritonROIAlign
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -126,7 +126,7 @@ def test_all_levels_in_one_pass_equal_each_level_alone(pool):
 
 
 def test_calls_on_shared_levels_copy_them_once(monkeypatch):
-    """Within ``shared_levels``, the calls of FastROIAlign on the same levels copy them to the
+    """Within ``shared_levels``, the calls of AutoROIAlign on the same levels copy them to the
     channels-last buffer once and sum their gradients there: the same outputs, bit for bit, and
     gradients, to float rounding, as calls that copy the levels each (a level's gradient sums the
     same terms, grouped by buffer); a level changed in place is copied again."""
@@ -301,7 +301,7 @@ def _count_triton_calls(monkeypatch) -> list:
     """Routes TRITON_DEVICES' kernels to this module on this test's device; the returned list
     gets the pool of each single-level call."""
     monkeypatch.setattr(kernels, "TRITON_DEVICES", (DEVICE,))
-    monkeypatch.setattr(FastROIAlign, "_on_cpu", lambda *a: pytest.fail("CPU path taken"))
+    monkeypatch.setattr(AutoROIAlign, "_on_cpu", lambda *a: pytest.fail("CPU path taken"))
     monkeypatch.setattr(kernels, "triton_kernels", lambda: triton_roi_align)
     calls = []
     run = triton_roi_align.roi_align
@@ -348,16 +348,16 @@ def test_triton_runs_on_volta_and_newer(monkeypatch, capability, hip, runs):
 def test_what_triton_cannot_compute_takes_the_other_kernels(monkeypatch, case, message):
     """A GPU that Triton does not compile for, a float64 input (the kernels compute in
     float32): "auto" takes the other kernels, every call; "triton" too, and says why."""
-    cpu_route = FastROIAlign._on_cpu
+    cpu_route = AutoROIAlign._on_cpu
     calls = _count_triton_calls(monkeypatch)
-    monkeypatch.setattr(FastROIAlign, "_on_cpu", cpu_route)
+    monkeypatch.setattr(AutoROIAlign, "_on_cpu", cpu_route)
     x, rois = _case(seed=4, num_rois=3)
     if case == "float64":
         x, rois = x.double(), rois.double()
     else:
         monkeypatch.setattr(kernels, "triton_runs_on", lambda device: False)
     levels = torch.zeros(len(rois), dtype=torch.long, device=DEVICE)
-    auto = FastROIAlign((4, 4), 0.25, 0, True)
+    auto = AutoROIAlign((4, 4), 0.25, 0, True)
     assert auto._route(x, rois, pool=2) != "triton"
     assert auto.all_levels([x, x[:, :, ::2, ::2]], rois, levels, [0.25, 0.125]) is None
     with pytest.warns(RuntimeWarning, match=message):
@@ -367,11 +367,11 @@ def test_what_triton_cannot_compute_takes_the_other_kernels(monkeypatch, case, m
 
 
 def test_auto_takes_the_kernel_measured_faster_per_call(monkeypatch):
-    """FastROIAlign ("auto") on TRITON_DEVICES: torchvision's kernel for a small one-level
+    """AutoROIAlign ("auto") on TRITON_DEVICES: torchvision's kernel for a small one-level
     call, Triton for a pooled one, for several levels and for every call under deterministic
     algorithms; the same outputs whichever it takes."""
     calls = _count_triton_calls(monkeypatch)
-    module = FastROIAlign((4, 4), 0.25, 0, True)
+    module = AutoROIAlign((4, 4), 0.25, 0, True)
     x, rois = _case(seed=3, num_rois=3)
     want = roi_align(x, rois, (4, 4), 0.25, 0, True)
     torch.testing.assert_close(module(x, rois), want)

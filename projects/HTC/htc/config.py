@@ -41,7 +41,8 @@ def add_htc_config(cfg: CN) -> None:
     cfg.MODEL.HTC = CN()
     # Stage t's mask head learns on the boxes stage t just refined (re-assigned, re-sampled).
     cfg.MODEL.HTC.INTERLEAVED = True
-    # Stage t's mask head adds a 1x1 conv of the earlier heads' 14x14 features.
+    # Stage t's mask head adds a 1x1 conv of the previous head's 14x14 feature (chained from the
+    # earlier heads, re-run on stage t's RoIs).
     cfg.MODEL.HTC.MASK_INFO_FLOW = True
     # Whether the model has the semantic segmentation branch at all.
     cfg.MODEL.HTC.SEMANTIC_ON = True

@@ -35,7 +35,7 @@ class HTCROIPooler(ROIPooler):
         """The parent's (R, C, M, M) output with one host sync where the parent has one per
         level (a ``nonzero`` selects each level's boxes) plus one (the boxes' image indices):
         boxes are grouped by level with one count; a kernel that pools all levels in one pass
-        (:meth:`FastROIAlign.all_levels`, Triton on CUDA) needs no grouping and no sync. Eager
+        (:meth:`AutoROIAlign.all_levels`, Triton on CUDA) needs no grouping and no sync. Eager
         under ``torch.compile``: its kernels run eagerly anyway, and the grouping is counted on
         the host (one graph break for the call rather than one for each)."""
         exporting = torch.jit.is_tracing() or torch.jit.is_scripting()

@@ -10,17 +10,17 @@ batched through a data loader, on many GPUs or CPU processes.
 Inputs are image and video files, folders (searched recursively by extension) and glob patterns.
 Each batch's results are appended to ``OUTPUT/predictions.jsonl`` (``predictions.R.jsonl`` for
 process R > 0) as soon as it is done, so a run that is stopped loses at most the batch in flight,
-and a second run with the same output skips what is already there (a run with other settings
-or weights, or while another writes into it, is refused). At the end
-``OUTPUT/coco_results.json`` holds every image's results in COCO's results format (boxes XYWH,
-scores, masks as RLE, the training dataset's category ids), ``OUTPUT/images.json`` the images'
-ids, file names and sizes, and ``OUTPUT/videos/NAME.json`` each video's results, whose image ids
-are frame indices. ``--draw`` writes ``OUTPUT/pictures/ID.png`` and ``OUTPUT/videos/NAME.mp4``;
+and a second run with the same output skips what is already there (a run with other settings or
+weights, or while another writes into it, is refused). At the end ``OUTPUT/coco_results.json``
+holds every image's results in COCO's results format (boxes XYWH, scores, masks as RLE, the
+category ids of the dataset DATASETS.TEST[0] names), ``OUTPUT/images.json`` the images' ids, file
+names and sizes, and ``OUTPUT/videos/NAME.json`` each video's results, whose image ids are frame
+indices. ``--draw`` writes ``OUTPUT/pictures/ID.png`` and ``OUTPUT/videos/NAME.mp4``;
 ``--semantic`` each image's semantic labels to ``OUTPUT/semantic/ID.png`` (class indices, 8- or
 16-bit); ``--panoptic`` its panoptic segmentation in COCO panoptic's format,
 ``OUTPUT/panoptic/ID.png`` (segment id = R + 256 G + 256^2 B, 0 = void) with
-``OUTPUT/panoptic.json`` (the dataset's category ids). An input that cannot be read is named in
-one warning and skipped; the summary counts it.
+``OUTPUT/panoptic.json`` (the dataset's category ids). An input that cannot be read is named in one
+warning and skipped; the summary counts it.
 """
 
 import argparse

@@ -1,10 +1,12 @@
 """The ROI heads of HTC: the three-stage cascade made hybrid (Chen et al., CVPR 2019).
 
 Interleaved execution (stage t's mask head learns on the boxes stage t just refined), mask
-information flow (each mask head receives the earlier heads' features) and semantic fusion (the
-semantic branch's RoI feature summed into every box and mask RoI feature); at test time the
-stages' class logits and masks are averaged. A :class:`CascadeROIHeads` that overrides the
-methods whose HTC behaviour differs, each saying why."""
+information flow (each mask head receives the previous head's feature, chained from the first)
+and semantic fusion (the semantic branch's RoI feature summed into every box and mask RoI
+feature); at test time the stages' class logits and masks are averaged. A
+:class:`CascadeROIHeads` that overrides the methods whose HTC behaviour differs, each saying
+why. Shapes: R RoIs, K classes, C channels, P the mask pooler's resolution (14), M = 2P the
+mask's (28)."""
 
 import inspect
 import logging
@@ -287,7 +289,8 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         weight. Stage t samples the RoIs of its IoU threshold from ``proposals`` (the RPN's at
         stage 0, then the previous stage's refined boxes, constants to this stage), learns its
         box head on them, refines them, and, interleaved, samples the refined boxes again for its
-        mask head, which learns on their foreground with the earlier heads' information flow.
+        mask head, which learns on their foreground with the information flow of the heads
+        before it.
 
         Args:
             features: the backbone's levels (N, C, Hl, Wl) and, with the semantic branch,
@@ -324,7 +327,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         masks, Detectron2's ``mask_rcnn_loss`` draws them and logs the rates itself (then None)."""
         boxes = [x.proposal_boxes for x in instances]
         classes = cat([x.gt_classes for x in instances])
-        (logits,) = self._run_mask_heads(features, boxes, stage, False, classes)
+        (logits,) = self._run_mask_heads(features, boxes, stage, keep_all=False, classes=classes)
         vis_period = self.mask_head[stage].vis_period
         storage = get_event_storage()
         if vis_period > 0 and storage.iter % vis_period == 0:
@@ -383,7 +386,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         ]
 
     def _semantic_rois(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]) -> torch.Tensor:
-        """(R, C, M, M) RoIAlign of the semantic feature, M = the mask pooler resolution."""
+        """(R, C, P, P) RoIAlign of the semantic feature at the mask pooler's resolution."""
         return self.semantic_pooler([_semantic_feature(features)], boxes)
 
     def _semantic_box_rois(
@@ -491,7 +494,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
     def stage_mask_probabilities(
         self, features: Dict[str, torch.Tensor], boxes: List[Boxes], classes: torch.Tensor
     ) -> List[torch.Tensor]:
-        """(R, 1, 2M, 2M) sigmoid masks of ``classes`` on ``boxes``: of every stage ("mean") or
+        """(R, 1, M, M) sigmoid masks of ``classes`` on ``boxes``: of every stage ("mean") or
         of the last ("last")."""
         keep_all = self.mask_merge == "mean"
         last = self.num_cascade_stages - 1
@@ -506,9 +509,9 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         classes: Optional[torch.Tensor] = None,
     ) -> List[torch.Tensor]:
         """Mask heads 0..``last_stage`` on the same RoIs: with mask information flow each head
-        receives the previous head's 14x14 feature (earlier heads run convs only unless
-        ``keep_all``). Returns the logits of the last head, or of every head: (R, 1, 2M, 2M)
-        those of the (R,) ``classes``, or (R, K, 2M, 2M) every class's without them.
+        receives the previous head's (R, C, P, P) feature (earlier heads run convs only unless
+        ``keep_all``). Returns the logits of the last head, or of every head: (R, 1, M, M)
+        those of the (R,) ``classes``, or (R, K, M, M) every class's without them.
         """
         x = self.mask_pooler([features[f] for f in self.mask_in_features], boxes)
         if "mask" in self.semantic_fusion:

@@ -45,6 +45,9 @@ class FusedSemanticHead(nn.Module):
             input_shape: the FPN features to fuse, by name, in the order of their levels.
             fusion_feature: the feature whose resolution the branch works at (e.g. "p3").
             num_classes: number of semantic classes of the logits (183 for COCO-Stuff).
+            conv_dim: channels of the fused levels and of the convs after the fusion.
+            num_convs: number of 3x3 convs on the fused feature (4 in the reference).
+            embed_dim: channels of the semantic feature (``conv_embedding``) that is pooled.
             loss_weight: weight of the cross-entropy loss.
             ignore_value: label of pixels without a semantic label (and of padding).
             norm: normalization after each conv but the logits ("" = none, as the reference;

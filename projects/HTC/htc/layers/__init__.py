@@ -1,7 +1,7 @@
 """HTC's kernels, apart from the model as Detectron2 keeps its own in ``detectron2/layers``.
 
 Each is chosen by one config key (``add_htc_config``), applied where the model is built:
-* ``MODEL.HTC.ROI_ALIGN``: "auto" (:class:`FastROIAlign`: per call, the kernel that measured
+* ``MODEL.HTC.ROI_ALIGN``: "auto" (:class:`AutoROIAlign`: per call, the kernel that measured
   faster), "triton", "cpu_parallel" or "torchvision" (:class:`ROIAlign`), for every pooler of
   the ROI heads (:class:`htc.poolers.HTCROIPooler`); within :func:`shared_levels`, the Triton
   kernels copy each list of levels to their layout once (per call under inference mode);
@@ -21,7 +21,7 @@ from .deform_conv import (
 from .interpolate import interpolate_bilinear, resize_bilinear
 from .roi_align import (
     ROI_ALIGN_KERNELS,
-    FastROIAlign,
+    AutoROIAlign,
     ParallelCPUROIAlign,
     ROIAlign,
     TritonROIAlign,
@@ -31,7 +31,7 @@ from .roi_align import (
 
 __all__ = [
     "DEFORM_CONV_KERNELS",
-    "FastROIAlign",
+    "AutoROIAlign",
     "ParallelCPUROIAlign",
     "ROIAlign",
     "ROI_ALIGN_KERNELS",

@@ -2,7 +2,7 @@
 
 * :class:`ROIAlign` ("torchvision"): Detectron2's RoIAlign (torchvision's op); ``pooled``
   average-pools its output.
-* :class:`FastROIAlign` ("auto", the default): torchvision's results, by the kernel measured
+* :class:`AutoROIAlign` ("auto", the default): torchvision's results, by the kernel measured
   faster for the call's device and shape (:func:`triton_is_faster`); :class:`TritonROIAlign`
   ("triton") and :class:`ParallelCPUROIAlign` ("cpu_parallel") take one of its kernels always.
   On CPU it runs the kernels of :mod:`htc.layers.roi_align_cpu` (a parallel forward and a
@@ -13,7 +13,7 @@
   deterministic nor fast where thousands of RoIs overlap), pooled outputs computed directly,
   fp16/bf16 computed natively (torchvision's casts to fp32 under autocast: where "auto" moves
   a call from one to the other, its rounding changes), and all levels of a multi-level pooler
-  in one pass (:meth:`FastROIAlign.all_levels`). Elsewhere, and under tracing (export), it is
+  in one pass (:meth:`AutoROIAlign.all_levels`). Elsewhere, and under tracing (export), it is
   :class:`ROIAlign`. The names "fast" and "detectron2" of earlier releases still work, with a
   deprecation warning (:func:`roi_align_kernel`).
 """
@@ -32,7 +32,7 @@ from torch.nn.modules.utils import _pair
 
 from .roi_align_cpu import parallel_roi_align, sparse_grad_roi_align
 
-TRITON_DEVICES = ("cuda",)  # devices on which FastROIAlign runs htc.layers.roi_align_triton
+TRITON_DEVICES = ("cuda",)  # devices on which AutoROIAlign runs htc.layers.roi_align_triton
 _SHARED_LEVELS: ContextVar[Optional[dict]] = ContextVar("htc_shared_levels", default=None)
 
 
@@ -66,7 +66,7 @@ class ROIAlign(d2_layers.ROIAlign):
 
 @contextlib.contextmanager
 def shared_levels() -> Iterator[None]:
-    """Within it, the Triton route of :class:`FastROIAlign` copies a list of feature levels to
+    """Within it, the Triton route of :class:`AutoROIAlign` copies a list of feature levels to
     its channels-last buffer once for all its calls on them, and sums their gradients there
     (:func:`htc.layers.roi_align_triton.joint_levels`; not for ``torch.inference_mode``'s
     tensors, copied per call); the buffers go when it ends. Elsewhere it changes nothing."""
@@ -156,7 +156,7 @@ def _why_not_triton(input: torch.Tensor) -> Optional[str]:
     return why
 
 
-class FastROIAlign(ROIAlign):
+class AutoROIAlign(ROIAlign):
     """:class:`ROIAlign` that picks the faster kernel per call ("auto"): on CPU the parallel
     forward and sparse backward; on CUDA (with Triton) the Triton kernels where
     :func:`triton_is_faster` and always under ``torch.use_deterministic_algorithms``
@@ -261,7 +261,7 @@ class FastROIAlign(ROIAlign):
         return parallel_roi_align(input, rois, *self._arguments(), pool)
 
 
-class TritonROIAlign(FastROIAlign):
+class TritonROIAlign(AutoROIAlign):
     """The Triton kernels for every call they can compute (CUDA of compute capability 7.0 and
     newer with Triton, float32 and narrower); torchvision's elsewhere, with a warning naming
     the reason on CUDA (:func:`_why_not_triton`)."""
@@ -286,7 +286,7 @@ class TritonROIAlign(FastROIAlign):
         return route
 
 
-class ParallelCPUROIAlign(FastROIAlign):
+class ParallelCPUROIAlign(AutoROIAlign):
     """The parallel forward and sparse backward on CPU; torchvision's elsewhere."""
 
     def _prefers_triton(self, *_) -> bool:
@@ -295,7 +295,7 @@ class ParallelCPUROIAlign(FastROIAlign):
 
 # MODEL.HTC.ROI_ALIGN -> kernel
 ROI_ALIGN_KERNELS: Dict[str, Type[ROIAlign]] = {
-    "auto": FastROIAlign,
+    "auto": AutoROIAlign,
     "triton": TritonROIAlign,
     "cpu_parallel": ParallelCPUROIAlign,
     "torchvision": ROIAlign,

@@ -1,4 +1,4 @@
-"""The CPU kernels of :class:`htc.layers.FastROIAlign` ("auto" and "cpu_parallel" on CPU).
+"""The CPU kernels of :class:`htc.layers.AutoROIAlign` ("auto" and "cpu_parallel" on CPU).
 
 torchvision's CPU ``roi_align`` runs in one thread, forward and backward, and its backward
 recomputes the bilinear weights for every channel. Here the forward is torchvision's kernel run

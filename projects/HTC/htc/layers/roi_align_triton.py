@@ -1,4 +1,4 @@
-"""RoIAlign as Triton kernels, for :class:`htc.layers.FastROIAlign` on CUDA.
+"""RoIAlign as Triton kernels, for :class:`htc.layers.AutoROIAlign` on CUDA.
 
 * Levels: the RoIs of a multi-level pooler are computed in one pass, each on its own level's
   feature (:func:`multi_level_roi_align`): the levels are copied into one channels-last buffer
