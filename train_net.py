@@ -11,6 +11,7 @@ from collections import OrderedDict
 
 from detectron2.config import get_cfg
 from detectron2.data import (
+    DatasetCatalog,
     MetadataCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
@@ -87,6 +88,18 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         with cpu_capable_ddp():  # the parent gives DDP CUDA device ids even for a CPU model
             super().__init__(cfg)
+        self.check_test_datasets(cfg)
+
+    @classmethod
+    def check_test_datasets(cls, cfg) -> None:
+        """Each of DATASETS.TEST loaded, checked against the config and given its evaluators
+        before training (after the training data, whose classes they must share): Detectron2
+        loads them at the first evaluation, the end of a run by default, so a mistyped path or
+        other classes failed after the training."""
+        for name in cfg.DATASETS.TEST:
+            DatasetCatalog.get(name)
+            check_dataset(cfg, name, is_train=False)
+            cls.build_evaluator(cfg, name)
 
     def build_hooks(self):
         """The parent's hooks around an :class:`HTCCheckpointer` (atomic writes, shape checks):

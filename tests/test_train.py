@@ -144,6 +144,25 @@ def test_num_classes_that_do_not_fit_the_dataset_are_refused(tiny_dataset, tmp_p
         Trainer(cfg)
 
 
+def test_test_datasets_are_checked_before_training(tiny_dataset, tmp_path):
+    """Detectron2 loads them at the first evaluation, the end of the run by default."""
+    coco = json.loads((tiny_dataset / "train.json").read_text())
+    coco["categories"] = coco["categories"][:2]
+    coco["annotations"] = [a for a in coco["annotations"] if a["category_id"] in
+                           {c["id"] for c in coco["categories"]}]  # fmt: skip
+    (tmp_path / "two.json").write_text(json.dumps(coco))
+    images = str(tiny_dataset / "train")
+    register_htc_instances("test_early_missing", str(tmp_path / "typo.json"), images)
+    register_htc_instances("test_early_two", str(tmp_path / "two.json"), images)
+    trained = _trainer_cfg(tiny_dataset, "test_early_train", tmp_path)
+    for name, refused in (("test_early_missing", "typo.json"),
+                          ("test_early_two", "'test_early_two' has 2 thing classes")):  # fmt: skip
+        cfg = trained.clone()
+        cfg.DATASETS.TEST = (name,)
+        with pytest.raises((ValueError, FileNotFoundError), match=refused):
+            Trainer(cfg)
+
+
 def test_weights_that_do_not_fit_are_refused_unless_skipping_is_asked(
     tiny_dataset, tmp_path, monkeypatch
 ):
