@@ -49,6 +49,13 @@ from htc.roi_heads import HAS_FED_LOSS
         (["MODEL.SEM_SEG_HEAD.CONVS_DIM", 0], "conv_dim 0 \\(CONVS_DIM\\)"),
         (["MODEL.HTC.SOFT_NMS_MIN_SCORE", 2.0], "SOFT_NMS_MIN_SCORE=2.0: a score"),
         (["MODEL.HTC.STAGE_LOSS_WEIGHTS", ["a", 0.5, 0.25]], "give a number per stage"),
+        (["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 50.0], "SCORE_THRESH_TEST .*=50.0: give a value"),
+        (["MODEL.ROI_HEADS.NMS_THRESH_TEST", -0.5], "NMS_THRESH_TEST .*=-0.5: give a value"),
+        (
+            ["MODEL.PIXEL_MEAN", [1.0] * 4, "MODEL.PIXEL_STD", [1.0] * 4],
+            "4 values, .*3-channel images",
+        ),
+        (["INPUT.FORMAT", "L"], "PIXEL_MEAN .* 3 values, .* 'L' gives 1-channel images"),
     ],
 )
 def test_config_errors_are_clear(opts, message):
@@ -56,6 +63,14 @@ def test_config_errors_are_clear(opts, message):
     cfg.merge_from_list(opts)
     with pytest.raises(ValueError, match=message):
         build_model(cfg)
+
+
+def test_grayscale_input_with_one_mean_builds():
+    cfg = tiny_cfg()
+    cfg.merge_from_list(
+        ["INPUT.FORMAT", "L", "MODEL.PIXEL_MEAN", [120.0], "MODEL.PIXEL_STD", [1.0]]
+    )
+    assert build_model(cfg).backbone.bottom_up.stem.conv1.weight.shape[1] == 1
 
 
 @pytest.mark.parametrize("info_flow", [True, False])

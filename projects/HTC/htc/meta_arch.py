@@ -62,6 +62,7 @@ class HybridTaskCascade(GeneralizedRCNN):
             )
         DEFORM_CONV_KERNELS[deform_conv](self.backbone)
         use_reference_decoding(self)
+        _check_pixel_statistics(self.pixel_mean, self.input_format)
         if self.proposal_generator is None:
             raise ValueError("HybridTaskCascade needs an RPN (MODEL.PROPOSAL_GENERATOR.NAME)")
         _check_roi_heads(self.roi_heads)
@@ -237,6 +238,18 @@ def _paste_held_masks_as_rle(instances: Instances) -> None:
         instances.remove(HELD_MASKS)
         height, width = instances.image_size
         instances.pred_masks_rle = paste_masks_as_rle(masks, instances.pred_boxes, height, width)
+
+
+def _check_pixel_statistics(pixel_mean: torch.Tensor, input_format: Optional[str]) -> None:
+    """Refuse a MODEL.PIXEL_MEAN of another length than the channels of INPUT.FORMAT's images:
+    the backbone's stem takes len(PIXEL_MEAN) channels, and the first image failed in torch."""
+    channels = 1 if input_format == "L" else 3
+    if input_format is not None and pixel_mean.numel() != channels:
+        raise ValueError(
+            f"MODEL.PIXEL_MEAN (pixel_mean) has {pixel_mean.numel()} values, but INPUT.FORMAT "
+            f"(input_format) {input_format!r} gives {channels}-channel images: give a mean and a "
+            "std per channel"
+        )
 
 
 def _check_roi_heads(roi_heads: torch.nn.Module) -> None:

@@ -177,6 +177,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             raise ValueError(
                 f"MODEL.HTC.SOFT_NMS_MIN_SCORE={self.soft_nms_min_score}: a score, in [0, 1]"
             )
+        _check_test_thresholds(self.box_predictor[-1])
         if self.test_nms not in TEST_NMS:
             raise ValueError(f"MODEL.HTC.TEST_NMS={self.test_nms!r}: use one of {TEST_NMS}")
         if self.mask_merge not in MASK_MERGE_RULES:
@@ -527,6 +528,17 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
                     stage_logits if classes is None else of_classes(stage_logits, classes)
                 )
         return logits
+
+
+def _check_test_thresholds(predictor: nn.Module) -> None:
+    """Refuse a test score or NMS IoU threshold outside [0, 1]: a score threshold of 50 (meant
+    as a percentage) kept no detection, silently."""
+    for key, value in (
+        ("SCORE_THRESH_TEST (test_score_thresh)", predictor.test_score_thresh),
+        ("NMS_THRESH_TEST (test_nms_thresh)", predictor.test_nms_thresh),
+    ):
+        if not 0 <= value <= 1:
+            raise ValueError(f"MODEL.ROI_HEADS.{key}={value}: give a value in [0, 1]")
 
 
 def _warn_if_not_finite(boxes: List[torch.Tensor], scores: List[torch.Tensor]) -> None:
