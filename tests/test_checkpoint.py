@@ -300,3 +300,25 @@ def test_inference_entries_check_the_weights_as_training_does(entry, tmp_path, c
         assert "cut.png: skipped, " in err
         assert "thin.png: skipped, 400x1 pixels resize to 80x0 (" in err
         assert sorted(p.name for p in (tmp_path / "pictures").iterdir()) == ["photo.png"]
+
+
+@pytest.mark.parametrize(
+    "name, content, named",
+    [
+        ("lfs.pth", b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n", "LFS"),
+        ("page.pth", b"<!DOCTYPE html><html><body>Sign in</body></html>", "a web page"),
+        ("notes.pkl", b"model weights are on the server", "neither a zip archive nor a pickle"),
+        ("cut.pth", None, "cut short"),
+    ],
+)
+def test_a_file_that_is_no_checkpoint_is_named(tmp_path, name, content, named):
+    """torch said "KeyError: 105" for a text file, or advised weights_only=False (which runs the
+    file's code) for a Git LFS pointer; neither named the file."""
+    path = tmp_path / name
+    if content is None:
+        torch.save({"model": {"weight": torch.zeros(64, 64)}}, path)
+        path.write_bytes(path.read_bytes()[:-200])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))}: .*{named}"):
+        HTCCheckpointer(torch.nn.Linear(64, 64)).load(str(path))

@@ -10,6 +10,7 @@ import contextlib
 import glob
 import logging
 import os
+import pickle
 import socket
 import zipfile
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Set, Tuple
@@ -209,6 +210,16 @@ class HTCCheckpointer(DetectionCheckpointer):
                 "of the one to resume from into last_checkpoint)"
             )
 
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        """The parent's, naming a file that is no checkpoint (a Git LFS pointer, a web page saved
+        in its place, a cut download): torch said "KeyError: 105" or "failed reading zip
+        archive", or advised loading with weights_only=False, which runs the file's code."""
+        try:
+            return super()._load_file(filename)
+        except (pickle.UnpicklingError, OSError, RuntimeError, EOFError, KeyError, ValueError) as e:
+            first = str(e).splitlines()[0] if str(e) else repr(e)
+            raise ValueError(f"{filename}: {_not_loadable(filename)} ({first})") from e
+
     def _advice(self, loading: str) -> str:
         """What to do about a refused checkpoint: ``loading``'s advice, or a resume's."""
         if self._resuming:
@@ -241,6 +252,23 @@ class HTCCheckpointer(DetectionCheckpointer):
             missing = [k for k in incompatible.missing_keys if k not in skipped]
             _check_complete(self.model, missing, self._advice(COMPLETE_ADVICE))
         return incompatible
+
+
+def _not_loadable(filename: str) -> str:
+    """What the file ``filename``, which failed to load as a checkpoint, is likely to be."""
+    with open(filename, "rb") as f:
+        head = f.read(64)
+    text = head.lstrip().lower()
+    if text.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the file it points to (git lfs pull fetches it)"
+    if text.startswith((b"<!doctype html", b"<html")):
+        return "a web page, not a checkpoint (a download that got a login or error page?)"
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # a zip archive's start, or a pickle
+        return "not a PyTorch or Detectron2 checkpoint (neither a zip archive nor a pickle)"
+    return (
+        "a checkpoint cut short, or holding objects other than tensors and plain containers, "
+        "which are not unpickled (weights_only)"
+    )
 
 
 def _check_names(names: Iterable[str], model: Dict[str, torch.Tensor]) -> None:
