@@ -27,6 +27,13 @@ def _first_image(**fields):
     return edit
 
 
+def _category(index: int, **fields):
+    def edit(coco):
+        coco["categories"][index].update(fields)
+
+    return edit
+
+
 def _polygon(*coords):
     return _first_annotation(segmentation=[list(coords)])
 
@@ -110,6 +117,8 @@ MALFORMED = {
         ANN + " has category_id 99, which is not the id of a category",
     ),
     "category-text": (_first_annotation(category_id="0"), "has category_id '0'"),
+    "category-name-missing": (_category(0, name=None), r"category \d+ has name None"),
+    "category-name-twice": (_category(1, name="disc"), r"categories \d+ and \d+ are both named"),
     "iscrowd-2": (_first_annotation(iscrowd=2), "iscrowd 2: expected 0 or 1"),
     "ignore-1": (_first_annotation(ignore=1), "ignore 1: not supported by Detectron2"),
     "height-text": (_first_image(height="256"), r"image 1 \(00001.png\) has height '256'"),
@@ -195,7 +204,18 @@ def test_no_masks_at_all_is_refused(dataset):
     root, coco = dataset
     for ann in coco["annotations"]:
         ann["segmentation"] = []
-    with pytest.raises(ValueError, match="no annotation has a segmentation"):
+    with pytest.raises(ValueError, match="no annotation is left with a segmentation"):
+        load(root, coco)
+
+
+def test_masks_whose_boxes_are_all_ignored_are_named_by_the_boxes(dataset):
+    """Some mask-only converters write every bbox [0, 0, 0, 0]: the loader said "no annotation
+    has a segmentation", though every one had its polygons."""
+    root, coco = dataset
+    for ann in coco["annotations"]:
+        ann["bbox"] = [0, 0, 0, 0]
+    total = len(coco["annotations"])
+    with pytest.raises(ValueError, match=f"{total} of {total} ignored: .*box narrower or lower"):
         load(root, coco)
 
 

@@ -188,7 +188,14 @@ def check_annotations(records: List[dict], json_file: str) -> List[dict]:
         record["annotations"] = kept
     total = sum(len(r["annotations"]) for r in records) + sum(ignored.values())
     if total and not any(obj.get("segmentation") for r in records for obj in r["annotations"]):
-        raise ValueError(f"{json_file}: no annotation has a segmentation; HTC learns masks")
+        why = (
+            f"{sum(ignored.values())} of {total} ignored: {dict(ignored)}, e.g. {example}"
+            if ignored
+            else "none has one"
+        )
+        raise ValueError(
+            f"{json_file}: no annotation is left with a segmentation ({why}); HTC learns masks"
+        )
     if ignored:
         logger.warning(
             f"{json_file}: ignored {sum(ignored.values())} of {total} annotations as the "

@@ -219,9 +219,25 @@ def check_coco_json(data: Any, where: str) -> None:
         _check_image(image, where)
     _check_unique_files(images, where)
     categories = _unique_int_ids(data["categories"], "category", where)
+    _check_category_names(categories, where)
     annotations = _unique_int_ids(data["annotations"], "annotation", where)
     for ann in annotations.values():
         _check_annotation(ann, images, categories, where)
+
+
+def _check_category_names(categories: Dict[int, dict], where: str) -> None:
+    """Refuse a category without a name (the loader's bare KeyError 'name') or of another's
+    name: the classes are told apart by name (thing_classes, the class-order check)."""
+    seen: Dict[str, int] = {}
+    for category_id, category in categories.items():
+        name = category.get("name")
+        if not isinstance(name, str) or not name:
+            raise CocoFormatError(f"{where}: category {category_id} has name {name!r}")
+        if name in seen:
+            raise CocoFormatError(
+                f"{where}: categories {seen[name]} and {category_id} are both named {name!r}"
+            )
+        seen[name] = category_id
 
 
 def check_lvis_json(data: Any, where: str, categories: Dict[int, str], exact: bool) -> None:
