@@ -55,6 +55,7 @@ from htc.roi_heads import HAS_FED_LOSS
             ["MODEL.PIXEL_MEAN", [1.0] * 4, "MODEL.PIXEL_STD", [1.0] * 4],
             "4 values, .*3-channel images",
         ),
+        (["MODEL.SEM_SEG_HEAD.NUM_CLASSES", 300], "IGNORE_VALUE .* 255 is one of the 300 classes"),
         (["INPUT.FORMAT", "L"], "PIXEL_MEAN .* 3 values, .* 'L' gives 1-channel images"),
     ],
 )

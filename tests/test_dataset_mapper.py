@@ -1,6 +1,8 @@
 """htc.data.dataset_mapper: images, masks and semantic maps stay aligned through the transforms;
 bad image and label files are named when they are read."""
 
+import inspect
+
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
@@ -174,6 +176,19 @@ def test_multiscale_config_draws_short_side_in_400_1400_long_side_1600():
     (resize,) = [a for a in mapper.augmentations.augs if isinstance(a, T.ResizeShortestEdge)]
     assert resize.is_range and tuple(resize.short_edge_length) == (400, 1400)
     assert resize.max_size == 1600
+
+
+def test_semantic_labels_are_padded_with_the_ignored_label():
+    """FixedSizeCrop(pad=True) padded them with 255 (0 in Detectron2 v0.6) whatever the ignored
+    label: learned as a class, or refused as a value that the map itself did not hold."""
+    cfg = tiny_cfg()
+    cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 254
+    with pytest.raises(ValueError, match=r"pads the semantic labels with (255|0), not .* 254"):
+        HTCDatasetMapper(cfg, is_train=True, augmentations=[T.FixedSizeCrop((64, 64), pad=True)])
+    HTCDatasetMapper(cfg, is_train=True, augmentations=[T.FixedSizeCrop((64, 64), pad=False)])
+    if "seg_pad_value" in inspect.signature(T.FixedSizeCrop).parameters:  # after v0.6
+        crop = T.FixedSizeCrop((64, 64), seg_pad_value=254)
+        HTCDatasetMapper(cfg, is_train=True, augmentations=[crop])
 
 
 def test_labels_are_checked_against_the_configured_ignore_value(tiny_dataset, tmp_path):

@@ -66,6 +66,12 @@ class FusedSemanticHead(nn.Module):
                 f"conv_dim {conv_dim} (CONVS_DIM) and embed_dim {embed_dim} (EMBED_DIM): give "
                 "0 or more convs of 1 or more channels"
             )
+        if 0 <= ignore_value < num_classes:
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE (ignore_value) {ignore_value} is one of the "
+                f"{num_classes} classes (NUM_CLASSES): class {ignore_value} would never be "
+                f"learned or scored; mark unlabeled pixels with a label outside [0, {num_classes})"
+            )
         self.fusion_feature = fusion_feature
         self.common_stride = input_shape[fusion_feature].stride
         self.loss_weight = loss_weight

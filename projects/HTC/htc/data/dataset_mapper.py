@@ -20,6 +20,26 @@ from .label_map import check_same_size, read_label_map
 _EXIF_ORIENTATION = 0x0112
 
 
+def _check_label_padding(augmentations: List[T.Augmentation], ignore_value: int) -> None:
+    """Refuse a FixedSizeCrop that pads the semantic labels with another value than the ignored
+    one: the padding would be learned as a class, or refused as a label of the map (Detectron2
+    v0.6's pads them with 0; later ones with ``seg_pad_value``, 255 by default)."""
+    for aug in augmentations:
+        _check_label_padding(getattr(aug, "augs", []), ignore_value)
+        value = getattr(aug, "seg_pad_value", 0)
+        if isinstance(aug, T.FixedSizeCrop) and aug.pad and value != ignore_value:
+            fix = (
+                f"give it seg_pad_value={ignore_value}"
+                if hasattr(aug, "seg_pad_value")
+                else "Detectron2 v0.6's takes no seg_pad_value: give it pad=False"
+            )
+            raise ValueError(
+                f"FixedSizeCrop(pad=True) pads the semantic labels with {value}, not with the "
+                f"ignored label {ignore_value} (MODEL.SEM_SEG_HEAD.IGNORE_VALUE, the mapper's "
+                f"ignore_value): {fix}"
+            )
+
+
 class HTCDatasetMapper(DatasetMapper):
     """:class:`DatasetMapper` for HTC. The parent loads ``sem_seg`` and applies the image's
     geometric transforms to it; this mapper also checks it against the image (same size, labels
@@ -53,6 +73,8 @@ class HTCDatasetMapper(DatasetMapper):
                 "deriving semantic labels needs instance masks (MODEL.MASK_ON) and the semantic "
                 "branch (MODEL.HTC.SEMANTIC_ON)"
             )
+        if num_semantic_classes is not None:
+            _check_label_padding(self.augmentations.augs, ignore_value)
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True, dataset_names: Optional[List[str]] = None):
