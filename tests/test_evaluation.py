@@ -213,3 +213,53 @@ def test_the_miou_evaluator_names_a_model_without_semantic_output(tmp_path):
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
+
+
+def _registered(name: str, records: list, **metadata) -> str:
+    DatasetCatalog.register(name, lambda: records)
+    MetadataCatalog.get(name).set(ignore_label=255, **metadata)
+    return name
+
+
+def test_the_miou_evaluator_refuses_what_it_cannot_score(tmp_path):
+    """stuff_classes of another count than the semantic head's classes (SemSegEvaluator failed
+    in NumPy after the inference) and, for a LazyConfig's evaluator list, a dataset without
+    label maps (a bare KeyError); refused at construction, which lazyconfig_train_net.py does
+    before training."""
+    maps = [{"file_name": "a.png", "sem_seg_file_name": "a.png"}]
+    named = _registered(f"stuff_{tmp_path.name}", maps, stuff_classes=["sky", "road"])
+    unmapped = _registered(f"unmapped_{tmp_path.name}", [{"file_name": "a.png"}])
+    try:
+        HTCSemSegEvaluator(named, num_classes=2)
+        refused = f"{named}' names 2 semantic classes \\(its metadata's stuff_classes\\) but .* 3"
+        with pytest.raises(ValueError, match=refused):
+            HTCSemSegEvaluator(named, num_classes=3)
+        no_maps = f"{unmapped}' has no semantic maps .*: drop the mIoU evaluator"
+        with pytest.raises(ValueError, match=no_maps):
+            HTCSemSegEvaluator(unmapped, num_classes=3)
+    finally:
+        for name in (named, unmapped):
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+
+
+def test_ground_truth_without_area_is_refused_before_inference(dataset, tmp_path):
+    """COCO AP splits objects by their 'area': faster-coco-eval counted those without one as
+    small (APs, APm, APl silently wrong), pycocotools raised a KeyError after the inference."""
+    name, _ = dataset
+    coco = json.loads(open(MetadataCatalog.get(name).json_file).read())
+    del coco["annotations"][3]["area"]
+    path = tmp_path / "no_area.json"
+    path.write_text(json.dumps(coco))
+    lacking = f"{name}_no_area"
+    register_coco_instances(lacking, {}, str(path), str(tmp_path))
+    try:
+        count, example = len(coco["annotations"]), coco["annotations"][3]["id"]
+        refused = (
+            f"no_area.json: 1 of its {count} annotations have no 'area' \\(e.g. id {example}\\)"
+        )
+        with pytest.raises(ValueError, match=refused):
+            build_evaluators(tiny_cfg(), lacking)
+    finally:
+        DatasetCatalog.remove(lacking)
+        MetadataCatalog.remove(lacking)

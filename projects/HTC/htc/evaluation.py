@@ -75,11 +75,17 @@ def build_evaluators(
 def check_mask_output(cfg, dataset_name: str) -> None:
     """Refuse masks as RLEs (MODEL.HTC.MASK_OUTPUT rle) for Cityscapes' instance evaluation of
     ``dataset_name``, which reads pasted masks (train_net.py checks before it trains)."""
+    check_pasted_masks(dataset_name, cfg.MODEL.HTC.MASK_OUTPUT, "MODEL.HTC.MASK_OUTPUT")
+
+
+def check_pasted_masks(dataset_name: str, mask_output: str, key: str) -> None:
+    """Refuse ``mask_output`` (the config's ``key``) other than "bitmask" where ``dataset_name``
+    is scored by Cityscapes' instance evaluation, which reads pasted masks."""
     kind = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
-    if kind in CITYSCAPES_KINDS and cfg.MODEL.HTC.MASK_OUTPUT != "bitmask":
+    if kind in CITYSCAPES_KINDS and mask_output != "bitmask":
         raise ValueError(
             f"Cityscapes' instance evaluation of {dataset_name!r} reads pasted masks: evaluate "
-            "with MODEL.HTC.MASK_OUTPUT bitmask"
+            f"with {key} bitmask"
         )
 
 
@@ -205,9 +211,18 @@ class HTCSemSegEvaluator(SemSegEvaluator):
         meta = MetadataCatalog.get(dataset_name)
         if num_classes is not None and not meta.get("stuff_classes"):
             meta.stuff_classes = [str(i) for i in range(num_classes)]
+        _check_stuff_classes(dataset_name, num_classes)
         if _TAKES_LOADING_FN:
             kwargs.setdefault("sem_seg_loading_fn", read_label_map)
-        super().__init__(dataset_name, **kwargs)
+        try:
+            super().__init__(dataset_name, **kwargs)
+        except KeyError as e:  # the parent's map of each image to its label map
+            if e.args != ("sem_seg_file_name",):
+                raise
+            raise ValueError(
+                f"dataset {dataset_name!r} has no semantic maps (sem_seg_file_name) to score "
+                "mIoU on: drop the mIoU evaluator (HTCSemSegEvaluator) from dataloader.evaluator"
+            ) from e
         # Its json names classes by the label maps' values: a dataset's
         # stuff_dataset_id_to_contiguous_id, where it has one, names the panoptic stuff
         # categories (htc.panoptic), not these labels.
@@ -223,6 +238,19 @@ class HTCSemSegEvaluator(SemSegEvaluator):
                 "the mIoU evaluator out"
             )
         super().process(inputs, outputs)
+
+
+def _check_stuff_classes(dataset_name: str, num_classes: Optional[int]) -> None:
+    """Refuse ``num_classes`` other than the count of the dataset's ``stuff_classes``, by which
+    SemSegEvaluator sizes its confusion matrix: it failed in NumPy after the inference."""
+    stuff = MetadataCatalog.get(dataset_name).get("stuff_classes")
+    if num_classes is not None and len(stuff) != num_classes:
+        raise ValueError(
+            f"dataset {dataset_name!r} names {len(stuff)} semantic classes (its metadata's "
+            f"stuff_classes) but the mIoU evaluator scores {num_classes} (MODEL.SEM_SEG_HEAD."
+            "NUM_CLASSES; LazyConfig: num_classes of HTCSemSegEvaluator, as "
+            "model.semantic_head.num_classes): give stuff_classes one name per semantic class"
+        )
 
 
 def fast_coco_eval_available() -> bool:
@@ -264,6 +292,9 @@ class HTCCOCOEvaluator(ScoresRLEMasks, COCOEvaluator):
         kwargs.setdefault("use_fast_impl", self._cocoeval is not COCOeval)
         with self._cocoeval_in_use():
             super().__init__(dataset_name, *args, **kwargs)
+        json_file = MetadataCatalog.get(dataset_name).get("json_file")
+        if json_file:  # else Detectron2 wrote the json, with areas
+            check_areas(json_file, self._coco_api.dataset.get("annotations", []))
 
     def _eval_predictions(self, predictions, img_ids=None):
         # the parent's "fast" COCOeval is the module's COCOeval_opt, read at the call
@@ -278,6 +309,19 @@ class HTCCOCOEvaluator(ScoresRLEMasks, COCOEvaluator):
             yield
         finally:
             coco_evaluation.COCOeval_opt = saved
+
+
+def check_areas(json_file: str, annotations: List[dict]) -> None:
+    """Refuse ground truth without ``area``, which COCO AP splits objects by into small, medium
+    and large: faster-coco-eval counted every such object small (APs, APm, APl silently
+    wrong), pycocotools raised a bare KeyError after the inference."""
+    lacking = [a.get("id") for a in annotations if "area" not in a]
+    if lacking:
+        raise ValueError(
+            f"{json_file}: {len(lacking)} of its {len(annotations)} annotations have no 'area' "
+            f"(e.g. id {lacking[0]}), which COCO AP needs (its small/medium/large split): give "
+            "each the area of its mask (pycocotools.mask.area) to evaluate on it"
+        )
 
 
 def panoptic_evaluator(dataset_name: str, output_dir: Optional[str] = None):
