@@ -14,9 +14,10 @@ are the yacs configs' FLOAT32_PRECISION, DETERMINISTIC and MODEL.HTC.SKIP_MISMAT
 """
 
 import logging
-from typing import List, Optional
+from typing import Iterable, List, Optional, Tuple
 
 from detectron2.config import LazyConfig, instantiate
+from detectron2.data import MetadataCatalog
 from detectron2.engine import (
     AMPTrainer,
     SimpleTrainer,
@@ -24,7 +25,7 @@ from detectron2.engine import (
     default_writers,
     hooks,
 )
-from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.evaluation import DatasetEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,25 +35,64 @@ from htc.config import apply_overrides, check_device
 from htc.data import register_builtin
 from htc.data.checks import check_mask_format, check_same_thing_classes, check_thing_classes
 from htc.distributed import argument_parser, create_ddp_model, launch_from_args
+from htc.evaluation import HTCSemSegEvaluator, check_pasted_masks
 
 logger = logging.getLogger("htc")
 # The datasets the shipped configs name; every process registers them (DDP workers import this).
 register_builtin()
 
 
-def evaluate(cfg, model) -> dict:
-    """The metrics of ``cfg.dataloader.evaluator`` on ``cfg.dataloader.test``, if it has one."""
-    if "evaluator" not in cfg.dataloader:
+def evaluate(cfg, model, built: Optional[Tuple[Iterable, DatasetEvaluator]] = None) -> dict:
+    """The metrics of ``cfg.dataloader.evaluator`` on ``cfg.dataloader.test``, if it has one:
+    with the loader and evaluator of :func:`build_evaluation` (``built``), else built now."""
+    built = built or build_evaluation(cfg, model)
+    if built is None:
         return {}
-    loader, evaluator = instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
-    trained = _dataset_names(cfg.dataloader.get("train"))
-    if trained:
-        for name in _dataset_names(cfg.dataloader.test):
-            check_same_thing_classes(name, trained[0])
-    results = inference_on_dataset(model, loader, evaluator)
+    results = inference_on_dataset(model, *built)
     if comm.is_main_process():
         print_csv_format(results)
     return results
+
+
+def build_evaluation(cfg, model) -> Optional[Tuple[Iterable, DatasetEvaluator]]:
+    """The test loader and evaluator of ``cfg`` (None without ``dataloader.evaluator``), checked
+    against ``model`` (not DDP-wrapped) and the training data. Called before training: a
+    mistyped test json, other classes or an evaluator that cannot score the data would else
+    fail at the first evaluation, after training."""
+    if "evaluator" not in cfg.dataloader:
+        return None
+    loader = instantiate(cfg.dataloader.test)  # loads the test datasets
+    names = _dataset_names(cfg.dataloader.test)
+    trained = _dataset_names(cfg.dataloader.get("train"))
+    for name in names:
+        if trained:
+            check_same_thing_classes(name, trained[0])
+        check_thing_classes(name, model.roi_heads.num_classes, "model.roi_heads.num_classes")
+        check_pasted_masks(name, getattr(model, "mask_output", "bitmask"), "model.mask_output")
+    check_semantic_settings(model, cfg.dataloader.test.mapper, "dataloader.test.mapper", names)
+    evaluator = instantiate(cfg.dataloader.evaluator)
+    check_semantic_evaluators(evaluator, model)
+    return loader, evaluator
+
+
+def check_semantic_evaluators(evaluator: DatasetEvaluator, model) -> None:
+    """Refuse an mIoU evaluator (HTCSemSegEvaluator in ``dataloader.evaluator``) that
+    ``model`` gives no ``sem_seg`` for, or whose class count is not its semantic head's (the
+    scores would count other classes, or fail in NumPy after the whole inference)."""
+    evaluators = getattr(evaluator, "_evaluators", [evaluator])  # DatasetEvaluators' list
+    head = getattr(model, "semantic_head", None)
+    for semantic in (e for e in evaluators if isinstance(e, HTCSemSegEvaluator)):
+        if head is None or not getattr(model, "semantic_output", True):
+            raise ValueError(
+                "the model outputs no sem_seg (model.semantic_head None or "
+                "model.semantic_output=False): drop HTCSemSegEvaluator from dataloader.evaluator"
+            )
+        classes = head.conv_logits.out_channels
+        if semantic._num_classes != classes:
+            raise ValueError(
+                f"HTCSemSegEvaluator of dataloader.evaluator scores {semantic._num_classes} "
+                f"classes (its num_classes) but model.semantic_head.num_classes is {classes}"
+            )
 
 
 def _dataset_names(loader: Optional[DictConfig]) -> List[str]:
@@ -63,13 +103,68 @@ def _dataset_names(loader: Optional[DictConfig]) -> List[str]:
 
 def check_training_data(cfg, model) -> None:
     """Refuse training data that does not fit ``model`` (call after the loader is built, which
-    loads the datasets): train_net.py's checks of the class count and the mask format."""
+    loads the datasets): train_net.py's checks of the class count, the mask format and the
+    semantic labels."""
     mapper = cfg.dataloader.train.mapper
-    for name in _dataset_names(cfg.dataloader.train):
+    names = _dataset_names(cfg.dataloader.train)
+    for name in names:
         check_thing_classes(name, model.roi_heads.num_classes, "model.roi_heads.num_classes")
         if mapper.get("use_instance_mask", False):
             key = "dataloader.train.mapper.instance_mask_format"
             check_mask_format(name, mapper.get("instance_mask_format", "polygon"), key)
+    check_semantic_settings(model, mapper, "dataloader.train.mapper", names)
+    check_derived_labels(model, mapper, names)
+
+
+def check_semantic_settings(model, mapper: DictConfig, key: str, names: List[str]) -> None:
+    """Refuse a mapper (config ``key``) or datasets ``names`` whose semantic labels do not fit
+    ``model``'s semantic branch. A yacs config sets both from one key; here they are set apart,
+    and a mismatch fails in torch (a label past the head's classes) or trains unlabeled pixels
+    as a class."""
+    head = getattr(model, "semantic_head", None)
+    if head is None:
+        return
+    classes = head.conv_logits.out_channels
+    mapped = mapper.get("num_semantic_classes")
+    if mapped != classes:
+        raise ValueError(
+            f"{key}.num_semantic_classes is {mapped} but model.semantic_head.num_classes is "
+            f"{classes}: set both to the number of semantic classes"
+        )
+    ignore = mapper.get("ignore_value", 255)
+    if ignore != head.ignore_value:
+        raise ValueError(
+            f"{key}.ignore_value is {ignore} but model.semantic_head.ignore_value is "
+            f"{head.ignore_value}: set both to the label of unlabeled pixels"
+        )
+    for name in names:
+        marked = MetadataCatalog.get(name).get("ignore_label")
+        if marked is not None and marked != ignore:
+            raise ValueError(
+                f"dataset {name!r} marks unlabeled pixels {marked} (its ignore_label) but "
+                f"{key}.ignore_value and model.semantic_head.ignore_value are {ignore}"
+            )
+
+
+def check_derived_labels(model, mapper: DictConfig, names: List[str]) -> None:
+    """Refuse a dataset registered with ``derive_semantic`` that the training mapper does not
+    derive labels for (the model would find no sem_seg), and derived labels in another count
+    than the thing classes + background."""
+    key = "dataloader.train.mapper.derive_semantic"
+    derive = mapper.get("derive_semantic", False)
+    for name in names:
+        if MetadataCatalog.get(name).get("derive_semantic") and not derive:
+            raise ValueError(
+                f"dataset {name!r} is registered with derive_semantic=True: set {key}=True"
+            )
+    head = getattr(model, "semantic_head", None)
+    things = model.roi_heads.num_classes
+    if derive and head is not None and head.conv_logits.out_channels != things + 1:
+        raise ValueError(
+            f"{key}: derived semantic labels are the {things} thing classes + background: set "
+            f"model.semantic_head.num_classes and dataloader.train.mapper.num_semantic_classes "
+            f"to {things + 1} (they are {head.conv_logits.out_channels})"
+        )
 
 
 def _checkpointer(cfg, model, complete: bool = False, **checkpointables) -> HTCCheckpointer:
@@ -86,6 +181,7 @@ def train(cfg, resume: bool) -> None:
     optimizer = instantiate(cfg.optimizer)
     loader = instantiate(cfg.dataloader.train)
     check_training_data(cfg, model)
+    evaluation = build_evaluation(cfg, model)
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, loader, optimizer)
     checkpointer = _checkpointer(cfg, model, trainer=trainer)
@@ -97,7 +193,7 @@ def train(cfg, resume: bool) -> None:
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
             if main_process
             else None,
-            hooks.EvalHook(cfg.train.eval_period, lambda: evaluate(cfg, model)),
+            hooks.EvalHook(cfg.train.eval_period, lambda: evaluate(cfg, model, evaluation)),
             hooks.PeriodicWriter(
                 default_writers(cfg.train.output_dir, cfg.train.max_iter),
                 period=cfg.train.log_period,
@@ -127,7 +223,8 @@ def main(args) -> None:
     weights = cfg.train.init_checkpoint
     load_for_evaluation(checkpointer, weights, args.resume, "train.init_checkpoint")
     model.eval()
-    evaluate(cfg, create_ddp_model(model))
+    evaluation = build_evaluation(cfg, model)
+    evaluate(cfg, create_ddp_model(model), evaluation)
 
 
 def invoke_main() -> None:

@@ -164,8 +164,9 @@ def test_small_lazy_config_trains_and_evaluates(workspace, tmp_path, monkeypatch
 
     evaluated = []
     monkeypatch.setattr(
-        lazyconfig_train_net, "evaluate", lambda cfg, model: evaluated.append(model)
+        lazyconfig_train_net, "evaluate", lambda cfg, model, built: evaluated.append(model)
     )
+    monkeypatch.setattr(lazyconfig_train_net, "build_evaluation", lambda cfg, model: None)
     # in this process: no loggers set up (they would stop propagating to pytest's capture)
     monkeypatch.setattr(lazyconfig_train_net, "default_setup", lambda cfg, args: None)
     args = lazyconfig_train_net.argument_parser().parse_args(
@@ -193,6 +194,112 @@ def test_lazy_training_data_that_does_not_fit_the_model_is_refused(tiny_dataset,
     model.roi_heads.num_classes = 2
     with pytest.raises(ValueError, match="3 thing classes but model.roi_heads.num_classes is 2"):
         lazyconfig_train_net.check_training_data(cfg, model)
+
+
+def _registered(tiny_dataset, name: str, json_file=None, **kwargs) -> str:
+    """``name`` registered on the tiny dataset (its json, or ``json_file``)."""
+    json_file = json_file or tiny_dataset / "train.json"
+    register_htc_instances(name, str(json_file), str(tiny_dataset / "train"), **kwargs)
+    return name
+
+
+@pytest.mark.parametrize(
+    "mapper, refused",
+    [
+        ({"num_semantic_classes": 183}, "mapper.num_semantic_classes is 183 but model.semantic_"),
+        ({"ignore_value": 0}, "mapper.ignore_value is 0 but model.semantic_head.ignore_value"),
+        ({"derive_semantic": True}, "mapper.derive_semantic: .* the 3 thing classes \\+ backg"),
+    ],
+)
+def test_lazy_semantic_mapper_that_does_not_fit_the_model_is_refused(
+    tiny_dataset, tmp_path, mapper, refused
+):
+    """The mapper's semantic settings are set apart from the model's: labels past the head's
+    classes failed in torch (IndexError, a device-side assert on CUDA)."""
+    name = _registered(tiny_dataset, f"lazy_sem_{tmp_path.name}")
+    cfg = LazyConfig.load(str(_small_lazy_config(tmp_path, tmp_path / "out")))
+    cfg.dataloader.train.dataset.names = name
+    with on_meta():
+        model = instantiate(cfg.model)
+    lazyconfig_train_net.check_training_data(cfg, model)
+    cfg.dataloader.train.mapper.update(mapper)
+    with pytest.raises(ValueError, match=f"dataloader.train.{refused}"):
+        lazyconfig_train_net.check_training_data(cfg, model)
+
+
+def test_lazy_semantic_metadata_of_the_dataset_is_checked(tiny_dataset, tmp_path):
+    """A dataset registered with derive_semantic=True (the mapper ignored it: no sem_seg), and
+    one marking unlabeled pixels otherwise than the model (it learned them as a class)."""
+    cfg = LazyConfig.load(str(_small_lazy_config(tmp_path, tmp_path / "out")))
+    cfg.model.semantic_head.num_classes = cfg.dataloader.train.mapper.num_semantic_classes = 4
+    with on_meta():
+        model = instantiate(cfg.model)
+    derived = _registered(tiny_dataset, f"lazy_derived_{tmp_path.name}", derive_semantic=True)
+    cfg.dataloader.train.dataset.names = derived
+    with pytest.raises(
+        ValueError, match="derive_semantic=True: set dataloader.train.mapper.derive_semantic=True"
+    ):
+        lazyconfig_train_net.check_training_data(cfg, model)
+    cfg.dataloader.train.mapper.derive_semantic = True
+    lazyconfig_train_net.check_training_data(cfg, model)
+    marked = {"ignore_label": 0}
+    zero = _registered(tiny_dataset, f"lazy_ignore0_{tmp_path.name}", metadata=marked)
+    cfg.dataloader.train.dataset.names = zero
+    with pytest.raises(ValueError, match="pixels 0 \\(its ignore_label\\) but dataloader.train"):
+        lazyconfig_train_net.check_training_data(cfg, model)
+
+
+def _test_json(tiny_dataset, tmp_path, change: str) -> str:
+    """The tiny dataset's json with ``change``: "classes" (2 of its 3), "area" (none)."""
+    coco = json.loads((tiny_dataset / "train.json").read_text())
+    if change == "classes":
+        coco["categories"] = coco["categories"][:2]
+        kept = {c["id"] for c in coco["categories"]}
+        coco["annotations"] = [a for a in coco["annotations"] if a["category_id"] in kept]
+    for annotation in coco["annotations"] if change == "area" else ():
+        annotation.pop("area", None)
+    path = tmp_path / f"{change}.json"
+    path.write_text(json.dumps(coco))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "test_data, refused",
+    [
+        ("missing json", "no_such.json"),
+        ("classes", "has 2 thing classes but model.roi_heads.num_classes is 3"),
+        ("no maps", "has no semantic maps .*: drop the mIoU evaluator"),
+        ("evaluator classes", "scores 183 classes .* but model.semantic_head.num_classes is 6"),
+        ("stuff classes", "names 2 semantic classes .*stuff_classes.* scores 6"),
+        ("area", "area.json: (\\d+) of its \\1 annotations have no 'area' \\(e.g. id 1\\)"),
+    ],
+)
+def test_lazy_test_data_is_checked_before_training(
+    tiny_dataset, tmp_path, monkeypatch, test_data, refused
+):
+    """The test datasets and the evaluator are built before training: each of these failed at
+    the first evaluation, after training (the last, the box APs by size, silently wrong)."""
+    cfg = LazyConfig.load(str(_small_lazy_config(tmp_path, tmp_path / "out")))
+    maps = {"sem_seg_root": str(tiny_dataset / "train_sem")}
+    cfg.dataloader.train.dataset.names = _registered(
+        tiny_dataset, f"lazy_tr_{tmp_path.name}", **maps
+    )
+    json_file = {"missing json": tmp_path / "no_such.json", "classes": None, "area": None}
+    if test_data in ("classes", "area"):
+        json_file[test_data] = _test_json(tiny_dataset, tmp_path, test_data)
+    if test_data == "no maps":
+        maps = {}
+    if test_data == "stuff classes":
+        maps["metadata"] = {"stuff_classes": ["things", "stuff"]}
+    if test_data == "evaluator classes":
+        cfg.dataloader.evaluator.evaluators[1].num_classes = 183
+    name = f"lazy_te_{tmp_path.name}"
+    cfg.dataloader.test.dataset.names = _registered(
+        tiny_dataset, name, json_file.get(test_data), **maps
+    )
+    monkeypatch.setattr(lazyconfig_train_net, "SimpleTrainer", None)  # nothing trained
+    with pytest.raises((ValueError, OSError), match=refused):
+        lazyconfig_train_net.train(cfg, resume=False)
 
 
 def _small_vit(cfg) -> None:

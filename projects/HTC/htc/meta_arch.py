@@ -130,7 +130,9 @@ class HybridTaskCascade(GeneralizedRCNN):
             raise ValueError(
                 f"HTC's semantic branch needs per-pixel labels: {lacking[0]} has no 'sem_seg'. "
                 "Give the dataset 'sem_seg_file_name', derive labels from the instances "
-                "(docs/datasets.md), or turn the branch off with MODEL.HTC.SEMANTIC_ON False"
+                "(docs/datasets.md; LazyConfig: dataloader.train.mapper.derive_semantic=True), "
+                "or turn the branch off with MODEL.HTC.SEMANTIC_ON False (LazyConfig: "
+                "model.semantic_head=None, model.roi_heads.semantic_fusion=[])"
             )
         height, width = images.tensor.shape[-2:]
         targets = torch.full(
