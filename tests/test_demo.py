@@ -3,11 +3,28 @@ name of its own."""
 
 import numpy as np
 import pycocotools.mask as mask_util
+import pytest
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.structures import BitMasks, Instances
+from PIL import Image
 
-from htc.demo import TITLE_HEIGHT, draw_prediction, picture_names, titled
+from conftest import DEMO_CONFIG
+from htc.demo import TITLE_HEIGHT, draw_prediction, main, picture_names, titled
+
+
+def _demo(*args: str) -> None:
+    main(["--config-file", str(DEMO_CONFIG), *args, "--opts", "MODEL.DEVICE", "cpu"])
+
+
+@pytest.fixture
+def photo(tmp_path):
+    """A 64x48 photo alone in a folder."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    path = folder / "photo.png"
+    Image.fromarray(np.full((48, 64, 3), 90, np.uint8)).save(path)
+    return path
 
 
 def test_a_titled_panel_keeps_the_panel_under_a_band_with_its_title():
@@ -64,3 +81,15 @@ def test_pictures_of_images_of_one_name_have_names_of_their_own(tmp_path):
     assert len(set(names.values())) == 4 and all(
         n.startswith("x_") for n in list(names.values())[:3]
     )
+
+
+def test_no_picture_overwrites_an_input(photo, monkeypatch):
+    """An output folder that is an input folder, or a picture named as an input file, is
+    refused before the model is built: the photo is left as it was."""
+    before = photo.read_bytes()
+    with pytest.raises(ValueError, match="--output .*photos is an --input folder"):
+        _demo("--input", str(photo.parent), "--output", str(photo.parent))
+    monkeypatch.chdir(photo.parent)
+    with pytest.raises(ValueError, match="the picture photo.png would overwrite that input"):
+        _demo("--input", "photo.png", "--output", ".")
+    assert photo.read_bytes() == before

@@ -149,6 +149,20 @@ def _too_thin(predictor: DefaultPredictor, image_bgr: np.ndarray) -> Optional[st
     return None
 
 
+def check_targets(inputs: Iterable[str], files: List[Path], targets: Iterable[Path]) -> None:
+    """A ValueError naming the output folder where it is a folder of ``inputs`` (a second run
+    would read the pictures as photos), or the picture that would overwrite an input file."""
+    folders = {Path(item).resolve() for item in inputs if Path(item).is_dir()}
+    originals = {path.resolve() for path in files}
+    for target in targets:
+        if target.parent.resolve() in folders:
+            raise ValueError(f"--output {target.parent} is an --input folder: give another one")
+        if target.resolve() in originals:
+            raise ValueError(
+                f"the picture {target} would overwrite that input: give another --output"
+            )
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="HTC inference on images")
     parser.add_argument("--config-file", required=True)
@@ -159,13 +173,16 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     register_builtin()  # the class names of the configs' datasets
     cfg = load_predictor_cfg(args.config_file, args.opts)
+    out_dir = Path(args.output)
+    files = image_files(args.input)
+    targets = {path: out_dir / f"{name}.png" for path, name in picture_names(files).items()}
+    check_targets(args.input, files, targets.values())
     set_float32_precision(cfg)
     predictor = DefaultPredictor(_without_weights(cfg))
     load_weights(predictor.model, cfg)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
-    out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for path, name in picture_names(image_files(args.input)).items():
+    for path, target in targets.items():
         image_bgr, reason = read_image_or_reason(path)
         if image_bgr is not None:
             reason = _too_thin(predictor, image_bgr)
@@ -174,7 +191,6 @@ def main(argv: Optional[List[str]] = None) -> None:
             continue
         outputs = predictor(image_bgr)
         picture = draw_prediction(image_bgr[:, :, ::-1], outputs, metadata)
-        target = out_dir / f"{name}.png"
         Image.fromarray(picture).save(target)
         print(f"{path}: {len(outputs['instances'])} instances -> {target}")
 
