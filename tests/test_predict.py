@@ -106,6 +106,18 @@ def test_results_are_coco_and_bad_files_are_named_and_skipped(photos, caplog):
     assert _run(photos, out, draw=True) == dict(counts, **{"this run": 0})
 
 
+def test_a_users_folder_of_an_output_name_is_neither_dropped_nor_overwritten(photos):
+    """With the output in the input folder, the user's own pictures/ is an input folder, not
+    one a run made: writing pictures into it is refused, naming it, before any is written."""
+    (photos / "pictures").mkdir()
+    shutil.copy(photos / "a.png", photos / "pictures" / "1.png")
+    before = (photos / "pictures" / "1.png").read_bytes()
+    with pytest.raises(ValueError, match=r"pictures exists and no htc.predict made it"):
+        _run(photos, photos, draw=True)
+    assert (photos / "pictures" / "1.png").read_bytes() == before
+    assert not (photos / RECORDS).exists()
+
+
 def test_unreadable_inputs_are_reasons_not_errors(tmp_path, monkeypatch):
     """Each is skipped by name, in this run and the next, instead of ending the run."""
     wide = tmp_path / "16bit.png"

@@ -68,6 +68,7 @@ from .video import write_drawn_video
 logger = logging.getLogger("htc.predict")  # also when run as __main__
 PNG_FOLDERS = ("pictures", "semantic", "panoptic")  # --draw, --semantic, --panoptic: PNG per image
 OUTPUT_FOLDERS = (*PNG_FOLDERS, "videos")  # of images and videos written
+MARKER = ".htc_predict"  # in each of those that a run made: not the user's, not inputs
 
 
 def coco_results(outputs: dict, image_id: int, dataset_ids: Optional[Dict[int, int]]) -> list:
@@ -155,8 +156,9 @@ def predict_process(args: argparse.Namespace) -> Optional[dict]:
     cfg = _config(args)
     dataset_ids = _dataset_category_ids(cfg)
     output = Path(args.output)
-    files = find_inputs(args.input, exclude=[output / name for name in OUTPUT_FOLDERS])
+    files = find_inputs(args.input, exclude=_made_folders(output))
     _check_outputs(cfg, args, files)
+    _check_not_users(output, _asked_folders(args, files))
     if not comm.is_main_process():
         return _predict_into(cfg, args, files, dataset_ids)
     with exclusive(output):
@@ -170,10 +172,10 @@ def _predict_into(
     output = Path(args.output)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     if comm.is_main_process():
-        asked = _asked_pngs(args)
-        asked["videos"] = any(map(is_video, files))
-        for folder in [output] + [output / name for name, on in asked.items() if on]:
-            folder.mkdir(parents=True, exist_ok=True)
+        output.mkdir(parents=True, exist_ok=True)
+        for name in _asked_folders(args, files):
+            (output / name).mkdir(exist_ok=True)
+            (output / name / MARKER).touch()
         load_records(output, repair=True)
     comm.synchronize()
     done = load_records(output)
@@ -218,6 +220,32 @@ def _config(args: argparse.Namespace):
 def _asked_pngs(args: argparse.Namespace) -> Dict[str, bool]:
     """Each folder of PNGs per image: whether it is asked."""
     return dict(zip(PNG_FOLDERS, (args.draw, args.semantic, args.panoptic)))
+
+
+def _asked_folders(args: argparse.Namespace, files: List[Path]) -> List[str]:
+    """The folders of :data:`OUTPUT_FOLDERS` that this run writes into."""
+    asked = dict(_asked_pngs(args), videos=any(map(is_video, files)))
+    return [name for name, on in asked.items() if on]
+
+
+def _made_folders(output: Path) -> List[Path]:
+    """The folders of :data:`OUTPUT_FOLDERS` in ``output`` that runs made (with :data:`MARKER`):
+    their pictures are no inputs of the next run, where the output lies in an input folder."""
+    return [output / name for name in OUTPUT_FOLDERS if (output / name / MARKER).exists()]
+
+
+def _check_not_users(output: Path, names: List[str]) -> None:
+    """A ValueError naming a folder ``output/NAME`` to write into that exists without
+    :data:`MARKER`: the user's own (the output being an input folder), whose files would be
+    overwritten."""
+    for name in names:
+        folder = output / name
+        if folder.exists() and not (folder / MARKER).exists():
+            raise ValueError(
+                f"{folder} exists and no htc.predict made it (it has no {MARKER}): its files "
+                "would be overwritten; move it or predict into another output folder (where an "
+                f"htc.predict before this check made it, create the empty file {folder / MARKER})"
+            )
 
 
 def _warn_of_outputs_not_asked_then(output: Path, done: List[dict], args) -> None:
