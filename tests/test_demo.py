@@ -13,8 +13,8 @@ from conftest import DEMO_CONFIG
 from htc.demo import TITLE_HEIGHT, draw_prediction, main, picture_names, titled
 
 
-def _demo(*args: str) -> None:
-    main(["--config-file", str(DEMO_CONFIG), *args, "--opts", "MODEL.DEVICE", "cpu"])
+def _demo(*args: str, opts=()) -> None:
+    main(["--config-file", str(DEMO_CONFIG), *args, "--opts", "MODEL.DEVICE", "cpu", *opts])
 
 
 @pytest.fixture
@@ -93,3 +93,17 @@ def test_no_picture_overwrites_an_input(photo, monkeypatch):
     with pytest.raises(ValueError, match="the picture photo.png would overwrite that input"):
         _demo("--input", "photo.png", "--output", ".")
     assert photo.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["INPUT.FORMAT", "L"], "INPUT.FORMAT 'L': give 'RGB' or 'BGR'"),
+        (["INPUT.FORMAT", "rgb"], "INPUT.FORMAT 'rgb'"),
+        (["TEST.AUG.ENABLED", "True"], "TEST.AUG.ENABLED True: .* train_net.py --eval-only"),
+    ],
+)
+def test_settings_the_demo_would_ignore_are_refused_by_key(photo, tmp_path, opts, message):
+    with pytest.raises(ValueError, match=message):
+        _demo("--input", str(photo), "--output", str(tmp_path / "out"), opts=opts)
+    assert not (tmp_path / "out").exists()

@@ -185,3 +185,18 @@ def test_command_exports_and_checks_in_onnxruntime(tmp_path, capsys):
     assert "MODEL.WEIGHTS is empty" in out
     assert "onnxruntime (CPU) on the (96, 128) sample image" in out
     assert "against eager PyTorch: the same " in out
+
+
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["INPUT.FORMAT", "L"], "INPUT.FORMAT 'L': give 'RGB' or 'BGR'"),
+        (["TEST.AUG.ENABLED", "True"], "TEST.AUG.ENABLED True: .* train_net.py --eval-only"),
+    ],
+)
+def test_settings_export_would_ignore_are_refused_by_key(tmp_path, opts, message):
+    config = str(CONFIGS / "demo" / "htc_R_18_FPN_demo.yaml")
+    with pytest.raises(ValueError, match=message):
+        export_main(["--config-file", config, "--format", "torchscript", "--output",
+                     str(tmp_path / "out"), "--opts", *opts])  # fmt: skip
+    assert not (tmp_path / "out").exists()

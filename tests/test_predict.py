@@ -118,6 +118,20 @@ def test_a_users_folder_of_an_output_name_is_neither_dropped_nor_overwritten(pho
     assert not (photos / RECORDS).exists()
 
 
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["INPUT.FORMAT", "rgb"], "INPUT.FORMAT 'rgb': give 'RGB' or 'BGR'"),
+        (["TEST.AUG.ENABLED", "True"], "TEST.AUG.ENABLED True: .* train_net.py --eval-only"),
+    ],
+)
+def test_settings_predict_would_ignore_are_refused_by_key(photos, tmp_path, opts, message):
+    """A format other than RGB was fed as BGR, and TTA silently not run."""
+    with pytest.raises(ValueError, match=message):
+        _run(photos, tmp_path / "out", opts=["MODEL.DEVICE", "cpu", *opts])
+    assert not (tmp_path / "out").exists()
+
+
 def test_unreadable_inputs_are_reasons_not_errors(tmp_path, monkeypatch):
     """Each is skipped by name, in this run and the next, instead of ending the run."""
     wide = tmp_path / "16bit.png"

@@ -43,6 +43,19 @@ def load_predictor_cfg(config_file: str, opts: Optional[List[str]] = None) -> Cf
     return cfg
 
 
+def check_serving_cfg(cfg: CfgNode) -> None:
+    """A ValueError naming the key of a setting that htc.demo, htc.predict and htc.export would
+    otherwise ignore or misread: they flip channels for "RGB" and feed anything else as BGR, and
+    they run the plain model, without test-time augmentation."""
+    if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
+        raise ValueError(f"INPUT.FORMAT {cfg.INPUT.FORMAT!r}: give 'RGB' or 'BGR'")
+    if cfg.TEST.AUG.ENABLED:
+        raise ValueError(
+            "TEST.AUG.ENABLED True: test-time augmentation runs in train_net.py --eval-only, "
+            "not here; set TEST.AUG.ENABLED False"
+        )
+
+
 def image_files(inputs: Iterable[str]) -> List[Path]:
     """The image files named by ``inputs`` (files, or folders searched non-recursively)."""
     files = []
@@ -173,6 +186,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     register_builtin()  # the class names of the configs' datasets
     cfg = load_predictor_cfg(args.config_file, args.opts)
+    check_serving_cfg(cfg)
     out_dir = Path(args.output)
     files = image_files(args.input)
     targets = {path: out_dir / f"{name}.png" for path, name in picture_names(files).items()}

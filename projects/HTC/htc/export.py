@@ -48,7 +48,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .checkpoint import load_weights
-from .demo import load_predictor_cfg
+from .demo import check_serving_cfg, load_predictor_cfg
 
 
 @functools.cache
@@ -279,6 +279,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
 
     cfg = load_predictor_cfg(args.config_file, [*args.opts, "MODEL.DEVICE", "cpu"])
+    check_serving_cfg(cfg)
     check_exportable(cfg, args.format, args.opset)
     model = build_for_export(cfg)
     image = sample_image(cfg, args.sample_image)

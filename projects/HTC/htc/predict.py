@@ -50,7 +50,7 @@ from .config import set_float32_precision
 from .data import register_builtin
 from .data.checks import check_thing_classes
 from .data.inputs import PredictionInputs, find_inputs, frame_count, inputs_loader, is_video
-from .demo import draw_prediction, load_predictor_cfg
+from .demo import check_serving_cfg, draw_prediction, load_predictor_cfg
 from .distributed import add_timeout_argument, launch_from_args
 from .prediction_output import (
     check_id_source,
@@ -211,6 +211,7 @@ def _config(args: argparse.Namespace):
     if args.confidence_threshold is not None:
         opts += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", str(args.confidence_threshold)]
     cfg = load_predictor_cfg(args.config_file, opts)
+    check_serving_cfg(cfg)
     set_float32_precision(cfg)
     if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:  # the cores shared, not contended
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
