@@ -107,3 +107,16 @@ def test_settings_the_demo_would_ignore_are_refused_by_key(photo, tmp_path, opts
     with pytest.raises(ValueError, match=message):
         _demo("--input", str(photo), "--output", str(tmp_path / "out"), opts=opts)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_picture_draws_the_instances_at_the_configured_threshold(photo, tmp_path, capsys):
+    """Random weights score every instance under 0.5: at --confidence-threshold 0 the picture
+    draws the instances the demo counts (a fixed 0.5 drew none of them)."""
+    torch.manual_seed(0)
+    out = tmp_path / "out"
+    _demo("--input", str(photo), "--output", str(out), "--confidence-threshold", "0",
+          opts=["TEST.DETECTIONS_PER_IMAGE", "3"])  # fmt: skip
+    assert "3 instances" in capsys.readouterr().out
+    picture = np.asarray(Image.open(out / "photo.png"))
+    image = np.asarray(Image.open(photo))
+    assert not np.array_equal(picture[TITLE_HEIGHT:, : image.shape[1]], image)

@@ -27,7 +27,7 @@ from pycocotools.cocoeval import COCOeval
 from conftest import DEMO_CONFIG, child_env, truncate
 from htc import register_htc_instances
 from htc.data.inputs import PredictionInputs, find_inputs, read_image_or_reason, video_frames
-from htc.demo import load_predictor_cfg
+from htc.demo import TITLE_HEIGHT, load_predictor_cfg
 from htc.predict import predict
 from htc.prediction_output import RECORDS, dataset_image_ids, image_ids, run_settings, video_names
 from htc.video import write_drawn_video
@@ -130,6 +130,19 @@ def test_settings_predict_would_ignore_are_refused_by_key(photos, tmp_path, opts
     with pytest.raises(ValueError, match=message):
         _run(photos, tmp_path / "out", opts=["MODEL.DEVICE", "cpu", *opts])
     assert not (tmp_path / "out").exists()
+
+
+def test_pictures_draw_at_the_configured_score_threshold(photos, tmp_path):
+    """SCORE_THRESH_TEST from the config (no --confidence-threshold): the picture draws the
+    image's results, all scored under 0.5 by random weights (a fixed 0.5 drew none)."""
+    out = tmp_path / "out"
+    opts = ["MODEL.DEVICE", "cpu", "TEST.DETECTIONS_PER_IMAGE", "3"]
+    opts += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+    _run(None, out, input=[str(photos / "a.png")], draw=True, confidence_threshold=None, opts=opts)
+    assert len(_results(out)) == 3 and max(r["score"] for r in _results(out)) < 0.5
+    picture = np.asarray(Image.open(out / "pictures" / "1.png"))
+    image = np.asarray(Image.open(photos / "a.png").convert("RGB"))
+    assert not np.array_equal(picture[TITLE_HEIGHT:, : image.shape[1]], image)
 
 
 def test_unreadable_inputs_are_reasons_not_errors(tmp_path, monkeypatch):

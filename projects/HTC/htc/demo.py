@@ -1,7 +1,7 @@
 """Run a trained HTC on image files or folders and save visualisations.
 
     python -m htc.demo --config-file configs/demo/htc_R_18_FPN_demo.yaml \\
-        --input img.png more_images/ --output vis/ \\
+        --input img.png more_images/ --output vis/ [--confidence-threshold 0.5] \\
         --opts MODEL.WEIGHTS output/htc_demo/model_final.pth
 """
 
@@ -41,6 +41,13 @@ def load_predictor_cfg(config_file: str, opts: Optional[List[str]] = None) -> Cf
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     return cfg
+
+
+def with_threshold(opts: List[str], threshold: Optional[float]) -> List[str]:
+    """``opts`` with --confidence-threshold as MODEL.ROI_HEADS.SCORE_THRESH_TEST where given."""
+    if threshold is None:
+        return list(opts)
+    return [*opts, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", str(threshold)]
 
 
 def check_serving_cfg(cfg: CfgNode) -> None:
@@ -181,11 +188,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--input", nargs="+", required=True, help="image files or folders")
     parser.add_argument("--output", required=True, help="folder for the visualisations")
+    parser.add_argument(
+        "--confidence-threshold", type=float, help="MODEL.ROI_HEADS.SCORE_THRESH_TEST"
+    )
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE pairs")
     args = parser.parse_args(argv)
 
     register_builtin()  # the class names of the configs' datasets
-    cfg = load_predictor_cfg(args.config_file, args.opts)
+    cfg = load_predictor_cfg(args.config_file, with_threshold(args.opts, args.confidence_threshold))
     check_serving_cfg(cfg)
     out_dir = Path(args.output)
     files = image_files(args.input)
@@ -204,7 +214,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             print(f"{path}: skipped, {reason}", file=sys.stderr)
             continue
         outputs = predictor(image_bgr)
-        picture = draw_prediction(image_bgr[:, :, ::-1], outputs, metadata)
+        threshold = cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST  # each instance that it counts
+        picture = draw_prediction(image_bgr[:, :, ::-1], outputs, metadata, threshold)
         Image.fromarray(picture).save(target)
         print(f"{path}: {len(outputs['instances'])} instances -> {target}")
 

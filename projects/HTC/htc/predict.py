@@ -50,7 +50,7 @@ from .config import set_float32_precision
 from .data import register_builtin
 from .data.checks import check_thing_classes
 from .data.inputs import PredictionInputs, find_inputs, frame_count, inputs_loader, is_video
-from .demo import check_serving_cfg, draw_prediction, load_predictor_cfg
+from .demo import check_serving_cfg, draw_prediction, load_predictor_cfg, with_threshold
 from .distributed import add_timeout_argument, launch_from_args
 from .prediction_output import (
     check_id_source,
@@ -194,7 +194,8 @@ def _predict_into(
         ran = sum(counts)
     if args.draw:  # every frame is recorded now, whichever process predicted it
         mine = [f for f in files[rank::world] if is_video(f)]
-        _draw_videos(mine, video_names(files), load_records(output), args, metadata, dataset_ids)
+        names, records = video_names(files), load_records(output)
+        _draw_videos(mine, names, records, args, metadata, dataset_ids, _threshold(cfg))
     if not comm.is_main_process():
         return None
     return write_results(output, files, load_records(output), ran)
@@ -207,10 +208,7 @@ def _patient_group():
 
 
 def _config(args: argparse.Namespace):
-    opts = list(args.opts)
-    if args.confidence_threshold is not None:
-        opts += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", str(args.confidence_threshold)]
-    cfg = load_predictor_cfg(args.config_file, opts)
+    cfg = load_predictor_cfg(args.config_file, with_threshold(args.opts, args.confidence_threshold))
     check_serving_cfg(cfg)
     set_float32_precision(cfg)
     if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:  # the cores shared, not contended
@@ -313,7 +311,7 @@ def _predict_share(
     ran = 0
     with open(records_file(Path(args.output), comm.get_rank()), "a") as records, bar:
         for batch in inputs_loader(inputs, args.batch_size, args.workers):
-            lines = _predict_batch(model, batch, args, metadata, dataset_ids)
+            lines = _predict_batch(model, batch, args, metadata, dataset_ids, _threshold(cfg))
             records.write("".join(json.dumps(line) + "\n" for line in lines))
             records.flush()
             os.fsync(records.fileno())
@@ -324,17 +322,25 @@ def _predict_share(
 
 
 @torch.inference_mode()
-def _predict_batch(model, batch: List[dict], args, metadata, dataset_ids) -> List[dict]:
+def _predict_batch(
+    model, batch: List[dict], args, metadata, dataset_ids, threshold: float
+) -> List[dict]:
     """The records of a batch of items (see :mod:`htc.data.inputs`), one per item."""
     ready = [item for item in batch if "image" in item]
     inputs = [{k: item[k] for k in ("image", "height", "width")} for item in ready]
     outputs = model(inputs) if inputs else []
     by_item = {id(item): output for item, output in zip(ready, outputs)}
-    return [_record(item, by_item.get(id(item)), args, metadata, dataset_ids) for item in batch]
+    return [
+        _record(item, by_item.get(id(item)), args, metadata, dataset_ids, threshold)
+        for item in batch
+    ]
 
 
-def _record(item: dict, outputs: Optional[dict], args, metadata, dataset_ids) -> dict:
-    """An item's record: its results, with its PNGs written where asked, or what it is."""
+def _record(
+    item: dict, outputs: Optional[dict], args, metadata, dataset_ids, threshold: float
+) -> dict:
+    """An item's record: its results, with its PNGs written where asked (its picture drawing
+    the instances scored above ``threshold``), or what it is."""
     keys = ("file_name", "image_id", "frame", "frames", "skipped")
     record = {k: item[k] for k in keys if k in item}
     if "skipped" in item:
@@ -347,7 +353,7 @@ def _record(item: dict, outputs: Optional[dict], args, metadata, dataset_ids) ->
         return record
     output, name = Path(args.output), f"{item['image_id']}.png"
     if args.draw:
-        picture = draw_prediction(item["original"], outputs, metadata, _threshold(args))
+        picture = draw_prediction(item["original"], outputs, metadata, threshold)
         Image.fromarray(picture).save(output / "pictures" / name)
     if args.semantic:
         save_semantic(outputs, output / "semantic" / name)
@@ -357,7 +363,7 @@ def _record(item: dict, outputs: Optional[dict], args, metadata, dataset_ids) ->
 
 
 def _draw_videos(
-    videos: Sequence[Path], names: Dict[str, str], records, args, metadata, ids
+    videos: Sequence[Path], names: Dict[str, str], records, args, metadata, ids, threshold: float
 ) -> None:
     """OUTPUT/videos/NAME.mp4 for each finished video of ``videos`` not drawn yet."""
     ended = {r["file_name"] for r in records if "frames" in r}
@@ -370,12 +376,13 @@ def _draw_videos(
                 for r in records
                 if "frame" in r and r["file_name"] == str(video)
             }
-            write_drawn_video(video, frames, target, metadata, _threshold(args), contiguous)
+            write_drawn_video(video, frames, target, metadata, threshold, contiguous)
 
 
-def _threshold(args: argparse.Namespace) -> float:
-    """The score above which instances are drawn."""
-    return 0.5 if args.confidence_threshold is None else args.confidence_threshold
+def _threshold(cfg: CfgNode) -> float:
+    """The score above which instances are drawn: the model's own (--confidence-threshold, or
+    the config's), so that a picture draws every instance that the results hold."""
+    return cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
 
 
 def main(argv: Optional[List[str]] = None) -> Optional[dict]:
