@@ -120,3 +120,14 @@ def test_the_picture_draws_the_instances_at_the_configured_threshold(photo, tmp_
     picture = np.asarray(Image.open(out / "photo.png"))
     image = np.asarray(Image.open(photo))
     assert not np.array_equal(picture[TITLE_HEIGHT:, : image.shape[1]], image)
+
+
+def test_without_a_test_dataset_the_panels_name_generic_classes(photo, tmp_path):
+    """DATASETS.TEST () leaves no class names: the panels are drawn with "class K" (Detectron2's
+    Visualizer raised on the missing stuff_classes of the semantic panel)."""
+    out = tmp_path / "out"
+    opts = ["DATASETS.TEST", "()", "MODEL.HTC.PANOPTIC_ON", "False"]
+    _demo("--input", str(photo), "--output", str(out), "--confidence-threshold", "0",
+          opts=[*opts, "TEST.DETECTIONS_PER_IMAGE", "3"])  # fmt: skip
+    picture = np.asarray(Image.open(out / "photo.png"))
+    assert picture.shape == (48 + TITLE_HEIGHT, 2 * 64, 3)  # instances, semantic

@@ -145,6 +145,17 @@ def test_pictures_draw_at_the_configured_score_threshold(photos, tmp_path):
     assert not np.array_equal(picture[TITLE_HEIGHT:, : image.shape[1]], image)
 
 
+def test_without_a_test_dataset_pictures_name_generic_classes(photos, tmp_path):
+    """DATASETS.TEST (): pictures drawn with "class K" (Detectron2's Visualizer raised on the
+    missing stuff_classes after the first inference)."""
+    out = tmp_path / "out"
+    opts = ["MODEL.DEVICE", "cpu", "TEST.DETECTIONS_PER_IMAGE", "3", "DATASETS.TEST", "()"]
+    opts += ["MODEL.HTC.PANOPTIC_ON", "False"]
+    _run(None, out, input=[str(photos / "a.png")], draw=True, opts=opts)
+    assert (out / "pictures" / "1.png").exists()
+    assert {r["category_id"] for r in _results(out)} <= {0, 1, 2}  # contiguous
+
+
 def test_unreadable_inputs_are_reasons_not_errors(tmp_path, monkeypatch):
     """Each is skipped by name, in this run and the next, instead of ending the run."""
     wide = tmp_path / "16bit.png"

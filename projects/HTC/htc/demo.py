@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import MetadataCatalog
+from detectron2.data.catalog import Metadata
 from detectron2.engine import DefaultPredictor
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
@@ -48,6 +49,21 @@ def with_threshold(opts: List[str], threshold: Optional[float]) -> List[str]:
     if threshold is None:
         return list(opts)
     return [*opts, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", str(threshold)]
+
+
+def drawing_metadata(cfg: CfgNode) -> Metadata:
+    """The metadata of DATASETS.TEST[0], with generic class names ("class K", for each of the
+    model's thing and semantic classes) where it lacks them, as it does without a test dataset:
+    Detectron2's Visualizer needs ``stuff_classes`` for the semantic and panoptic panels."""
+    name = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused"
+    fields = MetadataCatalog.get(name).as_dict()
+    counts = {
+        "thing_classes": cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+        "stuff_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+    }
+    for key, count in counts.items():
+        fields.setdefault(key, [f"class {k}" for k in range(count)])
+    return Metadata(**fields)
 
 
 def check_serving_cfg(cfg: CfgNode) -> None:
@@ -204,7 +220,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     set_float32_precision(cfg)
     predictor = DefaultPredictor(_without_weights(cfg))
     load_weights(predictor.model, cfg)
-    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
+    metadata = drawing_metadata(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     for path, target in targets.items():
         image_bgr, reason = read_image_or_reason(path)

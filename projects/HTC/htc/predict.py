@@ -50,7 +50,13 @@ from .config import set_float32_precision
 from .data import register_builtin
 from .data.checks import check_thing_classes
 from .data.inputs import PredictionInputs, find_inputs, frame_count, inputs_loader, is_video
-from .demo import check_serving_cfg, draw_prediction, load_predictor_cfg, with_threshold
+from .demo import (
+    check_serving_cfg,
+    draw_prediction,
+    drawing_metadata,
+    load_predictor_cfg,
+    with_threshold,
+)
 from .distributed import add_timeout_argument, launch_from_args
 from .prediction_output import (
     check_id_source,
@@ -170,7 +176,7 @@ def _predict_into(
 ) -> Optional[dict]:
     """:func:`predict_process` once the output is this run's."""
     output = Path(args.output)
-    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
+    metadata = drawing_metadata(cfg)
     if comm.is_main_process():
         output.mkdir(parents=True, exist_ok=True)
         for name in _asked_folders(args, files):
