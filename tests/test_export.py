@@ -2,11 +2,14 @@
 with eager PyTorch on other sizes, with zero detections and with the top-k limit reached;
 postprocess gives the model's own outputs; what cannot be exported is refused by name."""
 
+import numpy as np
 import pytest
 import torch
 from detectron2.modeling import build_model
+from PIL import Image
 
 from conftest import CONFIGS, TINY_OPTS, load_cfg, tiny_cfg
+from htc.demo import load_predictor_cfg
 from htc.export import (
     OUTPUT_NAMES,
     check_exportable,
@@ -15,6 +18,7 @@ from htc.export import (
     match_detections,
     postprocess,
     raw_inference,
+    sample_image,
 )
 from htc.export import main as export_main
 
@@ -200,3 +204,20 @@ def test_settings_export_would_ignore_are_refused_by_key(tmp_path, opts, message
         export_main(["--config-file", config, "--format", "torchscript", "--output",
                      str(tmp_path / "out"), "--opts", *opts])  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def test_a_sample_image_predict_would_skip_is_refused_by_name(tmp_path):
+    """As htc.predict reads images: a 16-bit PNG (clipped to white) and one too thin to resize
+    (PIL's bare 'height and width must be > 0') are named with --sample-image."""
+    cfg = load_predictor_cfg(str(CONFIGS / "demo" / "htc_R_18_FPN_demo.yaml"))  # at most 128 px
+    wide, thin = tmp_path / "wide.png", tmp_path / "thin.png"
+    Image.fromarray(np.full((64, 64), 40000, np.uint16)).save(wide)
+    Image.new("RGB", (4000, 8)).save(thin)
+    with pytest.raises(ValueError, match=r"--sample-image .*wide.png: I(;16)? pixels"):
+        sample_image(cfg, str(wide))
+    with pytest.raises(ValueError, match=r"--sample-image .*thin.png: 4000x8 pixels .* too thin"):
+        sample_image(cfg, str(thin))
+    rgb = tmp_path / "rgb.png"
+    Image.fromarray(np.full((48, 64, 3), (10, 20, 30), np.uint8)).save(rgb)
+    image = sample_image(cfg, str(rgb))
+    assert image.shape[0] == 3 and image[:, 0, 0].tolist() == [10.0, 20.0, 30.0]  # RGB

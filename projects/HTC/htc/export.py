@@ -40,7 +40,6 @@ import numpy as np
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import transforms as T
-from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_postprocess
 from detectron2.structures import Boxes, Instances
@@ -48,6 +47,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .checkpoint import load_weights
+from .data.inputs import checked_resize, read_image_or_reason
 from .demo import check_serving_cfg, load_predictor_cfg
 
 
@@ -202,14 +202,21 @@ def postprocess(
 
 def sample_image(cfg: CfgNode, path: Optional[str]) -> torch.Tensor:
     """(3, H, W) float32: ``path`` read in INPUT.FORMAT and resized as DefaultPredictor does,
-    or without a path a fixed random image of that test size."""
+    or without a path a fixed random image of that test size. An image that htc.predict would
+    skip (unreadable, 16-bit, too thin once resized) raises ValueError naming --sample-image."""
     if path is None:
         size = cfg.INPUT.MIN_SIZE_TEST
         pixels = np.random.default_rng(0).integers(0, 256, (size, size * 4 // 3, 3), np.uint8)
     else:
-        pixels = read_image(path, format=cfg.INPUT.FORMAT)
+        pixels, reason = read_image_or_reason(Path(path))
+        if pixels is None:
+            raise ValueError(f"--sample-image {path}: {reason}")
+        pixels = pixels[:, :, ::-1] if cfg.INPUT.FORMAT == "RGB" else pixels
     resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
-    pixels = resize.get_transform(pixels).apply_image(pixels)
+    try:
+        pixels = checked_resize(resize, pixels).apply_image(pixels)
+    except ValueError as error:
+        raise ValueError(f"--sample-image {path}: {error}") from None
     return torch.as_tensor(pixels.astype("float32").transpose(2, 0, 1))
 
 
