@@ -156,6 +156,25 @@ def test_without_a_test_dataset_pictures_name_generic_classes(photos, tmp_path):
     assert {r["category_id"] for r in _results(out)} <= {0, 1, 2}  # contiguous
 
 
+def test_an_image_decoded_at_another_size_than_its_dataset_entry_is_skipped(tmp_path, caplog):
+    """A JPEG stored 64x48 with EXIF orientation 6 decodes 48x64 (turned): its entry's 64x48
+    are another image's coordinates, so it is skipped naming both sizes."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    Image.new("RGB", (64, 48), "gray").save(folder / "turned.jpg", exif=exif)
+    dataset = tmp_path / "dataset.json"
+    entry = {"id": 42, "file_name": "turned.jpg", "width": 64, "height": 48}
+    dataset.write_text(json.dumps({"images": [entry]}))
+    logging.getLogger("htc").propagate = True
+    with caplog.at_level(logging.WARNING, logger="htc"):
+        counts = _run(folder, tmp_path / "out", image_ids=str(dataset))
+    assert (counts["images"], counts["skipped"]) == (0, 1)
+    assert "turned.jpg: decoded at 48x64 pixels, but its --image-ids entry is 64x48" in caplog.text
+    assert "EXIF orientation" in caplog.text
+
+
 def test_unreadable_inputs_are_reasons_not_errors(tmp_path, monkeypatch):
     """Each is skipped by name, in this run and the next, instead of ending the run."""
     wide = tmp_path / "16bit.png"

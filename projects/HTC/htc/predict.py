@@ -61,6 +61,7 @@ from .distributed import add_timeout_argument, launch_from_args
 from .prediction_output import (
     check_id_source,
     check_settings,
+    dataset_image_sizes,
     exclusive,
     image_ids,
     load_records,
@@ -308,9 +309,10 @@ def _predict_share(
     many images and frames were read."""
     model = build_model(cfg).eval()
     load_weights(model, cfg, announce=logger.warning)
+    sizes = dataset_image_sizes(args.image_ids) if args.image_ids else None
     inputs = PredictionInputs(
         share, done_frames, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, cfg.INPUT.FORMAT,
-        keep_original=args.draw,
+        keep_original=args.draw, sizes=sizes,
     )  # fmt: skip
     total = sum(max(frame_count(f), 1) if is_video(f) else 1 for f, _ in share)
     bar = tqdm(total=total, unit="img", desc="htc.predict", disable=not comm.is_main_process())

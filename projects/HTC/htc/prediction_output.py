@@ -237,6 +237,16 @@ def dataset_image_ids(images: List[Path], dataset_json: str) -> Dict[str, int]:
     return ids
 
 
+def dataset_image_sizes(dataset_json: str) -> Dict[int, Tuple[int, int]]:
+    """Image id -> (height, width) of the entries of the COCO json ``dataset_json`` that give
+    both."""
+    return {
+        image["id"]: (image["height"], image["width"])
+        for image in _json_images(dataset_json)
+        if "height" in image and "width" in image
+    }
+
+
 def _json_images(dataset_json: str) -> List[dict]:
     """The "images" of the COCO json ``dataset_json``; ValueError naming the file where it is
     not one."""

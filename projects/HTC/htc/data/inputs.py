@@ -123,6 +123,9 @@ class PredictionInputs(IterableDataset):
         done_frames: the frames of each video that an earlier run predicted: read, not yielded.
         min_size, max_size, image_format: the config's INPUT.MIN_SIZE_TEST, MAX_SIZE_TEST, FORMAT.
         keep_original: whether images carry ``original`` (to draw them).
+        sizes: the (height, width) that images of these ids must have (--image-ids' entries):
+            one decoded at another size (EXIF orientation) is skipped, its results being in
+            other coordinates than the dataset's.
     """
 
     def __init__(
@@ -133,12 +136,14 @@ class PredictionInputs(IterableDataset):
         max_size: int,
         image_format: str,
         keep_original: bool = False,
+        sizes: Optional[Dict[int, Tuple[int, int]]] = None,
     ):
         self.files = list(files)
         self.done_frames = done_frames
         self.resize = T.ResizeShortestEdge([min_size, min_size], max_size)
         self.image_format = image_format
         self.keep_original = keep_original
+        self.sizes = sizes or {}
 
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
@@ -151,6 +156,9 @@ class PredictionInputs(IterableDataset):
         image, reason = read_image_or_reason(path)
         if image is None:
             return dict(item, skipped=reason)
+        expected = self.sizes.get(image_id, image.shape[:2])
+        if tuple(expected) != image.shape[:2]:
+            return dict(item, skipped=_size_mismatch(image.shape[:2], expected))
         try:
             item.update(self.model_input(image))
         except ValueError as error:
@@ -183,6 +191,15 @@ class PredictionInputs(IterableDataset):
         resized = checked_resize(self.resize, image).apply_image(image)
         tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
         return {"image": tensor, "height": image.shape[0], "width": image.shape[1]}
+
+
+def _size_mismatch(decoded: Tuple[int, ...], expected: Tuple[int, int]) -> str:
+    """Why an image decoded at (height, width) ``decoded`` is not its dataset entry's."""
+    return (
+        f"decoded at {decoded[1]}x{decoded[0]} pixels, but its --image-ids entry is "
+        f"{expected[1]}x{expected[0]} (EXIF orientation?): its results would be in other "
+        "coordinates than the dataset's"
+    )
 
 
 def checked_resize(resize: T.Augmentation, image: np.ndarray) -> T.Transform:
