@@ -103,7 +103,7 @@ def test_results_are_coco_and_bad_files_are_named_and_skipped(photos, caplog):
         assert len(result["bbox"]) == 4 and 0 <= result["score"] <= 1
         assert isinstance(result["segmentation"]["counts"], str)
     assert len(list((out / "pictures").glob("*.png"))) == 3
-    assert _run(photos, out, draw=True) == dict(counts, **{"this run": 0})
+    assert _run(photos, out, draw=True) == dict(counts, **{"this run": 3})  # the bad ones again
 
 
 def test_a_users_folder_of_an_output_name_is_neither_dropped_nor_overwritten(photos):
@@ -175,6 +175,20 @@ def test_an_image_decoded_at_another_size_than_its_dataset_entry_is_skipped(tmp_
     assert "EXIF orientation" in caplog.text
 
 
+def test_an_input_skipped_once_is_read_again_once_mended(photos, tmp_path):
+    """An empty file is skipped; copied over with an image, the next run predicts it, and the
+    merged files count it as an image, no more as skipped, under the id it had."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "late.png").write_bytes(b"")
+    out = tmp_path / "out"
+    assert _run(folder, out)["skipped"] == 1
+    shutil.copy(photos / "a.png", folder / "late.png")
+    counts = _run(folder, out)
+    assert (counts["this run"], counts["images"], counts["skipped"]) == (1, 1, 0)
+    assert [i["id"] for i in json.loads((out / "images.json").read_text())] == [1]
+
+
 def test_unreadable_inputs_are_reasons_not_errors(tmp_path, monkeypatch):
     """Each is skipped by name, in this run and the next, instead of ending the run."""
     wide = tmp_path / "16bit.png"
@@ -198,7 +212,7 @@ def test_a_stopped_run_resumes_where_it_stopped(photos, tmp_path, caplog):
     want = json.loads((full / "coco_results.json").read_text())
     logging.getLogger("htc").propagate = True
     with caplog.at_level(logging.WARNING, logger="htc"):
-        assert _run(photos, full, semantic=True)["this run"] == 0  # nothing redone
+        assert _run(photos, full, semantic=True)["this run"] == 3  # only the bad files again
     assert "lack these outputs, which are not made for them now: {'semantic': 3}" in caplog.text
     assert json.loads((full / "coco_results.json").read_text()) == want
 
@@ -207,7 +221,8 @@ def test_a_stopped_run_resumes_where_it_stopped(photos, tmp_path, caplog):
     lines = (full / RECORDS).read_text().splitlines()
     (stopped / RECORDS).write_text(lines[0] + "\n" + lines[1][:20])  # killed while writing
     counts = _run(photos, stopped)
-    assert counts["this run"] == len(lines) - 1 and counts["images"] == 3
+    inputs = len(find_inputs([str(photos)]))
+    assert counts["this run"] == inputs - 1 and counts["images"] == 3
     assert json.loads((stopped / "coco_results.json").read_text()) == want
 
 
@@ -397,7 +412,7 @@ def test_videos_give_results_per_frame_a_drawn_video_and_resume(videos, tmp_path
     records = [json.loads(line) for line in (out / RECORDS).read_text().splitlines()]
     stopped = [r for r in records if r.get("frame", 0) < 2 and "frames" not in r]
     (out / RECORDS).write_text("".join(json.dumps(r) + "\n" for r in stopped))
-    assert _run(videos, out)["this run"] == 2  # frames 2 and 3
+    assert _run(videos, out)["this run"] == 4  # frames 2 and 3, the two bad videos again
     assert json.loads((out / "videos" / f"{name}.json").read_text()) == results
 
 
@@ -463,7 +478,8 @@ def test_a_run_with_other_settings_is_refused_not_mixed_in(photos, weights, tmp_
         _run(photos, out, opts=weights, confidence_threshold=0.99)
     moved = tmp_path / "moved.pth"
     shutil.copy(weights[-1], moved)
-    assert _run(photos, out, opts=[*weights, "MODEL.WEIGHTS", str(moved)])["this run"] == 0
+    # only the bad files are read again
+    assert _run(photos, out, opts=[*weights, "MODEL.WEIGHTS", str(moved)])["this run"] == 3
     other = tmp_path / "other.pth"
     state = torch.load(moved, weights_only=True)
     state["model"]["roi_heads.box_predictor.0.cls_score.bias"] += 1
@@ -582,7 +598,7 @@ def test_settings_name_url_weights_and_compare_only_the_keys_of_both(photos, tmp
         "MODEL.HTC.ROI_ALIGN",
         "torchvision",
     ]
-    assert _run(photos, out, opts=opts)["this run"] == 0
+    assert _run(photos, out, opts=opts)["this run"] == 3  # the bad files only
     with pytest.raises(ValueError, match="MODEL.WEIGHTS '' then, 'https://example.org/a.pth' now"):
         _run(photos, out, opts=[*opts, "MODEL.WEIGHTS", "https://example.org/a.pth"])
 

@@ -63,6 +63,7 @@ from .prediction_output import (
     check_settings,
     dataset_image_sizes,
     exclusive,
+    finished_inputs,
     image_ids,
     load_records,
     records_file,
@@ -286,8 +287,8 @@ def _plan(
     files: List[Path], done: List[dict], dataset_json: Optional[str]
 ) -> Tuple[List[Tuple[Path, int]], Dict[str, Set[int]]]:
     """The inputs still to do with their image ids (-1 for a video), and each video's frames
-    that are done. A video is done once its end is recorded, an input once it is skipped."""
-    finished = {r["file_name"] for r in done if "frame" not in r}
+    that are done (see :func:`finished_inputs`: what an earlier run skipped is read again)."""
+    finished = finished_inputs(done)
     done_frames = defaultdict(set)
     for record in done:
         if "frame" in record:

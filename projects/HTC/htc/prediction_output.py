@@ -12,7 +12,7 @@ import logging
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 from detectron2.config import CfgNode
 from detectron2.utils import comm
@@ -296,13 +296,26 @@ def write_results(output: Path, files: List[Path], records: List[dict], ran: int
     if panoptic:
         (output / "panoptic.json").write_text(json.dumps({"annotations": panoptic}))
     frames = _write_video_results(output, files, records)
-    skipped = sorted(r["file_name"] for r in records if "skipped" in r)
+    skipped = sorted(_still_skipped(records))
     counts = {"images": len(kept), "skipped": len(skipped), "this run": ran}
     counts.update(results=len(results), videos=len(video_names(files)), frames=frames)
     logger.info(f"done: {counts} -> {output / 'coco_results.json'}")
     if skipped:
         logger.warning(f"{len(skipped)} inputs could not be read, e.g. {skipped[0]}")
     return counts
+
+
+def finished_inputs(records: List[dict]) -> Set[str]:
+    """The inputs done: the images whose results and the videos whose end are recorded. An
+    input skipped (unreadable) is not: each run reads it again, as it may have been mended."""
+    return {
+        r["file_name"] for r in records if ("results" in r and "frame" not in r) or "frames" in r
+    }
+
+
+def _still_skipped(records: List[dict]) -> Set[str]:
+    """The inputs skipped by a run and not predicted by a later one."""
+    return {r["file_name"] for r in records if "skipped" in r} - finished_inputs(records)
 
 
 def _write_video_results(output: Path, files: List[Path], records: List[dict]) -> int:
