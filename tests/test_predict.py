@@ -81,6 +81,19 @@ def test_inputs_are_files_folders_and_globs(photos, tmp_path):
         find_inputs([str(tmp_path / "missing")])
 
 
+def test_folders_are_searched_through_links_each_once(photos, tmp_path):
+    """A linked subfolder is searched (rglob left it out, silently); a link to a folder above,
+    or a second link to one searched, is not searched again."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(photos / "a.png", elsewhere / "far.png")
+    (photos / "linked").symlink_to(elsewhere)
+    (photos / "again").symlink_to(elsewhere)
+    (photos / "sub" / "loop").symlink_to(photos)
+    names = sorted(p.name for p in find_inputs([str(photos)]))
+    assert names == ["a.png", "b.png", "c.png", "cut.png", "empty.jpg", "far.png", "notes.png"]
+
+
 def test_results_are_coco_and_bad_files_are_named_and_skipped(photos, caplog):
     """Also with the output in the input folder: its pictures are no inputs of the next run.
     Random weights (MODEL.WEIGHTS empty) are said."""

@@ -7,7 +7,8 @@ batched through a data loader, on many GPUs or CPU processes.
         [--panoptic] [--batch-size 4] [--workers 2] [--num-gpus 8] \\
         --opts MODEL.WEIGHTS model_final.pth
 
-Inputs are image and video files, folders (searched recursively by extension) and glob patterns.
+Inputs are image and video files, folders (searched recursively by extension, through links to
+folders) and glob patterns.
 Each batch's results are appended to ``OUTPUT/predictions.jsonl`` (``predictions.R.jsonl`` for
 process R > 0) as soon as it is done, so a run that is stopped loses at most the batch in flight,
 and a second run with the same output skips what is already there (a run with other settings or

@@ -31,9 +31,9 @@ def is_video(path: Path) -> bool:
 
 
 def find_inputs(inputs: Iterable[str], exclude: Sequence[Path] = ()) -> List[Path]:
-    """The image and video files named by ``inputs``: files, folders (recursively, by extension)
-    and glob patterns, as absolute paths (a file is the same input from any working folder),
-    sorted and each once. A file of another extension in a folder is left
+    """The image and video files named by ``inputs``: files, folders (recursively, by extension,
+    into linked folders too) and glob patterns, as absolute paths (a file is the same input from
+    any working folder), sorted and each once. A file of another extension in a folder is left
     out, and so is what a folder or pattern finds in the folders ``exclude`` (the pictures and
     videos a run writes, which the next run would read as inputs); an input that names nothing
     raises FileNotFoundError naming it."""
@@ -46,7 +46,7 @@ def find_inputs(inputs: Iterable[str], exclude: Sequence[Path] = ()) -> List[Pat
             raise FileNotFoundError(f"input not found: {item}")
         for path in matches:
             if path.is_dir():
-                found.update(p for p in path.rglob("*") if p.suffix.lower() in wanted)
+                found.update(p for p in files_under(path) if p.suffix.lower() in wanted)
             elif not glob.has_magic(item):
                 named.add(path)
             elif path.suffix.lower() in wanted:
@@ -58,6 +58,19 @@ def find_inputs(inputs: Iterable[str], exclude: Sequence[Path] = ()) -> List[Pat
     if not found:
         raise FileNotFoundError(f"no images or videos in {list(inputs)}")
     return sorted({Path(os.path.abspath(p)) for p in found})
+
+
+def files_under(folder: Path) -> Iterator[Path]:
+    """The files in ``folder`` and its subfolders, through links to folders (which ``rglob``
+    does not follow), each folder once: a link to a folder above it would loop."""
+    seen = set()
+    for root, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        yield from (Path(root, name) for name in files)
 
 
 # 16- and 32-bit pixels (PIL's modes): Detectron2's reader clips them to 8 bits (a 16-bit photo
