@@ -202,6 +202,21 @@ def test_an_input_skipped_once_is_read_again_once_mended(photos, tmp_path):
     assert [i["id"] for i in json.loads((out / "images.json").read_text())] == [1]
 
 
+def test_merged_files_of_other_inputs_say_what_they_leave_out(photos, tmp_path, caplog):
+    """A second run with other inputs writes the merged files of its own: the earlier run's
+    image is counted in a warning, and the earlier panoptic.json, of that image, removed."""
+    out = tmp_path / "out"
+    _run(None, out, input=[str(photos / "a.png")], panoptic=True)
+    assert (out / "panoptic.json").exists()
+    logging.getLogger("htc").propagate = True
+    with caplog.at_level(logging.WARNING, logger="htc"):
+        _run(None, out, input=[str(photos / "b.png")])
+    assert "1 inputs that earlier runs predicted into" in caplog.text and "a.png" in caplog.text
+    images = json.loads((out / "images.json").read_text())
+    assert [i["file_name"] for i in images] == [str(photos / "b.png")]
+    assert not (out / "panoptic.json").exists()
+
+
 def test_unreadable_inputs_are_reasons_not_errors(tmp_path, monkeypatch):
     """Each is skipped by name, in this run and the next, instead of ending the run."""
     wide = tmp_path / "16bit.png"

@@ -13,7 +13,7 @@ Each batch's results are appended to ``OUTPUT/predictions.jsonl`` (``predictions
 process R > 0) as soon as it is done, so a run that is stopped loses at most the batch in flight,
 and a second run with the same output skips what is already there (a run with other settings or
 weights, or while another writes into it, is refused). At the end ``OUTPUT/coco_results.json``
-holds every image's results in COCO's results format (boxes XYWH, scores, masks as RLE, the
+holds every input image's results in COCO's results format (boxes XYWH, scores, masks as RLE, the
 category ids of the dataset DATASETS.TEST[0] names), ``OUTPUT/images.json`` the images' ids, file
 names and sizes, and ``OUTPUT/videos/NAME.json`` each video's results, whose image ids are frame
 indices. ``--draw`` writes ``OUTPUT/pictures/ID.png`` and ``OUTPUT/videos/NAME.mp4``;

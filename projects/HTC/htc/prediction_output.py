@@ -275,9 +275,12 @@ def video_names(files: List[Path]) -> Dict[str, str]:
 
 
 def write_results(output: Path, files: List[Path], records: List[dict], ran: int) -> dict:
-    """coco_results.json, images.json, panoptic.json and each video's json from every record;
-    the counts of the run."""
+    """coco_results.json, images.json, panoptic.json (removed where none of the inputs has
+    panoptic results) and each video's json from the records of ``files``, this run's inputs;
+    a warning counts the inputs that earlier runs predicted and these files leave out. The
+    counts of the run."""
     wanted = {str(f) for f in files}
+    _warn_of_left_out(output, finished_inputs(records) - wanted)
     records = [r for r in records if r["file_name"] in wanted]
     kept = sorted(
         (r for r in records if "results" in r and "frame" not in r), key=lambda r: r["image_id"]
@@ -295,6 +298,8 @@ def write_results(output: Path, files: List[Path], records: List[dict], ran: int
     ]  # fmt: skip
     if panoptic:
         (output / "panoptic.json").write_text(json.dumps({"annotations": panoptic}))
+    else:  # an earlier run's, of other inputs
+        (output / "panoptic.json").unlink(missing_ok=True)
     frames = _write_video_results(output, files, records)
     skipped = sorted(_still_skipped(records))
     counts = {"images": len(kept), "skipped": len(skipped), "this run": ran}
@@ -303,6 +308,18 @@ def write_results(output: Path, files: List[Path], records: List[dict], ran: int
     if skipped:
         logger.warning(f"{len(skipped)} inputs could not be read, e.g. {skipped[0]}")
     return counts
+
+
+def _warn_of_left_out(output: Path, left_out: Set[str]) -> None:
+    """Name how many inputs done in ``output`` are not this run's (left out of its merged
+    files), and how to merge them."""
+    if left_out:
+        logger.warning(
+            f"{len(left_out)} inputs that earlier runs predicted into {output} are not inputs of "
+            f"this run (e.g. {min(left_out)}): coco_results.json, images.json and panoptic.json "
+            "hold this run's inputs only; run with all the inputs to merge them (what is done "
+            "is not predicted again)"
+        )
 
 
 def finished_inputs(records: List[dict]) -> Set[str]:
