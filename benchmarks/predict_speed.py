@@ -52,7 +52,8 @@ def run_predict(folder: Path, output: Path, opts: list, variant: tuple) -> None:
     batch_size, workers, processes = variant
     args = argparse.Namespace(
         config_file=str(CONFIG), input=[str(folder)], output=str(output),
-        confidence_threshold=None, image_ids=None, draw=False, semantic=False, panoptic=False,
+        confidence_threshold=None, image_ids=None, draw=False, draw_threshold=0.5, semantic=False,
+        panoptic=False,
         batch_size=batch_size, workers=workers, num_gpus=processes, num_machines=1,
         machine_rank=0, dist_url="auto", dist_timeout=1800.0, opts=opts,
     )  # fmt: skip

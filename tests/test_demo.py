@@ -122,6 +122,17 @@ def test_the_picture_draws_the_instances_at_the_configured_threshold(photo, tmp_
     assert not np.array_equal(picture[TITLE_HEIGHT:, : image.shape[1]], image)
 
 
+def test_the_demo_counts_and_draws_above_0_5_by_default(photo, tmp_path, capsys):
+    """As Detectron2's demo: the configs' SCORE_THRESH_TEST (0.001) drew a hundred instances."""
+    torch.manual_seed(0)
+    out = tmp_path / "out"
+    _demo("--input", str(photo), "--output", str(out), opts=["TEST.DETECTIONS_PER_IMAGE", "3"])
+    assert "0 instances" in capsys.readouterr().out
+    picture = np.asarray(Image.open(out / "photo.png"))
+    image = np.asarray(Image.open(photo))
+    assert np.array_equal(picture[TITLE_HEIGHT:, : image.shape[1]], image)
+
+
 def test_without_a_test_dataset_the_panels_name_generic_classes(photo, tmp_path):
     """DATASETS.TEST () leaves no class names: the panels are drawn with "class K" (Detectron2's
     Visualizer raised on the missing stuff_classes of the semantic panel)."""

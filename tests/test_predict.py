@@ -54,7 +54,8 @@ def photos(tiny_dataset, tmp_path):
 def _run(photos, output, **overrides) -> dict:
     args = dict(
         config_file=str(DEMO_CONFIG), input=[str(photos)] if photos else [], output=str(output),
-        confidence_threshold=0.0, image_ids=None, draw=False, semantic=False, panoptic=False,
+        confidence_threshold=0.0, image_ids=None, draw=False, draw_threshold=0.5, semantic=False,
+        panoptic=False,
         batch_size=1, workers=0, num_gpus=1, num_machines=1, machine_rank=0, dist_url="auto",
         dist_timeout=1800.0,
         opts=["MODEL.DEVICE", "cpu", "TEST.DETECTIONS_PER_IMAGE", "5"],
@@ -145,17 +146,21 @@ def test_settings_predict_would_ignore_are_refused_by_key(photos, tmp_path, opts
     assert not (tmp_path / "out").exists()
 
 
-def test_pictures_draw_at_the_configured_score_threshold(photos, tmp_path):
-    """SCORE_THRESH_TEST from the config (no --confidence-threshold): the picture draws the
-    image's results, all scored under 0.5 by random weights (a fixed 0.5 drew none)."""
-    out = tmp_path / "out"
-    opts = ["MODEL.DEVICE", "cpu", "TEST.DETECTIONS_PER_IMAGE", "3"]
-    opts += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
-    _run(None, out, input=[str(photos / "a.png")], draw=True, confidence_threshold=None, opts=opts)
-    assert len(_results(out)) == 3 and max(r["score"] for r in _results(out)) < 0.5
-    picture = np.asarray(Image.open(out / "pictures" / "1.png"))
+def test_pictures_draw_the_results_above_the_draw_threshold(photos, tmp_path):
+    """Random weights score the image's 3 results under 0.5: the default --draw-threshold 0.5
+    draws none of them, 0 all (a fixed 0.5 could not be lowered; the results' own threshold,
+    0.001 in the configs, drew a hundred)."""
     image = np.asarray(Image.open(photos / "a.png").convert("RGB"))
-    assert not np.array_equal(picture[TITLE_HEIGHT:, : image.shape[1]], image)
+    opts = ["MODEL.DEVICE", "cpu", "TEST.DETECTIONS_PER_IMAGE", "3"]
+    for draw_threshold, drawn in [(0.5, False), (0.0, True)]:
+        out = tmp_path / f"out{draw_threshold}"
+        _run(None, out, input=[str(photos / "a.png")], draw=True, draw_threshold=draw_threshold,
+             opts=opts)  # fmt: skip
+        assert len(_results(out)) == 3 and max(r["score"] for r in _results(out)) < 0.5
+        picture = np.asarray(Image.open(out / "pictures" / "1.png"))
+        assert np.array_equal(picture[TITLE_HEIGHT:, : image.shape[1]], image) != drawn
+    with pytest.raises(ValueError, match="--draw-threshold 50.0: a score"):
+        _run(None, tmp_path / "percent", input=[str(photos / "a.png")], draw_threshold=50.0)
 
 
 def test_without_a_test_dataset_pictures_name_generic_classes(photos, tmp_path):

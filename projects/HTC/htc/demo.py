@@ -205,8 +205,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--input", nargs="+", required=True, help="image files or folders")
     parser.add_argument("--output", required=True, help="folder for the visualisations")
     parser.add_argument(
-        "--confidence-threshold", type=float, help="MODEL.ROI_HEADS.SCORE_THRESH_TEST"
-    )
+        "--confidence-threshold", type=float, default=0.5,
+        help="MODEL.ROI_HEADS.SCORE_THRESH_TEST: the instances counted and drawn",
+    )  # fmt: skip
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE pairs")
     args = parser.parse_args(argv)
 

@@ -204,7 +204,7 @@ def _predict_into(
     if args.draw:  # every frame is recorded now, whichever process predicted it
         mine = [f for f in files[rank::world] if is_video(f)]
         names, records = video_names(files), load_records(output)
-        _draw_videos(mine, names, records, args, metadata, dataset_ids, _threshold(cfg))
+        _draw_videos(mine, names, records, args, metadata, dataset_ids, args.draw_threshold)
     if not comm.is_main_process():
         return None
     return write_results(output, files, load_records(output), ran)
@@ -273,12 +273,14 @@ def _warn_of_outputs_not_asked_then(output: Path, done: List[dict], args) -> Non
 
 def _check_outputs(cfg, args: argparse.Namespace, files: List[Path]) -> None:
     """A ValueError naming the config key when an asked output is one the model does not give,
-    or naming a video where PNGs per image are asked."""
+    or naming a video where PNGs per image are asked; a draw threshold that is no score."""
     htc = cfg.MODEL.HTC
     if args.semantic and not (htc.SEMANTIC_ON and htc.SEMANTIC_OUTPUT):
         raise ValueError("--semantic needs MODEL.HTC.SEMANTIC_ON and SEMANTIC_OUTPUT True")
     if args.panoptic and not htc.PANOPTIC_ON:
         raise ValueError("--panoptic needs MODEL.HTC.PANOPTIC_ON True")
+    if not 0 <= args.draw_threshold <= 1:
+        raise ValueError(f"--draw-threshold {args.draw_threshold}: a score, in [0, 1]")
     videos = [f for f in files if is_video(f)]
     if (args.semantic or args.panoptic) and videos:
         raise ValueError(f"--semantic and --panoptic write PNGs of images, not of videos: {videos}")
@@ -321,7 +323,7 @@ def _predict_share(
     ran = 0
     with open(records_file(Path(args.output), comm.get_rank()), "a") as records, bar:
         for batch in inputs_loader(inputs, args.batch_size, args.workers):
-            lines = _predict_batch(model, batch, args, metadata, dataset_ids, _threshold(cfg))
+            lines = _predict_batch(model, batch, args, metadata, dataset_ids, args.draw_threshold)
             records.write("".join(json.dumps(line) + "\n" for line in lines))
             records.flush()
             os.fsync(records.fileno())
@@ -389,12 +391,6 @@ def _draw_videos(
             write_drawn_video(video, frames, target, metadata, threshold, contiguous)
 
 
-def _threshold(cfg: CfgNode) -> float:
-    """The score above which instances are drawn: the model's own (--confidence-threshold, or
-    the config's), so that a picture draws every instance that the results hold."""
-    return cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
-
-
 def main(argv: Optional[List[str]] = None) -> Optional[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True)
@@ -405,6 +401,11 @@ def main(argv: Optional[List[str]] = None) -> Optional[dict]:
     )
     parser.add_argument("--image-ids", help="a COCO json whose image ids the results take")
     parser.add_argument("--draw", action="store_true", help="also write pictures and videos")
+    parser.add_argument(
+        "--draw-threshold", type=float, default=0.5,
+        help="the score above which pictures and videos show a result (the results keep what "
+        "--confidence-threshold keeps)",
+    )  # fmt: skip
     parser.add_argument("--semantic", action="store_true", help="also write semantic PNGs")
     parser.add_argument("--panoptic", action="store_true", help="also write panoptic PNGs")
     parser.add_argument("--batch-size", type=int, default=1, help="images per model call")
