@@ -42,10 +42,9 @@ logger = logging.getLogger("htc")
 register_builtin()
 
 
-def evaluate(cfg, model, built: Optional[Tuple[Iterable, DatasetEvaluator]] = None) -> dict:
-    """The metrics of ``cfg.dataloader.evaluator`` on ``cfg.dataloader.test``, if it has one:
-    with the loader and evaluator of :func:`build_evaluation` (``built``), else built now."""
-    built = built or build_evaluation(cfg, model)
+def evaluate(model, built: Optional[Tuple[Iterable, DatasetEvaluator]]) -> dict:
+    """The metrics of the test loader and evaluator that :func:`build_evaluation` ``built`` (no
+    metrics where the config has no evaluator)."""
     if built is None:
         return {}
     results = inference_on_dataset(model, *built)
@@ -124,25 +123,24 @@ def check_semantic_settings(model, mapper: DictConfig, key: str, names: List[str
     head = getattr(model, "semantic_head", None)
     if head is None:
         return
-    classes = head.conv_logits.out_channels
-    mapped = mapper.get("num_semantic_classes")
-    if mapped != classes:
+    classes, ignore = head.conv_logits.out_channels, head.ignore_value
+    mapped = mapper.get("num_semantic_classes")  # None: the mapper checks no labels
+    if mapped is not None and mapped != classes:
         raise ValueError(
             f"{key}.num_semantic_classes is {mapped} but model.semantic_head.num_classes is "
             f"{classes}: set both to the number of semantic classes"
         )
-    ignore = mapper.get("ignore_value", 255)
-    if ignore != head.ignore_value:
+    if mapper.get("ignore_value", ignore) != ignore:
         raise ValueError(
-            f"{key}.ignore_value is {ignore} but model.semantic_head.ignore_value is "
-            f"{head.ignore_value}: set both to the label of unlabeled pixels"
+            f"{key}.ignore_value is {mapper.ignore_value} but model.semantic_head.ignore_value "
+            f"is {ignore}: set both to the label of unlabeled pixels"
         )
     for name in names:
         marked = MetadataCatalog.get(name).get("ignore_label")
         if marked is not None and marked != ignore:
             raise ValueError(
                 f"dataset {name!r} marks unlabeled pixels {marked} (its ignore_label) but "
-                f"{key}.ignore_value and model.semantic_head.ignore_value are {ignore}"
+                f"model.semantic_head.ignore_value is {ignore}"
             )
 
 
@@ -193,7 +191,7 @@ def train(cfg, resume: bool) -> None:
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
             if main_process
             else None,
-            hooks.EvalHook(cfg.train.eval_period, lambda: evaluate(cfg, model, evaluation)),
+            hooks.EvalHook(cfg.train.eval_period, lambda: evaluate(model, evaluation)),
             hooks.PeriodicWriter(
                 default_writers(cfg.train.output_dir, cfg.train.max_iter),
                 period=cfg.train.log_period,
@@ -224,7 +222,7 @@ def main(args) -> None:
     load_for_evaluation(checkpointer, weights, args.resume, "train.init_checkpoint")
     model.eval()
     evaluation = build_evaluation(cfg, model)
-    evaluate(cfg, create_ddp_model(model), evaluation)
+    evaluate(create_ddp_model(model), evaluation)
 
 
 def invoke_main() -> None:

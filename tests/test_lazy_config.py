@@ -164,7 +164,7 @@ def test_small_lazy_config_trains_and_evaluates(workspace, tmp_path, monkeypatch
 
     evaluated = []
     monkeypatch.setattr(
-        lazyconfig_train_net, "evaluate", lambda cfg, model, built: evaluated.append(model)
+        lazyconfig_train_net, "evaluate", lambda model, built: evaluated.append(model)
     )
     monkeypatch.setattr(lazyconfig_train_net, "build_evaluation", lambda cfg, model: None)
     # in this process: no loggers set up (they would stop propagating to pytest's capture)
@@ -222,6 +222,8 @@ def test_lazy_semantic_mapper_that_does_not_fit_the_model_is_refused(
     with on_meta():
         model = instantiate(cfg.model)
     lazyconfig_train_net.check_training_data(cfg, model)
+    cfg.dataloader.train.mapper.num_semantic_classes = None  # checks no labels, as Detectron2's
+    lazyconfig_train_net.check_training_data(cfg, model)
     cfg.dataloader.train.mapper.update(mapper)
     with pytest.raises(ValueError, match=f"dataloader.train.{refused}"):
         lazyconfig_train_net.check_training_data(cfg, model)
@@ -245,7 +247,7 @@ def test_lazy_semantic_metadata_of_the_dataset_is_checked(tiny_dataset, tmp_path
     marked = {"ignore_label": 0}
     zero = _registered(tiny_dataset, f"lazy_ignore0_{tmp_path.name}", metadata=marked)
     cfg.dataloader.train.dataset.names = zero
-    with pytest.raises(ValueError, match="pixels 0 \\(its ignore_label\\) but dataloader.train"):
+    with pytest.raises(ValueError, match="pixels 0 \\(its ignore_label\\) but model.semantic_head"):
         lazyconfig_train_net.check_training_data(cfg, model)
 
 

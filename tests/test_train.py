@@ -266,7 +266,7 @@ def test_a_test_dataset_ordering_the_classes_otherwise_is_refused(
     }})  # fmt: skip
     monkeypatch.setattr(lazyconfig_train_net, "instantiate", lambda cfg: None)  # nothing built
     with pytest.raises(ValueError, match=refused):
-        lazyconfig_train_net.evaluate(lazy, model=None)
+        lazyconfig_train_net.build_evaluation(lazy, model=None)
 
 
 def test_ignore_value_that_is_not_the_datasets_is_refused(tiny_dataset):
