@@ -28,7 +28,7 @@ from conftest import DEMO_CONFIG, child_env, truncate
 from htc import register_htc_instances
 from htc.data.inputs import PredictionInputs, find_inputs, read_image_or_reason, video_frames
 from htc.demo import TITLE_HEIGHT, load_predictor_cfg
-from htc.predict import predict
+from htc.predict import MARKER, predict
 from htc.prediction_output import RECORDS, dataset_image_ids, image_ids, run_settings, video_names
 from htc.video import write_drawn_video
 
@@ -130,6 +130,15 @@ def test_a_users_folder_of_an_output_name_is_neither_dropped_nor_overwritten(pho
         _run(photos, photos, draw=True)
     assert (photos / "pictures" / "1.png").read_bytes() == before
     assert not (photos / RECORDS).exists()
+
+
+def test_the_pictures_of_a_run_before_the_marker_are_no_inputs(photos):
+    """An output whose records show that htc.predict wrote it, with a pictures/ from before the
+    marker: its pictures stay out of the inputs, and more are drawn into it."""
+    _run(photos, photos, draw=True)
+    (photos / "pictures" / MARKER).unlink()
+    counts = _run(photos, photos, draw=True)
+    assert (counts["images"], counts["this run"]) == (3, 3)  # the bad photos again, no picture
 
 
 @pytest.mark.parametrize(

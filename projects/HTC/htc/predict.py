@@ -168,6 +168,7 @@ def predict_process(args: argparse.Namespace) -> Optional[dict]:
     files = find_inputs(args.input, exclude=_made_folders(output))
     _check_outputs(cfg, args, files)
     _check_not_users(output, _asked_folders(args, files))
+    comm.synchronize()  # every process checked before the first makes the folders
     if not comm.is_main_process():
         return _predict_into(cfg, args, files, dataset_ids)
     with exclusive(output):
@@ -237,22 +238,29 @@ def _asked_folders(args: argparse.Namespace, files: List[Path]) -> List[str]:
 
 
 def _made_folders(output: Path) -> List[Path]:
-    """The folders of :data:`OUTPUT_FOLDERS` in ``output`` that runs made (with :data:`MARKER`):
-    their pictures are no inputs of the next run, where the output lies in an input folder."""
-    return [output / name for name in OUTPUT_FOLDERS if (output / name / MARKER).exists()]
+    """The folders of :data:`OUTPUT_FOLDERS` in ``output`` that runs made: with :data:`MARKER`,
+    or beside records (an htc.predict before the marker made them). Their pictures are no
+    inputs of the next run, where the output lies in an input folder."""
+    recorded = records_file(output, 0).exists()
+    return [
+        output / name
+        for name in OUTPUT_FOLDERS
+        if (output / name / MARKER).exists() or (recorded and (output / name).is_dir())
+    ]
 
 
 def _check_not_users(output: Path, names: List[str]) -> None:
     """A ValueError naming a folder ``output/NAME`` to write into that exists without
     :data:`MARKER`: the user's own (the output being an input folder), whose files would be
     overwritten."""
+    made = _made_folders(output)
     for name in names:
         folder = output / name
-        if folder.exists() and not (folder / MARKER).exists():
+        if folder.exists() and folder not in made:
             raise ValueError(
-                f"{folder} exists and no htc.predict made it (it has no {MARKER}): its files "
-                "would be overwritten; move it or predict into another output folder (where an "
-                f"htc.predict before this check made it, create the empty file {folder / MARKER})"
+                f"{folder} exists and no htc.predict made it (it has no {MARKER}, and {output} "
+                "no records): its files would be overwritten; move it or predict into another "
+                "output folder"
             )
 
 

@@ -62,9 +62,12 @@ def find_inputs(inputs: Iterable[str], exclude: Sequence[Path] = ()) -> List[Pat
 
 def files_under(folder: Path) -> Iterator[Path]:
     """The files in ``folder`` and its subfolders, through links to folders (which ``rglob``
-    does not follow), each folder once: a link to a folder above it would loop."""
+    does not follow), each folder once (a link to a folder above it would loop), walked in name
+    order: a folder reached by a link and by its own path is found by the same path on every
+    machine and in every run."""
     seen = set()
     for root, folders, files in os.walk(folder, followlinks=True):
+        folders.sort()
         real = os.path.realpath(root)
         if real in seen:
             folders[:] = []
