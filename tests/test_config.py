@@ -66,12 +66,18 @@ def test_config_errors_are_clear(opts, message):
         build_model(cfg)
 
 
-def test_grayscale_input_with_one_mean_builds():
+@pytest.mark.parametrize(
+    "opts, channels",
+    [
+        (["INPUT.FORMAT", "L", "MODEL.PIXEL_MEAN", [120.0], "MODEL.PIXEL_STD", [1.0]], 1),
+        (["INPUT.FORMAT", "RGBA", "MODEL.PIXEL_MEAN", [1.0] * 4, "MODEL.PIXEL_STD", [1.0] * 4], 4),
+        (["MODEL.SEM_SEG_HEAD.IGNORE_VALUE", 0], 3),  # 0 ignored, classes 1..K-1
+    ],
+)
+def test_other_channels_and_an_ignored_class_0_build(opts, channels):
     cfg = tiny_cfg()
-    cfg.merge_from_list(
-        ["INPUT.FORMAT", "L", "MODEL.PIXEL_MEAN", [120.0], "MODEL.PIXEL_STD", [1.0]]
-    )
-    assert build_model(cfg).backbone.bottom_up.stem.conv1.weight.shape[1] == 1
+    cfg.merge_from_list(opts)
+    assert build_model(cfg).backbone.bottom_up.stem.conv1.weight.shape[1] == channels
 
 
 @pytest.mark.parametrize("info_flow", [True, False])

@@ -183,8 +183,11 @@ def test_semantic_labels_are_padded_with_the_ignored_label():
     label: learned as a class, or refused as a value that the map itself did not hold."""
     cfg = tiny_cfg()
     cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 254
-    with pytest.raises(ValueError, match=r"pads the semantic labels with (255|0), not .* 254"):
-        HTCDatasetMapper(cfg, is_train=True, augmentations=[T.FixedSizeCrop((64, 64), pad=True)])
+    padding = T.FixedSizeCrop((64, 64), pad=True)
+    for augmentations in ([padding], [T.RandomApply(padding, prob=0.5)]):
+        with pytest.raises(ValueError, match=r"pads the semantic labels with (255|0), not .* 254"):
+            HTCDatasetMapper(cfg, is_train=True, augmentations=augmentations)
+    HTCDatasetMapper(cfg, is_train=False, augmentations=[padding])  # reads no labels
     HTCDatasetMapper(cfg, is_train=True, augmentations=[T.FixedSizeCrop((64, 64), pad=False)])
     if "seg_pad_value" in inspect.signature(T.FixedSizeCrop).parameters:  # after v0.6
         crop = T.FixedSizeCrop((64, 64), seg_pad_value=254)

@@ -19,6 +19,8 @@ def test_builtin_datasets_are_registered_once_with_their_layout():
     assert meta.sem_seg_root.endswith("coco/stuffthingmaps/val2017")
     assert len(meta.stuff_classes) == 183 and meta.evaluator_type == "coco"
     assert meta.ignore_label == 255
+    # named before the json is read (htc.demo's pictures: "person", not "class 0")
+    assert len(meta.thing_classes) == 80 and meta.thing_classes[0] == "person"
     demo = MetadataCatalog.get("htc_demo_val")
     assert demo.thing_classes == ["disc", "square", "triangle"] and demo.ignore_label == 255
 

@@ -242,11 +242,14 @@ def _paste_held_masks_as_rle(instances: Instances) -> None:
         instances.pred_masks_rle = paste_masks_as_rle(masks, instances.pred_boxes, height, width)
 
 
+CHANNELS = {"BGR": 3, "RGB": 3, "YUV-BT.601": 3, "L": 1}  # of Detectron2's read_image formats
+
+
 def _check_pixel_statistics(pixel_mean: torch.Tensor, input_format: Optional[str]) -> None:
     """Refuse a MODEL.PIXEL_MEAN of another length than the channels of INPUT.FORMAT's images:
     the backbone's stem takes len(PIXEL_MEAN) channels, and the first image failed in torch."""
-    channels = 1 if input_format == "L" else 3
-    if input_format is not None and pixel_mean.numel() != channels:
+    channels = CHANNELS.get(input_format)  # other formats (RGBA, ...): not checked
+    if channels is not None and pixel_mean.numel() != channels:
         raise ValueError(
             f"MODEL.PIXEL_MEAN (pixel_mean) has {pixel_mean.numel()} values, but INPUT.FORMAT "
             f"(input_format) {input_format!r} gives {channels}-channel images: give a mean and a "

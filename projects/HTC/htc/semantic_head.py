@@ -66,7 +66,7 @@ class FusedSemanticHead(nn.Module):
                 f"conv_dim {conv_dim} (CONVS_DIM) and embed_dim {embed_dim} (EMBED_DIM): give "
                 "0 or more convs of 1 or more channels"
             )
-        if 0 <= ignore_value < num_classes:
+        if 0 < ignore_value < num_classes:  # 0 ignored, classes 1..K-1: a common convention
             raise ValueError(
                 f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE (ignore_value) {ignore_value} is one of the "
                 f"{num_classes} classes (NUM_CLASSES): class {ignore_value} would never be "

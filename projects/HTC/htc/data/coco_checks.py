@@ -9,12 +9,15 @@ field the loader and the mapper use is checked here, from the json alone (no ima
 and each refusal names the file, the image or annotation id, and the problem.
 """
 
+import logging
 import math
 import os
 from numbers import Integral, Real
 from typing import Any, Dict, List, Optional
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 class CocoFormatError(ValueError):
@@ -226,18 +229,19 @@ def check_coco_json(data: Any, where: str) -> None:
 
 
 def _check_category_names(categories: Dict[int, dict], where: str) -> None:
-    """Refuse a category without a name (the loader's bare KeyError 'name') or of another's
-    name: the classes are told apart by name (thing_classes, the class-order check)."""
+    """Refuse a category without a name (the loader's bare KeyError 'name'); warn of two of one
+    name, which Detectron2 accepts, but whose classes the evaluation and the class-order check
+    cannot tell apart."""
     seen: Dict[str, int] = {}
     for category_id, category in categories.items():
         name = category.get("name")
-        if not isinstance(name, str) or not name:
+        if name is None or name == "":
             raise CocoFormatError(f"{where}: category {category_id} has name {name!r}")
-        if name in seen:
-            raise CocoFormatError(
-                f"{where}: categories {seen[name]} and {category_id} are both named {name!r}"
+        if str(name) in seen:
+            logger.warning(
+                f"{where}: categories {seen[str(name)]} and {category_id} are both named {name!r}"
             )
-        seen[name] = category_id
+        seen.setdefault(str(name), category_id)
 
 
 def check_lvis_json(data: Any, where: str, categories: Dict[int, str], exact: bool) -> None:

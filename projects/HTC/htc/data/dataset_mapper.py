@@ -25,7 +25,7 @@ def _check_label_padding(augmentations: List[T.Augmentation], ignore_value: int)
     one: the padding would be learned as a class, or refused as a label of the map (Detectron2
     v0.6's pads them with 0; later ones with ``seg_pad_value``, 255 by default)."""
     for aug in augmentations:
-        _check_label_padding(getattr(aug, "augs", []), ignore_value)
+        _check_label_padding(_wrapped(aug), ignore_value)
         value = getattr(aug, "seg_pad_value", 0)
         if isinstance(aug, T.FixedSizeCrop) and aug.pad and value != ignore_value:
             fix = (
@@ -38,6 +38,12 @@ def _check_label_padding(augmentations: List[T.Augmentation], ignore_value: int)
                 f"ignored label {ignore_value} (MODEL.SEM_SEG_HEAD.IGNORE_VALUE, the mapper's "
                 f"ignore_value): {fix}"
             )
+
+
+def _wrapped(aug: T.Augmentation) -> List[T.Augmentation]:
+    """The augmentations that ``aug`` applies: an AugmentationList's, a RandomApply's."""
+    inner = getattr(aug, "aug", None)
+    return [*getattr(aug, "augs", []), *([inner] if inner is not None else [])]
 
 
 class HTCDatasetMapper(DatasetMapper):
@@ -73,8 +79,8 @@ class HTCDatasetMapper(DatasetMapper):
                 "deriving semantic labels needs instance masks (MODEL.MASK_ON) and the semantic "
                 "branch (MODEL.HTC.SEMANTIC_ON)"
             )
-        if num_semantic_classes is not None:
-            _check_label_padding(self.augmentations.augs, ignore_value)
+        if is_train and num_semantic_classes is not None and not self.derive_semantic:
+            _check_label_padding(self.augmentations.augs, ignore_value)  # maps read and padded
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True, dataset_names: Optional[List[str]] = None):

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 
 from .coco import load_htc_json
 
@@ -78,6 +79,7 @@ def register_coco_htc(root: Optional[Path] = None) -> None:
             str(coco / f"{split}2017"),
             sem_seg_root=str(coco / "stuffthingmaps" / f"{split}2017"),
             metadata={
+                **_get_builtin_metadata("coco"),  # the class names before the json is read
                 "stuff_classes": [f"cocostuff_{i}" for i in range(COCO_STUFF_CLASSES)],
                 "default_panoptic": False,  # COCO panoptic's categories: coco_2017_*_panoptic
             },
