@@ -292,9 +292,8 @@ class HTCCOCOEvaluator(ScoresRLEMasks, COCOEvaluator):
         kwargs.setdefault("use_fast_impl", self._cocoeval is not COCOeval)
         with self._cocoeval_in_use():
             super().__init__(dataset_name, *args, **kwargs)
-        json_file = MetadataCatalog.get(dataset_name).get("json_file")
-        if json_file:  # else Detectron2 wrote the json, with areas
-            check_areas(json_file, self._coco_api.dataset.get("annotations", []))
+        json_file = MetadataCatalog.get(dataset_name).json_file  # the parent writes one if none
+        check_areas(json_file, self._coco_api.dataset.get("annotations", []))
 
     def _eval_predictions(self, predictions, img_ids=None):
         # the parent's "fast" COCOeval is the module's COCOeval_opt, read at the call
