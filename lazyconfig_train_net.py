@@ -33,7 +33,13 @@ from htc import set_deterministic, set_float32_precision
 from htc.checkpoint import HTCCheckpointer, load_for_evaluation
 from htc.config import apply_overrides, check_device
 from htc.data import register_builtin
-from htc.data.checks import check_mask_format, check_same_thing_classes, check_thing_classes
+from htc.data.checks import (
+    check_derived_classes,
+    check_ignore_label,
+    check_mask_format,
+    check_same_thing_classes,
+    check_thing_classes,
+)
 from htc.distributed import argument_parser, create_ddp_model, launch_from_args
 from htc.evaluation import HTCSemSegEvaluator, check_pasted_masks
 
@@ -136,12 +142,7 @@ def check_semantic_settings(model, mapper: DictConfig, key: str, names: List[str
             f"is {ignore}: set both to the label of unlabeled pixels"
         )
     for name in names:
-        marked = MetadataCatalog.get(name).get("ignore_label")
-        if marked is not None and marked != ignore:
-            raise ValueError(
-                f"dataset {name!r} marks unlabeled pixels {marked} (its ignore_label) but "
-                f"model.semantic_head.ignore_value is {ignore}"
-            )
+        check_ignore_label(name, ignore, "model.semantic_head.ignore_value")
 
 
 def check_derived_labels(model, mapper: DictConfig, names: List[str]) -> None:
@@ -156,13 +157,9 @@ def check_derived_labels(model, mapper: DictConfig, names: List[str]) -> None:
                 f"dataset {name!r} is registered with derive_semantic=True: set {key}=True"
             )
     head = getattr(model, "semantic_head", None)
-    things = model.roi_heads.num_classes
-    if derive and head is not None and head.conv_logits.out_channels != things + 1:
-        raise ValueError(
-            f"{key}: derived semantic labels are the {things} thing classes + background: set "
-            f"model.semantic_head.num_classes and dataloader.train.mapper.num_semantic_classes "
-            f"to {things + 1} (they are {head.conv_logits.out_channels})"
-        )
+    if derive and head is not None:
+        keys = "model.semantic_head.num_classes and dataloader.train.mapper.num_semantic_classes"
+        check_derived_classes(model.roi_heads.num_classes, head.conv_logits.out_channels, keys)
 
 
 def _checkpointer(cfg, model, complete: bool = False, **checkpointables) -> HTCCheckpointer:

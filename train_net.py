@@ -29,7 +29,12 @@ from htc import HTCDatasetMapper, add_htc_config, set_deterministic, set_float32
 from htc.checkpoint import HTCCheckpointer, load_for_evaluation
 from htc.config import check_device
 from htc.data import register_builtin
-from htc.data.checks import check_mask_format, check_same_thing_classes, check_thing_classes
+from htc.data.checks import (
+    check_ignore_label,
+    check_mask_format,
+    check_same_thing_classes,
+    check_thing_classes,
+)
 from htc.data.resumable import build_resumable_train_loader
 from htc.distributed import argument_parser, cpu_capable_ddp, launch_from_args
 from htc.evaluation import build_evaluators, check_mask_output
@@ -47,16 +52,9 @@ def check_dataset(cfg, name: str, is_train: bool) -> None:
     """Refuse a config that does not fit dataset ``name`` (call after the dataset was loaded,
     which sets its ``thing_classes``): class count, and semantic labels for training."""
     meta = MetadataCatalog.get(name)
-    ignore = meta.get("ignore_label")
-    if (
-        cfg.MODEL.HTC.SEMANTIC_ON
-        and ignore is not None
-        and ignore != cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
-    ):
-        raise ValueError(
-            f"dataset {name!r} marks unlabeled pixels {ignore} (its ignore_label) but "
-            f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE is {cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE}"
-        )
+    if cfg.MODEL.HTC.SEMANTIC_ON:
+        ignore = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
+        check_ignore_label(name, ignore, "MODEL.SEM_SEG_HEAD.IGNORE_VALUE")
     check_thing_classes(name, cfg.MODEL.ROI_HEADS.NUM_CLASSES, "MODEL.ROI_HEADS.NUM_CLASSES")
     if not is_train and cfg.DATASETS.TRAIN:
         check_same_thing_classes(name, cfg.DATASETS.TRAIN[0])

@@ -42,6 +42,27 @@ def check_same_thing_classes(name: str, trained_on: str) -> None:
         )
 
 
+def check_ignore_label(name: str, ignore_value: int, key: str) -> None:
+    """Refuse dataset ``name`` marking unlabeled pixels otherwise (its ``ignore_label``) than
+    ``ignore_value``, the config's ``key``: they would train as a class."""
+    marked = MetadataCatalog.get(name).get("ignore_label")
+    if marked is not None and marked != ignore_value:
+        raise ValueError(
+            f"dataset {name!r} marks unlabeled pixels {marked} (its ignore_label) but {key} is "
+            f"{ignore_value}"
+        )
+
+
+def check_derived_classes(things: int, semantic: int, keys: str) -> None:
+    """Refuse ``semantic`` classes (the config's ``keys``) for labels derived from instances:
+    they are the ``things`` classes + background."""
+    if semantic != things + 1:
+        raise ValueError(
+            f"derived semantic labels are the {things} thing classes + background: set {keys} "
+            f"to {things + 1} (it is {semantic})"
+        )
+
+
 def check_mask_format(name: str, mask_format: str, key: str) -> None:
     """Refuse the "polygon" mask format (the config's ``key``) for a dataset, loaded by
     :func:`htc.data.load_htc_json`, with masks given as RLE: Detectron2's mapper fails at the

@@ -14,6 +14,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, PolygonMasks
 from PIL import Image
 
+from .checks import check_derived_classes
 from .inputs import wide_pixels
 from .label_map import check_same_size, read_label_map
 
@@ -90,12 +91,9 @@ class HTCDatasetMapper(DatasetMapper):
         if len(derive) > 1:
             raise ValueError(f"datasets {names} mix derived and file semantic labels")
         ret["derive_semantic"] = derive.pop() if derive else False
-        things, semantic = cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-        if ret["derive_semantic"] and semantic != things + 1:
-            raise ValueError(
-                f"derived semantic labels are the {things} thing classes + background: set "
-                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES to {things + 1} (it is {semantic})"
-            )
+        if ret["derive_semantic"]:
+            things, semantic = cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+            check_derived_classes(things, semantic, "MODEL.SEM_SEG_HEAD.NUM_CLASSES")
         if cfg.MODEL.HTC.SEMANTIC_ON:
             ret["num_semantic_classes"] = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
         ret["ignore_value"] = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
