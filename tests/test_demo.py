@@ -9,8 +9,15 @@ from detectron2.data import MetadataCatalog
 from detectron2.structures import BitMasks, Instances
 from PIL import Image
 
-from conftest import DEMO_CONFIG
-from htc.demo import TITLE_HEIGHT, draw_prediction, main, picture_names, titled
+from conftest import DEMO_CONFIG, load_cfg
+from htc.demo import (
+    TITLE_HEIGHT,
+    draw_prediction,
+    drawing_metadata,
+    main,
+    picture_names,
+    titled,
+)
 
 
 def _demo(*args: str, opts=()) -> None:
@@ -142,3 +149,8 @@ def test_without_a_test_dataset_the_panels_name_generic_classes(photo, tmp_path)
           opts=[*opts, "TEST.DETECTIONS_PER_IMAGE", "3"])  # fmt: skip
     picture = np.asarray(Image.open(out / "photo.png"))
     assert picture.shape == (48 + TITLE_HEIGHT, 2 * 64, 3)  # instances, semantic
+    cfg = load_cfg(DEMO_CONFIG)
+    cfg.DATASETS.TEST = ()
+    metadata = drawing_metadata(cfg)
+    assert metadata.thing_classes == ["class 0", "class 1", "class 2"]
+    assert len(metadata.stuff_classes) == cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
