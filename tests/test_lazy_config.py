@@ -7,6 +7,7 @@ naming what they need (the ResNet HTC++ configs run there too)."""
 
 import functools
 import inspect
+import itertools
 import json
 import logging
 import re
@@ -196,8 +197,13 @@ def test_lazy_training_data_that_does_not_fit_the_model_is_refused(tiny_dataset,
         lazyconfig_train_net.check_training_data(cfg, model)
 
 
-def _registered(tiny_dataset, name: str, json_file=None, **kwargs) -> str:
-    """``name`` registered on the tiny dataset (its json, or ``json_file``)."""
+_NAMES = itertools.count()
+
+
+def _registered(tiny_dataset, prefix: str, json_file=None, **kwargs) -> str:
+    """A dataset of a name of its own (``prefix`` and a number: tmp_path's name repeats across
+    pytest versions) registered on the tiny dataset (its json, or ``json_file``)."""
+    name = f"{prefix}_{next(_NAMES)}"
     json_file = json_file or tiny_dataset / "train.json"
     register_htc_instances(name, str(json_file), str(tiny_dataset / "train"), **kwargs)
     return name
@@ -216,7 +222,7 @@ def test_lazy_semantic_mapper_that_does_not_fit_the_model_is_refused(
 ):
     """The mapper's semantic settings are set apart from the model's: labels past the head's
     classes failed in torch (IndexError, a device-side assert on CUDA)."""
-    name = _registered(tiny_dataset, f"lazy_sem_{tmp_path.name}")
+    name = _registered(tiny_dataset, "lazy_sem")
     cfg = LazyConfig.load(str(_small_lazy_config(tmp_path, tmp_path / "out")))
     cfg.dataloader.train.dataset.names = name
     with on_meta():
@@ -236,7 +242,7 @@ def test_lazy_semantic_metadata_of_the_dataset_is_checked(tiny_dataset, tmp_path
     cfg.model.semantic_head.num_classes = cfg.dataloader.train.mapper.num_semantic_classes = 4
     with on_meta():
         model = instantiate(cfg.model)
-    derived = _registered(tiny_dataset, f"lazy_derived_{tmp_path.name}", derive_semantic=True)
+    derived = _registered(tiny_dataset, "lazy_derived", derive_semantic=True)
     cfg.dataloader.train.dataset.names = derived
     with pytest.raises(
         ValueError, match="derive_semantic=True: set dataloader.train.mapper.derive_semantic=True"
@@ -245,7 +251,7 @@ def test_lazy_semantic_metadata_of_the_dataset_is_checked(tiny_dataset, tmp_path
     cfg.dataloader.train.mapper.derive_semantic = True
     lazyconfig_train_net.check_training_data(cfg, model)
     marked = {"ignore_label": 0}
-    zero = _registered(tiny_dataset, f"lazy_ignore0_{tmp_path.name}", metadata=marked)
+    zero = _registered(tiny_dataset, "lazy_ignore0", metadata=marked)
     cfg.dataloader.train.dataset.names = zero
     with pytest.raises(ValueError, match="pixels 0 \\(its ignore_label\\) but model.semantic_head"):
         lazyconfig_train_net.check_training_data(cfg, model)
@@ -283,9 +289,7 @@ def test_lazy_test_data_is_checked_before_training(
     the first evaluation, after training (the last, the box APs by size, silently wrong)."""
     cfg = LazyConfig.load(str(_small_lazy_config(tmp_path, tmp_path / "out")))
     maps = {"sem_seg_root": str(tiny_dataset / "train_sem")}
-    cfg.dataloader.train.dataset.names = _registered(
-        tiny_dataset, f"lazy_tr_{tmp_path.name}", **maps
-    )
+    cfg.dataloader.train.dataset.names = _registered(tiny_dataset, "lazy_tr", **maps)
     json_file = {"missing json": tmp_path / "no_such.json", "classes": None, "area": None}
     if test_data in ("classes", "area"):
         json_file[test_data] = _test_json(tiny_dataset, tmp_path, test_data)
@@ -295,9 +299,8 @@ def test_lazy_test_data_is_checked_before_training(
         maps["metadata"] = {"stuff_classes": ["things", "stuff"]}
     if test_data == "evaluator classes":
         cfg.dataloader.evaluator.evaluators[1].num_classes = 183
-    name = f"lazy_te_{tmp_path.name}"
     cfg.dataloader.test.dataset.names = _registered(
-        tiny_dataset, name, json_file.get(test_data), **maps
+        tiny_dataset, "lazy_te", json_file.get(test_data), **maps
     )
     monkeypatch.setattr(lazyconfig_train_net, "SimpleTrainer", None)  # nothing trained
     with pytest.raises((ValueError, OSError), match=refused):
