@@ -138,6 +138,10 @@ def test_the_demo_counts_and_draws_above_0_5_by_default(photo, tmp_path, capsys)
     picture = np.asarray(Image.open(out / "photo.png"))
     image = np.asarray(Image.open(photo))
     assert np.array_equal(picture[TITLE_HEIGHT:, : image.shape[1]], image)
+    torch.manual_seed(0)  # the key in --opts is taken, not overridden by the default
+    opts = ["TEST.DETECTIONS_PER_IMAGE", "3", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+    _demo("--input", str(photo), "--output", str(out), opts=opts)
+    assert "3 instances" in capsys.readouterr().out
 
 
 def test_without_a_test_dataset_the_panels_name_generic_classes(photo, tmp_path):

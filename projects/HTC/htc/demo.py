@@ -44,6 +44,9 @@ def load_predictor_cfg(config_file: str, opts: Optional[List[str]] = None) -> Cf
     return cfg
 
 
+DEMO_THRESHOLD = 0.5  # the configs' SCORE_THRESH_TEST (0.001, for COCO's AP) drew a hundred
+
+
 def with_threshold(opts: List[str], threshold: Optional[float]) -> List[str]:
     """``opts`` with --confidence-threshold as MODEL.ROI_HEADS.SCORE_THRESH_TEST where given."""
     if threshold is None:
@@ -205,14 +208,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--input", nargs="+", required=True, help="image files or folders")
     parser.add_argument("--output", required=True, help="folder for the visualisations")
     parser.add_argument(
-        "--confidence-threshold", type=float, default=0.5,
-        help="MODEL.ROI_HEADS.SCORE_THRESH_TEST: the instances counted and drawn",
+        "--confidence-threshold", type=float,
+        help="MODEL.ROI_HEADS.SCORE_THRESH_TEST: the instances counted and drawn (default 0.5, "
+        "as Detectron2's demo, where --opts does not set that key)",
     )  # fmt: skip
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE pairs")
     args = parser.parse_args(argv)
 
     register_builtin()  # the class names of the configs' datasets
-    cfg = load_predictor_cfg(args.config_file, with_threshold(args.opts, args.confidence_threshold))
+    threshold = args.confidence_threshold
+    if threshold is None and "MODEL.ROI_HEADS.SCORE_THRESH_TEST" not in args.opts:
+        threshold = DEMO_THRESHOLD
+    cfg = load_predictor_cfg(args.config_file, with_threshold(args.opts, threshold))
     check_serving_cfg(cfg)
     out_dir = Path(args.output)
     files = image_files(args.input)
