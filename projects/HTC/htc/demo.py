@@ -229,6 +229,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     predictor = DefaultPredictor(_without_weights(cfg))
     load_weights(predictor.model, cfg)
     metadata = drawing_metadata(cfg)
+    drawn_above = cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST  # each instance that the model keeps
     out_dir.mkdir(parents=True, exist_ok=True)
     for path, target in targets.items():
         image_bgr, reason = read_image_or_reason(path)
@@ -238,8 +239,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             print(f"{path}: skipped, {reason}", file=sys.stderr)
             continue
         outputs = predictor(image_bgr)
-        threshold = cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST  # each instance that it counts
-        picture = draw_prediction(image_bgr[:, :, ::-1], outputs, metadata, threshold)
+        picture = draw_prediction(image_bgr[:, :, ::-1], outputs, metadata, drawn_above)
         Image.fromarray(picture).save(target)
         print(f"{path}: {len(outputs['instances'])} instances -> {target}")
 
