@@ -121,6 +121,16 @@ def test_a_training_input_without_semantic_labels_is_named():
         train_losses(model, batch)
 
 
+def test_fractional_semantic_labels_are_refused():
+    """Float labels were cast to int64, 3.7 trained as class 3 (PanopticFPN's loss refuses
+    them)."""
+    model = build_model(tiny_cfg())
+    batch = make_batch(2)
+    batch[1]["sem_seg"] = batch[1]["sem_seg"].float() + 0.7
+    with pytest.raises(ValueError, match="sem_seg of input 1 has dtype torch.float32"):
+        train_losses(model, batch)
+
+
 @pytest.mark.parametrize("off_image", [False, True])
 def test_rle_mask_output_decodes_to_the_bitmasks(off_image):
     """MODEL.HTC.MASK_OUTPUT "rle": the same masks as COCO RLEs, no full-size pred_masks; also

@@ -141,8 +141,9 @@ def test_coco_panoptic_is_registered_for_htc():
         class_to_stuff("coco_2017_val_htc", 183)
 
 
-def _demo_panoptic_model(**htc):
+def _demo_panoptic_model(mask_on: bool = True, **htc):
     cfg = tiny_cfg(PANOPTIC_ON=True, **htc)
+    cfg.MODEL.MASK_ON = mask_on
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 6
     cfg.DATASETS.TEST = ("htc_demo_val",)
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
@@ -184,6 +185,12 @@ def test_model_outputs_panoptic_segmentation(semantic_output):
 def test_panoptic_without_its_inputs_is_refused(htc, message):
     with pytest.raises(ValueError, match=message):
         _demo_panoptic_model(**htc)
+
+
+def test_panoptic_without_masks_names_mask_on():
+    """The message named MASK_OUTPUT's value, which was right, not MASK_ON's."""
+    with pytest.raises(ValueError, match="set MODEL.MASK_ON True$"):
+        _demo_panoptic_model(mask_on=False)
 
 
 def _ground_truth_as_prediction(root, split: str):

@@ -142,11 +142,15 @@ class HybridTaskCascade(GeneralizedRCNN):
             device=self.device,
         )
         for i, (x, size) in enumerate(zip(batched_inputs, images.image_sizes)):
-            sem_seg = x["sem_seg"]
+            sem_seg, name = x["sem_seg"], x.get("file_name", f"input {i}")
             if tuple(sem_seg.shape) != tuple(size):
                 raise ValueError(
-                    f"sem_seg of {x.get('file_name', f'input {i}')} has shape "
-                    f"{tuple(sem_seg.shape)}, its image {tuple(size)}"
+                    f"sem_seg of {name} has shape {tuple(sem_seg.shape)}, its image {tuple(size)}"
+                )
+            if sem_seg.is_floating_point() or sem_seg.is_complex():
+                raise ValueError(
+                    f"sem_seg of {name} has dtype {sem_seg.dtype}: per-pixel class labels are "
+                    "integers (the copy into int64 labels would truncate 3.7 to class 3)"
                 )
             targets[i, : size[0], : size[1]] = sem_seg.to(self.device)
         return targets
@@ -303,9 +307,13 @@ def _check_panoptic(semantic_head, mask_output: str, mask_on: bool) -> None:
             "MODEL.HTC.PANOPTIC_ON takes the stuff from the semantic branch: set "
             "MODEL.HTC.SEMANTIC_ON True"
         )
-    if not mask_on or mask_output != "bitmask":
+    if not mask_on:
         raise ValueError(
-            "MODEL.HTC.PANOPTIC_ON pastes the instances' masks: it needs MODEL.MASK_ON True and "
+            "MODEL.HTC.PANOPTIC_ON pastes the instances' masks: set MODEL.MASK_ON True"
+        )
+    if mask_output != "bitmask":
+        raise ValueError(
+            "MODEL.HTC.PANOPTIC_ON pastes the instances' masks as bitmasks: set "
             f"MODEL.HTC.MASK_OUTPUT 'bitmask' (it is {mask_output!r})"
         )
 
