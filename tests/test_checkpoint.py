@@ -275,7 +275,7 @@ def test_inference_entries_check_the_weights_as_training_does(entry, tmp_path, c
         if entry == "htc.export":
             cfg = tiny_cfg()
             cfg.MODEL.WEIGHTS = weights
-            build_for_export(cfg)
+            build_for_export(cfg, "torchscript")
             return
         opts = [str(v) for v in TINY_OPTS] + ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", weights]
         opts += ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "80"]

@@ -5,6 +5,7 @@ postprocess gives the model's own outputs; what cannot be exported is refused by
 import numpy as np
 import pytest
 import torch
+from detectron2.layers import DeformConv
 from detectron2.modeling import build_model
 from PIL import Image
 
@@ -139,22 +140,34 @@ def test_postprocess_takes_the_semantic_stride_and_refuses_a_smaller_one():
         postprocess(raw, (96, 128), 120, 160)
 
 
+def _add_a_deformable_conv(model) -> None:
+    """What MODEL.RESNETS.DEFORM_ON_PER_STAGE builds, which the tiny ResNet-18 cannot."""
+    model.backbone.bottom_up.add_module("deform", DeformConv(4, 4, 3, padding=1))
+
+
 @pytest.mark.parametrize(
     "opts, fmt, opset, message",
     [
         (["MODEL.HTC.TEST_NMS", "soft_linear"], "onnx", 17, "TEST_NMS nms"),
-        (["MODEL.RESNETS.DEFORM_ON_PER_STAGE", [False, True, True, True]], "onnx", 17,
-         "deformable"),
+        (_add_a_deformable_conv, "onnx", 17, "deformable convs \\(backbone.bottom_up.deform\\)"),
         (["MODEL.MASK_ON", False], "torchscript", 17, "MASK_ON False"),
         ([], "onnx", 15, "aligned=True"),
         ([], "coreml", 17, "--format"),
     ],
 )  # fmt: skip
-def test_what_cannot_be_exported_is_refused(opts, fmt, opset, message):
+def test_what_cannot_be_exported_is_refused(opts, fmt, opset, message, tmp_path):
+    """By the Python function too: a Soft-NMS model built in Python was traced, and its file
+    gave other images' detections."""
     cfg = tiny_cfg()
-    cfg.merge_from_list(opts)
+    cfg.merge_from_list([] if callable(opts) else opts)
+    model = build_model(cfg).eval()
+    if callable(opts):
+        opts(model)
     with pytest.raises(ValueError, match=message):
-        check_exportable(cfg, fmt, opset)
+        check_exportable(model, fmt, opset)
+    with pytest.raises(ValueError, match=message):
+        export(model, _noise(64, 64, 0), fmt, tmp_path, opset)
+    assert not list(tmp_path.iterdir()), "refused before anything is written"
 
 
 def test_r50_exports_to_onnx_and_agrees(tmp_path):

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import transforms as T
+from detectron2.layers import DeformConv, ModulatedDeformConv
 from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_postprocess
 from detectron2.structures import Boxes, Instances
@@ -74,25 +75,32 @@ def _tracing_tools() -> tuple:
 FORMATS = ("torchscript", "onnx")
 OUTPUT_NAMES = ("boxes", "scores", "classes", "mask_probs", "sem_logits")
 MIN_ONNX_OPSET = 16
+DEFORMABLE_CONVS = (DeformConv, ModulatedDeformConv)  # htc.layers' subclass them
 # modules whose len() of tensors must stay symbolic under tracing (Detectron2 patches its own)
 TRACED_LEN_MODULES = ("htc.roi_heads",)
 
 
-def check_exportable(cfg: CfgNode, fmt: str, opset: int) -> None:
-    """Raise ValueError naming what in ``cfg`` (or the opset) cannot be exported."""
+def check_exportable(model: nn.Module, fmt: str, opset: int = 17) -> None:
+    """Raise ValueError naming what ``model`` (or the format and opset) cannot be exported as:
+    :func:`export` calls it, so that a model built in Python is refused as the command's is
+    (a Soft-NMS model traced without a word, and its file gave other images' detections)."""
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: use one of {FORMATS}")
-    if not cfg.MODEL.MASK_ON:
+    roi_heads = model.roi_heads
+    if not roi_heads.mask_on:
         raise ValueError("MODEL.MASK_ON False: the exported model's outputs include the masks")
-    if cfg.MODEL.HTC.TEST_NMS != "nms":
+    if roi_heads.test_nms != "nms":
         raise ValueError(
-            f"MODEL.HTC.TEST_NMS={cfg.MODEL.HTC.TEST_NMS!r}: Soft-NMS is a data-dependent loop "
-            "that tracing would freeze; export with --opts MODEL.HTC.TEST_NMS nms"
+            f"MODEL.HTC.TEST_NMS={roi_heads.test_nms!r} (roi_heads.test_nms): Soft-NMS is a "
+            "data-dependent loop that tracing would freeze; export with --opts "
+            "MODEL.HTC.TEST_NMS nms"
         )
-    if any(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE):
+    deformable = [n for n, m in model.named_modules() if isinstance(m, DEFORMABLE_CONVS)]
+    if deformable:
         raise ValueError(
-            "MODEL.RESNETS.DEFORM_ON_PER_STAGE: deformable convs cannot be exported (ONNX has "
-            "DeformConv only from opset 19, and torchvision's deform_conv2d has no exporter)"
+            f"MODEL.RESNETS.DEFORM_ON_PER_STAGE: deformable convs ({deformable[0]}) cannot be "
+            "exported (ONNX has DeformConv only from opset 19, and torchvision's deform_conv2d "
+            "has no exporter)"
         )
     if fmt == "onnx" and opset < MIN_ONNX_OPSET:
         raise ValueError(
@@ -125,6 +133,7 @@ def tracing_adapter(model, image: torch.Tensor) -> nn.Module:
 def export(model, image: torch.Tensor, fmt: str, output: Path, opset: int = 17) -> Path:
     """Trace ``model`` (eval mode) on ``image`` and write ``output/model.ts`` or
     ``output/model.onnx``; returns the file."""
+    check_exportable(model, fmt, opset)
     adapter = tracing_adapter(model, image).eval()  # the exporters restore the adapter's mode
     output.mkdir(parents=True, exist_ok=True)
     _, patch_builtin_len = _tracing_tools()
@@ -267,10 +276,11 @@ def compare(ours: Sequence[torch.Tensor], eager: Sequence[torch.Tensor]) -> str:
     )
 
 
-def build_for_export(cfg: CfgNode):
-    """The model of ``cfg`` in eval mode on CPU with MODEL.WEIGHTS loaded (random weights,
-    announced, when empty)."""
+def build_for_export(cfg: CfgNode, fmt: str, opset: int = 17):
+    """The model of ``cfg`` in eval mode on CPU, checked (:func:`check_exportable`) before
+    MODEL.WEIGHTS is loaded (random weights, announced, when empty)."""
     model = build_model(cfg).eval()
+    check_exportable(model, fmt, opset)
     load_weights(model, cfg)
     return model
 
@@ -287,8 +297,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     cfg = load_predictor_cfg(args.config_file, [*args.opts, "MODEL.DEVICE", "cpu"])
     check_serving_cfg(cfg)
-    check_exportable(cfg, args.format, args.opset)
-    model = build_for_export(cfg)
+    model = build_for_export(cfg, args.format, args.opset)
     image = sample_image(cfg, args.sample_image)
     path = export(model, image, args.format, Path(args.output), args.opset)
     print(f"wrote {path}")
