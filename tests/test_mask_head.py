@@ -1,6 +1,7 @@
 """htc.mask_head: a stage's head keeps Detectron2's mask-head contract, ``forward(x, instances)``;
-the cascade chains the heads through ``chain``; every stage is built from ROI_MASK_HEAD.NAME; the
-stages' mask loss is Detectron2's, its logged rates read from the device once per step."""
+the cascade calls the heads without instances, which chains them (``chain``); every stage is
+built from ROI_MASK_HEAD.NAME; the stages' mask loss is Detectron2's, its logged rates read from
+the device once per step."""
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from detectron2.modeling.roi_heads.mask_head import mask_rcnn_loss
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
-from conftest import make_batch, tiny_cfg
+from conftest import make_batch, tiny_cfg, train_losses
 from htc import HTCMaskHead
 from htc.mask_head import class_logits, mask_loss, mask_targets, plain_1x1_conv
 
@@ -67,6 +68,28 @@ def test_chain_passes_the_feature_to_the_next_stage(heads):
     assert not torch.equal(alone, next_feat)  # the previous stage's feature went in
     with pytest.raises(ValueError, match="no res_conv"):
         heads[0].chain(_rois(), feat)
+
+
+def test_the_cascade_calls_each_stage_head_as_a_module():
+    """Hooks on a stage's head fire on every pass (the cascade called ``chain``, bypassing them:
+    a hook saw nothing, silently): in training stage t's loss runs heads 0..t (the mask
+    information flow), at test time each head runs once; what a hook returns is what the
+    cascade uses."""
+    model = build_model(tiny_cfg())
+    calls = []
+    for stage, head in enumerate(model.roi_heads.mask_head):
+        head.register_forward_hook(lambda module, args, out, stage=stage: calls.append(stage))
+    train_losses(model, make_batch(1))
+    assert sorted(calls) == [0, 0, 0, 1, 1, 2]
+    calls.clear()
+    model.eval()
+    with torch.no_grad():
+        (want,) = model(make_batch(1, with_gt=False))
+        assert calls == [0, 1, 2] and len(want["instances"]) > 0
+        last = model.roi_heads.mask_head[2]
+        last.register_forward_hook(lambda module, args, out: (out[0] + 1000, out[1]))
+        (got,) = model(make_batch(1, with_gt=False))
+    assert not torch.equal(got["instances"].pred_masks, want["instances"].pred_masks)
 
 
 @pytest.mark.parametrize("norm", ["", "GN", "BN"])

@@ -90,6 +90,22 @@ class HTCMaskHead(MaskRCNNConvUpsampleHead):
         logits = self.predictor(x)
         return logits if classes is None else of_classes(logits, classes)
 
+    def forward(
+        self,
+        x: torch.Tensor,
+        instances: Optional[List[Instances]] = None,
+        *,
+        res_feat: Optional[torch.Tensor] = None,
+        with_logits: bool = True,
+        classes: Optional[torch.Tensor] = None,
+    ):
+        """With ``instances``, the parent's contract: one head alone, its loss or its masks.
+        Without, :meth:`chain`: the cascade calls each stage's head as a module, so that hooks
+        on it and wrappers of its call see every pass (the parent's cannot take ``res_feat``)."""
+        if instances is not None:
+            return super().forward(x, instances)
+        return self.chain(x, res_feat, with_logits, classes)
+
     def chain(
         self,
         x: torch.Tensor,
@@ -97,8 +113,8 @@ class HTCMaskHead(MaskRCNNConvUpsampleHead):
         with_logits: bool = True,
         classes: Optional[torch.Tensor] = None,
     ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
-        """This stage's head within the cascade (``forward`` keeps the parent's contract: one
-        head alone, its loss or its masks).
+        """This stage's head within the cascade (what :meth:`forward` runs without
+        ``instances``).
 
         Args:
             x: (R, C, 14, 14) RoI features.

@@ -521,7 +521,9 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         logits, res_feat = [], None
         for stage in range(first, last_stage + 1):
             with_logits = keep_all or stage == last_stage
-            stage_logits, feat = self.mask_head[stage].chain(x, res_feat, with_logits, classes)
+            stage_logits, feat = self.mask_head[stage](
+                x, res_feat=res_feat, with_logits=with_logits, classes=classes
+            )
             res_feat = feat if self.mask_info_flow else None
             if with_logits:  # a head may return every class's logits whatever ``classes``
                 logits.append(
