@@ -1,7 +1,8 @@
 """htc.backbones: the yacs builders of Detectron2's ViT + simple feature pyramid, MViT + FPN and
 Swin + FPN build the LazyConfigs' backbones (same parameter names and shapes), and their small
 variants train a step and infer through build_model; the HTC++ yaml configs build their
-LazyConfig's model. On Detectron2 v0.6: an immediate error naming what is missing."""
+LazyConfig's model; export refuses the backbones whose graphs would hold the sample's size. On
+Detectron2 v0.6: an immediate error naming what is missing."""
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from conftest import (
     tiny_cfg,
     train_losses,
 )
+from htc.export import check_exportable
 
 
 def _shapes(module) -> dict:
@@ -141,3 +143,27 @@ def test_htcpp_yaml_builds_its_lazy_configs_model(name):
     assert [type(m).__name__ for m in heads.box_head[0].modules()] == [
         type(m).__name__ for m in lazy_heads.box_head[0].modules()
     ]
+
+
+@pytest.mark.parametrize(
+    "builder, square_pad, refused",
+    [
+        ("build_vit_sfp_backbone", 0, "MODEL.VIT.SQUARE_PAD"),
+        ("build_vit_sfp_backbone", 128, None),
+        ("build_mvit_fpn_backbone", 0, "MODEL.MVIT.SQUARE_PAD"),
+        ("build_swin_fpn_backbone", 0, None),
+    ],
+)
+def test_a_backbone_whose_graph_would_hold_the_sample_size_is_refused(builder, square_pad, refused):
+    """A ViT or MViT without a square pad traced at one size gave other detections at another,
+    or failed in onnxruntime, while the command reported agreement on the sample image."""
+    if not HAS_MODERN_BACKBONES:
+        pytest.skip("this Detectron2 has no ViT/MViT/Swin (v0.6)")
+    key = {"build_vit_sfp_backbone": "VIT", "build_mvit_fpn_backbone": "MVIT"}.get(builder, "SWIN")
+    opts = [*BUILDERS[builder][1], *SMALL[builder], f"MODEL.{key}.SQUARE_PAD", square_pad]
+    model = build_model(_yacs(builder, *opts)).eval()
+    if refused is None:
+        check_exportable(model, "onnx")
+        return
+    with pytest.raises(ValueError, match=f"without a square pad.*set {refused}"):
+        check_exportable(model, "onnx")

@@ -204,6 +204,29 @@ def test_command_exports_and_checks_in_onnxruntime(tmp_path, capsys):
     assert "against eager PyTorch: the same " in out
 
 
+def test_arguments_export_cannot_take_are_refused_before_the_model_is_built(tmp_path):
+    """A LazyConfig failed in yaml's parser; an --output naming a file raised a bare
+    FileExistsError after the model was built, or (model.onnx) made a folder of that name."""
+    lazy = str(CONFIGS / "htc_R_50_FPN_1x.py")
+    with pytest.raises(ValueError, match="a LazyConfig; the inference entries take yacs"):
+        export_main(["--config-file", lazy, "--format", "onnx", "--output", str(tmp_path)])
+    config = str(CONFIGS / "demo" / "htc_R_18_FPN_demo.yaml")
+    existing = tmp_path / "taken"
+    existing.write_text("")
+    for output in (existing, tmp_path / "model.onnx"):
+        with pytest.raises(SystemExit):
+            export_main(["--config-file", config, "--format", "onnx", "--output", str(output)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_without_a_test_resize_the_random_sample_has_a_size():
+    """INPUT.MIN_SIZE_TEST 0 (no resize, as Detectron2 reads it) made a 0x0 sample image."""
+    cfg = load_predictor_cfg(str(CONFIGS / "demo" / "htc_R_18_FPN_demo.yaml"))
+    cfg.defrost()
+    cfg.INPUT.MIN_SIZE_TEST = 0
+    assert sample_image(cfg, None).shape == (3, 800, 1066)
+
+
 @pytest.mark.parametrize(
     "opts, message",
     [

@@ -34,6 +34,13 @@ TITLE_HEIGHT = 24  # pixels of the band that names a panel
 def load_predictor_cfg(config_file: str, opts: Optional[List[str]] = None) -> CfgNode:
     """The frozen config of ``config_file`` with ``opts``, HTC's keys added, on the CPU where
     the machine has no CUDA (the inference entries' rule)."""
+    if config_file.endswith(".py"):
+        raise ValueError(
+            f"--config-file {config_file}: a LazyConfig; the inference entries take yacs "
+            "(.yaml) configs, as Detectron2's demo and export do. The HTC++ recipes have yacs "
+            "twins (configs/htcpp/*.yaml); ViT, MViTv2 and Swin are MODEL.BACKBONE.NAME "
+            "builders there (docs/configs.md)"
+        )
     cfg = get_cfg()
     add_htc_config(cfg)
     cfg.merge_from_file(config_file)

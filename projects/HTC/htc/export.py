@@ -24,8 +24,9 @@ rescaled, semantic logits upsampled, cropped and resized.
 
 Refused, with the reason: Soft-NMS (a data-dependent loop the tracer would freeze: export with
 ``MODEL.HTC.TEST_NMS nms``), deformable convs (no ONNX DeformConv before opset 19, and none in
-torchvision's exporter), ONNX opsets below 16 (torchvision's RoiAlign export drops
-``aligned=True`` there, misaligning every RoI).
+torchvision's exporter), a ViT or MViTv2 backbone without a square pad (their attention's sizes
+follow the input's: the traced graph would hold the sample's), ONNX opsets below 16
+(torchvision's RoiAlign export drops ``aligned=True`` there, misaligning every RoI).
 """
 
 import argparse
@@ -76,6 +77,12 @@ FORMATS = ("torchscript", "onnx")
 OUTPUT_NAMES = ("boxes", "scores", "classes", "mask_probs", "sem_logits")
 MIN_ONNX_OPSET = 16
 DEFORMABLE_CONVS = (DeformConv, ModulatedDeformConv)  # htc.layers' subclass them
+try:  # backbones whose attention sizes follow the input's: tracing freezes them
+    from detectron2.modeling.backbone import MViT, ViT
+
+    SIZE_BOUND_BACKBONES = {ViT: "MODEL.VIT.SQUARE_PAD", MViT: "MODEL.MVIT.SQUARE_PAD"}
+except ImportError:  # Detectron2 v0.6 has neither
+    SIZE_BOUND_BACKBONES = {}
 # modules whose len() of tensors must stay symbolic under tracing (Detectron2 patches its own)
 TRACED_LEN_MODULES = ("htc.roi_heads",)
 
@@ -102,11 +109,29 @@ def check_exportable(model: nn.Module, fmt: str, opset: int = 17) -> None:
             "exported (ONNX has DeformConv only from opset 19, and torchvision's deform_conv2d "
             "has no exporter)"
         )
+    _check_input_size_free(model.backbone)
     if fmt == "onnx" and opset < MIN_ONNX_OPSET:
         raise ValueError(
             f"--opset {opset}: use {MIN_ONNX_OPSET} or newer; below it torchvision exports "
             "RoiAlign without aligned=True, which silently misaligns every RoI"
         )
+
+
+def _check_input_size_free(backbone: nn.Module) -> None:
+    """Refuse a ViT or MViT backbone that pads its inputs to no fixed square: their attention's
+    relative positions and pooled sizes follow the input's, and a traced graph keeps the sample
+    image's (another size gave other detections, or failed in onnxruntime)."""
+    if getattr(backbone, "padding_constraints", {}).get("square_size", 0) > 0:
+        return
+    for module in backbone.modules():
+        key = next((k for c, k in SIZE_BOUND_BACKBONES.items() if isinstance(module, c)), None)
+        if key is not None:
+            raise ValueError(
+                f"{type(module).__name__} backbone without a square pad: its traced graph would "
+                "hold the sample image's size and give wrong results at others; set "
+                f"{key} to the largest input side (1024 in ViTDet's recipes), so that every "
+                "input is padded to that square"
+            )
 
 
 def raw_inference(model, inputs: List[Dict[str, torch.Tensor]]) -> Tuple[torch.Tensor, ...]:
@@ -214,7 +239,7 @@ def sample_image(cfg: CfgNode, path: Optional[str]) -> torch.Tensor:
     or without a path a fixed random image of that test size. An image that htc.predict would
     skip (unreadable, 16-bit, too thin once resized) raises ValueError naming --sample-image."""
     if path is None:
-        size = cfg.INPUT.MIN_SIZE_TEST
+        size = cfg.INPUT.MIN_SIZE_TEST or 800  # 0: inputs are not resized
         pixels = np.random.default_rng(0).integers(0, 256, (size, size * 4 // 3, 3), np.uint8)
     else:
         pixels, reason = read_image_or_reason(Path(path))
@@ -294,12 +319,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (16 or newer)")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE pairs")
     args = parser.parse_args(argv)
+    output = Path(args.output)
+    if output.is_file() or output.suffix in (".ts", ".onnx", ".pt"):
+        parser.error(f"--output {output}: a folder, which model.ts or model.onnx is written into")
 
     cfg = load_predictor_cfg(args.config_file, [*args.opts, "MODEL.DEVICE", "cpu"])
     check_serving_cfg(cfg)
     model = build_for_export(cfg, args.format, args.opset)
     image = sample_image(cfg, args.sample_image)
-    path = export(model, image, args.format, Path(args.output), args.opset)
+    path = export(model, image, args.format, output, args.opset)
     print(f"wrote {path}")
     with torch.no_grad():
         eager = raw_inference(model, [{"image": image}])
