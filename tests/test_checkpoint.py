@@ -261,6 +261,21 @@ def test_missing_and_unexpected_keys_are_reported(tmp_path, caplog):
     assert "semantic_head.extra.weight" in caplog.text
 
 
+def test_a_checkpoint_with_the_semantic_embedding_loads_into_a_model_without(tmp_path, caplog):
+    """A model whose semantic feature nothing fuses has no conv_embedding (those built before
+    had one, untrained): a checkpoint with it loads, also for inference (``complete``), and
+    the unused weights are noted."""
+    state = _model().state_dict()
+    path = tmp_path / "fused.pth"
+    torch.save({"model": state}, path)
+    model = _model(**{"MODEL.HTC.SEMANTIC_FUSION": []})
+    with caplog.at_level(logging.WARNING):
+        HTCCheckpointer(model, complete=True).load(str(path))
+    assert "semantic_head.conv_embedding" in caplog.text
+    loaded = model.semantic_head.conv_logits.weight
+    assert torch.equal(loaded, state["semantic_head.conv_logits.weight"])
+
+
 @pytest.mark.parametrize("entry", ["htc.demo", "htc.export"])
 def test_inference_entries_check_the_weights_as_training_does(entry, tmp_path, capsys):
     """Both loaded MODEL.WEIGHTS with Detectron2's checkpointer (htc.demo through

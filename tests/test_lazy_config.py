@@ -94,6 +94,46 @@ def test_lazy_config_builds_the_yaml_configs_model(lazy_model, yaml_config):
     assert type(lazy_heads.semantic_pooler) is type(heads.semantic_pooler)
 
 
+def _mask_fusion_without_masks(model) -> None:
+    model.roi_heads.update(mask_in_features=None, mask_pooler=None, mask_head=None)
+    model.roi_heads.semantic_fusion = ["mask"]
+
+
+# what the yacs configs derive from one key and a LazyConfig sets in several places, set apart
+DISAGREEING = {
+    "fusion without an embedding": (
+        lambda model: model.semantic_head.update(embed_dim=None),
+        r"\['bbox', 'mask'\] RoI features .*makes none \(semantic_head.embed_dim None\)",
+    ),
+    "an embedding without fusion": (
+        lambda model: model.roi_heads.update(semantic_fusion=[]),
+        r"semantic_fusion \[\]\), so .*conv_embedding would get no gradient.*embed_dim=None",
+    ),
+    "an embedding fused into masks of a model without": (
+        _mask_fusion_without_masks,
+        r"semantic_fusion \['mask'\] \(the model has no masks\)\), so .*conv_embedding",
+    ),
+}
+
+
+@pytest.mark.parametrize("edit, refused", DISAGREEING.values(), ids=DISAGREEING)
+def test_lazy_model_parts_that_disagree_are_refused_at_build(edit, refused):
+    """Each disagreement built, and a conv that nothing feeds got no gradient (DDP failed at
+    the second iteration)."""
+    model = htc_fpn(**DEMO_MODEL)
+    edit(model)
+    with on_meta(), pytest.raises(ValueError, match=refused):
+        instantiate(model)
+
+
+def test_a_lazy_semantic_branch_that_nothing_fuses_is_built_without_embedding():
+    model = htc_fpn(**DEMO_MODEL)
+    model.roi_heads.semantic_fusion = []
+    model.semantic_head.embed_dim = None
+    with on_meta():
+        assert instantiate(model).semantic_head.conv_embedding is None
+
+
 SMALL_LAZY_CONFIG = """
 from detectron2.config import LazyCall as L, LazyConfig
 import detectron2.data.transforms as T

@@ -72,6 +72,28 @@ def test_without_semantic_branch():
     assert "loss_sem_seg" not in losses and "loss_mask_stage2" in losses
 
 
+@pytest.mark.parametrize(
+    "opts",
+    [
+        ["MODEL.HTC.SEMANTIC_FUSION", []],
+        ["MODEL.HTC.SEMANTIC_FUSION", ["mask"], "MODEL.MASK_ON", False],
+    ],
+    ids=["no fusion", "mask fusion without masks"],
+)
+def test_a_semantic_feature_that_nothing_fuses_is_not_made(opts):
+    """The semantic branch then trains as a loss only: its conv_embedding, which nothing read,
+    got no gradient, and DDP (find_unused_parameters=False, Detectron2's default) failed at the
+    second iteration."""
+    cfg = tiny_cfg()
+    cfg.merge_from_list(opts)
+    model = build_model(cfg)
+    assert model.semantic_head.conv_embedding is None
+    losses = train_losses(model, make_batch(1))
+    sum(losses.values()).backward()
+    assert "loss_sem_seg" in losses
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
 def test_semantic_fusion_without_the_semantic_branch_is_named():
     """The ROI heads' semantic fusion takes HybridTaskCascade's semantic feature: Detectron2's
     GeneralizedRCNN (which has no semantic branch) around them, and a model built without the

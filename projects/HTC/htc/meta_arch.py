@@ -15,7 +15,7 @@ from .box_coder import use_reference_decoding
 from .layers import DEFORM_CONV_KERNELS, interpolate_bilinear
 from .panoptic import PanopticFusion
 from .postprocessing import MASK_OUTPUTS, paste_masks_as_rle
-from .roi_heads import SEMANTIC_FEATURE, HybridTaskCascadeROIHeads
+from .roi_heads import SEMANTIC_FEATURE, HybridTaskCascadeROIHeads, fuses_semantic_feature
 from .semantic_head import FusedSemanticHead
 
 # "rle" output: the instances' (N, 1, M, M) masks through the parent's postprocessing, unpasted
@@ -97,7 +97,9 @@ class HybridTaskCascade(GeneralizedRCNN):
         features = self.backbone(images.tensor)
         if self.semantic_head is None:
             return features, None
-        logits, features[SEMANTIC_FEATURE] = self.semantic_head(features)
+        logits, feature = self.semantic_head(features)
+        if feature is not None:
+            features[SEMANTIC_FEATURE] = feature
         return features, logits
 
     def forward(self, batched_inputs: List[dict]) -> Union[Dict[str, torch.Tensor], List[dict]]:
@@ -286,17 +288,37 @@ def _check_semantic_head(semantic_head: Optional[torch.nn.Module]) -> None:
 
 
 def _check_semantic_fusion(
-    roi_heads: torch.nn.Module, semantic_head: Optional[torch.nn.Module]
+    roi_heads: HybridTaskCascadeROIHeads, semantic_head: Optional[FusedSemanticHead]
 ) -> None:
-    """Refuse ROI heads that fuse the semantic feature into a model without the branch (a
-    LazyConfig can build one)."""
-    fusion = getattr(roi_heads, "semantic_fusion", ())
+    """Refuse ROI heads that fuse the semantic feature into a model without the branch or whose
+    branch makes none, and a branch that makes one that nothing fuses (its ``conv_embedding``
+    would get no gradient, which DDP refuses). The yacs configs derive the branch's
+    ``embed_dim`` from MODEL.HTC.SEMANTIC_FUSION; a LazyConfig sets both."""
+    fusion = list(roi_heads.semantic_fusion)
     if fusion and semantic_head is None:
         raise ValueError(
-            f"the ROI heads sum the semantic feature into {list(fusion)} RoI features "
+            f"the ROI heads sum the semantic feature into {fusion} RoI features "
             "(semantic_fusion), but the model has no semantic branch (semantic_head None): "
             "give it one (MODEL.HTC.SEMANTIC_ON True) or set the ROI heads' semantic_fusion "
             "to [] (MODEL.HTC.SEMANTIC_FUSION [])"
+        )
+    if semantic_head is None:
+        return
+    fused = fuses_semantic_feature(fusion, roi_heads.mask_on)
+    if fused and semantic_head.embed_dim is None:
+        raise ValueError(
+            f"the ROI heads sum the semantic feature into {fusion} RoI features "
+            "(roi_heads.semantic_fusion), but the semantic branch makes none "
+            "(semantic_head.embed_dim None): give it the RoI features' channels as embed_dim, "
+            "or set roi_heads.semantic_fusion=[]"
+        )
+    if not fused and semantic_head.embed_dim is not None:
+        without_masks = " (the model has no masks)" if fusion else ""
+        raise ValueError(
+            f"nothing sums the semantic feature into RoI features (roi_heads.semantic_fusion "
+            f"{fusion}{without_masks}), so the semantic branch's conv_embedding would get no "
+            "gradient, which DDP refuses: set semantic_head.embed_dim=None (the yacs configs "
+            "derive it from MODEL.HTC.SEMANTIC_FUSION and MODEL.MASK_ON)"
         )
 
 

@@ -43,6 +43,12 @@ TEST_NMS = ("nms", "soft_linear", "soft_gaussian")
 HAS_FED_LOSS = "use_sigmoid_ce" in inspect.signature(FastRCNNOutputLayers.__init__).parameters
 
 
+def fuses_semantic_feature(semantic_fusion: Sequence[str], mask_on: bool) -> bool:
+    """Whether ROI heads with these settings sum the semantic feature into RoI features: into
+    the box RoIs, or into the mask RoIs of a model with masks."""
+    return "bbox" in semantic_fusion or ("mask" in semantic_fusion and mask_on)
+
+
 def _semantic_feature(features: Dict[str, torch.Tensor]) -> torch.Tensor:
     """(N, C, H/s, W/s): the semantic branch's feature, which only :class:`HybridTaskCascade`
     puts among the features (Detectron2's ``GeneralizedRCNN`` has no semantic branch)."""

@@ -2,7 +2,7 @@
 four convs, pixel logits over stuff and thing classes (the ``sem_seg`` loss), and the feature
 that the ROI heads pool for semantic fusion."""
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import fvcore.nn.weight_init as weight_init
 import torch
@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .layers import interpolate_bilinear
+from .roi_heads import fuses_semantic_feature
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
@@ -23,7 +24,8 @@ class FusedSemanticHead(nn.Module):
     ``align_corners=True``, each through a 1x1 lateral conv + ReLU, and summed; then
     ``num_convs`` 3x3 convs + ReLU. Two 1x1 convs read the result: ``conv_logits`` gives the
     per-pixel class logits, ``conv_embedding`` (+ ReLU) the semantic feature that is RoI-pooled
-    and summed into the box and mask RoI features.
+    and summed into the box and mask RoI features. A branch whose feature nothing fuses has no
+    ``conv_embedding`` (its weights would get no gradient, which DDP refuses).
     """
 
     @configurable
@@ -35,7 +37,7 @@ class FusedSemanticHead(nn.Module):
         num_classes: int,
         conv_dim: int = 256,
         num_convs: int = 4,
-        embed_dim: int = 256,
+        embed_dim: Optional[int] = 256,
         loss_weight: float = 0.2,
         ignore_value: int = 255,
         norm: str = "",
@@ -47,7 +49,8 @@ class FusedSemanticHead(nn.Module):
             num_classes: number of semantic classes of the logits (183 for COCO-Stuff).
             conv_dim: channels of the fused levels and of the convs after the fusion.
             num_convs: number of 3x3 convs on the fused feature (4 in the reference).
-            embed_dim: channels of the semantic feature (``conv_embedding``) that is pooled.
+            embed_dim: channels of the semantic feature (``conv_embedding``) that is pooled;
+                None for a branch without it (its loss and ``sem_seg`` output only).
             loss_weight: weight of the cross-entropy loss.
             ignore_value: label of pixels without a semantic label (and of padding).
             norm: normalization after each conv but the logits ("" = none, as the reference;
@@ -60,7 +63,7 @@ class FusedSemanticHead(nn.Module):
                 f"FusedSemanticHead: fusion feature {fusion_feature!r} is not among its inputs "
                 f"{self.in_features}"
             )
-        if num_convs < 0 or min(conv_dim, embed_dim) < 1:
+        if num_convs < 0 or conv_dim < 1 or (embed_dim is not None and embed_dim < 1):
             raise ValueError(
                 f"FusedSemanticHead: num_convs {num_convs} (MODEL.SEM_SEG_HEAD.NUM_CONVS), "
                 f"conv_dim {conv_dim} (CONVS_DIM) and embed_dim {embed_dim} (EMBED_DIM): give "
@@ -74,6 +77,7 @@ class FusedSemanticHead(nn.Module):
             )
         self.fusion_feature = fusion_feature
         self.common_stride = input_shape[fusion_feature].stride
+        self.embed_dim = embed_dim
         self.loss_weight = loss_weight
         self.ignore_value = ignore_value
 
@@ -87,14 +91,16 @@ class FusedSemanticHead(nn.Module):
             conv(s.channels, conv_dim, 1) for s in input_shape.values()
         )
         self.convs = nn.ModuleList(conv(conv_dim, conv_dim, 3) for _ in range(num_convs))
-        self.conv_embedding = conv(conv_dim, embed_dim, 1)
+        self.conv_embedding = None if embed_dim is None else conv(conv_dim, embed_dim, 1)
         self.conv_logits = Conv2d(conv_dim, num_classes, kernel_size=1)
         for layer in [*self.lateral_convs, *self.convs, self.conv_embedding, self.conv_logits]:
-            weight_init.c2_msra_fill(layer)  # Kaiming (fan_out), as the reference's ConvModules
+            if layer is not None:  # Kaiming (fan_out), as the reference's ConvModules
+                weight_init.c2_msra_fill(layer)
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         head = cfg.MODEL.SEM_SEG_HEAD
+        fused = fuses_semantic_feature(cfg.MODEL.HTC.SEMANTIC_FUSION, cfg.MODEL.MASK_ON)
         shapes = {f: input_shape[f] for f in head.IN_FEATURES}
         fusion = [f for f, s in shapes.items() if s.stride == head.COMMON_STRIDE]
         if len(fusion) != 1:
@@ -109,20 +115,23 @@ class FusedSemanticHead(nn.Module):
             "num_classes": head.NUM_CLASSES,
             "conv_dim": head.CONVS_DIM,
             "num_convs": head.NUM_CONVS,
-            "embed_dim": head.EMBED_DIM,
+            "embed_dim": head.EMBED_DIM if fused else None,  # else nothing would train it
             "loss_weight": head.LOSS_WEIGHT,
             "ignore_value": head.IGNORE_VALUE,
             "norm": head.NORM,
         }
 
-    def forward(self, features: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: Dict[str, torch.Tensor]
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """
         Args:
             features: FPN features by name, each (N, C, Hi, Wi).
 
         Returns:
-            logits (N, num_classes, H, W) and semantic feature (N, embed_dim, H, W), where
-            (H, W) is the size of the fusion feature (stride ``common_stride``).
+            logits (N, num_classes, H, W) and semantic feature (N, embed_dim, H, W), or None
+            without ``embed_dim``; (H, W) is the size of the fusion feature (stride
+            ``common_stride``).
         """
         size = features[self.fusion_feature].shape[-2:]
         x = None
@@ -133,7 +142,8 @@ class FusedSemanticHead(nn.Module):
             x = lateral(feat) if x is None else x + lateral(feat)
         for conv in self.convs:
             x = conv(x)
-        return self.conv_logits(x), self.conv_embedding(x)
+        embedding = None if self.conv_embedding is None else self.conv_embedding(x)
+        return self.conv_logits(x), embedding
 
     def losses(self, logits: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
         """
