@@ -101,6 +101,14 @@ def _mask_fusion_without_masks(model) -> None:
 
 # what the yacs configs derive from one key and a LazyConfig sets in several places, set apart
 DISAGREEING = {
+    "embedding narrower than the RoI features": (
+        lambda model: model.semantic_head.update(embed_dim=32),
+        r"EMBED_DIM \(semantic_head.embed_dim\) 32 must equal .* RoI features \[64\]",
+    ),
+    "semantic RoIs coarser than the mask RoIs": (
+        lambda model: model.roi_heads.semantic_pooler.update(output_size=7),
+        r"semantic_pooler.output_size \(7, 7\) must be the mask pooler's \(14, 14\)",
+    ),
     "fusion without an embedding": (
         lambda model: model.semantic_head.update(embed_dim=None),
         r"\['bbox', 'mask'\] RoI features .*makes none \(semantic_head.embed_dim None\)",
@@ -118,8 +126,8 @@ DISAGREEING = {
 
 @pytest.mark.parametrize("edit, refused", DISAGREEING.values(), ids=DISAGREEING)
 def test_lazy_model_parts_that_disagree_are_refused_at_build(edit, refused):
-    """Each disagreement built, and a conv that nothing feeds got no gradient (DDP failed at
-    the second iteration)."""
+    """Each disagreement built: shapes that do not sum crashed in torch at the first forward; a
+    conv that nothing feeds got no gradient (DDP failed at the second iteration)."""
     model = htc_fpn(**DEMO_MODEL)
     edit(model)
     with on_meta(), pytest.raises(ValueError, match=refused):

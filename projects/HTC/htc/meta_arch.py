@@ -6,6 +6,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_sem_seg_head
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import ImageList, Instances
@@ -68,6 +69,8 @@ class HybridTaskCascade(GeneralizedRCNN):
         _check_roi_heads(self.roi_heads)
         _check_semantic_head(semantic_head)
         _check_semantic_fusion(self.roi_heads, semantic_head)
+        if semantic_head is not None and semantic_head.embed_dim is not None:
+            _check_semantic_feature(self.roi_heads, semantic_head, self.backbone.output_shape())
         self.semantic_head = semantic_head
         self.semantic_output = semantic_output
         if mask_output not in MASK_OUTPUTS:
@@ -319,6 +322,26 @@ def _check_semantic_fusion(
             f"{fusion}{without_masks}), so the semantic branch's conv_embedding would get no "
             "gradient, which DDP refuses: set semantic_head.embed_dim=None (the yacs configs "
             "derive it from MODEL.HTC.SEMANTIC_FUSION and MODEL.MASK_ON)"
+        )
+
+
+def _check_semantic_feature(
+    roi_heads: HybridTaskCascadeROIHeads,
+    semantic_head: FusedSemanticHead,
+    shapes: Dict[str, ShapeSpec],
+) -> None:
+    """Refuse a semantic feature of other channels than the RoI features it is summed into
+    (``shapes``: the backbone's; it failed in torch at the first forward)."""
+    fusion = roi_heads.semantic_fusion
+    names = list(roi_heads.box_in_features) if "bbox" in fusion else []
+    if "mask" in fusion and roi_heads.mask_on:
+        names += roi_heads.mask_in_features
+    channels = sorted({shapes[name].channels for name in names})
+    if channels != [semantic_head.embed_dim]:
+        raise ValueError(
+            f"MODEL.SEM_SEG_HEAD.EMBED_DIM (semantic_head.embed_dim) {semantic_head.embed_dim} "
+            f"must equal the channels of the RoI features {channels} it is summed into "
+            "(MODEL.FPN.OUT_CHANNELS; LazyConfig: the backbone's out_channels)"
         )
 
 

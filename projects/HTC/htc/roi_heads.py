@@ -183,12 +183,28 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             raise ValueError(
                 f"MODEL.HTC.SOFT_NMS_MIN_SCORE={self.soft_nms_min_score}: a score, in [0, 1]"
             )
+        self._check_semantic_pooler()
         _check_test_thresholds(self.box_predictor[-1])
         if self.test_nms not in TEST_NMS:
             raise ValueError(f"MODEL.HTC.TEST_NMS={self.test_nms!r}: use one of {TEST_NMS}")
         if self.mask_merge not in MASK_MERGE_RULES:
             raise ValueError(
                 f"MODEL.HTC.MASK_MERGE={self.mask_merge!r}: use one of {MASK_MERGE_RULES}"
+            )
+
+    def _check_semantic_pooler(self) -> None:
+        """Refuse a semantic RoI feature that the mask RoI features it is summed into cannot
+        take (the yacs configs pool both at MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION; the box
+        branch average-pools it to its own resolution, whatever it is)."""
+        if "mask" not in self.semantic_fusion or not self.mask_on:
+            return
+        size, mask_size = self.semantic_pooler.output_size, self.mask_pooler.output_size
+        if tuple(size) != tuple(mask_size):
+            raise ValueError(
+                f"roi_heads.semantic_pooler.output_size {tuple(size)} must be the mask pooler's "
+                f"{tuple(mask_size)} (roi_heads.mask_pooler.output_size, MODEL.ROI_MASK_HEAD."
+                "POOLER_RESOLUTION): the semantic RoI features are summed into the mask RoI "
+                "features (semantic_fusion 'mask')"
             )
 
     @classmethod
@@ -231,12 +247,6 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             raise ValueError(
                 f"MODEL.SEM_SEG_HEAD.COMMON_STRIDE={stride} is not the stride of a backbone "
                 f"feature { {f: s.stride for f, s in input_shape.items()} }"
-            )
-        channels = {input_shape[f].channels for f in cfg.MODEL.ROI_HEADS.IN_FEATURES}
-        if channels != {cfg.MODEL.SEM_SEG_HEAD.EMBED_DIM}:
-            raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.EMBED_DIM={cfg.MODEL.SEM_SEG_HEAD.EMBED_DIM} must equal the "
-                f"channels of the RoI features {sorted(channels)} it is summed into"
             )
         return ROIPooler(
             output_size=cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION,
