@@ -101,6 +101,14 @@ def _mask_fusion_without_masks(model) -> None:
 
 # what the yacs configs derive from one key and a LazyConfig sets in several places, set apart
 DISAGREEING = {
+    "semantic pooler at stride 4, feature at 8": (
+        lambda model: model.roi_heads.semantic_pooler.update(scales=(1 / 4,)),
+        r"semantic_pooler.scales \(0.25,\) must be \(1/8,\).*fusion_feature 'p3'",
+    ),
+    "feature at stride 4, semantic pooler at 8": (
+        lambda model: model.semantic_head.update(fusion_feature="p2"),
+        r"semantic_pooler.scales \(0.125,\) must be \(1/4,\).*fusion_feature 'p2'",
+    ),
     "embedding narrower than the RoI features": (
         lambda model: model.semantic_head.update(embed_dim=32),
         r"EMBED_DIM \(semantic_head.embed_dim\) 32 must equal .* RoI features \[64\]",
@@ -126,8 +134,9 @@ DISAGREEING = {
 
 @pytest.mark.parametrize("edit, refused", DISAGREEING.values(), ids=DISAGREEING)
 def test_lazy_model_parts_that_disagree_are_refused_at_build(edit, refused):
-    """Each disagreement built: shapes that do not sum crashed in torch at the first forward; a
-    conv that nothing feeds got no gradient (DDP failed at the second iteration)."""
+    """Each disagreement built: a semantic pooler at another scale than the feature's stride
+    pooled from the wrong place, silently; shapes that do not sum crashed in torch at the first
+    forward; a conv that nothing feeds got no gradient (DDP failed at the second iteration)."""
     model = htc_fpn(**DEMO_MODEL)
     edit(model)
     with on_meta(), pytest.raises(ValueError, match=refused):

@@ -2,6 +2,7 @@
 whose feature map reaches the ROI heads and whose logits give the ``sem_seg`` output (and, with
 the panoptic option, ``panoptic_seg``)."""
 
+import math
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -331,7 +332,9 @@ def _check_semantic_feature(
     shapes: Dict[str, ShapeSpec],
 ) -> None:
     """Refuse a semantic feature of other channels than the RoI features it is summed into
-    (``shapes``: the backbone's; it failed in torch at the first forward)."""
+    (``shapes``: the backbone's), or pooled at another scale than its stride (the RoIs would be
+    pooled from the wrong place, silently). The yacs configs derive the scale and the stride
+    from MODEL.SEM_SEG_HEAD.COMMON_STRIDE; a LazyConfig sets each."""
     fusion = roi_heads.semantic_fusion
     names = list(roi_heads.box_in_features) if "bbox" in fusion else []
     if "mask" in fusion and roi_heads.mask_on:
@@ -342,6 +345,15 @@ def _check_semantic_feature(
             f"MODEL.SEM_SEG_HEAD.EMBED_DIM (semantic_head.embed_dim) {semantic_head.embed_dim} "
             f"must equal the channels of the RoI features {channels} it is summed into "
             "(MODEL.FPN.OUT_CHANNELS; LazyConfig: the backbone's out_channels)"
+        )
+    stride = semantic_head.common_stride
+    scales = [level.spatial_scale for level in roi_heads.semantic_pooler.level_poolers]
+    if len(scales) != 1 or not math.isclose(scales[0], 1 / stride):
+        raise ValueError(
+            f"roi_heads.semantic_pooler.scales {tuple(scales)} must be (1/{stride},): the "
+            f"semantic feature has stride {stride} (semantic_head.fusion_feature "
+            f"{semantic_head.fusion_feature!r}); the yacs configs derive both from "
+            "MODEL.SEM_SEG_HEAD.COMMON_STRIDE"
         )
 
 
