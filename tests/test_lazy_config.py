@@ -20,6 +20,7 @@ import detectron2.data.transforms as T
 import numpy as np
 import pytest
 import torch
+from detectron2 import model_zoo
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
@@ -47,6 +48,7 @@ from htc.checkpoint import HTCCheckpointer
 
 LAZY_R50 = CONFIGS / "htc_R_50_FPN_1x.py"
 htc_fpn = runpy.run_path(str(CONFIGS / "common" / "htc_model.py"))["htc_fpn"]
+to_htc = runpy.run_path(str(CONFIGS / "common" / "htc_heads.py"))["to_htc"]
 # the demo yaml's model (configs/demo/htc_R_18_FPN_demo.yaml) in htc_fpn's terms
 DEMO_MODEL = dict(
     depth=18, norm="BN", freeze_at=0, width=64, fc_dim=128, mask_convs=2, mask_width=64,
@@ -94,6 +96,18 @@ def test_lazy_config_builds_the_yaml_configs_model(lazy_model, yaml_config):
     assert type(lazy_heads.semantic_pooler) is type(heads.semantic_pooler)
 
 
+def _information_flow(flow: bool, *with_res_conv: bool):
+    """Sets roi_heads.mask_info_flow, and each mask head's with_res_conv in its place of the
+    value the configs derive from it."""
+
+    def edit(model) -> None:
+        model.roi_heads.mask_info_flow = flow
+        for head, value in zip(model.roi_heads.mask_head, with_res_conv):
+            head.with_res_conv = value
+
+    return edit
+
+
 def _mask_fusion_without_masks(model) -> None:
     model.roi_heads.update(mask_in_features=None, mask_pooler=None, mask_head=None)
     model.roi_heads.semantic_fusion = ["mask"]
@@ -129,6 +143,18 @@ DISAGREEING = {
         _mask_fusion_without_masks,
         r"semantic_fusion \['mask'\] \(the model has no masks\)\), so .*conv_embedding",
     ),
+    "information flow off, later heads with res_conv": (
+        _information_flow(False, False, True, True),
+        r"stages \[1, 2\] have a res_conv .*mask_info_flow=False.*or set mask_info_flow=True",
+    ),
+    "information flow on, later heads without res_conv": (
+        _information_flow(True, False, False, False),
+        r"MASK_INFO_FLOW \(roi_heads.mask_info_flow\) True .*stages \[1, 2\] have no res_conv",
+    ),
+    "the first head with a res_conv": (
+        _information_flow(True, True, True, True),
+        r"stages \[0\] have a res_conv .*first stage's head never receives one",
+    ),
 }
 
 
@@ -149,6 +175,20 @@ def test_a_lazy_semantic_branch_that_nothing_fuses_is_built_without_embedding():
     model.semantic_head.embed_dim = None
     with on_meta():
         assert instantiate(model).semantic_head.conv_embedding is None
+
+
+def test_the_information_flow_key_alone_gives_the_mask_heads_their_res_conv():
+    """In both config families: htc_fpn's, and to_htc's on a model zoo Mask R-CNN (the ViTDet
+    configs'; mask heads without LN, which Detectron2 v0.6 lacks), each mask head after the
+    first has a res_conv exactly with roi_heads.mask_info_flow (else the ROI heads refuse the
+    model)."""
+    zoo_model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
+    for model in (htc_fpn(**DEMO_MODEL), to_htc(zoo_model, mask_norm="")):
+        for flow in (True, False):
+            model.roi_heads.mask_info_flow = flow
+            with on_meta():
+                heads = instantiate(model).roi_heads.mask_head
+            assert [head.res_conv is not None for head in heads] == [False, flow, flow]
 
 
 SMALL_LAZY_CONFIG = """

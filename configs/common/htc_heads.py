@@ -18,7 +18,8 @@ def to_htc(model, mask_norm: str = "LN", semantic_classes: int = 183):
     """``model`` (a LazyCall of GeneralizedRCNN with StandardROIHeads) made HTC, in place: the
     box heads and predictors of Detectron2's cascade configs (regression weights (10, 5),
     (20, 10), (30, 15), test score threshold 0.05), HTC's interleaved mask heads with
-    ``mask_norm``, and the semantic branch over ``semantic_classes``."""
+    ``mask_norm`` (``roi_heads.mask_info_flow`` gives the later ones their information-flow
+    conv), and the semantic branch over ``semantic_classes``."""
     model._target_ = HybridTaskCascade
     levels = {f"p{level}": ShapeSpec(channels=256, stride=2**level) for level in range(2, 7)}
     model.semantic_head = L(FusedSemanticHead)(
@@ -57,7 +58,7 @@ def to_htc(model, mask_norm: str = "LN", semantic_classes: int = 183):
                 num_classes="${...num_classes}",
                 conv_dims=[256] * 5,
                 conv_norm=mask_norm,
-                with_res_conv=stage > 0,
+                with_res_conv="${...mask_info_flow}" if stage > 0 else False,
             )
             for stage in range(3)
         ],
@@ -66,6 +67,7 @@ def to_htc(model, mask_norm: str = "LN", semantic_classes: int = 183):
         ),
         semantic_fusion=["bbox", "mask"],
         stage_loss_weights=[1.0, 0.5, 0.25],
+        mask_info_flow=True,
     )
     return model
 

@@ -129,7 +129,8 @@ def htc_fpn(
                     input_shape=ShapeSpec(channels=width, height=14, width=14),
                     num_classes=num_classes,
                     conv_dims=[mask_width] * (mask_convs + 1),  # the convs, then the deconv
-                    with_res_conv=stage > 0,  # mask information flow
+                    # mask information flow: the heads after the first take the previous one's
+                    with_res_conv="${...mask_info_flow}" if stage > 0 else False,
                 )
                 for stage in range(len(STAGE_BOX_WEIGHTS))
             ],

@@ -184,6 +184,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
                 f"MODEL.HTC.SOFT_NMS_MIN_SCORE={self.soft_nms_min_score}: a score, in [0, 1]"
             )
         self._check_semantic_pooler()
+        self._check_mask_info_flow()
         _check_test_thresholds(self.box_predictor[-1])
         if self.test_nms not in TEST_NMS:
             raise ValueError(f"MODEL.HTC.TEST_NMS={self.test_nms!r}: use one of {TEST_NMS}")
@@ -205,6 +206,33 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
                 f"{tuple(mask_size)} (roi_heads.mask_pooler.output_size, MODEL.ROI_MASK_HEAD."
                 "POOLER_RESOLUTION): the semantic RoI features are summed into the mask RoI "
                 "features (semantic_fusion 'mask')"
+            )
+
+    def _check_mask_info_flow(self) -> None:
+        """Refuse mask heads whose ``res_conv`` (HTCMaskHead's ``with_res_conv``) does not match
+        the information flow: one that receives no feature gets no gradient (DDP refuses it,
+        and the checkpoints carry dead weights); one lacking where a feature comes failed at
+        the first forward. MODEL.HTC.MASK_INFO_FLOW sets both; a LazyConfig sets each."""
+        if not self.mask_on:
+            return
+        flow = self.mask_info_flow
+        heads = [(t, h) for t, h in enumerate(self.mask_head) if hasattr(h, "res_conv")]
+        unfed = [t for t, h in heads if h.res_conv is not None and not (flow and t > 0)]
+        lacking = [t for t, h in heads if h.res_conv is None and flow and t > 0]
+        if unfed:
+            raise ValueError(
+                f"the mask heads of stages {unfed} have a res_conv (roi_heads.mask_head[i]."
+                "with_res_conv True) that receives no feature (MODEL.HTC.MASK_INFO_FLOW, "
+                f"roi_heads.mask_info_flow={flow}; the first stage's head never receives one): "
+                "its weights would get no gradient, which DDP refuses. Build them with "
+                "with_res_conv=False" + ("" if flow else ", or set mask_info_flow=True")
+            )
+        if lacking:
+            raise ValueError(
+                "MODEL.HTC.MASK_INFO_FLOW (roi_heads.mask_info_flow) True hands each mask head "
+                f"after the first the previous head's feature, but the heads of stages {lacking} "
+                "have no res_conv to take it (roi_heads.mask_head[i].with_res_conv False): "
+                "build them with with_res_conv=True, or set mask_info_flow=False"
             )
 
     @classmethod
