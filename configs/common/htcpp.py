@@ -1,7 +1,8 @@
 """What HTC++ adds to HTC, as its recipes have it (Swin, Liu et al. 2021, appendix A2; the
 configs that exist: ViT-Adapter's detection/configs/htc++/ and CBNetV2's configs/cbnet/htc_cbv2_*),
 each applied in place to an HTC LazyConfig: 4conv1fc box heads, multi-scale training (short side
-400-1400, long side <= 1600) and testing at 1400/1600, Soft-NMS, AdamW, epoch schedules."""
+400-1400, long side <= 1600) and testing at 1400/1600, Soft-NMS, AdamW, epoch schedules and, in
+the Swin recipes, the GIoU loss."""
 
 import detectron2.data.transforms as T
 import torch
@@ -27,6 +28,13 @@ def four_conv_one_fc(model, norm: str = "") -> None:
         )
         for _ in range(3)
     ]
+
+
+def giou(model, weight: float = 10.0) -> None:
+    """Each stage's box regression loss: GIoU on the decoded boxes, x ``weight`` (CBNetV2's
+    Swin recipes' ``GIoULoss(loss_weight=10.0)``)."""
+    for predictor in model.roi_heads.box_predictors:
+        predictor.update(box_reg_loss_type="giou", loss_weight={"loss_box_reg": weight})
 
 
 def soft_nms(model) -> None:

@@ -15,7 +15,7 @@ from detectron2.config import LazyCall as L
 
 from htc.config import require_detectron2
 
-from ..common.htcpp import adamw, epochs, four_conv_one_fc, multiscale, soft_nms
+from ..common.htcpp import adamw, epochs, four_conv_one_fc, giou, multiscale, soft_nms
 from ..htc_R_50_FPN_1x import dataloader, model, train
 
 (SwinTransformer,) = require_detectron2("SwinTransformer")
@@ -27,8 +27,7 @@ model.backbone.bottom_up = L(SwinTransformer)(
 )
 model.backbone.in_features = ("p0", "p1", "p2", "p3")
 four_conv_one_fc(model, norm="SyncBN")
-for predictor in model.roi_heads.box_predictors:
-    predictor.update(box_reg_loss_type="giou", loss_weight={"loss_box_reg": 10.0})
+giou(model)
 soft_nms(model)
 multiscale(dataloader, IMAGES_PER_BATCH)
 optimizer = adamw(lr=5e-5, no_decay=("absolute_pos_embed", "relative_position_bias_table"))
