@@ -10,6 +10,7 @@ import inspect
 import itertools
 import json
 import logging
+import pickle
 import re
 import runpy
 import subprocess
@@ -45,6 +46,7 @@ from conftest import (
 )
 from htc import register_htc_instances
 from htc.checkpoint import HTCCheckpointer
+from htc.config import apply_overrides
 
 LAZY_R50 = CONFIGS / "htc_R_50_FPN_1x.py"
 htc_fpn = runpy.run_path(str(CONFIGS / "common" / "htc_model.py"))["htc_fpn"]
@@ -191,6 +193,45 @@ def test_the_information_flow_key_alone_gives_the_mask_heads_their_res_conv():
             assert [head.res_conv is not None for head in heads] == [False, flow, flow]
 
 
+# each way the configs make their ROI heads: htc_fpn's (R-50, HTC++ on R-50, X-101, Swin) and
+# to_htc's on Detectron2's Mask R-CNNs (ViTDet, MViTv2)
+CLASS_COUNT_CONFIGS = [
+    "htc_R_50_FPN_1x.py",
+    "htcpp/htcpp_R_50_FPN_3x.py",
+    "htcpp/htcpp_X_101_64x4d_FPN_3x.py",
+    "htcpp/htcpp_swin_b_20e.py",
+    "vitdet/htc_vitdet_b_100ep.py",
+    "mvitv2/htc_mvitv2_t_3x.py",
+]
+
+
+def _saved_and_loaded(cfg, path):
+    """``cfg`` saved with ``LazyConfig.save``, as the training script saves it, and loaded: from
+    the yaml, or from the pickle that Detectron2 writes where the yaml cannot be loaded (the
+    Swin and MViT configs' norm layers)."""
+    LazyConfig.save(cfg, str(path))
+    pickled = path.with_name(path.name + ".pkl")
+    return pickle.loads(pickled.read_bytes()) if pickled.exists() else LazyConfig.load(str(path))
+
+
+@pytest.mark.parametrize("name", CLASS_COUNT_CONFIGS)
+def test_the_class_count_key_alone_sets_every_stages_classes(name, tmp_path):
+    """``model.roi_heads.num_classes=5``, as for Detectron2's model zoo configs, on the config
+    and on it saved and loaded: each stage's box predictor has 5 classes and 6 class logits,
+    each mask head 5 masks. The htc_fpn configs' kept COCO's 80 and 81, trained the background
+    label 5 as a class and failed only at evaluation."""
+    if name in MODERN and MODERN[name][1] and not HAS_MODERN_BACKBONES:
+        pytest.skip("this Detectron2 has no ViT/MViT/Swin (v0.6)")
+    cfg = LazyConfig.load(str(CONFIGS / name))
+    for loaded in (cfg, _saved_and_loaded(cfg, tmp_path / "config.yaml")):
+        loaded = apply_overrides(loaded, ["model.roi_heads.num_classes=5"])
+        with on_meta():
+            heads = instantiate(loaded.model).roi_heads
+        predictors = [(p.num_classes, p.cls_score.out_features) for p in heads.box_predictor]
+        assert predictors == [(5, 6)] * 3
+        assert [head.predictor.out_channels for head in heads.mask_head] == [5] * 3
+
+
 SMALL_LAZY_CONFIG = """
 from detectron2.config import LazyCall as L, LazyConfig
 import detectron2.data.transforms as T
@@ -198,9 +239,11 @@ import runpy
 
 base = LazyConfig.load("{r50}")
 model = runpy.run_path("{model_file}")["htc_fpn"](**{demo_model})
-for predictor in model.roi_heads.box_predictors:  # an untrained model still predicts something
-    predictor.test_score_thresh = 0.0
-    predictor.test_topk_per_image = 20  # every route as with 100, at a fraction of the time
+# an untrained model still predicts something ("_": the config's other names are its keys, and
+# a predictor's num_classes, linked to its ROI heads', resolves within the model only)
+for _predictor in model.roi_heads.box_predictors:
+    _predictor.test_score_thresh = 0.0
+    _predictor.test_topk_per_image = 20  # every route as with 100, at a fraction of the time
 dataloader, optimizer, lr_multiplier, train = (
     base.dataloader, base.optimizer, base.lr_multiplier, base.train
 )

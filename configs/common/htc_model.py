@@ -107,7 +107,7 @@ def htc_fpn(
                 L(FastRCNNOutputLayers)(
                     input_shape=ShapeSpec(channels=fc_dim),
                     box2box_transform=L(Box2BoxTransform)(weights=weights),
-                    num_classes=num_classes,
+                    num_classes="${...num_classes}",  # roi_heads.num_classes, as the mask heads
                     cls_agnostic_bbox_reg=True,
                     smooth_l1_beta=1.0,
                     test_score_thresh=0.001,
@@ -127,7 +127,7 @@ def htc_fpn(
             mask_head=[
                 L(HTCMaskHead)(
                     input_shape=ShapeSpec(channels=width, height=14, width=14),
-                    num_classes=num_classes,
+                    num_classes="${...num_classes}",
                     conv_dims=[mask_width] * (mask_convs + 1),  # the convs, then the deconv
                     # mask information flow: the heads after the first take the previous one's
                     with_res_conv="${...mask_info_flow}" if stage > 0 else False,
