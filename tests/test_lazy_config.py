@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from detectron2 import model_zoo
+from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
@@ -115,6 +116,19 @@ def _mask_fusion_without_masks(model) -> None:
     model.roi_heads.semantic_fusion = ["mask"]
 
 
+def _with_cls_score(predictor, logits: int):
+    """``predictor`` with its classifier swapped for one of ``logits`` outputs."""
+    predictor.cls_score = torch.nn.Linear(predictor.cls_score.in_features, logits)
+    return predictor
+
+
+def _a_classifier_of_other_logits(model) -> None:
+    """Stage 1's predictor of the model's 3 classes, its cls_score of COCO's 81 logits."""
+    predictor = model.roi_heads.box_predictors[1]
+    predictor.num_classes = 3
+    model.roi_heads.box_predictors[1] = L(_with_cls_score)(predictor=predictor, logits=81)
+
+
 # what the yacs configs derive from one key and a LazyConfig sets in several places, set apart
 DISAGREEING = {
     "semantic pooler at stride 4, feature at 8": (
@@ -157,6 +171,20 @@ DISAGREEING = {
         _information_flow(True, True, True, True),
         r"stages \[0\] have a res_conv .*first stage's head never receives one",
     ),
+    "a box predictor of other classes": (
+        lambda model: model.roi_heads.box_predictors[2].update(num_classes=5),
+        r"stage 2's box predictor has 5 classes \(roi_heads.box_predictors.2.num_classes\) and 6 "
+        r"class logits .* K=3 \(roi_heads.num_classes, MODEL.ROI_HEADS.NUM_CLASSES\)",
+    ),
+    "a classifier of other classes": (
+        _a_classifier_of_other_logits,
+        r"stage 1's box predictor has 3 classes \(.*\) and 81 class logits .* K=3",
+    ),
+    "a mask head of other classes": (
+        lambda model: model.roi_heads.mask_head[1].update(num_classes=5),
+        r"stage 1's mask head predicts 5 masks per RoI \(roi_heads.mask_head.1.num_classes\) but "
+        r"the ROI heads have 3 classes",
+    ),
 }
 
 
@@ -164,7 +192,9 @@ DISAGREEING = {
 def test_lazy_model_parts_that_disagree_are_refused_at_build(edit, refused):
     """Each disagreement built: a semantic pooler at another scale than the feature's stride
     pooled from the wrong place, silently; shapes that do not sum crashed in torch at the first
-    forward; a conv that nothing feeds got no gradient (DDP failed at the second iteration)."""
+    forward; a conv that nothing feeds got no gradient (DDP failed at the second iteration); a
+    predictor of more classes than the ROI heads trained their background label as a class
+    and failed at evaluation."""
     model = htc_fpn(**DEMO_MODEL)
     edit(model)
     with on_meta(), pytest.raises(ValueError, match=refused):
@@ -191,6 +221,15 @@ def test_the_information_flow_key_alone_gives_the_mask_heads_their_res_conv():
             with on_meta():
                 heads = instantiate(model).roi_heads.mask_head
             assert [head.res_conv is not None for head in heads] == [False, flow, flow]
+
+
+def test_class_agnostic_lazy_mask_heads_are_built():
+    model = htc_fpn(**DEMO_MODEL)
+    for head in model.roi_heads.mask_head:
+        head.num_classes = 1
+    with on_meta():
+        heads = instantiate(model).roi_heads.mask_head
+    assert [head.predictor.out_channels for head in heads] == [1, 1, 1]
 
 
 # each way the configs make their ROI heads: htc_fpn's (R-50, HTC++ on R-50, X-101, Swin) and

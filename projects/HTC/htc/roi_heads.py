@@ -185,6 +185,7 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             )
         self._check_semantic_pooler()
         self._check_mask_info_flow()
+        self._check_class_counts()
         _check_test_thresholds(self.box_predictor[-1])
         if self.test_nms not in TEST_NMS:
             raise ValueError(f"MODEL.HTC.TEST_NMS={self.test_nms!r}: use one of {TEST_NMS}")
@@ -234,6 +235,35 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
                 "have no res_conv to take it (roi_heads.mask_head[i].with_res_conv False): "
                 "build them with with_res_conv=True, or set mask_info_flow=False"
             )
+
+    def _check_class_counts(self) -> None:
+        """Refuse a stage's box predictor or mask head of other classes than the ROI heads' K
+        (``num_classes``), by which the sampling labels background RoIs: a predictor of more
+        classes learned them as a foreground class (box losses ~40x) and predicted classes the
+        data lacks, failing only at evaluation; a mask head of other channels would take the
+        masks of other classes. MODEL.ROI_HEADS.NUM_CLASSES sets them all; the LazyConfigs
+        link each stage's to roi_heads.num_classes ("${...num_classes}")."""
+        k = self.num_classes
+        for t, predictor in enumerate(self.box_predictor):
+            classes = getattr(predictor, "num_classes", k)
+            logits = getattr(getattr(predictor, "cls_score", None), "out_features", k + 1)
+            if (classes, logits) != (k, k + 1):
+                raise ValueError(
+                    f"stage {t}'s box predictor has {classes} classes (roi_heads.box_predictors."
+                    f"{t}.num_classes) and {logits} class logits (its cls_score; K+1 with the "
+                    f"background) but the ROI heads have K={k} (roi_heads.num_classes, MODEL."
+                    f"ROI_HEADS.NUM_CLASSES), which label the background RoIs {k}: set "
+                    "roi_heads.num_classes alone, which the stages' num_classes follow"
+                )
+        for t, head in enumerate(self.mask_head if self.mask_on else ()):
+            channels = getattr(getattr(head, "predictor", None), "out_channels", k)
+            if channels not in (k, 1):
+                raise ValueError(
+                    f"stage {t}'s mask head predicts {channels} masks per RoI (roi_heads."
+                    f"mask_head.{t}.num_classes) but the ROI heads have {k} classes (roi_heads."
+                    "num_classes, MODEL.ROI_HEADS.NUM_CLASSES): give it the classes' count, or "
+                    "1 for class-agnostic masks (MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK)"
+                )
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
