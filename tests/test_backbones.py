@@ -167,3 +167,44 @@ def test_a_backbone_whose_graph_would_hold_the_sample_size_is_refused(builder, s
         return
     with pytest.raises(ValueError, match=f"without a square pad.*set {refused}"):
         check_exportable(model, "onnx")
+
+
+def _small_vitdet(square_pad: int):
+    """ViTDet's LazyConfig model, narrow and shallow, with a square of ``square_pad`` and 20
+    proposals at inference."""
+    cfg = LazyConfig.load(str(CONFIGS / "vitdet/htc_vitdet_b_100ep.py"))
+    cfg.model.backbone.net.update(img_size=128, embed_dim=64, depth=2, num_heads=2, window_size=4)
+    cfg.model.backbone.net.update(window_block_indexes=[0], drop_path_rate=0.0)
+    cfg.model.backbone.square_pad = square_pad
+    cfg.model.proposal_generator.post_nms_topk = (2000, 20)
+    return instantiate(cfg.model)
+
+
+@pytest.mark.parametrize("system", ["yacs", "lazy"])
+def test_a_vit_without_a_square_pads_inputs_to_its_divisibility(system, monkeypatch):
+    """Detectron2's SimpleFeaturePyramid misspells its padding constraint "size_divisiblity",
+    which ImageList does not read: a 97x113 image went unpadded, the ViT dropped its last row
+    and column of pixels, and sem_seg came back (K, 96, 112)."""
+    if not HAS_MODERN_BACKBONES:
+        pytest.skip("this Detectron2 has no ViT (v0.6)")
+    torch.manual_seed(0)
+    if system == "yacs":
+        opts = [*BUILDERS["build_vit_sfp_backbone"][1], *SMALL["build_vit_sfp_backbone"]]
+        model = build_model(_yacs("build_vit_sfp_backbone", *opts, "MODEL.VIT.SQUARE_PAD", 0))
+    else:
+        model = _small_vitdet(square_pad=0)
+    model.eval()
+    image = torch.randint(0, 256, (3, 97, 113)).float()
+    by_hand = model.pixel_mean.expand(3, 128, 128).clone()  # 0 once normalized, as the padding
+    by_hand[:, :97, :113] = image
+    with torch.no_grad():
+        (out,) = model([{"image": image}])
+        (padded,) = model([{"image": by_hand}])
+        assert model.preprocess_image([{"image": image}]).tensor.shape[-2:] == (128, 128)
+        # as Detectron2 would pad with the key spelled right
+        spelled_right = {"size_divisibility": 32, "square_size": 0}
+        monkeypatch.setattr(type(model.backbone), "padding_constraints", spelled_right)
+        (fixed,) = model([{"image": image}])
+    assert out["sem_seg"].shape[1:] == out["instances"].pred_masks.shape[1:] == (97, 113)
+    assert torch.equal(out["sem_seg"], padded["sem_seg"][:, :97, :113])
+    assert torch.equal(out["sem_seg"], fixed["sem_seg"])

@@ -22,6 +22,8 @@ from .semantic_head import FusedSemanticHead
 
 # "rle" output: the instances' (N, 1, M, M) masks through the parent's postprocessing, unpasted
 HELD_MASKS = "held_box_masks"
+# Detectron2's SimpleFeaturePyramid.padding_constraints' key for its size divisibility
+MISSPELLED_DIVISIBILITY = "size_divisiblity"
 
 
 @META_ARCH_REGISTRY.register()
@@ -92,6 +94,21 @@ class HybridTaskCascade(GeneralizedRCNN):
         if cfg.MODEL.HTC.PANOPTIC_ON:
             ret["panoptic_fusion"] = PanopticFusion(cfg)
         return ret
+
+    def preprocess_image(self, batched_inputs: List[dict]) -> ImageList:
+        """The parent's normalized, padded batch, but padded to the backbone's divisibility where
+        its ``padding_constraints`` misspell the key: the parent hands them to ``ImageList`` as
+        they are, and Detectron2's SimpleFeaturePyramid (ViTDet) gives "size_divisiblity",
+        which ``ImageList`` does not read, so the ViT dropped the last H % 16 rows and W % 16
+        columns of an unpadded input."""
+        constraints = getattr(self.backbone, "padding_constraints", {})  # none on v0.6
+        if MISSPELLED_DIVISIBILITY not in constraints:
+            return super().preprocess_image(batched_inputs)
+        constraints = dict(constraints)
+        constraints.setdefault("size_divisibility", constraints[MISSPELLED_DIVISIBILITY])
+        images = [self._move_to_current_device(x["image"]) for x in batched_inputs]
+        images = [(x - self.pixel_mean) / self.pixel_std for x in images]
+        return ImageList.from_tensors(images, padding_constraints=constraints)
 
     def _features(
         self, images: ImageList
