@@ -46,6 +46,7 @@ SMALL = {
         "MODEL.VIT.IMG_SIZE", 128, "MODEL.VIT.EMBED_DIM", 64, "MODEL.VIT.DEPTH", 2,
         "MODEL.VIT.NUM_HEADS", 2, "MODEL.VIT.WINDOW_SIZE", 4, "MODEL.VIT.WINDOW_BLOCK_INDEXES",
         [0], "MODEL.VIT.SQUARE_PAD", 128, "INPUT.MAX_SIZE_TRAIN", 128, "INPUT.MAX_SIZE_TEST", 128,
+        "MODEL.FPN.NORM", "LN",
     ],
     "build_mvit_fpn_backbone": [
         "MODEL.MVIT.EMBED_DIM", 16, "MODEL.MVIT.DEPTH", 4, "MODEL.MVIT.LAST_BLOCK_INDEXES",
@@ -117,6 +118,17 @@ def test_a_square_shorter_than_the_inputs_is_refused(builder):
         build_on_meta(cfg)
     cfg.merge_from_list([f"MODEL.{key}.SQUARE_PAD", 0])
     build_on_meta(cfg)
+
+
+def test_a_vit_pyramid_without_a_norm_is_refused():
+    """MODEL.FPN.NORM's default "" built a simple feature pyramid with a None layer, which
+    failed at the first forward with "'NoneType' object is not callable"."""
+    if not HAS_MODERN_BACKBONES:
+        pytest.skip("this Detectron2 has no ViT (v0.6): the first test checks the error")
+    cfg = _yacs("build_vit_sfp_backbone", *SMALL["build_vit_sfp_backbone"], "MODEL.FPN.NORM", "")
+    assert cfg.MODEL.FPN.NORM == tiny_cfg().MODEL.FPN.NORM  # the default
+    with pytest.raises(ValueError, match='MODEL.FPN.NORM "": .* set a norm, "LN" as ViTDet'):
+        build_model(cfg)
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,12 @@ def build_vit_sfp_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     feature at scales 4, 2, 1, 1/2), as Detectron2's ``common/models/mask_rcnn_vitdet.py``."""
     ViT, SimpleFeaturePyramid = require_detectron2("ViT", "SimpleFeaturePyramid")
     vit, square_pad = cfg.MODEL.VIT, _square_pad(cfg, "VIT")  # refused before a large build
+    if not cfg.MODEL.FPN.NORM:
+        raise ValueError(
+            'MODEL.FPN.NORM "": Detectron2\'s SimpleFeaturePyramid puts the norm between the two '
+            "transposed convs of its stride-4 level, where no norm leaves a None layer that "
+            'fails at the first forward: set a norm, "LN" as ViTDet does'
+        )
     net = ViT(
         img_size=vit.IMG_SIZE,
         patch_size=vit.PATCH_SIZE,
