@@ -14,8 +14,10 @@ are the yacs configs' FLOAT32_PRECISION, DETERMINISTIC and MODEL.HTC.SKIP_MISMAT
 """
 
 import logging
+import sys
 from typing import Iterable, List, Optional, Tuple
 
+import detectron2.data.transforms as T
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import MetadataCatalog
 from detectron2.engine import (
@@ -27,6 +29,7 @@ from detectron2.engine import (
 )
 from detectron2.evaluation import DatasetEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.registry import locate
 from omegaconf import DictConfig, OmegaConf
 
 from htc import set_deterministic, set_float32_precision
@@ -75,6 +78,7 @@ def build_evaluation(cfg, model) -> Optional[Tuple[Iterable, DatasetEvaluator]]:
         check_thing_classes(name, model.roi_heads.num_classes, "model.roi_heads.num_classes")
         check_pasted_masks(name, getattr(model, "mask_output", "bitmask"), "model.mask_output")
     check_semantic_settings(model, cfg.dataloader.test.mapper, "dataloader.test.mapper", names)
+    check_square_pad(model, cfg.dataloader.test.mapper, "dataloader.test.mapper")
     evaluator = instantiate(cfg.dataloader.evaluator)
     check_semantic_evaluators(evaluator, model)
     return loader, evaluator
@@ -119,6 +123,7 @@ def check_training_data(cfg, model) -> None:
             check_mask_format(name, mapper.get("instance_mask_format", "polygon"), key)
     check_semantic_settings(model, mapper, "dataloader.train.mapper", names)
     check_derived_labels(model, mapper, names)
+    check_square_pad(model, mapper, "dataloader.train.mapper")
 
 
 def check_semantic_settings(model, mapper: DictConfig, key: str, names: List[str]) -> None:
@@ -143,6 +148,43 @@ def check_semantic_settings(model, mapper: DictConfig, key: str, names: List[str
         )
     for name in names:
         check_ignore_label(name, ignore, "model.semantic_head.ignore_value")
+
+
+def check_square_pad(model, mapper: DictConfig, key: str) -> None:
+    """Refuse a mapper (config ``key``) that gives images longer than the square ``model``'s
+    backbone pads them to, as yacs configs refuse MODEL.*.SQUARE_PAD shorter than
+    INPUT.MAX_SIZE_*: Detectron2 crops a lone image to the square (the model refuses it, but at
+    the first such image)."""
+    square = getattr(model.backbone, "padding_constraints", {}).get("square_size", 0)
+    longest = longest_side(mapper.get("augmentations", ()))
+    if 0 < square < (longest or 0):
+        length = f"up to {longest} px long" if longest < sys.maxsize else "of any length"
+        raise ValueError(
+            f"{key}.augmentations give images {length}, longer than the {square} px square that "
+            "model.backbone.square_pad pads them to, to which Detectron2 would crop them: bound "
+            f"their resize to {square} px (e.g. ResizeShortestEdge's max_size) or set "
+            "model.backbone.square_pad to the longest side"
+        )
+
+
+def longest_side(augmentations: Iterable) -> Optional[int]:
+    """The longest side of the images that a mapper's LazyCall ``augmentations`` give, as their
+    resizes and crops bound it (``sys.maxsize``: a ResizeShortestEdge without ``max_size``);
+    None where none of them bounds it. Others (flips, crops that only shrink) leave it."""
+    longest = None
+    for augmentation in augmentations:
+        target = augmentation.get("_target_") if isinstance(augmentation, DictConfig) else None
+        target = locate(target) if isinstance(target, str) else target  # a saved config's
+        if target is T.ResizeShortestEdge:
+            longest = augmentation.get("max_size", sys.maxsize)
+        elif target is T.ResizeScale:
+            size = max(augmentation.target_height, augmentation.target_width)
+            longest = round(augmentation.max_scale * size)
+        elif target is T.FixedSizeCrop:
+            crop = max(augmentation.crop_size)
+            padded = augmentation.get("pad", True) or longest is None
+            longest = crop if padded else min(longest, crop)
+    return longest
 
 
 def check_derived_labels(model, mapper: DictConfig, names: List[str]) -> None:

@@ -220,3 +220,17 @@ def test_a_vit_without_a_square_pads_inputs_to_its_divisibility(system, monkeypa
     assert out["sem_seg"].shape[1:] == out["instances"].pred_masks.shape[1:] == (97, 113)
     assert torch.equal(out["sem_seg"], padded["sem_seg"][:, :97, :113])
     assert torch.equal(out["sem_seg"], fixed["sem_seg"])
+
+
+def test_an_image_longer_than_the_square_is_refused():
+    """ImageList cropped a lone 129x100 image to the 128 px square silently: detections past
+    the crop were lost and sem_seg came back (K, 128, 100)."""
+    if not HAS_MODERN_BACKBONES:
+        pytest.skip("this Detectron2 has no ViT (v0.6)")
+    model = _small_vitdet(square_pad=128).eval()
+    square = torch.zeros(3, 128, 100)
+    assert model.preprocess_image([{"image": square}]).tensor.shape[-2:] == (128, 128)
+    longer = {"image": torch.zeros(3, 129, 100), "file_name": "long.jpg"}
+    with pytest.raises(ValueError, match="long.jpg is 129x100 px, longer than the backbone's "
+                       "128 px square .*model.backbone.square_pad"):  # fmt: skip
+        model([longer])

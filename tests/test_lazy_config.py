@@ -27,6 +27,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.layers import ShapeSpec
+from detectron2.modeling import FPN
 from omegaconf import ListConfig, OmegaConf
 from PIL import Image
 
@@ -364,7 +365,7 @@ def test_lazy_training_data_that_does_not_fit_the_model_is_refused(tiny_dataset,
     DatasetCatalog.get(name)  # as the loader loads it
     cfg = LazyConfig.load(str(_small_lazy_config(tmp_path, tmp_path / "out")))
     cfg.dataloader.train.dataset.names = name
-    model = SimpleNamespace(roi_heads=SimpleNamespace(num_classes=3))
+    model = SimpleNamespace(roi_heads=SimpleNamespace(num_classes=3), backbone=None)
     lazyconfig_train_net.check_training_data(cfg, model)
     cfg.dataloader.train.mapper.instance_mask_format = "polygon"
     with pytest.raises(
@@ -484,6 +485,52 @@ def test_lazy_test_data_is_checked_before_training(
     monkeypatch.setattr(lazyconfig_train_net, "SimpleTrainer", None)  # nothing trained
     with pytest.raises((ValueError, OSError), match=refused):
         lazyconfig_train_net.train(cfg, resume=False)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_lazy_resizes_longer_than_the_backbones_square_are_refused(
+    tiny_dataset, tmp_path, monkeypatch, split
+):
+    """Detectron2 crops a lone image longer than the backbone's square to it, silently (yacs
+    configs refuse a MODEL.*.SQUARE_PAD shorter than INPUT.MAX_SIZE_*): a mapper resizing to
+    128 px under a 100 px square is refused before training."""
+    cfg = LazyConfig.load(str(_small_lazy_config(tmp_path, tmp_path / "out")))
+    maps = {"sem_seg_root": str(tiny_dataset / "train_sem")}
+    cfg.dataloader.train.dataset.names = _registered(tiny_dataset, "lazy_sq_tr", **maps)
+    cfg.dataloader.test.dataset.names = _registered(tiny_dataset, "lazy_sq_te", **maps)
+    other = cfg.dataloader["test" if split == "train" else "train"].mapper
+    other.augmentations[0].max_size = 100
+    monkeypatch.setattr(FPN, "padding_constraints", {"square_size": 100}, raising=False)  # v0.6's
+    monkeypatch.setattr(lazyconfig_train_net, "SimpleTrainer", None)  # nothing trained
+    refused = f"dataloader.{split}.mapper.augmentations give images up to 128 px long, longer "
+    with pytest.raises(ValueError, match=refused + "than the 100 px square"):
+        lazyconfig_train_net.train(cfg, resume=False)
+
+
+FLIP = L(T.RandomFlip)(horizontal=True)
+LSJ = L(T.ResizeScale)(min_scale=0.1, max_scale=2.0, target_height=1024, target_width=768)
+TO_800 = L(T.ResizeShortestEdge)(short_edge_length=600, max_size=800)
+CROP = L(T.FixedSizeCrop)(crop_size=(1024, 1024), pad=False)
+PADDED_CROP = L(T.FixedSizeCrop)(crop_size=(1024, 1024))
+
+
+@pytest.mark.parametrize(
+    "augmentations, longest",
+    [
+        ([L(T.ResizeShortestEdge)(short_edge_length=800, max_size=1333), FLIP], 1333),
+        ([L(T.ResizeShortestEdge)(short_edge_length=800)], sys.maxsize),  # Detectron2's default
+        ([FLIP, LSJ], 2048),
+        ([FLIP, LSJ, CROP], 1024),
+        ([TO_800, CROP], 800),
+        ([TO_800, PADDED_CROP], 1024),
+        ([{"_target_": "detectron2.data.transforms.ResizeShortestEdge", "max_size": 99}], 99),
+        ([FLIP], None),
+    ],
+)
+def test_the_longest_side_that_a_mappers_augmentations_give(augmentations, longest):
+    """What the square check compares with model.backbone.square_pad: the last resize's bound,
+    lowered by a crop without padding, raised by one with; a saved config's targets by name."""
+    assert lazyconfig_train_net.longest_side(OmegaConf.create(augmentations)) == longest
 
 
 def _small_vit(cfg) -> None:
@@ -642,9 +689,9 @@ def _trained_keys() -> set:
 
 @pytest.mark.parametrize("name", MODERN)
 def test_modern_backbone_config_counts_its_parameters(name):
-    """With Detectron2's main branch: the config's parameter count, schedule and LSJ padding,
-    and its small variant is one that the next test trains. On v0.6: loading it fails at once,
-    naming the missing classes and the Detectron2 it needs."""
+    """With Detectron2's main branch: the config's parameter count, schedule, LSJ padding and
+    resizes that fit its square, and its small variant is one that the next test trains. On
+    v0.6: loading it fails at once, naming the missing classes and the Detectron2 it needs."""
     count, needs, _ = MODERN[name]
     if needs and not HAS_MODERN_BACKBONES:
         with pytest.raises(ImportError, match=f"{needs}.*v0.6 release"):
@@ -652,7 +699,10 @@ def test_modern_backbone_config_counts_its_parameters(name):
         return
     cfg = LazyConfig.load(str(CONFIGS / name))
     with on_meta():
-        assert reference_parameter_count(instantiate(cfg.model)) == count
+        model = instantiate(cfg.model)
+    assert reference_parameter_count(model) == count
+    for split in ("train", "test"):  # no resize longer than a square
+        lazyconfig_train_net.check_square_pad(model, cfg.dataloader[split].mapper, split)
     schedule = next(v for k, v in MAX_ITER.items() if name.endswith(f"{k}.py"))
     assert cfg.train.max_iter == schedule
     assert max(cfg.lr_multiplier.scheduler.milestones) <= schedule

@@ -100,8 +100,9 @@ class HybridTaskCascade(GeneralizedRCNN):
         its ``padding_constraints`` misspell the key: the parent hands them to ``ImageList`` as
         they are, and Detectron2's SimpleFeaturePyramid (ViTDet) gives "size_divisiblity",
         which ``ImageList`` does not read, so the ViT dropped the last H % 16 rows and W % 16
-        columns of an unpadded input."""
+        columns of an unpadded input. Refuses an image longer than the backbone's square."""
         constraints = getattr(self.backbone, "padding_constraints", {})  # none on v0.6
+        _check_square(batched_inputs, constraints.get("square_size", 0))
         if MISSPELLED_DIVISIBILITY not in constraints:
             return super().preprocess_image(batched_inputs)
         constraints = dict(constraints)
@@ -252,6 +253,23 @@ class HybridTaskCascade(GeneralizedRCNN):
         if self.mask_output == "rle" and results.has("pred_masks"):
             results.set(HELD_MASKS, results.pred_masks)
             results.remove("pred_masks")
+
+
+def _check_square(batched_inputs: List[dict], square: int) -> None:
+    """Refuse an image longer than the backbone's ``square`` (0: none), to which ``ImageList``
+    would crop a lone image silently (and fail on a batch)."""
+    if square <= 0:
+        return
+    for i, x in enumerate(batched_inputs):
+        height, width = x["image"].shape[-2:]
+        if max(height, width) > square:
+            raise ValueError(
+                f"{x.get('file_name', f'input {i}')} is {height}x{width} px, longer than the "
+                f"backbone's {square} px square (MODEL.{{VIT,MVIT,SWIN}}.SQUARE_PAD; "
+                "LazyConfig: model.backbone.square_pad), to which Detectron2 would crop it: "
+                "resize the inputs to fit (INPUT.MAX_SIZE_TEST, INPUT.MAX_SIZE_TRAIN; "
+                "LazyConfig: the mappers' augmentations) or pad to a longer square"
+            )
 
 
 def _output_size(batched_input: dict, image_size: Tuple[int, int]) -> Tuple[int, int]:
