@@ -282,18 +282,23 @@ def test_lazy_config_settings(deterministic_settings):
         (["model.roi_heads.mask_on=True"], "model.roi_heads has no 'mask_on'"),
         (["trian.max_iter=10"], "the config has no 'trian'"),
         (["train.ampp.enabled=True"], "train has no 'ampp'"),
+        (["train.amp.enabledd=True"], "train.amp has no 'enabledd' \\(did you mean enabled\\?\\)"),
+        (["train.ddp.fp16_compresion=True"], "train.ddp has no .* mean fp16_compression\\?"),
+        (["train.ddp.static_grap=True"], "train.ddp has no 'static_grap' .* mean static_graph"),
+        (["train.checkpointer.periodd=5"], "train.checkpointer has no .* mean period\\?"),
         (["model.roi_headz.num_classes=3"], "model has no 'roi_headz'"),
         (["optimizer.nesterov=True"], None),  # an argument of torch's SGD that the config leaves
         (["optimizer._target_=torch.optim.AdamW", "optimizer.betas=[0.9,0.99]"], None),
-        (["train.ddp.static_graph=True", "train.checkpointer.file_prefix=m"], None),  # kwargs
+        (["train.ddp.static_graph=True", "train.checkpointer.file_prefix=m"], None),  # arguments
         (["train.deterministic=False", "optimizer.params.overrides={}", "+train.note=mine"], None),
         (["train.max_iter=10", "model.roi_heads.box_heads.0.fc_dims=[64]"], None),
     ],
 )
 def test_lazy_overrides_of_keys_that_nothing_reads_are_refused(overrides, refused):
     """Detectron2's apply_overrides adds them: ``train.max_iterr=1`` trained the config's
-    schedule, silently. Arguments that the config leaves at their defaults, the dicts handed on
-    as keyword arguments and the settings read with defaults pass."""
+    schedule, silently; so did ``train.amp.enabledd=True`` (no AMP) and the like in train's
+    dicts. Arguments that the config leaves at their defaults (of the calls that train.ddp and
+    train.checkpointer are handed to too) and the settings read with defaults pass."""
     cfg = LazyConfig.load(str(CONFIGS / "htc_R_50_FPN_1x.py"))
     assert "nesterov" not in cfg.optimizer and "ddp" in cfg.train
     if refused:

@@ -252,6 +252,17 @@ def require_detectron2(*names: str) -> List[type]:
 
 # the keys read with a default where a LazyConfig lacks them (htc's settings, Detectron2's setup)
 OPTIONAL_KEYS = {key for key, _ in LAZY_SETTINGS.values()} | {"train.skip_mismatched_weights"}
+# train's dicts that lazyconfig_train_net.py reads, closed to their keys and the named arguments
+# of the calls it hands them to as keyword arguments (Detectron2's create_ddp_model hands its
+# own on to DDP); of train.amp it reads "enabled" alone
+TRAIN_DICTS = {
+    "train.amp": (),
+    "train.ddp": (
+        "detectron2.engine.defaults.create_ddp_model",
+        "torch.nn.parallel.DistributedDataParallel",
+    ),
+    "train.checkpointer": ("detectron2.engine.hooks.PeriodicCheckpointer",),
+}
 
 
 def apply_overrides(cfg: DictConfig, overrides: List[str]) -> DictConfig:
@@ -268,24 +279,44 @@ def apply_overrides(cfg: DictConfig, overrides: List[str]) -> DictConfig:
 
 def _check_key(cfg: DictConfig, key: str, override: str) -> None:
     """Refuse ``key`` where its first part missing from ``cfg`` is missing from a node whose
-    keys are known: the root, ``train`` (what the training script reads), or a LazyCall's node
-    (the config's keys and its object's arguments). Other dicts are open (kwargs)."""
+    keys are known: the root, ``train`` and its :data:`TRAIN_DICTS` (what the training script
+    reads), or a LazyCall's node (the config's keys and its object's arguments). Other dicts are
+    open (kwargs)."""
     parts = key.split(".")
     node, depth = cfg, 0
     while depth < len(parts) - 1 and isinstance(node, DictConfig) and parts[depth] in node:
         node, depth = node[parts[depth]], depth + 1
-    if not isinstance(node, DictConfig) or parts[depth] in node:
+    name = parts[depth]
+    if not isinstance(node, DictConfig) or name in node:
         return
-    where = ".".join(parts[:depth])
-    closed = where in ("", "train") or "_target_" in node
-    if not closed or _takes(node.get("_target_"), parts[depth]):
+    where, known = ".".join(parts[:depth]), [str(k) for k in node.keys()]
+    if where in TRAIN_DICTS:
+        known += [a for target in TRAIN_DICTS[where] for a in _named_arguments(target)]
+        if name in known:
+            return
+    elif where not in ("", "train") and ("_target_" not in node or _takes(node._target_, name)):
         return
-    close = difflib.get_close_matches(parts[depth], [str(k) for k in node.keys()], n=3)
+    close = difflib.get_close_matches(name, list(dict.fromkeys(known)), n=3)
     raise KeyError(
-        f"override {override!r}: {where or 'the config'} has no {parts[depth]!r}"
+        f"override {override!r}: {where or 'the config'} has no {name!r}"
         + (f" (did you mean {', '.join(close)}?)" if close else "")
         + "; +key=value adds a key on purpose"
     )
+
+
+def _named_arguments(target: str) -> List[str]:
+    """The arguments that the class or function ``target`` names (a class: up its chain) after
+    its first, which the training script gives (the model, the checkpointer)."""
+    target = locate(target)
+    functions = [c.__init__ for c in target.__mro__] if inspect.isclass(target) else [target]
+    kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    names = []
+    for function in functions:
+        parameters = [
+            p for p in inspect.signature(function).parameters.values() if p.kind not in kinds
+        ]
+        names += [p.name for p in parameters if p.name != "self"][1:]
+    return names
 
 
 def _takes(target: Any, name: str) -> bool:
