@@ -26,7 +26,7 @@ from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
-from detectron2.layers import ShapeSpec
+from detectron2.layers import NaiveSyncBatchNorm, ShapeSpec
 from detectron2.modeling import FPN
 from omegaconf import ListConfig, OmegaConf
 from PIL import Image
@@ -813,6 +813,23 @@ def test_htcpp_configs_are_their_recipes(name):
     assert cfg.optimizer._target_ is torch.optim.AdamW
     assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == ((5e-5 if swin else 1e-4), 0.05)
     assert cfg.dataloader.train.total_batch_size == (8 if swin else 16)
+
+
+def test_a_saved_mvitv2_project_config_reloads(tmp_path):
+    """default_setup saves the config as config.yaml: the MViTv2 project configs' norm was a
+    function of the config, so Detectron2 pickled it into a file that did not load again. By
+    its name, it is the same NaiveSyncBatchNorm with "N" statistics."""
+    if not HAS_MODERN_BACKBONES:
+        pytest.skip("this Detectron2 has no MViT (v0.6)")
+    cfg = LazyConfig.load(str(CONFIGS / "mvitv2/htc_mvitv2_t_3x.py"))
+    LazyConfig.save(cfg, str(tmp_path / "config.yaml"))
+    assert not (tmp_path / "config.yaml.pkl").exists()
+    with on_meta():
+        model = instantiate(LazyConfig.load(str(tmp_path / "config.yaml")).model)
+        assert _shapes(model) == _shapes(instantiate(cfg.model))
+    norms = [m for m in model.roi_heads.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 26  # 3 box heads' 4 convs, 3 mask heads' 4 convs and 2 res convs
+    assert all(type(m) is NaiveSyncBatchNorm and m._stats_mode == "N" for m in norms)
 
 
 @pytest.fixture(scope="module")

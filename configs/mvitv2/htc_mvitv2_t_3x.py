@@ -12,22 +12,16 @@ COCO + COCO-Stuff through HTCDatasetMapper. Needs Detectron2 with MViT (its main
 """
 
 import detectron2.data.transforms as T
-import torch.nn as nn
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
-from detectron2.layers.batch_norm import NaiveSyncBatchNorm
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from ..common.htc_mvit import mvit_htc
 from ..htc_R_50_FPN_1x import dataloader
 
-
-def sync_bn(channels: int) -> nn.Module:
-    return NaiveSyncBatchNorm(channels, stats_mode="N")
-
-
-model = mvit_htc("T", norm=sync_bn)
+# NaiveSyncBatchNorm(channels, stats_mode="N") by Detectron2's name, which a saved config keeps
+model = mvit_htc("T", norm="naiveSyncBN_N")
 
 dataloader.train.mapper.augmentations = [
     L(T.RandomApply)(
