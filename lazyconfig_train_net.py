@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from htc import set_deterministic, set_float32_precision
 from htc.checkpoint import HTCCheckpointer, load_for_evaluation
-from htc.config import apply_overrides, check_device
+from htc.config import apply_overrides, check_device, check_links_resolve
 from htc.data import register_builtin
 from htc.data.checks import (
     check_derived_classes,
@@ -170,7 +170,9 @@ def check_square_pad(model, mapper: DictConfig, key: str) -> None:
 def longest_side(augmentations: Iterable) -> Optional[int]:
     """The longest side of the images that a mapper's LazyCall ``augmentations`` give, as their
     resizes and crops bound it (``sys.maxsize``: a ResizeShortestEdge without ``max_size``);
-    None where none of them bounds it. Others (flips, crops that only shrink) leave it."""
+    None where none of them bounds it. Others (flips, crops that only shrink) leave it; so do
+    ``T.Resize`` and absolute ``RandomCrop``, not read here: a mapper of those is not refused
+    here, and too long an image is refused by the model at its first step."""
     longest = None
     for augmentation in augmentations:
         target = augmentation.get("_target_") if isinstance(augmentation, DictConfig) else None
@@ -246,6 +248,7 @@ def train(cfg, resume: bool) -> None:
 
 def main(args) -> None:
     cfg = apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    check_links_resolve(cfg)
     check_device(cfg)
     if args.eval_only and "evaluator" not in cfg.dataloader:  # evaluate() would do nothing
         raise ValueError("--eval-only: the config has no dataloader.evaluator to evaluate with")

@@ -42,7 +42,7 @@ def cascade_counterpart(path: Path) -> int:
     model._target_ = GeneralizedRCNN
     model.pop("semantic_head")
     heads = model.roi_heads
-    for key in ("semantic_pooler", "semantic_fusion", "stage_loss_weights"):
+    for key in ("semantic_pooler", "semantic_fusion", "stage_loss_weights", "mask_info_flow"):
         heads.pop(key)
     heads._target_ = CascadeROIHeads
     heads.mask_head = L(MaskRCNNConvUpsampleHead)(

@@ -160,9 +160,9 @@ def component_of(name: str) -> str:
 
 
 def hook_components(model, device: str, spent: Dict[str, float]) -> Callable[[], None]:
-    """Add each component's forward time to ``spent`` (modules by hooks; the semantic box
-    pooling and HTC's mask heads, which run as methods, ``_semantic_box_rois`` and ``chain``,
-    by wrapping them); returns the function that removes them."""
+    """Add each component's forward time to ``spent`` (modules by hooks, HTC's mask heads
+    too; the semantic box pooling, which runs as a method, ``_semantic_box_rois``, by wrapping
+    it); returns the function that removes them."""
     starts, handles, wrapped = {}, [], []
 
     def before(name):
@@ -196,8 +196,6 @@ def hook_components(model, device: str, spent: Dict[str, float]) -> Callable[[],
         if component:
             handles.append(module.register_forward_pre_hook(before(name)))
             handles.append(module.register_forward_hook(after(name, component)))
-            if hasattr(module, "chain"):
-                wrap(module, "chain", name, component)
     if hasattr(model.roi_heads, "_semantic_box_rois"):
         name = "roi_heads._semantic_box_rois"
         wrap(model.roi_heads, "_semantic_box_rois", name, component_of(name))

@@ -23,7 +23,7 @@ from conftest import (
     train_losses,
 )
 from htc import set_deterministic, set_float32_precision
-from htc.config import apply_overrides
+from htc.config import apply_overrides, check_links_resolve
 from htc.roi_heads import HAS_FED_LOSS
 
 
@@ -286,6 +286,7 @@ def test_lazy_config_settings(deterministic_settings):
         (["train.ddp.fp16_compresion=True"], "train.ddp has no .* mean fp16_compression\\?"),
         (["train.ddp.static_grap=True"], "train.ddp has no 'static_grap' .* mean static_graph"),
         (["train.checkpointer.periodd=5"], "train.checkpointer has no .* mean period\\?"),
+        (["train.checkpointer.max_iter=5"], "train.checkpointer has no 'max_iter'"),  # D2 sets it
         (["model.roi_headz.num_classes=3"], "model has no 'roi_headz'"),
         (["optimizer.nesterov=True"], None),  # an argument of torch's SGD that the config leaves
         (["optimizer._target_=torch.optim.AdamW", "optimizer.betas=[0.9,0.99]"], None),
@@ -307,6 +308,17 @@ def test_lazy_overrides_of_keys_that_nothing_reads_are_refused(overrides, refuse
     else:
         key = overrides[-1].split("=")[0].lstrip("+")
         assert OmegaConf.select(apply_overrides(cfg, overrides), key)
+
+
+def test_a_top_level_key_whose_links_do_not_resolve_is_named():
+    """A config file's loop variable over the stages' predictors is kept as a top-level key,
+    whose ``${...num_classes}`` points nowhere: LazyConfig.save, in default_setup, raised a bare
+    OmegaConf error."""
+    cfg = LazyConfig.load(str(CONFIGS / "htc_R_50_FPN_1x.py"))
+    check_links_resolve(cfg)
+    cfg.predictor = cfg.model.roi_heads.box_predictors[0]
+    with pytest.raises(ValueError, match="top-level 'predictor' .* a leading '_'"):
+        check_links_resolve(cfg)
 
 
 def test_a_lazy_evaluation_without_an_evaluator_is_refused(tmp_path, monkeypatch):

@@ -5,14 +5,15 @@ the device once per step."""
 
 import pytest
 import torch
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
-from detectron2.modeling.roi_heads import ROI_MASK_HEAD_REGISTRY
+from detectron2.modeling.roi_heads import ROI_MASK_HEAD_REGISTRY, MaskRCNNConvUpsampleHead
 from detectron2.modeling.roi_heads.mask_head import mask_rcnn_loss
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
 from conftest import make_batch, tiny_cfg, train_losses
-from htc import HTCMaskHead
+from htc import HTCMaskHead, HybridTaskCascadeROIHeads
 from htc.mask_head import class_logits, mask_loss, mask_targets, plain_1x1_conv
 
 RATES = ("accuracy", "false_positive", "false_negative")
@@ -213,11 +214,35 @@ def test_every_stage_is_built_from_the_configured_head():
     assert [h.res_conv is not None for h in heads] == [False, True, True]
 
 
-def test_a_head_that_cannot_chain_is_refused():
+@ROI_MASK_HEAD_REGISTRY.register()
+class _OnlyChainTestHead(MaskRCNNConvUpsampleHead):
+    """Has the chain() that the cascade called before it called the heads as modules."""
+
+    def chain(self, x, res_feat, with_logits=True, classes=None):
+        return self.layers(x), x
+
+
+@pytest.mark.parametrize("name", ["MaskRCNNConvUpsampleHead", "_OnlyChainTestHead"])
+def test_a_head_that_cannot_chain_is_refused(name):
     cfg = tiny_cfg()
-    cfg.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
-    with pytest.raises(ValueError, match="'MaskRCNNConvUpsampleHead' cannot pass features"):
+    cfg.MODEL.ROI_MASK_HEAD.NAME = name
+    with pytest.raises(
+        ValueError, match=f"'{name}' cannot pass features.*forward\\(x, \\*, res_feat"
+    ):
         build_model(cfg)
+
+
+def test_lazy_heads_that_cannot_chain_are_refused_at_build():
+    """A LazyConfig's list of Detectron2's heads built and failed at the first step."""
+    parts = HybridTaskCascadeROIHeads.from_config(
+        tiny_cfg(), build_model(tiny_cfg()).backbone.output_shape()
+    )
+    shape = ShapeSpec(channels=32, height=14, width=14)
+    parts["mask_head"] = [MaskRCNNConvUpsampleHead(shape, num_classes=3, conv_dims=[8, 8])] * 3
+    with pytest.raises(
+        ValueError, match="stages \\[0, 1, 2\\] \\(roi_heads.mask_head\\) cannot pass"
+    ):
+        HybridTaskCascadeROIHeads(**parts)
 
 
 def _mask_case(num_classes: int, empty_image: bool = False):

@@ -16,6 +16,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import LazyConfig
 from detectron2.utils.registry import locate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from . import layers
 
@@ -255,6 +256,8 @@ OPTIONAL_KEYS = {key for key, _ in LAZY_SETTINGS.values()} | {"train.skip_mismat
 # train's dicts that lazyconfig_train_net.py reads, closed to their keys and the named arguments
 # of the calls it hands them to as keyword arguments (Detectron2's create_ddp_model hands its
 # own on to DDP); of train.amp it reads "enabled" alone
+# arguments of those calls that Detectron2 sets itself, whatever the config says
+SET_BY_DETECTRON2 = {"train.checkpointer": ("max_iter",)}  # PeriodicCheckpointer.before_train
 TRAIN_DICTS = {
     "train.amp": (),
     "train.ddp": (
@@ -277,6 +280,23 @@ def apply_overrides(cfg: DictConfig, overrides: List[str]) -> DictConfig:
     return cfg
 
 
+def check_links_resolve(cfg: DictConfig) -> None:
+    """Refuse a top-level key whose ``${...}`` links do not resolve (Detectron2's
+    ``LazyConfig.save``, in ``default_setup``, raised a bare OmegaConf error): a variable of the
+    config file, such as the loop variable of ``for p in model.roi_heads.box_predictors``, is
+    kept as a top-level key, where the links of the node it holds point nowhere."""
+    for key in cfg:
+        try:
+            OmegaConf.to_container(cfg[key], resolve=True)
+        except InterpolationResolutionError as error:
+            raise ValueError(
+                f"the config's top-level {key!r} holds a link that does not resolve there "
+                f"({str(error).splitlines()[0]}): if it is a variable of the config file (a loop "
+                "over the model's parts), name it with a leading '_' (LazyConfig.load leaves "
+                "those out) or set the parts in a function"
+            ) from None
+
+
 def _check_key(cfg: DictConfig, key: str, override: str) -> None:
     """Refuse ``key`` where its first part missing from ``cfg`` is missing from a node whose
     keys are known: the root, ``train`` and its :data:`TRAIN_DICTS` (what the training script
@@ -292,6 +312,7 @@ def _check_key(cfg: DictConfig, key: str, override: str) -> None:
     where, known = ".".join(parts[:depth]), [str(k) for k in node.keys()]
     if where in TRAIN_DICTS:
         known += [a for target in TRAIN_DICTS[where] for a in _named_arguments(target)]
+        known = [k for k in known if k not in SET_BY_DETECTRON2.get(where, ())]
         if name in known:
             return
     elif where not in ("", "train") and ("_target_" not in node or _takes(node._target_, name)):

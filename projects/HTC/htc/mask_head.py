@@ -3,7 +3,7 @@ mask information flow: the previous stage's head's 14x14 feature, through a 1x1 
 into this head's RoI features, and this head's feature passed on to the next."""
 
 import warnings
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import fvcore.nn.weight_init as weight_init
 import torch
@@ -98,10 +98,22 @@ class HTCMaskHead(MaskRCNNConvUpsampleHead):
         res_feat: Optional[torch.Tensor] = None,
         with_logits: bool = True,
         classes: Optional[torch.Tensor] = None,
-    ):
-        """With ``instances``, the parent's contract: one head alone, its loss or its masks.
-        Without, :meth:`chain`: the cascade calls each stage's head as a module, so that hooks
-        on it and wrappers of its call see every pass (the parent's cannot take ``res_feat``)."""
+    ) -> Union[
+        Dict[str, torch.Tensor], List[Instances], Tuple[Optional[torch.Tensor], torch.Tensor]
+    ]:
+        """With ``instances``, the parent's contract: one head alone, its loss (training) or
+        its instances with ``pred_masks``; the keyword arguments are then unused. Without,
+        :meth:`chain`: the cascade calls each stage's head as a module, so that hooks on it and
+        wrappers of its call see every pass (the parent's cannot take ``res_feat``).
+
+        Args:
+            x: (R, C, 14, 14) RoI features.
+            instances: the parent's, or None within the cascade.
+            res_feat, with_logits, classes: as :meth:`chain`'s.
+
+        Returns:
+            the parent's output, or :meth:`chain`'s (logits, (R, D, 14, 14) feature).
+        """
         if instances is not None:
             return super().forward(x, instances)
         return self.chain(x, res_feat, with_logits, classes)

@@ -29,10 +29,10 @@ MISSPELLED_DIVISIBILITY = "size_divisiblity"
 @META_ARCH_REGISTRY.register()
 class HybridTaskCascade(GeneralizedRCNN):
     """Hybrid Task Cascade: a :class:`GeneralizedRCNN` whose semantic branch runs once per batch
-    on the FPN features. Its feature reaches the ROI heads as ``features[SEMANTIC_FEATURE]``;
-    its loss is learned from the inputs' ``sem_seg``. At inference each output has
-    ``instances`` and, with the semantic branch, ``sem_seg`` (K, H, W) class scores and, with
-    panoptic fusion, ``panoptic_seg`` as PanopticFPN gives it.
+    on the FPN features. Its feature, where the ROI heads fuse one, reaches them as
+    ``features[SEMANTIC_FEATURE]``; its loss is learned from the inputs' ``sem_seg``. At
+    inference each output has ``instances`` and, with the semantic branch, ``sem_seg``
+    (K, H, W) class scores and, with panoptic fusion, ``panoptic_seg`` as PanopticFPN gives it.
     """
 
     @configurable
@@ -114,8 +114,9 @@ class HybridTaskCascade(GeneralizedRCNN):
     def _features(
         self, images: ImageList
     ) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
-        """Backbone features plus, with the semantic branch, its feature under
-        ``SEMANTIC_FEATURE``; also returns the semantic logits (N, K, H/s, W/s) or None."""
+        """Backbone features plus, with a semantic branch that makes one (an embedding), its
+        feature under ``SEMANTIC_FEATURE``; also returns the semantic logits (N, K, H/s, W/s)
+        or None."""
         features = self.backbone(images.tensor)
         if self.semantic_head is None:
             return features, None
@@ -258,7 +259,7 @@ class HybridTaskCascade(GeneralizedRCNN):
 def _check_square(batched_inputs: List[dict], square: int) -> None:
     """Refuse an image longer than the backbone's ``square`` (0: none), to which ``ImageList``
     would crop a lone image silently (and fail on a batch)."""
-    if square <= 0:
+    if square <= 0 or torch.jit.is_tracing():  # htc.export checks its sample image
         return
     for i, x in enumerate(batched_inputs):
         height, width = x["image"].shape[-2:]

@@ -43,6 +43,17 @@ TEST_NMS = ("nms", "soft_linear", "soft_gaussian")
 HAS_FED_LOSS = "use_sigmoid_ce" in inspect.signature(FastRCNNOutputLayers.__init__).parameters
 
 
+CHAINED_HEAD = (
+    "the cascade calls each stage's head as forward(x, *, res_feat, with_logits, classes), "
+    "as HTCMaskHead's (MODEL.ROI_MASK_HEAD.NAME HTCMaskHead, or a subclass)"
+)
+
+
+def chains_features(head: nn.Module) -> bool:
+    """Whether the cascade can call ``head`` with the previous stage's feature (``res_feat``)."""
+    return "res_feat" in inspect.signature(head.forward).parameters
+
+
 def fuses_semantic_feature(semantic_fusion: Sequence[str], mask_on: bool) -> bool:
     """Whether ROI heads with these settings sum the semantic feature into RoI features: into
     the box RoIs, or into the mask RoIs of a model with masks."""
@@ -143,6 +154,13 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
             )
         if self.mask_on and len(self.mask_head) != n:
             raise ValueError(f"HTC needs a mask head per stage: {len(self.mask_head)} for {n}")
+        heads = self.mask_head if self.mask_on else ()
+        unchained = [t for t, head in enumerate(heads) if not chains_features(head)]
+        if unchained:
+            raise ValueError(
+                f"the mask heads of stages {unchained} (roi_heads.mask_head) cannot pass features "
+                f"from stage to stage: {CHAINED_HEAD}"
+            )
         unknown = set(self.semantic_fusion) - set(FUSION_TARGETS)
         if unknown:
             raise ValueError(
@@ -321,11 +339,10 @@ class HybridTaskCascadeROIHeads(CascadeROIHeads):
         if not ret:
             return ret
         first = ret["mask_head"]
-        if not callable(getattr(first, "chain", None)):
+        if not chains_features(first):
             raise ValueError(
                 f"MODEL.ROI_MASK_HEAD.NAME={cfg.MODEL.ROI_MASK_HEAD.NAME!r} cannot pass features "
-                "from stage to stage: HTC needs a head with chain(x, res_feat, with_logits, "
-                "classes), such as HTCMaskHead"
+                f"from stage to stage: {CHAINED_HEAD}"
             )
         resolution = cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION
         channels = input_shape[cfg.MODEL.ROI_HEADS.IN_FEATURES[0]].channels
