@@ -33,6 +33,7 @@ from detectron2.utils.registry import locate
 from omegaconf import DictConfig, OmegaConf
 
 from htc import set_deterministic, set_float32_precision
+from htc.backbones import square_size
 from htc.checkpoint import HTCCheckpointer, load_for_evaluation
 from htc.config import apply_overrides, check_device, check_links_resolve
 from htc.data import register_builtin
@@ -155,7 +156,7 @@ def check_square_pad(model, mapper: DictConfig, key: str) -> None:
     backbone pads them to, as yacs configs refuse MODEL.*.SQUARE_PAD shorter than
     INPUT.MAX_SIZE_*: Detectron2 crops a lone image to the square (the model refuses it, but at
     the first such image)."""
-    square = getattr(model.backbone, "padding_constraints", {}).get("square_size", 0)
+    square = square_size(model.backbone)
     longest = longest_side(mapper.get("augmentations", ()))
     if 0 < square < (longest or 0):
         length = f"up to {longest} px long" if longest < sys.maxsize else "of any length"

@@ -107,6 +107,12 @@ def _fpn(cfg, bottom_up: Backbone, square_pad: int) -> FPN:
     )
 
 
+def square_size(backbone: nn.Module) -> int:
+    """The side of the square that ``backbone`` pads its inputs to (ViTDet's LSJ), 0 for none
+    (Detectron2 v0.6's backbones have no ``padding_constraints``)."""
+    return getattr(backbone, "padding_constraints", {}).get("square_size", 0)
+
+
 def _square_pad(cfg, key: str) -> int:
     """``MODEL.<key>.SQUARE_PAD``, refused where an input can be longer: Detectron2's
     ``ImageList`` would silently crop a lone image to the square and fail on a batch."""

@@ -48,6 +48,7 @@ from detectron2.structures import Boxes, Instances
 from torch import nn
 from torch.nn import functional as F
 
+from .backbones import square_size
 from .checkpoint import load_weights
 from .data.inputs import checked_resize, read_image_or_reason
 from .demo import check_serving_cfg, load_predictor_cfg
@@ -121,7 +122,7 @@ def _check_input_size_free(backbone: nn.Module) -> None:
     """Refuse a ViT or MViT backbone that pads its inputs to no fixed square: their attention's
     relative positions and pooled sizes follow the input's, and a traced graph keeps the sample
     image's (another size gave other detections, or failed in onnxruntime)."""
-    if getattr(backbone, "padding_constraints", {}).get("square_size", 0) > 0:
+    if square_size(backbone) > 0:
         return
     for module in backbone.modules():
         key = next((k for c, k in SIZE_BOUND_BACKBONES.items() if isinstance(module, c)), None)

@@ -13,6 +13,7 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
+from .backbones import square_size
 from .box_coder import use_reference_decoding
 from .layers import DEFORM_CONV_KERNELS, interpolate_bilinear
 from .panoptic import PanopticFusion
@@ -101,8 +102,8 @@ class HybridTaskCascade(GeneralizedRCNN):
         they are, and Detectron2's SimpleFeaturePyramid (ViTDet) gives "size_divisiblity",
         which ``ImageList`` does not read, so the ViT dropped the last H % 16 rows and W % 16
         columns of an unpadded input. Refuses an image longer than the backbone's square."""
+        _check_square(batched_inputs, square_size(self.backbone))
         constraints = getattr(self.backbone, "padding_constraints", {})  # none on v0.6
-        _check_square(batched_inputs, constraints.get("square_size", 0))
         if MISSPELLED_DIVISIBILITY not in constraints:
             return super().preprocess_image(batched_inputs)
         constraints = dict(constraints)
