@@ -204,8 +204,7 @@ def main(args):
         check_tta(cfg)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        skip = cfg.MODEL.HTC.SKIP_MISMATCHED_WEIGHTS
-        checkpointer = HTCCheckpointer(model, cfg.OUTPUT_DIR, skip_mismatched=skip, complete=True)
+        checkpointer = HTCCheckpointer(model, cfg.OUTPUT_DIR, complete=True)
         load_for_evaluation(checkpointer, cfg.MODEL.WEIGHTS, args.resume, "MODEL.WEIGHTS")
         results = Trainer.test(cfg, model)
         if cfg.TEST.AUG.ENABLED:

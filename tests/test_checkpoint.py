@@ -78,7 +78,7 @@ def test_weights_of_other_shapes_are_refused_or_skipped_on_request(tmp_path):
 def test_inference_refuses_a_checkpoint_that_leaves_parts_of_the_model_out(tmp_path):
     """A cascade of two stages in a model of three: training starts the third at random (as
     from ImageNet weights), inference refuses it (Detectron2 logged the keys and inferred with a
-    random third stage); what SKIP_MISMATCHED_WEIGHTS skips is left at random on request."""
+    random third stage)."""
     state = _model().state_dict()
     path = tmp_path / "two_stages.pth"
     third = ("box_head.2.", "box_predictor.2.", "mask_head.2.")
@@ -91,9 +91,54 @@ def test_inference_refuses_a_checkpoint_that_leaves_parts_of_the_model_out(tmp_p
     cfg.MODEL.WEIGHTS = str(path)
     with pytest.raises(ValueError, match="Inference would run them at random"):
         load_weights(_model(), cfg, announce=pytest.fail)
+
+
+def test_inference_skips_no_weights(tmp_path):
+    """SKIP_MISMATCHED_WEIGHTS, which the Cityscapes config sets for its fine-tuning, is for
+    training: htc.demo, htc.predict and --eval-only ran a COCO checkpoint in that config with
+    every class layer at random, warnings aside."""
     five = tmp_path / "five_classes.pth"
     torch.save({"model": _model(**{"MODEL.ROI_HEADS.NUM_CLASSES": 5}).state_dict()}, five)
-    HTCCheckpointer(_model(), skip_mismatched=True, complete=True).load(str(five))
+    cfg = tiny_cfg()
+    cfg.merge_from_list(["MODEL.WEIGHTS", str(five), "MODEL.HTC.SKIP_MISMATCHED_WEIGHTS", True])
+    with pytest.raises(ValueError, match=r"12 parameters .* do not fit.*\n(.*\n)*Inference would "
+                       r"run them at random \(MODEL.HTC.SKIP_MISMATCHED_WEIGHTS skips weights "
+                       r"only for training\)"):  # fmt: skip
+        load_weights(_model(), cfg, announce=pytest.fail)
+
+
+def test_inference_refuses_a_checkpoint_with_weights_the_model_has_no_place_for(tmp_path):
+    """A checkpoint of a richer model (a semantic branch, deformable convs, a deeper backbone)
+    in a config without: Detectron2 logs the unused keys and infers with another model
+    (DCN offsets dropped: 85 detections became 0 in a probe). Mask heads in a model without
+    masks are kept apart (its boxes do not read them), as training keeps all of them."""
+    path = tmp_path / "semantic.pth"
+    torch.save({"model": _model().state_dict()}, path)
+    without = {"MODEL.HTC.SEMANTIC_ON": False, "MODEL.HTC.SEMANTIC_FUSION": []}
+    HTCCheckpointer(_model(**without)).load(str(path))
+    with pytest.raises(ValueError, match=r"\d+ parameters and buffers of the checkpoint have no "
+                       r"place in the model, in \d+ modules: semantic_head.*Inference would "
+                       r"run without them"):  # fmt: skip
+        HTCCheckpointer(_model(**without), complete=True).load(str(path))
+    boxes = _model(**{"MODEL.MASK_ON": False, "MODEL.HTC.SEMANTIC_FUSION": ["bbox"]})
+    HTCCheckpointer(boxes, complete=True).load(str(path))
+
+
+def test_fine_tuning_skips_no_weights_of_the_backbone_body(tmp_path):
+    """SKIP_MISMATCHED_WEIGHTS starts the class layers anew; a COCO checkpoint of another
+    backbone width in the Cityscapes config (which sets it) trained on a backbone partly at
+    random, warnings aside. The image's input layer (the stem: RGB-D inputs) may start anew."""
+    state = _model().state_dict()
+    state["backbone.bottom_up.stem.conv1.weight"] = torch.zeros(64, 4, 7, 7)
+    torch.save({"model": state}, tmp_path / "rgbd.pth")
+    model = _model()
+    HTCCheckpointer(model, skip_mismatched=True).load(str(tmp_path / "rgbd.pth"))
+    assert model.backbone.bottom_up.stem.conv1.weight.abs().sum() > 0
+    state["backbone.bottom_up.res3.0.conv1.weight"] = torch.zeros(128, 32, 1, 1)
+    torch.save({"model": state}, tmp_path / "narrower.pth")
+    refused = r"^1 parameters .*\n  backbone.bottom_up.res3.0.conv1.weight: .*\nA backbone of"
+    with pytest.raises(ValueError, match=refused):
+        HTCCheckpointer(_model(), skip_mismatched=True).load(str(tmp_path / "narrower.pth"))
 
 
 def test_an_evaluation_with_nothing_to_load_is_refused(tmp_path):
@@ -169,10 +214,8 @@ def test_weights_the_name_matching_skips_for_their_shape_are_refused(tmp_path, c
     assert "  backbone.bottom_up.stem.conv1.norm.bias: checkpoint (16,), model (64,)" in lines
     stem = "  backbone.bottom_up.stem.conv1.weight: checkpoint (16, 3, 7, 7), model (64, 3, 7, 7)"
     assert stem in lines
-    model = _model(**opts)
-    HTCCheckpointer(model, skip_mismatched=True).load(path)
-    res3 = model.backbone.bottom_up.res3[0].conv1.weight
-    assert torch.equal(res3, torch.from_numpy(weights["res3.0.conv1.weight"]))
+    with pytest.raises(ValueError, match="res2.0.conv1.weight: .*\nA backbone of another depth"):
+        HTCCheckpointer(_model(**opts), skip_mismatched=True).load(path)  # res2 reads the stem
 
     stem_only = {k: v for k, v in weights.items() if k.startswith("stem.")}
     with pytest.raises(ValueError, match="5 parameters .* do not fit"):

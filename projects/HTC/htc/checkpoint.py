@@ -35,6 +35,24 @@ COMPLETE_ADVICE = (
     "Inference would run them at random: is the checkpoint for another config (the cascade's "
     "stages, the backbone's depth, the semantic branch)?"
 )
+INFERENCE_SHAPE_ADVICE = (
+    "Inference would run them at random (MODEL.HTC.SKIP_MISMATCHED_WEIGHTS skips weights only "
+    "for training): is the checkpoint for another config (the class count, the backbone's depth "
+    "or width)?"
+)
+UNUSED_ADVICE = (
+    "Inference would run without them, computing something else than the checkpoint's model: "
+    "is the checkpoint for another config (deformable convs, the backbone's depth, the semantic "
+    "branch)?"
+)
+BODY_ADVICE = (
+    "A backbone of another depth or width needs its own weights: MODEL.HTC.SKIP_MISMATCHED_WEIGHTS"
+    " starts only the other layers (the class layers, the image's input layer) anew"
+)
+# the backbones' pretrained feature extractors (FPN's, SimpleFeaturePyramid's), of which only the
+# layers reading the image (a stem, a patch embedding: RGB-D inputs) may start anew
+BODIES = ("backbone.bottom_up.", "backbone.net.")
+INPUT_LAYERS = ("stem.", "patch_embed.")
 
 
 @contextlib.contextmanager
@@ -145,8 +163,9 @@ class HTCCheckpointer(DetectionCheckpointer):
     do not fit the model (the parent skips them with a warning, which silently leaves e.g. a
     class-count mismatch at random initialization), also those that its name-matching heuristics
     skip (ImageNet backbones of another width), unless ``skip_mismatched`` is set for
-    fine-tuning. Missing and unexpected keys are logged by the parent as before; with
-    ``complete`` (inference: nothing trains them) missing ones are refused."""
+    fine-tuning (but those of the backbone's body). Missing and unexpected keys are logged by the
+    parent as before; with ``complete`` (inference: nothing trains them, nothing is skipped)
+    both are refused."""
 
     def __init__(
         self,
@@ -243,15 +262,24 @@ class HTCCheckpointer(DetectionCheckpointer):
         if heuristics:
             reported = {key for key, _, _ in misfits}
             misfits += _heuristic_misfits(state, handed, reported)
-        if misfits and not self.skip_mismatched:
-            raise ValueError(f"{_refusal(misfits)}\n{self._advice(SHAPE_ADVICE)}")
+        self._check_misfits(misfits)
         if heuristics:
             _check_names(handed.keys(), state)
-        if self.complete:  # what skip_mismatched skipped is left at random on request
-            skipped = {key for key, _, _ in misfits}
-            missing = [k for k in incompatible.missing_keys if k not in skipped]
-            _check_complete(self.model, missing, self._advice(COMPLETE_ADVICE))
+        if self.complete:
+            _check_complete(self.model, incompatible.missing_keys, self._advice(COMPLETE_ADVICE))
+            _check_all_used(self.model, incompatible.unexpected_keys, self._advice(UNUSED_ADVICE))
         return incompatible
+
+    def _check_misfits(self, misfits: List[Misfit]) -> None:
+        """Refuse the weights of other shapes, which the parent skips with a warning; for
+        fine-tuning (``skip_mismatched`` without ``complete``) only those of the backbone's body,
+        which would leave a pretrained backbone partly at random."""
+        if self.complete or not self.skip_mismatched:
+            refused, advice = misfits, INFERENCE_SHAPE_ADVICE if self.complete else SHAPE_ADVICE
+        else:
+            refused, advice = [m for m in misfits if _in_backbone_body(m[0])], BODY_ADVICE
+        if refused:
+            raise ValueError(f"{_refusal(refused)}\n{self._advice(advice)}")
 
 
 def _not_loadable(filename: str) -> str:
@@ -295,6 +323,33 @@ def _check_complete(model: torch.nn.Module, missing: List[str], advice: str) -> 
         )
 
 
+def _check_all_used(model: torch.nn.Module, unused: List[str], advice: str) -> None:
+    """Refuse a checkpoint with weights that ``model`` has no place for (a deformable conv's
+    offsets, deeper blocks, a semantic branch): inference would compute something else than the
+    checkpoint's model (Detectron2 only logs them). Kept apart: a semantic embedding where the
+    model fuses no semantic feature (checkpoints of such models had one, untrained), and mask
+    heads where the model has no masks (its boxes do not read them)."""
+    unused = [k for k in unused if not k.endswith("num_batches_tracked")]
+    semantic = getattr(model, "semantic_head", None)
+    if semantic is not None and getattr(semantic, "conv_embedding", None) is None:
+        unused = [k for k in unused if not k.startswith("semantic_head.conv_embedding.")]
+    if not getattr(getattr(model, "roi_heads", None), "mask_on", True):
+        unused = [k for k in unused if not k.startswith("roi_heads.mask_head.")]
+    if unused:
+        modules = sorted({key.rsplit(".", 1)[0] for key in unused})
+        raise ValueError(
+            f"{len(unused)} parameters and buffers of the checkpoint have no place in the model, "
+            f"in {len(modules)} modules: {', '.join(modules[:8])}"
+            f"{' ...' if len(modules) > 8 else ''}. {advice}"
+        )
+
+
+def _in_backbone_body(key: str) -> bool:
+    """Whether the model key ``key`` is of a backbone's pretrained body, beyond its input layer."""
+    body = next((key[len(b) :] for b in BODIES if key.startswith(b)), None)
+    return body is not None and not body.startswith(INPUT_LAYERS)
+
+
 def _refusal(misfits: List[Misfit]) -> str:
     """The error of a checkpoint whose ``misfits`` are not to be skipped."""
     shapes = "\n".join(
@@ -319,11 +374,11 @@ def load_for_evaluation(
 
 
 def load_weights(model: torch.nn.Module, cfg: Any, announce: Callable[[str], None] = print) -> None:
-    """``cfg.MODEL.WEIGHTS`` into ``model`` for inference, with the shapes checked as in
-    training (Detectron2's checkpointer would leave a mismatched class layer at random); an
-    empty MODEL.WEIGHTS keeps the random initialization, said through ``announce``."""
+    """``cfg.MODEL.WEIGHTS`` into ``model`` for inference: every weight of the model given, of
+    its shape, and none unused (Detectron2's checkpointer would leave a mismatched class layer at
+    random, or drop a deformable conv's offsets); an empty MODEL.WEIGHTS keeps the random
+    initialization, said through ``announce``."""
     if not cfg.MODEL.WEIGHTS:
         announce("MODEL.WEIGHTS is empty: the model runs on randomly initialized weights")
         return
-    skip = cfg.MODEL.HTC.SKIP_MISMATCHED_WEIGHTS
-    HTCCheckpointer(model, skip_mismatched=skip, complete=True).load(cfg.MODEL.WEIGHTS)
+    HTCCheckpointer(model, complete=True).load(cfg.MODEL.WEIGHTS)
