@@ -315,11 +315,9 @@ def _check_complete(model: torch.nn.Module, missing: List[str], advice: str) -> 
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     missing = _filter_reused_missing_keys(model, missing)  # shared modules: loaded by one name
     if missing:
-        modules = sorted({key.rsplit(".", 1)[0] for key in missing})
         raise ValueError(
             f"{len(missing)} parameters and buffers of the model are not in the checkpoint, in "
-            f"{len(modules)} modules: {', '.join(modules[:8])}{' ...' if len(modules) > 8 else ''}"
-            f". {advice}"
+            f"{_modules(missing)}. {advice}"
         )
 
 
@@ -336,12 +334,16 @@ def _check_all_used(model: torch.nn.Module, unused: List[str], advice: str) -> N
     if not getattr(getattr(model, "roi_heads", None), "mask_on", True):
         unused = [k for k in unused if not k.startswith("roi_heads.mask_head.")]
     if unused:
-        modules = sorted({key.rsplit(".", 1)[0] for key in unused})
         raise ValueError(
             f"{len(unused)} parameters and buffers of the checkpoint have no place in the model, "
-            f"in {len(modules)} modules: {', '.join(modules[:8])}"
-            f"{' ...' if len(modules) > 8 else ''}. {advice}"
+            f"in {_modules(unused)}. {advice}"
         )
+
+
+def _modules(keys: List[str]) -> str:
+    """The modules of the state-dict ``keys``, counted and the first eight named."""
+    modules = sorted({key.rsplit(".", 1)[0] for key in keys})
+    return f"{len(modules)} modules: {', '.join(modules[:8])}{' ...' if len(modules) > 8 else ''}"
 
 
 def _in_backbone_body(key: str) -> bool:
