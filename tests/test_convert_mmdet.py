@@ -154,6 +154,31 @@ def test_cli_refuses_a_cascade_mask_rcnn_checkpoint(tmp_path, capsys):
     assert main([src, str(out), "--config", cascade]) == 0  # the model it is for
 
 
+@pytest.mark.parametrize(
+    "meta, backbone",
+    [({"cfg": "model = dict(\n    backbone=dict(\n        style='caffe',\n        type='ResNet'))"},
+      False),
+     ({"config": "model = dict(backbone=dict(type='ResNet', style = 'caffe'))"}, False),
+     ({"config": '{"backbone": {"style": "caffe"}}'}, True)],
+)  # fmt: skip
+def test_cli_refuses_a_caffe_style_resnet_that_its_meta_names(tmp_path, capsys, meta, backbone):
+    """A caffe-style checkpoint (stride in the 1x1, BGR, std 1) has the pytorch style's names and
+    shapes: it converted and computed something else. Its config in the meta (mmengine's
+    ``cfg``, MMDetection 2.x's ``config``; of an ImageNet backbone too) tells it; pytorch's
+    converts."""
+    state = {"conv1.weight": torch.zeros(1), "layer1.0.conv1.weight": torch.zeros(1)}
+    state = state if backbone else state_of(WITHOUT_SEMANTIC)
+    out, path = tmp_path / "out.pth", tmp_path / "in.pth"
+    torch.save({"meta": meta, "state_dict": state}, path)
+    assert main([str(path), str(out)]) == 1
+    assert "is of a caffe-style ResNet (style='caffe'" in capsys.readouterr().err
+    assert not out.exists()
+    pytorch = {k: v.replace("caffe", "pytorch") for k, v in meta.items()}
+    torch.save({"meta": pytorch, "state_dict": state_of(WITHOUT_SEMANTIC)}, path)
+    assert main([str(path), str(out)]) == 0
+    capsys.readouterr()
+
+
 def _without(name: str, *parts: str) -> dict:
     return {k: v for k, v in state_of(name).items() if not any(p in k for p in parts)}
 

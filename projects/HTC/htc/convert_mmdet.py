@@ -105,6 +105,8 @@ RULES: List[Tuple[str, Callable[[re.Match], str]]] = [
     ),
     (r"^roi_head\.semantic_head\.(conv_logits)\.(.+)$", lambda m: f"semantic_head.{m[1]}.{m[2]}"),
 ]
+# a backbone's style as a config's text gives it: style='caffe' (Python), "style": "caffe" (JSON)
+CAFFE_STYLE = re.compile(r"""\bstyle['"]?\s*[=:]\s*['"]caffe['"]""")
 LEGACY_1X = re.compile(r"^(bbox_head|mask_head|semantic_head)\.")
 # the families that tests/test_parity.py proves number by number against MMDetection 3.3
 PROVEN_FAMILIES = {
@@ -148,6 +150,13 @@ def load_mmdet_state_dict(path: str) -> Dict[str, torch.Tensor]:
         ) from e
     except (RuntimeError, EOFError, KeyError, ValueError) as e:
         raise ConversionError(f"{path} is not a complete PyTorch checkpoint: {e!r}") from e
+    if _caffe_style(checkpoint):
+        raise ConversionError(
+            f"{path} is of a caffe-style ResNet (style='caffe' in the config its meta keeps: "
+            "the stride in the 1x1 conv, BGR input with std 1); this project's ResNet is the "
+            "pytorch style (the stride in the 3x3, RGB input with std ~58), which computes "
+            "something else with these weights. Use a pytorch-style checkpoint of the model"
+        )
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         raise ConversionError(
@@ -165,6 +174,18 @@ def load_mmdet_state_dict(path: str) -> Dict[str, torch.Tensor]:
             "and are not supported; use the v2.0 (2020) checkpoints of the model zoo"
         )
     return state
+
+
+def _caffe_style(checkpoint: object) -> bool:
+    """Whether the config that ``checkpoint``'s meta keeps builds a caffe-style ResNet. Its text
+    is under ``meta['config']`` (MMDetection 2.x's tools/train.py for mmcv's runner) or
+    ``meta['cfg']`` (mmengine's runner, MMDetection 3.x); without it nothing tells the styles
+    apart (same names and shapes)."""
+    meta = checkpoint.get("meta") if isinstance(checkpoint, dict) else None
+    if not isinstance(meta, dict):
+        return False
+    text = meta.get("config") or meta.get("cfg")
+    return isinstance(text, str) and CAFFE_STYLE.search(text) is not None
 
 
 def is_imagenet_backbone(state: Dict[str, torch.Tensor]) -> bool:
