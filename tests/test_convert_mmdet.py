@@ -152,6 +152,8 @@ def test_cli_refuses_a_cascade_mask_rcnn_checkpoint(tmp_path, capsys):
     assert not out.exists()
     cascade = str(CONFIGS / "ablations/cascade_mask_rcnn_R_50_FPN_1x.yaml")
     assert main([src, str(out), "--config", cascade]) == 0  # the model it is for
+    family = "ResNet-50, 2fc box heads, no mask information flow"
+    assert f"warning: {family}: no parity test" in capsys.readouterr().err  # HTC's is proven
 
 
 @pytest.mark.parametrize(
@@ -181,6 +183,29 @@ def test_cli_refuses_a_caffe_style_resnet_that_its_meta_names(tmp_path, capsys, 
 
 def _without(name: str, *parts: str) -> dict:
     return {k: v for k, v in state_of(name).items() if not any(p in k for p in parts)}
+
+
+DCN = "htc_x101-64x4d-dconv-c3-c5_fpn_ms-400-1400-16xb1-20e_coco"
+
+
+def _modulated(offset: torch.Size) -> torch.Size:
+    """A DCNv2's offset shape for DCNv1's: 3 channels a kernel tap (x, y, mask), not 2."""
+    return torch.Size([offset[0] // 2 * 3, *offset[1:]])
+
+
+@pytest.mark.parametrize(
+    "state, family",
+    [(_without(WITHOUT_SEMANTIC, ".conv_res."),
+      "ResNet-50, 2fc box heads, no mask information flow"),
+     ({k: torch.zeros(_modulated(v.shape)) if ".conv_offset.weight" in k else v
+       for k, v in state_of(DCN).items()},
+      "ResNeXt-101 with modulated DCN (DCNv2) in res3-res5, semantic branch, 2fc box heads")],
+)  # fmt: skip
+def test_families_that_no_parity_test_covers_are_named_apart(state, family):
+    """A Cascade Mask R-CNN (no conv_res) and a DCNv2 (27 offset channels) ResNeXt were named as
+    the proven HTC R-50 without semantic branch and DCNv1 ResNeXt: no warning."""
+    assert family_of(state) == family
+    assert family not in PROVEN_FAMILIES
 
 
 @pytest.mark.parametrize(

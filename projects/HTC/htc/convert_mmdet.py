@@ -229,7 +229,8 @@ def convert(state: Dict[str, torch.Tensor]) -> Tuple["OrderedDict[str, torch.Ten
 
 def family_of(state: Dict[str, torch.Tensor]) -> str:
     """What a checkpoint is, in the words of PROVEN_FAMILIES: backbone, depth, deformable
-    stages, semantic branch, box head."""
+    stages and their kind, semantic branch, box head, a cascade without the mask information
+    flow, stages other than 3: what a parity test proves differs in each."""
     blocks = tuple(
         len({k.split(".")[2] for k in state if k.startswith(f"backbone.layer{i}.")})
         for i in range(1, 5)
@@ -243,17 +244,32 @@ def family_of(state: Dict[str, torch.Tensor]) -> str:
         return "an unrecognised backbone"
     kind = "ResNeXt" if conv2.shape[1] < conv1.shape[0] else "ResNet"  # grouped 3x3
     family = f"{kind}-{depths[blocks]}"
-    deformable = sorted({int(k[len("backbone.layer")]) + 1 for k in state if ".conv_offset." in k})
-    if deformable:
-        family += f" with DCN in res{deformable[0]}-res{deformable[-1]}"
+    family += _deformable(state)
     if any(k.startswith("roi_head.semantic_head.") for k in state):
         family += ", semantic branch"
     heads = "4conv1fc" if any(".shared_convs.3." in k for k in state) else "2fc"
     family += f", {heads} box heads"
+    if _cascade_mask_heads(state):  # Cascade Mask R-CNN's
+        family += ", no mask information flow"
     stages = [_stages(state, f"roi_head.{head}.") for head in ("bbox_head", "mask_head")]
     if stages != [3, 3]:  # HTC's own
         family += f", {stages[0]} box and {stages[1]} mask stages"
     return family
+
+
+def _deformable(state: Dict[str, torch.Tensor]) -> str:
+    """The deformable stages of ``state`` and their kind, from the offsets a kernel tap:
+    mmcv's DCN of one offset group (2: its x and y) as " with DCN in res3-res5", the modulated
+    DCN (DCNv2: 3, with its mask) named as such, other offset groups by their channels."""
+    offsets = {k: v.shape for k, v in state.items() if k.endswith(".conv_offset.weight")}
+    if not offsets:
+        return ""
+    stages = sorted({int(k[len("backbone.layer")]) + 1 for k in offsets})
+    per_tap = tuple({shape[0] / (shape[2] * shape[3]) for shape in offsets.values()})
+    kind = {(2,): "DCN", (3,): "modulated DCN (DCNv2)"}.get(per_tap)
+    channels = sorted({shape[0] for shape in offsets.values()})
+    kind = kind or f"DCN of {channels} offset channels"
+    return f" with {kind} in res{stages[0]}-res{stages[-1]}"
 
 
 def _stages(state: Dict[str, torch.Tensor], prefix: str) -> int:
