@@ -226,6 +226,18 @@ def test_cli_refuses_what_is_not_an_htc_checkpoint(tmp_path, capsys, state, mess
     assert not out.exists()
 
 
+def test_cli_names_a_detectron2_pkl_as_needing_no_conversion(tmp_path, capsys):
+    """The converter's own .pkl output, given back to it, was refused with torch's weights_only
+    advice (MMDetection's publish_model.py)."""
+    src, pkl = _save(tmp_path, state_of(WITHOUT_SEMANTIC)), tmp_path / "R-50.pkl"
+    assert main([str(src), str(pkl)]) == 0
+    capsys.readouterr()
+    assert main([str(pkl), str(tmp_path / "again.pth")]) == 1
+    err = capsys.readouterr().err
+    assert "R-50.pkl is in Detectron2's pickle format" in err and "needs no conversion" in err
+    assert "publish_model" not in err and not (tmp_path / "again.pth").exists()
+
+
 def test_cli_names_the_stages_of_a_cascade_other_than_htcs(tmp_path, capsys):
     """Two stages (or four) converted as the proven 3-stage family, without a warning."""
     state = _without("htc_r50_fpn_1x_coco", ".bbox_head.2.", ".mask_head.2.")

@@ -1,5 +1,6 @@
 """htc.remap_classes: a COCO checkpoint's class layers cut to another dataset's classes."""
 
+import pickle
 import re
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from detectron2.modeling import build_model
 
 from conftest import PrintsWhenUnpickled, save_cut_off, tiny_cfg
+from htc.convert_mmdet import _write
 from htc.remap_classes import coco_sources, main
 
 
@@ -83,3 +85,35 @@ def test_what_is_no_detectron2_coco_checkpoint_is_a_usage_error(tmp_path, capsys
     assert stopped.value.code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out.pth").exists()
+
+
+@pytest.mark.parametrize("zoo", [False, True])
+def test_a_detectron2_pkl_is_read(tmp_path, zoo):
+    """A .pkl in Detectron2's format, the converter's (tensors) or the model zoo's (NumPy
+    arrays), as Detectron2 reads it: refused before with torch's weights_only advice."""
+    coco = tiny_cfg()
+    coco.merge_from_list(["MODEL.ROI_HEADS.NUM_CLASSES", 80])
+    state = build_model(coco).state_dict()
+    path, out = tmp_path / "coco.pkl", tmp_path / "out.pth"
+    if zoo:
+        with open(path, "wb") as f:
+            model = {k: v.numpy() for k, v in state.items()}
+            pickle.dump({"model": model, "__author__": "Detectron2 Model Zoo"}, f, protocol=2)
+    else:
+        _write(state, str(path))
+    assert main(["--to", "cityscapes", str(path), str(out)]) == 0
+    key = "roi_heads.box_predictor.2.cls_score.weight"
+    rows = torch.tensor([0, 0, 2, 7, 5, 6, 3, 1, 80])
+    assert torch.equal(torch.load(out)["model"][key], state[key][rows])
+
+
+def test_a_pkl_is_loaded_safely(tmp_path, capsys):
+    """A .pkl runs what it names when unpickled: only tensors, arrays and containers are."""
+    path = tmp_path / "evil.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {"a": torch.zeros(1)}, "x": PrintsWhenUnpickled()}, f)
+    with pytest.raises(SystemExit):
+        main(["--to", "cityscapes", str(path), str(tmp_path / "out.pth")])
+    captured = capsys.readouterr()
+    assert "weights_only" in captured.err and "builtins.print is no tensor's" in captured.err
+    assert "unpickled!" not in captured.out

@@ -16,12 +16,13 @@ ending in ``.pkl`` is written in Detectron2's model-zoo format (the configs' ``p
 
 import argparse
 import contextlib
+import io
 import pickle
 import re
 import sys
 import zipfile
 from collections import OrderedDict
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -117,6 +118,17 @@ PROVEN_FAMILIES = {
     "ResNeXt-101, semantic branch, 2fc box heads",
     "ResNeXt-101 with DCN in res3-res5, semantic branch, 2fc box heads",
 }
+# the globals that a Detectron2 .pkl of weights names: torch's tensors (this converter's), NumPy's
+# arrays (the model zoo's, written with NumPy 1 or 2), an OrderedDict, and the bytes of Python 2's
+PICKLED_WEIGHTS = {
+    ("collections", "OrderedDict"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("_codecs", "encode"),
+}
 DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}  # of bottleneck blocks
 BASIC_DEPTHS = {(2, 2, 2, 2): 18, (3, 4, 6, 3): 34}  # of basic blocks (no conv3)
 
@@ -138,6 +150,12 @@ def load_mmdet_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """The ``state_dict`` of an mmcv checkpoint, loaded with ``weights_only=True``."""
     with open(path, "rb") as f:
         pickled = f.read(1) == b"\x80"  # torch's format before 1.6: a pickle
+    if path.endswith(".pkl"):
+        raise ConversionError(
+            f"{path} is in Detectron2's pickle format (.pkl: its model zoo's files, this "
+            "converter's .pkl outputs): it needs no conversion; give it to MODEL.WEIGHTS as it is "
+            "(this converts MMDetection's .pth)"
+        )
     if not (pickled or zipfile.is_zipfile(path)):
         raise ConversionError(f"{path} is not a complete PyTorch checkpoint (no zip, no pickle)")
     try:
@@ -403,6 +421,34 @@ def _write(converted: Dict[str, torch.Tensor], path: str) -> None:
             pickle.dump({"model": model, "__author__": author, "matching_heuristics": False}, f)
         else:
             torch.save({"model": converted, "__author__": author}, f)
+
+
+class _WeightsUnpickler(pickle.Unpickler):
+    """Unpickles tensors, NumPy arrays and plain containers only (as ``torch.load``'s
+    ``weights_only``): a pickle runs any global it names, so every other is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return _storage_from_bytes
+        if (module, name) not in PICKLED_WEIGHTS:
+            raise pickle.UnpicklingError(
+                f"{module}.{name} is no tensor's, NumPy array's or plain container's"
+            )
+        return super().find_class(module, name)
+
+
+def _storage_from_bytes(data: bytes) -> Any:
+    """A pickled tensor's storage (``torch.save``'s bytes), loaded with ``weights_only``, which
+    torch's own ``_load_from_bytes`` does not ask for."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def read_detectron2_pickle(path: str) -> Any:
+    """A Detectron2 ``.pkl``: a pickle of ``{"model": ..., "__author__": ...}`` (or, of Caffe2's
+    model zoo, of the weights alone), read as Detectron2's checkpointer reads it (latin1 for
+    Python 2's pickles) but unpickling tensors, NumPy arrays and plain containers only."""
+    with open(path, "rb") as f:
+        return _WeightsUnpickler(f, encoding="latin1").load()
 
 
 if __name__ == "__main__":

@@ -13,12 +13,14 @@ layers that do not fit (the semantic branch's classes) are left to that setting 
 
 import argparse
 import pickle
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES, _get_builtin_metadata
 
 from .checkpoint import atomic_open
+from .convert_mmdet import read_detectron2_pickle
 
 COCO_THINGS = [c["name"] for c in COCO_CATEGORIES if c["isthing"]]
 TARGETS = ("cityscapes",)  # Detectron2's metadata names their classes
@@ -60,25 +62,36 @@ def remap_class_rows(
     return out
 
 
+def _load(path: str, parser: argparse.ArgumentParser) -> Any:
+    """The checkpoint ``path``, a ``.pkl`` in Detectron2's pickle format (as its checkpointer
+    reads it) or else ``torch.save``'s, unpickling tensors, arrays and plain containers only."""
+    pkl = path.endswith(".pkl")
+    try:
+        if pkl:
+            return read_detectron2_pickle(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        load = "pickle.load(open(IN, 'rb'))" if pkl else "torch.load(IN, weights_only=False)"
+        parser.error(
+            f"{path}: refusing to unpickle objects other than tensors and plain containers "
+            f"(weights_only=True): {str(e).splitlines()[0]}. Keep its weights alone, if you trust "
+            f"the file: torch.save({{'model': {load}['model']}}, OUT)"
+        )
+    except (OSError, RuntimeError, EOFError, ImportError) as e:  # missing, or not complete
+        parser.error(f"{path}: cannot be read as a checkpoint: {e}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--to", required=True, choices=TARGETS, help="the target's classes")
-    parser.add_argument("input", help="an HTC checkpoint on COCO's 80 classes (.pth)")
+    parser.add_argument("input", help="an HTC checkpoint on COCO's 80 classes (.pth, .pkl)")
     parser.add_argument("output", help="where to write the remapped checkpoint")
     args = parser.parse_args(argv)
-    try:
-        checkpoint = torch.load(args.input, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        parser.error(
-            f"{args.input}: refusing to unpickle objects other than tensors and plain containers "
-            f"(weights_only=True): {str(e).splitlines()[0]}. Keep its weights alone, if you trust "
-            "the file: torch.save({'model': torch.load(IN, weights_only=False)['model']}, OUT)"
-        )
-    except (OSError, RuntimeError, EOFError) as e:  # missing, or not a complete checkpoint
-        parser.error(f"{args.input}: cannot be read as a checkpoint: {e}")
+    checkpoint = _load(args.input, parser)
     model = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(model, dict):
         parser.error(f"{args.input} holds a {type(checkpoint).__name__}, not a checkpoint's dict")
+    model = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in model.items()}
     if "state_dict" in model:
         parser.error(
             f"{args.input} is an MMDetection checkpoint: convert it first "
