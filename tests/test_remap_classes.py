@@ -8,15 +8,21 @@ import torch
 from detectron2.modeling import build_model
 
 from conftest import PrintsWhenUnpickled, save_cut_off, tiny_cfg
-from htc.convert_mmdet import _write
+from htc.checkpoint import HTCCheckpointer
+from htc.convert_mmdet import write_checkpoint
 from htc.remap_classes import coco_sources, main
+
+
+def _coco_state() -> dict:
+    """The state dict of the tiny HTC on COCO's 80 classes."""
+    coco = tiny_cfg()
+    coco.merge_from_list(["MODEL.ROI_HEADS.NUM_CLASSES", 80])
+    return build_model(coco).state_dict()
 
 
 def test_cityscapes_classes_take_their_coco_rows_and_the_rest_is_kept(tmp_path, capsys):
     assert coco_sources("cityscapes") == [0, 0, 2, 7, 5, 6, 3, 1]  # rider from person
-    coco = tiny_cfg()
-    coco.merge_from_list(["MODEL.ROI_HEADS.NUM_CLASSES", 80])
-    state = build_model(coco).state_dict()
+    state = _coco_state()
     torch.save({"model": state}, tmp_path / "coco.pth")
     out = tmp_path / "pretrained" / "out.pth"  # in a folder that the command makes
     assert main(["--to", "cityscapes", str(tmp_path / "coco.pth"), str(out)]) == 0
@@ -56,9 +62,7 @@ def test_the_input_is_loaded_safely_and_the_output_written_whole(tmp_path, capsy
         main(["--to", "cityscapes", str(path), str(tmp_path / "out.pth")])
     captured = capsys.readouterr()
     assert "weights_only" in captured.err and "unpickled!" not in captured.out
-    coco = tiny_cfg()
-    coco.merge_from_list(["MODEL.ROI_HEADS.NUM_CLASSES", 80])
-    torch.save({"model": build_model(coco).state_dict()}, tmp_path / "coco.pth")
+    torch.save({"model": _coco_state()}, tmp_path / "coco.pth")
     monkeypatch.setattr(torch, "save", save_cut_off)
     with pytest.raises(OSError, match="no space left"):
         main(["--to", "cityscapes", str(tmp_path / "coco.pth"), str(tmp_path / "out.pth")])
@@ -91,16 +95,14 @@ def test_what_is_no_detectron2_coco_checkpoint_is_a_usage_error(tmp_path, capsys
 def test_a_detectron2_pkl_is_read(tmp_path, zoo):
     """A .pkl in Detectron2's format, the converter's (tensors) or the model zoo's (NumPy
     arrays), as Detectron2 reads it: refused before with torch's weights_only advice."""
-    coco = tiny_cfg()
-    coco.merge_from_list(["MODEL.ROI_HEADS.NUM_CLASSES", 80])
-    state = build_model(coco).state_dict()
+    state = _coco_state()
     path, out = tmp_path / "coco.pkl", tmp_path / "out.pth"
     if zoo:
         with open(path, "wb") as f:
             model = {k: v.numpy() for k, v in state.items()}
             pickle.dump({"model": model, "__author__": "Detectron2 Model Zoo"}, f, protocol=2)
     else:
-        _write(state, str(path))
+        write_checkpoint(state, str(path), "htc-detectron2 convert_mmdet")
     assert main(["--to", "cityscapes", str(path), str(out)]) == 0
     key = "roi_heads.box_predictor.2.cls_score.weight"
     rows = torch.tensor([0, 0, 2, 7, 5, 6, 3, 1, 80])
@@ -117,3 +119,18 @@ def test_a_pkl_is_loaded_safely(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "weights_only" in captured.err and "builtins.print is no tensor's" in captured.err
     assert "unpickled!" not in captured.out
+
+
+def test_a_pkl_output_is_in_detectron2s_format(tmp_path):
+    """An output named .pkl was torch's zip, which Detectron2's checkpointer, reading .pkl as a
+    pickle, refused as "a checkpoint cut short"."""
+    state = _coco_state()
+    torch.save({"model": state}, tmp_path / "coco.pth")
+    out = tmp_path / "cityscapes.pkl"
+    assert main(["--to", "cityscapes", str(tmp_path / "coco.pth"), str(out)]) == 0
+    cityscapes = tiny_cfg()
+    cityscapes.merge_from_list(["MODEL.ROI_HEADS.NUM_CLASSES", 8])
+    model = build_model(cityscapes)
+    HTCCheckpointer(model, complete=True).load(str(out), checkpointables=[])
+    mask = "roi_heads.mask_head.0.predictor.bias"
+    assert torch.equal(model.state_dict()[mask], state[mask][[0, 0, 2, 7, 5, 6, 3, 1]])

@@ -404,23 +404,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     for old, new, shape in rows:
         print(f"{old:<{width}}  ->  {new}  {list(shape)}")
     print(f"{len(rows)} tensors mapped")
-    _write(converted, args.output)
+    write_checkpoint(converted, args.output, "htc-detectron2 convert_mmdet")
     print(f"wrote {args.output}")
     return 0
 
 
-def _write(converted: Dict[str, torch.Tensor], path: str) -> None:
-    """A ``.pth`` checkpoint, or for ``.pkl`` Detectron2's model-zoo pickle (which its
-    checkpointer reads by the extension) of tensors, not NumPy arrays: NumPy 2 pickles name
-    ``numpy._core``, which the NumPy 1 of Detectron2 v0.6 cannot load; exact names, no matching
-    heuristics."""
-    author = "htc-detectron2 convert_mmdet"
+def write_checkpoint(model: Dict[str, torch.Tensor], path: str, author: str) -> None:
+    """``model`` as a Detectron2 checkpoint by ``author``, written whole or not at all: a
+    ``.pth``, or for ``.pkl`` Detectron2's model-zoo pickle (which its checkpointer reads by the
+    extension, a ``torch.save`` zip there failing) of tensors, not NumPy arrays: NumPy 2 pickles
+    name ``numpy._core``, which the NumPy 1 of Detectron2 v0.6 cannot load; exact names, no
+    matching heuristics."""
     with atomic_open(path, "wb") as f:
         if path.endswith(".pkl"):
-            model = dict(converted)
-            pickle.dump({"model": model, "__author__": author, "matching_heuristics": False}, f)
+            data = {"model": dict(model), "__author__": author, "matching_heuristics": False}
+            pickle.dump(data, f)
         else:
-            torch.save({"model": converted, "__author__": author}, f)
+            torch.save({"model": model, "__author__": author}, f)
 
 
 class _WeightsUnpickler(pickle.Unpickler):

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES, _get_builtin_metadata
 
-from .checkpoint import atomic_open
-from .convert_mmdet import read_detectron2_pickle
+from .convert_mmdet import read_detectron2_pickle, write_checkpoint
 
 COCO_THINGS = [c["name"] for c in COCO_CATEGORIES if c["isthing"]]
 TARGETS = ("cityscapes",)  # Detectron2's metadata names their classes
@@ -85,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--to", required=True, choices=TARGETS, help="the target's classes")
     parser.add_argument("input", help="an HTC checkpoint on COCO's 80 classes (.pth, .pkl)")
-    parser.add_argument("output", help="where to write the remapped checkpoint")
+    parser.add_argument("output", help="the remapped checkpoint (.pth; .pkl: model zoo's)")
     args = parser.parse_args(argv)
     checkpoint = _load(args.input, parser)
     model = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
@@ -104,8 +103,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if classes != len(COCO_THINGS):  # another dataset's, or remapped already
         parser.error(f"{args.input} has {classes} classes, not COCO's 80")
     sources = coco_sources(args.to)
-    with atomic_open(args.output, "wb") as f:
-        torch.save({"model": remap_class_rows(model, sources)}, f)
+    remapped = remap_class_rows(model, sources)
+    write_checkpoint(remapped, args.output, "htc-detectron2 remap_classes")
     print(f"{args.output}: class layers of {args.to} ({len(sources)} classes) from COCO's")
     return 0
 
