@@ -215,11 +215,15 @@ def test_families_that_no_parity_test_covers_are_named_apart(state, family):
         ({"model": {"backbone.bottom_up.stem.conv1.weight": torch.zeros(1)}},
          "holds a 'model' entry, as Detectron2's checkpoints do"),
         ({"roi_head.bbox_head.0.fc_cls.weight": [1, 2]}, "fc_cls.weight is a list, not a tensor"),
+        ({k.replace(".bbox_head.0.", ".bbox_head.").replace(".mask_head.0.", ".mask_head."): v
+          for k, v in _without(WITHOUT_SEMANTIC, "_head.1.", "_head.2.").items()},
+         "is a (non-cascade) Mask R-CNN or Faster R-CNN checkpoint, which HTC cannot use"),
     ],
 )  # fmt: skip
 def test_cli_refuses_what_is_not_an_htc_checkpoint(tmp_path, capsys, state, message):
     """A Cascade R-CNN of boxes only (it converted, and left every mask head at random), a
-    Detectron2 checkpoint, a value that is no tensor (an AttributeError)."""
+    Detectron2 checkpoint, a value that is no tensor (an AttributeError), a Mask R-CNN (its one
+    box and mask head named only as tensors without a Detectron2 name)."""
     out = tmp_path / "out.pth"
     assert main([str(_save(tmp_path, state, wrap="model" not in state)), str(out)]) == 1
     assert message in capsys.readouterr().err
@@ -409,6 +413,13 @@ def test_cli_loads_safely(tmp_path, capsys):
     assert "weights_only" in captured.err and "unpickled!" not in captured.out
 
 
-def test_cli_missing_input(tmp_path, capsys):
-    assert main([str(tmp_path / "nope.pth"), str(tmp_path / "out.pth")]) == 1
-    assert "nope.pth" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "name, reason", [("nope.pth", "No such file or directory"), ("", "Is a directory")]
+)
+def test_cli_names_an_input_that_cannot_be_read(tmp_path, capsys, name, reason):
+    """A folder given as the input raised IsADirectoryError (only FileNotFoundError was caught)."""
+    path = tmp_path / name
+    assert main([str(path), str(tmp_path / "out.pth")]) == 1
+    assert (
+        f"error: {path} cannot be read as a checkpoint file: {reason}\n" in capsys.readouterr().err
+    )

@@ -148,8 +148,11 @@ def rename(key: str) -> Optional[str]:
 
 def load_mmdet_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """The ``state_dict`` of an mmcv checkpoint, loaded with ``weights_only=True``."""
-    with open(path, "rb") as f:
-        pickled = f.read(1) == b"\x80"  # torch's format before 1.6: a pickle
+    try:
+        with open(path, "rb") as f:
+            pickled = f.read(1) == b"\x80"  # torch's format before 1.6: a pickle
+    except OSError as e:  # missing, a folder, unreadable
+        raise ConversionError(f"{path} cannot be read as a checkpoint file: {e.strerror}") from e
     if path.endswith(".pkl"):
         raise ConversionError(
             f"{path} is in Detectron2's pickle format (.pkl: its model zoo's files, this "
@@ -240,6 +243,12 @@ def convert(state: Dict[str, torch.Tensor]) -> Tuple["OrderedDict[str, torch.Ten
             continue
         converted[new] = value
         rows.append((key, new, tuple(value.shape)))
+    if any(key.startswith("roi_head.bbox_head.fc_cls.") for key in unmapped):
+        raise ConversionError(
+            "this is a (non-cascade) Mask R-CNN or Faster R-CNN checkpoint, which HTC cannot "
+            "use: its one box head (roi_head.bbox_head.fc_cls, no stage index) has no place in "
+            "HTC's cascade of three stages; convert an HTC checkpoint"
+        )
     if unmapped:
         raise ConversionError(f"{len(unmapped)} tensors have no Detectron2 name: {unmapped[:20]}")
     return converted, rows
@@ -388,7 +397,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "in HTC. Give the model it is for with --config (e.g. "
                 "configs/ablations/cascade_mask_rcnn_R_50_FPN_1x.yaml)"
             )
-    except (ConversionError, FileNotFoundError, ImportError) as e:
+    except (ConversionError, OSError, ImportError) as e:  # OSError: --config's file
         print(f"error: {e}", file=sys.stderr)
         return 1
     family = family_of(state)
