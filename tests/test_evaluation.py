@@ -130,6 +130,29 @@ def test_without_faster_coco_eval_pycocotools_computes(
     assert got == official and all(np.isfinite(list(got["segm"].values())))
 
 
+def test_per_class_ap_is_named_by_the_things_of_panoptic_metadata(dataset):
+    """Detectron2's COCO panoptic metadata names all its categories, stuff too, thing_classes:
+    box and mask AP on coco_2017_val_panoptic asserted after the inference that they are the
+    json's; the AP per class now takes the things' names (the contiguous ids' in order)."""
+    name, predictions = dataset
+    official = _evaluate(COCOEvaluator(name, use_fast_impl=False), predictions)
+    panoptic = f"{name}_panoptic"
+    MetadataCatalog.get(panoptic).set(
+        json_file=MetadataCatalog.get(name).json_file,
+        thing_classes=[f"class{k}" for k in range(1, 5)] + ["sky", "grass"],
+        thing_dataset_id_to_contiguous_id={k: k - 1 for k in range(1, 5)},
+    )
+    contiguous = [
+        dict(p, instances=[dict(i, category_id=i["category_id"] - 1) for i in p["instances"]])
+        for p in predictions
+    ]  # as the model outputs them where the metadata maps the ids
+    try:
+        got = _evaluate(HTCCOCOEvaluator(panoptic, use_fast_impl=False), contiguous)
+    finally:
+        MetadataCatalog.remove(panoptic)
+    assert got == official and "AP-class4" in got["segm"] and "AP-sky" not in got["segm"]
+
+
 def _instances(results: list, rle: bool) -> Instances:
     """The model's output of the json ``results`` of one image: masks pasted, or as RLEs."""
     boxes = torch.tensor([r["bbox"] for r in results])

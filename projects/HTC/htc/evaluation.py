@@ -24,6 +24,7 @@ from detectron2.evaluation import (
 from detectron2.modeling import META_ARCH_REGISTRY
 from pycocotools.cocoeval import COCOeval
 
+from .data.checks import thing_class_names
 from .data.cityscapes import alias_cityscapesscripts
 from .data.label_map import read_label_map
 from .meta_arch import HybridTaskCascade
@@ -285,7 +286,8 @@ def coco_eval_class() -> Callable:
 
 class HTCCOCOEvaluator(ScoresRLEMasks, COCOEvaluator):
     """:class:`COCOEvaluator` computing with :func:`coco_eval_class` unless ``use_fast_impl`` is
-    False (then pycocotools', as Detectron2's); RLE masks scored."""
+    False (then pycocotools', as Detectron2's); RLE masks scored; the AP per class named by the
+    thing classes alone (:func:`thing_class_names`)."""
 
     def __init__(self, dataset_name: str, *args, **kwargs):
         self._cocoeval = coco_eval_class()
@@ -299,6 +301,12 @@ class HTCCOCOEvaluator(ScoresRLEMasks, COCOEvaluator):
         # the parent's "fast" COCOeval is the module's COCOeval_opt, read at the call
         with self._cocoeval_in_use():
             super()._eval_predictions(predictions, img_ids)
+
+    def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
+        """The parent's with the thing classes' names: it is given ``thing_classes``, all 133
+        categories in COCO panoptic's metadata, and asserted that they are the json's 80."""
+        names = thing_class_names(self._metadata) if class_names is not None else None
+        return super()._derive_coco_results(coco_eval, iou_type, class_names=names)
 
     @contextlib.contextmanager
     def _cocoeval_in_use(self) -> Iterator[None]:

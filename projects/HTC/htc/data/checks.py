@@ -2,18 +2,30 @@
 before training (by ``train_net.py`` and ``lazyconfig_train_net.py``): a mismatch would train
 without an error, or fail hours in."""
 
+from typing import List, Optional
+
 from detectron2.data import MetadataCatalog
+from detectron2.data.catalog import Metadata
 
 from .coco import RLE_MASK_EXAMPLES
+
+
+def thing_class_names(meta: Metadata) -> Optional[List[str]]:
+    """The names of the thing classes of ``meta`` in contiguous order (None where it names none).
+    COCO panoptic's "standard" metadata names all 133 categories ``thing_classes``; its things
+    are those of ``thing_dataset_id_to_contiguous_id``, whose contiguous ids index those names."""
+    names = meta.get("thing_classes")
+    ids = meta.get("thing_dataset_id_to_contiguous_id")
+    if names is None or not ids or len(ids) >= len(names):
+        return names
+    return [names[k] for k in sorted(ids.values())]
 
 
 def check_thing_classes(name: str, num_classes: int, key: str) -> None:
     """Refuse ``num_classes`` (the config's ``key``) for dataset ``name`` of another count of
     thing classes (a class beyond the model's would train as background)."""
     meta = MetadataCatalog.get(name)
-    # COCO panoptic's "standard" metadata names all 133 categories thing_classes; its things are
-    # those of thing_dataset_id_to_contiguous_id.
-    things = meta.get("thing_dataset_id_to_contiguous_id") or meta.get("thing_classes")
+    things = thing_class_names(meta) or meta.get("thing_dataset_id_to_contiguous_id")
     if things is not None and len(things) != num_classes:
         raise ValueError(
             f"dataset {name!r} has {len(things)} thing classes but {key} is {num_classes}"
