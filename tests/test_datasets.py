@@ -11,7 +11,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 from detectron2.evaluation import DatasetEvaluators
 from detectron2.modeling import build_model
@@ -26,6 +26,7 @@ from htc.data.lvis import load_lvis_htc, register_lvis_htc, stuff_map
 from htc.data.register import register_with_loader
 from htc.evaluation import build_evaluators
 from htc.panoptic import PanopticFusion, class_to_stuff
+from htc.predict import _dataset_category_ids, coco_results
 from htc.roi_heads import HAS_FED_LOSS
 
 # The shipped configs at the widths of the other tests, on 128 x 256 images.
@@ -221,6 +222,31 @@ def test_lvis_evaluator_scores_the_ground_truth_100(datasets, tmp_path, mask_out
     for task in ("bbox", "segm"):
         for key in ("AP", "APr", "APc", "APf"):
             assert results[task][key] == pytest.approx(100), (task, key)
+
+
+def test_htc_predict_writes_the_category_ids_of_the_lvis_json(datasets):
+    """LVIS's metadata maps no category ids (Detectron2's loader numbers them from 0 and
+    LVISEvaluator adds 1): htc.predict wrote the contiguous ids, each one too low, silently; the
+    ground truth as the prediction now gets the json's ids."""
+    name = "lvis_v1_val_predicted_ids"
+    json_file = datasets / "lvis/lvis_v1_val.json"
+    register_lvis_htc(name, str(json_file), str(datasets / "coco"))
+    cfg = tiny_cfg()
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(MetadataCatalog.get(name).thing_classes)
+    cfg.DATASETS.TEST = (name,)
+    ids = _dataset_category_ids(cfg)
+    for record in DatasetCatalog.get(name):
+        classes = [a["category_id"] for a in record["annotations"]]
+        predicted = Instances(
+            (record["height"], record["width"]),
+            pred_boxes=Boxes(torch.zeros(len(classes), 4)),
+            scores=torch.ones(len(classes)),
+            pred_classes=torch.tensor(classes),
+        )
+        results = coco_results({"instances": predicted}, record["image_id"], ids)
+        annotations = json.loads(json_file.read_text())["annotations"]
+        want = [a["category_id"] for a in annotations if a["image_id"] == record["image_id"]]
+        assert [r["category_id"] for r in results] == want
 
 
 def _zero_based(data: dict) -> None:

@@ -82,7 +82,7 @@ MARKER = ".htc_predict"  # in each of those that a run made: not the user's, not
 
 def coco_results(outputs: dict, image_id: int, dataset_ids: Optional[Dict[int, int]]) -> list:
     """The image's instances in COCO's results format, with the dataset's category ids
-    (contiguous ids where the metadata has no mapping, as COCOEvaluator writes them)."""
+    (``dataset_ids``, :func:`_dataset_category_ids`; None: the contiguous ids)."""
     instances = outputs["instances"].to("cpu")
     rles = instances.get("pred_masks_rle") if instances.has("pred_masks_rle") else None
     if rles is not None:
@@ -134,14 +134,26 @@ def _dataset_category_ids(cfg) -> Optional[Dict[int, int]]:
             "model's contiguous class ids"
         )
     metadata = MetadataCatalog.get(name)
-    if not metadata.get("thing_dataset_id_to_contiguous_id"):
+    if _contiguous_to_dataset_ids(metadata) is None:  # Detectron2's COCO loader sets a mapping
         try:
             DatasetCatalog.get(name)
         except (OSError, ValueError) as error:
             logger.warning(f"category ids are the model's contiguous ids: {name}: {error}")
     check_thing_classes(name, cfg.MODEL.ROI_HEADS.NUM_CLASSES, "MODEL.ROI_HEADS.NUM_CLASSES")
+    return _contiguous_to_dataset_ids(metadata)
+
+
+def _contiguous_to_dataset_ids(metadata: Metadata) -> Optional[Dict[int, int]]:
+    """Contiguous class id -> dataset category id, as Detectron2's evaluators write results:
+    ``thing_dataset_id_to_contiguous_id`` inverted; for LVIS ("lvis" ``evaluator_type``), which
+    has none (Detectron2's loader numbers LVIS's category ids 1..K from 0), the class + 1,
+    as LVISEvaluator adds; else None (the contiguous ids, as COCOEvaluator keeps them)."""
     mapping = metadata.get("thing_dataset_id_to_contiguous_id")
-    return {v: k for k, v in mapping.items()} if mapping else None
+    if mapping:
+        return {v: k for k, v in mapping.items()}
+    if metadata.get("evaluator_type") == "lvis":
+        return {k: k + 1 for k in range(len(metadata.thing_classes))}
+    return None
 
 
 def predict(args: argparse.Namespace) -> Optional[dict]:
