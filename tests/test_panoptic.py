@@ -3,7 +3,6 @@ read as COCO panoptic's categories, the model's output, and PQ on the demo's gro
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,15 +13,15 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from PIL import Image
 
+import htc.predict
 from conftest import DEMO_CONFIG, make_batch, tiny_cfg
 from htc import register_htc_instances
 from htc.data import coco_stuff_to_panoptic, register_builtin
 from htc.data.coco_panoptic import COCO_STUFF_STUFF_NAMES, FIRST_STUFF_ID, MERGED, REMOVED
 from htc.data.demo_data import PANOPTIC_IDS, generate_split
-from htc.demo import draw_prediction, load_predictor_cfg
+from htc.demo import load_predictor_cfg
 from htc.evaluation import panoptic_evaluator
 from htc.panoptic import PanopticFusion, class_to_stuff
-from htc.predict import save_panoptic
 
 H, W = 10, 20
 
@@ -299,24 +298,26 @@ def test_own_dataset_whose_class_names_leave_things_unnamed_is_refused(tiny_data
         class_to_stuff(name, 6)
 
 
-def test_the_demo_config_on_own_data_outputs_and_draws_panoptic(tiny_dataset):
-    """The user's first try: the demo config with only DATASETS.TEST changed builds, and its
-    panoptic output is drawn and written as COCO panoptic by htc.predict's writer."""
+def test_the_demo_config_on_own_data_outputs_and_draws_panoptic(tiny_dataset, tmp_path):
+    """The user's first try: the demo config with only DATASETS.TEST changed, run by htc.predict
+    --panoptic --draw. The dataset's default panoptic categories are set when the model is
+    built: htc.predict read its metadata before, and stopped at the first panoptic PNG."""
     name = "own_first_try"
     if name not in DatasetCatalog.list():
         _own_dataset(tiny_dataset, name, sem_seg_root=str(tiny_dataset / "train_sem"))
-    cfg = load_predictor_cfg(
-        str(DEMO_CONFIG), ["MODEL.DEVICE", "cpu", "DATASETS.TEST", f"('{name}',)"]
-    )
-    model = build_model(cfg).eval()
+    model = build_model(load_predictor_cfg(str(DEMO_CONFIG), ["MODEL.DEVICE", "cpu"]))
     with torch.no_grad():  # random weights: make stuff class 3 ("sky") win where no thing is
         model.semantic_head.conv_logits.bias[3] += 20
-    image = np.asarray(Image.open(next((tiny_dataset / "train").glob("*.png"))).convert("RGB"))
-    with torch.no_grad():
-        inputs = {"image": torch.as_tensor(image[:, :, ::-1].transpose(2, 0, 1).copy()).float()}
-        outputs = model([dict(inputs, height=image.shape[0], width=image.shape[1])])[0]
-    meta = MetadataCatalog.get(name)
-    assert draw_prediction(image, outputs, meta).shape[1] == 3 * image.shape[1]
-    segments = save_panoptic(outputs, Path(tiny_dataset / "first_try.png"), meta)
-    assert {s["category_id"] for s in segments} <= {1, 2, 3, 4, 5, 6}
-    assert 4 in {s["category_id"] for s in segments}  # class 3's stuff category
+    weights, out = tmp_path / "model.pth", tmp_path / "out"
+    torch.save({"model": model.state_dict()}, weights)  # built for the demo's dataset
+    image = next((tiny_dataset / "train").glob("*.png"))
+    opts = ["MODEL.DEVICE", "cpu", "DATASETS.TEST", f"('{name}',)", "MODEL.WEIGHTS", str(weights)]
+    htc.predict.main(
+        ["--config-file", str(DEMO_CONFIG), "--input", str(image), "--output", str(out),
+         "--panoptic", "--draw", "--workers", "0", "--opts", *opts]
+    )  # fmt: skip
+    picture = np.asarray(Image.open(out / "pictures" / "1.png"))
+    assert picture.shape[1] == 3 * np.asarray(Image.open(image)).shape[1]
+    (annotation,) = json.loads((out / "panoptic.json").read_text())["annotations"]
+    categories = {s["category_id"] for s in annotation["segments_info"]}
+    assert categories <= {1, 2, 3, 4, 5, 6} and 4 in categories  # class 3's stuff category

@@ -192,7 +192,6 @@ def _predict_into(
 ) -> Optional[dict]:
     """:func:`predict_process` once the output is this run's."""
     output = Path(args.output)
-    metadata = drawing_metadata(cfg)
     if comm.is_main_process():
         output.mkdir(parents=True, exist_ok=True)
         for name in _asked_folders(args, files):
@@ -207,9 +206,13 @@ def _predict_into(
     shard, done_frames = _plan(files, done, args.image_ids)
     check_id_source(output, args.image_ids, done)
     check_settings(output, run_settings(cfg), done)
+    model = build_model(cfg).eval()
+    load_weights(model, cfg, announce=logger.warning)
+    metadata = drawing_metadata(cfg)  # after the build, which sets default panoptic categories
     rank, world = comm.get_rank(), comm.get_world_size()
     patient = _patient_group() if world > 1 else None
-    ran = _predict_share(cfg, args, shard[rank::world], done_frames, metadata, dataset_ids)
+    share = shard[rank::world]
+    ran = _predict_share(model, cfg, args, share, done_frames, metadata, dataset_ids)
     if patient is not None:
         counts = [0] * world
         dist.all_gather_object(counts, ran, group=patient)  # also waits for every share
@@ -322,6 +325,7 @@ def _plan(
 
 
 def _predict_share(
+    model: torch.nn.Module,
     cfg: CfgNode,
     args: argparse.Namespace,
     share: List[Tuple[Path, int]],
@@ -329,10 +333,8 @@ def _predict_share(
     metadata: Metadata,
     dataset_ids: Optional[Dict[int, int]],
 ) -> int:
-    """Predict ``share`` in batches, appending each batch's records as soon as it is done: how
-    many images and frames were read."""
-    model = build_model(cfg).eval()
-    load_weights(model, cfg, announce=logger.warning)
+    """Predict ``share`` with ``model`` in batches, appending each batch's records as soon as it
+    is done: how many images and frames were read."""
     sizes = dataset_image_sizes(args.image_ids) if args.image_ids else None
     inputs = PredictionInputs(
         share, done_frames, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, cfg.INPUT.FORMAT,
