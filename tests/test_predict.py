@@ -294,6 +294,21 @@ def test_image_ids_are_the_dataset_entries_that_end_each_path(tmp_path):
     assert image_ids(files, [dict(done[0], image_id=30)], str(dataset)) == ids
 
 
+def test_image_ids_of_an_lvis_json_come_from_its_coco_urls(tmp_path):
+    """LVIS v1's images have no file_name (a bare KeyError 'file_name'): the folder and name that
+    end their coco_url, as Detectron2's LVIS loader reads them; an entry with neither is named."""
+    url = "http://images.cocodataset.org/{}/000000000139.jpg"
+    images = [{"id": 139, "coco_url": url.format("val2017")}]
+    images.append({"id": 9, "coco_url": url.format("train2017")})  # the same name elsewhere
+    dataset = tmp_path / "lvis_v1_val.json"
+    dataset.write_text(json.dumps({"images": images}))
+    files = [tmp_path / "coco" / folder / "000000000139.jpg" for folder in ("val2017", "train2017")]
+    assert dataset_image_ids(files, str(dataset)) == {str(files[0]): 139, str(files[1]): 9}
+    dataset.write_text(json.dumps({"images": [{"id": 5, "flickr_url": "http://x/a.jpg"}]}))
+    with pytest.raises(ValueError, match="lvis_v1_val.json: image 5 has no 'file_name'"):
+        dataset_image_ids(files[:1], str(dataset))
+
+
 def test_the_results_are_what_coco_evaluator_scores(tiny_dataset, tmp_path):
     """On a registered dataset, with its image ids: the results equal COCOEvaluator's own
     results file for the same model, and COCOeval gives them the evaluator's AP."""

@@ -208,13 +208,13 @@ def image_ids(files: List[Path], done: List[dict], dataset_json: Optional[str]) 
 
 def dataset_image_ids(images: List[Path], dataset_json: str) -> Dict[str, int]:
     """Each image file's id in the COCO json ``dataset_json``: that of the entry of its name
-    whose ``file_name`` ends the file's path, the longest such; else the entry that shares the
-    longest ending with it (``data/cam1/001.jpg`` takes ``cam1/001.jpg``, or
+    whose path (:func:`_entry_parts`) ends the file's path, the longest such; else the entry that
+    shares the longest ending with it (``data/cam1/001.jpg`` takes ``cam1/001.jpg``, or
     ``/elsewhere/cam1/001.jpg``, over ``cam2/001.jpg``). ValueError names an image that no entry
     or two entries alike match, or two images that match one entry."""
     entries = defaultdict(list)
     for image in _json_images(dataset_json):
-        parts = Path(image["file_name"]).parts
+        parts = _entry_parts(image, dataset_json)
         entries[parts[-1]].append((parts, image["id"]))
     ids, owner = {}, {}
     for f in images:
@@ -235,6 +235,20 @@ def dataset_image_ids(images: List[Path], dataset_json: str) -> Dict[str, int]:
             )
         ids[str(f)], owner[image_id] = image_id, f
     return ids
+
+
+def _entry_parts(image: dict, dataset_json: str) -> Tuple[str, ...]:
+    """The path parts of an image entry of ``dataset_json``: its ``file_name``; where it has none
+    (LVIS v1), the split folder and name that end its ``coco_url``, as Detectron2's LVIS loader
+    reads them (``.../val2017/000000000139.jpg``: ``val2017``, ``000000000139.jpg``)."""
+    if "file_name" in image:
+        return Path(image["file_name"]).parts
+    if "coco_url" in image:
+        return tuple(image["coco_url"].split("/")[-2:])
+    raise ValueError(
+        f"--image-ids {dataset_json}: image {image.get('id')} has no 'file_name' (nor LVIS's "
+        "'coco_url') to match the input files by: give each image its file name"
+    )
 
 
 def dataset_image_sizes(dataset_json: str) -> Dict[int, Tuple[int, int]]:
