@@ -6,6 +6,7 @@ import pycocotools.mask as mask_util
 import pytest
 import torch
 from detectron2.data import MetadataCatalog
+from detectron2.data.catalog import Metadata
 from detectron2.structures import BitMasks, Instances
 from PIL import Image
 
@@ -16,6 +17,7 @@ from htc.demo import (
     drawing_metadata,
     main,
     picture_names,
+    semantic_metadata,
     titled,
 )
 
@@ -74,6 +76,31 @@ def test_pictures_of_rle_masks_are_those_of_bitmasks():
     assert np.array_equal(*pictures) and not np.array_equal(pictures[0][TITLE_HEIGHT:], image)
     none = draw_prediction(image, {"instances": _instances(masks, [0.1] * 3, True)}, metadata)
     assert np.array_equal(none[TITLE_HEIGHT:], image)
+
+
+def test_the_semantic_panel_names_the_semantic_classes():
+    """COCO panoptic's stuff_classes name its 133 categories, the semantic branch predicts
+    COCO-Stuff's 183 labels: the panel named label 11 "stop sign" and drew no label from 133 on.
+    It names labels by names of their count: COCO-Stuff's for 183, else the dataset's or
+    "class K"."""
+    meta = MetadataCatalog.get("coco_2017_val_panoptic")  # registered by Detectron2
+    names = semantic_metadata(meta, 183).stuff_classes
+    assert len(names) == 183 and names[0] == "person" and names[182] == "other"
+    assert (names[11], names[12], names[91], names[148]) == (
+        "unused 12",
+        "stop sign",
+        "banner",
+        "road",
+    )
+    image = np.full((32, 40, 3), 128, np.uint8)
+    scores = torch.zeros(183, 32, 40)
+    scores[150] = 1  # roof, everywhere
+    outputs = {"instances": Instances((32, 40), scores=torch.zeros(0)), "sem_seg": scores}
+    semantic = draw_prediction(image, outputs, meta)[TITLE_HEIGHT:, 40:]
+    assert not np.array_equal(semantic, image)
+    own = Metadata(name="own", stuff_classes=["sky", "disc", "grass"])
+    assert semantic_metadata(own, 3) is own
+    assert semantic_metadata(own, 2).stuff_classes == ["class 0", "class 1"]
 
 
 def test_pictures_of_images_of_one_name_have_names_of_their_own(tmp_path):

@@ -26,7 +26,9 @@ from PIL import Image, ImageDraw, ImageFont
 from .checkpoint import load_weights
 from .config import add_htc_config, set_float32_precision
 from .data import register_builtin
+from .data.coco_panoptic import coco_stuff_names
 from .data.inputs import IMAGE_SUFFIXES, checked_resize, read_image_or_reason
+from .data.register import COCO_STUFF_CLASSES
 
 TITLE_HEIGHT = 24  # pixels of the band that names a panel
 
@@ -64,7 +66,8 @@ def with_threshold(opts: List[str], threshold: Optional[float]) -> List[str]:
 def drawing_metadata(cfg: CfgNode) -> Metadata:
     """The metadata of DATASETS.TEST[0], with generic class names ("class K", for each of the
     model's thing and semantic classes) where it lacks them, as it does without a test dataset:
-    Detectron2's Visualizer needs ``stuff_classes`` for the semantic and panoptic panels."""
+    Detectron2's Visualizer needs ``stuff_classes`` for the panoptic panel (the semantic one
+    takes :func:`semantic_metadata`'s)."""
     name = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused"
     fields = MetadataCatalog.get(name).as_dict()
     counts = {
@@ -72,8 +75,24 @@ def drawing_metadata(cfg: CfgNode) -> Metadata:
         "stuff_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
     }
     for key, count in counts.items():
-        fields.setdefault(key, [f"class {k}" for k in range(count)])
+        fields.setdefault(key, _generic_class_names(count))
     return Metadata(**fields)
+
+
+def _generic_class_names(count: int) -> List[str]:
+    """The names of ``count`` classes that a dataset names none: "class K" for class K."""
+    return [f"class {k}" for k in range(count)]
+
+
+def semantic_metadata(metadata: Metadata, count: int) -> Metadata:
+    """``metadata`` where its ``stuff_classes`` name ``count`` semantic classes, else metadata
+    naming them alone: COCO-Stuff's names for its 183 labels (COCO panoptic's ``stuff_classes``
+    name its 133 categories: label 11 was drawn "stop sign", labels from 133 on not at all),
+    else :func:`_generic_class_names`."""
+    if len(metadata.get("stuff_classes") or ()) == count:
+        return metadata
+    names = coco_stuff_names() if count == COCO_STUFF_CLASSES else _generic_class_names(count)
+    return Metadata(stuff_classes=names)
 
 
 def check_serving_cfg(cfg: CfgNode) -> None:
@@ -123,8 +142,8 @@ def draw_prediction(
     image_rgb: np.ndarray, outputs: dict, metadata, threshold: float = 0.5
 ) -> np.ndarray:
     """Titled panels side by side: the predicted instances (score above ``threshold``) over the
-    image, then the predicted semantic map and panoptic segmentation, each if the outputs have
-    it."""
+    image, then the predicted semantic map (its classes named by :func:`semantic_metadata`) and
+    panoptic segmentation, each if the outputs have it."""
     confident = _confident(outputs["instances"].to("cpu"), threshold)
     panels = [
         titled(
@@ -134,9 +153,10 @@ def draw_prediction(
             f"prediction: {len(confident)} instances",
         )
     ]
-    if "sem_seg" in outputs:
-        labels = outputs["sem_seg"].argmax(dim=0).to("cpu")
-        semantic = Visualizer(image_rgb, metadata).draw_sem_seg(labels, alpha=0.6).get_image()
+    if "sem_seg" in outputs:  # (K, H, W) scores
+        scores = outputs["sem_seg"]
+        visualizer = Visualizer(image_rgb, semantic_metadata(metadata, len(scores)))
+        semantic = visualizer.draw_sem_seg(scores.argmax(dim=0).to("cpu"), alpha=0.6).get_image()
         panels.append(titled(semantic, "prediction: semantic"))
     if "panoptic_seg" in outputs:
         segments, info = outputs["panoptic_seg"]

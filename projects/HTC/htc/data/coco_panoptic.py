@@ -77,6 +77,15 @@ def coco_stuff_to_panoptic() -> List[int]:
     return table
 
 
+def coco_stuff_names() -> List[str]:
+    """The names of the 183 semantic classes (stuffthingmaps label k, COCO-Stuff id k + 1):
+    COCO's things, "unused ID" for the 11 thing ids COCO leaves out, the stuff, "other"."""
+    names = {c["id"]: c["name"] for c in COCO_CATEGORIES if c["isthing"]}
+    names.update({FIRST_STUFF_ID + i: name for i, name in enumerate(COCO_STUFF_STUFF_NAMES)})
+    names[COCO_STUFF_CLASSES] = "other"
+    return [names.get(k + 1, f"unused {k + 1}") for k in range(COCO_STUFF_CLASSES)]
+
+
 def register_coco_panoptic_htc() -> None:
     """Give Detectron2's COCO panoptic datasets (``coco_2017_{train,val,val_100}_panoptic``,
     registered by Detectron2 itself) the ``semantic_to_panoptic`` table HTC's output reads."""
