@@ -250,7 +250,7 @@ def train(cfg, resume: bool) -> None:
 def main(args) -> None:
     cfg = apply_overrides(LazyConfig.load(args.config_file), args.opts)
     check_links_resolve(cfg)
-    check_device(cfg)
+    check_device(cfg, training=not args.eval_only)
     if args.eval_only and "evaluator" not in cfg.dataloader:  # evaluate() would do nothing
         raise ValueError("--eval-only: the config has no dataloader.evaluator to evaluate with")
     default_setup(cfg, args)

@@ -188,7 +188,7 @@ def load_config(args):
 
 def setup(args):
     cfg = load_config(args)
-    check_device(cfg)
+    check_device(cfg, training=not args.eval_only)
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="htc")
     set_float32_precision(cfg)  # default_setup of Detectron2 v0.6 does not

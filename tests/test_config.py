@@ -339,9 +339,18 @@ def test_a_lazy_evaluation_without_an_evaluator_is_refused(tmp_path, monkeypatch
         lazyconfig_train_net.main(args)
 
 
+class _Stopped(Exception):
+    pass
+
+
+def _stop(*args) -> None:
+    raise _Stopped
+
+
 def test_a_cuda_device_without_cuda_is_named_before_anything_is_built(tmp_path, monkeypatch):
     """Both training scripts stop at once on a CUDA device that the machine lacks (Detectron2's
-    default MODEL.DEVICE), naming the key and the override that runs on the CPU."""
+    default MODEL.DEVICE) or on AMP in training, naming the key and the override that runs on
+    the CPU."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for script in (train_net, lazyconfig_train_net):
         monkeypatch.setattr(script, "default_setup", None)  # nothing set up
@@ -354,6 +363,23 @@ def test_a_cuda_device_without_cuda_is_named_before_anything_is_built(tmp_path, 
         ["--config-file", str(CONFIGS / "htc_R_50_FPN_1x.py"), "train.device=cuda:1"]
     )
     with pytest.raises(ValueError, match="train.device='cuda:1'.*'train.device=cpu'"):
+        lazyconfig_train_net.main(args)
+    # AMP, which Detectron2's AMPTrainer refused at the first step, after the datasets loaded
+    args = train_net.argument_parser().parse_args(
+        ["--config-file", str(CONFIGS / "htc_R_50_FPN_1x.yaml"), "OUTPUT_DIR", str(tmp_path),
+         "MODEL.DEVICE", "cpu", "SOLVER.AMP.ENABLED", "True"]
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"SOLVER.AMP.ENABLED=True .*'SOLVER.AMP.ENABLED False'"):
+        train_net.setup(args)
+    args = lazyconfig_train_net.argument_parser().parse_args(
+        ["--config-file", str(CONFIGS / "htc_R_50_FPN_1x.py"), "train.device=cpu",
+         "train.amp.enabled=True"]
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"train.amp.enabled=True .*'train.amp.enabled=False'"):
+        lazyconfig_train_net.main(args)
+    args.eval_only = True  # evaluation does not read it
+    monkeypatch.setattr(lazyconfig_train_net, "default_setup", _stop)
+    with pytest.raises(_Stopped):
         lazyconfig_train_net.main(args)
 
 

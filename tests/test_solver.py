@@ -1,6 +1,8 @@
 """htc.solver: SOLVER.OPTIMIZER picks Detectron2's SGD or AdamW with the same parameter groups;
 SOLVER.ZERO_WEIGHT_DECAY names parameters without weight decay."""
 
+import logging
+
 import pytest
 import torch
 from detectron2.modeling import build_model
@@ -74,3 +76,23 @@ def test_unknown_optimizer_is_refused():
     cfg.SOLVER.OPTIMIZER = "Adam"
     with pytest.raises(ValueError, match="SOLVER.OPTIMIZER='Adam'"):
         build_optimizer(cfg, _Toy())
+
+
+def test_settings_that_failed_deep_in_torch_are_named(caplog):
+    """Betas of one value (an IndexError in torch), "bias" in ZERO_WEIGHT_DECAY beside
+    WEIGHT_DECAY_BIAS (Detectron2's "Conflicting overrides for 'bias'"); a ZERO_WEIGHT_DECAY name
+    that matches no parameter's own name changed nothing, silently: it is warned of."""
+    cfg = tiny_cfg()
+    cfg.merge_from_list(["SOLVER.OPTIMIZER", "AdamW", "SOLVER.BETAS", (0.9,)])
+    with pytest.raises(ValueError, match=r"SOLVER.BETAS=\(0.9,\): AdamW takes two"):
+        build_optimizer(cfg, _Toy())
+    cfg.merge_from_list(["SOLVER.BETAS", (0.9, 0.999), "SOLVER.WEIGHT_DECAY_BIAS", 0.0])
+    cfg.SOLVER.ZERO_WEIGHT_DECAY = ["bias"]
+    with pytest.raises(ValueError, match="names 'bias' beside SOLVER.WEIGHT_DECAY_BIAS"):
+        build_optimizer(cfg, _Toy())
+    cfg.SOLVER.ZERO_WEIGHT_DECAY = ["pos_embed", "model.pos_embed", "pos_embd"]
+    with caplog.at_level(logging.WARNING, logger="htc.solver"):
+        build_optimizer(cfg, _Toy())
+    unmatched = [r.getMessage() for r in caplog.records if "ZERO_WEIGHT_DECAY" in r.getMessage()]
+    assert len(unmatched) == 2
+    assert "'model.pos_embed'" in unmatched[0] and "'pos_embd'" in unmatched[1]

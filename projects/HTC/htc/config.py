@@ -29,6 +29,7 @@ LAZY_SETTINGS = {
     "SEED": ("train.seed", -1),
     "CUDNN_BENCHMARK": ("train.cudnn_benchmark", False),
     "MODEL.DEVICE": ("train.device", "cuda"),
+    "SOLVER.AMP.ENABLED": ("train.amp.enabled", False),
     "MODEL.HTC.ROI_ALIGN": ("model.roi_heads.roi_align", "auto"),
 }
 
@@ -162,16 +163,29 @@ def _setting(cfg: Union[CN, DictConfig], key: str) -> Tuple[str, Any]:
     return name, OmegaConf.select(cfg, name, default=default)
 
 
-def check_device(cfg: Union[CN, DictConfig]) -> None:
+def check_device(cfg: Union[CN, DictConfig], training: bool = True) -> None:
     """Refuse a CUDA ``MODEL.DEVICE`` (a LazyConfig's ``train.device``) on a machine without
-    CUDA, naming the key, before anything is built (Detectron2's default device is "cuda")."""
+    CUDA, naming the key, before anything is built (Detectron2's default device is "cuda"); for
+    ``training``, ``SOLVER.AMP.ENABLED`` (``train.amp.enabled``) too, which Detectron2's
+    AMPTrainer refused only at the first step, after the datasets had loaded."""
+    if torch.cuda.is_available():
+        return
     key, device = _setting(cfg, "MODEL.DEVICE")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        override = f"{key} cpu" if isinstance(cfg, CN) else f"{key}=cpu"
-        raise ValueError(
-            f"{key}={device!r}, but PyTorch finds no CUDA GPU on this machine: run on the CPU "
-            f"with {override!r}"
-        )
+    if torch.device(device).type == "cuda":
+        _refuse_without_cuda(cfg, f"{key}={device!r}", key, "cpu")
+    key, amp = _setting(cfg, "SOLVER.AMP.ENABLED")
+    if training and amp:
+        _refuse_without_cuda(cfg, f"{key}=True (Detectron2's AMP trains on CUDA)", key, False)
+
+
+def _refuse_without_cuda(cfg: Union[CN, DictConfig], problem: str, key: str, value: Any) -> None:
+    """The error of a setting, ``problem``, that needs CUDA, with the override ``key`` = ``value``
+    that runs on the CPU, as ``cfg``'s kind of config writes it."""
+    override = f"{key} {value}" if isinstance(cfg, CN) else f"{key}={value}"
+    raise ValueError(
+        f"{problem}, but PyTorch finds no CUDA GPU on this machine: run on the CPU with "
+        f"{override!r}"
+    )
 
 
 def set_float32_precision(cfg: Union[CN, DictConfig]) -> None:
