@@ -11,6 +11,7 @@ from detectron2.structures import BitMasks, Instances
 from PIL import Image
 
 from conftest import DEMO_CONFIG, load_cfg
+from htc.data import register_builtin
 from htc.demo import (
     TITLE_HEIGHT,
     draw_prediction,
@@ -98,6 +99,10 @@ def test_the_semantic_panel_names_the_semantic_classes():
     outputs = {"instances": Instances((32, 40), scores=torch.zeros(0)), "sem_seg": scores}
     semantic = draw_prediction(image, outputs, meta)[TITLE_HEIGHT:, 40:]
     assert not np.array_equal(semantic, image)
+    register_builtin()
+    coco = MetadataCatalog.get("coco_2017_val_htc")  # its maps' labels, named (not cocostuff_K)
+    assert semantic_metadata(coco, 183).stuff_classes == names
+    assert len(set(names)) == 183  # SemSegEvaluator's keys, IoU-<name>
     own = Metadata(name="own", stuff_classes=["sky", "disc", "grass"])
     assert semantic_metadata(own, 3) is own
     assert semantic_metadata(own, 2).stuff_classes == ["class 0", "class 1"]

@@ -295,11 +295,13 @@ def test_image_ids_are_the_dataset_entries_that_end_each_path(tmp_path):
 
 
 def test_image_ids_of_an_lvis_json_come_from_its_coco_urls(tmp_path):
-    """LVIS v1's images have no file_name (a bare KeyError 'file_name'): the folder and name that
-    end their coco_url, as Detectron2's LVIS loader reads them; an entry with neither is named."""
+    """LVIS v1's images have no file_name (a bare KeyError 'file_name'), v0.5's name the 2014
+    file: the folder and name that end their coco_url, as Detectron2's LVIS loader reads them; an
+    entry with neither is named."""
     url = "http://images.cocodataset.org/{}/000000000139.jpg"
     images = [{"id": 139, "coco_url": url.format("val2017")}]
-    images.append({"id": 9, "coco_url": url.format("train2017")})  # the same name elsewhere
+    v05 = {"file_name": "COCO_train2014_000000000139.jpg", "not_exhaustive_category_ids": []}
+    images.append({"id": 9, "coco_url": url.format("train2017"), **v05})  # the name elsewhere
     dataset = tmp_path / "lvis_v1_val.json"
     dataset.write_text(json.dumps({"images": images}))
     files = [tmp_path / "coco" / folder / "000000000139.jpg" for folder in ("val2017", "train2017")]

@@ -91,13 +91,16 @@ def test_what_is_no_detectron2_coco_checkpoint_is_a_usage_error(tmp_path, capsys
     assert not (tmp_path / "out.pth").exists()
 
 
-@pytest.mark.parametrize("zoo", [False, True])
-def test_a_detectron2_pkl_is_read(tmp_path, zoo):
+@pytest.mark.parametrize("writer", ["converter", "zoo", "torch.save"])
+def test_a_detectron2_pkl_is_read(tmp_path, writer):
     """A .pkl in Detectron2's format, the converter's (tensors) or the model zoo's (NumPy
-    arrays), as Detectron2 reads it: refused before with torch's weights_only advice."""
+    arrays), as Detectron2 reads it: refused before with torch's weights_only advice; also
+    torch's zip named .pkl, which this tool wrote before."""
     state = _coco_state()
     path, out = tmp_path / "coco.pkl", tmp_path / "out.pth"
-    if zoo:
+    if writer == "torch.save":
+        torch.save({"model": state}, path)
+    elif writer == "zoo":
         with open(path, "wb") as f:
             model = {k: v.numpy() for k, v in state.items()}
             pickle.dump({"model": model, "__author__": "Detectron2 Model Zoo"}, f, protocol=2)

@@ -36,9 +36,9 @@ COMPLETE_ADVICE = (
     "stages, the backbone's depth, the semantic branch)?"
 )
 INFERENCE_SHAPE_ADVICE = (
-    "Inference would run them at random (MODEL.HTC.SKIP_MISMATCHED_WEIGHTS skips weights only "
-    "for training): is the checkpoint for another config (the class count, the backbone's depth "
-    "or width)?"
+    "Inference would run them at random (MODEL.HTC.SKIP_MISMATCHED_WEIGHTS, LazyConfig: "
+    "train.skip_mismatched_weights, skips weights only for training): is the checkpoint for "
+    "another config (the class count, the backbone's depth or width)?"
 )
 UNUSED_ADVICE = (
     "Inference would run without them, computing something else than the checkpoint's model: "
@@ -47,12 +47,15 @@ UNUSED_ADVICE = (
 )
 BODY_ADVICE = (
     "A backbone of another depth or width needs its own weights: MODEL.HTC.SKIP_MISMATCHED_WEIGHTS"
-    " starts only the other layers (the class layers, the image's input layer) anew"
+    " (LazyConfig: train.skip_mismatched_weights) starts only the other layers (the class layers,"
+    " the image's input layer, deformable convs' offsets) anew"
 )
 # the backbones' pretrained feature extractors (FPN's, SimpleFeaturePyramid's), of which only the
-# layers reading the image (a stem, a patch embedding: RGB-D inputs) may start anew
+# layers reading the image (a stem, a patch embedding: RGB-D inputs) may start anew, and the
+# deformable convs' offsets, which Detectron2 starts at zero (DCN v1 weights fine-tuned as v2)
 BODIES = ("backbone.bottom_up.", "backbone.net.")
 INPUT_LAYERS = ("stem.", "patch_embed.")
+OFFSETS = ".conv2_offset."
 
 
 @contextlib.contextmanager
@@ -326,8 +329,10 @@ def _check_all_used(model: torch.nn.Module, unused: List[str], advice: str) -> N
     offsets, deeper blocks, a semantic branch): inference would compute something else than the
     checkpoint's model (Detectron2 only logs them). Kept apart: a semantic embedding where the
     model fuses no semantic feature (checkpoints of such models had one, untrained), and mask
-    heads where the model has no masks (its boxes do not read them)."""
+    heads where the model has no masks (its boxes do not read them); the pixel mean and std,
+    which the config gives (old Detectron2 checkpoints held them, as Detectron2 allows)."""
     unused = [k for k in unused if not k.endswith("num_batches_tracked")]
+    unused = [k for k in unused if k not in ("pixel_mean", "pixel_std")]
     semantic = getattr(model, "semantic_head", None)
     if semantic is not None and getattr(semantic, "conv_embedding", None) is None:
         unused = [k for k in unused if not k.startswith("semantic_head.conv_embedding.")]
@@ -349,7 +354,7 @@ def _modules(keys: List[str]) -> str:
 def _in_backbone_body(key: str) -> bool:
     """Whether the model key ``key`` is of a backbone's pretrained body, beyond its input layer."""
     body = next((key[len(b) :] for b in BODIES if key.startswith(b)), None)
-    return body is not None and not body.startswith(INPUT_LAYERS)
+    return body is not None and not body.startswith(INPUT_LAYERS) and OFFSETS not in body
 
 
 def _refusal(misfits: List[Misfit]) -> str:

@@ -119,7 +119,8 @@ PROVEN_FAMILIES = {
     "ResNeXt-101 with DCN in res3-res5, semantic branch, 2fc box heads",
 }
 # the globals that a Detectron2 .pkl of weights names: torch's tensors (this converter's), NumPy's
-# arrays (the model zoo's, written with NumPy 1 or 2), an OrderedDict, and the bytes of Python 2's
+# arrays (the model zoo's, written with NumPy 1 or 2), an OrderedDict, and the bytes that Python 3
+# pickles of protocol 2 and lower write through _codecs.encode
 PICKLED_WEIGHTS = {
     ("collections", "OrderedDict"),
     ("torch._utils", "_rebuild_tensor_v2"),

@@ -26,9 +26,8 @@ from PIL import Image, ImageDraw, ImageFont
 from .checkpoint import load_weights
 from .config import add_htc_config, set_float32_precision
 from .data import register_builtin
-from .data.coco_panoptic import coco_stuff_names
+from .data.coco_panoptic import COCO_STUFF_CLASSES, coco_stuff_names
 from .data.inputs import IMAGE_SUFFIXES, checked_resize, read_image_or_reason
-from .data.register import COCO_STUFF_CLASSES
 
 TITLE_HEIGHT = 24  # pixels of the band that names a panel
 

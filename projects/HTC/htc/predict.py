@@ -152,7 +152,7 @@ def _contiguous_to_dataset_ids(metadata: Metadata) -> Optional[Dict[int, int]]:
     if mapping:
         return {v: k for k, v in mapping.items()}
     if metadata.get("evaluator_type") == "lvis":
-        return {k: k + 1 for k in range(len(metadata.thing_classes))}
+        return {k: k + 1 for k in range(len(metadata.get("thing_classes") or ()))}
     return None
 
 

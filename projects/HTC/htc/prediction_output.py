@@ -26,6 +26,7 @@ RECORDS = "predictions.jsonl"
 ID_SOURCE = "image_ids.json"  # where the output's image ids come from
 SETTINGS = "settings.json"  # what the output's results were predicted with
 LOCK = ".predict.lock"  # held by the first process of the run that writes into the output
+LVIS_IMAGE_KEYS = {"not_exhaustive_category_ids", "neg_category_ids"}  # of LVIS's image entries
 # MODEL keys that do not change an image's results: where the model runs, the kernels (the same
 # results by each), how masks are held, how weights are loaded; MODEL.WEIGHTS counts by content.
 UNSETTLED = (
@@ -238,13 +239,15 @@ def dataset_image_ids(images: List[Path], dataset_json: str) -> Dict[str, int]:
 
 
 def _entry_parts(image: dict, dataset_json: str) -> Tuple[str, ...]:
-    """The path parts of an image entry of ``dataset_json``: its ``file_name``; where it has none
-    (LVIS v1), the split folder and name that end its ``coco_url``, as Detectron2's LVIS loader
-    reads them (``.../val2017/000000000139.jpg``: ``val2017``, ``000000000139.jpg``)."""
+    """The path parts of an image entry of ``dataset_json``: for LVIS's entries (v1 has no
+    ``file_name``; v0.5's names the 2014 file) the split folder and name that end its
+    ``coco_url``, as Detectron2's LVIS loader reads them (``.../val2017/000000000139.jpg``:
+    ``val2017``, ``000000000139.jpg``); else its ``file_name``, as Detectron2's COCO loader."""
+    lvis = "coco_url" in image and ("file_name" not in image or LVIS_IMAGE_KEYS & image.keys())
+    if lvis:
+        return tuple(image["coco_url"].split("/")[-2:])
     if "file_name" in image:
         return Path(image["file_name"]).parts
-    if "coco_url" in image:
-        return tuple(image["coco_url"].split("/")[-2:])
     raise ValueError(
         f"--image-ids {dataset_json}: image {image.get('id')} has no 'file_name' (nor LVIS's "
         "'coco_url') to match the input files by: give each image its file name"

@@ -13,6 +13,7 @@ layers that do not fit (the semantic branch's classes) are left to that setting 
 
 import argparse
 import pickle
+import zipfile
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -63,8 +64,9 @@ def remap_class_rows(
 
 def _load(path: str, parser: argparse.ArgumentParser) -> Any:
     """The checkpoint ``path``, a ``.pkl`` in Detectron2's pickle format (as its checkpointer
-    reads it) or else ``torch.save``'s, unpickling tensors, arrays and plain containers only."""
-    pkl = path.endswith(".pkl")
+    reads it) or else ``torch.save``'s (also a zip named ``.pkl``, as this tool wrote them),
+    unpickling tensors, arrays and plain containers only."""
+    pkl = path.endswith(".pkl") and not zipfile.is_zipfile(path)  # torch.save's, named .pkl
     try:
         if pkl:
             return read_detectron2_pickle(path)

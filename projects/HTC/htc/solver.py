@@ -45,7 +45,7 @@ def _check_solver(solver, model: torch.nn.Module) -> None:
         raise ValueError(f"SOLVER.OPTIMIZER={solver.OPTIMIZER!r}: use one of {OPTIMIZERS}")
     if solver.OPTIMIZER == "AdamW" and len(solver.BETAS) != 2:
         raise ValueError(f"SOLVER.BETAS={tuple(solver.BETAS)}: AdamW takes two, e.g. (0.9, 0.999)")
-    bias_set = solver.WEIGHT_DECAY_BIAS is not None or solver.BIAS_LR_FACTOR != 1.0
+    bias_set = solver.WEIGHT_DECAY_BIAS is not None or solver.BIAS_LR_FACTOR not in (None, 1.0)
     if "bias" in solver.ZERO_WEIGHT_DECAY and bias_set:  # Detectron2: "Conflicting overrides"
         raise ValueError(
             "SOLVER.ZERO_WEIGHT_DECAY names 'bias' beside SOLVER.WEIGHT_DECAY_BIAS or "

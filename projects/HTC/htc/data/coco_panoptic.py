@@ -13,8 +13,6 @@ from typing import Dict, List
 from detectron2.data import MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
-from .register import COCO_STUFF_CLASSES
-
 # COCO-Stuff's stuff classes in id order: ids 92 (banner) to 182 (wood).
 COCO_STUFF_STUFF_NAMES = (
     "banner blanket branch bridge building-other bush cabinet cage cardboard carpet "
@@ -28,6 +26,7 @@ COCO_STUFF_STUFF_NAMES = (
     "wall-wood water-other waterdrops window-blind window-other wood"
 ).split()
 FIRST_STUFF_ID = 92
+COCO_STUFF_CLASSES = 183  # stuffthingmaps labels 0..181 (+1 of head-room), 255 = unlabeled
 
 # The panoptic categories that gather several COCO-Stuff stuff classes.
 MERGED = {
@@ -79,7 +78,7 @@ def coco_stuff_to_panoptic() -> List[int]:
 
 def coco_stuff_names() -> List[str]:
     """The names of the 183 semantic classes (stuffthingmaps label k, COCO-Stuff id k + 1):
-    COCO's things, "unused ID" for the 11 thing ids COCO leaves out, the stuff, "other"."""
+    COCO's things, "unused <id>" for the 11 thing ids COCO leaves out, the stuff, "other"."""
     names = {c["id"]: c["name"] for c in COCO_CATEGORIES if c["isthing"]}
     names.update({FIRST_STUFF_ID + i: name for i, name in enumerate(COCO_STUFF_STUFF_NAMES)})
     names[COCO_STUFF_CLASSES] = "other"

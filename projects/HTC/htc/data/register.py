@@ -9,9 +9,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 
 from .coco import load_htc_json
+from .coco_panoptic import coco_stuff_names
 
 IGNORE_LABEL = 255  # "unlabeled" in the semantic PNGs of COCO-Stuff and of the demo data
-COCO_STUFF_CLASSES = 183  # stuffthingmaps labels 0..181 (+1 of head-room), 255 = unlabeled
 
 
 def datasets_root() -> Path:
@@ -80,7 +80,7 @@ def register_coco_htc(root: Optional[Path] = None) -> None:
             sem_seg_root=str(coco / "stuffthingmaps" / f"{split}2017"),
             metadata={
                 **_get_builtin_metadata("coco"),  # the class names before the json is read
-                "stuff_classes": [f"cocostuff_{i}" for i in range(COCO_STUFF_CLASSES)],
+                "stuff_classes": coco_stuff_names(),
                 "default_panoptic": False,  # COCO panoptic's categories: coco_2017_*_panoptic
             },
         )
