@@ -372,3 +372,10 @@ def parity_model(family: str, cfg=None):
     incompatible = model.load_state_dict(converted, strict=True)
     assert not incompatible.missing_keys and not incompatible.unexpected_keys
     return model
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """The tests marked ``heavy`` (several seconds each) first, in their order: xdist's
+    worksteal hands each worker a contiguous half of the list and steals from the ends, so the
+    long tests start early and short ones fill both workers' last seconds."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)

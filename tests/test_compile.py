@@ -33,6 +33,7 @@ def _gradients(model) -> list:
     return [p.grad for p in model.parameters() if p.grad is not None]
 
 
+@pytest.mark.heavy
 def test_the_compiled_model_trains_and_infers_as_eager(fresh_dynamo):
     torch.manual_seed(0)
     eager = build_model(tiny_cfg())

@@ -179,6 +179,7 @@ def test_cityscapes_evaluators_score_the_ground_truth_100(datasets, tmp_path, mo
     assert results["panoptic_seg"]["PQ_th"] == pytest.approx(100)
 
 
+@pytest.mark.heavy
 def test_cityscapes_config_trains_and_is_scored_by_the_cityscapes_evaluators(datasets, tmp_path):
     classes = ["MODEL.ROI_HEADS.NUM_CLASSES", "8", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "19"]
     log = _train_net("cityscapes/htc_R_50_FPN.yaml", datasets, tmp_path / "out", *classes)
@@ -350,6 +351,7 @@ def test_lvis_config_learns_with_the_federated_loss_at_every_stage():
     assert all(p.fed_loss_cls_weights.shape == (1203,) for p in predictors)
 
 
+@pytest.mark.heavy
 def test_lvis_config_trains_and_is_scored_by_the_lvis_evaluator(datasets, tmp_path):
     """Repeat-factor sampling on LVIS's categories, 300 detections per image, LVISEvaluator
     (AP by frequency group) and the semantic branch's mIoU on COCO-Stuff's maps; on v0.6 without

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from detectron2.data import DatasetCatalog
 from detectron2.utils import comm
 
@@ -61,6 +62,7 @@ def _load_everywhere(root: str, log: str) -> None:
     comm.synchronize()
 
 
+@pytest.mark.heavy
 def test_two_processes_generate_the_data_once(tmp_path):
     """Every rank's loader asks for the data; the first process of the machine makes it while
     the others wait (they used to delete and create the same folder at once)."""

@@ -76,6 +76,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.heavy
 def test_two_processes_train_to_identical_weights_using_every_parameter(one_machine):
     out = one_machine
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
@@ -94,6 +95,7 @@ def test_two_processes_train_to_identical_weights_using_every_parameter(one_mach
     assert all(torch.equal(start[k], weights[0]["module." + k]) for k in start)
 
 
+@pytest.mark.heavy
 def test_two_machines_train_as_one_machine_of_two_processes(data, one_machine, tmp_path):
     """Two processes of --num-machines 2 (one process each, a tcp rendezvous on this box) give
     one machine's weights and reports bit for bit; only machine 0 writes checkpoints, metrics

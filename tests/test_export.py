@@ -170,6 +170,7 @@ def test_what_cannot_be_exported_is_refused(opts, fmt, opset, message, tmp_path)
     assert not list(tmp_path.iterdir()), "refused before anything is written"
 
 
+@pytest.mark.heavy
 def test_r50_exports_to_onnx_and_agrees(tmp_path):
     """The shipped R-50 config (random weights, BN: FrozenBN's identity would let activations
     grow through 50 layers), traced at one size, checked at another. The class logits are

@@ -328,6 +328,7 @@ def _lazyconfig_train_net(workspace, config, *args: str) -> str:
     return log
 
 
+@pytest.mark.heavy
 def test_small_lazy_config_trains_and_evaluates(workspace, tmp_path, monkeypatch):
     """lazyconfig_train_net.py on the demo data in 2 CPU processes (DDP on gloo): 3 iterations,
     checkpoints, COCO AP + mIoU; then ``--eval-only --resume`` evaluates its last checkpoint."""
@@ -903,6 +904,7 @@ BUILDS_DATA = {
 }
 
 
+@pytest.mark.heavy
 def test_a_process_that_imports_only_the_config_builds_its_data(coco_layout):
     """As Detectron2's tools/lazyconfig_train_net.py does: a process that has loaded no config
     loads one and instantiates its train and test loaders and evaluator; the datasets it names

@@ -491,6 +491,7 @@ def many_photos(tiny_dataset, tmp_path):
     return folder
 
 
+@pytest.mark.heavy
 def test_a_killed_run_resumes_losing_at_most_the_batch_in_flight(many_photos, weights, tmp_path):
     out = tmp_path / "killed"
     command = [
@@ -516,6 +517,7 @@ def test_a_killed_run_resumes_losing_at_most_the_batch_in_flight(many_photos, we
     _assert_same_results(_results(out), _results(tmp_path / "whole"))
 
 
+@pytest.mark.heavy
 def test_two_processes_give_the_merged_json_of_one(photos, weights, tmp_path):
     one = _run(photos, tmp_path / "one", opts=weights)
     assert _run(photos, tmp_path / "two", opts=weights, num_gpus=2) is None  # rank 0 logs counts

@@ -68,6 +68,7 @@ def _wait_for(condition, what: str, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.heavy
 def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_weights(
     workspace, uninterrupted, tmp_path
 ):
@@ -118,6 +119,7 @@ def _running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.heavy
 def test_a_preempted_slurm_job_requeues_and_trains_the_uninterrupted_weights(
     workspace, uninterrupted, tmp_path
 ):

@@ -44,6 +44,7 @@ def _main_job(workspace, output, *opts) -> str:
     return result.stdout + result.stderr
 
 
+@pytest.mark.heavy
 def test_main_job_then_eval_only_and_resume(workspace, tmp_path):
     """The main job trains through train_net.py, then draws its curves and pictures; the run's
     checkpoint is evaluated with --eval-only and drawn by htc.demo (``--resume``:

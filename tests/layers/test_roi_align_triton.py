@@ -385,6 +385,7 @@ def test_auto_takes_the_kernel_measured_faster_per_call(monkeypatch):
     assert calls == [2, 1]
 
 
+@pytest.mark.heavy
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the other tests compile the kernels")
 def test_kernels_compile_for_the_gpu(tmp_path):
     """Triton's compiler, which the interpreter of the other tests does not run, turns every
