@@ -4,6 +4,7 @@ import copy
 import functools
 import importlib.util
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -226,6 +227,15 @@ def make_batch(num_images: int = 2, size: int = 96, with_gt: bool = True, seed: 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _logs_reach_caplog() -> None:
+    """Detectron2's setup_logger (in default_setup, train_net.py, htc.predict), run in-process by
+    an earlier test of the worker, stops its loggers' propagation to the root, where caplog
+    reads: which tests' logs were seen depended on the order xdist gave them."""
+    for name in ("detectron2", "fvcore", "htc"):
+        logging.getLogger(name).propagate = True
 
 
 # --- train_net.py runs on a small copy of the demo dataset ---------------------------------------
