@@ -8,8 +8,7 @@ import torch
 from detectron2.modeling import build_model
 
 from conftest import PrintsWhenUnpickled, save_cut_off, tiny_cfg
-from htc.checkpoint import HTCCheckpointer
-from htc.convert_mmdet import write_checkpoint
+from htc.checkpoint import HTCCheckpointer, write_checkpoint
 from htc.remap_classes import coco_sources, main
 
 

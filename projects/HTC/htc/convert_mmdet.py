@@ -16,18 +16,17 @@ ending in ``.pkl`` is written in Detectron2's model-zoo format (the configs' ``p
 
 import argparse
 import contextlib
-import io
 import pickle
 import re
 import sys
 import zipfile
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .checkpoint import atomic_open
+from .checkpoint import write_checkpoint
 
 
 def _res(m: re.Match) -> str:
@@ -117,18 +116,6 @@ PROVEN_FAMILIES = {
     "ResNet-101, semantic branch, 2fc box heads",
     "ResNeXt-101, semantic branch, 2fc box heads",
     "ResNeXt-101 with DCN in res3-res5, semantic branch, 2fc box heads",
-}
-# the globals that a Detectron2 .pkl of weights names: torch's tensors (this converter's), NumPy's
-# arrays (the model zoo's, written with NumPy 1 or 2), an OrderedDict, and the bytes that Python 3
-# pickles of protocol 2 and lower write through _codecs.encode
-PICKLED_WEIGHTS = {
-    ("collections", "OrderedDict"),
-    ("torch._utils", "_rebuild_tensor_v2"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("_codecs", "encode"),
 }
 DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}  # of bottleneck blocks
 BASIC_DEPTHS = {(2, 2, 2, 2): 18, (3, 4, 6, 3): 34}  # of basic blocks (no conv3)
@@ -417,48 +404,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     write_checkpoint(converted, args.output, "htc-detectron2 convert_mmdet")
     print(f"wrote {args.output}")
     return 0
-
-
-def write_checkpoint(model: Dict[str, torch.Tensor], path: str, author: str) -> None:
-    """``model`` as a Detectron2 checkpoint by ``author``, written whole or not at all: a
-    ``.pth``, or for ``.pkl`` Detectron2's model-zoo pickle (which its checkpointer reads by the
-    extension, a ``torch.save`` zip there failing) of tensors, not NumPy arrays: NumPy 2 pickles
-    name ``numpy._core``, which the NumPy 1 of Detectron2 v0.6 cannot load; exact names, no
-    matching heuristics."""
-    with atomic_open(path, "wb") as f:
-        if path.endswith(".pkl"):
-            data = {"model": dict(model), "__author__": author, "matching_heuristics": False}
-            pickle.dump(data, f)
-        else:
-            torch.save({"model": model, "__author__": author}, f)
-
-
-class _WeightsUnpickler(pickle.Unpickler):
-    """Unpickles tensors, NumPy arrays and plain containers only (as ``torch.load``'s
-    ``weights_only``): a pickle runs any global it names, so every other is refused."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("torch.storage", "_load_from_bytes"):
-            return _storage_from_bytes
-        if (module, name) not in PICKLED_WEIGHTS:
-            raise pickle.UnpicklingError(
-                f"{module}.{name} is no tensor's, NumPy array's or plain container's"
-            )
-        return super().find_class(module, name)
-
-
-def _storage_from_bytes(data: bytes) -> Any:
-    """A pickled tensor's storage (``torch.save``'s bytes), loaded with ``weights_only``, which
-    torch's own ``_load_from_bytes`` does not ask for."""
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-
-
-def read_detectron2_pickle(path: str) -> Any:
-    """A Detectron2 ``.pkl``: a pickle of ``{"model": ..., "__author__": ...}`` (or, of Caffe2's
-    model zoo, of the weights alone), read as Detectron2's checkpointer reads it (latin1 for
-    Python 2's pickles) but unpickling tensors, NumPy arrays and plain containers only."""
-    with open(path, "rb") as f:
-        return _WeightsUnpickler(f, encoding="latin1").load()
 
 
 if __name__ == "__main__":

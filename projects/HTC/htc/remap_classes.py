@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES, _get_builtin_metadata
 
-from .convert_mmdet import read_detectron2_pickle, write_checkpoint
+from .checkpoint import read_detectron2_pickle, write_checkpoint
 
 COCO_THINGS = [c["name"] for c in COCO_CATEGORIES if c["isthing"]]
 TARGETS = ("cityscapes",)  # Detectron2's metadata names their classes
